@@ -1,0 +1,1 @@
+"""PrefFlow library: the work behind each flow step, importable and testable without Metaflow."""

@@ -1,0 +1,276 @@
+"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors.
+
+A loss only writes the maths (``compute``); checking inputs, casting to fp32, reporting metrics and the
+mean over pairs live here once so every loss behaves the same for the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "LossConfigError",
+    "LossInputError",
+    "LossOutput",
+    "LossTerms",
+    "MissingReferenceError",
+    "PreferenceLoss",
+    "PreferencePairs",
+    "UnknownLossError",
+]
+
+# Metrics every loss reports, in this order, before its own extras.
+COMMON_METRICS: tuple[str, ...] = (
+    "loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "nll",
+)
+
+
+class UnknownLossError(ValueError):
+    """A loss name that is not registered."""
+
+
+class LossConfigError(ValueError):
+    """A bad loss hyperparameter; ``field`` names the offending config field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class LossInputError(ValueError):
+    """Tensors handed to a loss that do not have the shapes, dtypes or values it needs."""
+
+
+class MissingReferenceError(LossInputError):
+    """A loss that needs reference log-probs was called without them."""
+
+
+def _as_compute_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16/int inputs are promoted to fp32; fp32 and fp64 are kept (fp64 keeps gradcheck exact)."""
+    if tensor.dtype in (torch.float32, torch.float64):
+        return tensor
+    return tensor.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    """One batch of B preference pairs, validated and in (at least) fp32.
+
+    ``chosen_logps``/``rejected_logps`` are summed response log-probs S(y); ``*_lengths`` are the token
+    counts |y| the sums ran over; ``reference_*`` are the reference model's sums R(y) or None.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    reference_chosen_logps: torch.Tensor | None = None
+    reference_rejected_logps: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensors(
+        cls,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+        reference_chosen_logps: torch.Tensor | None = None,
+        reference_rejected_logps: torch.Tensor | None = None,
+    ) -> PreferencePairs:
+        """Check shapes/dtypes/lengths and cast; raises LossInputError naming the argument and the fix."""
+        named = {
+            "policy_chosen_logps": policy_chosen_logps,
+            "policy_rejected_logps": policy_rejected_logps,
+            "chosen_lengths": chosen_lengths,
+            "rejected_lengths": rejected_lengths,
+            "reference_chosen_logps": reference_chosen_logps,
+            "reference_rejected_logps": reference_rejected_logps,
+        }
+        if (reference_chosen_logps is None) != (reference_rejected_logps is None):
+            missing = "reference_chosen_logps" if reference_chosen_logps is None else "reference_rejected_logps"
+            raise LossInputError(
+                f"{missing} is None but its partner is not: pass both reference sums or neither"
+            )
+        batch_size: int | None = None
+        for name, value in named.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise LossInputError(f"{name} must be a torch.Tensor of shape [B], got {type(value).__name__}")
+            if value.dim() != 1:
+                raise LossInputError(f"{name} must have shape [B] (one value per pair), got {tuple(value.shape)}")
+            if batch_size is None:
+                batch_size = value.shape[0]
+            elif value.shape[0] != batch_size:
+                raise LossInputError(
+                    f"{name} has {value.shape[0]} entries but policy_chosen_logps has {batch_size}: "
+                    "every input must hold one value per pair"
+                )
+            is_length = name.endswith("_lengths")
+            if not is_length and not value.is_floating_point():
+                raise LossInputError(f"{name} must be a float tensor of summed log-probs, got dtype {value.dtype}")
+            if is_length and value.dtype == torch.bool:
+                raise LossInputError(f"{name} must hold token counts (int or float), got dtype torch.bool")
+        if batch_size == 0:
+            raise LossInputError("the batch is empty (B = 0): a preference loss needs at least one pair")
+        for name in ("chosen_lengths", "rejected_lengths"):
+            if bool((named[name] <= 0).any()):
+                raise LossInputError(
+                    f"{name} must be > 0 for every pair (token count of the response, end token included); "
+                    f"got {named[name].tolist()}"
+                )
+        chosen = _as_compute_dtype(policy_chosen_logps)
+        dtype = chosen.dtype
+
+        def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else _as_compute_dtype(tensor).to(dtype)
+
+        return cls(
+            chosen_logps=chosen,
+            rejected_logps=cast(policy_rejected_logps),
+            chosen_lengths=cast(chosen_lengths),
+            rejected_lengths=cast(rejected_lengths),
+            reference_chosen_logps=cast(reference_chosen_logps),
+            reference_rejected_logps=cast(reference_rejected_logps),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.chosen_logps.shape[0]
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference_chosen_logps is not None
+
+    @property
+    def chosen_mean_logps(self) -> torch.Tensor:
+        """A(y_w) = S(y_w) / |y_w|."""
+        return self.chosen_logps / self.chosen_lengths
+
+    @property
+    def rejected_mean_logps(self) -> torch.Tensor:
+        """A(y_l) = S(y_l) / |y_l|."""
+        return self.rejected_logps / self.rejected_lengths
+
+    @property
+    def chosen_nll(self) -> torch.Tensor:
+        """Per-token negative log-likelihood of the chosen response, NLL = −A(y_w), shape [B]."""
+        return -self.chosen_mean_logps
+
+    def reference_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R(y_w), R(y_l)); raises MissingReferenceError when the batch has none."""
+        if self.reference_chosen_logps is None or self.reference_rejected_logps is None:
+            raise MissingReferenceError(
+                "this loss needs reference log-probs: pass reference_chosen_logps and reference_rejected_logps "
+                "(summed over the same response tokens as the policy sums)"
+            )
+        return self.reference_chosen_logps, self.reference_rejected_logps
+
+    def reference_means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RA(y_w), RA(y_l)) = reference sums divided by the response lengths."""
+        ref_chosen, ref_rejected = self.reference_sums()
+        return ref_chosen / self.chosen_lengths, ref_rejected / self.rejected_lengths
+
+
+@dataclass
+class LossTerms:
+    """What a loss's ``compute`` returns: per-pair losses [B], per-pair rewards [B] and extra [B] metrics."""
+
+    per_pair: torch.Tensor
+    rewards_chosen: torch.Tensor
+    rewards_rejected: torch.Tensor
+    extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """``loss`` = mean of ``per_pair`` (differentiable); ``metrics`` are python floats for logging."""
+
+    loss: torch.Tensor
+    per_pair: torch.Tensor
+    metrics: dict[str, float]
+
+
+def summarise(terms: LossTerms, pairs: PreferencePairs) -> LossOutput:
+    """Mean loss plus batch-mean metrics, read back from the device in a single transfer."""
+    if terms.per_pair.shape != (pairs.batch_size,):
+        raise RuntimeError(
+            f"loss returned per_pair of shape {tuple(terms.per_pair.shape)}, expected ({pairs.batch_size},)"
+        )
+    loss = terms.per_pair.mean()
+    with torch.no_grad():
+        chosen = terms.rewards_chosen.detach()
+        rejected = terms.rewards_rejected.detach()
+        values = {
+            "loss": loss.detach(),
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+            "nll": pairs.chosen_nll.detach().mean(),
+        }
+        for name, value in terms.extra_metrics.items():
+            if name in values:
+                raise RuntimeError(f"extra metric {name!r} clashes with a common metric name")
+            values[name] = value.detach().to(chosen.dtype).mean()
+        numbers = torch.stack(list(values.values())).tolist()
+    return LossOutput(loss=loss, per_pair=terms.per_pair, metrics=dict(zip(values, numbers)))
+
+
+class PreferenceLoss:
+    """Base class of class-style losses: subclasses set ``config_class``/``requires_reference`` and write
+    ``compute(pairs) -> LossTerms``. Calling the instance validates the inputs and returns a LossOutput."""
+
+    config_class: ClassVar[type]
+    requires_reference: ClassVar[bool] = False
+    name: str = "<unregistered>"
+
+    def __init__(self, config: Any) -> None:
+        expected = type(self).config_class
+        if not isinstance(config, expected):
+            raise LossConfigError(
+                "config", f"{type(self).__name__} needs a {expected.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    def compute(self, pairs: PreferencePairs) -> LossTerms:
+        raise NotImplementedError(f"{type(self).__name__} must implement compute(pairs)")
+
+    def __call__(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+        reference_chosen_logps: torch.Tensor | None = None,
+        reference_rejected_logps: torch.Tensor | None = None,
+    ) -> LossOutput:
+        pairs = PreferencePairs.from_tensors(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        )
+        if self.requires_reference and not pairs.has_reference:
+            from steps.losses.registry import LOSSES  # late import: the registry imports this module
+
+            reference_free = ", ".join(sorted(n for n, e in LOSSES.items() if not e.requires_reference))
+            raise MissingReferenceError(
+                f"loss {self.name!r} needs reference log-probs: pass reference_chosen_logps and "
+                "reference_rejected_logps (sums from the frozen reference model or precomputed "
+                f"reference_score_chosen/rejected), or pick a reference-free loss ({reference_free})"
+            )
+        return summarise(self.compute(pairs), pairs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, config={self.config!r})"

@@ -1,0 +1,47 @@
+"""SimPO: Simple Preference Optimization with a reference-free reward (Meng et al. 2024, arXiv:2405.14734)."""
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.registry import register_loss
+from steps.losses.validation import check_real
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    """beta: reward scale on the per-token mean log-prob; gamma: target reward margin, subtracted from the
+    logit as written in the paper (z = βΔA − γ). Our gamma IS the paper's γ, not γ/β: the SimPO reference
+    code's ``gamma_beta_ratio`` r corresponds to gamma = r·β here. nll_scale: weight of the chosen NLL."""
+
+    beta: float = 1.0
+    gamma: float = 0.5
+    nll_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_real(self, "beta", minimum=0.0, min_inclusive=False, hint="reward scale; the paper uses 2 to 10")
+        check_real(self, "gamma", hint="target margin γ as in the paper, not γ/β")
+        check_real(self, "nll_scale", minimum=0.0)
+
+
+@register_loss("simpo")
+class SimPOLoss(PreferenceLoss):
+    """z = β(A_w − A_l) − γ;  ℓ = −log σ(z) + nll_scale·NLL,  A = S/|y|, NLL = −A(y_w).
+
+    Rewards reported: β·A per response (SimPO's implicit reward; γ is not in them). Extra metric:
+    ``logits`` = z (so reward_margin − gamma = mean logits).
+    """
+
+    config_class = SimPOConfig
+    requires_reference = False
+
+    def compute(self, pairs: PreferencePairs) -> LossTerms:
+        config: SimPOConfig = self.config
+        rewards_chosen = config.beta * pairs.chosen_mean_logps
+        rewards_rejected = config.beta * pairs.rejected_mean_logps
+        logits = rewards_chosen - rewards_rejected - config.gamma
+        per_pair = -F.logsigmoid(logits)
+        if config.nll_scale > 0.0:
+            per_pair = per_pair + config.nll_scale * pairs.chosen_nll
+        return LossTerms(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})

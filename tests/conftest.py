@@ -1,0 +1,38 @@
+"""Shared fixtures: real data from ../shared, the real SmolLM2 tokenizer, tiny random models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("USERNAME", "prefflow")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = Path(os.environ.get("PREFFLOW_SHARED", REPO_ROOT.parent / "shared"))
+    if not (path / "README.md").exists():
+        pytest.skip(f"shared test data not found at {path} (set PREFFLOW_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from steps.models import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture()
+def tiny_model_factory():
+    from steps.models import load_model
+
+    def make(seed: int = 0):
+        return load_model("tiny", seed=seed)
+
+    return make
