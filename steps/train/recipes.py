@@ -1,0 +1,227 @@
+"""SFT and preference training runs: load model and data, train, save a reloadable model directory.
+
+These are what the flow's ``sft`` and ``preference`` steps call; they are plain functions, so the
+same runs work from a notebook or a test without Metaflow.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict, resolve_preference
+from steps.io import read_jsonl, write_json
+from steps.train import checkpoints
+from steps.train.batching import tokenize_pairs, tokenize_sft
+from steps.train.loop import TrainResult, train
+from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+
+log = logging.getLogger(__name__)
+
+# Where each loss starts when ``preference.init: auto`` (the documented recipe): ORPO and CPO carry
+# their own NLL term and start from the base model; the others start from the SFT checkpoint.
+AUTO_INIT_FROM_BASE = {"orpo", "cpo"}
+
+
+@dataclass
+class RunSummary:
+    """What a training step hands to the next step (and to Metaflow as artifacts)."""
+
+    kind: str  # "sft" or the loss name
+    model_dir: str
+    init: str
+    reference: Optional[str]
+    steps: int
+    elapsed_s: float
+    tokens_per_s: float
+    final_train: dict
+    final_dev: dict
+    data_stats: dict
+    metrics_path: str
+    config: dict
+    resumed_from: Optional[str] = None
+    history: list = field(default_factory=list)
+    dev_history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return name
+
+
+def load_for_training(spec: str, cfg: RunConfig, device: torch.device):
+    from steps.models import load_model
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    # GPU: fp32 master weights under bf16 autocast unless the config asks for bf16 weights (8B models)
+    model = load_model(spec, dtype=dtype, device=str(device), attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def _apply_lora(model, train_cfg: TrainConfig):
+    if not train_cfg.lora.enabled:
+        return model
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("lora.enabled needs the 'peft' package: pip install peft") from exc
+    lora = train_cfg.lora
+    pc = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, pc)
+
+
+def _select(rows: list[dict], limit: Optional[int]) -> list[dict]:
+    return rows if limit is None else rows[:limit]
+
+
+def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, init: str, reference, data_stats,
+            cfg_section) -> RunSummary:
+    final_dir = checkpoints.save_model_dir(model, tokenizer, out_dir / "final")
+    summary = RunSummary(
+        kind=kind, model_dir=str(final_dir), init=init, reference=reference, steps=result.final_step,
+        elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s,
+        final_train=result.history[-1] if result.history else {},
+        final_dev=result.dev_history[-1] if result.dev_history else {},
+        data_stats=data_stats, metrics_path=str(out_dir / "metrics.jsonl"), config=config_to_dict(cfg_section),
+        resumed_from=result.resumed_from, history=result.history, dev_history=result.dev_history)
+    write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
+    log.info("%s model written to %s", kind, final_dir)
+    return summary
+
+
+def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path, *, init_spec: Optional[str] = None,
+            stop_after_steps: Optional[int] = None) -> RunSummary:
+    """Supervised fine-tuning on ``data_dir/sft.{train,dev}.jsonl``; the model lands in ``out_dir/final``."""
+    from steps.models import load_tokenizer
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    s = cfg.sft
+    spec = init_spec or (cfg.model.base if s.init == "base" else s.init)
+    device = pick_device()
+    tokenizer = load_tokenizer(spec)
+    train_rows = _select(read_jsonl(data_dir / "sft.train.jsonl"), s.max_examples)
+    dev_rows = read_jsonl(data_dir / "sft.dev.jsonl") if (data_dir / "sft.dev.jsonl").exists() else []
+    log.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
+    train_ex, train_stats = tokenize_sft(train_rows, tokenizer, s.max_seq_len, s.overlength)
+    dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
+    model = _apply_lora(load_for_training(spec, cfg, device), s)
+    objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
+    result = train(model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft")
+    stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
+    return _finish("sft", model, tokenizer, result, out_dir, spec, None, stats, s)
+
+
+def resolve_init_and_reference(cfg: RunConfig, loss: str, pcfg: PreferenceConfig,
+                               sft_model_dir: Optional[str]) -> tuple[str, Optional[str]]:
+    """Model specs for the policy's starting point and the reference (None: reference-free loss)."""
+    from steps import losses
+
+    def spec_of(name: str) -> str:
+        if name == "base":
+            return cfg.model.base
+        if name == "sft":
+            if sft_model_dir is None:
+                raise ValueError(f"preference.{loss}: init/reference 'sft' needs an SFT model (sft.enabled is false)")
+            return str(sft_model_dir)
+        return name
+
+    init = pcfg.init
+    if init == "auto":
+        init = "base" if (loss in AUTO_INIT_FROM_BASE or sft_model_dir is None) else "sft"
+    needs_ref = losses.requires_reference(loss)
+    ref = pcfg.reference
+    if not needs_ref or ref == "none":
+        if needs_ref:
+            raise ValueError(f"preference.reference: {loss} needs a reference model; 'none' is only for "
+                             "reference-free losses (or provide reference_score_* fields in the data)")
+        return spec_of(init), None
+    if ref == "auto":
+        ref = init
+    return spec_of(init), spec_of(ref)
+
+
+def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
+                   sft_model_dir: Optional[str] = None, stop_after_steps: Optional[int] = None) -> RunSummary:
+    """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``."""
+    from steps import losses
+    from steps.models import load_model, load_tokenizer
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    p = resolve_preference(cfg, loss)
+    init_spec, ref_spec = resolve_init_and_reference(cfg, loss, p, sft_model_dir)
+    device = pick_device()
+    tokenizer = load_tokenizer(init_spec)
+    train_rows = _select(read_jsonl(data_dir / "preference.train.jsonl"), p.max_examples)
+    dev_path = data_dir / "preference.dev.jsonl"
+    dev_rows = read_jsonl(dev_path) if dev_path.exists() else []
+    log.info("%s: read %d train / %d dev pairs from %s; init=%s reference=%s",
+             loss, len(train_rows), len(dev_rows), data_dir, init_spec, ref_spec)
+    train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
+    dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
+    loss_fn = losses.loss_from_config(loss, p.criterion_config)
+    model = load_for_training(init_spec, cfg, device)
+
+    needs_ref = ref_spec is not None
+    live_reference = None
+    if needs_ref:
+        have_scores = all(x.reference_chosen is not None for x in train_pairs + dev_pairs)
+        already_resumable = checkpoints.latest_checkpoint(out_dir / "checkpoints") is not None
+        if p.reference_mode == "live":
+            live_reference = load_model(ref_spec, dtype=resolve_dtype(cfg.model.dtype, device), device=str(device))
+            live_reference.eval().requires_grad_(False)
+        elif not have_scores:
+            ref_cache = out_dir / "reference_logps.json"
+            _load_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
+            if any(x.reference_chosen is None for x in train_pairs + dev_pairs):
+                if ref_spec == init_spec and not already_resumable:
+                    ref_model = model  # the policy before its first update *is* the reference
+                else:
+                    ref_model = load_model(ref_spec, dtype=resolve_dtype(cfg.model.dtype, device), device=str(device))
+                t0 = time.perf_counter()
+                precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p)
+                log.info("reference log-probs for %d pairs in %.1fs", len(train_pairs) + len(dev_pairs),
+                         time.perf_counter() - t0)
+                _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
+                if ref_model is not model:
+                    del ref_model
+    model = _apply_lora(model, p)
+    objective = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, needs_ref,
+                                    reference_model=live_reference)
+    result = train(model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss)
+    stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
+    return _finish(loss, model, tokenizer, result, out_dir, init_spec, ref_spec, stats, p)
+
+
+def _load_reference_cache(path: Path, ref_spec: str, pairs) -> None:
+    from steps.io import read_json
+
+    if not path.exists():
+        return
+    cached = read_json(path)
+    if cached.get("reference") != ref_spec:
+        return
+    scores = cached["scores"]
+    for x in pairs:
+        if x.id in scores:
+            x.reference_chosen, x.reference_rejected = scores[x.id]
+
+
+def _save_reference_cache(path: Path, ref_spec: str, pairs) -> None:
+    write_json(path, {"reference": ref_spec,
+                      "scores": {x.id: [x.reference_chosen, x.reference_rejected] for x in pairs}}, indent=None)
