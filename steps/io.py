@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class JsonlError(ValueError):
     """A JSONL file has a line that is not a JSON object."""
 
@@ -25,6 +29,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; follow the umask like open() would
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,0 +1,310 @@
+"""OpenAssistant (oasst1/oasst2) -> SFT examples and preference pairs, in chat form and fairseq2 form.
+
+``prepare_oasst`` reads flat message rows (Hub id, parquet, JSONL(.gz)) or export trees (``*.trees.jsonl(.gz)``),
+keeps the usable messages (``oasst_trees``), extracts multi-turn SFT examples and ranked preference pairs
+(``oasst_examples``), splits train/dev by conversation tree (``splits``) and writes, atomically::
+
+    OUTPUT_DIR/sft.{train,dev}.jsonl                 {"id", "tree_id", "prompt": [messages], "response"}
+    OUTPUT_DIR/preference.{train,dev}.jsonl          {"id", "tree_id", "prompt": [messages], "chosen", "rejected",
+                                                      "chosen_rank", "rejected_rank"}
+    OUTPUT_DIR/fairseq2/sft.{train,dev}.jsonl        {"id", "src", "tgt"}
+    OUTPUT_DIR/fairseq2/preference.{train,dev}.jsonl {"id", "src", "tgt_chosen", "tgt_rejected"}
+    OUTPUT_DIR/stats.json                            counts of everything read, kept, dropped and written
+
+``prompt`` messages are ``{"role": "user"|"assistant", "content"}``. Only the chosen ``pair_strategy`` is written;
+``stats.json`` gives pair counts for all of them. CLI: ``python -m steps.data.oasst --input embedded --output-dir D``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from steps.data.fairseq2_format import preference_row, sft_row
+from steps.data.oasst_examples import PAIR_STRATEGIES, extract_examples
+from steps.data.oasst_read import (
+    EMBEDDED_SAMPLE,
+    OasstDataError,
+    OasstInputNotFoundError,
+    ReadResult,
+    read_oasst,
+)
+from steps.data.oasst_trees import DROP_REASONS, MessageFilters, build_forest
+from steps.data.splits import split_trees
+from steps.io import write_json, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "PAIR_STRATEGIES",
+    "OasstDataError",
+    "OasstInputNotFoundError",
+    "PreparedData",
+    "prepare_oasst",
+    "main",
+]
+
+SPLITS = ("train", "dev")
+
+
+@dataclass
+class PreparedData:
+    """Where the prepared files are (keys like ``sft.train``, ``fairseq2/preference.dev``, ``stats``) and the stats."""
+
+    output_dir: Path
+    paths: dict[str, Path]
+    stats: dict[str, Any]
+
+
+def _normalise_choice(values: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """``None`` / empty / ``"all"`` mean no restriction; a single string is one value."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    values = tuple(v for v in values if v)
+    if not values or "all" in values:
+        return None
+    return values
+
+
+def _read_stats(read: ReadResult) -> dict[str, Any]:
+    languages = Counter(m.lang or "unknown" for m in read.messages if not m.problem)
+    return {
+        "input": read.source,
+        "format": read.format,
+        "messages_read": len(read.messages),
+        "malformed_lines": {"count": read.malformed_lines, "examples": read.malformed_examples},
+        "languages_seen": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def prepare_oasst(
+    input: str,
+    output_dir: str | Path,
+    *,
+    langs: Sequence[str] | None = ("en",),
+    pair_strategy: str = "best_vs_rest",
+    sft_rank: int | None = 0,
+    tree_states: Sequence[str] | None = ("ready_for_export",),
+    include_synthetic: bool = False,
+    include_deleted: bool = False,
+    require_review: bool = True,
+    dev_fraction: float = 0.1,
+    seed: int = 333,
+    max_trees: int | None = None,
+    split: str = "train",
+) -> PreparedData:
+    """Prepare OpenAssistant data for SFT and preference training (layout in the module docstring).
+
+    ``input``: ``"embedded"`` (the small original sample shipped here), a local file, or a Hub dataset id read with
+    ``datasets.load_dataset(input, split=split)``. ``langs`` / ``tree_states``: ``None``, empty or ``"all"`` keep
+    everything. ``sft_rank``: rank of the replies used for SFT (``None`` = every assistant reply, ranked or not).
+    ``max_trees``: keep a seeded subset of that many trees (handy for quick runs). Raises ``OasstDataError`` when
+    nothing usable is left, naming the input and the filters.
+    """
+    if pair_strategy not in PAIR_STRATEGIES:
+        raise OasstDataError(f"pair_strategy {pair_strategy!r} is unknown; choose one of {PAIR_STRATEGIES}")
+    if not 0.0 <= dev_fraction < 1.0:
+        raise OasstDataError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    if sft_rank is not None and (isinstance(sft_rank, bool) or not isinstance(sft_rank, int) or sft_rank < 0):
+        raise OasstDataError(f"sft_rank must be a non-negative integer or None (every reply), got {sft_rank!r}")
+    if max_trees is not None and max_trees < 1:
+        raise OasstDataError(f"max_trees must be a positive number of trees or None, got {max_trees}")
+    filters = MessageFilters(
+        langs=_normalise_choice(langs),
+        tree_states=_normalise_choice(tree_states),
+        include_deleted=include_deleted,
+        require_review=require_review,
+        include_synthetic=include_synthetic,
+    )
+    read = read_oasst(input, split=split)
+    forest = build_forest(read.messages, filters, max_trees=max_trees, seed=seed)
+    examples = extract_examples(forest, sft_rank=sft_rank)
+
+    if not examples.sft and not examples.pairs[pair_strategy]:
+        dropped = {k: v for k, v in sorted(forest.dropped.items()) if v}
+        raise OasstDataError(
+            f"{read.source}: no usable conversation: {len(read.messages)} messages read "
+            f"({read.malformed_lines} malformed lines), {len(forest.messages)} kept in {len(forest.roots)} trees, "
+            f"0 SFT examples (sft_rank={sft_rank}) and 0 {pair_strategy} pairs. Filters: {filters.describe()}; "
+            f"dropped per reason: {dropped}. Widen the filters (e.g. --lang all, --tree-state all) or check the file."
+        )
+    if not examples.sft or not examples.pairs[pair_strategy]:
+        logger.warning(
+            "%s: %d SFT examples, %d %s pairs: one of the outputs is empty",
+            read.source, len(examples.sft), len(examples.pairs[pair_strategy]), pair_strategy,
+        )
+
+    usable_trees = {e.tree_id for e in examples.sft} | {p.tree_id for p in examples.pairs["all_ordered_pairs"]}
+    tree_split = split_trees(usable_trees, dev_fraction=dev_fraction, seed=seed)
+    side = {t: "train" for t in tree_split.train} | {t: "dev" for t in tree_split.dev}
+
+    output_dir = Path(output_dir)
+    paths: dict[str, Path] = {}
+    split_sizes: dict[str, dict[str, int]] = {"trees": {"train": len(tree_split.train), "dev": len(tree_split.dev)}}
+    for kind, items, fairseq2_row in (
+        ("sft", examples.sft, sft_row),
+        ("preference", examples.pairs[pair_strategy], preference_row),
+    ):
+        split_sizes[kind] = {}
+        for name in SPLITS:
+            chosen_items = [item for item in items if side[item.tree_id] == name]
+            split_sizes[kind][name] = len(chosen_items)
+            paths[f"{kind}.{name}"] = write_jsonl(output_dir / f"{kind}.{name}.jsonl",
+                                                  (item.to_row() for item in chosen_items))
+            paths[f"fairseq2/{kind}.{name}"] = write_jsonl(output_dir / "fairseq2" / f"{kind}.{name}.jsonl",
+                                                           (fairseq2_row(item) for item in chosen_items))
+
+    counts = examples.counts
+    stats: dict[str, Any] = {
+        **_read_stats(read),
+        "settings": {
+            **filters.describe(),
+            "pair_strategy": pair_strategy,
+            "sft_rank": sft_rank,
+            "dev_fraction": dev_fraction,
+            "seed": seed,
+            "max_trees": max_trees,
+            "split": split,
+        },
+        "messages_kept": len(forest.messages),
+        "dropped": {reason: forest.dropped.get(reason, 0) for reason in DROP_REASONS},
+        "problem_examples": forest.problem_examples,
+        "trees": {"read": read.trees_read, "kept": len(forest.roots), "usable": len(usable_trees)},
+        "sft_examples": len(examples.sft),
+        "pairs": {strategy: len(examples.pairs[strategy]) for strategy in PAIR_STRATEGIES},
+        "ranks": {
+            key: counts.get(key, 0)
+            for key in (
+                "ranked_groups",
+                "ranked_groups_with_gaps",
+                "ranked_groups_with_ties",
+                "ranked_groups_without_rank0",
+                "ranked_groups_all_tied",
+                "unranked_replies",
+                "unranked_beside_ranked",
+            )
+        },
+        "skipped": {
+            "sft_duplicates_removed": counts.get("sft_duplicates_removed", 0),
+            "sft_skipped_non_alternating": counts.get("sft_skipped_non_alternating", 0),
+            "pair_groups_skipped_non_alternating": counts.get("pair_groups_skipped_non_alternating", 0),
+            "identical_text_pairs": {s: counts.get(f"identical_text_pairs_skipped.{s}", 0) for s in PAIR_STRATEGIES},
+            "duplicate_pairs_removed": {s: counts.get(f"duplicate_pairs_removed.{s}", 0) for s in PAIR_STRATEGIES},
+        },
+        "split_sizes": split_sizes,
+        "outputs": {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {"stats": "stats.json"},
+    }
+    paths["stats"] = write_json(output_dir / "stats.json", stats)
+    logger.info(
+        "%s -> %s: %d SFT examples, %d %s pairs (train/dev trees %d/%d)",
+        read.source, output_dir, len(examples.sft), len(examples.pairs[pair_strategy]), pair_strategy,
+        split_sizes["trees"]["train"], split_sizes["trees"]["dev"],
+    )
+    return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
+
+
+def _split_list_args(values: list[str] | None) -> list[str] | None:
+    """Repeatable options that also accept comma lists: ``--lang en --lang de`` == ``--lang en,de``."""
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _sft_rank_arg(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        rank = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
+    if rank < 0:
+        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
+    return rank
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m steps.data.oasst",
+        description="Prepare OpenAssistant SFT examples and preference pairs (chat JSONL + fairseq2 JSONL).",
+    )
+    parser.add_argument("--input", required=True,
+                        help="Hub dataset id (e.g. OpenAssistant/oasst2), a parquet/JSONL(.gz)/trees.jsonl(.gz) "
+                             "file, or 'embedded'")
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--lang", action="append", metavar="LANG",
+                        help="language(s) to keep; repeatable or comma list; 'all' keeps every language "
+                             "(default: en)")
+    parser.add_argument("--pairs", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write")
+    parser.add_argument("--sft-rank", default=0, type=_sft_rank_arg,
+                        help="rank of replies used for SFT, or 'all' (default 0)")
+    parser.add_argument("--tree-state", action="append", metavar="STATE",
+                        help="tree states to keep; repeatable or comma list; 'all' (default: ready_for_export)")
+    parser.add_argument("--include-synthetic", action="store_true")
+    parser.add_argument("--include-deleted", action="store_true")
+    parser.add_argument("--no-require-review", dest="require_review", action="store_false",
+                        help="keep messages whose review_result is not true")
+    parser.add_argument("--dev-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=333)
+    parser.add_argument("--max-trees", type=int, default=None)
+    parser.add_argument("--split", default="train", help="Hub split to read (Hub ids only)")
+    return parser
+
+
+def format_summary(prepared: PreparedData) -> str:
+    """A few human-readable lines; the full numbers are in stats.json."""
+    s = prepared.stats
+    dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items() if v) or "none"
+    sizes = s["split_sizes"]
+    return "\n".join(
+        [
+            f"input: {s['input']} ({s['format']} format)",
+            f"messages: read {s['messages_read']}, kept {s['messages_kept']}; dropped: {dropped}; "
+            f"malformed lines: {s['malformed_lines']['count']}",
+            f"trees: read {s['trees']['read']}, kept {s['trees']['kept']}, usable {s['trees']['usable']} "
+            f"(train {sizes['trees']['train']}, dev {sizes['trees']['dev']})",
+            f"sft examples: {s['sft_examples']} (train {sizes['sft']['train']}, dev {sizes['sft']['dev']})",
+            "pairs: " + ", ".join(f"{k}={v}" for k, v in s["pairs"].items())
+            + f"; written {s['settings']['pair_strategy']} (train {sizes['preference']['train']}, "
+              f"dev {sizes['preference']['dev']})",
+            f"output: {prepared.output_dir} (stats.json has every count)",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    langs = _split_list_args(args.lang)
+    tree_states = _split_list_args(args.tree_state)
+    try:
+        prepared = prepare_oasst(
+            args.input,
+            args.output_dir,
+            langs=("en",) if langs is None else langs,
+            pair_strategy=args.pairs,
+            sft_rank=args.sft_rank,
+            tree_states=("ready_for_export",) if tree_states is None else tree_states,
+            include_synthetic=args.include_synthetic,
+            include_deleted=args.include_deleted,
+            require_review=args.require_review,
+            dev_fraction=args.dev_fraction,
+            seed=args.seed,
+            max_trees=args.max_trees,
+            split=args.split,
+        )
+    except OasstDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(prepared))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

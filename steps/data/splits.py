@@ -1,0 +1,34 @@
+"""Deterministic train/dev split by conversation tree.
+
+A tree's position is the SHA-256 of ``"{seed}\\0{tree_id}"``, so the split depends only on the set of tree ids and
+the seed – never on input order – and every example of a tree lands on the same side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from steps.data.oasst_trees import tree_order_key
+
+
+@dataclass(frozen=True)
+class TreeSplit:
+    train: frozenset[str]
+    dev: frozenset[str]
+
+
+def dev_tree_count(n_trees: int, dev_fraction: float) -> int:
+    """``round(dev_fraction * n)``, but at least 1 (and at most n-1) when there are ≥ 2 trees and a dev set is wanted."""
+    if not 0.0 <= dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    if dev_fraction == 0.0 or n_trees < 2:
+        return 0
+    return min(n_trees - 1, max(1, round(dev_fraction * n_trees)))
+
+
+def split_trees(tree_ids: Iterable[str], *, dev_fraction: float = 0.1, seed: int = 333) -> TreeSplit:
+    """The first ``dev_tree_count`` trees in seeded-hash order are dev, the rest train."""
+    unique = sorted(set(tree_ids))
+    ordered = sorted(unique, key=lambda t: (tree_order_key(t, seed), t))
+    n_dev = dev_tree_count(len(ordered), dev_fraction)
+    return TreeSplit(train=frozenset(ordered[n_dev:]), dev=frozenset(ordered[:n_dev]))
