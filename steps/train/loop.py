@@ -105,14 +105,48 @@ def group_steps(micro_batches: list, grad_accum: int) -> list[list]:
     return [micro_batches[i: i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless torch.distributed is initialised (torchrun / @parallel)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_grads(model, totals: dict[str, float]) -> dict[str, float]:
+    """Sum gradients and metric sums over ranks: every rank then takes the identical optimizer step."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+        offset += n
+    keys = sorted(totals)
+    vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
 def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[TokenBatch],
                    max_grad_norm: Optional[float], step: int) -> dict[str, float]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation). Raises on non-finite loss."""
+    """One optimizer step over ``micro_batches`` (gradient accumulation). Raises on non-finite loss.
+
+    Under torch.distributed the micro-batches are dealt round-robin to the ranks and the loss is
+    normalised by the whole step's denominator, so N ranks give the same update as one process.
+    """
     device = next(model.parameters()).device
+    rank, world_size = world()
     denominator = objective.step_denominator(micro_batches)
-    totals: dict[str, float] = {}
-    tokens = 0
-    for i, mb in enumerate(micro_batches):
+    totals: dict[str, float] = {"tokens": 0.0}
+    for i, mb in enumerate(micro_batches[rank::world_size]):
         mb = mb.to(device)
         with autocast_for(model):
             loss, metrics = objective.micro_step(model, mb, denominator)
@@ -121,7 +155,9 @@ def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[T
         loss.backward()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
-        tokens += mb.num_tokens
+        totals["tokens"] += mb.num_tokens
+    if world_size > 1:
+        totals = _all_reduce_grads(model, totals)
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -132,7 +168,6 @@ def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[T
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     totals["grad_norm"] = float(grad_norm)
-    totals["tokens"] = float(tokens)
     return totals
 
 
@@ -165,12 +200,15 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
         step, start_epoch, start_group = progress["step"], progress["epoch"], progress["group"]
         history, dev_history = progress.get("history", []), progress.get("dev_history", [])
         resumed_from = str(latest)
-    _rewrite_metrics(metrics_path, history + [{"split": "dev", **d} for d in dev_history])
+    rank, _ = world()
+    is_main = rank == 0
+    if is_main:
+        _rewrite_metrics(metrics_path, history + [{"split": "dev", **d} for d in dev_history])
     last_good = latest
 
     t0 = time.perf_counter()
     trained_tokens = 0
-    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, disable=not is_main)
     done = step >= total_steps
     for epoch in range(start_epoch, cfg.epochs):
         if done:
@@ -194,7 +232,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
             record = {"step": step, "epoch": epoch, "lr": lr, "step_time_s": round(dt, 4),
                       "tokens_per_s": totals["tokens"] / dt, **totals}
             history.append(record)
-            _append_metrics(metrics_path, record)
+            if is_main:
+                _append_metrics(metrics_path, record)
             bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -205,14 +244,15 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
             if end_of_epoch and cfg.dev_every_epoch:
                 dev = {"step": step, "epoch": epoch, **objective.evaluate(model)}
                 dev_history.append(dev)
-                _append_metrics(metrics_path, {"split": "dev", **dev})
+                if is_main:
+                    _append_metrics(metrics_path, {"split": "dev", **dev})
                 log.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
                 model.train()
             periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
             if end_of_epoch or periodic or done:
-                last_good = checkpoints.save_checkpoint(
-                    ckpt_root, step, model, tokenizer, optimizer, scheduler,
-                    {**progress, "history": history, "dev_history": dev_history}, keep=cfg.keep_checkpoints)
+                last_good = _checkpoint(is_main, ckpt_root, step, model, tokenizer, optimizer, scheduler,
+                                        {**progress, "history": history, "dev_history": dev_history},
+                                        cfg.keep_checkpoints)
             if stop_after_steps is not None and step >= stop_after_steps:
                 bar.close()
                 raise KeyboardInterrupt(f"{desc}: stopped after step {step} (stop_after_steps)")
@@ -222,11 +262,26 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
     if not dev_history or dev_history[-1]["step"] != step:
         dev = {"step": step, "epoch": cfg.epochs - 1, **objective.evaluate(model)}
         dev_history.append(dev)
-        _append_metrics(metrics_path, {"split": "dev", **dev})
+        if is_main:
+            _append_metrics(metrics_path, {"split": "dev", **dev})
     elapsed = time.perf_counter() - t0
     log.info("%s finished: %d steps in %.1fs (%.0f tokens/s); wrote %s", desc, step, elapsed,
              trained_tokens / max(elapsed, 1e-9), out_dir)
     return TrainResult(step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from)
+
+
+def _checkpoint(is_main: bool, ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
+                keep: int) -> Path:
+    """Rank 0 writes; the others wait for it, so every rank resumes from the same files."""
+    path = ckpt_root / f"step_{step:07d}"
+    if is_main:
+        path = checkpoints.save_checkpoint(ckpt_root, step, model, tokenizer, optimizer, scheduler, progress, keep=keep)
+    _, world_size = world()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return path
 
 
 def _fmt(d: dict) -> str:

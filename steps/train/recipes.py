@@ -17,7 +17,7 @@ from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dic
 from steps.io import read_jsonl, write_json
 from steps.train import checkpoints
 from steps.train.batching import tokenize_pairs, tokenize_sft
-from steps.train.loop import TrainResult, train
+from steps.train.loop import TrainResult, train, world
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,14 @@ def _select(rows: list[dict], limit: Optional[int]) -> list[dict]:
 
 def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, init: str, reference, data_stats,
             cfg_section) -> RunSummary:
-    final_dir = checkpoints.save_model_dir(model, tokenizer, out_dir / "final")
+    rank, world_size = world()
+    final_dir = out_dir / "final"
+    if rank == 0:
+        checkpoints.save_model_dir(model, tokenizer, final_dir)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     summary = RunSummary(
         kind=kind, model_dir=str(final_dir), init=init, reference=reference, steps=result.final_step,
         elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s,
@@ -100,7 +107,8 @@ def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, ini
         final_dev=result.dev_history[-1] if result.dev_history else {},
         data_stats=data_stats, metrics_path=str(out_dir / "metrics.jsonl"), config=config_to_dict(cfg_section),
         resumed_from=result.resumed_from, history=result.history, dev_history=result.dev_history)
-    write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
+    if rank == 0:
+        write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
     log.info("%s model written to %s", kind, final_dir)
     return summary
 
@@ -197,7 +205,8 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
                 precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p)
                 log.info("reference log-probs for %d pairs in %.1fs", len(train_pairs) + len(dev_pairs),
                          time.perf_counter() - t0)
-                _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
+                if world()[0] == 0:
+                    _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
                 if ref_model is not model:
                     del ref_model
     model = _apply_lora(model, p)

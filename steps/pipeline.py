@@ -1,0 +1,186 @@
+"""The work behind each step of flows/pipeline.py, as plain functions (testable without Metaflow).
+
+Each function logs what it read and wrote and returns plain dicts/strings that Metaflow stores as
+artifacts. Model weights never travel as artifacts: they are directories under the run's output
+root whose paths are artifacts (and a retried step resumes from its own last checkpoint there).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from steps.config import (ConfigError, RunConfig, config_from_dict, config_to_dict, parse_losses, parse_overrides,
+                          parse_yaml_text)
+
+log = logging.getLogger("prefflow")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+
+
+def _config_source_from_argv() -> str:
+    """The config file named on the command line (``--config config FILE``), for error messages."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-2]):
+        if arg == "--config" and argv[i + 1] == "config":
+            return argv[i + 2]
+    return "configs/default.yaml"
+
+
+def parse_config_text(text: str) -> dict:
+    """Metaflow ``Config`` parser: YAML -> validated, normalised dict. Fails the run before any work."""
+    source = _config_source_from_argv()
+    cfg = config_from_dict(parse_yaml_text(text, source), source)
+    return config_to_dict(cfg)
+
+
+def run_config(raw: dict) -> RunConfig:
+    return config_from_dict(raw, raw.get("name", "config"))
+
+
+def plan_run(raw_config: dict, loss_arg: str, set_arg: str, flow_name: str, run_id: str):
+    """start: apply overrides, pick losses, list the variants to train, fix the output root."""
+    _setup_logging()
+    overrides = parse_overrides(set_arg)
+    cfg = config_from_dict(_plain(raw_config), f"config {raw_config.get('name', '')}".strip(), overrides)
+    losses = parse_losses(loss_arg, cfg)
+    if losses and not cfg.sft.enabled and any(cfg.preference.init == "sft" for _ in losses):
+        raise ConfigError("config", "preference.init", "is 'sft' but sft.enabled is false")
+    variants = (["sft"] if cfg.sft.enabled else []) + losses
+    if not variants:
+        raise ConfigError("--loss", loss_arg, "nothing to train: SFT is disabled and no preference loss was given")
+    output_root = str((Path(cfg.resources.output_dir) / flow_name / str(run_id)).resolve())
+    log.info("run %s: losses=%s variants=%s output=%s", run_id, losses, variants, output_root)
+    return config_to_dict(cfg), losses, variants, output_root
+
+
+def _plain(obj: Any) -> Any:
+    """Metaflow ConfigValue -> plain dicts/lists."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def prepare_data(raw: dict, output_root: str) -> tuple[str, dict]:
+    from steps.data.oasst import prepare_oasst
+
+    _setup_logging()
+    d = run_config(raw).data
+    out = Path(output_root) / "data"
+    prepared = prepare_oasst(d.input, out, langs=tuple(d.langs) if d.langs else None, pair_strategy=d.pair_strategy,
+                             sft_rank=d.sft_rank, tree_states=tuple(d.tree_states) if d.tree_states else None,
+                             include_synthetic=d.include_synthetic, include_deleted=d.include_deleted,
+                             require_review=d.require_review, dev_fraction=d.dev_fraction, seed=d.seed,
+                             max_trees=d.max_trees, split=d.split)
+    log.info("prepared data in %s", out)
+    return str(out), prepared.stats
+
+
+def reference_outputs(raw: dict, output_root: str) -> tuple[dict, Optional[str]]:
+    """The eval set plus reference outputs written to a JSON file; (eval set info, path)."""
+    _setup_logging()
+    cfg = run_config(raw)
+    e = cfg.evaluation
+    if not e.enabled:
+        return {"enabled": False}, None
+    from steps.evaluate import load_eval_set, make_judge, reference_outputs_for
+    from steps.io import write_json
+
+    make_judge(e.judge, model=e.judge_model, max_chars=e.judge_max_chars).check()  # API keys etc. before generation
+    eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
+    refs = reference_outputs_for(eval_set, cfg.model.base, max_new_tokens=e.max_new_tokens,
+                                 temperature=e.temperature, top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
+    path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
+    info = {"enabled": True, "name": eval_set.name, "n": len(eval_set.records), "subset": eval_set.subset,
+            "reference_generator": refs[0]["generator"] if refs else None}
+    log.info("eval set %s (%d instructions), reference %s -> %s", info["name"], info["n"],
+             info["reference_generator"], path)
+    return info, str(path)
+
+
+def train_sft(raw: dict, data_dir: str, output_root: str) -> Optional[dict]:
+    from steps.train.launch import launch
+
+    _setup_logging()
+    cfg = run_config(raw)
+    if not cfg.sft.enabled:
+        return None
+    return launch(raw, "sft", data_dir, str(Path(output_root) / "sft"),
+                  nproc_per_node=cfg.resources.nproc_per_node)
+
+
+def train_variant(raw: dict, variant: str, data_dir: str, output_root: str, sft_summary: Optional[dict]) -> dict:
+    from steps.train.launch import launch
+
+    _setup_logging()
+    if variant == "sft":
+        return sft_summary
+    cfg = run_config(raw)
+    sft_dir = sft_summary["model_dir"] if sft_summary else None
+    return launch(raw, variant, data_dir, str(Path(output_root) / variant), sft_model_dir=sft_dir,
+                  nproc_per_node=cfg.resources.nproc_per_node)
+
+
+def evaluate_variant(raw: dict, variant: str, train_summary: dict, reference_path: Optional[str],
+                     eval_set_info: dict, output_root: str) -> dict:
+    _setup_logging()
+    cfg = run_config(raw)
+    e = cfg.evaluation
+    base = {"variant": variant, "model_dir": train_summary["model_dir"], "init": train_summary["init"],
+            "epoch": cfg.sft.epochs if variant == "sft" else cfg.preference.epochs}
+    if not e.enabled or reference_path is None:
+        return {**base, "evaluated": False}
+    from steps.evaluate import evaluate_model, load_eval_set
+    from steps.io import read_json
+
+    eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
+    metrics = evaluate_model(
+        train_summary["model_dir"], eval_set, read_json(reference_path),
+        generator=f"prefflow-{variant}-{Path(output_root).name}", judge_name=e.judge, judge_model=e.judge_model,
+        judge_max_chars=e.judge_max_chars, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+        top_p=e.top_p, seed=e.seed, batch_size=e.batch_size, lc_assets_dir=e.lc_assets_dir,
+        out_dir=Path(output_root) / "eval" / variant, cache_dir=Path(output_root).parent / "judge_cache")
+    return {**base, "evaluated": True, **metrics}
+
+
+def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:
+    rows = []
+    for res, summ in zip(results, summaries):
+        rows.append({**res, "train_steps": summ["steps"], "train_elapsed_s": summ["elapsed_s"],
+                     "final_dev": summ["final_dev"], "training_config": summ["config"]})
+    return sorted(rows, key=lambda r: (r["variant"] != "sft", r["variant"]))
+
+
+def format_results_table(results: list[dict]) -> str:
+    head = "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in results:
+        lc = r.get("length_controlled_winrate")
+        wr = r.get("win_rate")
+        cfg = r.get("training_config", {})
+        knobs = cfg.get("criterion_config") or {}
+        knob_text = ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "_type_")
+        tc = f"lr={cfg.get('lr')}" + (f", {knob_text}" if knob_text else "")
+        lines.append(f"| {_num(lc)} | {_num(wr)} | {r['variant'].upper() if r['variant'] != 'sft' else 'SFT'} | "
+                     f"{tc} | {r.get('epoch')} | {r.get('init')} |")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def print_results(results: list[dict]) -> None:
+    print(format_results_table(results))
+    for r in results:
+        if r.get("evaluated"):
+            print(f"{r['variant']}: judge={r.get('judge')} eval_set={r.get('eval_set')} "
+                  f"reference={r.get('reference_generator')} lc_method={r.get('lc_method')} n={r.get('n_total')}")
