@@ -134,7 +134,7 @@ def evaluate_variant(raw: dict, variant: str, train_summary: dict, reference_pat
     _setup_logging()
     cfg = run_config(raw)
     e = cfg.evaluation
-    base = {"variant": variant, "model_dir": train_summary["model_dir"], "init": train_summary["init"],
+    base = {"variant": variant, "model_dir": train_summary["model_dir"], "init": train_summary["init_label"],
             "epoch": cfg.sft.epochs if variant == "sft" else cfg.preference.epochs}
     if not e.enabled or reference_path is None:
         return {**base, "evaluated": False}
@@ -145,7 +145,7 @@ def evaluate_variant(raw: dict, variant: str, train_summary: dict, reference_pat
     metrics = evaluate_model(
         train_summary["model_dir"], eval_set, read_json(reference_path),
         generator=f"prefflow-{variant}-{Path(output_root).name}", judge_name=e.judge, judge_model=e.judge_model,
-        judge_max_chars=e.judge_max_chars, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+        judge_kwargs={"max_output_chars": e.judge_max_chars}, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         top_p=e.top_p, seed=e.seed, batch_size=e.batch_size, lc_assets_dir=e.lc_assets_dir,
         out_dir=Path(output_root) / "eval" / variant, cache_dir=Path(output_root).parent / "judge_cache")
     return {**base, "evaluated": True, **metrics}

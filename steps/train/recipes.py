@@ -33,7 +33,8 @@ class RunSummary:
 
     kind: str  # "sft" or the loss name
     model_dir: str
-    init: str
+    init: str  # the model spec training started from
+    init_label: str  # what the results table shows: "SFT checkpoint" or "base: <spec>"
     reference: Optional[str]
     steps: int
     elapsed_s: float
@@ -90,8 +91,8 @@ def _select(rows: list[dict], limit: Optional[int]) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
-def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, init: str, reference, data_stats,
-            cfg_section) -> RunSummary:
+def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, init: str, init_label: str, reference,
+            data_stats, cfg_section) -> RunSummary:
     rank, world_size = world()
     final_dir = out_dir / "final"
     if rank == 0:
@@ -101,7 +102,7 @@ def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, ini
 
         dist.barrier()
     summary = RunSummary(
-        kind=kind, model_dir=str(final_dir), init=init, reference=reference, steps=result.final_step,
+        kind=kind, model_dir=str(final_dir), init=init, init_label=init_label, reference=reference, steps=result.final_step,
         elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s,
         final_train=result.history[-1] if result.history else {},
         final_dev=result.dev_history[-1] if result.dev_history else {},
@@ -132,7 +133,8 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path, *, init_spec: Optiona
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
     result = train(model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft")
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
-    return _finish("sft", model, tokenizer, result, out_dir, spec, None, stats, s)
+    label = f"base: {spec}" if s.init == "base" else spec
+    return _finish("sft", model, tokenizer, result, out_dir, spec, label, None, stats, s)
 
 
 def resolve_init_and_reference(cfg: RunConfig, loss: str, pcfg: PreferenceConfig,
@@ -214,7 +216,9 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
                                     reference_model=live_reference)
     result = train(model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
-    return _finish(loss, model, tokenizer, result, out_dir, init_spec, ref_spec, stats, p)
+    label = "SFT checkpoint" if init_spec == sft_model_dir else (
+        f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
+    return _finish(loss, model, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p)
 
 
 def _load_reference_cache(path: Path, ref_spec: str, pairs) -> None:

@@ -1,0 +1,138 @@
+"""Real Metaflow runs of flows/pipeline.py (Runner API, isolated datastore) on a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = """
+name: tiny_test
+data: {input: embedded, max_trees: 14, dev_fraction: 0.2}
+model: {base: tiny, dtype: float32}
+sft: {lr: 1.0e-3, max_num_tokens: 1024, max_seq_len: 256, overlength: truncate, max_steps: 2, warmup_steps: 0}
+preference:
+  criterion: dpo
+  criterion_config: {beta: 0.1}
+  lr: 1.0e-3
+  max_num_tokens: 1024
+  max_seq_len: 256
+  overlength: truncate
+  max_steps: 2
+  per_loss:
+    orpo: {criterion_config: {orpo_lambda: 0.2}}
+evaluation:
+  eval_set: embedded
+  max_instructions: 3
+  judge: local_logprob
+  judge_model: tiny
+  max_new_tokens: 6
+  batch_size: 3
+resources: {output_dir: OUTPUT_DIR}
+"""
+
+
+def _env(tmp_path: Path) -> dict:
+    return {"USERNAME": "prefflow-test", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
+def _config(tmp_path: Path, text: str = TINY_CONFIG) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text.replace("OUTPUT_DIR", str(tmp_path / "runs")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer):
+    from metaflow import Runner
+
+    tmp_path = tmp_path_factory.mktemp("flow")
+    with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
+                config=[("config", str(_config(tmp_path)))]).run(loss="dpo,orpo") as running:
+        status = running.status
+        run = running.run
+        stdout = running.stdout
+        stderr = running.stderr
+    assert status == "successful", stderr[-4000:]
+    return run, stdout, tmp_path
+
+
+def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
+    run, stdout, tmp_path = finished_run
+    from metaflow import namespace
+
+    namespace(None)
+    start = run["start"].task.data
+    assert start.losses == ["dpo", "orpo"] and start.variants == ["sft", "dpo", "orpo"]
+    data = run["prepare_data"].task.data
+    assert data.data_stats["sft_examples"] > 0 and data.data_stats["pairs"]["best_vs_rest"] > 0
+    assert Path(data.data_dir, "preference.train.jsonl").exists()
+    results = {r["variant"]: r for r in run["join"].task.data.results}
+    assert set(results) == {"sft", "dpo", "orpo"}
+    assert results["dpo"]["init"] == "SFT checkpoint"
+    assert results["orpo"]["init"] == "base: tiny"  # the documented recipe: ORPO from the base model
+    assert results["orpo"]["training_config"]["criterion_config"]["orpo_lambda"] == 0.2
+    for r in results.values():
+        assert r["evaluated"] and 0.0 <= r["win_rate"] <= 100.0 and r["n_total"] == 3
+        assert r["lc_method"] and r["judge"].startswith("local_logprob")
+    assert "| LC WR | WR | Loss Function |" in stdout
+
+
+def test_training_steps_leave_models_and_metrics(finished_run):
+    run, _, _ = finished_run
+    summaries = {t.data.variant: t.data.train_summary for t in run["preference"].tasks()}
+    assert set(summaries) == {"sft", "dpo", "orpo"}
+    for summary in summaries.values():
+        assert (Path(summary["model_dir"]) / "model.safetensors").exists()
+        assert summary["steps"] == 2 and len(summary["history"]) == 2
+        lines = Path(summary["metrics_path"]).read_text().splitlines()
+        assert json.loads(lines[0])["step"] == 1
+    assert summaries["dpo"]["reference"] == summaries["sft"]["model_dir"]
+    assert summaries["orpo"]["reference"] is None
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    bad = _config(tmp_path, TINY_CONFIG.replace("criterion_config: {beta: 0.1}", "criterion_config: {beta: -1}"))
+    proc = subprocess.run([sys.executable, str(REPO / "flows" / "pipeline.py"), "--config", "config", str(bad),
+                           "run", "--loss", "dpo"], cwd=REPO, env={**os.environ, **_env(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "preference.criterion_config.beta" in proc.stderr and str(bad) in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # nothing was prepared or trained
+    assert not (tmp_path / "mf").exists()  # not even a run was created
+
+
+def test_bad_config_through_runner_raises_before_any_run(tmp_path):
+    from metaflow import Runner
+
+    from steps.config import ConfigError
+
+    bad = _config(tmp_path, TINY_CONFIG.replace("max_new_tokens: 6", "max_new_tokens: 6\n  temprature: 0.5"))
+    with pytest.raises(ConfigError) as err:
+        with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
+                    config=[("config", str(bad))]).run(loss="dpo"):
+            pass
+    assert err.value.key == "evaluation.temprature" and "temperature" in str(err.value)
+
+
+def test_unknown_loss_fails_in_start(tmp_path):
+    from metaflow import Runner
+
+    with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
+                config=[("config", str(_config(tmp_path)))]).run(loss="dpo,nope") as running:
+        status = running.status
+        from metaflow import namespace
+
+        namespace(None)
+        stderr = running.run["start"].task.stderr
+    assert status == "failed"
+    assert "unknown loss" in stderr and "simpo" in stderr, stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
