@@ -12,11 +12,13 @@ from pathlib import Path
 
 from metaflow import Config, FlowSpec, Parameter, card, current, resources, retry, step
 
+from mutators import deployment_from_config
 from steps.pipeline import parse_config_text
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
 
 
+@deployment_from_config
 class PrefFlow(FlowSpec):
     """Align a language model with preference data and score it with AlpacaEval 2."""
 
@@ -27,6 +29,8 @@ class PrefFlow(FlowSpec):
                           "default: the config's preference.criterion")
     set = Parameter("set", type=str, default="",
                     help="config overrides, space-separated key.path=value (e.g. preference.criterion_config.beta=0.5)")
+    sweep = Parameter("sweep", type=str, default="",
+                      help="a sweep file (configs/sweeps/*.yaml): one preference run per grid point, sharing one SFT")
 
     @step
     def start(self):
@@ -34,7 +38,7 @@ class PrefFlow(FlowSpec):
         from steps.pipeline import plan_run
 
         self.run_config, self.losses, self.variants, self.output_root = plan_run(
-            dict(self.config), self.loss, self.set, current.flow_name, current.run_id)
+            dict(self.config), self.loss, self.set, current.flow_name, current.run_id, self.sweep)
         self.next(self.prepare_data)
 
     @step
@@ -73,7 +77,7 @@ class PrefFlow(FlowSpec):
     @resources(cpu=config.resources.train.cpu, memory=config.resources.train.memory, gpu=config.resources.train.gpu)
     @step
     def preference(self):
-        """One preference run per variant; the 'sft' variant carries the SFT model to be scored alongside."""
+        """One preference run per variant (loss or sweep point); the 'sft' variant carries the SFT model."""
         from steps.cards import training_card
         from steps.pipeline import train_variant
 
@@ -109,6 +113,17 @@ class PrefFlow(FlowSpec):
                                               "output_root", "data_dir"])
         self.results = collect_results([i.result for i in inputs], [i.train_summary for i in inputs])
         current.card.extend(results_card(self.results))
+        self.next(self.report)
+
+    @card(type="blank", id="report")
+    @step
+    def report(self):
+        """Regenerate the results report from Metaflow's records, this run included (its end has not run yet)."""
+        from steps.report import report_card, report_for_current_run
+
+        paths = report_for_current_run()
+        current.card.extend(report_card(paths, f"{current.flow_name}/{current.run_id}"))
+        self.report_files = paths.to_dict()
         self.next(self.end)
 
     @step

@@ -514,3 +514,60 @@ def parse_losses(text: str | None, cfg: RunConfig) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError("--loss", text, "a loss is listed twice")
     return names
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+
+def variant(name: str, loss: str, overrides: Optional[dict[str, Any]] = None) -> dict:
+    """One branch of the flow's foreach: a name (directory, table row), a loss ("sft" or registered) and
+    dotted config overrides applied on top of the run config."""
+    return {"name": name, "loss": loss, "overrides": dict(overrides or {})}
+
+
+def _fmt_value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def load_sweep(path: str | os.PathLike, cfg: RunConfig) -> list[dict]:
+    """A sweep file -> one variant per grid point, each validated against ``cfg``.
+
+    Format (keys of ``grid`` are keys of the preference section, dotted for criterion_config)::
+
+        loss: simpo
+        grid:
+          criterion_config.beta: [2.0, 2.5]
+          criterion_config.gamma: [0.3, 0.5, 1.0, 1.2, 1.4, 1.6]
+    """
+    import itertools
+
+    from steps import losses
+
+    source = str(path)
+    if not Path(path).exists():
+        raise ConfigError(source, "", "sweep file not found")
+    raw = parse_yaml_text(Path(path).read_text(encoding="utf-8"), source)
+    unknown = sorted(set(raw) - {"loss", "grid"})
+    if unknown:
+        raise ConfigError(source, unknown[0], "unknown key; allowed keys: loss, grid")
+    loss = raw.get("loss")
+    if loss not in losses.registered_losses():
+        raise ConfigError(source, "loss", f"got {loss!r}; registered: {', '.join(losses.registered_losses())}")
+    grid = raw.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(source, "grid", "expected a mapping of preference keys to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"grid.{key}", f"got {values!r}; expected a non-empty list")
+    keys = list(grid)
+    points = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        overrides = {f"preference.per_loss.{loss}.{k}": v for k, v in zip(keys, combo)}
+        name = loss + "".join(f"-{k.split('.')[-1]}{_fmt_value(v)}" for k, v in zip(keys, combo))
+        try:
+            point_cfg = config_from_dict(config_to_dict(cfg), source, overrides)
+            resolve_preference(point_cfg, loss)
+        except ConfigError as exc:
+            raise ConfigError(source, f"grid ({name})", str(exc)) from exc
+        points.append(variant(name, loss, overrides))
+    return points

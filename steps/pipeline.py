@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from steps.config import (ConfigError, RunConfig, config_from_dict, config_to_dict, parse_losses, parse_overrides,
-                          parse_yaml_text)
+from steps.config import (ConfigError, RunConfig, config_from_dict, config_to_dict, load_sweep, parse_losses,
+                          parse_overrides, parse_yaml_text, variant)
 
 log = logging.getLogger("prefflow")
 
@@ -42,15 +42,20 @@ def run_config(raw: dict) -> RunConfig:
     return config_from_dict(raw, raw.get("name", "config"))
 
 
-def plan_run(raw_config: dict, loss_arg: str, set_arg: str, flow_name: str, run_id: str):
-    """start: apply overrides, pick losses, list the variants to train, fix the output root."""
+def plan_run(raw_config: dict, loss_arg: str, set_arg: str, flow_name: str, run_id: str, sweep_path: str = ""):
+    """start: apply overrides, pick losses and sweep points, list the variants to train, fix the output root."""
     _setup_logging()
     overrides = parse_overrides(set_arg)
     cfg = config_from_dict(_plain(raw_config), f"config {raw_config.get('name', '')}".strip(), overrides)
-    losses = parse_losses(loss_arg, cfg)
-    if losses and not cfg.sft.enabled and any(cfg.preference.init == "sft" for _ in losses):
+    losses = parse_losses(loss_arg, cfg) if (loss_arg or not sweep_path) else []
+    if losses and not cfg.sft.enabled and cfg.preference.init == "sft":
         raise ConfigError("config", "preference.init", "is 'sft' but sft.enabled is false")
-    variants = (["sft"] if cfg.sft.enabled else []) + losses
+    variants = ([variant("sft", "sft")] if cfg.sft.enabled else []) + [variant(name, name) for name in losses]
+    if sweep_path:
+        variants += load_sweep(sweep_path, cfg)
+    names = [v["name"] for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError("--sweep", sweep_path, f"variant names collide: {names}")
     if not variants:
         raise ConfigError("--loss", loss_arg, "nothing to train: SFT is disabled and no preference loss was given")
     output_root = str((Path(cfg.resources.output_dir) / flow_name / str(run_id)).resolve())
@@ -117,25 +122,26 @@ def train_sft(raw: dict, data_dir: str, output_root: str) -> Optional[dict]:
                   nproc_per_node=cfg.resources.nproc_per_node)
 
 
-def train_variant(raw: dict, variant: str, data_dir: str, output_root: str, sft_summary: Optional[dict]) -> dict:
+def train_variant(raw: dict, variant: dict, data_dir: str, output_root: str, sft_summary: Optional[dict]) -> dict:
     from steps.train.launch import launch
 
     _setup_logging()
-    if variant == "sft":
+    if variant["loss"] == "sft":
         return sft_summary
-    cfg = run_config(raw)
+    cfg = config_from_dict(raw, raw.get("name", "config"), variant["overrides"])
     sft_dir = sft_summary["model_dir"] if sft_summary else None
-    return launch(raw, variant, data_dir, str(Path(output_root) / variant), sft_model_dir=sft_dir,
-                  nproc_per_node=cfg.resources.nproc_per_node)
+    return launch(config_to_dict(cfg), variant["loss"], data_dir, str(Path(output_root) / variant["name"]),
+                  sft_model_dir=sft_dir, nproc_per_node=cfg.resources.nproc_per_node)
 
 
-def evaluate_variant(raw: dict, variant: str, train_summary: dict, reference_path: Optional[str],
+def evaluate_variant(raw: dict, variant: dict, train_summary: dict, reference_path: Optional[str],
                      eval_set_info: dict, output_root: str) -> dict:
     _setup_logging()
     cfg = run_config(raw)
     e = cfg.evaluation
-    base = {"variant": variant, "model_dir": train_summary["model_dir"], "init": train_summary["init_label"],
-            "epoch": cfg.sft.epochs if variant == "sft" else cfg.preference.epochs}
+    name = variant["name"]
+    base = {"variant": name, "loss": variant["loss"], "model_dir": train_summary["model_dir"],
+            "init": train_summary["init_label"], "epoch": train_summary["config"].get("epochs")}
     if not e.enabled or reference_path is None:
         return {**base, "evaluated": False}
     from steps.evaluate import evaluate_model, load_eval_set
@@ -144,10 +150,10 @@ def evaluate_variant(raw: dict, variant: str, train_summary: dict, reference_pat
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     metrics = evaluate_model(
         train_summary["model_dir"], eval_set, read_json(reference_path),
-        generator=f"prefflow-{variant}-{Path(output_root).name}", judge_name=e.judge, judge_model=e.judge_model,
+        generator=f"prefflow-{name}-{Path(output_root).name}", judge_name=e.judge, judge_model=e.judge_model,
         judge_kwargs={"max_output_chars": e.judge_max_chars}, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         top_p=e.top_p, seed=e.seed, batch_size=e.batch_size, lc_assets_dir=e.lc_assets_dir,
-        out_dir=Path(output_root) / "eval" / variant, cache_dir=Path(output_root).parent / "judge_cache")
+        out_dir=Path(output_root) / "eval" / name, cache_dir=Path(output_root).parent / "judge_cache")
     return {**base, "evaluated": True, **metrics}
 
 
@@ -156,7 +162,7 @@ def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:
     for res, summ in zip(results, summaries):
         rows.append({**res, "train_steps": summ["steps"], "train_elapsed_s": summ["elapsed_s"],
                      "final_dev": summ["final_dev"], "training_config": summ["config"]})
-    return sorted(rows, key=lambda r: (r["variant"] != "sft", r["variant"]))
+    return sorted(rows, key=lambda r: (r["loss"] != "sft", r["variant"]))
 
 
 def format_results_table(results: list[dict]) -> str:
@@ -169,7 +175,7 @@ def format_results_table(results: list[dict]) -> str:
         knobs = cfg.get("criterion_config") or {}
         knob_text = ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "_type_")
         tc = f"lr={cfg.get('lr')}" + (f", {knob_text}" if knob_text else "")
-        lines.append(f"| {_num(lc)} | {_num(wr)} | {r['variant'].upper() if r['variant'] != 'sft' else 'SFT'} | "
+        lines.append(f"| {_num(lc)} | {_num(wr)} | {r['loss'].upper() if r['loss'] != 'sft' else 'SFT'} | "
                      f"{tc} | {r.get('epoch')} | {r.get('init')} |")
     return "\n".join(lines)
 

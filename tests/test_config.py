@@ -136,3 +136,24 @@ def test_losses_argument_and_per_loss_resolution():
     assert type(orpo.criterion_config).__name__ == "ORPOConfig"
     dpo = resolve_preference(cfg, "dpo")
     assert dpo.criterion_config.beta == cfg.preference.criterion_config.beta
+
+
+def test_simpo_sweep_file_expands_to_the_paper_grid(tmp_path):
+    from steps.config import config_from_dict, config_to_dict, load_sweep
+
+    cfg = load_config(REPO / "configs/default.yaml")
+    points = load_sweep(REPO / "configs/sweeps/simpo.yaml", cfg)
+    assert len(points) == 12 and {p["loss"] for p in points} == {"simpo"}
+    assert len({p["name"] for p in points}) == 12
+    assert "simpo-beta2.5-gamma1.4" in {p["name"] for p in points}
+    grid = set()
+    for p in points:
+        point_cfg = config_from_dict(config_to_dict(cfg), "x", p["overrides"])
+        cc = resolve_preference(point_cfg, "simpo").criterion_config
+        grid.add((cc.beta, cc.gamma))
+    assert grid == {(b, g) for b in (2.0, 2.5) for g in (0.3, 0.5, 1.0, 1.2, 1.4, 1.6)}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: simpo\ngrid:\n  criterion_config.beta: [2.0, -1.0]\n")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(bad, cfg)
+    assert "simpo-beta-1" in str(err.value) and "beta" in str(err.value)

@@ -38,7 +38,7 @@ resources: {output_dir: OUTPUT_DIR}
 def _env(tmp_path: Path) -> dict:
     return {"USERNAME": "prefflow-test", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "PYTHONPATH": str(REPO),
-            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PREFFLOW_REPORT_DIR": str(tmp_path / "reports")}
 
 
 def _config(tmp_path: Path, text: str = TINY_CONFIG) -> Path:

@@ -1,0 +1,202 @@
+"""Write the report directory: results.md/.csv/.json, README.md with plots, config snapshots.
+
+Everything is rebuilt from the run records each time (never appended to), rendered in memory first,
+then written under an exclusive lock on ``.report.lock`` with one atomic replace per file; a file
+whose bytes are unchanged is left alone. Two concurrent report jobs therefore serialise their
+writes and each leaves a complete, consistent set; rerunning on the same runs changes nothing.
+Files in ``configs/`` and ``plots/`` that the new report no longer references are removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import yaml
+
+from steps.io import atomic_write_bytes
+from steps.report.plots import training_curves_png, win_rate_bars_png
+from steps.report.records import RunRecord, Selection, client_scope, select_runs
+from steps.report.table import (build_rows, markdown_table, notes, results_csv, results_json, results_markdown,
+                                safe_name, snapshot_name)
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Subdirectories whose files the report owns (stale ones are removed on regeneration).
+MANAGED_DIRS = {"configs": ".yaml", "plots": ".png"}
+LOCK_NAME = ".report.lock"
+WIN_RATES_PNG = "plots/win_rates.png"
+
+
+def default_report_dir() -> Path:
+    """``$PREFFLOW_REPORT_DIR`` if set, else the repository's ``reports/``."""
+    env = os.environ.get("PREFFLOW_REPORT_DIR")
+    return Path(env) if env else REPO_ROOT / "reports"
+
+
+@dataclass
+class ReportPaths:
+    """Where a generated report's files are, and what it covered."""
+
+    out_dir: Path
+    results_md: Path
+    results_csv: Path
+    results_json: Path
+    readme: Path
+    win_rates_png: Optional[Path]
+    training_pngs: dict[str, Path] = field(default_factory=dict)  # run pathspec -> PNG
+    config_snapshots: list[Path] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)  # run pathspecs, oldest first
+    n_rows: int = 0
+    card_markdown: str = ""  # the table without links (for Metaflow cards)
+
+    def to_dict(self) -> dict:
+        """Plain strings only: safe to store as a Metaflow artifact and read without this package."""
+        return {"out_dir": str(self.out_dir), "results_md": str(self.results_md),
+                "results_csv": str(self.results_csv), "results_json": str(self.results_json),
+                "readme": str(self.readme), "win_rates_png": str(self.win_rates_png) if self.win_rates_png else None,
+                "training_pngs": {k: str(v) for k, v in self.training_pngs.items()},
+                "config_snapshots": [str(p) for p in self.config_snapshots], "runs": list(self.runs),
+                "n_rows": self.n_rows}
+
+
+def training_png_name(record: RunRecord) -> str:
+    return f"plots/training-{safe_name(record.flow)}-{safe_name(record.run_id)}.png"
+
+
+def config_snapshot_yaml(record: RunRecord, result: dict) -> str:
+    """The exact config a model was trained with: its resolved training section and the run's full config."""
+    doc = {"flow": record.flow, "run_id": record.run_id, "variant": result.get("variant"),
+           "training_config": result.get("training_config"), "run_config": record.run_config}
+    header = (f"# Config snapshot of {record.pathspec}, variant {result.get('variant')}: written by steps.report "
+              f"from the run's Metaflow artifacts (join.results[].training_config and join.run_config).\n")
+    return header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def readme_markdown(rows, records: list[RunRecord], selection: Selection, training: dict[str, str],
+                    win_rates: Optional[str]) -> str:
+    parts = ["# PrefFlow results report", "",
+             f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}. "
+             "Do not edit: regenerating replaces this file. Tables only: [results.md](results.md), "
+             "[results.csv](results.csv), [results.json](results.json).", "", "## Results", ""]
+    parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
+    if win_rates:
+        parts += ["## LC WR and WR across runs", "",
+                  "Bars: AlpacaEval 2 length-controlled (LC WR) and raw (WR) win rate against the reference, "
+                  "error bars one standard error.", "", f"![LC WR and WR across runs]({win_rates})", ""]
+    if training:
+        parts += ["## Training curves", "",
+                  "Per optimizer step (lines) and on the dev set (circles): SFT loss, preference loss, reward "
+                  "margin and reward accuracy.", ""]
+        for record in records:
+            if record.pathspec in training:
+                parts += [f"### `{record.pathspec}` ({record.date})", "",
+                          f"![training curves of {record.pathspec}]({training[record.pathspec]})", ""]
+    caveats = notes(rows)
+    if caveats:
+        parts += ["## Notes", ""] + [f"- {c}" for c in caveats] + [""]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[str, bytes], dict]:
+    """All report files as {relative path: bytes}, plus what ReportPaths needs. No I/O."""
+    rows = build_rows(records)
+    files: dict[str, bytes] = {}
+    for record in records:
+        for result in record.results:
+            name = f"configs/{snapshot_name(record, str(result.get('variant', '')))}"
+            files[name] = config_snapshot_yaml(record, result).encode("utf-8")
+    training: dict[str, str] = {}
+    for record in records:
+        png = training_curves_png(record)
+        if png is not None:
+            training[record.pathspec] = training_png_name(record)
+            files[training[record.pathspec]] = png
+    bars = win_rate_bars_png(rows)
+    if bars is not None:
+        files[WIN_RATES_PNG] = bars
+    files["results.md"] = results_markdown(rows, selection, len(records)).encode("utf-8")
+    files["results.csv"] = results_csv(rows).encode("utf-8")
+    files["results.json"] = results_json(rows, records, selection).encode("utf-8")
+    files["README.md"] = readme_markdown(rows, records, selection, training,
+                                         WIN_RATES_PNG if bars is not None else None).encode("utf-8")
+    info = {"rows": rows, "training": training, "win_rates": bars is not None}
+    return files, info
+
+
+@contextlib.contextmanager
+def report_lock(out_dir: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``out_dir/.report.lock`` (POSIX); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(out_dir / LOCK_NAME, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _write_files(out_dir: Path, files: dict[str, bytes]) -> tuple[int, int]:
+    written = removed = 0
+    for rel, data in sorted(files.items()):
+        path = out_dir / rel
+        if path.is_file() and path.read_bytes() == data:
+            continue
+        atomic_write_bytes(path, data)
+        written += 1
+    for sub, suffix in MANAGED_DIRS.items():
+        folder = out_dir / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            rel = f"{sub}/{path.name}"
+            if path.is_file() and path.name.endswith(suffix) and rel not in files:
+                path.unlink()
+                removed += 1
+    return written, removed
+
+
+def write_report(records: list[RunRecord], selection: Selection, out_dir: Union[str, Path]) -> ReportPaths:
+    """Render the report for ``records`` and write it to ``out_dir`` (locked, atomic, idempotent)."""
+    out_dir = Path(out_dir)
+    files, info = render_report(records, selection)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with report_lock(out_dir):
+        written, removed = _write_files(out_dir, files)
+    log.info("report for %d runs, %d models in %s: %d files written, %d unchanged, %d stale removed",
+             len(records), len(info["rows"]), out_dir, written, len(files) - written, removed)
+    return ReportPaths(
+        out_dir=out_dir, results_md=out_dir / "results.md", results_csv=out_dir / "results.csv",
+        results_json=out_dir / "results.json", readme=out_dir / "README.md",
+        win_rates_png=out_dir / WIN_RATES_PNG if info["win_rates"] else None,
+        training_pngs={k: out_dir / v for k, v in info["training"].items()},
+        config_snapshots=sorted(out_dir / k for k in files if k.startswith("configs/")),
+        runs=[r.pathspec for r in records], n_rows=len(info["rows"]),
+        card_markdown=markdown_table(info["rows"], links=False))
+
+
+def generate_report(flow_name: str = "PrefFlow", out_dir: Union[str, Path] = "reports",
+                    tags: Optional[Sequence[str]] = None, namespace: Optional[str] = None,
+                    latest: Optional[int] = None, include_runs: Optional[Sequence] = None,
+                    datastore_root: Optional[Union[str, Path]] = None) -> ReportPaths:
+    """Regenerate the results report from Metaflow's records of ``flow_name``.
+
+    Covers successful runs carrying all ``tags`` in ``namespace`` (None: global), the newest
+    ``latest`` of them (None: all), plus ``include_runs`` (pathspecs or Client Runs, whatever their
+    state: the pipeline passes its own unfinished run). ``datastore_root``: the directory holding a
+    local ``.metaflow`` (default: Metaflow's own configuration).
+    """
+    include = list(include_runs or [])
+    selection = Selection(flow=flow_name, tags=tuple(tags or ()), namespace=namespace, latest=latest,
+                          include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include))
+    with client_scope(namespace, datastore_root):
+        records = select_runs(selection, include)
+    return write_report(records, selection, out_dir)

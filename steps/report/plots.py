@@ -1,0 +1,123 @@
+"""Report plots as PNG bytes: training curves per run, LC WR / WR bars across runs with standard errors.
+
+Figures are drawn with matplotlib's Agg backend and saved without a timestamp or software tag, so
+the same records give byte-identical files (the report is regenerated idempotently).
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+from steps.report.records import RunRecord
+from steps.report.table import ResultRow, loss_display, variant_order
+
+#: (history key, panel title) of the preference panels, in order.
+PREFERENCE_PANELS = [("loss", "preference loss"), ("reward_margin", "reward margin"),
+                     ("reward_accuracy", "reward accuracy")]
+DPI = 100
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(h["step"], h[key]) for h in history
+              if isinstance(h, dict) and "step" in h and isinstance(h.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    """(history key, title, [(label, summary)]) for each panel with data: SFT loss, then the preference panels."""
+    summaries = sorted(record.train_summaries.items(), key=lambda kv: variant_order(kv[0]))
+    sft = [(loss_display(v), s) for v, s in summaries if v == "sft" and s.get("history")]
+    pref = [(loss_display(v), s) for v, s in summaries if v != "sft" and s.get("history")]
+    panels = []
+    if sft and any(_series(s["history"], "loss")[0] for _, s in sft):
+        panels.append(("loss", "SFT loss", sft))
+    for key, title in PREFERENCE_PANELS:
+        with_data = [(label, s) for label, s in pref if _series(s["history"], key)[0]]
+        if with_data:
+            panels.append((key, title, with_data))
+    return panels
+
+
+def training_curves_png(record: RunRecord) -> Optional[bytes]:
+    """One row of panels for the run: SFT loss, preference loss, reward margin, reward accuracy.
+
+    Solid lines are per optimizer step; circles are dev-set values. None when the run has no history.
+    """
+    panels = training_panels(record)
+    if not panels:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.3), squeeze=False)
+    for ax, (key, title, series) in zip(axes[0], panels):
+        for i, (label, summary) in enumerate(series):
+            color = f"C{i}"
+            xs, ys = _series(summary["history"], key)
+            ax.plot(xs, ys, color=color, linewidth=1.2, label=f"{label} train")
+            dx, dy = _series(summary.get("dev_history") or [], f"dev_{key}")
+            if dx:
+                ax.plot(dx, dy, "o--", color=color, markersize=5, linewidth=0.8, label=f"{label} dev")
+        if key == "reward_accuracy":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{record.pathspec} ({record.date})", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def win_rate_bars_png(rows: list[ResultRow]) -> Optional[bytes]:
+    """Grouped bars per evaluated model: LC WR and WR (%), error bars = one standard error.
+
+    A missing LC WR leaves its bar out and says ``LC n/a``. None when no row has a win rate.
+    """
+    scored = [r for r in rows if r.winrate is not None or r.lc_winrate is not None]
+    if not scored:
+        return None
+    plt = _pyplot()
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(scored) + 2.0), 4.2))
+    xs = list(range(len(scored)))
+    for offset, attr, err_attr, label, color in ((-width / 2, "lc_winrate", "lc_standard_error", "LC WR", "C0"),
+                                                 (width / 2, "winrate", "standard_error", "WR", "C1")):
+        pos = [x + offset for x, r in zip(xs, scored) if getattr(r, attr) is not None]
+        vals = [getattr(r, attr) for r in scored if getattr(r, attr) is not None]
+        errs = [getattr(r, err_attr) or 0.0 for r in scored if getattr(r, attr) is not None]
+        if vals:
+            ax.bar(pos, vals, width, yerr=errs, capsize=3, label=label, color=color)
+    for x, r in zip(xs, scored):
+        if r.lc_winrate is None:
+            ax.text(x - width / 2, 1.0, "LC n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.axhline(50.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{r.loss_function}\n{r.run_id}" for r in scored], fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel("win rate vs reference (%)")
+    top = max([(getattr(r, a) or 0.0) + (getattr(r, e) or 0.0) for r in scored
+               for a, e in (("lc_winrate", "lc_standard_error"), ("winrate", "standard_error"))] + [50.0])
+    ax.set_ylim(0, min(100.0, top * 1.15 + 1.0))
+    ax.set_title("AlpacaEval 2: LC WR and WR (± 1 s.e.)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,209 @@
+"""What the report reads from Metaflow's own records (Client API), as plain data.
+
+A ``RunRecord`` is everything the table and plots need from one pipeline run: the ``join`` step's
+``results`` and ``run_config`` and each ``preference`` branch's ``train_summary``. Only this module
+talks to Metaflow; the table and plot code take ``RunRecord`` objects, so they are testable on
+hand-built records.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+#: Step names of flows/pipeline.py the report reads.
+JOIN_STEP = "join"
+TRAIN_STEP = "preference"
+
+
+class ReportError(ValueError):
+    """The report cannot be generated as asked (unknown flow, bad filter, missing datastore)."""
+
+
+@dataclass
+class RunRecord:
+    """One pipeline run as the report sees it."""
+
+    flow: str
+    run_id: str
+    created_at: datetime  # timezone-aware, UTC
+    tags: list[str]  # user tags, sorted
+    system_tags: list[str]  # sorted
+    successful: bool
+    results: list[dict]  # join: one dict per evaluated model
+    run_config: dict = field(default_factory=dict)
+    train_summaries: dict[str, dict] = field(default_factory=dict)  # variant -> train_summary
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}"
+
+    @property
+    def date(self) -> str:
+        return self.created_at.strftime("%Y-%m-%d")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which runs a report covers (recorded in the report so it says what it shows)."""
+
+    flow: str = "PrefFlow"
+    tags: tuple[str, ...] = ()
+    namespace: Optional[str] = None  # None: the global namespace (every user and deployment)
+    latest: Optional[int] = None
+    include_runs: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The filters in words (``include_runs`` left out: the same runs read the same either way)."""
+        parts = [f"flow `{self.flow}`",
+                 f"namespace `{self.namespace}`" if self.namespace else "global namespace"]
+        if self.tags:
+            parts.append("tags " + ", ".join(f"`{t}`" for t in self.tags))
+        if self.latest:
+            parts.append(f"latest {self.latest} successful runs")
+        else:
+            parts.append("all successful runs")
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- Metaflow client state
+
+
+@contextlib.contextmanager
+def client_scope(namespace: Optional[str], datastore_root: Optional[Union[str, Path]]) -> Iterator[None]:
+    """Switch the Client API's namespace (and local metadata root) for the block, then put them back.
+
+    Metaflow keeps both process-wide (the namespace and provider in ``metaflow.client.core``, the
+    local root as class attributes of the local provider and storage); restoring them keeps a
+    report generated inside a step or a test from changing what the caller's own Client calls see.
+    """
+    import metaflow
+    import metaflow.client.core as client_core
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+    from metaflow.plugins.metadata_providers.local import LocalMetadataProvider
+
+    previous_ns = metaflow.get_namespace()
+    # INFO is a metaclass property over _INFO; None means "work it out again from the configuration"
+    saved = (client_core.current_metadata, getattr(LocalMetadataProvider, "_INFO", None), LocalStorage.datastore_root)
+    try:
+        if datastore_root is not None:
+            root = Path(datastore_root).expanduser().resolve()
+            if not (root / ".metaflow").is_dir():
+                raise ReportError(f"--datastore-root {root}: no .metaflow directory there; give the directory "
+                                  f"that holds .metaflow (what METAFLOW_DATASTORE_SYSROOT_LOCAL was set to)")
+            metaflow.metadata(f"local@{root}")
+        metaflow.namespace(namespace)
+        yield
+    finally:
+        metaflow.namespace(previous_ns)
+        client_core.current_metadata, LocalMetadataProvider._INFO, LocalStorage.datastore_root = saved
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def _utc(dt: datetime) -> datetime:
+    """Metaflow gives naive local datetimes; the report states dates in UTC."""
+    return (dt if dt.tzinfo else dt.astimezone()).astimezone(timezone.utc)
+
+
+def _artifact(task, name: str, default: Any = None) -> Any:
+    return task[name].data if name in task else default
+
+
+def read_run(run) -> Optional[RunRecord]:
+    """A Client ``Run`` -> RunRecord, or None (with a warning) when it never reached the join step."""
+    from metaflow.exception import MetaflowNotFound
+
+    try:
+        join_task = run[JOIN_STEP].task
+    except (KeyError, MetaflowNotFound):
+        join_task = None
+    if join_task is None or "results" not in join_task:
+        log.warning("skipping %s: it has no '%s' step with a 'results' artifact (failed before the join?)",
+                    run.pathspec, JOIN_STEP)
+        return None
+    summaries: dict[str, dict] = {}
+    try:
+        train_tasks = list(run[TRAIN_STEP])
+    except (KeyError, MetaflowNotFound):
+        train_tasks = []
+    for task in train_tasks:
+        variant = _artifact(task, "variant")
+        summary = _artifact(task, "train_summary")
+        if variant is not None and summary:
+            summaries[str(variant)] = dict(summary)
+    flow_name, run_id = run.pathspec.split("/")
+    record = RunRecord(
+        flow=flow_name, run_id=run_id, created_at=_utc(run.created_at),
+        tags=sorted(run.user_tags), system_tags=sorted(run.system_tags), successful=bool(run.successful),
+        results=[dict(r) for r in (_artifact(join_task, "results") or [])],
+        run_config=dict(_artifact(join_task, "run_config") or {}), train_summaries=summaries)
+    log.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
+    return record
+
+
+def _as_run(spec, flow_name: str):
+    from metaflow import Run
+    from metaflow.exception import MetaflowNotFound
+
+    if not isinstance(spec, str):
+        return spec  # already a Client Run
+    pathspec = spec if "/" in spec else f"{flow_name}/{spec}"
+    try:
+        return Run(pathspec, _namespace_check=False)
+    except MetaflowNotFound as exc:
+        raise ReportError(f"include_runs: run {pathspec!r} not found in the Metaflow metadata; "
+                          f"pass an existing Flow/run_id") from exc
+
+
+def select_runs(selection: Selection, include_runs: Sequence = ()) -> list[RunRecord]:
+    """The runs a report covers: successful runs matching the filters, newest ``latest``, plus extras.
+
+    Call inside ``client_scope``. ``include_runs`` (pathspecs or Client Runs) are added whatever their
+    state, e.g. the current run whose ``end`` step has not finished. Ordered oldest first.
+    """
+    from metaflow import Flow
+    from metaflow.exception import MetaflowNamespaceMismatch, MetaflowNotFound
+
+    if selection.latest is not None and selection.latest < 1:
+        raise ReportError(f"latest: got {selection.latest}; give a positive number of runs (or none for all)")
+    try:
+        flow = Flow(selection.flow)
+    except MetaflowNotFound as exc:
+        if not include_runs:
+            raise ReportError(f"no Metaflow records of flow {selection.flow!r} in the "
+                              f"{'global namespace' if selection.namespace is None else 'namespace ' + repr(selection.namespace)}"
+                              f" ({_metadata_description()}); run the pipeline first, or point at its datastore "
+                              f"with --datastore-root DIR / METAFLOW_DATASTORE_SYSROOT_LOCAL") from exc
+        flow = None
+    except MetaflowNamespaceMismatch:
+        log.warning("flow %s has no runs in namespace %r", selection.flow, selection.namespace)
+        flow = None
+    candidates = []
+    if flow is not None:
+        for run in flow.runs(*selection.tags):
+            if run.successful:
+                candidates.append(run)
+    candidates.sort(key=lambda r: (_utc(r.created_at), r.id), reverse=True)
+    if selection.latest is not None:
+        candidates = candidates[: selection.latest]
+    chosen = {r.pathspec: r for r in candidates}
+    for spec in include_runs:
+        run = _as_run(spec, selection.flow)
+        chosen.setdefault(run.pathspec, run)
+    records = [rec for rec in (read_run(r) for r in chosen.values()) if rec is not None]
+    records.sort(key=lambda rec: (rec.created_at, rec.run_id))
+    log.info("selected %d runs (%s)", len(records), selection.describe())
+    return records
+
+
+def _metadata_description() -> str:
+    import metaflow
+
+    return f"metadata {metaflow.get_metadata()}"

@@ -1,0 +1,247 @@
+"""The results table: one row per evaluated model, in the documented column order.
+
+``LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization`` (the reference
+recipe's table), followed by what a number needs to be read correctly: judge, eval set, reference,
+LC method, n, date and the Metaflow run. Missing values print as ``n/a``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from steps.report.records import RunRecord, Selection
+
+#: Column headers of the Markdown table, in order.
+COLUMNS = ["LC WR", "WR", "Loss Function", "Training Config", "Epoch", "Model Initialization",
+           "Judge", "Eval Set", "Reference", "LC Method", "n", "Date", "Run"]
+
+LOSS_DISPLAY = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "cpo": "CPO", "ipo": "IPO",
+                "hinge": "Hinge"}
+
+MISSING = "n/a"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class ResultRow:
+    """One evaluated model of one run, with the values the report prints and exports."""
+
+    flow: str
+    run_id: str
+    date: str
+    variant: str
+    loss_function: str
+    lc_winrate: Optional[float]
+    lc_standard_error: Optional[float]
+    winrate: Optional[float]
+    standard_error: Optional[float]
+    training_config: str  # short text: lr and the loss's knobs
+    config_snapshot: str  # path of the YAML snapshot, relative to the report directory
+    epoch: Optional[int]
+    model_initialization: str
+    judge: Optional[str]
+    eval_set: Optional[str]
+    reference: Optional[str]
+    lc_method: Optional[str]
+    n: Optional[int]
+    avg_length: Optional[float]
+    evaluated: bool
+    model_dir: Optional[str]
+    train_steps: Optional[int]
+    tags: list[str]
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}"
+
+
+# ----------------------------------------------------------------------------- building rows
+
+
+def variant_order(variant: str) -> tuple:
+    """SFT first, then losses alphabetically (the pipeline's own order)."""
+    return (variant != "sft", variant)
+
+
+def loss_display(variant: str) -> str:
+    return LOSS_DISPLAY.get(variant, variant.upper() if variant else MISSING)
+
+
+def safe_name(text: str) -> str:
+    return _SAFE_NAME.sub("_", text).strip("_") or "x"
+
+
+def snapshot_name(record: RunRecord, variant: str) -> str:
+    """File name of a model's config snapshot: unique per run and variant."""
+    return f"{safe_name(record.flow)}-{safe_name(record.run_id)}-{safe_name(variant)}.yaml"
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _int(value: Any) -> Optional[int]:
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def training_config_text(training_config: Optional[dict]) -> str:
+    """``lr=5e-06, beta=0.1, nll_scale=0`` from a variant's training section; ``n/a`` when absent."""
+    if not training_config:
+        return MISSING
+    parts = []
+    if "lr" in training_config:
+        parts.append(f"lr={_compact(training_config['lr'])}")
+    knobs = training_config.get("criterion_config") or {}
+    if isinstance(knobs, dict):
+        parts.extend(f"{k}={_compact(v)}" for k, v in knobs.items() if k != "_type_")
+    return ", ".join(parts) or MISSING
+
+
+def describe_init(init: Optional[str], record: RunRecord) -> str:
+    """Name where a model started: another model of the same run (``SFT (base)``) or the spec itself."""
+    if not init:
+        return MISSING
+    for other in record.results:
+        if other.get("model_dir") and other.get("model_dir") == init:
+            parent = loss_display(str(other.get("variant", "")))
+            start = other.get("init")
+            return f"{parent} (from {start})" if start else parent
+    return init
+
+
+def rows_for_run(record: RunRecord) -> list[ResultRow]:
+    """The run's results as rows, SFT first."""
+    rows = []
+    for result in sorted(record.results, key=lambda r: variant_order(str(r.get("variant", "")))):
+        variant = str(result.get("variant", ""))
+        evaluated = bool(result.get("evaluated", "win_rate" in result))
+        rows.append(ResultRow(
+            flow=record.flow, run_id=record.run_id, date=record.date, variant=variant,
+            loss_function=loss_display(variant),
+            lc_winrate=_number(result.get("length_controlled_winrate")),
+            lc_standard_error=_number(result.get("lc_standard_error")),
+            winrate=_number(result.get("win_rate")), standard_error=_number(result.get("standard_error")),
+            training_config=training_config_text(result.get("training_config")),
+            config_snapshot=f"configs/{snapshot_name(record, variant)}",
+            epoch=_int(result.get("epoch")), model_initialization=describe_init(result.get("init"), record),
+            judge=result.get("judge"), eval_set=result.get("eval_set"),
+            reference=result.get("reference_generator"), lc_method=result.get("lc_method"),
+            n=_int(result.get("n_total")), avg_length=_number(result.get("avg_length")), evaluated=evaluated,
+            model_dir=result.get("model_dir"), train_steps=_int(result.get("train_steps")), tags=list(record.tags)))
+    return rows
+
+
+def build_rows(records: list[RunRecord]) -> list[ResultRow]:
+    """All rows, runs oldest first (the order ``records`` come in), SFT first within a run."""
+    return [row for record in records for row in rows_for_run(record)]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def fmt_number(value: Optional[float], digits: int = 2) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def _cell(value: Any) -> str:
+    text = MISSING if value is None or value == "" else str(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _row_cells(row: ResultRow, links: bool) -> list[str]:
+    config = _cell(row.training_config)
+    if links:
+        config = f"[{config}]({row.config_snapshot})"
+    return [fmt_number(row.lc_winrate), fmt_number(row.winrate), _cell(row.loss_function), config,
+            _cell(row.epoch), _cell(row.model_initialization), _cell(row.judge), _cell(row.eval_set),
+            _cell(row.reference), _cell(row.lc_method), _cell(row.n), _cell(row.date), f"`{row.pathspec}`"]
+
+
+def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
+    """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_row_cells(row, links)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def notes(rows: list[ResultRow]) -> list[str]:
+    """Caveats the numbers need, derived from the rows themselves."""
+    out = []
+    judges = sorted({r.judge for r in rows if r.judge})
+    if any(j.startswith("local") for j in judges):
+        out.append("Rows judged by a local small model (`local_logprob` with SmolLM2-135M by default) are a smoke "
+                   "test of the evaluation mechanism, not a quality signal; only an AlpacaEval annotator (e.g. "
+                   "`weighted_alpaca_eval_gpt4_turbo`) or a large local judge gives comparable LC WR / WR.")
+    if any(r.lc_method and "approximate" in r.lc_method for r in rows):
+        out.append("LC WR marked *approximate assets* used reconstructed (not official) `df_gamed.csv` / "
+                   "`instruction_difficulty.csv`: approximate, within about 1 point of official.")
+    if any(r.evaluated is False for r in rows):
+        out.append("`n/a` in LC WR / WR: the model was trained but not evaluated (evaluation disabled).")
+    if any(r.evaluated and r.lc_winrate is None for r in rows):
+        out.append("`n/a` in LC WR alone: too few annotations for the length-controlled GLM (see LC Method).")
+    return out
+
+
+def results_markdown(rows: list[ResultRow], selection: Selection, n_runs: int) -> str:
+    """``results.md``: a header saying what is covered, the table, and its caveats. No wall-clock time."""
+    parts = ["# PrefFlow results", "",
+             f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}; "
+             f"{n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} model{'s' if len(rows) != 1 else ''}. "
+             "Do not edit: regenerating replaces this file.", "",
+             "LC WR / WR: AlpacaEval 2 length-controlled and raw win rate (%) against the reference; "
+             "Training Config links to the exact config snapshot of the run.", ""]
+    parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
+    caveats = notes(rows)
+    if caveats:
+        parts += ["## Notes", ""] + [f"- {c}" for c in caveats] + [""]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+#: CSV/JSON field order: the table's columns first, then the extras.
+EXPORT_FIELDS = ["lc_winrate", "winrate", "loss_function", "training_config", "epoch", "model_initialization",
+                 "judge", "eval_set", "reference", "lc_method", "n", "date", "run_id", "flow",
+                 "lc_standard_error", "standard_error", "avg_length", "variant", "evaluated", "config_snapshot",
+                 "model_dir", "train_steps", "tags"]
+
+
+def row_dict(row: ResultRow) -> dict:
+    data = asdict(row)
+    return {k: data[k] for k in EXPORT_FIELDS}
+
+
+def results_csv(rows: list[ResultRow]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        data = row_dict(row)
+        data["tags"] = " ".join(data["tags"])
+        writer.writerow({k: "" if v is None else v for k, v in data.items()})
+    return buf.getvalue()
+
+
+def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Selection) -> str:
+    doc = {"selection": {"flow": selection.flow, "namespace": selection.namespace, "tags": list(selection.tags),
+                         "latest": selection.latest, "include_runs": list(selection.include_runs)},
+           "runs": [{"pathspec": r.pathspec, "created_at": r.created_at.isoformat(), "successful": r.successful,
+                     "tags": r.tags, "system_tags": r.system_tags} for r in records],
+           "columns": COLUMNS,
+           "rows": [row_dict(row) for row in rows]}
+    return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"

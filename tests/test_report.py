@@ -1,0 +1,447 @@
+"""Results report: table and plots on hand-built records, then the Client-API path on real Metaflow runs.
+
+The Metaflow part runs a small throwaway flow (no training) that stores artifacts shaped like
+flows/pipeline.py's and ends with the same ``report`` step the pipeline has, then regenerates the
+report from those runs with filters, from the command line, and from two processes at once.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import fcntl
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steps.report import ReportError, RunRecord, Selection, generate_report, render_report, write_report
+from steps.report.records import client_scope
+from steps.report.plots import training_curves_png, training_panels, win_rate_bars_png
+from steps.report.table import COLUMNS, build_rows, markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTED = ["LC WR", "WR", "Loss Function", "Training Config", "Epoch", "Model Initialization"]
+
+
+# ----------------------------------------------------------------------------- hand-built records
+
+
+def _history(n: int, preference: bool) -> list[dict]:
+    rows = []
+    for s in range(1, n + 1):
+        row = {"step": s, "loss": 2.0 / s, "lr": 1e-5}
+        if preference:
+            row.update(reward_margin=0.05 * s, reward_accuracy=min(1.0, 0.2 * s))
+        rows.append(row)
+    return rows
+
+
+def make_record(run_id: str = "1700000000000001", day: int = 3, lc: float | None = 33.456,
+                wr: float | None = 30.004, extra_result: dict | None = None) -> RunRecord:
+    base = "embedded:smollm2-135m-instruct"
+    sft_dir = f"/runs/PrefFlow/{run_id}/sft/model"
+    sft = {"variant": "sft", "model_dir": sft_dir, "init": base, "epoch": 1, "evaluated": True,
+           "win_rate": 12.5, "standard_error": 2.25, "length_controlled_winrate": 14.0, "lc_standard_error": 1.0,
+           "n_total": 16, "avg_length": 321, "lc_method": "length_controlled_v1_minimal_no_instruction_difficulty",
+           "judge": "local_logprob:embedded:smollm2-135m-instruct", "eval_set": "embedded",
+           "reference_generator": base, "training_config": {"lr": 2e-5, "epochs": 1}}
+    dpo = {"variant": "dpo", "model_dir": f"/runs/PrefFlow/{run_id}/dpo/model", "init": sft_dir, "epoch": 2,
+           "evaluated": True, "win_rate": wr, "standard_error": 1.5, "length_controlled_winrate": lc,
+           "lc_standard_error": 0.75, "n_total": 805, "avg_length": 1500,
+           "lc_method": "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
+           "judge": "alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "eval_set": "alpaca_eval",
+           "reference_generator": "gpt4_1106_preview",
+           "training_config": {"lr": 5e-7, "criterion_config": {"_type_": "steps.losses.dpo.DPOConfig",
+                                                                "beta": 0.1, "nll_scale": 0.0}}}
+    results = [dpo, sft] + ([extra_result] if extra_result else [])  # deliberately not in display order
+    return RunRecord(flow="PrefFlow", run_id=run_id, created_at=datetime(2025, 1, day, 12, tzinfo=timezone.utc),
+                     tags=["sweep"], system_tags=["user:prefflow"], successful=True, results=results,
+                     run_config={"name": "t", "model": {"base": base}},
+                     train_summaries={"sft": {"kind": "sft", "history": _history(5, False),
+                                              "dev_history": [{"step": 5, "dev_loss": 0.5}]},
+                                      "dpo": {"kind": "dpo", "history": _history(4, True),
+                                              "dev_history": [{"step": 4, "dev_loss": 0.6, "dev_reward_margin": 0.1,
+                                                               "dev_reward_accuracy": 0.5}]}})
+
+
+def table_cells(markdown: str) -> list[list[str]]:
+    """Split a Markdown table (header, separator, rows) into cells."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+
+
+def test_table_has_documented_columns_and_values():
+    record = make_record()
+    cells = table_cells(markdown_table(build_rows([record])))
+    header, sep, sft, dpo = cells
+    assert header[:6] == DOCUMENTED
+    assert header == COLUMNS == DOCUMENTED + ["Judge", "Eval Set", "Reference", "LC Method", "n", "Date", "Run"]
+    assert len(sep) == 1 and sep[0].count("---") == len(COLUMNS)
+    # SFT first; numbers rounded to 2 decimals (33.456 -> 33.46, 30.004 -> 30.00)
+    assert sft[:3] == ["14.00", "12.50", "SFT"]
+    assert dpo[:3] == ["33.46", "30.00", "DPO"]
+    assert dpo[3] == "[lr=5e-07, beta=0.1, nll_scale=0](configs/PrefFlow-1700000000000001-dpo.yaml)"
+    assert dpo[4] == "2"
+    assert dpo[5] == "SFT (from embedded:smollm2-135m-instruct)"  # init is the SFT row's model_dir
+    assert sft[5] == "embedded:smollm2-135m-instruct"
+    assert dpo[6:11] == ["alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "alpaca_eval", "gpt4_1106_preview",
+                         "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
+                         "805"]
+    assert dpo[11:] == ["2025-01-03", "`PrefFlow/1700000000000001`"]
+    assert len(sft) == len(dpo) == len(COLUMNS)
+
+
+def test_missing_keys_print_na_and_pipes_are_escaped():
+    bare = {"variant": "simpo"}  # an old or partial record: nothing but the variant
+    odd = {"variant": "orpo", "evaluated": True, "win_rate": float("nan"), "judge": "a|b",
+           "training_config": {"lr": 8e-6}}
+    record = make_record(lc=None, extra_result=bare)
+    record.results.append(odd)
+    cells = {row[2]: row for row in table_cells(markdown_table(build_rows([record])))[2:]}
+    assert cells["SimPO"][:2] == ["n/a", "n/a"] and cells["SimPO"][3].startswith("[n/a](")
+    assert cells["SimPO"][4:11] == ["n/a"] * 7
+    assert cells["DPO"][0] == "n/a" and cells["DPO"][1] == "30.00"
+    assert cells["ORPO"][1] == "n/a"  # NaN is not a number to print
+    assert cells["ORPO"][6] == "a\\|b"
+    assert [row[2] for row in table_cells(markdown_table(build_rows([record])))[2:]] == \
+        ["SFT", "DPO", "ORPO", "SimPO"]
+
+
+def test_results_markdown_states_selection_and_caveats_without_wall_clock():
+    files, _ = render_report([make_record()], Selection(tags=("sweep",), latest=3))
+    text = files["results.md"].decode()
+    assert "tags `sweep`" in text and "latest 3 successful runs" in text and "1 run, 2 models" in text
+    assert "smoke test" in text  # a local_logprob judge row is present
+    assert "approximate" in text  # reconstructed LC assets are labelled
+    assert text.count("| SFT |") == 1 and text.count("| DPO |") == 1
+    assert str(datetime.now().year) not in text.replace("2025-01-03", "")  # no generation timestamp
+
+
+def test_csv_and_json_exports_carry_standard_errors():
+    files, _ = render_report([make_record()], Selection())
+    rows = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
+    assert [r["variant"] for r in rows] == ["sft", "dpo"]
+    assert float(rows[1]["lc_winrate"]) == 33.456 and float(rows[1]["lc_standard_error"]) == 0.75
+    assert float(rows[0]["standard_error"]) == 2.25 and rows[0]["run_id"] == "1700000000000001"
+    doc = json.loads(files["results.json"])
+    assert doc["columns"][:6] == DOCUMENTED
+    assert doc["rows"][1]["winrate"] == 30.004 and doc["rows"][1]["n"] == 805
+    assert doc["runs"][0]["pathspec"] == "PrefFlow/1700000000000001"
+
+
+def test_config_snapshot_is_the_runs_training_config():
+    files, _ = render_report([make_record()], Selection())
+    snap = yaml.safe_load(files["configs/PrefFlow-1700000000000001-dpo.yaml"])
+    assert snap["training_config"]["lr"] == 5e-7
+    assert snap["training_config"]["criterion_config"]["beta"] == 0.1
+    assert snap["run_config"] == {"name": "t", "model": {"base": "embedded:smollm2-135m-instruct"}}
+    assert (snap["flow"], snap["run_id"], snap["variant"]) == ("PrefFlow", "1700000000000001", "dpo")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+
+
+def test_training_plot_panels_and_image():
+    record = make_record()
+    panels = training_panels(record)
+    assert [(key, title, [label for label, _ in series]) for key, title, series in panels] == [
+        ("loss", "SFT loss", ["SFT"]), ("loss", "preference loss", ["DPO"]),
+        ("reward_margin", "reward margin", ["DPO"]), ("reward_accuracy", "reward accuracy", ["DPO"])]
+    width, height = _png_size(training_curves_png(record))
+    assert (width, height) == (4 * 400, 330)  # 4 panels x 4.0 in x 100 dpi, 3.3 in high
+    record.train_summaries = {}
+    assert training_curves_png(record) is None
+
+
+def test_win_rate_bars_only_for_scored_rows():
+    rows = build_rows([make_record(), make_record(run_id="1700000000000002", day=4)])
+    width, _ = _png_size(win_rate_bars_png(rows))
+    assert width == int((1.1 * 4 + 2.0) * 100)
+    unscored = build_rows([make_record(lc=None, wr=None)])[1:]
+    assert win_rate_bars_png(unscored) is None
+
+
+def test_write_report_is_idempotent_and_drops_stale_files(tmp_path):
+    first, second = make_record(), make_record(run_id="1700000000000002", day=4)
+    paths = write_report([first, second], Selection(), tmp_path)
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in snapshot}
+    assert {p.name for p in paths.config_snapshots} == {
+        "PrefFlow-1700000000000001-sft.yaml", "PrefFlow-1700000000000001-dpo.yaml",
+        "PrefFlow-1700000000000002-sft.yaml", "PrefFlow-1700000000000002-dpo.yaml"}
+    readme = paths.readme.read_text()
+    assert "](plots/win_rates.png)" in readme and "](plots/training-PrefFlow-1700000000000002.png)" in readme
+    write_report([first, second], Selection(), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+    assert {p: p.stat().st_mtime_ns for p in snapshot} == mtimes  # unchanged files are not rewritten
+    write_report([second], Selection(), tmp_path)
+    left = sorted(p.name for p in (tmp_path / "configs").iterdir()) + \
+        sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert left == ["PrefFlow-1700000000000002-dpo.yaml", "PrefFlow-1700000000000002-sft.yaml",
+                    "training-PrefFlow-1700000000000002.png", "win_rates.png"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- real Metaflow runs
+
+SHAPE_FLOW = '''
+from metaflow import FlowSpec, Parameter, card, current, project, step
+
+
+@project(name="prefflow_report_test")
+class PrefFlow(FlowSpec):
+    """Artifacts shaped like flows/pipeline.py's (no training), ending with the pipeline's report step."""
+
+    lc = Parameter("lc", type=float, default=40.0)
+    fail_at_end = Parameter("fail_at_end", type=bool, default=False)
+
+    @step
+    def start(self):
+        self.variants = ["sft", "dpo"]
+        self.run_config = {"name": "shape", "model": {"base": "embedded:tiny"},
+                           "preference": {"criterion": "dpo", "lr": 5.0e-6}}
+        self.next(self.preference, foreach="variants")
+
+    @step
+    def preference(self):
+        self.variant = self.input
+        history = [{"step": s, "loss": 1.0 / s, "lr": 1e-5} for s in range(1, 6)]
+        if self.variant != "sft":
+            history = [dict(h, reward_margin=0.1 * h["step"], reward_accuracy=0.2 * h["step"]) for h in history]
+        self.train_summary = {"kind": self.variant, "history": history, "dev_history": [],
+                              "model_dir": "/m/%s/%s" % (current.run_id, self.variant),
+                              "init": "embedded:tiny" if self.variant == "sft" else "/m/%s/sft" % current.run_id,
+                              "config": {"lr": 5.0e-6}}
+        self.next(self.evaluate)
+
+    @step
+    def evaluate(self):
+        offset = 0.0 if self.variant == "sft" else 2.5
+        self.result = {"variant": self.variant, "model_dir": self.train_summary["model_dir"],
+                       "init": self.train_summary["init"], "epoch": 1, "evaluated": True,
+                       "win_rate": self.lc - 5 + offset, "standard_error": 1.5,
+                       "length_controlled_winrate": self.lc + offset, "lc_standard_error": 1.25, "n_total": 8,
+                       "avg_length": 100, "lc_method": "length_controlled_v1_minimal", "judge": "test-judge",
+                       "eval_set": "embedded", "reference_generator": "embedded:tiny"}
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.merge_artifacts(inputs, include=["run_config"])
+        self.results = sorted([dict(i.result, training_config={"lr": 5.0e-6, "criterion_config": {"beta": 0.1}})
+                               for i in inputs], key=lambda r: r["variant"] != "sft")
+        self.next(self.report)
+
+    @card(type="blank", id="report")
+    @step
+    def report(self):
+        from steps.report import report_card, report_for_current_run
+
+        paths = report_for_current_run()
+        current.card.extend(report_card(paths, "%s/%s" % (current.flow_name, current.run_id)))
+        self.report_files = paths.to_dict()
+        self.next(self.end)
+
+    @step
+    def end(self):
+        if self.fail_at_end:
+            raise RuntimeError("failing on purpose after the report step")
+
+
+if __name__ == "__main__":
+    PrefFlow()
+'''
+
+
+@pytest.fixture(scope="module")
+def metaflow_runs(tmp_path_factory):
+    """Four runs: A (tag a, LC 40), B (tag b, LC 60), C (tag b, LC 70, fails in end), D (branch sweep, LC 50)."""
+    from metaflow import Runner
+
+    root = tmp_path_factory.mktemp("mf")
+    flow_file = root / "shapeflow.py"
+    flow_file.write_text(textwrap.dedent(SHAPE_FLOW))
+    # The datastore root is also the working directory: local cards are written under the working
+    # directory's .metaflow and read back from the task's datastore root, so the two must coincide.
+    base_env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": "prefflow", "PYTHONPATH": str(REPO)}
+    runs = {}
+    plan = [("A", {"tags": ["a"], "lc": 40.0}, {}), ("B", {"tags": ["b"], "lc": 60.0}, {}),
+            ("C", {"tags": ["b"], "lc": 70.0, "fail_at_end": True}, {}), ("D", {"tags": ["c"], "lc": 50.0},
+                                                                          {"branch": "sweep"})]
+    for name, run_args, top_level in plan:
+        env = dict(base_env, PREFFLOW_REPORT_DIR=str(root / f"step_report_{name}"))
+        with Runner(str(flow_file), show_output=False, pylint=False, env=env, cwd=str(root), **top_level) as runner:
+            result = runner.run(**run_args)
+            expected = "failed" if run_args.get("fail_at_end") else "successful"
+            assert result.status == expected, f"run {name}: {result.status}\n{result.stderr[-3000:]}"
+            runs[name] = result.run.pathspec
+    return {"root": root, "ds": root, "runs": runs}
+
+
+def _rows(paths) -> list[dict]:
+    return json.loads(paths.results_json.read_text())["rows"]
+
+
+def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
+    runs = metaflow_runs["runs"]
+    paths = generate_report(out_dir=tmp_path, datastore_root=metaflow_runs["ds"])
+    assert paths.runs == [runs["A"], runs["B"], runs["D"]]  # successful only, oldest first
+    rows = _rows(paths)
+    assert [(r["run_id"], r["loss_function"], r["lc_winrate"], r["winrate"]) for r in rows] == [
+        (runs["A"].split("/")[1], "SFT", 40.0, 35.0), (runs["A"].split("/")[1], "DPO", 42.5, 37.5),
+        (runs["B"].split("/")[1], "SFT", 60.0, 55.0), (runs["B"].split("/")[1], "DPO", 62.5, 57.5),
+        (runs["D"].split("/")[1], "SFT", 50.0, 45.0), (runs["D"].split("/")[1], "DPO", 52.5, 47.5)]
+    from metaflow import Run
+
+    with client_scope(None, metaflow_runs["ds"]):
+        created = Run(runs["B"]).created_at.astimezone(timezone.utc).strftime("%Y-%m-%d")
+    assert rows[2]["date"] == created and rows[3]["model_initialization"] == "SFT (from embedded:tiny)"
+    cells = table_cells(paths.results_md.read_text())
+    assert cells[0][:6] == DOCUMENTED and len(cells) == 2 + 6
+    for row in rows:
+        snap = yaml.safe_load((tmp_path / row["config_snapshot"]).read_text())
+        assert snap["training_config"] == {"lr": 5e-6, "criterion_config": {"beta": 0.1}}
+        assert snap["run_config"]["name"] == "shape"
+    assert set(paths.training_pngs) == {runs["A"], runs["B"], runs["D"]}
+    assert all(p.is_file() for p in paths.training_pngs.values()) and paths.win_rates_png.is_file()
+
+
+def test_report_filters(metaflow_runs, tmp_path):
+    import metaflow
+
+    runs, ds = metaflow_runs["runs"], metaflow_runs["ds"]
+    before = (metaflow.get_metadata(), metaflow.get_namespace())
+    assert generate_report(out_dir=tmp_path / "b", tags=["b"], datastore_root=ds).runs == [runs["B"]]
+    assert generate_report(out_dir=tmp_path / "l1", latest=1, datastore_root=ds).runs == [runs["D"]]
+    assert generate_report(out_dir=tmp_path / "l2", latest=2, datastore_root=ds).runs == [runs["B"], runs["D"]]
+    assert generate_report(out_dir=tmp_path / "ns", namespace="user:prefflow", datastore_root=ds).runs == \
+        [runs["A"], runs["B"], runs["D"]]
+    empty = generate_report(out_dir=tmp_path / "none", namespace="user:somebody-else", datastore_root=ds)
+    assert empty.runs == [] and "No successful runs match" in empty.results_md.read_text()
+    branch = generate_report(out_dir=tmp_path / "br", tags=["project_branch:test.sweep"], datastore_root=ds)
+    assert branch.runs == [runs["D"]]
+    with_failed = generate_report(out_dir=tmp_path / "inc", tags=["b"], include_runs=[runs["C"]], datastore_root=ds)
+    assert with_failed.runs == [runs["B"], runs["C"]]
+    assert [r["lc_winrate"] for r in _rows(with_failed)] == [60.0, 62.5, 70.0, 72.5]
+    with pytest.raises(ReportError, match="latest"):
+        generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
+    with pytest.raises(ReportError, match="NoSuchFlow"):
+        generate_report(flow_name="NoSuchFlow", out_dir=tmp_path / "bad", datastore_root=ds)
+    with pytest.raises(ReportError, match=".metaflow"):
+        generate_report(out_dir=tmp_path / "bad", datastore_root=tmp_path)
+    assert (metaflow.get_metadata(), metaflow.get_namespace()) == before  # the caller's Client state is kept
+
+
+def test_pipeline_report_step_includes_its_own_run_and_card(metaflow_runs):
+    from metaflow import Run
+    from metaflow.cards import get_cards
+
+    root, runs = metaflow_runs["root"], metaflow_runs["runs"]
+    # B's report step ran before B's end: B is included as the current run, A (same branch) as successful.
+    step_b = json.loads((root / "step_report_B" / "results.json").read_text())
+    assert [r["pathspec"] for r in step_b["runs"]] == [runs["A"], runs["B"]]
+    # C failed after its report step: the report it wrote still covers it (passed via include_runs).
+    step_c = json.loads((root / "step_report_C" / "results.json").read_text())
+    assert [r["pathspec"] for r in step_c["runs"]] == [runs["A"], runs["B"], runs["C"]]
+    # D ran on another @project branch: its report does not mix in the user branch's runs.
+    step_d = json.loads((root / "step_report_D" / "results.json").read_text())
+    assert [r["pathspec"] for r in step_d["runs"]] == [runs["D"]]
+    with client_scope(None, metaflow_runs["ds"]):
+        task = Run(runs["B"])["report"].task
+        assert task["report_files"].data["n_rows"] == 4
+        html = get_cards(task, id="report")[0].get()
+    components = card_components(html)
+    assert [c["type"] for c in components] == ["markdown", "image", "image"]
+    assert "## Results report" in components[0]["source"] and "| LC WR | WR |" in components[0]["source"]
+    assert components[2]["label"] == f"training curves of {runs['B']}"
+
+
+def card_components(html: str) -> list[dict]:
+    """The components of a Metaflow card: its data is base64 JSON inside the self-contained HTML."""
+    data = re.search(r'window.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    page = json.loads(base64.b64decode(data.group(1)))["components"][0]
+    return [c for section in page["contents"] for c in section["contents"]]
+
+
+def _cli(ds: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, USERNAME="prefflow", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "steps.report", "--datastore-root", str(ds), "--out-dir", str(out),
+                             "-q", *extra], env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_cli_concurrent_generations_are_whole_and_idempotent(metaflow_runs, tmp_path):
+    ds = metaflow_runs["ds"]
+    serial = tmp_path / "serial"
+    proc = _cli(ds, serial)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "3 runs, 6 models" in out
+    expected = {p.relative_to(serial): p.read_bytes() for p in serial.rglob("*") if p.is_file()}
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with open(shared / ".report.lock", "a+b") as lock:  # hold the report lock: both jobs must wait for it
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        procs = [_cli(ds, shared), _cli(ds, shared)]
+        time.sleep(3.0)
+        assert all(p.poll() is None for p in procs) and not (shared / "results.md").exists()
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    got = {p.relative_to(shared): p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    got.pop(Path(".report.lock"))
+    expected.pop(Path(".report.lock"))
+    assert got == expected  # same files, byte-identical: nothing torn, duplicated or stale
+    text = (shared / "results.md").read_text()
+    table = table_cells(text)
+    assert len(table) == 2 + 6 and len({tuple(r) for r in table[2:]}) == 6
+    assert text.count("# PrefFlow results") == 1
+
+    bad = _cli(ds, tmp_path / "x", "--flow", "NoSuchFlow")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "NoSuchFlow" in err and "run the pipeline first" in err
+
+
+def test_report_flow_reads_its_project_branch(metaflow_runs, tmp_path):
+    """flows/report.py run by hand: the same report, limited to PrefFlow runs of its @project branch."""
+    from metaflow import Runner
+
+    runs, root = metaflow_runs["runs"], metaflow_runs["root"]
+    config = tmp_path / "deploy.yaml"
+    config.write_text("deployment:\n  project: prefflow_report_test\n")
+    env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": "prefflow", "PYTHONPATH": str(REPO)}
+    with Runner(str(REPO / "flows" / "report.py"), show_output=False, pylint=False, env=env, cwd=str(root),
+                config=[("config", str(config))]) as runner:
+        result = runner.run(out_dir=str(tmp_path / "out"))
+        assert result.status == "successful", result.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["pathspec"] for r in doc["runs"]] == [runs["A"], runs["B"]]  # not C (failed), not D (other branch)
+    assert doc["selection"]["tags"] == ["project:prefflow_report_test", "project_branch:user.prefflow"]
+
+
+def test_report_flow_config_reads_only_the_deployment_section():
+    from steps.config import ConfigError
+    from steps.report.deployment import parse_deployment_text
+
+    assert parse_deployment_text("data: {input: embedded}\ndeployment:\n  project: my_team\n") == {
+        "deployment": {"schedule_cron": None, "project": "my_team", "trigger_event": None}}
+    assert parse_deployment_text("")["deployment"]["project"] == "prefflow"
+    with pytest.raises(ConfigError, match="deployment.projekt"):
+        parse_deployment_text("deployment: {projekt: x}\n")
+    with pytest.raises(ConfigError, match="deployment.project.*lowercase"):
+        parse_deployment_text("deployment: {project: My-Team}\n")
+    with pytest.raises(ConfigError, match="6-field AWS form"):
+        parse_deployment_text("deployment: {schedule_cron: '0 3 * * *'}\n")
