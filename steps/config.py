@@ -159,6 +159,7 @@ class ResourcesConfig:
     kubernetes: bool = False  # send GPU steps to Kubernetes (see flows/mutators.py)
     image: Optional[str] = None
     nproc_per_node: int = 1
+    serialize_cpu_steps: bool = True  # without a GPU, one heavy step at a time (parallel branches thrash cores)
 
 
 @dataclass

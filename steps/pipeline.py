@@ -6,6 +6,7 @@ root whose paths are artifacts (and a retried step resumes from its own last che
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -36,6 +37,38 @@ def parse_config_text(text: str) -> dict:
     source = _config_source_from_argv()
     cfg = config_from_dict(parse_yaml_text(text, source), source)
     return config_to_dict(cfg)
+
+
+@contextlib.contextmanager
+def cpu_heavy_section(cfg: RunConfig, what: str):
+    """On a machine without a GPU, let one heavy step (training, generation, judging) run at a time.
+
+    Metaflow runs foreach branches in parallel; on a 2-core laptop two torch processes each wanting
+    every core thrash (measured: a 10x slower reference pass). GPU machines and schedulers that give
+    each step its own node are unaffected. Turn off with ``resources.serialize_cpu_steps: false``.
+    """
+    import fcntl
+    import time
+
+    import torch
+
+    if torch.cuda.is_available() or not cfg.resources.serialize_cpu_steps:
+        yield
+        return
+    lock_path = Path(cfg.resources.output_dir).resolve() / ".cpu-heavy.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        t0 = time.perf_counter()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: waiting for another CPU-heavy step to finish (%s)", what, lock_path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            log.info("%s: waited %.0fs", what, time.perf_counter() - t0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_config(raw: dict) -> RunConfig:
@@ -101,8 +134,9 @@ def reference_outputs(raw: dict, output_root: str) -> tuple[dict, Optional[str]]
 
     make_judge(e.judge, model=e.judge_model, max_chars=e.judge_max_chars).check()  # API keys etc. before generation
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
-    refs = reference_outputs_for(eval_set, cfg.model.base, max_new_tokens=e.max_new_tokens,
-                                 temperature=e.temperature, top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
+    with cpu_heavy_section(cfg, "reference outputs"):
+        refs = reference_outputs_for(eval_set, cfg.model.base, max_new_tokens=e.max_new_tokens,
+                                     temperature=e.temperature, top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
     info = {"enabled": True, "name": eval_set.name, "n": len(eval_set.records), "subset": eval_set.subset,
             "reference_generator": refs[0]["generator"] if refs else None}
@@ -118,8 +152,9 @@ def train_sft(raw: dict, data_dir: str, output_root: str) -> Optional[dict]:
     cfg = run_config(raw)
     if not cfg.sft.enabled:
         return None
-    return launch(raw, "sft", data_dir, str(Path(output_root) / "sft"),
-                  nproc_per_node=cfg.resources.nproc_per_node)
+    with cpu_heavy_section(cfg, "sft"):
+        return launch(raw, "sft", data_dir, str(Path(output_root) / "sft"),
+                      nproc_per_node=cfg.resources.nproc_per_node)
 
 
 def train_variant(raw: dict, variant: dict, data_dir: str, output_root: str, sft_summary: Optional[dict]) -> dict:
@@ -130,8 +165,9 @@ def train_variant(raw: dict, variant: dict, data_dir: str, output_root: str, sft
         return sft_summary
     cfg = config_from_dict(raw, raw.get("name", "config"), variant["overrides"])
     sft_dir = sft_summary["model_dir"] if sft_summary else None
-    return launch(config_to_dict(cfg), variant["loss"], data_dir, str(Path(output_root) / variant["name"]),
-                  sft_model_dir=sft_dir, nproc_per_node=cfg.resources.nproc_per_node)
+    with cpu_heavy_section(cfg, variant["name"]):
+        return launch(config_to_dict(cfg), variant["loss"], data_dir, str(Path(output_root) / variant["name"]),
+                      sft_model_dir=sft_dir, nproc_per_node=cfg.resources.nproc_per_node)
 
 
 def evaluate_variant(raw: dict, variant: dict, train_summary: dict, reference_path: Optional[str],
@@ -144,17 +180,22 @@ def evaluate_variant(raw: dict, variant: dict, train_summary: dict, reference_pa
             "init": train_summary["init_label"], "epoch": train_summary["config"].get("epochs")}
     if not e.enabled or reference_path is None:
         return {**base, "evaluated": False}
+    with cpu_heavy_section(cfg, f"evaluate {name}"):
+        metrics = _evaluate(cfg, e, name, train_summary, reference_path, output_root)
+    return {**base, "evaluated": True, **metrics}
+
+
+def _evaluate(cfg: RunConfig, e, name: str, train_summary: dict, reference_path: str, output_root: str) -> dict:
     from steps.evaluate import evaluate_model, load_eval_set
     from steps.io import read_json
 
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
-    metrics = evaluate_model(
+    return evaluate_model(
         train_summary["model_dir"], eval_set, read_json(reference_path),
         generator=f"prefflow-{name}-{Path(output_root).name}", judge_name=e.judge, judge_model=e.judge_model,
         judge_kwargs={"max_output_chars": e.judge_max_chars}, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         top_p=e.top_p, seed=e.seed, batch_size=e.batch_size, lc_assets_dir=e.lc_assets_dir,
         out_dir=Path(output_root) / "eval" / name, cache_dir=Path(output_root).parent / "judge_cache")
-    return {**base, "evaluated": True, **metrics}
 
 
 def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:

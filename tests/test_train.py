@@ -200,3 +200,35 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tokenizer, ti
     assert "optimizer step 3" in msg and "step_0000002" in msg
     assert (tmp_path / "checkpoints" / "step_0000002" / "COMPLETE").exists()
     assert not (tmp_path / "checkpoints" / "step_0000003").exists()
+
+
+def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, tiny_model_factory, tmp_path):
+    pytest.importorskip("peft")
+    from steps.config import LoraConfig
+    from steps.models import load_model
+    from steps.train.checkpoints import save_model_dir
+    from steps.train.recipes import _apply_lora
+
+    train_ex, _ = tokenize_sft(sft_rows(TOPICS_TRAIN), tokenizer, 256)
+    cfg = SFTConfig(lr=1e-2, max_num_tokens=256, epochs=1, seed=4, checkpoint_every_steps=1, dev_every_epoch=False,
+                    lora=LoraConfig(enabled=True, r=4, alpha=8))
+    base = tiny_model_factory(seed=5)
+    base_weights = _weights(base)
+    ref = _apply_lora(tiny_model_factory(seed=5), cfg)
+    train(ref, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
+    trainable = [n for n, p in ref.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    model = _apply_lora(tiny_model_factory(seed=5), cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b",
+              stop_after_steps=2)
+    resumed = _apply_lora(tiny_model_factory(seed=5), cfg)
+    train(resumed, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
+    a, b = _weights(ref), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    merged_dir = save_model_dir(resumed, tokenizer, tmp_path / "final")
+    merged = load_model(str(merged_dir))
+    changed = [k for k, v in _weights(merged).items() if k in base_weights and not torch.equal(v, base_weights[k])]
+    assert changed and all(("q_proj" in k or "k_proj" in k or "v_proj" in k or "o_proj" in k) for k in changed)

@@ -22,13 +22,21 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 
 
-def save_model_dir(model, tokenizer, path: Path) -> Path:
-    """Write a reloadable model directory atomically (merging LoRA adapters first if any)."""
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True) -> Path:
+    """Write a reloadable model directory atomically.
+
+    A LoRA model is merged into a plain model (``merge_lora``, for the final model the next step loads)
+    or saved as its adapter only (checkpoints: resume restores the adapter onto the same base).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
-    if hasattr(model, "merge_and_unload"):
+    if is_lora(model) and merge_lora:
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
@@ -67,7 +75,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, sch
     tmp = ckpt_root / f".step_{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model_dir = save_model_dir(model, tokenizer, tmp / "model")
+    model_dir = save_model_dir(model, tokenizer, tmp / "model", merge_lora=False)
     assert model_dir.exists()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), "progress": progress}, tmp / "trainer_state.pt")
@@ -102,8 +110,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     state = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
         state.update(load_file(shard))
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{path}: adapter does not match the model (unexpected {result.unexpected_keys[:3]})")
+        missing, unexpected = [], []
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     # tied embeddings are saved once; anything else missing means a wrong checkpoint
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:

@@ -82,6 +82,7 @@ def _apply_lora(model, train_cfg: TrainConfig):
     except ImportError as exc:
         raise ImportError("lora.enabled needs the 'peft' package: pip install peft") from exc
     lora = train_cfg.lora
+    torch.manual_seed(train_cfg.seed)  # adapter init is random: make it a function of the config seed
     pc = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return peft.get_peft_model(model, pc)
