@@ -41,6 +41,12 @@ class PairExample:
     def length(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
+    @property
+    def sort_length(self) -> int:
+        """What length bucketing sorts on: the shared-prompt row (prompt once, then both responses),
+        the layout ``collate_pairs`` picks for most batches."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 @dataclass
 class LengthStats:
@@ -109,19 +115,25 @@ def tokenize_pairs(rows: Sequence[dict], tokenizer, max_seq_len: int,
 
 
 def make_batches(examples: Sequence, max_num_tokens: int, seed: int, epoch: int,
-                 rows_per_example: int = 1, shuffle: bool = True) -> list[list[int]]:
-    """Indices of examples grouped into micro-batches: sorted by length (random tie-break), cut
-    greedily so that rows x longest <= max_num_tokens, then the batch order is shuffled."""
+                 rows_per_example: int = 1, shuffle: bool = True,
+                 max_examples: Optional[int] = None) -> list[list[int]]:
+    """Indices of examples grouped into micro-batches: sorted by length (``sort_length`` where the
+    example has one; random tie-break), cut greedily so that rows x longest ``length`` <= max_num_tokens
+    and, when ``max_examples`` is given, at most that many examples per batch (a fixed batch size with
+    length bucketing); then the batch order is shuffled."""
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
-    order.sort(key=lambda i: examples[i].length)
+    order.sort(key=lambda i: getattr(examples[i], "sort_length", examples[i].length))
     batches, current, longest = [], [], 0
     for i in order:
         length = examples[i].length
         new_longest = max(longest, length)
-        if current and new_longest * rows_per_example * (len(current) + 1) > max_num_tokens:
+        full = max_examples is not None and len(current) >= max_examples
+        if current and (full or new_longest * rows_per_example * (len(current) + 1) > max_num_tokens):
             batches.append(current)
             current, new_longest = [], length
         current.append(i)
@@ -144,6 +156,9 @@ class TokenBatch:
 
     @property
     def num_tokens(self) -> int:
+        """Non-padding tokens of the logical rows (a shared prompt counts once per response)."""
+        if "num_tokens" in self.extra:
+            return int(self.extra["num_tokens"])
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "TokenBatch":
@@ -172,13 +187,124 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, mask_source_tokens:
     return collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, mask_source_tokens)
 
 
-def collate_pairs(examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True) -> TokenBatch:
-    """Chosen rows first, then rejected rows: one forward pass scores both sides."""
-    prompts = [e.prompt_ids for e in examples] * 2
-    responses = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-    batch = collate(prompts, responses, pad_id, mask_source_tokens)
+def collate_pairs(examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True,
+                  share_prompt: Optional[bool] = None) -> TokenBatch:
+    """Chosen rows first, then rejected rows: one forward pass scores both sides.
+
+    ``share_prompt``: True puts each pair in one row, prompt once (see :func:`collate_shared_prompt`);
+    False gives one right-padded row per response; None (default) shares when that cuts the positions
+    the model computes, padding included, by at least ``1 - SHARE_PROMPT_MAX_RATIO``.
+    Either way ``sequence_logprobs`` returns the chosen sums then the rejected sums.
+    """
+    if share_prompt is None:
+        share_prompt = shared_prompt_pays(examples)
+    if share_prompt:
+        batch = collate_shared_prompt(examples, pad_id, mask_source_tokens)
+    else:
+        prompts = [e.prompt_ids for e in examples] * 2
+        responses = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+        batch = collate(prompts, responses, pad_id, mask_source_tokens)
     if all(e.reference_chosen is not None and e.reference_rejected is not None for e in examples):
         batch.extra["reference_chosen"] = torch.tensor([e.reference_chosen for e in examples], dtype=torch.float64)
         batch.extra["reference_rejected"] = torch.tensor([e.reference_rejected for e in examples], dtype=torch.float64)
     batch.extra["num_pairs"] = len(examples)
     return batch
+
+
+# Share the prompt when the shared layout computes at most this fraction of the separate layout's
+# positions (padding included). The shared rows are longer, so attention (quadratic in row length)
+# grows while everything else (linear in positions) shrinks; below ~15 % savings it is not worth it.
+SHARE_PROMPT_MAX_RATIO = 0.85
+
+
+def shared_prompt_pays(examples: Sequence[PairExample]) -> bool:
+    """Would the shared-prompt layout compute clearly fewer positions than one row per response?"""
+    if not examples:
+        return False
+    separate = 2 * len(examples) * max(e.length for e in examples)
+    shared = len(examples) * max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    return shared <= SHARE_PROMPT_MAX_RATIO * separate
+
+
+def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True) -> TokenBatch:
+    """One row per pair: ``prompt + chosen + rejected``, right-padded, with a tree attention mask.
+
+    The prompt is computed once. Chosen tokens see the prompt and the chosen tokens before them; rejected
+    tokens see the prompt and the rejected tokens before them (never the chosen ones), and both responses
+    take position ids that continue from the prompt, so every hidden state equals the one the separate
+    rows would give. ``extra`` carries the 4-D boolean mask ([N, 1, L, L], True = may attend), the
+    position ids, and the scored (flat hidden index, target token, output row) triples: the first
+    rejected token is predicted from the last prompt position, not from the chosen tokens before it.
+    Output rows 0..N-1 are the chosen responses, N..2N-1 the rejected ones, as in the separate layout.
+    """
+    n = len(examples)
+    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    target = torch.zeros((n, width), dtype=torch.bool)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), 3, dtype=torch.int8)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    index: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    logical_tokens = 0
+
+    def score(row: int, predictors: torch.Tensor, tokens: list[int]) -> None:
+        index.append(predictors)
+        targets.append(torch.tensor(tokens, dtype=torch.long))
+        rows.append(torch.full((len(tokens),), row, dtype=torch.long))
+
+    for i, e in enumerate(examples):
+        p, c, r = e.prompt_ids, e.chosen_ids, e.rejected_ids
+        np_, nc, nr = len(p), len(c), len(r)
+        total = np_ + nc + nr
+        logical_tokens += 2 * np_ + nc + nr
+        ids[i, :total] = torch.tensor(p + c + r, dtype=torch.long)
+        attn[i, :total] = 1
+        positions[i, :np_] = torch.arange(np_)
+        positions[i, np_:np_ + nc] = torch.arange(np_, np_ + nc)
+        positions[i, np_ + nc:total] = torch.arange(np_, np_ + nr)
+        segment[i, :np_], segment[i, np_:np_ + nc], segment[i, np_ + nc:total] = 0, 1, 2
+        base = i * width
+        if not mask_source_tokens and np_ > 1:  # prompt tokens count for both responses
+            target[i, 1:np_] = True
+            for row in (i, n + i):
+                score(row, base + torch.arange(0, np_ - 1), p[1:])
+        # response token j is predicted from the position before it; the first one from the prompt's end
+        skip = 1 if np_ == 0 else 0  # no position predicts a first token that has no prompt before it
+        chosen_pred = torch.arange(np_ - 1, np_ - 1 + nc)[skip:]
+        score(i, base + chosen_pred, c[skip:])
+        rejected_pred = torch.cat([torch.tensor([np_ - 1]), torch.arange(np_ + nc, np_ + nc + nr - 1)])[skip:]
+        score(n + i, base + rejected_pred, r[skip:])
+        target[i, np_ + skip:np_ + nc] = True
+        target[i, np_ + nc + skip:total] = True
+
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    allowed = causal[None] & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
+    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
+    batch = TokenBatch(ids, attn, target)
+    batch.extra.update(attention_4d=allowed[:, None], position_ids=positions, score_index=torch.cat(index),
+                       score_targets=torch.cat(targets), score_rows=torch.cat(rows), num_rows=2 * n,
+                       num_tokens=logical_tokens, pad_id=pad_id, mask_source_tokens=mask_source_tokens,
+                       pair_lengths=torch.tensor([[len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)]
+                                                  for e in examples], dtype=torch.long))
+    return batch
+
+
+def separate_layout(batch: TokenBatch) -> TokenBatch:
+    """The one-row-per-response batch holding the same pairs as a shared-prompt batch (for attention
+    implementations that take no 4-D mask). Reference scores and ``num_pairs`` are carried over."""
+    if "pair_lengths" not in batch.extra:
+        return batch
+    ids = batch.input_ids.cpu()
+    prompts, chosen, rejected = [], [], []
+    for i, (np_, nc, nr) in enumerate(batch.extra["pair_lengths"].tolist()):
+        row = ids[i].tolist()
+        prompts.append(row[:np_])
+        chosen.append(row[np_:np_ + nc])
+        rejected.append(row[np_ + nc:np_ + nc + nr])
+    out = collate(prompts * 2, chosen + rejected, batch.extra["pad_id"], batch.extra["mask_source_tokens"])
+    out.extra.update({k: v for k, v in batch.extra.items()
+                      if k in ("reference_chosen", "reference_rejected", "num_pairs")})
+    return out.to(batch.input_ids.device)

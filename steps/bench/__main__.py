@@ -1,0 +1,3 @@
+from steps.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""PrefFlow's side of the benchmark: the real training engine (steps.train) and generation code.
+
+Preference and SFT runs go through ``steps.train.loop.train`` with the objectives from
+``steps.train.objectives``: the same code the pipeline's ``sft`` and ``preference`` steps run. The one
+benchmark-specific piece is the batch size: PrefFlow normally fills micro-batches up to a token budget;
+here every step takes exactly ``batch_size`` examples (length-bucketed), like the baseline.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+from steps.bench import hardware, synthetic
+from steps.bench.spec import LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+def _fixed_size(objective_cls, batch_size: int, cfg):
+    """The objective with epochs cut into length-bucketed batches of exactly ``batch_size`` examples.
+
+    Uses the config's ``max_batch_examples`` when TrainConfig has that knob; until then a subclass
+    passes ``max_examples`` to ``make_batches`` itself."""
+    from steps.train.batching import make_batches
+
+    if hasattr(cfg, "max_batch_examples"):
+        cfg.max_batch_examples = batch_size
+        return objective_cls
+
+    class FixedSize(objective_cls):
+        def epoch_batches(self, epoch: int):
+            if epoch not in self._cache:
+                self._cache.clear()
+                idx = make_batches(self.train, self.cfg.max_num_tokens, self.cfg.seed, epoch,
+                                   self.rows_per_example, max_examples=batch_size)
+                self._cache[epoch] = [self._collate([self.train[i] for i in b]) for b in idx]
+            return self._cache[epoch]
+
+    FixedSize.__name__ = f"FixedSize{objective_cls.__name__}"
+    return FixedSize
+
+
+def run_training(spec: WorkerSpec) -> SideResult:
+    import torch
+
+    from steps.config import PreferenceConfig, SFTConfig
+    from steps.losses import get_loss, requires_reference
+    from steps.models import load_model, load_tokenizer
+    from steps.train.batching import tokenize_pairs, tokenize_sft
+    from steps.train.loop import train
+    from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+
+    device = hardware.pick_device()
+    opt = OptimSettings()
+    total_steps = spec.steps + spec.warmup_steps
+    n_examples = total_steps * spec.batch_size
+    model_spec = MODELS[spec.model]
+
+    tokenizer = load_tokenizer(model_spec)
+    t0 = time.perf_counter()
+    model = load_model(model_spec, dtype="float32", device=str(device), attn_implementation="sdpa")
+    load_s = time.perf_counter() - t0
+
+    common = dict(betas=opt.betas, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
+                  max_num_tokens=spec.batch_size * 2 * spec.max_len, max_seq_len=spec.max_len, overlength="drop",
+                  epochs=1, max_steps=total_steps, seed=opt.seed, schedule="cosine", warmup_steps=0,
+                  dev_every_epoch=False, keep_checkpoints=1)
+    t0 = time.perf_counter()
+    precompute_s = None
+    if spec.task in PREFERENCE_TASKS:
+        cfg = PreferenceConfig(lr=opt.lr, **common)
+        rows = synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
+        examples, stats = tokenize_pairs(rows, tokenizer, spec.max_len, "drop")
+        loss_fn = get_loss(spec.task, **LOSS_PARAMS[spec.task])
+        needs_reference = requires_reference(spec.task)
+        setup_s = time.perf_counter() - t0
+        if needs_reference:
+            # the policy before its first update is the reference, exactly as run_preference does it
+            hardware.synchronize(device)
+            t0 = time.perf_counter()
+            precompute_reference(model, examples, tokenizer.pad_token_id, cfg)
+            hardware.synchronize(device)
+            precompute_s = time.perf_counter() - t0
+        objective = _fixed_size(PreferenceObjective, spec.batch_size, cfg)(
+            examples, [], tokenizer.pad_token_id, cfg, loss_fn, needs_reference)
+    else:
+        cfg = SFTConfig(lr=opt.sft_lr, **common)
+        rows = synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
+        examples, stats = tokenize_sft(rows, tokenizer, spec.max_len, "drop")
+        objective = _fixed_size(SFTObjective, spec.batch_size, cfg)(examples, [], tokenizer.pad_token_id, cfg)
+        setup_s = time.perf_counter() - t0
+    if stats.dropped_overlength or stats.truncated:
+        raise RuntimeError(f"synthetic data did not fit max_len {spec.max_len}: {stats.as_dict()}")
+
+    t0 = time.perf_counter()
+    objective.epoch_batches(0)  # collation, timed apart (the loop caches the epoch's batches)
+    collate_s = time.perf_counter() - t0
+    torch.manual_seed(opt.seed)
+    with tempfile.TemporaryDirectory(prefix="prefflow-bench-") as out_dir:
+        result = train(model, tokenizer, objective, cfg, out_dir, resume=False, desc=f"bench-{spec.task}")
+    history = result.history
+    if len(history) != total_steps:
+        raise RuntimeError(f"expected {total_steps} steps, the loop ran {len(history)}")
+    measured = history[spec.warmup_steps:]
+    params = sum(p.numel() for p in model.parameters())
+    return SideResult(
+        side="prefflow", task=spec.task, model=spec.model, implementation="prefflow steps.train",
+        device=hardware.device_name(device), threads=torch.get_num_threads(), params=params,
+        settings={"batching": f"length-bucketed, {spec.batch_size} examples/step",
+                  "reference": "precomputed" if precompute_s is not None else "none",
+                  "collate_s": round(collate_s, 3), "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else "")},
+        step_times_s=[h["step_time_s"] for h in measured],
+        step_tokens=[int(h["tokens"]) for h in measured],
+        warmup_tokens=sum(int(h["tokens"]) for h in history[: spec.warmup_steps]),
+        precompute_s=precompute_s, load_s=load_s, setup_s=setup_s, first_loss=history[0].get("loss"),
+        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))
+
+
+def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
+    """Greedy generation of ``spec.gen_prompts`` instructions with ``batch_size`` prompts per batch."""
+    import torch
+
+    from steps.evaluate.generation import generate_outputs
+    from steps.models import load_model, load_tokenizer
+
+    device = hardware.pick_device()
+    model_spec = MODELS[spec.model]
+    tokenizer = load_tokenizer(model_spec)
+    t0 = time.perf_counter()
+    model = load_model(model_spec, dtype="bfloat16" if device.type == "cuda" else "float32", device=str(device),
+                       attn_implementation="sdpa")
+    load_s = time.perf_counter() - t0
+    texts = synthetic.instructions(spec.gen_prompts)
+    settings = dict(max_new_tokens=spec.gen_max_new_tokens, temperature=0.0, backend="hf", show_progress=False)
+    generate_outputs(model, tokenizer, texts[:1], generator="warmup", batch_size=1, **{**settings, "max_new_tokens": 2})
+    hardware.synchronize(device)
+    t0 = time.perf_counter()
+    records = generate_outputs(model, tokenizer, texts, generator="bench", batch_size=batch_size, **settings)
+    hardware.synchronize(device)
+    generate_s = time.perf_counter() - t0
+    outputs = [r["output"] for r in records]
+    # generated tokens = output tokens + the end-of-turn token for outputs that stopped before the limit
+    generated = 0
+    for text in outputs:
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        generated += min(n + 1, spec.gen_max_new_tokens)
+    return SideResult(
+        side=side, task="generate", model=spec.model,
+        implementation=f"prefflow generate_outputs(batch_size={batch_size})",
+        device=hardware.device_name(device), threads=torch.get_num_threads(),
+        params=sum(p.numel() for p in model.parameters()),
+        settings={"batch_size": batch_size, **settings}, load_s=load_s, prompts=len(texts),
+        generated_tokens=generated, generate_s=generate_s, outputs=outputs,
+        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))

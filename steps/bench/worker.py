@@ -1,0 +1,50 @@
+"""One side of one benchmark task, in its own process: ``python -m steps.bench.worker '<WorkerSpec JSON>'``.
+
+The parent (steps.bench.runner) starts one of these per side so that each side's peak memory is its own,
+and both start from the same environment (threads, malloc settings). The result goes to ``spec.out`` as JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from steps.bench.spec import PREFERENCE_TASKS, WorkerSpec
+
+
+def run(spec: WorkerSpec):
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    if spec.task == "generate":
+        from steps.bench.prefflow_side import run_generation
+
+        if spec.side == "prefflow":
+            return run_generation(spec, spec.gen_batch_size, "prefflow")
+        return run_generation(spec, 1, "baseline")
+    if spec.task not in PREFERENCE_TASKS + ("sft",):
+        raise ValueError(f"unknown task {spec.task!r}")
+    if spec.side == "prefflow":
+        from steps.bench.prefflow_side import run_training
+
+        return run_training(spec)
+    from steps.bench.trl_side import run_training
+
+    return run_training(spec)
+
+
+def main(argv: list[str]) -> int:
+    from steps.io import atomic_write_text
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if len(argv) != 1:
+        print("usage: python -m steps.bench.worker '<WorkerSpec JSON>'", file=sys.stderr)
+        return 2
+    spec = WorkerSpec.from_json(argv[0])
+    result = run(spec)
+    atomic_write_text(spec.out, json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
