@@ -92,6 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     max_grad_norm: Optional[float] = 1.0
     max_num_tokens: int = 8192  # token budget per micro-batch (padded tokens)
+    max_batch_examples: Optional[int] = None  # also cap examples per micro-batch (fixed batch sizes, benchmarks)
     max_seq_len: int = 8192
     overlength: Literal["drop", "truncate"] = "drop"
     grad_accum: int = 1
@@ -318,7 +319,7 @@ def _validate_train(cfg: TrainConfig, source: str, section: str) -> None:
         _check(0 <= b < 1, source, k(f"betas[{i}]"), f"got {b!r}; must be in [0, 1)")
     if cfg.max_grad_norm is not None:
         _check(cfg.max_grad_norm > 0, source, k("max_grad_norm"), f"got {cfg.max_grad_norm!r}; must be > 0 or null")
-    for name in ("max_steps", "max_examples", "checkpoint_every_steps"):
+    for name in ("max_steps", "max_examples", "max_batch_examples", "checkpoint_every_steps"):
         val = getattr(cfg, name)
         if val is not None:
             _check(val >= 1, source, k(name), f"got {val!r}; must be >= 1 or null")

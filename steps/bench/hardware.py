@@ -132,3 +132,20 @@ def cuda_peak_mb(device) -> Optional[float]:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def load_side(spec):
+    """What both sides of a training comparison start from: device, tokenizer, the fp32 SDPA model
+    (load time measured apart), the step count and how many synthetic examples cover it."""
+    import time
+
+    from steps.bench.spec import MODELS
+    from steps.models import load_model, load_tokenizer
+
+    device = pick_device()
+    total_steps = spec.steps + spec.warmup_steps
+    model_spec = MODELS[spec.model]
+    tokenizer = load_tokenizer(model_spec)
+    t0 = time.perf_counter()
+    model = load_model(model_spec, dtype="float32", device=str(device), attn_implementation="sdpa")
+    return device, tokenizer, model, time.perf_counter() - t0, total_steps, total_steps * spec.batch_size

@@ -17,55 +17,22 @@ from steps.bench.spec import LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSetting
 log = logging.getLogger(__name__)
 
 
-def _fixed_size(objective_cls, batch_size: int, cfg):
-    """The objective with epochs cut into length-bucketed batches of exactly ``batch_size`` examples.
-
-    Uses the config's ``max_batch_examples`` when TrainConfig has that knob; until then a subclass
-    passes ``max_examples`` to ``make_batches`` itself."""
-    from steps.train.batching import make_batches
-
-    if hasattr(cfg, "max_batch_examples"):
-        cfg.max_batch_examples = batch_size
-        return objective_cls
-
-    class FixedSize(objective_cls):
-        def epoch_batches(self, epoch: int):
-            if epoch not in self._cache:
-                self._cache.clear()
-                idx = make_batches(self.train, self.cfg.max_num_tokens, self.cfg.seed, epoch,
-                                   self.rows_per_example, max_examples=batch_size)
-                self._cache[epoch] = [self._collate([self.train[i] for i in b]) for b in idx]
-            return self._cache[epoch]
-
-    FixedSize.__name__ = f"FixedSize{objective_cls.__name__}"
-    return FixedSize
-
-
 def run_training(spec: WorkerSpec) -> SideResult:
     import torch
 
     from steps.config import PreferenceConfig, SFTConfig
     from steps.losses import get_loss, requires_reference
-    from steps.models import load_model, load_tokenizer
     from steps.train.batching import tokenize_pairs, tokenize_sft
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
 
-    device = hardware.pick_device()
     opt = OptimSettings()
-    total_steps = spec.steps + spec.warmup_steps
-    n_examples = total_steps * spec.batch_size
-    model_spec = MODELS[spec.model]
-
-    tokenizer = load_tokenizer(model_spec)
-    t0 = time.perf_counter()
-    model = load_model(model_spec, dtype="float32", device=str(device), attn_implementation="sdpa")
-    load_s = time.perf_counter() - t0
+    device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
 
     common = dict(betas=opt.betas, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
                   max_num_tokens=spec.batch_size * 2 * spec.max_len, max_seq_len=spec.max_len, overlength="drop",
                   epochs=1, max_steps=total_steps, seed=opt.seed, schedule="cosine", warmup_steps=0,
-                  dev_every_epoch=False, keep_checkpoints=1)
+                  dev_every_epoch=False, keep_checkpoints=1, max_batch_examples=spec.batch_size)
     t0 = time.perf_counter()
     precompute_s = None
     if spec.task in PREFERENCE_TASKS:
@@ -82,13 +49,12 @@ def run_training(spec: WorkerSpec) -> SideResult:
             precompute_reference(model, examples, tokenizer.pad_token_id, cfg)
             hardware.synchronize(device)
             precompute_s = time.perf_counter() - t0
-        objective = _fixed_size(PreferenceObjective, spec.batch_size, cfg)(
-            examples, [], tokenizer.pad_token_id, cfg, loss_fn, needs_reference)
+        objective = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, loss_fn, needs_reference)
     else:
         cfg = SFTConfig(lr=opt.sft_lr, **common)
         rows = synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
         examples, stats = tokenize_sft(rows, tokenizer, spec.max_len, "drop")
-        objective = _fixed_size(SFTObjective, spec.batch_size, cfg)(examples, [], tokenizer.pad_token_id, cfg)
+        objective = SFTObjective(examples, [], tokenizer.pad_token_id, cfg)
         setup_s = time.perf_counter() - t0
     if stats.dropped_overlength or stats.truncated:
         raise RuntimeError(f"synthetic data did not fit max_len {spec.max_len}: {stats.as_dict()}")
@@ -122,9 +88,10 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
     import torch
 
     from steps.evaluate.generation import generate_outputs
-    from steps.models import load_model, load_tokenizer
 
     device = hardware.pick_device()
+    from steps.models import load_model, load_tokenizer
+
     model_spec = MODELS[spec.model]
     tokenizer = load_tokenizer(model_spec)
     t0 = time.perf_counter()

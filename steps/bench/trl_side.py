@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from steps.bench import hardware, synthetic
-from steps.bench.spec import LOSS_PARAMS, MODELS, OptimSettings, SideResult, WorkerSpec
+from steps.bench.spec import LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,10 @@ def run_training(spec: WorkerSpec) -> SideResult:
     import torch
     from datasets import Dataset
 
-    from steps.models import load_model, load_tokenizer
 
     options = {**DEFAULT_OPTIONS, **spec.options}
-    device = hardware.pick_device()
     opt = OptimSettings()
-    total_steps = spec.steps + spec.warmup_steps
-    n_examples = total_steps * spec.batch_size
-    model_spec = MODELS[spec.model]
-
-    tokenizer = load_tokenizer(model_spec)
-    t0 = time.perf_counter()
-    model = load_model(model_spec, dtype="float32", device=str(device), attn_implementation="sdpa")
-    load_s = time.perf_counter() - t0
+    device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
 
     if spec.task == "sft":
         rows = synthetic.conversational(synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed), "sft")

@@ -36,6 +36,8 @@ class TrainingDivergedError(RuntimeError):
 class Objective(Protocol):
     name: str
 
+    def epoch_batch_count(self, epoch: int) -> int: ...
+
     def epoch_batches(self, epoch: int) -> list[TokenBatch]: ...
 
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float: ...
@@ -181,8 +183,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
     seed_everything(cfg.seed)
     model.train()
 
-    plan = [group_steps(list(range(len(objective.epoch_batches(e)))), cfg.grad_accum) for e in range(cfg.epochs)]
-    total_steps = sum(len(p) for p in plan)
+    total_steps = sum(math.ceil(objective.epoch_batch_count(e) / cfg.grad_accum) for e in range(cfg.epochs))
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     if total_steps == 0:

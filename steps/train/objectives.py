@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -24,15 +24,23 @@ class _Batched:
     def _collate(self, examples) -> TokenBatch:
         raise NotImplementedError
 
+    def _epoch_indices(self, epoch: int) -> list[list[int]]:
+        return make_batches(self.train, self.cfg.max_num_tokens, self.cfg.seed, epoch, self.rows_per_example,
+                            max_examples=self.cfg.max_batch_examples)
+
+    def epoch_batch_count(self, epoch: int) -> int:
+        """Micro-batches in ``epoch``, without collating them (the loop plans its steps with this)."""
+        return len(self._epoch_indices(epoch))
+
     def epoch_batches(self, epoch: int) -> list[TokenBatch]:
         if epoch not in self._cache:
             self._cache.clear()
-            idx = make_batches(self.train, self.cfg.max_num_tokens, self.cfg.seed, epoch, self.rows_per_example)
-            self._cache[epoch] = [self._collate([self.train[i] for i in b]) for b in idx]
+            self._cache[epoch] = [self._collate([self.train[i] for i in b]) for b in self._epoch_indices(epoch)]
         return self._cache[epoch]
 
     def dev_batches(self) -> list[TokenBatch]:
-        idx = make_batches(self.dev, self.cfg.max_num_tokens, 0, 0, self.rows_per_example, shuffle=False)
+        idx = make_batches(self.dev, self.cfg.max_num_tokens, 0, 0, self.rows_per_example, shuffle=False,
+                           max_examples=self.cfg.max_batch_examples)
         return [self._collate([self.dev[i] for i in b]) for b in idx]
 
 
@@ -140,7 +148,8 @@ def precompute_reference(model, pairs: list[PairExample], pad_id: int, cfg: Trai
     was_training = model.training
     model.eval()
     subset = [pairs[i] for i in todo]
-    batches = make_batches(subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False)
+    batches = make_batches(subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False,
+                           max_examples=cfg.max_batch_examples)
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, unit="batch"):
             examples = [subset[i] for i in b]
