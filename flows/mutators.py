@@ -16,10 +16,12 @@ HEAVY_STEPS = {"reference_outputs": "evaluate", "sft": "train", "preference": "t
 class deployment_from_config(FlowMutator):
     def add_to_package(self):
         """Ship the ``steps`` library with the code package (Metaflow packages only the flow's directory)."""
-        import steps
         from metaflow.packaging_sys import ContentType
 
-        yield steps, None, ContentType.MODULE_CONTENT
+        from steps.packaging import library_files
+
+        for path, arcname in library_files():
+            yield path, arcname, ContentType.CODE_CONTENT
 
     def pre_mutate(self, mutable_flow):
         cfg = dict(mutable_flow.config)

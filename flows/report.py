@@ -25,10 +25,12 @@ class package_steps_library(FlowMutator):
     """Put the ``steps`` package into the code package: Metaflow ships only the flow's own directory."""
 
     def add_to_package(self):
-        import steps
         from metaflow.packaging_sys import ContentType
 
-        yield steps, None, ContentType.MODULE_CONTENT
+        from steps.packaging import library_files
+
+        for path, arcname in library_files():
+            yield path, arcname, ContentType.CODE_CONTENT
 
 
 @package_steps_library

@@ -150,11 +150,15 @@ def test_no_cron_means_no_schedule(s3_endpoint, tmp_path):
     assert cron is None or json.loads(cron)["schedule"] is None  # not Metaflow's default daily schedule
 
 
-def _package_names(template: dict, client, step: str) -> list[str]:
+def _package(template: dict, client, step: str) -> tarfile.TarFile:
     env = {e["name"]: e.get("value") for e in _container_templates(template)[step]["env"]}
     bucket, key = env["METAFLOW_CODE_URL"][len("s3://"):].split("/", 1)
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return tarfile.open(fileobj=io.BytesIO(body)).getnames()
+    return tarfile.open(fileobj=io.BytesIO(body))
+
+
+def _package_names(template: dict, client, step: str) -> list[str]:
+    return _package(template, client, step).getnames()
 
 
 def test_report_flow_is_triggered_by_the_pipeline(s3_endpoint, pipeline_template, tmp_path):
@@ -173,3 +177,16 @@ def test_code_package_carries_the_steps_library(s3_endpoint, pipeline_template):
     names = _package_names(pipeline_template, s3_endpoint["client"], "sft")
     assert any(n.endswith("steps/pipeline.py") for n in names), sorted(n for n in names if ".mf_code" not in n)
     assert any(n.endswith("steps/report/__init__.py") for n in names)
+
+
+def test_steps_library_imports_from_the_unpacked_code_package(s3_endpoint, pipeline_template, tmp_path):
+    """What a remote pod does: unpack the package and import the step code from it, not from this checkout."""
+    _package(pipeline_template, s3_endpoint["client"], "preference").extractall(tmp_path, filter="data")
+    code_dir = tmp_path / ".mf_code"
+    probe = ("import steps.train.loop, steps.pipeline, steps.data.oasst, steps.evaluate.scoring; "
+             "print(steps.train.loop.__file__); print(steps.pipeline.__file__)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=code_dir, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(code_dir)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.split():
+        assert Path(line).resolve().is_relative_to(code_dir.resolve()), line

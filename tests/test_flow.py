@@ -68,7 +68,9 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
 
     namespace(None)
     start = run["start"].task.data
-    assert start.losses == ["dpo", "orpo"] and start.variants == ["sft", "dpo", "orpo"]
+    assert start.losses == ["dpo", "orpo"]
+    assert [(v["name"], v["loss"], v["overrides"]) for v in start.variants] == [
+        ("sft", "sft", {}), ("dpo", "dpo", {}), ("orpo", "orpo", {})]
     data = run["prepare_data"].task.data
     assert data.data_stats["sft_examples"] > 0 and data.data_stats["pairs"]["best_vs_rest"] > 0
     assert Path(data.data_dir, "preference.train.jsonl").exists()
@@ -85,7 +87,7 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
 
 def test_training_steps_leave_models_and_metrics(finished_run):
     run, _, _ = finished_run
-    summaries = {t.data.variant: t.data.train_summary for t in run["preference"].tasks()}
+    summaries = {t.data.variant["name"]: t.data.train_summary for t in run["preference"].tasks()}
     assert set(summaries) == {"sft", "dpo", "orpo"}
     for summary in summaries.values():
         assert (Path(summary["model_dir"]) / "model.safetensors").exists()
