@@ -104,6 +104,8 @@ class TrainConfig:
     checkpoint_every_steps: Optional[int] = None  # extra mid-epoch checkpoints (resume granularity)
     keep_checkpoints: int = 1
     dev_every_epoch: bool = True
+    # with several ranks: "ddp" replicates the model; "fsdp" shards weights, grads and AdamW state (FSDP2)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -324,6 +326,8 @@ def _validate_train(cfg: TrainConfig, source: str, section: str) -> None:
         if val is not None:
             _check(val >= 1, source, k(name), f"got {val!r}; must be >= 1 or null")
     _check(cfg.keep_checkpoints >= 1, source, k("keep_checkpoints"), "must be >= 1")
+    _check(not (cfg.parallelism == "fsdp" and cfg.lora.enabled), source, k("parallelism"),
+           "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)")
 
 
 def build_criterion_config(criterion: str, raw: Any, source: str, key: str = "preference"):

@@ -38,6 +38,8 @@ def test_documented_recipe_values():
     assert (orpo.criterion_config.orpo_lambda, orpo.lr, orpo.init) == (0.2, 8e-6, "base")
     cpo = load_config(REPO / "configs/llama3_1_8b/cpo.yaml").preference
     assert (cpo.criterion_config.beta, cpo.criterion_config.nll_scale, cpo.lr, cpo.init) == (0.1, 0.0, 1e-6, "base")
+    # 8B full fine-tuning does not fit replicated on 80 GB GPUs: every recipe shards
+    assert sft.parallelism == "fsdp" and {dpo.parallelism, simpo.parallelism, orpo.parallelism, cpo.parallelism} == {"fsdp"}
 
 
 def test_fairseq2_shape_with_and_without_type(tmp_path):
@@ -101,6 +103,8 @@ def test_negative_beta_names_key(tmp_path):
     ("data:\n  pair_strategy: best_vs_all\n", "data.pair_strategy"),
     ("deployment:\n  schedule_cron: '0 3 * * *'\n", "deployment.schedule_cron"),
     ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
+    ("sft:\n  parallelism: zero3\n", "sft.parallelism"),
+    ("sft:\n  parallelism: fsdp\n  lora: {enabled: true}\n", "sft.parallelism"),
 ])
 def test_out_of_range_and_wrong_types(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:

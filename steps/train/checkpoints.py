@@ -26,11 +26,14 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True) -> Path:
+def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True,
+                   weights: Optional[dict] = None) -> Path:
     """Write a reloadable model directory atomically.
 
     A LoRA model is merged into a plain model (``merge_lora``, for the final model the next step loads)
     or saved as its adapter only (checkpoints: resume restores the adapter onto the same base).
+    ``weights``: the full state dict gathered from a sharded model (parallelism: fsdp) to write instead
+    of the model's own (sharded) parameters.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -40,7 +43,10 @@ def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True) -> Pat
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    if weights is not None:
+        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    else:
+        to_save.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / COMPLETE).write_text(json.dumps({"time": time.time()}))
@@ -68,16 +74,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, weights: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    """``weights`` / ``optimizer_state``: unsharded state gathered from an FSDP2 model (else the model's own)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".step_{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model_dir = save_model_dir(model, tokenizer, tmp / "model", merge_lora=False)
+    model_dir = save_model_dir(model, tokenizer, tmp / "model", merge_lora=False, weights=weights)
     assert model_dir.exists()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), "progress": progress}, tmp / "trainer_state.pt")
     (tmp / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
     if final.exists():
@@ -106,10 +114,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; returns the saved progress."""
     from safetensors.torch import load_file
 
+    from steps.train import parallel
+
     path = Path(path)
     state = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
         state.update(load_file(shard))
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    if parallel.is_sharded(model):
+        try:
+            parallel.load_full_state(model, optimizer, state, trainer_state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise RuntimeError(f"{path}: cannot resume this checkpoint with parallelism: fsdp ({exc}); "
+                               "resume with the parallelism it was written with, or start a new output dir") from exc
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        set_rng_state(trainer_state["rng"])
+        log.info("resumed sharded model from %s (step %s)", path, trainer_state["progress"].get("step"))
+        return trainer_state["progress"]
     if is_lora(model):
         from peft import set_peft_model_state_dict
 
@@ -123,7 +144,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])

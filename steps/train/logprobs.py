@@ -163,6 +163,10 @@ def _tree_mask(body, allowed: torch.Tensor) -> Optional[torch.Tensor]:
 
 def sequence_logprobs(model, batch: TokenBatch, chunk_rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (sum of log p(token) over scored tokens [N] in fp32, number of scored tokens [N])."""
+    from steps.train.parallel import ShardedCausalLM
+
+    if isinstance(model, ShardedCausalLM):  # FSDP2 root: its forward gathers the parameters, then comes back here
+        return model(batch, chunk_rows)
     body, head = _decoder_and_head(model)
     tree_mask = None
     if "score_index" in batch.extra:

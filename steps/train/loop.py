@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steps.config import TrainConfig
-from steps.train import checkpoints
+from steps.train import checkpoints, parallel
 from steps.train.batching import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    model: object = None  # what was trained: the model passed in, or its FSDP2 root (parallelism: fsdp)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,8 +117,8 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_grads(model, totals: dict[str, float]) -> dict[str, float]:
-    """Sum gradients and metric sums over ranks: every rank then takes the identical optimizer step."""
+def _all_reduce_grads(model) -> None:
+    """Sum replicated gradients over ranks (ddp): every rank then takes the identical optimizer step."""
     import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,6 +132,11 @@ def _all_reduce_grads(model, totals: dict[str, float]) -> dict[str, float]:
         n = p.numel()
         p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
         offset += n
+
+
+def _all_reduce_totals(totals: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
     keys = sorted(totals)
     vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(vec)
@@ -143,28 +149,39 @@ def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[T
 
     Under torch.distributed the micro-batches are dealt round-robin to the ranks and the loss is
     normalised by the whole step's denominator, so N ranks give the same update as one process.
+    A sharded model needs the same number of forward/backward passes on every rank (each one runs
+    collectives): a rank that is dealt fewer micro-batches runs its first one again with zero weight.
     """
     device = next(model.parameters()).device
     rank, world_size = world()
     denominator = objective.step_denominator(micro_batches)
+    mine = [(mb, 1.0) for mb in micro_batches[rank::world_size]]
+    if parallel.is_sharded(model):
+        rounds = math.ceil(len(micro_batches) / world_size)
+        mine += [(micro_batches[0], 0.0)] * (rounds - len(mine))
     totals: dict[str, float] = {"tokens": 0.0}
-    for i, mb in enumerate(micro_batches[rank::world_size]):
+    for i, (mb, weight) in enumerate(mine):
         mb = mb.to(device)
+        parallel.set_gradient_sync(model, i == len(mine) - 1)
         with autocast_for(model):
             loss, metrics = objective.micro_step(model, mb, denominator)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"non-finite loss ({loss.item()}) at optimizer step {step + 1}, micro-batch {i}")
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
+        if weight == 0.0:
+            continue
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         totals["tokens"] += mb.num_tokens
     if world_size > 1:
-        totals = _all_reduce_grads(model, totals)
+        if not parallel.is_sharded(model):  # FSDP2 reduced the gradients in the last backward
+            _all_reduce_grads(model)
+        totals = _all_reduce_totals(totals)
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    # with max_norm=inf this only measures the norm (DTensor-aware under FSDP2)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):
         raise TrainingDivergedError(f"non-finite gradient norm at optimizer step {step + 1}")
     optimizer.step()
@@ -181,6 +198,9 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     seed_everything(cfg.seed)
+    rank, world_size = world()
+    if cfg.parallelism == "fsdp" and world_size > 1:
+        model = parallel.shard(model, world_size)
     model.train()
 
     total_steps = sum(math.ceil(objective.epoch_batch_count(e) / cfg.grad_accum) for e in range(cfg.epochs))
@@ -201,7 +221,6 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
         step, start_epoch, start_group = progress["step"], progress["epoch"], progress["group"]
         history, dev_history = progress.get("history", []), progress.get("dev_history", [])
         resumed_from = str(latest)
-    rank, _ = world()
     is_main = rank == 0
     if is_main:
         _rewrite_metrics(metrics_path, history + [{"split": "dev", **d} for d in dev_history])
@@ -268,15 +287,21 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
     elapsed = time.perf_counter() - t0
     log.info("%s finished: %d steps in %.1fs (%.0f tokens/s); wrote %s", desc, step, elapsed,
              trained_tokens / max(elapsed, 1e-9), out_dir)
-    return TrainResult(step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from)
+    return TrainResult(step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from,
+                       model=model)
 
 
 def _checkpoint(is_main: bool, ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
                 keep: int) -> Path:
-    """Rank 0 writes; the others wait for it, so every rank resumes from the same files."""
+    """Rank 0 writes (after every rank helped gather a sharded model); the others wait, so all resume alike."""
     path = ckpt_root / f"step_{step:07d}"
+    gathered = {}
+    if parallel.is_sharded(model):
+        gathered = {"weights": parallel.full_state_dict(model),
+                    "optimizer_state": parallel.full_optimizer_state(model, optimizer)}
     if is_main:
-        path = checkpoints.save_checkpoint(ckpt_root, step, model, tokenizer, optimizer, scheduler, progress, keep=keep)
+        path = checkpoints.save_checkpoint(ckpt_root, step, parallel.unwrap(model), tokenizer, optimizer, scheduler,
+                                           progress, keep=keep, **gathered)
     _, world_size = world()
     if world_size > 1:
         import torch.distributed as dist

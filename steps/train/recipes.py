@@ -15,7 +15,7 @@ import torch
 
 from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict, resolve_preference
 from steps.io import read_jsonl, write_json
-from steps.train import checkpoints
+from steps.train import checkpoints, parallel
 from steps.train.batching import tokenize_pairs, tokenize_sft
 from steps.train.loop import TrainResult, train, world
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
@@ -96,8 +96,9 @@ def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, ini
             data_stats, cfg_section) -> RunSummary:
     rank, world_size = world()
     final_dir = out_dir / "final"
+    weights = parallel.full_state_dict(result.model) if parallel.is_sharded(result.model) else None
     if rank == 0:
-        checkpoints.save_model_dir(model, tokenizer, final_dir)
+        checkpoints.save_model_dir(model, tokenizer, final_dir, weights=weights)
     if world_size > 1:
         import torch.distributed as dist
 
