@@ -1,8 +1,14 @@
-"""Generation: length-sorted batching keeps the caller's order, seeds make runs repeatable, alpaca_eval schema."""
+"""Generation: continuous batching equals one-prompt-at-a-time greedy decoding, keeps the caller's order, seeds
+make runs repeatable, alpaca_eval schema."""
 from __future__ import annotations
 
-import pytest
+import math
 
+import pytest
+import torch
+
+from steps.evaluate.decoding import (ContinuousBatchDecoder, DecodeSettings, DecodingError, nucleus_probabilities,
+                                     supports_continuous_batching, unapplied_generation_settings)
 from steps.evaluate.generation import GenerationError, generate_outputs, resolve_backend
 
 INSTRUCTIONS = [
@@ -61,3 +67,147 @@ def test_bad_settings(tiny_model_factory, tokenizer):
         generate_outputs(model, tokenizer, ["ok", "  "], generator="g", show_progress=False)
     with pytest.raises(GenerationError, match="temperature"):
         generate_outputs(model, tokenizer, ["ok"], generator="g", temperature=-1, show_progress=False)
+
+
+# --- the continuous-batching decode loop -----------------------------------------------------------------------------
+
+PROMPT_LENGTHS = [2, 37, 5, 60, 11, 23, 1, 44]  # widely different, so rows of very different widths share the cache
+MAX_NEW = 12
+
+
+def _untied_tiny():
+    from steps.models import load_model
+
+    return load_model('tiny:{"tie_word_embeddings": false, "initializer_range": 0.3}', seed=0)
+
+
+def _random_prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 49_000, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def _plain_greedy(model, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
+    """Reference: one prompt alone, the whole sequence through the model every step (no cache, no padding)."""
+    ids, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_new):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(token)
+            ids.append(token)
+            if token in stops:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def greedy_case():
+    """Model, prompts, stop ids and the expected answers, whose lengths are forced to differ widely.
+
+    Stop ids are taken from each prompt's own unstopped greedy continuation at chosen positions, so answers end
+    after 2, 12 (the limit), 5, 10, 1, 12, 7 and 3 tokens (earlier if a stop id shows up sooner).
+    """
+    model = _untied_tiny()
+    prompts = _random_prompts()
+    unstopped = [_plain_greedy(model, p, MAX_NEW, set()) for p in prompts]
+    cut_at = [1, None, 4, 9, 0, None, 6, 2]
+    stops = {unstopped[i][k] for i, k in enumerate(cut_at) if k is not None}
+    expected = [_plain_greedy(model, p, MAX_NEW, stops) for p in prompts]
+    lengths = [len(e) for e in expected]
+    assert len(set(lengths)) >= 5 and min(lengths) <= 2 and max(lengths) == MAX_NEW  # the case is really mixed
+    return model, prompts, tuple(sorted(stops)), expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_continuous_batching_greedy_equals_plain_loop(greedy_case, batch_size):
+    """Rows finish at different steps and waiting prompts are admitted mid-flight; every answer is still exactly
+    the prompt's own argmax continuation, returned at the prompt's own position."""
+    model, prompts, stops, expected = greedy_case
+    settings = DecodeSettings(batch_size=batch_size, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # admission order differs from output order
+    finished = []
+    outputs, stats = ContinuousBatchDecoder(model, settings).run(prompts, order, on_finished=finished.append)
+    assert outputs == expected
+    assert sorted(finished) == list(range(len(prompts)))
+    total = sum(len(e) for e in expected)
+    assert stats.generated_tokens == total and stats.prefill_tokens == sum(PROMPT_LENGTHS)
+    # every token after a prompt's first comes from a decode step in which that row was live, and no other row was
+    assert stats.row_steps == total - len(prompts)
+    # columns that are padding for every live row are trimmed: the cache never outgrows the longest sequence
+    assert stats.widest_cache <= max(len(p) + len(e) - 1 for p, e in zip(prompts, expected))
+    if batch_size == 3:
+        assert stats.prefill_calls > math.ceil(len(prompts) / batch_size)  # admitted one by one as rows freed up
+        static_steps = sum(max(len(expected[i]) for i in order[k:k + 3]) - 1 for k in range(0, len(order), 3))
+        assert stats.decode_steps < static_steps
+
+
+def test_cache_outgrowing_its_spare_columns_changes_nothing(greedy_case, monkeypatch):
+    """With 2 spare columns the cache buffers are reallocated every other step; the answers stay the same."""
+    from steps.evaluate import decoding
+
+    model, prompts, stops, expected = greedy_case
+    monkeypatch.setattr(decoding, "SLACK_COLUMNS", 2)
+    settings = DecodeSettings(batch_size=3, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0)
+    assert ContinuousBatchDecoder(model, settings).run(prompts)[0] == expected
+
+
+def test_sampling_reproducible_and_per_prompt(greedy_case):
+    """Same seed -> same samples; each prompt draws from its own generator, so batch size does not change them."""
+    model, prompts, stops, _ = greedy_case
+
+    def sample(batch_size: int, seed: int) -> list[list[int]]:
+        settings = DecodeSettings(batch_size=batch_size, max_new_tokens=8, stop_ids=stops, pad_id=0,
+                                  temperature=0.9, top_p=0.9, seed=seed)
+        return ContinuousBatchDecoder(model, settings).run(prompts)[0]
+
+    first = sample(3, seed=5)
+    assert sample(3, seed=5) == first
+    assert sample(1, seed=5) == first
+    assert sample(3, seed=6) != first
+    assert len({tuple(o) for o in first}) == len(prompts)
+
+
+def test_nucleus_probabilities_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.allclose(nucleus_probabilities(logits, 1.0, 1.0), probs)
+    assert torch.allclose(nucleus_probabilities(logits, 1.0, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(nucleus_probabilities(logits, 1.0, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    assert torch.allclose(nucleus_probabilities(logits, 1.0, 0.1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    # temperature 2 on log-probabilities: p_i ** 0.5, renormalised
+    roots = probs.sqrt()
+    assert torch.allclose(nucleus_probabilities(logits, 2.0, 1.0), roots / roots.sum())
+
+
+def test_decoder_rejects_empty_prompt_and_bad_settings(greedy_case):
+    model = greedy_case[0]
+    with pytest.raises(DecodingError, match="prompt 1"):
+        ContinuousBatchDecoder(model, DecodeSettings(batch_size=2, max_new_tokens=2, stop_ids=(), pad_id=0)).run(
+            [[5, 6], []])
+    with pytest.raises(DecodingError, match="top_p"):
+        DecodeSettings(batch_size=2, max_new_tokens=2, stop_ids=(), pad_id=0, temperature=1.0, top_p=0.0)
+
+
+def test_unapplied_generation_settings_are_reported():
+    model = _untied_tiny()
+    assert unapplied_generation_settings(model) == {}
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 3
+    assert unapplied_generation_settings(model) == {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
+
+
+def test_sliding_window_model_falls_back_to_generate(tokenizer):
+    """A cache the loop does not handle (sliding-window layers) goes through model.generate, same answers."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                           tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    assert not supports_continuous_batching(model)
+    assert supports_continuous_batching(_untied_tiny())
+    kwargs = dict(generator="mistral", max_new_tokens=4, temperature=0.0, show_progress=False)
+    batched = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=2, **kwargs)
+    single = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=1, **kwargs)
+    assert [r["output"] for r in batched] == [r["output"] for r in single]

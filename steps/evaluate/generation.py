@@ -1,10 +1,13 @@
 """Answer instructions with a model, producing alpaca_eval's ``model_outputs.json`` records.
 
 Prompts use the same chat rendering as training (``steps.chat.render_prompt``) and stop on the same
-end-of-turn token. The Hugging Face backend batches prompts of similar length (sorted by length, left padded,
-KV cache on) and puts the outputs back in the caller's order; each batch is seeded ``seed + batch_index`` so a
-run is reproducible for a given seed, instruction list and batch size. A vLLM backend is used instead when
-vLLM is installed and a GPU is present (``backend="auto"``).
+end-of-turn token. The Hugging Face backend decodes with continuous batching (``steps.evaluate.decoding``): up to
+``batch_size`` prompts are in flight, a finished answer leaves the batch at once and the next waiting prompt
+(longest prompts first) takes its place, and outputs go back in the caller's order. Greedy output equals decoding
+each prompt alone; sampled output is reproducible for a given seed, instruction list and batch size (each prompt
+samples from its own generator seeded from ``seed`` and its position). Models the loop cannot handle (no plain
+KV cache) fall back to ``model.generate`` on length-sorted, left-padded static batches, batch ``k`` seeded
+``seed + k``. A vLLM backend is used instead when vLLM is installed and a GPU is present (``backend="auto"``).
 """
 from __future__ import annotations
 
@@ -147,51 +150,101 @@ def encode_instruction(tokenizer: "PreTrainedTokenizerBase", instruction: str) -
 
 def _generate_hf(model, tokenizer, instructions: list[str], *, batch_size: int, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int, do_sample: bool, show_progress: bool) -> list[str]:
-    import torch
+    """Continuous batching where the model allows it, else static ``model.generate`` batches."""
     from tqdm.auto import tqdm
 
-    from steps.chat import decode_response, stop_token_ids
+    from steps.chat import decode_response
+    from steps.evaluate.decoding import supports_continuous_batching
 
     prompts = [encode_instruction(tokenizer, text) for text in instructions]
-    # longest first: the slowest batch runs first, so the progress rate is honest early on
+    # longest prompts first: prompts admitted together have similar lengths, so their joint prefill pads little
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    outputs: list[str | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     progress = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not show_progress)
     try:
-        for batch_index, start in enumerate(range(0, len(order), batch_size)):
-            members = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in members)
-            input_ids = torch.full((len(members), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(members), width), dtype=torch.long)
-            for row, i in enumerate(members):  # left padding: every prompt ends at the same position
-                ids = prompts[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
-            torch.manual_seed(seed + batch_index)
-            with torch.inference_mode():
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stops,
-                    pad_token_id=pad_id,
-                    use_cache=True,
-                    **sampling,
-                )
-            for row, i in enumerate(members):
-                outputs[i] = decode_response(tokenizer, generated[row, width:]).strip()
-            progress.update(len(members))
+        if supports_continuous_batching(model):
+            generated = _decode_continuous(model, tokenizer, prompts, order, batch_size=batch_size,
+                                           max_new_tokens=max_new_tokens,
+                                           temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed,
+                                           progress=progress)
+        else:
+            logger.info("%s has no plain KV cache for continuous batching: using model.generate on static batches",
+                        type(model).__name__)
+            generated = _generate_static(model, tokenizer, prompts, order, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         seed=seed, do_sample=do_sample, progress=progress)
     finally:
         progress.close()
         model.train(was_training)
-    return [o if o is not None else "" for o in outputs]
+    return [decode_response(tokenizer, ids).strip() for ids in generated]
+
+
+def _pad_id(tokenizer) -> int:
+    """Filler for left padding (always masked out): the pad token, else eos, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _decode_continuous(model, tokenizer, prompts: list[list[int]], order: list[int], *, batch_size: int,
+                       max_new_tokens: int, temperature: float, top_p: float, seed: int, progress) -> list[list[int]]:
+    """Generated ids per prompt from :class:`~steps.evaluate.decoding.ContinuousBatchDecoder` (temperature 0 =
+    greedy), one progress tick per finished answer, and a log line saying what the loop did."""
+    from steps.chat import stop_token_ids
+    from steps.evaluate.decoding import ContinuousBatchDecoder, DecodeSettings, unapplied_generation_settings
+
+    ignored = unapplied_generation_settings(model)
+    if ignored:
+        logger.warning("the model's generation_config sets %s; continuous batching does not apply them (only "
+                       "temperature, top_p, max_new_tokens and the stop tokens count, as with vLLM)", ignored)
+    settings = DecodeSettings(batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              stop_ids=tuple(stop_token_ids(tokenizer)), pad_id=_pad_id(tokenizer),
+                              temperature=temperature, top_p=top_p, seed=seed)
+    decoder = ContinuousBatchDecoder(model, settings)
+    generated, stats = decoder.run(prompts, order, on_finished=lambda _index: progress.update(1))
+    logger.info("continuous batching (batch %d, %s): %d prompts, %d prefill calls (%d prompt tokens), "
+                "%d decode steps with %.2f rows on average, %d tokens generated, widest cache %d columns; "
+                "%.1f s prefilling, %.1f s decoding",
+                batch_size, "greedy" if temperature == 0 else f"sampling T={temperature} top_p={top_p}",
+                stats.prompts, stats.prefill_calls, stats.prefill_tokens, stats.decode_steps,
+                stats.mean_active_rows, stats.generated_tokens, stats.widest_cache, stats.prefill_s, stats.decode_s)
+    return generated
+
+
+def _generate_static(model, tokenizer, prompts: list[list[int]], order: list[int], *, batch_size: int,
+                     max_new_tokens: int, temperature: float, top_p: float, seed: int, do_sample: bool,
+                     progress) -> list[list[int]]:
+    """``model.generate`` on left-padded batches of ``batch_size`` consecutive prompts in ``order``."""
+    import torch
+
+    from steps.chat import stop_token_ids
+
+    pad_id = _pad_id(tokenizer)
+    stops = stop_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    generated: list[list[int]] = [[] for _ in prompts]
+    for batch_index, start in enumerate(range(0, len(order), batch_size)):
+        members = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in members)
+        input_ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, i in enumerate(members):  # left padding: every prompt ends at the same position
+            ids = prompts[i]
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        torch.manual_seed(seed + batch_index)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
+                                    use_cache=True, **sampling)
+        for row, i in enumerate(members):
+            generated[i] = output[row, width:].tolist()
+        progress.update(len(members))
+    return generated
 
 
 def _generate_vllm(model_path: str, tokenizer, instructions: list[str], *, max_new_tokens: int, temperature: float,

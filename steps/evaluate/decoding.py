@@ -1,0 +1,413 @@
+"""Continuous batching for Hugging Face causal LMs: finished rows leave the batch at once and waiting prompts take
+their place, so no decode step is spent on answers that are already complete.
+
+``model.generate`` on a static batch keeps computing every row until the longest answer ends; with answers of
+very different lengths most of those steps are wasted. Here the batch holds up to ``batch_size`` live sequences
+in one ``DynamicCache``. The cache is *right aligned*: every row's real tokens end at the last column, shorter rows
+have zero-filled, masked columns on the left. One decode step feeds each row its last token at its own position
+(``position_ids`` = the row's real length, as if it had never been padded), so a row computes what it would compute
+alone. When rows finish they are dropped from the cache and leading columns that are padding for every remaining
+row are sliced off; newly admitted prompts are prefilled together (left padded among themselves) and their
+keys/values are stacked onto the batch, left padded to the common width. The cache layers keep spare columns on the
+right (``SlackLayer``), so a decode step writes its new keys/values in place instead of copying the whole cache.
+
+Models whose cache is not a list of plain full-attention ``DynamicLayer`` s (sliding windows, linear attention,
+encoder-decoders, custom caches) are not handled here: :func:`supports_continuous_batching` says so and the caller
+falls back to ``model.generate``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+class DecodingError(ValueError):
+    """Decode settings or prompts that cannot work (empty prompt, bad numbers, unsupported model)."""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What to generate: ``temperature == 0`` means greedy (argmax); otherwise nucleus sampling with ``top_p``."""
+
+    batch_size: int
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise DecodingError(f"batch_size and max_new_tokens must be >= 1 "
+                                f"(got {self.batch_size}, {self.max_new_tokens})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise DecodingError(f"temperature must be >= 0 and top_p in (0, 1] "
+                                f"(got {self.temperature}, {self.top_p})")
+
+
+@dataclass
+class DecodeStats:
+    """What the loop did: how often it prefilled and stepped, and how full the batch was on average."""
+
+    prompts: int = 0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0  # real prompt tokens (padding excluded)
+    decode_steps: int = 0
+    row_steps: int = 0  # sum over decode steps of the rows in the batch
+    generated_tokens: int = 0
+    widest_cache: int = 0  # most cache columns ever held (padding included)
+    prefill_s: float = 0.0  # wall time in prefill forwards (token choice included)
+    decode_s: float = 0.0  # wall time in decode-step forwards (token choice included)
+
+    @property
+    def mean_active_rows(self) -> float:
+        return self.row_steps / self.decode_steps if self.decode_steps else 0.0
+
+
+def row_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for prompt ``index`` under run seed ``seed`` (splitmix64 finaliser).
+
+    Mixing rather than ``seed + index`` keeps seed 7's second prompt from drawing exactly what seed 8's first does.
+    """
+    z = ((seed & _MASK64) * 0x9E3779B97F4A7C15 + (index & _MASK64) + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def nucleus_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Softmax of ``logits / temperature`` (rows = sequences) keeping only the nucleus, renormalised.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``: a token is kept
+    when the probability of the tokens strictly more likely than it (in sorted order) is below ``top_p``, so the
+    most likely token is always kept.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def cache_argument_name(model: "PreTrainedModel") -> str | None:
+    """The forward keyword that takes the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def supports_continuous_batching(model: "PreTrainedModel") -> bool:
+    """Decoder-only model whose forward takes a mask, explicit positions and a ``DynamicCache`` of plain layers."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports_cache is None or not supports_cache():
+        return False
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" not in params or "position_ids" not in params or cache_argument_name(model) is None:
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config DynamicCache cannot read: let generate() deal with it
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+#: Spare cache columns allocated past the current width; appending writes into them in place. When they run out the
+#: buffers are reallocated with this many more (one copy per this many decode steps instead of one per step).
+SLACK_COLUMNS = 128
+
+
+#: ``generation_config`` fields that change token choice and that ``model.generate`` would apply but this loop does
+#: not (like vLLM given explicit sampling parameters), with the value that means "off".
+_UNAPPLIED_GENERATION_FIELDS = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "top_k": None, "min_p": None, "typical_p": 1.0,
+    "min_new_tokens": None, "min_length": 0, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+}
+
+
+def unapplied_generation_settings(model: "PreTrainedModel") -> dict[str, object]:
+    """Settings in the model's ``generation_config`` that would alter ``generate``'s tokens but are not used here."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    found = {}
+    for name, off in _UNAPPLIED_GENERATION_FIELDS.items():
+        value = getattr(config, name, off)
+        if value not in (off, None) and not (name == "top_k" and value == 0):
+            found[name] = value
+    return found
+
+
+class SlackLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare columns on the right.
+
+    ``DynamicLayer.update`` concatenates, copying the whole cache every decode step -- about a tenth of a batch-8
+    step of the 135M model on CPU. Here a step writes its one column into the spare room in place. Rows are right
+    aligned: a buffer holds ``[batch, heads, length + spare, dim]``, real data in the first ``length`` columns,
+    zeros for left padding. Only this loop builds them; ``update``, ``batch_select_indices`` and ``crop`` keep
+    the buffers and the views consistent.
+    """
+
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], slack: int) -> None:
+        """One layer holding every part's rows, each right aligned to the widest part, zeros on the left."""
+        super().__init__()
+        self.slack = max(1, slack)
+        width = max(keys.shape[-2] for keys, _ in parts)
+        rows = sum(keys.shape[0] for keys, _ in parts)
+        first_keys, first_values = parts[0]
+        self.key_buffer = first_keys.new_zeros((rows, first_keys.shape[1], width + self.slack, first_keys.shape[-1]))
+        self.value_buffer = first_values.new_zeros((rows, first_values.shape[1], width + self.slack,
+                                                    first_values.shape[-1]))
+        row = 0
+        for keys, values in parts:
+            n, w = keys.shape[0], keys.shape[-2]
+            self.key_buffer[row:row + n, :, width - w:width, :] = keys
+            self.value_buffer[row:row + n, :, width - w:width, :] = values
+            row += n
+        self._set_length(width)
+        self.device, self.is_initialized = first_keys.device, True
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self.key_buffer[..., :length, :]
+        self.values = self.value_buffer[..., :length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # out of spare columns: move to bigger buffers (rare)
+            spare = max(self.slack, key_states.shape[-2])
+            self.key_buffer = F.pad(self.keys, (0, 0, 0, spare))
+            self.value_buffer = F.pad(self.values, (0, 0, 0, spare))
+        self.key_buffer[..., self.length:end, :] = key_states
+        self.value_buffer[..., self.length:end, :] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor, drop_leading: int) -> None:
+        """Keep only ``rows`` and drop the first ``drop_leading`` columns (copies the kept rows once)."""
+        self.key_buffer = self.key_buffer[rows, :, drop_leading:, :]
+        self.value_buffer = self.value_buffer[rows, :, drop_leading:, :]
+        self._set_length(self.length - drop_leading)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select(indices, 0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._set_length(self.length + tokens_to_remove)
+
+
+class _LiveBatch:
+    """The sequences being decoded: one right-aligned cache of ``SlackLayer`` s plus each row's bookkeeping."""
+
+    def __init__(self, slack: int = SLACK_COLUMNS) -> None:
+        self.cache: DynamicCache | None = None
+        self.slack = slack
+        self.prompt_index: list[int] = []  # which prompt each row is
+        self.cached: list[int] = []  # real tokens in the cache per row (prompt + generated, last one excluded)
+        self.last_token: list[int] = []  # generated token not yet fed to the model
+        self.generators: list[torch.Generator | None] = []
+
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    @property
+    def width(self) -> int:
+        return self.cache.layers[0].keys.shape[-2] if self.cache is not None else 0
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in ``rows`` and the leading columns that are then padding for all rows."""
+        if len(rows) == len(self):
+            return
+        for name in ("prompt_index", "cached", "last_token", "generators"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+        if not rows:
+            self.cache = None
+            return
+        width, needed = self.width, max(self.cached)
+        index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
+        for layer in self.cache.layers:
+            if isinstance(layer, SlackLayer):
+                layer.select(index, width - needed)
+            else:  # a plain DynamicLayer (rows that finished right after prefill, before any merge)
+                layer.keys = layer.keys[index, :, width - needed:, :]
+                layer.values = layer.values[index, :, width - needed:, :]
+
+    def merge(self, other: "_LiveBatch") -> None:
+        """Append ``other``'s rows, left padding the narrower cache so both end at the same column."""
+        if other.cache is None:
+            return
+        if self.cache is None:
+            self.cache = other.cache
+            self.cache.layers = [SlackLayer([(theirs.keys, theirs.values)], self.slack)
+                                 for theirs in other.cache.layers]
+        else:
+            self.cache.layers = [SlackLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], self.slack)
+                                 for mine, theirs in zip(self.cache.layers, other.cache.layers)]
+        for name in ("prompt_index", "cached", "last_token", "generators"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+class ContinuousBatchDecoder:
+    """Greedy or sampled decoding of many prompts with a batch kept full (see the module docstring).
+
+    Reproducibility contract: greedy output is the argmax continuation of each prompt alone -- token for token the
+    same as decoding it by itself, up to floating-point differences of batched arithmetic. Sampling gives every
+    prompt its own ``torch.Generator`` on the model's device, seeded with ``row_seed(seed, prompt's index)``, and
+    draws that prompt's tokens only from it: a run is repeatable for a given seed, prompt list, batch size, model,
+    device and library versions, and a prompt's sample does not depend on which other prompts share its batch
+    except through those floating-point differences.
+    """
+
+    def __init__(self, model: "PreTrainedModel", settings: DecodeSettings) -> None:
+        if not supports_continuous_batching(model):
+            raise DecodingError(f"{type(model).__name__} cannot be decoded with continuous batching (needs a "
+                                f"decoder-only model with plain full-attention DynamicCache layers); use "
+                                f"model.generate")
+        self.model = model
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.cache_kwarg = cache_argument_name(model)
+        self.keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.stop_ids = frozenset(int(i) for i in settings.stop_ids)
+
+    def run(self, prompts: Sequence[Sequence[int]], order: Sequence[int] | None = None,
+            on_finished: Callable[[int], None] | None = None) -> tuple[list[list[int]], DecodeStats]:
+        """Generated ids per prompt (in ``prompts`` order, stop token included when one ended the answer).
+
+        ``order`` is the admission order (default: as given); ``on_finished(prompt_index)`` is called as each
+        answer completes.
+        """
+        for index, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise DecodingError(f"prompt {index} has no tokens; every prompt needs at least one")
+        order = list(range(len(prompts))) if order is None else list(order)
+        if sorted(order) != list(range(len(prompts))):
+            raise DecodingError(f"order must be a permutation of 0..{len(prompts) - 1}")
+        outputs: list[list[int]] = [[] for _ in prompts]
+        stats = DecodeStats(prompts=len(prompts))
+        waiting = deque(order)
+        live = _LiveBatch(slack=min(self.settings.max_new_tokens, SLACK_COLUMNS))
+        with torch.inference_mode():
+            while waiting or len(live):
+                free = self.settings.batch_size - len(live)
+                if free > 0 and waiting:
+                    admitted = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    logger.debug("step %d: admitting prompts %s next to %d live rows", stats.decode_steps, admitted,
+                                 len(live))
+                    newcomers = self._prefill([list(prompts[i]) for i in admitted], admitted, stats)
+                    self._record(newcomers, outputs, stats, on_finished)
+                    live.merge(newcomers)
+                else:
+                    self._step(live, stats)
+                    self._record(live, outputs, stats, on_finished)
+        return outputs, stats
+
+    # -- model calls -------------------------------------------------------------------------------------------
+
+    def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats) -> _LiveBatch:
+        """Run the prompts through the model together (left padded) and pick each one's first token."""
+        started = time.perf_counter()
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.settings.pad_id, dtype=torch.long)
+        real = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            real[row, width - len(ids):] = 1
+        positions = (real.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0, as if unpadded
+        input_ids, real, positions = (t.to(self.device) for t in (input_ids, real, positions))
+        cache = DynamicCache(config=self.model.config)
+        kwargs = {"logits_to_keep": 1} if self.keeps_last_logits else {}
+        logits = self.model(input_ids=input_ids, attention_mask=real, position_ids=positions,
+                            use_cache=True, **{self.cache_kwarg: cache}, **kwargs).logits[:, -1, :]
+        if width > min(len(ids) for ids in prompt_ids):
+            # padded columns hold whatever the model computed for pad tokens (NaN where a fully masked row's
+            # softmax was 0/0): zero them so a masked column can never leak NaN into an attention sum
+            pad = (real == 0)[:, None, :, None]
+            for layer in cache.layers:
+                layer.keys = layer.keys.masked_fill(pad, 0.0)
+                layer.values = layer.values.masked_fill(pad, 0.0)
+        batch = _LiveBatch()
+        batch.cache = cache
+        batch.prompt_index = list(indices)
+        batch.cached = [len(ids) for ids in prompt_ids]
+        batch.generators = [self._generator(i) for i in indices]
+        batch.last_token = self._choose(logits, batch.generators)
+        stats.prefill_calls += 1
+        stats.prefill_tokens += sum(batch.cached)
+        stats.prefill_s += time.perf_counter() - started
+        return batch
+
+    def _step(self, live: _LiveBatch, stats: DecodeStats) -> None:
+        """Feed every row its last token at its own position; the cache grows by one column for all rows."""
+        started = time.perf_counter()
+        width = live.width
+        cached = torch.tensor(live.cached, dtype=torch.long, device=self.device)
+        columns = torch.arange(width + 1, device=self.device)
+        attention_mask = (columns[None, :] >= (width - cached)[:, None]).long()
+        input_ids = torch.tensor(live.last_token, dtype=torch.long, device=self.device)[:, None]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=cached[:, None],
+                            use_cache=True, **{self.cache_kwarg: live.cache}).logits[:, -1, :]
+        live.cached = [n + 1 for n in live.cached]
+        live.last_token = self._choose(logits, live.generators)
+        stats.decode_steps += 1
+        stats.row_steps += len(live)
+        stats.widest_cache = max(stats.widest_cache, width + 1)
+        stats.decode_s += time.perf_counter() - started
+
+    # -- token choice and bookkeeping ------------------------------------------------------------------------------
+
+    def _generator(self, prompt_index: int) -> torch.Generator | None:
+        if self.settings.temperature == 0:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(row_seed(self.settings.seed, prompt_index))
+        return generator
+
+    def _choose(self, logits: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+        if self.settings.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = nucleus_probabilities(logits, self.settings.temperature, self.settings.top_p)
+        picks = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in range(len(generators))]
+        return torch.cat(picks).tolist()
+
+    def _record(self, live: _LiveBatch, outputs: list[list[int]], stats: DecodeStats,
+                on_finished: Callable[[int], None] | None) -> None:
+        """Append each row's new token; rows that hit a stop id or the token limit leave the batch."""
+        keep = []
+        for row, (index, token) in enumerate(zip(live.prompt_index, live.last_token)):
+            outputs[index].append(token)
+            stats.generated_tokens += 1
+            if token in self.stop_ids or len(outputs[index]) >= self.settings.max_new_tokens:
+                if on_finished is not None:
+                    on_finished(index)
+            else:
+                keep.append(row)
+        live.keep(keep)
