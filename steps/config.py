@@ -141,7 +141,7 @@ class EvaluationConfig:
     temperature: float = 0.9
     top_p: float = 1.0
     seed: int = 1814
-    batch_size: int = 8
+    batch_size: int = 16
     lc_assets_dir: Optional[str] = None
 
 

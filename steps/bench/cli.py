@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
                         help="glibc malloc preset applied to both sides (see steps.bench.hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times, keep medians")
-    parser.add_argument("--gen-prompts", type=int, default=16, help="instructions for the generate task")
-    parser.add_argument("--gen-batch-size", type=int, default=8, help="PrefFlow's generation batch size")
+    parser.add_argument("--gen-prompts", type=int, default=16, help="instructions for the generate task (1-24: the embedded eval set)")
+    parser.add_argument("--gen-batch-size", type=int, default=16,
+                        help="PrefFlow's generation batch size (evaluation.batch_size in configs/default.yaml)")
     parser.add_argument("--gen-max-new-tokens", type=int, default=64)
     parser.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
                         help="TRL setting to change (sampling=group_by_length, precompute_ref=false, padding_free=true)")

@@ -54,7 +54,7 @@ class WorkerSpec:
     out: str
     data_seed: int = 0
     gen_prompts: int = 16
-    gen_batch_size: int = 8
+    gen_batch_size: int = 16
     gen_max_new_tokens: int = 64
     options: dict[str, Any] = field(default_factory=dict)
 
