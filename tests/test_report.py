@@ -208,7 +208,7 @@ class PrefFlow(FlowSpec):
 
     @step
     def start(self):
-        self.variants = ["sft", "dpo"]
+        self.variants = [{"name": n, "loss": n, "overrides": {}} for n in ("sft", "dpo")]  # as flows/pipeline.py
         self.run_config = {"name": "shape", "model": {"base": "embedded:tiny"},
                            "preference": {"criterion": "dpo", "lr": 5.0e-6}}
         self.next(self.preference, foreach="variants")
@@ -216,19 +216,20 @@ class PrefFlow(FlowSpec):
     @step
     def preference(self):
         self.variant = self.input
+        name = self.variant["name"]
         history = [{"step": s, "loss": 1.0 / s, "lr": 1e-5} for s in range(1, 6)]
-        if self.variant != "sft":
+        if name != "sft":
             history = [dict(h, reward_margin=0.1 * h["step"], reward_accuracy=0.2 * h["step"]) for h in history]
-        self.train_summary = {"kind": self.variant, "history": history, "dev_history": [],
-                              "model_dir": "/m/%s/%s" % (current.run_id, self.variant),
-                              "init": "embedded:tiny" if self.variant == "sft" else "/m/%s/sft" % current.run_id,
+        self.train_summary = {"kind": name, "history": history, "dev_history": [],
+                              "model_dir": "/m/%s/%s" % (current.run_id, name),
+                              "init": "embedded:tiny" if name == "sft" else "/m/%s/sft" % current.run_id,
                               "config": {"lr": 5.0e-6}}
         self.next(self.evaluate)
 
     @step
     def evaluate(self):
-        offset = 0.0 if self.variant == "sft" else 2.5
-        self.result = {"variant": self.variant, "model_dir": self.train_summary["model_dir"],
+        offset = 0.0 if self.variant["name"] == "sft" else 2.5
+        self.result = {"variant": self.variant["name"], "model_dir": self.train_summary["model_dir"],
                        "init": self.train_summary["init"], "epoch": 1, "evaluated": True,
                        "win_rate": self.lc - 5 + offset, "standard_error": 1.5,
                        "length_controlled_winrate": self.lc + offset, "lc_standard_error": 1.25, "n_total": 8,
@@ -314,6 +315,14 @@ def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
         assert snap["training_config"] == {"lr": 5e-6, "criterion_config": {"beta": 0.1}}
         assert snap["run_config"]["name"] == "shape"
     assert set(paths.training_pngs) == {runs["A"], runs["B"], runs["D"]}
+    from steps.report.records import read_run
+    from metaflow import Run
+
+    with client_scope(None, metaflow_runs["ds"]):
+        record = read_run(Run(runs["A"]))
+    assert set(record.train_summaries) == {"sft", "dpo"}  # curve labels are variant names
+    panels = [(title, [label for label, _ in series]) for _, title, series in training_panels(record)]
+    assert panels[:2] == [("SFT loss", ["SFT"]), ("preference loss", ["DPO"])]
     assert all(p.is_file() for p in paths.training_pngs.values()) and paths.win_rates_png.is_file()
 
 

@@ -136,6 +136,8 @@ def read_run(run) -> Optional[RunRecord]:
     for task in train_tasks:
         variant = _artifact(task, "variant")
         summary = _artifact(task, "train_summary")
+        if isinstance(variant, dict):  # {name, loss, overrides}: a loss or a sweep point
+            variant = variant.get("name")
         if variant is not None and summary:
             summaries[str(variant)] = dict(summary)
     flow_name, run_id = run.pathspec.split("/")
