@@ -81,6 +81,17 @@ class DecodeStats:
         return self.row_steps / self.decode_steps if self.decode_steps else 0.0
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [rows, longest] on CPU: every prompt ends at the last column."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
 def row_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for prompt ``index`` under run seed ``seed`` (splitmix64 finaliser).
 
@@ -335,12 +346,8 @@ class ContinuousBatchDecoder:
     def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats) -> _LiveBatch:
         """Run the prompts through the model together (left padded) and pick each one's first token."""
         started = time.perf_counter()
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.settings.pad_id, dtype=torch.long)
-        real = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            real[row, width - len(ids):] = 1
+        input_ids, real = left_pad(prompt_ids, self.settings.pad_id)
+        width = input_ids.shape[1]
         positions = (real.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0, as if unpadded
         input_ids, real, positions = (t.to(self.device) for t in (input_ids, real, positions))
         cache = DynamicCache(config=self.model.config)

@@ -220,6 +220,7 @@ def _generate_static(model, tokenizer, prompts: list[list[int]], order: list[int
     import torch
 
     from steps.chat import stop_token_ids
+    from steps.evaluate.decoding import left_pad
 
     pad_id = _pad_id(tokenizer)
     stops = stop_token_ids(tokenizer)
@@ -229,13 +230,8 @@ def _generate_static(model, tokenizer, prompts: list[list[int]], order: list[int
     generated: list[list[int]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(order), batch_size)):
         members = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in members)
-        input_ids = torch.full((len(members), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(members), width), dtype=torch.long)
-        for row, i in enumerate(members):  # left padding: every prompt ends at the same position
-            ids = prompts[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad([prompts[i] for i in members], pad_id)
+        width = input_ids.shape[1]
         torch.manual_seed(seed + batch_index)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

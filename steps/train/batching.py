@@ -222,7 +222,7 @@ def shared_prompt_pays(examples: Sequence[PairExample]) -> bool:
     if not examples:
         return False
     separate = 2 * len(examples) * max(e.length for e in examples)
-    shared = len(examples) * max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    shared = len(examples) * max(e.sort_length for e in examples)
     return shared <= SHARE_PROMPT_MAX_RATIO * separate
 
 
@@ -238,7 +238,7 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
     Output rows 0..N-1 are the chosen responses, N..2N-1 the rejected ones, as in the separate layout.
     """
     n = len(examples)
-    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    width = max(e.sort_length for e in examples)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
     target = torch.zeros((n, width), dtype=torch.bool)

@@ -127,10 +127,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise RuntimeError(f"{path}: cannot resume this checkpoint with parallelism: fsdp ({exc}); "
                                "resume with the parallelism it was written with, or start a new output dir") from exc
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        set_rng_state(trainer_state["rng"])
-        log.info("resumed sharded model from %s (step %s)", path, trainer_state["progress"].get("step"))
-        return trainer_state["progress"]
+    else:
+        _load_unsharded(path, model, optimizer, state, trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    log.info("resumed from %s (step %s)", path, trainer_state["progress"].get("step"))
+    return trainer_state["progress"]
+
+
+def _load_unsharded(path: Path, model, optimizer, state: dict, optimizer_state: dict) -> None:
     if is_lora(model):
         from peft import set_peft_model_state_dict
 
@@ -144,8 +149,4 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
-    log.info("resumed from %s (step %s)", path, trainer_state["progress"].get("step"))
-    return trainer_state["progress"]
+    optimizer.load_state_dict(optimizer_state)

@@ -295,13 +295,11 @@ def _checkpoint(is_main: bool, ckpt_root: Path, step: int, model, tokenizer, opt
                 keep: int) -> Path:
     """Rank 0 writes (after every rank helped gather a sharded model); the others wait, so all resume alike."""
     path = ckpt_root / f"step_{step:07d}"
-    gathered = {}
-    if parallel.is_sharded(model):
-        gathered = {"weights": parallel.full_state_dict(model),
-                    "optimizer_state": parallel.full_optimizer_state(model, optimizer)}
+    weights = parallel.full_state_dict(model)
+    optimizer_state = parallel.full_optimizer_state(model, optimizer)
     if is_main:
         path = checkpoints.save_checkpoint(ckpt_root, step, parallel.unwrap(model), tokenizer, optimizer, scheduler,
-                                           progress, keep=keep, **gathered)
+                                           progress, keep=keep, weights=weights, optimizer_state=optimizer_state)
     _, world_size = world()
     if world_size > 1:
         import torch.distributed as dist

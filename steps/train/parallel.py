@@ -88,23 +88,33 @@ def set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Unsharded CPU weights keyed like the Hugging Face model's own state dict (a collective when sharded)."""
+def full_state_dict(model) -> Optional[dict[str, torch.Tensor]]:
+    """Unsharded CPU weights keyed like the Hugging Face model's own state dict, gathered from every rank
+    (a collective); None for a model that is not sharded (it saves its own parameters)."""
     if not is_sharded(model):
-        return model.state_dict()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     state = {k[len(ROOT_PREFIX):]: v for k, v in state.items()}
-    if getattr(model.lm.config, "tie_word_embeddings", False):  # saved once, as save_pretrained does
-        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    tied = _tied_embedding_keys(model.lm)
+    if tied is not None:  # saved once, under the input embedding's name, as save_pretrained does
+        state.pop(tied[0], None)
     return state
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    """AdamW state keyed by parameter name, unsharded on CPU (a collective when sharded)."""
+def _tied_embedding_keys(lm) -> Optional[tuple[str, str]]:
+    """(output embedding weight key, input embedding weight key) when the model ties them, else None."""
+    if not getattr(lm.config, "tie_word_embeddings", False):
+        return None
+    names = {id(m): name for name, m in lm.named_modules()}
+    return (names[id(lm.get_output_embeddings())] + ".weight", names[id(lm.get_input_embeddings())] + ".weight")
+
+
+def full_optimizer_state(model, optimizer) -> Optional[dict]:
+    """AdamW state keyed by parameter name, unsharded on CPU (a collective); None when not sharded."""
     if not is_sharded(model):
-        return optimizer.state_dict()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -115,11 +125,12 @@ def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimize
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    expected = unwrap(model).state_dict().keys()
+    lm = unwrap(model)
+    expected = lm.state_dict().keys()
     weights = dict(weights)
-    for key in expected:  # tied output embeddings are saved once, under the input embedding's name
-        if key not in weights and key.endswith("lm_head.weight"):
-            weights[key] = weights[key.replace("lm_head.weight", "model.embed_tokens.weight")]
+    tied = _tied_embedding_keys(lm)
+    if tied is not None and tied[0] not in weights and tied[1] in weights:
+        weights[tied[0]] = weights[tied[1]]
     missing = [k for k in expected if k not in weights]
     if missing:
         raise RuntimeError(f"checkpoint does not match the model (missing {missing[:3]})")

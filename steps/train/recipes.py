@@ -96,7 +96,7 @@ def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, ini
             data_stats, cfg_section) -> RunSummary:
     rank, world_size = world()
     final_dir = out_dir / "final"
-    weights = parallel.full_state_dict(result.model) if parallel.is_sharded(result.model) else None
+    weights = parallel.full_state_dict(result.model)  # None unless sharded
     if rank == 0:
         checkpoints.save_model_dir(model, tokenizer, final_dir, weights=weights)
     if world_size > 1:
