@@ -338,7 +338,7 @@ def build_criterion_config(criterion: str, raw: Any, source: str, key: str = "pr
     if criterion not in names:
         raise ConfigError(source, f"{key}.criterion",
                           f"unknown criterion {criterion!r}; registered: {', '.join(sorted(names))}")
-    cls = losses.loss_config_class(criterion)
+    cls = losses.loss_class(criterion).config_class
     if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
         return raw
     raw = dict(raw or {})

@@ -23,7 +23,7 @@ def _run(rank: int, world_size: int, init_file: str, out_dir: str, parallelism: 
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     from steps.config import PreferenceConfig
-    from steps.losses import get_loss
+    from steps.losses import build_loss
     from steps.models import load_model, load_tokenizer
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, precompute_reference
@@ -36,7 +36,7 @@ def _run(rank: int, world_size: int, init_file: str, out_dir: str, parallelism: 
                            parallelism=parallelism, checkpoint_every_steps=1)
     model = load_model("tiny", seed=4)
     precompute_reference(model, pairs, tok.pad_token_id, cfg)
-    obj = PreferenceObjective(pairs, [], tok.pad_token_id, cfg, get_loss("dpo", beta=0.1), True)
+    obj = PreferenceObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
     try:
         result = train(model, tok, obj, cfg, out_dir, resume=True, stop_after_steps=stop_after_steps)
         from torch.distributed.tensor import DTensor

@@ -10,23 +10,20 @@ import pytest
 import torch
 
 from steps.losses import (
-    LOSSES,
     DuplicateLossError,
     LossConfigError,
     LossInputError,
     MissingReferenceError,
     PreferenceLoss,
     UnknownLossError,
-    config_type_path,
-    get_loss,
+    build_loss,
     import_loss_modules,
-    loss_config_class,
-    loss_from_config,
+    loss_class,
     register_loss,
     registered_losses,
     requires_reference,
-    unregister_loss,
 )
+from steps.losses import registry
 
 REQUIRED_METRICS = {"loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "nll"}
 
@@ -65,7 +62,7 @@ def call(loss_fn, s_w=S_W, s_l=S_L, n_w=N_W, n_l=N_L, r_w=R_W, r_l=R_L, grad=Fal
 
 
 def test_dpo_plain_values_and_metrics():
-    out, _, _ = call(get_loss("dpo", beta=0.1))
+    out, _, _ = call(build_loss("dpo", beta=0.1))
     # z0 = 0.1 * ((-10 - -11) - (-12 - -11.5)) = 0.1 * (1 + 0.5) = 0.15
     # z1 = 0.1 * ((-20 - -19) - (-15 - -16)) = 0.1 * (-1 - 1) = -0.2
     expected = [neg_logsigmoid(0.15), neg_logsigmoid(-0.2)]
@@ -84,13 +81,13 @@ def test_dpo_plain_values_and_metrics():
 
 
 def test_dpo_label_smoothing_0_2():
-    out, _, _ = call(get_loss("dpo", beta=0.1, label_smoothing=0.2))
+    out, _, _ = call(build_loss("dpo", beta=0.1, label_smoothing=0.2))
     expected = [0.8 * neg_logsigmoid(z) + 0.2 * neg_logsigmoid(-z) for z in (0.15, -0.2)]
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_dpo_length_normalization_uses_means():
-    out, _, _ = call(get_loss("dpo", beta=0.5, length_normalization=True))
+    out, _, _ = call(build_loss("dpo", beta=0.5, length_normalization=True))
     z0 = 0.5 * ((-10 / 5 - -11 / 5) - (-12 / 6 - -11.5 / 6))  # 0.5 * (0.2 + 1/12)
     z1 = 0.5 * ((-20 / 10 - -19 / 10) - (-15 / 7 - -16 / 7))  # 0.5 * (-0.1 - 1/7)
     assert out.per_pair.tolist() == pytest.approx([neg_logsigmoid(z0), neg_logsigmoid(z1)], rel=1e-12)
@@ -98,7 +95,7 @@ def test_dpo_length_normalization_uses_means():
 
 
 def test_dpo_nll_term():
-    out, _, _ = call(get_loss("dpo", beta=0.1, nll_scale=0.5))
+    out, _, _ = call(build_loss("dpo", beta=0.1, nll_scale=0.5))
     expected = [neg_logsigmoid(0.15) + 0.5 * 2.0, neg_logsigmoid(-0.2) + 0.5 * 2.0]
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
 
@@ -106,7 +103,7 @@ def test_dpo_nll_term():
 def test_dpo_gradient_matches_hand_derivation():
     beta, eps, nll_scale = 0.1, 0.2, 0.5
     out, chosen, rejected = call(
-        get_loss("dpo", beta=beta, label_smoothing=eps, nll_scale=nll_scale), grad=True
+        build_loss("dpo", beta=beta, label_smoothing=eps, nll_scale=nll_scale), grad=True
     )
     out.loss.backward()
     batch = 2
@@ -126,7 +123,7 @@ FREE = dict(s_w=[-3.0, -4.0], n_w=[3, 8], s_l=[-4.0, -2.0], n_l=[2, 4], r_w=None
 
 def test_simpo_gamma_is_the_papers_margin():
     for gamma in (0.5, 1.0):
-        out, _, _ = call(get_loss("simpo", beta=2.0, gamma=gamma), **FREE)
+        out, _, _ = call(build_loss("simpo", beta=2.0, gamma=gamma), **FREE)
         # z = β(A_w − A_l) − γ: pair 0 → 2·1 − γ, pair 1 → 2·0 − γ
         expected = [neg_logsigmoid(2.0 - gamma), neg_logsigmoid(-gamma)]
         assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
@@ -137,20 +134,20 @@ def test_simpo_gamma_is_the_papers_margin():
 
 
 def test_simpo_nll_term():
-    out, _, _ = call(get_loss("simpo", beta=2.0, gamma=0.5, nll_scale=0.3), **FREE)
+    out, _, _ = call(build_loss("simpo", beta=2.0, gamma=0.5, nll_scale=0.3), **FREE)
     expected = [neg_logsigmoid(1.5) + 0.3 * 1.0, neg_logsigmoid(-0.5) + 0.3 * 0.5]
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_cpo_with_nll():
-    out, _, _ = call(get_loss("cpo", beta=0.1, nll_scale=1.0), **FREE)
+    out, _, _ = call(build_loss("cpo", beta=0.1, nll_scale=1.0), **FREE)
     # z = 0.1 (S_w − S_l): pair 0 → 0.1, pair 1 → −0.2; NLL = −A_w = [1, 0.5]
     expected = [neg_logsigmoid(0.1) + 1.0, neg_logsigmoid(-0.2) + 0.5]
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.metrics["rewards_chosen"] == pytest.approx((-0.3 + -0.4) / 2)  # β·S
     assert out.metrics["rewards_rejected"] == pytest.approx((-0.4 + -0.2) / 2)
     assert out.metrics["reward_accuracy"] == 0.5
-    no_nll, _, _ = call(get_loss("cpo", beta=0.1, nll_scale=0.0), **FREE)
+    no_nll, _, _ = call(build_loss("cpo", beta=0.1, nll_scale=0.0), **FREE)
     assert no_nll.per_pair.tolist() == pytest.approx([neg_logsigmoid(0.1), neg_logsigmoid(-0.2)], rel=1e-12)
 
 
@@ -165,7 +162,7 @@ def test_orpo_lambda_is_honoured():
     nll = [1.0, 0.5]
     losses = {}
     for lam in (0.2, 1.0):
-        out, _, _ = call(get_loss("orpo", orpo_lambda=lam, nll_scale=1.0), **FREE)
+        out, _, _ = call(build_loss("orpo", orpo_lambda=lam, nll_scale=1.0), **FREE)
         expected = [nll[i] + lam * odds_loss[i] for i in range(2)]
         assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-10)
         assert out.metrics["log_odds"] == pytest.approx(sum(ratio) / 2, rel=1e-10)
@@ -181,7 +178,7 @@ def test_orpo_stable_near_zero_and_very_negative(dtype):
     chosen = torch.tensor([-1e-8, -30.0, 0.0, -1e-8], dtype=dtype, requires_grad=True)
     rejected = torch.tensor([-30.0, -1e-8, -2.0, -1e-8], dtype=dtype, requires_grad=True)
     ones = torch.ones(4, dtype=torch.long)
-    out = get_loss("orpo", orpo_lambda=1.0, nll_scale=1.0)(chosen, rejected, ones, ones)
+    out = build_loss("orpo", orpo_lambda=1.0, nll_scale=1.0)(chosen, rejected, ones, ones)
     out.loss.backward()
     assert torch.isfinite(out.per_pair).all() and torch.isfinite(chosen.grad).all()
     assert torch.isfinite(rejected.grad).all()
@@ -196,23 +193,23 @@ def test_orpo_stable_near_zero_and_very_negative(dtype):
 
 
 def test_ipo_values():
-    out, _, _ = call(get_loss("ipo", beta=0.1))
+    out, _, _ = call(build_loss("ipo", beta=0.1))
     # h = (A_w − RA_w) − (A_l − RA_l), per-token means
     h0 = (-10 / 5 - -11 / 5) - (-12 / 6 - -11.5 / 6)  # 0.2 + 1/12
     h1 = (-20 / 10 - -19 / 10) - (-15 / 7 - -16 / 7)  # −0.1 − 1/7
     expected = [(h0 - 5.0) ** 2, (h1 - 5.0) ** 2]  # target 1/(2·0.1) = 5
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.metrics["reward_margin"] == pytest.approx(0.1 * (h0 + h1) / 2)
-    out2, _, _ = call(get_loss("ipo", beta=0.5))  # target 1
+    out2, _, _ = call(build_loss("ipo", beta=0.5))  # target 1
     assert out2.per_pair.tolist() == pytest.approx([(h0 - 1.0) ** 2, (h1 - 1.0) ** 2], rel=1e-12)
 
 
 def test_hinge_both_sides_and_gradient():
-    out, _, _ = call(get_loss("hinge", beta=0.5), r_w=[-12.0, -19.0], r_l=[-13.0, -15.0])
+    out, _, _ = call(build_loss("hinge", beta=0.5), r_w=[-12.0, -19.0], r_l=[-13.0, -15.0])
     # pair 0: z0 = 0.5·((−10 + 12) − (−12 + 13)) = 0.5·1 = 0.5 → 1 − 0.5 = 0.5 (sloped side)
     # pair 1: z1 = 0.5·((−20 + 19) − (−15 + 15)) = −0.5 → 1.5 (sloped side)
     assert out.per_pair.tolist() == pytest.approx([0.5, 1.5], rel=1e-12)
-    flat, c2, r2 = call(get_loss("hinge", beta=0.5), r_w=[-13.0, -19.0], r_l=[-12.0, -15.0], grad=True)
+    flat, c2, r2 = call(build_loss("hinge", beta=0.5), r_w=[-13.0, -19.0], r_l=[-12.0, -15.0], grad=True)
     # pair 0: (−10 + 13) − (−12 + 12) = 3 → z0 = 1.5 ≥ 1 → 0
     assert flat.per_pair.tolist() == pytest.approx([0.0, 1.5], rel=1e-12)
     flat.loss.backward()
@@ -225,46 +222,49 @@ def test_hinge_both_sides_and_gradient():
 # ---------------------------------------------------------------- shared behaviour
 
 
-def test_gradcheck_every_loss_against_finite_differences():
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "cpo", "ipo", "hinge"])
+def test_gradcheck_every_loss_against_finite_differences(name):
     chosen = t([-10.0, -20.0, -7.0], grad=True)
     rejected = t([-12.0, -15.0, -9.0], grad=True)
     n_w, n_l = torch.tensor([5, 10, 4]), torch.tensor([6, 7, 3])
     r_w, r_l = t([-11.0, -19.0, -6.0]), t([-11.5, -16.0, -8.5])
     settings = {"dpo": {"label_smoothing": 0.1, "nll_scale": 0.3}, "hinge": {"beta": 0.1}}
-    for name in ("dpo", "simpo", "orpo", "cpo", "ipo", "hinge"):
-        loss_fn = get_loss(name, **settings.get(name, {}))
-        assert torch.autograd.gradcheck(
-            lambda c, r: loss_fn(c, r, n_w, n_l, r_w, r_l).loss, (chosen, rejected)
-        ), name
+    loss_fn = build_loss(name, **settings.get(name, {}))
+    assert torch.autograd.gradcheck(lambda c, r: loss_fn(c, r, n_w, n_l, r_w, r_l).loss, (chosen, rejected))
 
 
 def test_bf16_inputs_are_computed_in_fp32():
     chosen = torch.tensor([-10.0, -20.0], dtype=torch.bfloat16, requires_grad=True)
     rejected = torch.tensor([-12.0, -15.0], dtype=torch.bfloat16)
-    out = get_loss("simpo", beta=2.0, gamma=0.5)(chosen, rejected, torch.tensor([5, 10]), torch.tensor([6, 7]))
+    out = build_loss("simpo", beta=2.0, gamma=0.5)(chosen, rejected, torch.tensor([5, 10]), torch.tensor([6, 7]))
     assert out.loss.dtype == torch.float32 and out.per_pair.dtype == torch.float32
     out.loss.backward()
     assert chosen.grad is not None and chosen.grad.dtype == torch.bfloat16
 
 
-def test_reference_needs_are_declared_and_enforced():
+def test_reference_needs_are_declared():
     assert {name: requires_reference(name) for name in ("dpo", "ipo", "hinge", "simpo", "orpo", "cpo")} == {
         "dpo": True, "ipo": True, "hinge": True, "simpo": False, "orpo": False, "cpo": False,
     }
-    for name in ("dpo", "ipo", "hinge"):
-        assert get_loss(name).requires_reference
-        with pytest.raises(MissingReferenceError, match="needs reference log-probs"):
-            call(get_loss(name), r_w=None, r_l=None)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge"])
+def test_reference_based_losses_refuse_to_run_without_reference(name):
+    assert build_loss(name).requires_reference
+    with pytest.raises(MissingReferenceError, match="needs reference log-probs"):
+        call(build_loss(name), r_w=None, r_l=None)
+
+
+def test_reference_sums_come_in_pairs_and_free_losses_ignore_them():
     with pytest.raises(LossInputError, match="pass both reference sums or neither"):
-        call(get_loss("dpo"), r_l=None)
-    # reference-free losses ignore reference sums when given
-    with_ref, _, _ = call(get_loss("cpo"))
-    without_ref, _, _ = call(get_loss("cpo"), r_w=None, r_l=None)
+        call(build_loss("dpo"), r_l=None)
+    with_ref, _, _ = call(build_loss("cpo"))
+    without_ref, _, _ = call(build_loss("cpo"), r_w=None, r_l=None)
     assert with_ref.loss.item() == without_ref.loss.item()
 
 
 def test_bad_inputs_are_refused_clearly():
-    loss_fn = get_loss("simpo")
+    loss_fn = build_loss("simpo")
     with pytest.raises(LossInputError, match="rejected_lengths must be > 0"):
         call(loss_fn, n_l=[6, 0], r_w=None, r_l=None)
     with pytest.raises(LossInputError, match="policy_rejected_logps has 3 entries"):
@@ -280,33 +280,37 @@ def test_bad_inputs_are_refused_clearly():
 # ---------------------------------------------------------------- registry and configs
 
 
-def test_defaults_are_the_projects():
-    assert set(registered_losses()) >= {"dpo", "simpo", "orpo", "cpo", "ipo", "hinge"}
-    assert set(LOSSES) == set(registered_losses())
-    expected = {
-        "dpo": dict(beta=0.1, nll_scale=0.0, label_smoothing=0.0, length_normalization=False),
-        "simpo": dict(beta=1.0, gamma=0.5, nll_scale=0.0),
-        "orpo": dict(orpo_lambda=0.1, nll_scale=1.0),
-        "cpo": dict(beta=0.1, nll_scale=1.0),
-        "ipo": dict(beta=0.1),
-        "hinge": dict(beta=0.1),
-    }
-    for name, fields in expected.items():
-        assert dataclasses.asdict(get_loss(name).config) == fields, name
+PROJECT_DEFAULTS = {
+    "dpo": dict(beta=0.1, nll_scale=0.0, label_smoothing=0.0, length_normalization=False),
+    "simpo": dict(beta=1.0, gamma=0.5, nll_scale=0.0),
+    "orpo": dict(orpo_lambda=0.1, nll_scale=1.0),
+    "cpo": dict(beta=0.1, nll_scale=1.0),
+    "ipo": dict(beta=0.1),
+    "hinge": dict(beta=0.1),
+}
+
+
+def test_the_six_losses_are_registered():
+    assert set(registered_losses()) >= set(PROJECT_DEFAULTS)
+
+
+@pytest.mark.parametrize(("name", "fields"), sorted(PROJECT_DEFAULTS.items()))
+def test_defaults_are_the_projects(name, fields):
+    assert dataclasses.asdict(build_loss(name).config) == fields
 
 
 def test_unknown_loss_lists_registered_names():
     with pytest.raises(UnknownLossError) as info:
-        get_loss("nope")
+        build_loss("nope")
     assert isinstance(info.value, ValueError)
     for name in ("dpo", "simpo", "orpo", "cpo", "ipo", "hinge"):
         assert name in str(info.value)
-    assert get_loss(" DPO ").name == "dpo"
+    assert build_loss(" DPO ").name == "dpo"
 
 
 def test_unknown_field_lists_the_fields():
     with pytest.raises(LossConfigError) as info:
-        get_loss("simpo", betta=2.0)
+        build_loss("simpo", betta=2.0)
     assert info.value.field == "betta"
     message = str(info.value)
     assert "'betta'" in message and "beta" in message and "gamma" in message and "nll_scale" in message
@@ -330,35 +334,31 @@ def test_unknown_field_lists_the_fields():
 )
 def test_bad_config_values_name_field_value_and_rule(name, fields, field, fragment):
     with pytest.raises(LossConfigError) as info:
-        get_loss(name, **fields)
+        build_loss(name, **fields)
     assert info.value.field == field
     assert field in str(info.value) and fragment in str(info.value)
 
 
 def test_config_coerces_ints_and_negative_gamma_is_allowed():
-    config = get_loss("simpo", beta=2, gamma=-1).config
+    config = build_loss("simpo", beta=2, gamma=-1).config
     assert config.beta == 2.0 and isinstance(config.beta, float) and config.gamma == -1.0
 
 
-def test_type_path_imports_the_config_class():
-    assert config_type_path("simpo") == "steps.losses.simpo.SimPOConfig"
-    assert config_type_path("dpo") == "steps.losses.dpo.DPOConfig"
-    for name in registered_losses():
-        module_name, _, class_name = config_type_path(name).rpartition(".")
-        config_class = getattr(importlib.import_module(module_name), class_name)
-        assert config_class is loss_config_class(name)
-        built = loss_from_config(config_class())
-        assert built.name == name and isinstance(built, PreferenceLoss)
-        assert loss_from_config(name, config_class()).name == name
-        assert loss_from_config(name, None).config == config_class()
-    with pytest.raises(LossConfigError, match="steps.losses.dpo.DPOConfig"):
-        loss_from_config("dpo", loss_config_class("simpo")())
+@pytest.mark.parametrize("name", sorted(PROJECT_DEFAULTS))
+def test_build_loss_takes_its_config_instance_and_refuses_another_loss_config(name):
+    config_class = loss_class(name).config_class
+    assert build_loss(name, config_class()).config == config_class()
+    other = "simpo" if name != "simpo" else "dpo"
+    with pytest.raises(LossConfigError, match=config_class.__qualname__):
+        build_loss(name, loss_class(other).config_class())
+    with pytest.raises(TypeError, match="not both"):
+        build_loss(name, config_class(), beta=1.0)
 
 
 NEW_LOSS_MODULE = '''
 from dataclasses import dataclass
 
-from steps.losses import LossTerms, PreferenceLoss, register_loss
+from steps.losses import LossOutput, PreferenceLoss, register_loss
 
 
 @dataclass
@@ -366,51 +366,39 @@ class ShiftConfig:
     shift: float = 1.0
 
 
-@register_loss("tmp-shift-fn", config=ShiftConfig)
-def shift_loss(pairs, config):
-    """ℓ = (S_l − S_w) + shift."""
-    per_pair = pairs.rejected_logps - pairs.chosen_logps + config.shift
-    return LossTerms(per_pair, pairs.chosen_logps, pairs.rejected_logps)
-
-
-@register_loss("tmp-shift-cls")
+@register_loss("tmp-shift")
 class ShiftLoss(PreferenceLoss):
-    """Same loss, class style, needing a reference."""
+    """ℓ = (S_l − S_w) + shift, needing a reference."""
 
     config_class = ShiftConfig
     requires_reference = True
 
     def compute(self, pairs):
-        return shift_loss(pairs, self.config)
+        per_pair = pairs.rejected_logps - pairs.chosen_logps + self.config.shift
+        return LossOutput(per_pair, pairs.chosen_logps, pairs.rejected_logps)
 '''
 
 
-def test_new_loss_module_is_discovered_and_found(tmp_path, monkeypatch):
+def test_a_new_loss_is_one_file(tmp_path, monkeypatch):
     package = tmp_path / "tmp_extra_losses"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "shifted.py").write_text(textwrap.dedent(NEW_LOSS_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))  # the registration ends with the test
     try:
         assert import_loss_modules("tmp_extra_losses") == ["tmp_extra_losses.shifted"]
-        assert {"tmp-shift-fn", "tmp-shift-cls"} <= set(registered_losses())
-        out, _, _ = call(get_loss("tmp-shift-fn", shift=2.0), r_w=None, r_l=None)
+        assert "tmp-shift" in registered_losses() and requires_reference("tmp-shift")
+        out, _, _ = call(build_loss("tmp-shift", shift=2.0))
         # pair 0: −12 − (−10) + 2 = 0; pair 1: −15 − (−20) + 2 = 7
         assert out.per_pair.tolist() == [0.0, 7.0]
         assert out.metrics["reward_accuracy"] == 0.5
-        assert not requires_reference("tmp-shift-fn") and requires_reference("tmp-shift-cls")
         with pytest.raises(MissingReferenceError):
-            call(get_loss("tmp-shift-cls"), r_w=None, r_l=None)
-        assert config_type_path("tmp-shift-fn") == "tmp_extra_losses.shifted.ShiftConfig"
-        # re-importing the same module is not a clash
-        importlib.reload(sys.modules["tmp_extra_losses.shifted"])
+            call(build_loss("tmp-shift"), r_w=None, r_l=None)
+        importlib.reload(sys.modules["tmp_extra_losses.shifted"])  # re-importing the same module is not a clash
     finally:
-        for name in ("tmp-shift-fn", "tmp-shift-cls"):
-            if name in LOSSES:
-                unregister_loss(name)
         sys.modules.pop("tmp_extra_losses.shifted", None)
         sys.modules.pop("tmp_extra_losses", None)
-    assert "tmp-shift-fn" not in registered_losses()
 
 
 def test_real_package_imports_all_its_loss_modules():
@@ -419,19 +407,26 @@ def test_real_package_imports_all_its_loss_modules():
         assert f"steps.losses.{name}" in modules
 
 
-def test_name_clash_and_bad_registrations_are_refused():
+def test_name_clash_and_bad_registrations_are_refused(monkeypatch):
+    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
     with pytest.raises(DuplicateLossError, match="already registered"):
 
         @register_loss("dpo")
         class OtherDPO(PreferenceLoss):
-            config_class = loss_config_class("dpo")
+            config_class = loss_class("dpo").config_class
 
-    with pytest.raises(TypeError, match="config="):
+    with pytest.raises(TypeError, match="PreferenceLoss subclass"):
+
+        @register_loss("tmp-function")
+        def not_a_class(pairs, config):
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="must be a dataclass"):
 
         @register_loss("tmp-no-config")
-        def no_config(pairs, config):
-            raise AssertionError("never called")
+        class NoConfig(PreferenceLoss):
+            pass
 
     with pytest.raises(ValueError, match="lower-case"):
         register_loss("Bad Name")
-    assert "tmp-no-config" not in LOSSES
+    assert "tmp-no-config" not in registered_losses() and "tmp-function" not in registered_losses()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steps.config import PreferenceConfig, SFTConfig
-from steps.losses import get_loss
+from steps.losses import build_loss
 from steps.train.batching import (PairExample, SFTExample, collate_pairs, collate_sft, make_batches, tokenize_sft)
 from steps.train.logprobs import sequence_logprobs
 from steps.train.loop import TrainingDivergedError, lr_lambda, optimizer_step, make_optimizer, train
@@ -104,7 +104,7 @@ def test_grad_accumulation_matches_one_big_batch(tokenizer, tiny_model_factory, 
         for i, e in enumerate(examples):
             e.reference_chosen, e.reference_rejected = -30.0 - i, -31.0 + i
         cfg = PreferenceConfig(lr=1e-3)
-        obj = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, get_loss("dpo", beta=0.1), True)
+        obj = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
         whole = [collate_pairs(examples, tokenizer.pad_token_id)]
         halves = [collate_pairs(examples[:2], tokenizer.pad_token_id), collate_pairs(examples[2:], tokenizer.pad_token_id)]
     results = []
@@ -142,7 +142,7 @@ def test_dpo_raises_dev_reward_accuracy(tokenizer, tiny_model_factory, tmp_path)
     cfg = PreferenceConfig(lr=2e-3, final_lr=2e-4, max_num_tokens=1024, epochs=4, seed=5, weight_decay=0.0)
     model = tiny_model_factory(seed=1)
     precompute_reference(model, train_pairs + dev_pairs, tokenizer.pad_token_id, cfg)
-    obj = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, cfg, get_loss("dpo", beta=0.1), True)
+    obj = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
     before = obj.evaluate(model)
     assert before["dev_reward_margin"] == pytest.approx(0.0, abs=1e-3)  # the policy is its own reference
     result = train(model, tokenizer, obj, cfg, tmp_path, desc="dpo-test")

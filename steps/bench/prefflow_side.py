@@ -21,7 +21,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     import torch
 
     from steps.config import PreferenceConfig, SFTConfig
-    from steps.losses import get_loss, requires_reference
+    from steps.losses import build_loss, requires_reference
     from steps.train.batching import tokenize_pairs, tokenize_sft
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
@@ -39,7 +39,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         cfg = PreferenceConfig(lr=opt.lr, **common)
         rows = synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
         examples, stats = tokenize_pairs(rows, tokenizer, spec.max_len, "drop")
-        loss_fn = get_loss(spec.task, **LOSS_PARAMS[spec.task])
+        loss_fn = build_loss(spec.task, **LOSS_PARAMS[spec.task])
         needs_reference = requires_reference(spec.task)
         setup_s = time.perf_counter() - t0
         if needs_reference:

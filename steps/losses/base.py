@@ -6,31 +6,11 @@ mean over pairs live here once so every loss behaves the same for the trainer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-
-__all__ = [
-    "LossConfigError",
-    "LossInputError",
-    "LossOutput",
-    "LossTerms",
-    "MissingReferenceError",
-    "PreferenceLoss",
-    "PreferencePairs",
-    "UnknownLossError",
-]
-
-# Metrics every loss reports, in this order, before its own extras.
-COMMON_METRICS: tuple[str, ...] = (
-    "loss",
-    "rewards_chosen",
-    "rewards_rejected",
-    "reward_margin",
-    "reward_accuracy",
-    "nll",
-)
 
 
 class UnknownLossError(ValueError):
@@ -85,7 +65,7 @@ class PreferencePairs:
         reference_chosen_logps: torch.Tensor | None = None,
         reference_rejected_logps: torch.Tensor | None = None,
     ) -> PreferencePairs:
-        """Check shapes/dtypes/lengths and cast; raises LossInputError naming the argument and the fix."""
+        """Check shapes, dtypes and lengths (no device sync but one) and cast; errors name the argument."""
         named = {
             "policy_chosen_logps": policy_chosen_logps,
             "policy_rejected_logps": policy_rejected_logps,
@@ -96,51 +76,34 @@ class PreferencePairs:
         }
         if (reference_chosen_logps is None) != (reference_rejected_logps is None):
             missing = "reference_chosen_logps" if reference_chosen_logps is None else "reference_rejected_logps"
-            raise LossInputError(
-                f"{missing} is None but its partner is not: pass both reference sums or neither"
-            )
-        batch_size: int | None = None
+            raise LossInputError(f"{missing} is None but its partner is not: pass both reference sums or neither")
+        batch_size = policy_chosen_logps.shape[0] if isinstance(policy_chosen_logps, torch.Tensor) else None
         for name, value in named.items():
             if value is None:
                 continue
-            if not isinstance(value, torch.Tensor):
-                raise LossInputError(f"{name} must be a torch.Tensor of shape [B], got {type(value).__name__}")
-            if value.dim() != 1:
-                raise LossInputError(f"{name} must have shape [B] (one value per pair), got {tuple(value.shape)}")
-            if batch_size is None:
-                batch_size = value.shape[0]
-            elif value.shape[0] != batch_size:
-                raise LossInputError(
-                    f"{name} has {value.shape[0]} entries but policy_chosen_logps has {batch_size}: "
-                    "every input must hold one value per pair"
-                )
-            is_length = name.endswith("_lengths")
-            if not is_length and not value.is_floating_point():
-                raise LossInputError(f"{name} must be a float tensor of summed log-probs, got dtype {value.dtype}")
-            if is_length and value.dtype == torch.bool:
+            if not isinstance(value, torch.Tensor) or value.dim() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise LossInputError(f"{name} must have shape [B] (one value per pair), got {shape}")
+            if value.shape[0] != batch_size:
+                raise LossInputError(f"{name} has {value.shape[0]} entries but policy_chosen_logps has "
+                                     f"{batch_size}: every input must hold one value per pair")
+            if name.endswith("_lengths") and value.dtype == torch.bool:
                 raise LossInputError(f"{name} must hold token counts (int or float), got dtype torch.bool")
+            if not name.endswith("_lengths") and not value.is_floating_point():
+                raise LossInputError(f"{name} must be a float tensor of summed log-probs, got dtype {value.dtype}")
         if batch_size == 0:
             raise LossInputError("the batch is empty (B = 0): a preference loss needs at least one pair")
-        for name in ("chosen_lengths", "rejected_lengths"):
-            if bool((named[name] <= 0).any()):
-                raise LossInputError(
-                    f"{name} must be > 0 for every pair (token count of the response, end token included); "
-                    f"got {named[name].tolist()}"
-                )
+        if bool((torch.minimum(chosen_lengths, rejected_lengths) <= 0).any()):
+            bad = "chosen_lengths" if bool((chosen_lengths <= 0).any()) else "rejected_lengths"
+            raise LossInputError(f"{bad} must be > 0 for every pair (token count of the response, end token "
+                                 f"included); got {named[bad].tolist()}")
         chosen = _as_compute_dtype(policy_chosen_logps)
-        dtype = chosen.dtype
 
         def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else _as_compute_dtype(tensor).to(dtype)
+            return None if tensor is None else _as_compute_dtype(tensor).to(chosen.dtype)
 
-        return cls(
-            chosen_logps=chosen,
-            rejected_logps=cast(policy_rejected_logps),
-            chosen_lengths=cast(chosen_lengths),
-            rejected_lengths=cast(rejected_lengths),
-            reference_chosen_logps=cast(reference_chosen_logps),
-            reference_rejected_logps=cast(reference_rejected_logps),
-        )
+        return cls(chosen, cast(policy_rejected_logps), cast(chosen_lengths), cast(rejected_lengths),  # type: ignore[arg-type]
+                   cast(reference_chosen_logps), cast(reference_rejected_logps))
 
     @property
     def batch_size(self) -> int:
@@ -181,53 +144,47 @@ class PreferencePairs:
 
 
 @dataclass
-class LossTerms:
-    """What a loss's ``compute`` returns: per-pair losses [B], per-pair rewards [B] and extra [B] metrics."""
+class LossOutput:
+    """What a loss's ``compute`` returns: per-pair losses [B], per-pair rewards [B] and extra [B] metrics.
+
+    ``loss`` is the differentiable mean over pairs; ``metrics`` the batch means as floats for logging,
+    read back from the device in one transfer.
+    """
 
     per_pair: torch.Tensor
     rewards_chosen: torch.Tensor
     rewards_rejected: torch.Tensor
     extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    nll: torch.Tensor | None = None  # the chosen per-token NLL [B], filled in by PreferenceLoss.__call__
 
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.per_pair.mean()
 
-@dataclass
-class LossOutput:
-    """``loss`` = mean of ``per_pair`` (differentiable); ``metrics`` are python floats for logging."""
-
-    loss: torch.Tensor
-    per_pair: torch.Tensor
-    metrics: dict[str, float]
-
-
-def summarise(terms: LossTerms, pairs: PreferencePairs) -> LossOutput:
-    """Mean loss plus batch-mean metrics, read back from the device in a single transfer."""
-    if terms.per_pair.shape != (pairs.batch_size,):
-        raise RuntimeError(
-            f"loss returned per_pair of shape {tuple(terms.per_pair.shape)}, expected ({pairs.batch_size},)"
-        )
-    loss = terms.per_pair.mean()
-    with torch.no_grad():
-        chosen = terms.rewards_chosen.detach()
-        rejected = terms.rewards_rejected.detach()
-        values = {
-            "loss": loss.detach(),
-            "rewards_chosen": chosen.mean(),
-            "rewards_rejected": rejected.mean(),
-            "reward_margin": (chosen - rejected).mean(),
-            "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
-            "nll": pairs.chosen_nll.detach().mean(),
-        }
-        for name, value in terms.extra_metrics.items():
-            if name in values:
-                raise RuntimeError(f"extra metric {name!r} clashes with a common metric name")
-            values[name] = value.detach().to(chosen.dtype).mean()
-        numbers = torch.stack(list(values.values())).tolist()
-    return LossOutput(loss=loss, per_pair=terms.per_pair, metrics=dict(zip(values, numbers)))
+    @functools.cached_property
+    def metrics(self) -> dict[str, float]:
+        with torch.no_grad():
+            chosen, rejected = self.rewards_chosen.detach(), self.rewards_rejected.detach()
+            values = {
+                "loss": self.per_pair.detach().mean(),
+                "rewards_chosen": chosen.mean(),
+                "rewards_rejected": rejected.mean(),
+                "reward_margin": (chosen - rejected).mean(),
+                "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+            }
+            if self.nll is not None:
+                values["nll"] = self.nll.detach().mean()
+            for name, value in self.extra_metrics.items():
+                if name in values:
+                    raise RuntimeError(f"extra metric {name!r} clashes with a common metric name")
+                values[name] = value.detach().to(chosen.dtype).mean()
+            numbers = torch.stack([v.to(chosen.dtype) for v in values.values()]).tolist()
+        return dict(zip(values, numbers))
 
 
 class PreferenceLoss:
-    """Base class of class-style losses: subclasses set ``config_class``/``requires_reference`` and write
-    ``compute(pairs) -> LossTerms``. Calling the instance validates the inputs and returns a LossOutput."""
+    """A registered loss: subclasses set ``config_class`` (a dataclass) and ``requires_reference`` and write
+    ``compute(pairs) -> LossOutput``. Calling the instance validates the inputs and returns that output."""
 
     config_class: ClassVar[type]
     requires_reference: ClassVar[bool] = False
@@ -241,7 +198,7 @@ class PreferenceLoss:
             )
         self.config = config
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement compute(pairs)")
 
     def __call__(
@@ -262,15 +219,17 @@ class PreferenceLoss:
             reference_rejected_logps,
         )
         if self.requires_reference and not pairs.has_reference:
-            from steps.losses.registry import LOSSES  # late import: the registry imports this module
-
-            reference_free = ", ".join(sorted(n for n, e in LOSSES.items() if not e.requires_reference))
             raise MissingReferenceError(
                 f"loss {self.name!r} needs reference log-probs: pass reference_chosen_logps and "
                 "reference_rejected_logps (sums from the frozen reference model or precomputed "
-                f"reference_score_chosen/rejected), or pick a reference-free loss ({reference_free})"
+                "reference_score_chosen/rejected), or pick a reference-free loss"
             )
-        return summarise(self.compute(pairs), pairs)
+        out = self.compute(pairs)
+        if out.per_pair.shape != (pairs.batch_size,):
+            raise RuntimeError(f"{type(self).__name__}.compute returned per_pair of shape "
+                               f"{tuple(out.per_pair.shape)}, expected ({pairs.batch_size},)")
+        out.nll = pairs.chosen_nll
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config!r})"

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_bool, check_real
 
@@ -42,7 +42,7 @@ class DPOLoss(PreferenceLoss):
     config_class = DPOConfig
     requires_reference = True
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: DPOConfig = self.config
         if config.length_normalization:
             chosen, rejected = pairs.chosen_mean_logps, pairs.rejected_mean_logps
@@ -59,4 +59,4 @@ class DPOLoss(PreferenceLoss):
             per_pair = per_pair - smoothing * F.logsigmoid(-logits)
         if config.nll_scale > 0.0:
             per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossTerms(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+        return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})

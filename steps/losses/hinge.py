@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -30,11 +30,11 @@ class HingeLoss(PreferenceLoss):
     config_class = HingeConfig
     requires_reference = True
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: HingeConfig = self.config
         ref_chosen, ref_rejected = pairs.reference_sums()
         rewards_chosen = config.beta * (pairs.chosen_logps - ref_chosen)
         rewards_rejected = config.beta * (pairs.rejected_logps - ref_rejected)
         logits = rewards_chosen - rewards_rejected
         per_pair = torch.relu(1.0 - logits)
-        return LossTerms(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+        return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})

@@ -3,7 +3,7 @@
 
 from dataclasses import dataclass
 
-from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -29,11 +29,11 @@ class IPOLoss(PreferenceLoss):
     config_class = IPOConfig
     requires_reference = True
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: IPOConfig = self.config
         ref_chosen, ref_rejected = pairs.reference_means()
         chosen_ratio = pairs.chosen_mean_logps - ref_chosen
         rejected_ratio = pairs.rejected_mean_logps - ref_rejected
         margin = chosen_ratio - rejected_ratio
         per_pair = (margin - 1.0 / (2.0 * config.beta)) ** 2
-        return LossTerms(per_pair, config.beta * chosen_ratio, config.beta * rejected_ratio, {"logits": margin})
+        return LossOutput(per_pair, config.beta * chosen_ratio, config.beta * rejected_ratio, {"logits": margin})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -52,7 +52,7 @@ class ORPOLoss(PreferenceLoss):
     config_class = ORPOConfig
     requires_reference = False
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: ORPOConfig = self.config
         chosen = pairs.chosen_mean_logps
         rejected = pairs.rejected_mean_logps
@@ -61,6 +61,6 @@ class ORPOLoss(PreferenceLoss):
         per_pair = config.orpo_lambda * odds_ratio_loss
         if config.nll_scale > 0.0:
             per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossTerms(
+        return LossOutput(
             per_pair, chosen, rejected, {"log_odds": ratio, "odds_ratio_loss": odds_ratio_loss}
         )

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from steps.losses.base import LossTerms, PreferenceLoss, PreferencePairs
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -36,7 +36,7 @@ class SimPOLoss(PreferenceLoss):
     config_class = SimPOConfig
     requires_reference = False
 
-    def compute(self, pairs: PreferencePairs) -> LossTerms:
+    def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: SimPOConfig = self.config
         rewards_chosen = config.beta * pairs.chosen_mean_logps
         rewards_rejected = config.beta * pairs.rejected_mean_logps
@@ -44,4 +44,4 @@ class SimPOLoss(PreferenceLoss):
         per_pair = -F.logsigmoid(logits)
         if config.nll_scale > 0.0:
             per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossTerms(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+        return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})

@@ -186,7 +186,7 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
              loss, len(train_rows), len(dev_rows), data_dir, init_spec, ref_spec)
     train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
     dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
-    loss_fn = losses.loss_from_config(loss, p.criterion_config)
+    loss_fn = losses.build_loss(loss, p.criterion_config)
     model = load_for_training(init_spec, cfg, device)
 
     needs_ref = ref_spec is not None
