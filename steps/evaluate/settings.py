@@ -1,0 +1,50 @@
+"""How answers are generated: one settings object from the run config to the decoder, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class GenerationError(ValueError):
+    """Generation settings or inputs that cannot work; ``field`` names the offending setting."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling knobs of evaluation and reference generation; ``temperature == 0`` means greedy.
+
+    The run config's ``evaluation`` section spells the same names; every consumer (reference outputs,
+    model outputs, the continuous-batching decoder, vLLM, the CLI) takes this object.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.9
+    top_p: float = 1.0
+    seed: int = 1814
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be an integer >= 1, got {value!r}", name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise GenerationError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}",
+                                  "temperature")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
