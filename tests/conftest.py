@@ -20,9 +20,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
+    """The read-only real data beside the checkout (``../shared``). CI sets PREFFLOW_REQUIRE_SHARED=1, so a
+    missing copy fails there instead of silently skipping every check against real files."""
     path = Path(os.environ.get("PREFFLOW_SHARED", REPO_ROOT.parent / "shared"))
     if not (path / "README.md").exists():
-        pytest.skip(f"shared test data not found at {path} (set PREFFLOW_SHARED)")
+        reason = f"needs ../shared (real OpenAssistant, AlpacaEval, fairseq2 files): none at {path}; set PREFFLOW_SHARED"
+        if os.environ.get("PREFFLOW_REQUIRE_SHARED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     return path
 
 
