@@ -36,7 +36,7 @@ report: setup
 	$(BIN)/python -m steps.report
 
 bench: setup
-	$(BIN)/python -m steps.bench
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf .metaflow runs reports/*.png

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.bench.cli import BenchArgumentError, parse_args
+from benchmarks.cli import BenchArgumentError, parse_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"task", "model", "prefflow_tokens_per_s", "baseline_tokens_per_s", "ratio",
@@ -30,7 +30,7 @@ def test_bad_arguments_are_refused():
 def test_tiny_dpo_and_generation_print_json_rows(tmp_path):
     pytest.importorskip("trl", reason="the TRL baseline needs the 'bench' extra")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "USERNAME": os.environ.get("USERNAME", "prefflow")}
-    cmd = [sys.executable, "-m", "steps.bench", "--model", "tiny", "--task", "dpo,generate", "--steps", "2",
+    cmd = [sys.executable, "-m", "benchmarks", "--model", "tiny", "--task", "dpo,generate", "--steps", "2",
            "--warmup-steps", "0", "--gen-prompts", "2", "--gen-batch-size", "2", "--gen-max-new-tokens", "3",
            "--log-dir", str(tmp_path), "--json"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

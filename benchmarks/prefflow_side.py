@@ -11,8 +11,8 @@ import logging
 import tempfile
 import time
 
-from steps.bench import hardware, synthetic
-from steps.bench.spec import LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult, WorkerSpec
+from benchmarks import hardware, synthetic
+from benchmarks.spec import LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult, WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""``python -m steps.bench``: PrefFlow against TRL (and batched against one-at-a-time generation), side by side.
+"""``python -m benchmarks``: PrefFlow against TRL (and batched against one-at-a-time generation), side by side.
 
-    python -m steps.bench --model tiny --task dpo,simpo,orpo,cpo,sft,generate --steps 8 --json
+    python -m benchmarks --model tiny --task dpo,simpo,orpo,cpo,sft,generate --steps 8 --json
 
-Both sides get the same model, the same synthetic data (steps.bench.synthetic), batch size, max length,
+Both sides get the same model, the same synthetic data (benchmarks.synthetic), batch size, max length,
 steps, threads and malloc settings, each in its own process. Prints a markdown table, notes, and with
 ``--json`` a JSON list of rows as the last line.
 """
@@ -16,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from steps.bench.runner import format_notes, format_table, run_task
-from steps.bench.spec import MODELS, TASKS
+from benchmarks.runner import format_notes, format_table, run_task
+from benchmarks.spec import MODELS, TASKS
 
-log = logging.getLogger("steps.bench")
+log = logging.getLogger("benchmarks")
 
 
 class BenchArgumentError(ValueError):
@@ -27,7 +27,7 @@ class BenchArgumentError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m steps.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help=f"one or more of {', '.join(MODELS)} (comma-separated)")
     parser.add_argument("--task", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, default=256, help="max tokens per sequence")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
     parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
-                        help="glibc malloc preset applied to both sides (see steps.bench.hardware)")
+                        help="glibc malloc preset applied to both sides (see benchmarks.hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times, keep medians")
     parser.add_argument("--gen-prompts", type=int, default=16, help="instructions for the generate task (1-24: the embedded eval set)")
     parser.add_argument("--gen-batch-size", type=int, default=16,

@@ -1,6 +1,6 @@
 """Runs both sides of each task in separate child processes and turns their results into table rows.
 
-Each side is a fresh ``python -m steps.bench.worker`` with the same environment (threads, malloc preset),
+Each side is a fresh ``python -m benchmarks.worker`` with the same environment (threads, malloc preset),
 so one side's memory never counts against the other: the parent reads the child's peak RSS from
 ``wait4``. With ``repeats > 1`` the sides alternate (P, B, P, B, ...) and the median run of each side is
 kept, which evens out load from other processes on a shared machine.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from steps.bench import hardware
-from steps.bench.spec import SideResult, WorkerSpec
+from benchmarks import hardware
+from benchmarks.spec import SideResult, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def run_side(spec: WorkerSpec, env: dict[str, str], log_dir: Path, timeout_s: fl
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "steps.bench.worker", spec.to_json()], env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[2]))
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", spec.to_json()], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]))
         deadline = time.monotonic() + timeout_s
         status, rusage = 0, None
         while True:

@@ -20,7 +20,7 @@ MODELS = {
     "1b": "tiny:" + json.dumps(ONE_B_CONFIG, separators=(",", ":")),
 }
 
-# Loss hyperparameters, identical on both sides (PrefFlow names -> TRL names in steps.bench.trl_side).
+# Loss hyperparameters, identical on both sides (PrefFlow names -> TRL names in benchmarks.trl_side).
 LOSS_PARAMS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1},
     "simpo": {"beta": 1.0, "gamma": 0.5},

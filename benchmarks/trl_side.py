@@ -17,8 +17,8 @@ import tempfile
 import time
 from typing import Any
 
-from steps.bench import hardware, synthetic
-from steps.bench.spec import LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec
+from benchmarks import hardware, synthetic
+from benchmarks.spec import LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""One side of one benchmark task, in its own process: ``python -m steps.bench.worker '<WorkerSpec JSON>'``.
+"""One side of one benchmark task, in its own process: ``python -m benchmarks.worker '<WorkerSpec JSON>'``.
 
-The parent (steps.bench.runner) starts one of these per side so that each side's peak memory is its own,
+The parent (benchmarks.runner) starts one of these per side so that each side's peak memory is its own,
 and both start from the same environment (threads, malloc settings). The result goes to ``spec.out`` as JSON.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from steps.bench.spec import PREFERENCE_TASKS, WorkerSpec
+from benchmarks.spec import PREFERENCE_TASKS, WorkerSpec
 
 
 def run(spec: WorkerSpec):
@@ -17,7 +17,7 @@ def run(spec: WorkerSpec):
 
     torch.set_num_threads(spec.threads)
     if spec.task == "generate":
-        from steps.bench.prefflow_side import run_generation
+        from benchmarks.prefflow_side import run_generation
 
         if spec.side == "prefflow":
             return run_generation(spec, spec.gen_batch_size, "prefflow")
@@ -25,10 +25,10 @@ def run(spec: WorkerSpec):
     if spec.task not in PREFERENCE_TASKS + ("sft",):
         raise ValueError(f"unknown task {spec.task!r}")
     if spec.side == "prefflow":
-        from steps.bench.prefflow_side import run_training
+        from benchmarks.prefflow_side import run_training
 
         return run_training(spec)
-    from steps.bench.trl_side import run_training
+    from benchmarks.trl_side import run_training
 
     return run_training(spec)
 
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
-        print("usage: python -m steps.bench.worker '<WorkerSpec JSON>'", file=sys.stderr)
+        print("usage: python -m benchmarks.worker '<WorkerSpec JSON>'", file=sys.stderr)
         return 2
     spec = WorkerSpec.from_json(argv[0])
     result = run(spec)

@@ -139,7 +139,7 @@ def load_side(spec):
     (load time measured apart), the step count and how many synthetic examples cover it."""
     import time
 
-    from steps.bench.spec import MODELS
+    from benchmarks.spec import MODELS
     from steps.models import load_model, load_tokenizer
 
     device = pick_device()
