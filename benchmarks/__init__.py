@@ -1,6 +1,4 @@
-"""Side-by-side speed benchmark: PrefFlow's training and generation against TRL and one-at-a-time prompts.
+"""Side-by-side benchmark of PrefFlow against TRL (and batched against one-at-a-time generation).
 
-``python -m benchmarks --help``. Modules: ``synthetic`` (deterministic data), ``hardware`` (device, threads,
-malloc, memory, MFU), ``spec`` (what a child runs and reports), ``prefflow_side`` / ``trl_side`` (the two
-sides), ``worker`` (child entry point), ``runner`` (processes, rows, tables), ``cli``.
+Not part of the installed ``steps`` package: it imports ``steps`` like user code. ``python -m benchmarks --help``.
 """

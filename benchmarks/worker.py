@@ -1,7 +1,6 @@
-"""One side of one benchmark task, in its own process: ``python -m benchmarks.worker '<WorkerSpec JSON>'``.
+"""One side of one benchmark task in its own process: ``python -m benchmarks.worker '<WorkerSpec JSON>'``.
 
-The parent (benchmarks.runner) starts one of these per side so that each side's peak memory is its own,
-and both start from the same environment (threads, malloc settings). The result goes to ``spec.out`` as JSON.
+Its own process, so its peak memory is its own; the parent gives both sides one environment. Result: ``spec.out``.
 """
 from __future__ import annotations
 
@@ -9,10 +8,11 @@ import json
 import logging
 import sys
 
-from benchmarks.spec import PREFERENCE_TASKS, WorkerSpec
+from benchmarks.spec import TRAIN_TASKS, SideResult, WorkerSpec
 
 
-def run(spec: WorkerSpec):
+def run(spec: WorkerSpec) -> SideResult:
+    """Run the side and task ``spec`` names at ``spec.threads`` torch threads."""
     import torch
 
     torch.set_num_threads(spec.threads)
@@ -22,7 +22,7 @@ def run(spec: WorkerSpec):
         if spec.side == "prefflow":
             return run_generation(spec, spec.gen_batch_size, "prefflow")
         return run_generation(spec, 1, "baseline")
-    if spec.task not in PREFERENCE_TASKS + ("sft",):
+    if spec.task not in TRAIN_TASKS:
         raise ValueError(f"unknown task {spec.task!r}")
     if spec.side == "prefflow":
         from benchmarks.prefflow_side import run_training
@@ -34,6 +34,7 @@ def run(spec: WorkerSpec):
 
 
 def main(argv: list[str]) -> int:
+    """Entry point: read the spec from argv, write the result JSON atomically."""
     from steps.io import atomic_write_text
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
