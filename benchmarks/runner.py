@@ -258,7 +258,9 @@ def format_notes(rows: list[Row]) -> str:
                      f"on {os.cpu_count()} CPUs")
     notes.append("- FLOP/s are model FLOPs (benchmarks.flops): 6N per trained token (N = nn.Linear weights, lm_head "
                  "in, embedding out; 4N + 2N_trainable with LoRA), 2N per reference-forward token, plus causal "
-                 "attention 2 L d_attn T (T + 1) per sequence forward, the same count for both sides")
+                 "attention 2 L d_attn T (T + 1) per sequence forward, the same count for both sides; work an "
+                 "implementation skips (PrefFlow: a prompt shared by chosen and rejected, the vocabulary projection "
+                 "at scored positions only) still counts, so MFU can exceed what the hardware did")
     return "\n".join(notes)
 
 

@@ -118,6 +118,8 @@ def run_training(spec: WorkerSpec) -> SideResult:
     import torch
     from datasets import Dataset
 
+    from steps.losses import requires_reference
+
     options = {**DEFAULT_OPTIONS, **spec.options}
     opt = OptimSettings()
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
@@ -184,7 +186,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         raise RuntimeError(f"expected {total_steps} steps, TRL ran {len(timer.times)} "
                            f"({len(counter.lengths)} batches collated)")
     tokens = [sum(x) for x in counter.lengths[:total_steps]]
-    needs_reference = loss_name(spec.task) == "dpo"
+    needs_reference = spec.task != "sft" and requires_reference(loss_name(spec.task))
     counted = flops.step_flops(flops.model_shape(policy), base_shape if needs_reference else None,
                                counter.lengths[spec.warmup_steps:total_steps])
     settings = {**options, "optim": config.optim, "gradient_checkpointing": config.gradient_checkpointing,
