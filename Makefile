@@ -35,8 +35,11 @@ test: model
 report: setup
 	$(BIN)/python -m steps.report
 
-bench: setup
-	$(BIN)/python -m steps.bench
+# Side-by-side against TRL (benchmarks/, outside the installed package); TRL comes with the 'bench' extra.
+bench: BENCH_ARGS ?= --model tiny,default --steps 8 --json
+bench: model
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf .metaflow runs reports/*.png

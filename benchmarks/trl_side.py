@@ -1,14 +1,6 @@
-"""The baseline side: TRL's trainers on the same model, data, batch size, max length, steps and threads.
+"""TRL's side: DPOTrainer (+ peft_config for LoRA), CPOTrainer (CPO, SimPO), ORPOTrainer, SFTTrainer.
 
-DPO -> ``trl.DPOTrainer``; SimPO -> ``CPOTrainer`` with ``loss_type="simpo", cpo_alpha=0``; CPO ->
-``CPOTrainer``; ORPO -> ``ORPOTrainer`` (TRL 1.16 keeps CPO and ORPO in ``trl.experimental``); SFT ->
-``trl.SFTTrainer`` on prompt-completion rows (completion-only loss, as PrefFlow masks the prompt).
-
-Settings are TRL's own fast ones, never a handicap: gradient checkpointing off (TRL turns it on by
-default; at batch 4 x 256 memory does not need it), the fused AdamW TRL picks by default, reference
-log-probs precomputed for DPO (``precompute_ref_log_probs``; the precompute is timed and charged like
-PrefFlow's), no dropout, bf16 autocast on GPU. ``options`` switch the choices the benchmark measured
-(``sampling``: "random" or "group_by_length"; ``precompute_ref``; ``padding_free`` for SFT).
+TRL's own fast settings, never a handicap: no gradient checkpointing, its default AdamW, precomputed DPO reference.
 """
 from __future__ import annotations
 
@@ -17,36 +9,41 @@ import tempfile
 import time
 from typing import Any
 
-from steps.bench import hardware, synthetic
-from steps.bench.spec import LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec
+from benchmarks import flops, hardware, synthetic
+from benchmarks.spec import LORA, LORA_TASKS, LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec, loss_name
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+# Choices the benchmark measured (--baseline-option): the sampler ("random" or "group_by_length"), whether DPO's
+# reference log-probs are precomputed (the precompute is timed and charged like PrefFlow's), padding-free SFT.
 
 DEFAULT_OPTIONS: dict[str, Any] = {"sampling": "random", "precompute_ref": True, "padding_free": False}
 
 
-def batch_tokens(batch: dict) -> int:
-    """Non-padding tokens of a collated batch, whatever the collator's layout."""
-    if "chosen_attention_mask" in batch and "rejected_attention_mask" in batch:
-        return int(batch["chosen_attention_mask"].sum()) + int(batch["rejected_attention_mask"].sum())
-    if batch.get("attention_mask") is not None:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())  # padding-free: one row of real tokens
+def batch_lengths(batch: dict) -> list[int]:
+    """Real tokens of each sequence of a collated batch, whatever the collator's layout."""
+    if "chosen_attention_mask" in batch and "rejected_attention_mask" in batch:  # CPO / ORPO
+        return [int(n) for key in ("chosen_attention_mask", "rejected_attention_mask")
+                for n in batch[key].sum(dim=1).tolist()]
+    if batch.get("attention_mask") is not None:  # DPO (chosen rows, then rejected rows), SFT
+        return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()  # padding-free: one packed row
+    return [b - a for a, b in zip(starts, starts[1:] + [batch["position_ids"].shape[1]])]
 
 
 class CountingCollator:
-    """Wraps a data collator and records the tokens of each batch, in the order the trainer consumes them."""
+    """Wraps a data collator and records each batch's sequence lengths, in the order the trainer consumes them."""
 
     def __init__(self, inner):
         self.inner = inner
-        self.tokens: list[int] = []
+        self.lengths: list[list[int]] = []
         self.seconds = 0.0
 
     def __call__(self, examples):
         t0 = time.perf_counter()
         batch = self.inner(examples)
         self.seconds += time.perf_counter() - t0
-        self.tokens.append(batch_tokens(batch))
+        self.lengths.append(batch_lengths(batch))
         return batch
 
 
@@ -72,6 +69,7 @@ def _step_timer(device):
 
 
 def _trainer_and_config(task: str):
+    task = loss_name(task)
     if task == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -92,6 +90,7 @@ def _trainer_and_config(task: str):
 
 
 def _loss_args(task: str) -> dict[str, Any]:
+    task = loss_name(task)
     p = LOSS_PARAMS.get(task, {})
     if task == "dpo":
         return {"beta": p["beta"], "loss_type": ["sigmoid"]}
@@ -104,14 +103,27 @@ def _loss_args(task: str) -> dict[str, Any]:
     return {}
 
 
+def _peft_config(task: str):
+    """PrefFlow's LoRA settings as a peft.LoraConfig (None: full fine-tuning)."""
+    if task not in LORA_TASKS:
+        return None
+    import peft
+
+    return peft.LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                           target_modules=list(LORA.target_modules), task_type="CAUSAL_LM")
+
+
 def run_training(spec: WorkerSpec) -> SideResult:
+    """Train ``spec.steps + spec.warmup_steps`` steps with the TRL trainer for the task; report the measured ones."""
     import torch
     from datasets import Dataset
 
+    from steps.losses import requires_reference
 
     options = {**DEFAULT_OPTIONS, **spec.options}
     opt = OptimSettings()
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
+    base_shape = flops.model_shape(model)  # before peft wraps it: the reference TRL gets by disabling adapters
 
     if spec.task == "sft":
         rows = synthetic.conversational(synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed), "sft")
@@ -148,7 +160,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
             report_to="none", disable_tqdm=True, seed=opt.seed, data_seed=opt.seed, dataloader_num_workers=0,
             gradient_checkpointing=False, bf16=device.type == "cuda", max_length=spec.max_len,
             train_sampling_strategy=options["sampling"], **_loss_args(spec.task))
-        if spec.task == "dpo":
+        if loss_name(spec.task) == "dpo":
             args["precompute_ref_log_probs"] = bool(options["precompute_ref"])
         if spec.task in ("simpo", "cpo", "orpo") or options["sampling"] == "group_by_length":
             # CPO/ORPO's collator needs the raw columns; the length-grouped sampler needs "length"
@@ -162,26 +174,36 @@ def run_training(spec: WorkerSpec) -> SideResult:
         t0 = time.perf_counter()
         torch.manual_seed(opt.seed)
         trainer = TimedTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=[timer])
+                               callbacks=[timer], peft_config=_peft_config(spec.task))
         setup_s = time.perf_counter() - t0 - sum(precompute_s)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        policy = trainer.model
 
-    if len(timer.times) != total_steps or len(counter.tokens) < total_steps:
+    if len(timer.times) != total_steps or len(counter.lengths) < total_steps:
         raise RuntimeError(f"expected {total_steps} steps, TRL ran {len(timer.times)} "
-                           f"({len(counter.tokens)} batches collated)")
-    tokens = counter.tokens[:total_steps]
+                           f"({len(counter.lengths)} batches collated)")
+    tokens = [sum(x) for x in counter.lengths[:total_steps]]
+    needs_reference = spec.task != "sft" and requires_reference(loss_name(spec.task))
+    counted = flops.step_flops(flops.model_shape(policy), base_shape if needs_reference else None,
+                               counter.lengths[spec.warmup_steps:total_steps])
+    settings = {**options, "optim": config.optim, "gradient_checkpointing": config.gradient_checkpointing,
+                "collate_s": round(counter.seconds, 3), "trl_version": __import__("trl").__version__,
+                "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
+    if spec.task in LORA_TASKS:
+        settings["lora"] = {"r": LORA.r, "alpha": LORA.alpha, "dropout": LORA.dropout,
+                            "target_modules": list(LORA.target_modules), "via": "peft_config"}
     return SideResult(
         side="baseline", task=spec.task, model=spec.model, implementation=name,
         device=hardware.device_name(device), threads=torch.get_num_threads(),
-        params=sum(p.numel() for p in model.parameters()),
-        settings={**options, "optim": config.optim,
-                  "gradient_checkpointing": config.gradient_checkpointing, "collate_s": round(counter.seconds, 3),
-                  "trl_version": __import__("trl").__version__},
+        params=sum(p.numel() for p in policy.parameters()), settings=settings,
         step_times_s=timer.times[spec.warmup_steps:], step_tokens=tokens[spec.warmup_steps:],
         warmup_tokens=sum(tokens[: spec.warmup_steps]),
         precompute_s=sum(precompute_s) if precompute_s else None, load_s=load_s, setup_s=setup_s,
         first_loss=losses[0] if losses else None,
-        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))
+        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device),
+        train_flops=counted["train_flops"], reference_flops=counted["reference_flops"],
+        flops_detail={k: counted[k] for k in ("policy_shape", "reference_shape")},
+        gemm_shapes=flops.gemm_shapes(policy))

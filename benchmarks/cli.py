@@ -1,10 +1,6 @@
-"""``python -m steps.bench``: PrefFlow against TRL (and batched against one-at-a-time generation), side by side.
+"""``python -m benchmarks``: PrefFlow against TRL (and batched against one-at-a-time generation), side by side.
 
-    python -m steps.bench --model tiny --task dpo,simpo,orpo,cpo,sft,generate --steps 8 --json
-
-Both sides get the same model, the same synthetic data (steps.bench.synthetic), batch size, max length,
-steps, threads and malloc settings, each in its own process. Prints a markdown table, notes, and with
-``--json`` a JSON list of rows as the last line.
+Prints a markdown table and notes, and with ``--json`` the rows as JSON on the last line.
 """
 from __future__ import annotations
 
@@ -16,10 +12,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from steps.bench.runner import format_notes, format_table, run_task
-from steps.bench.spec import MODELS, TASKS
+from benchmarks.runner import format_notes, format_table, run_task
+from benchmarks.spec import MODELS, TASKS
 
-log = logging.getLogger("steps.bench")
+logger = logging.getLogger("benchmarks")
+
+EPILOG = """example:
+    python -m benchmarks --model tiny --task dpo,dpo_lora,simpo,orpo,cpo,sft,generate --steps 8 --json
+
+Both sides get the same model, synthetic data (benchmarks.synthetic), batch size, max length, steps, threads
+and malloc settings, each in its own process; MFU is taken against a bf16 data-sheet peak on GPU and an fp32
+GEMM probe of the model's shapes on CPU, measured in the same run (benchmarks.flops, benchmarks.probe).
+"""
 
 
 class BenchArgumentError(ValueError):
@@ -27,7 +31,8 @@ class BenchArgumentError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m steps.bench", description=__doc__,
+    """Parse and check the command line; bad values raise :class:`BenchArgumentError` naming the flag."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help=f"one or more of {', '.join(MODELS)} (comma-separated)")
     parser.add_argument("--task", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
@@ -37,14 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, default=256, help="max tokens per sequence")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
     parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
-                        help="glibc malloc preset applied to both sides (see steps.bench.hardware)")
+                        help="glibc malloc preset applied to both sides (see benchmarks.hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times, keep medians")
-    parser.add_argument("--gen-prompts", type=int, default=16, help="instructions for the generate task (1-24: the embedded eval set)")
+    parser.add_argument("--gen-prompts", type=int, default=16,
+                        help="instructions for the generate task (1-24: the embedded eval set)")
     parser.add_argument("--gen-batch-size", type=int, default=16,
                         help="PrefFlow's generation batch size (evaluation.batch_size in configs/default.yaml)")
     parser.add_argument("--gen-max-new-tokens", type=int, default=64)
     parser.add_argument("--baseline-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="TRL setting to change (sampling=group_by_length, precompute_ref=false, padding_free=true)")
+                        help="TRL setting to change (sampling=group_by_length, precompute_ref=false, "
+                             "padding_free=true)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per side before giving up")
     parser.add_argument("--log-dir", default=None, help="where the children's logs go (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
@@ -73,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every (model, task) pair and print the table, the notes and optionally the JSON rows."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args = parse_args(argv)
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="prefflow-bench-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    log.info("children's logs: %s", log_dir)
+    logger.info("children's logs: %s", log_dir)
     rows = []
     for model in args.models:
         for task in args.tasks:

@@ -1,21 +1,13 @@
 """Deterministic synthetic data for the benchmark: preference pairs, SFT rows and instructions.
 
-The text is plain English words drawn by a seeded ``random.Random``, so the same seed gives the same
-rows on every machine. Lengths are measured with the real tokenizer and every example is cut to fit
-``max_len - margin`` tokens as PrefFlow renders it; the margin leaves room for the one or two tokens more
-that TRL's chat-template tokenisation adds, so neither side drops or truncates anything and both train
-on the same examples.
-
-Length profile (SmolLM2 template, max_len 256): the prompt is the chat header with its default system
-prompt (30 tokens) plus an 8-72 word question; chosen and rejected are drawn independently between a
-fifth of the remaining room and all of it. This is a varied, OASST-like mix: prompts around a third of a
-sequence, responses of very different lengths, which is what length bucketing and prompt sharing act on.
+Seeded English words, cut with the real tokenizer to fit ``max_len - margin`` so neither side drops anything.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an have not but they which one "
@@ -30,6 +22,12 @@ WORDS = (
     "paper table morning evening summer winter history science language picture problem system program market"
 ).split()
 
+# Every example is cut to fit ``max_len - margin`` tokens as PrefFlow renders it; the margin leaves room for the
+# one or two tokens more that TRL's chat-template tokenisation adds, so both sides train on the same examples.
+# Length profile (SmolLM2 template, max_len 256): the prompt is the chat header with its default system prompt
+# (30 tokens) plus an 8-72 word question; chosen and rejected are drawn independently between a fifth of the
+# remaining room and all of it: a varied, OASST-like mix (prompts around a third of a sequence, responses of
+# very different lengths), which is what length bucketing and prompt sharing act on.
 QUESTION_STARTS = ("Explain", "Describe", "Tell me about", "Why is", "How does", "Summarise", "Compare", "List")
 
 
@@ -87,8 +85,9 @@ def preference_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0,
         prompt_ids, _ = encode_prompt_response(tokenizer, messages, "x")
         room = max_len - profile.margin - len(prompt_ids)
         if room < 8:
+            need = len(prompt_ids) + 8 + profile.margin
             raise SyntheticDataError(f"max_len {max_len} leaves {room} tokens for responses after a "
-                                     f"{len(prompt_ids)}-token prompt; use max_len >= {len(prompt_ids) + 8 + profile.margin}")
+                                     f"{len(prompt_ids)}-token prompt; use max_len >= {need}")
 
         def response_tokens(text: str) -> int:
             return len(encode_prompt_response(tokenizer, messages, text)[1])

@@ -4,11 +4,24 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-PREFERENCE_TASKS = ("dpo", "simpo", "orpo", "cpo")
+from steps.config import LoraConfig
+
+# a task is a training objective (a loss name, or "sft"), optionally with LoRA, or batched generation
+PREFERENCE_TASKS = ("dpo", "simpo", "orpo", "cpo", "dpo_lora")
+LORA_TASKS = ("dpo_lora",)
 TRAIN_TASKS = PREFERENCE_TASKS + ("sft",)
 TASKS = TRAIN_TASKS + ("generate",)
+
+# LoRA as PrefFlow's `preference.lora` defaults give it (r 16, alpha 32, no dropout, q/k/v/o projections);
+# the TRL side gets the same values as a peft.LoraConfig.
+LORA = LoraConfig(enabled=True)
+
+
+def loss_name(task: str) -> str:
+    """The registered loss a preference task trains with ("dpo_lora" -> "dpo")."""
+    return task.removesuffix("_lora")
 
 # ~1B Llama (Llama-3.2-1B shapes with the SmolLM2 vocabulary), randomly initialised: a GPU-sized model
 # that needs no download.
@@ -20,7 +33,7 @@ MODELS = {
     "1b": "tiny:" + json.dumps(ONE_B_CONFIG, separators=(",", ":")),
 }
 
-# Loss hyperparameters, identical on both sides (PrefFlow names -> TRL names in steps.bench.trl_side).
+# Loss hyperparameters, identical on both sides (PrefFlow names -> TRL names in benchmarks.trl_side).
 LOSS_PARAMS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1},
     "simpo": {"beta": 1.0, "gamma": 0.5},
@@ -62,7 +75,7 @@ class WorkerSpec:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "WorkerSpec":
+    def from_json(cls, text: str) -> WorkerSpec:
         return cls(**json.loads(text))
 
 
@@ -81,30 +94,35 @@ class SideResult:
     step_times_s: list[float] = field(default_factory=list)  # measured steps only (warmup excluded)
     step_tokens: list[int] = field(default_factory=list)
     warmup_tokens: int = 0
-    precompute_s: Optional[float] = None  # reference log-probs over the whole training set
+    precompute_s: float | None = None  # reference log-probs over the whole training set
     load_s: float = 0.0
     setup_s: float = 0.0  # data preparation / trainer construction (precompute excluded)
-    first_loss: Optional[float] = None
-    peak_rss_mb: Optional[float] = None  # VmHWM reported by the child itself
-    cuda_peak_mb: Optional[float] = None
+    first_loss: float | None = None
+    peak_rss_mb: float | None = None  # VmHWM reported by the child itself
+    cuda_peak_mb: float | None = None
     # generation
     prompts: int = 0
     generated_tokens: int = 0
-    generate_s: Optional[float] = None
+    generate_s: float | None = None
     outputs: list[str] = field(default_factory=list)
+    # model FLOPs of the measured steps (benchmarks.flops): training, plus the reference forward when there is one
+    train_flops: int | None = None
+    reference_flops: int | None = None
+    flops_detail: dict[str, Any] = field(default_factory=dict)
+    gemm_shapes: list[list[int]] = field(default_factory=list)  # the policy's [in, out, count] for the probe
 
     @property
-    def step_time_median_s(self) -> Optional[float]:
+    def step_time_median_s(self) -> float | None:
         return statistics.median(self.step_times_s) if self.step_times_s else None
 
     @property
-    def train_tokens_per_s(self) -> Optional[float]:
+    def train_tokens_per_s(self) -> float | None:
         if not self.step_times_s:
             return None
         return sum(self.step_tokens) / sum(self.step_times_s)
 
     @property
-    def tokens_per_s(self) -> Optional[float]:
+    def tokens_per_s(self) -> float | None:
         """Headline throughput. Training: tokens per second of training steps, with the reference
         precompute (when there is one) charged per token over every token it covered. Generation:
         generated tokens per second."""
@@ -119,16 +137,25 @@ class SideResult:
         return train
 
     @property
-    def prompts_per_s(self) -> Optional[float]:
+    def flops_per_s(self) -> float | None:
+        """Achieved model FLOP/s, the reference precompute charged like in :attr:`tokens_per_s`."""
+        tokens, rate = sum(self.step_tokens), self.tokens_per_s
+        if self.train_flops is None or not tokens or not rate:
+            return None
+        return (self.train_flops + (self.reference_flops or 0)) * rate / tokens
+
+    @property
+    def prompts_per_s(self) -> float | None:
         return self.prompts / self.generate_s if self.generate_s else None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(step_time_median_s=self.step_time_median_s, train_tokens_per_s=self.train_tokens_per_s,
-                    tokens_per_s=self.tokens_per_s, prompts_per_s=self.prompts_per_s)
+                    tokens_per_s=self.tokens_per_s, prompts_per_s=self.prompts_per_s,
+                    flops_per_s=self.flops_per_s)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SideResult":
+    def from_dict(cls, data: dict[str, Any]) -> SideResult:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,7 +1,6 @@
-"""One side of one benchmark task, in its own process: ``python -m steps.bench.worker '<WorkerSpec JSON>'``.
+"""One side of one benchmark task in its own process: ``python -m benchmarks.worker '<WorkerSpec JSON>'``.
 
-The parent (steps.bench.runner) starts one of these per side so that each side's peak memory is its own,
-and both start from the same environment (threads, malloc settings). The result goes to ``spec.out`` as JSON.
+Its own process, so its peak memory is its own; the parent gives both sides one environment. Result: ``spec.out``.
 """
 from __future__ import annotations
 
@@ -9,36 +8,38 @@ import json
 import logging
 import sys
 
-from steps.bench.spec import PREFERENCE_TASKS, WorkerSpec
+from benchmarks.spec import TRAIN_TASKS, SideResult, WorkerSpec
 
 
-def run(spec: WorkerSpec):
+def run(spec: WorkerSpec) -> SideResult:
+    """Run the side and task ``spec`` names at ``spec.threads`` torch threads."""
     import torch
 
     torch.set_num_threads(spec.threads)
     if spec.task == "generate":
-        from steps.bench.prefflow_side import run_generation
+        from benchmarks.prefflow_side import run_generation
 
         if spec.side == "prefflow":
             return run_generation(spec, spec.gen_batch_size, "prefflow")
         return run_generation(spec, 1, "baseline")
-    if spec.task not in PREFERENCE_TASKS + ("sft",):
+    if spec.task not in TRAIN_TASKS:
         raise ValueError(f"unknown task {spec.task!r}")
     if spec.side == "prefflow":
-        from steps.bench.prefflow_side import run_training
+        from benchmarks.prefflow_side import run_training
 
         return run_training(spec)
-    from steps.bench.trl_side import run_training
+    from benchmarks.trl_side import run_training
 
     return run_training(spec)
 
 
 def main(argv: list[str]) -> int:
+    """Entry point: read the spec from argv, write the result JSON atomically."""
     from steps.io import atomic_write_text
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
-        print("usage: python -m steps.bench.worker '<WorkerSpec JSON>'", file=sys.stderr)
+        print("usage: python -m benchmarks.worker '<WorkerSpec JSON>'", file=sys.stderr)
         return 2
     spec = WorkerSpec.from_json(argv[0])
     result = run(spec)

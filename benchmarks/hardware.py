@@ -1,17 +1,14 @@
-"""Device, threads, allocator and memory facts the benchmark needs, identical for both sides.
+"""Device, threads, allocator and memory, identical for both sides: CUDA (bf16 autocast) or CPU (fp32).
 
-* Device: CUDA when present (bf16 autocast over fp32 weights, SDPA attention), else CPU in fp32.
-* Threads and glibc malloc settings are put in the environment of *both* child processes before they start:
-  malloc settings alone move CPU throughput by 22-54 % here, so the two sides must share them.
-* Peak memory: each side runs in its own process; the parent reads that child's ``ru_maxrss`` from
-  ``wait4`` and the child reports ``VmHWM`` (and the CUDA allocator's peak on GPU).
-* MFU = 6 x parameters x tokens/s / peak dense bf16 FLOP/s of the GPU (table below, by device name).
+Threads and the malloc preset go into *both* children's environment (malloc alone moves CPU speed 22-54 %).
 """
 from __future__ import annotations
 
 import os
-import re
-from typing import Optional
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Tuned glibc malloc: keep freed memory in the heap (no trim, big top pad) and serve blocks up to 32 MiB (the
 # largest mmap threshold glibc accepts) from it, so activations are not mmapped, page-faulted and zeroed anew
@@ -22,46 +19,6 @@ TUNED_MALLOC_ENV = {
     "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
 }
 MALLOC_PRESETS = {"tuned": TUNED_MALLOC_ENV, "default": {}}
-
-# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets. Matched on the device name,
-# most specific first. Unknown GPUs report no MFU rather than a guess.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("H800", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 6000 Ada", 364.0),
-    ("A6000", 155.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-)
-
-
-def peak_bf16_flops(device_name: str) -> Optional[float]:
-    """Peak dense bf16 FLOP/s for a CUDA device name (``torch.cuda.get_device_name``), or None if unknown."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if re.search(re.escape(key), device_name, flags=re.IGNORECASE):
-            return tflops * 1e12
-    return None
-
-
-def mfu(params: int, tokens_per_s: float, device_name: str) -> Optional[float]:
-    """Model FLOPs utilisation: 6 N T / peak (forward + backward of a dense decoder, attention not counted)."""
-    peak = peak_bf16_flops(device_name)
-    if peak is None or tokens_per_s <= 0:
-        return None
-    return 6.0 * params * tokens_per_s / peak
-
 
 def child_env(threads: int, malloc: str) -> dict[str, str]:
     """Environment for a benchmark child: the caller's, plus thread counts and the malloc preset."""
@@ -84,13 +41,15 @@ def child_env(threads: int, malloc: str) -> dict[str, str]:
     return env
 
 
-def pick_device():
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name(device) -> str:
+    """``torch.cuda.get_device_name`` on GPU, "CPU <model name>" on CPU."""
     import torch
 
     if device.type == "cuda":
@@ -114,7 +73,7 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def vm_hwm_mb() -> Optional[float]:
+def vm_hwm_mb() -> float | None:
     """This process's peak resident set (VmHWM) in MiB, from /proc/self/status (Linux)."""
     try:
         with open("/proc/self/status", encoding="utf-8") as fh:
@@ -126,7 +85,8 @@ def vm_hwm_mb() -> Optional[float]:
     return None
 
 
-def cuda_peak_mb(device) -> Optional[float]:
+def cuda_peak_mb(device) -> float | None:
+    """The CUDA caching allocator's peak in MiB (None on CPU)."""
     import torch
 
     if device.type != "cuda":
@@ -134,12 +94,12 @@ def cuda_peak_mb(device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def load_side(spec):
-    """What both sides of a training comparison start from: device, tokenizer, the fp32 SDPA model
-    (load time measured apart), the step count and how many synthetic examples cover it."""
+def load_side(spec) -> tuple:
+    """What both training sides start from: device, tokenizer, the fp32 SDPA model, its load time,
+    the step count and how many synthetic examples cover it."""
     import time
 
-    from steps.bench.spec import MODELS
+    from benchmarks.spec import MODELS
     from steps.models import load_model, load_tokenizer
 
     device = pick_device()

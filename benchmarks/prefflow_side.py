@@ -1,9 +1,6 @@
-"""PrefFlow's side of the benchmark: the real training engine (steps.train) and generation code.
+"""PrefFlow's side: the pipeline's own training engine (steps.train: loop, objectives, LoRA) and generation.
 
-Preference and SFT runs go through ``steps.train.loop.train`` with the objectives from
-``steps.train.objectives``: the same code the pipeline's ``sft`` and ``preference`` steps run. The one
-benchmark-specific piece is the batch size: PrefFlow normally fills micro-batches up to a token budget;
-here every step takes exactly ``batch_size`` examples (length-bucketed), like the baseline.
+The one benchmark-specific setting: every step takes exactly ``batch_size`` examples (length-bucketed), like TRL.
 """
 from __future__ import annotations
 
@@ -11,13 +8,22 @@ import logging
 import tempfile
 import time
 
-from steps.bench import hardware, synthetic
-from steps.bench.spec import LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult, WorkerSpec
+from benchmarks import flops, hardware, synthetic
+from benchmarks.spec import (LORA, LORA_TASKS, LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult,
+                             WorkerSpec, loss_name)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+
+def batch_lengths(batch) -> list[int]:
+    """Real tokens of each logical row of a collated batch (a shared-prompt row is two sequences)."""
+    if "pair_lengths" in batch.extra:
+        return [n for p, c, r in batch.extra["pair_lengths"].tolist() for n in (p + c, p + r)]
+    return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
 
 
 def run_training(spec: WorkerSpec) -> SideResult:
+    """Train ``spec.steps + spec.warmup_steps`` steps through ``steps.train.loop.train``; report the measured ones."""
     import torch
 
     from steps.config import PreferenceConfig, SFTConfig
@@ -25,22 +31,24 @@ def run_training(spec: WorkerSpec) -> SideResult:
     from steps.train.batching import tokenize_pairs, tokenize_sft
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+    from steps.train.recipes import _apply_lora
 
     opt = OptimSettings()
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
+    base_shape = flops.model_shape(model)
 
     common = dict(betas=opt.betas, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
                   max_num_tokens=spec.batch_size * 2 * spec.max_len, max_seq_len=spec.max_len, overlength="drop",
                   epochs=1, max_steps=total_steps, seed=opt.seed, schedule="cosine", warmup_steps=0,
                   dev_every_epoch=False, keep_checkpoints=1, max_batch_examples=spec.batch_size)
     t0 = time.perf_counter()
-    precompute_s = None
+    precompute_s, needs_reference = None, False
     if spec.task in PREFERENCE_TASKS:
-        cfg = PreferenceConfig(lr=opt.lr, **common)
+        cfg = PreferenceConfig(lr=opt.lr, **common, **({"lora": LORA} if spec.task in LORA_TASKS else {}))
         rows = synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
         examples, stats = tokenize_pairs(rows, tokenizer, spec.max_len, "drop")
-        loss_fn = build_loss(spec.task, **LOSS_PARAMS[spec.task])
-        needs_reference = requires_reference(spec.task)
+        loss_fn = build_loss(loss_name(spec.task), **LOSS_PARAMS[loss_name(spec.task)])
+        needs_reference = requires_reference(loss_name(spec.task))
         setup_s = time.perf_counter() - t0
         if needs_reference:
             # the policy before its first update is the reference, exactly as run_preference does it
@@ -49,6 +57,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
             precompute_reference(model, examples, tokenizer.pad_token_id, cfg)
             hardware.synchronize(device)
             precompute_s = time.perf_counter() - t0
+        model = _apply_lora(model, cfg)  # after the reference pass, as run_preference does it
         objective = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, loss_fn, needs_reference)
     else:
         cfg = SFTConfig(lr=opt.sft_lr, **common)
@@ -60,7 +69,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         raise RuntimeError(f"synthetic data did not fit max_len {spec.max_len}: {stats.as_dict()}")
 
     t0 = time.perf_counter()
-    objective.epoch_batches(0)  # collation, timed apart (the loop caches the epoch's batches)
+    batches = objective.epoch_batches(0)  # collation, timed apart (the loop caches the epoch's batches)
     collate_s = time.perf_counter() - t0
     torch.manual_seed(opt.seed)
     with tempfile.TemporaryDirectory(prefix="prefflow-bench-") as out_dir:
@@ -69,18 +78,32 @@ def run_training(spec: WorkerSpec) -> SideResult:
     if len(history) != total_steps:
         raise RuntimeError(f"expected {total_steps} steps, the loop ran {len(history)}")
     measured = history[spec.warmup_steps:]
+    # grad_accum is 1: step k trained the epoch's k-th cached batch; the token counts must agree
+    step_lengths = [batch_lengths(b) for b in batches[:total_steps]]
+    if [sum(x) for x in step_lengths] != [int(h["tokens"]) for h in history]:
+        raise RuntimeError("the loop's per-step tokens do not match its cached batches: cannot count FLOPs")
+    counted = flops.step_flops(flops.model_shape(model), base_shape if needs_reference else None,
+                               step_lengths[spec.warmup_steps:])
     params = sum(p.numel() for p in model.parameters())
+    settings = {"batching": f"length-bucketed, {spec.batch_size} examples/step",
+                "reference": "precomputed" if precompute_s is not None else "none",
+                "collate_s": round(collate_s, 3),
+                "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else "")}
+    if spec.task in LORA_TASKS:
+        settings["lora"] = {"r": LORA.r, "alpha": LORA.alpha, "dropout": LORA.dropout,
+                            "target_modules": list(LORA.target_modules), "via": "preference.lora (peft)"}
+    settings["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return SideResult(
         side="prefflow", task=spec.task, model=spec.model, implementation="prefflow steps.train",
-        device=hardware.device_name(device), threads=torch.get_num_threads(), params=params,
-        settings={"batching": f"length-bucketed, {spec.batch_size} examples/step",
-                  "reference": "precomputed" if precompute_s is not None else "none",
-                  "collate_s": round(collate_s, 3), "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else "")},
+        device=hardware.device_name(device), threads=torch.get_num_threads(), params=params, settings=settings,
         step_times_s=[h["step_time_s"] for h in measured],
         step_tokens=[int(h["tokens"]) for h in measured],
         warmup_tokens=sum(int(h["tokens"]) for h in history[: spec.warmup_steps]),
         precompute_s=precompute_s, load_s=load_s, setup_s=setup_s, first_loss=history[0].get("loss"),
-        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))
+        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device),
+        train_flops=counted["train_flops"], reference_flops=counted["reference_flops"],
+        flops_detail={k: counted[k] for k in ("policy_shape", "reference_shape")},
+        gemm_shapes=flops.gemm_shapes(model))
 
 
 def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:

@@ -1,3 +1,0 @@
-from steps.bench.cli import main
-
-raise SystemExit(main())
