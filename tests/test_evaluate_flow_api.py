@@ -3,26 +3,27 @@ from __future__ import annotations
 
 import json
 
-from steps.evaluate import evaluate_model, reference_outputs_for
+from steps.evaluate import GenerationSettings, evaluate_model, reference_outputs_for
 from steps.evaluate.eval_sets import load_eval_set
+
+GENERATION = GenerationSettings(max_new_tokens=6, batch_size=4)
 
 
 def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
     eval_set = load_eval_set("embedded", max_instructions=6)
     policy = tiny_model_factory(seed=1)
-    refs = reference_outputs_for(eval_set, "tiny", model=tiny_model_factory(seed=0), tokenizer=tokenizer,
-                                 max_new_tokens=6, show_progress=False)
+    refs = reference_outputs_for(eval_set, "tiny", GENERATION, model=tiny_model_factory(seed=0), tokenizer=tokenizer,
+                                 show_progress=False)
     assert [r["generator"] for r in refs] == ["reference:tiny"] * 6
     assert [r["instruction"] for r in refs] == eval_set.instructions
 
-    judge_model = tiny_model_factory(seed=2)
-    kwargs = dict(generator="policy-tiny", out_dir=tmp_path / "eval", judge_name="local_logprob", judge_model="tiny",
-                  judge_kwargs={"model": judge_model, "tokenizer": tokenizer}, max_new_tokens=6,
-                  cache_dir=tmp_path / "cache", model=policy, tokenizer=tokenizer, show_progress=False)
+    kwargs = dict(generator="policy-tiny", out_dir=tmp_path / "eval", generation=GENERATION, judge="local_logprob",
+                  judge_model="tiny", judge_max_chars=300, cache_dir=tmp_path / "cache", model=policy,
+                  tokenizer=tokenizer, show_progress=False)
     result = evaluate_model("tiny", eval_set, refs, **kwargs)
 
     files = {name: json.loads((tmp_path / "eval" / name).read_text()) for name in
-             ("model_outputs.json", "annotations.json", "metrics.json")}
+             ("model_outputs.json", "annotations.json", "metrics.json", "generation.json")}
     assert [r["instruction"] for r in files["model_outputs.json"]] == eval_set.instructions
     annotations = files["annotations.json"]
     assert len(annotations) == 6 and all(1 <= a["preference"] <= 2 for a in annotations)
@@ -31,24 +32,33 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     expected_wr = 100 * sum(a["preference"] - 1 for a in annotations) / len(annotations)
     assert abs(result["win_rate"] - expected_wr) < 1e-9
     assert result["judge"] == "local_logprob:tiny" and result["weak_judge"] is True
+    assert result["judge_max_chars"] == 300 and "max_output_chars" not in result
     assert result["eval_set"] == "prefflow_embedded" and result["subset"] is True
     assert result["reference_generator"] == "reference:tiny"
     assert result["lc_method"] == "length_controlled_v1_subset_no_gamed_regularisation_no_instruction_difficulty"
     assert result["length_controlled_winrate"] is not None
-    assert result["generation"]["max_new_tokens"] == 6 and result["generation"]["seed"] == 1814
+    expected_settings = {"max_new_tokens": 6, "temperature": 0.9, "top_p": 1.0, "seed": 1814, "batch_size": 4,
+                         "do_sample": True}
+    assert {k: result["generation"][k] for k in expected_settings} == expected_settings
+    assert {k: files["generation.json"][k] for k in expected_settings} == expected_settings
     assert result["n_total"] == 6
 
-    # a retried step reuses the outputs and the judgements: no forward pass at all
+    # a retried step reuses the outputs and the judgements: no policy forward pass, no new cache line
+    (cache_file,) = (tmp_path / "cache").glob("*.jsonl")
+    cached_lines = cache_file.read_text().count("\n")
     calls = {"n": 0}
-    for m in (policy, judge_model):
-        m.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    policy.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     again = evaluate_model("tiny", eval_set, refs, **kwargs)
-    assert calls["n"] == 0
+    assert calls["n"] == 0 and cache_file.read_text().count("\n") == cached_lines
     assert again["win_rate"] == result["win_rate"]
+
+    # other settings are other outputs: the policy answers again
+    evaluate_model("tiny", eval_set, refs, **{**kwargs, "generation": GenerationSettings(max_new_tokens=3)})
+    assert calls["n"] > 0
 
 
 def test_reference_outputs_from_the_eval_set(shared_dir):
     eval_set = load_eval_set(str(shared_dir / "alpaca_eval" / "eval_set.json"), max_instructions=3)
-    refs = reference_outputs_for(eval_set, "tiny")
+    refs = reference_outputs_for(eval_set, "tiny", GenerationSettings())
     assert [r["generator"] for r in refs] == ["gpt4_1106_preview"] * 3
     assert [r["output"] for r in refs] == [r["output"] for r in eval_set.records]

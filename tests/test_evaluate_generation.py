@@ -7,9 +7,15 @@ import math
 import pytest
 import torch
 
-from steps.evaluate.decoding import (ContinuousBatchDecoder, DecodeSettings, DecodingError, nucleus_probabilities,
-                                     supports_continuous_batching, unapplied_generation_settings)
+from steps.evaluate.decoding import (
+    ContinuousBatchDecoder,
+    DecodingError,
+    nucleus_probabilities,
+    supports_continuous_batching,
+    unapplied_generation_settings,
+)
 from steps.evaluate.generation import GenerationError, generate_outputs, resolve_backend
+from steps.evaluate.settings import GenerationSettings
 
 INSTRUCTIONS = [
     "Hi",
@@ -26,9 +32,12 @@ def test_batched_greedy_matches_one_at_a_time_in_order(tokenizer):
 
     # untied embeddings: the tied tiny model greedily repeats the prompt's last token ("\n") everywhere
     model = load_model('tiny:{"tie_word_embeddings": false}', seed=0)
-    kwargs = dict(generator="tiny", max_new_tokens=6, temperature=0.0, show_progress=False)
-    batched = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=2, **kwargs)
-    single = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=1, **kwargs)
+    def greedy(batch_size: int) -> list[dict]:
+        generation = GenerationSettings(max_new_tokens=6, temperature=0.0, batch_size=batch_size)
+        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation,
+                                show_progress=False)
+
+    batched, single = greedy(2), greedy(1)
     assert [r["instruction"] for r in batched] == INSTRUCTIONS
     assert [r["output"] for r in batched] == [r["output"] for r in single]
     assert len({r["output"] for r in batched}) > 1  # not one answer copied everywhere
@@ -36,18 +45,20 @@ def test_batched_greedy_matches_one_at_a_time_in_order(tokenizer):
 
 def test_seed_determinism(tiny_model_factory, tokenizer):
     model = tiny_model_factory()
-    kwargs = dict(generator="tiny", max_new_tokens=8, batch_size=2, show_progress=False)
-    first = generate_outputs(model, tokenizer, INSTRUCTIONS, seed=7, **kwargs)
-    again = generate_outputs(model, tokenizer, INSTRUCTIONS, seed=7, **kwargs)
-    other = generate_outputs(model, tokenizer, INSTRUCTIONS, seed=8, **kwargs)
+    def sample(seed: int) -> list[dict]:
+        generation = GenerationSettings(max_new_tokens=8, batch_size=2, seed=seed)  # temperature 0.9 by default
+        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation,
+                                show_progress=False)
+
+    first, again, other = sample(7), sample(7), sample(8)
     assert first == again
     assert [r["output"] for r in first] != [r["output"] for r in other]
 
 
 def test_schema_fields(tiny_model_factory, tokenizer):
     model = tiny_model_factory()
-    records = generate_outputs(model, tokenizer, INSTRUCTIONS[:2], generator="policy-x",
-                               datasets=["koala", None], max_new_tokens=4, show_progress=False)
+    records = generate_outputs(model, tokenizer, INSTRUCTIONS[:2], generator="policy-x", datasets=["koala", None],
+                               generation=GenerationSettings(max_new_tokens=4), show_progress=False)
     assert set(records[0]) == {"instruction", "output", "generator", "dataset"}
     assert set(records[1]) == {"instruction", "output", "generator"}
     assert records[0]["generator"] == "policy-x" and records[0]["dataset"] == "koala"
@@ -61,12 +72,15 @@ def test_auto_backend_is_hf_here(tiny_model_factory):
         resolve_backend("tensorrt", None)
 
 
-def test_bad_settings(tiny_model_factory, tokenizer):
-    model = tiny_model_factory()
-    with pytest.raises(GenerationError, match="instruction 1"):
-        generate_outputs(model, tokenizer, ["ok", "  "], generator="g", show_progress=False)
-    with pytest.raises(GenerationError, match="temperature"):
-        generate_outputs(model, tokenizer, ["ok"], generator="g", temperature=-1, show_progress=False)
+@pytest.mark.parametrize("instructions, datasets, message", [
+    (["ok", "  "], None, "instruction 1 must be a non-empty string"),
+    (["ok", 3], None, "instruction 1 must be a non-empty string"),
+    (["ok"], ["koala", "vicuna"], "datasets has 2 entries for 1 instructions"),
+])
+def test_bad_inputs(tiny_model_factory, tokenizer, instructions, datasets, message):
+    with pytest.raises(GenerationError, match=message):
+        generate_outputs(tiny_model_factory(), tokenizer, instructions, generator="g", datasets=datasets,
+                         generation=GenerationSettings(max_new_tokens=2), show_progress=False)
 
 
 # --- the continuous-batching decode loop -----------------------------------------------------------------------------
@@ -122,10 +136,11 @@ def test_continuous_batching_greedy_equals_plain_loop(greedy_case, batch_size):
     """Rows finish at different steps and waiting prompts are admitted mid-flight; every answer is still exactly
     the prompt's own argmax continuation, returned at the prompt's own position."""
     model, prompts, stops, expected = greedy_case
-    settings = DecodeSettings(batch_size=batch_size, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0)
+    settings = GenerationSettings(batch_size=batch_size, max_new_tokens=MAX_NEW, temperature=0.0)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # admission order differs from output order
     finished = []
-    outputs, stats = ContinuousBatchDecoder(model, settings).run(prompts, order, on_finished=finished.append)
+    decoder = ContinuousBatchDecoder(model, settings, stop_ids=stops, pad_id=0)
+    outputs, stats = decoder.run(prompts, order, on_finished=finished.append)
     assert outputs == expected
     assert sorted(finished) == list(range(len(prompts)))
     total = sum(len(e) for e in expected)
@@ -146,8 +161,8 @@ def test_cache_outgrowing_its_spare_columns_changes_nothing(greedy_case, monkeyp
 
     model, prompts, stops, expected = greedy_case
     monkeypatch.setattr(decoding, "SLACK_COLUMNS", 2)
-    settings = DecodeSettings(batch_size=3, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0)
-    assert ContinuousBatchDecoder(model, settings).run(prompts)[0] == expected
+    settings = GenerationSettings(batch_size=3, max_new_tokens=MAX_NEW, temperature=0.0)
+    assert ContinuousBatchDecoder(model, settings, stop_ids=stops, pad_id=0).run(prompts)[0] == expected
 
 
 def test_sampling_reproducible_and_per_prompt(greedy_case):
@@ -155,9 +170,8 @@ def test_sampling_reproducible_and_per_prompt(greedy_case):
     model, prompts, stops, _ = greedy_case
 
     def sample(batch_size: int, seed: int) -> list[list[int]]:
-        settings = DecodeSettings(batch_size=batch_size, max_new_tokens=8, stop_ids=stops, pad_id=0,
-                                  temperature=0.9, top_p=0.9, seed=seed)
-        return ContinuousBatchDecoder(model, settings).run(prompts)[0]
+        settings = GenerationSettings(batch_size=batch_size, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=seed)
+        return ContinuousBatchDecoder(model, settings, stop_ids=stops, pad_id=0).run(prompts)[0]
 
     first = sample(3, seed=5)
     assert sample(3, seed=5) == first
@@ -178,13 +192,15 @@ def test_nucleus_probabilities_by_hand():
     assert torch.allclose(nucleus_probabilities(logits, 2.0, 1.0), roots / roots.sum())
 
 
-def test_decoder_rejects_empty_prompt_and_bad_settings(greedy_case):
-    model = greedy_case[0]
-    with pytest.raises(DecodingError, match="prompt 1"):
-        ContinuousBatchDecoder(model, DecodeSettings(batch_size=2, max_new_tokens=2, stop_ids=(), pad_id=0)).run(
-            [[5, 6], []])
-    with pytest.raises(DecodingError, match="top_p"):
-        DecodeSettings(batch_size=2, max_new_tokens=2, stop_ids=(), pad_id=0, temperature=1.0, top_p=0.0)
+@pytest.mark.parametrize("prompts, order, message", [
+    ([[5, 6], []], None, "prompt 1 has no tokens"),
+    ([[5, 6], [7]], [0, 0], "order must be a permutation of 0..1"),
+])
+def test_decoder_rejects_bad_prompts(greedy_case, prompts, order, message):
+    decoder = ContinuousBatchDecoder(greedy_case[0], GenerationSettings(batch_size=2, max_new_tokens=2), stop_ids=(),
+                                     pad_id=0)
+    with pytest.raises(DecodingError, match=message):
+        decoder.run(prompts, order)
 
 
 def test_unapplied_generation_settings_are_reported():
@@ -207,7 +223,11 @@ def test_sliding_window_model_falls_back_to_generate(tokenizer):
     model = MistralForCausalLM(config).eval()
     assert not supports_continuous_batching(model)
     assert supports_continuous_batching(_untied_tiny())
-    kwargs = dict(generator="mistral", max_new_tokens=4, temperature=0.0, show_progress=False)
-    batched = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=2, **kwargs)
-    single = generate_outputs(model, tokenizer, INSTRUCTIONS, batch_size=1, **kwargs)
+
+    def greedy(batch_size: int) -> list[dict]:
+        generation = GenerationSettings(max_new_tokens=4, temperature=0.0, batch_size=batch_size)
+        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="mistral", generation=generation,
+                                show_progress=False)
+
+    batched, single = greedy(2), greedy(1)
     assert [r["output"] for r in batched] == [r["output"] for r in single]

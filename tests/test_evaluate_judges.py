@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from steps.evaluate.judges import (
-    AnnotationInputError,
-    JudgeError,
-    LocalLogprobJudge,
-    annotate,
-    make_judge,
-    preference_from_top_logprobs,
-    switch_decisions,
-)
+from steps.evaluate.annotate import AnnotationInputError, annotate
+from steps.evaluate.annotator_prompt import preference_from_top_logprobs, switch_decisions
+from steps.evaluate.judges import JudgeError, LocalLogprobJudge, make_judge
+from steps.evaluate.settings import GenerationSettings
 
 PAIRS = [
     {"instruction": "What is the capital of France?", "output": "Paris.", "ref": "The capital of France is Paris."},
@@ -24,10 +19,13 @@ PAIRS = [
 
 
 def _installed_template() -> str:
+    return _installed_template_path().read_text(encoding="utf-8")
+
+
+def _installed_template_path() -> Path:
     import alpaca_eval
 
-    path = Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
-    return path.read_text(encoding="utf-8")
+    return Path(alpaca_eval.__file__).parent / "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 
 
 def _outputs():
@@ -86,15 +84,15 @@ def test_swap_explains_official_annotations(shared_dir):
     with open(shared_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json", encoding="utf-8") as fh:
         rows = [r for r in json.load(fh) if r.get("raw_completion")][:200]
     switched = switch_decisions([r["instruction"] for r in rows])
-    checked = 0
+    official, ours = [], []
     for row, swap in zip(rows, switched):
         top = {t["token"]: t["logprob"] for t in row["raw_completion"]["logprobs"]["content"][0]["top_logprobs"]}
         presented = preference_from_top_logprobs(top)
-        if abs(presented - 1.5) < 0.01:
-            continue
-        assert row["preference"] == pytest.approx(3 - presented if swap else presented, abs=1e-6)
-        checked += 1
-    assert checked > 150
+        if abs(presented - 1.5) >= 0.01:  # near-draws cannot tell the two orders apart
+            official.append(row["preference"])
+            ours.append(3 - presented if swap else presented)
+    assert len(ours) > 150
+    assert official == pytest.approx(ours, abs=1e-6)  # every mismatching row shows at once
 
 
 # ---- prompt -------------------------------------------------------------------------------------------------
@@ -128,15 +126,13 @@ def test_local_judge_end_to_end_and_cache(tiny_model_factory, tokenizer, tmp_pat
     first = annotate(model_outputs, ref_outputs, judge, cache_dir=tmp_path / "cache")
     assert calls["n"] >= 2  # the shared prefix once, then one pass per judgement
     assert [r["instruction"] for r in first] == [p["instruction"] for p in PAIRS]
-    for row, pair in zip(first, PAIRS):
-        assert 1.0 <= row["preference"] <= 2.0
-        assert row["output_1"] == pair["ref"] and row["output_2"] == pair["output"]
-        assert row["generator_1"] == "reference" and row["generator_2"] == "policy"
-        assert row["annotator"] == "local_logprob:tiny"
-        raw = row["raw_completion"]
-        presented = preference_from_top_logprobs(raw["identifier_logprobs"])
-        expected = 3 - presented if raw["is_switched_outputs"] else presented
-        assert row["preference"] == pytest.approx(expected)
+    assert [(r["output_1"], r["output_2"]) for r in first] == [(p["ref"], p["output"]) for p in PAIRS]
+    assert {(r["generator_1"], r["generator_2"], r["annotator"]) for r in first} == {
+        ("reference", "policy", "local_logprob:tiny")}
+    assert all(1.0 <= r["preference"] <= 2.0 for r in first)
+    presented = [preference_from_top_logprobs(r["raw_completion"]["identifier_logprobs"]) for r in first]
+    expected = [3 - p if r["raw_completion"]["is_switched_outputs"] else p for p, r in zip(presented, first)]
+    assert [r["preference"] for r in first] == pytest.approx(expected)
 
     calls["n"] = 0
     fresh = LocalLogprobJudge("tiny", model=model, tokenizer=tokenizer, show_progress=False)
@@ -171,7 +167,7 @@ def test_local_judge_matches_alpaca_eval_pipeline(tiny_model_factory, tokenizer,
 
     config_dir = tmp_path / "configs" / "tiny_weighted"
     config_dir.mkdir(parents=True)
-    template = Path(__import__("alpaca_eval").__file__).parent / "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
+    template = _installed_template_path()
     (config_dir / "configs.yaml").write_text(
         "tiny_weighted:\n"
         f"  prompt_template: \"{template}\"\n"
@@ -194,8 +190,8 @@ def test_local_judge_matches_alpaca_eval_pipeline(tiny_model_factory, tokenizer,
     ours = annotate([{"instruction": p["instruction"], "output": p["output_2"]} for p in pairs],
                     [{"instruction": p["instruction"], "output": p["output_1"]} for p in pairs], judge)
     assert {True, False} == set(switch_decisions([p["instruction"] for p in pairs]))
-    for row in ours:
-        assert row["preference"] == pytest.approx(theirs_by_instruction[row["instruction"]], abs=1e-4)
+    assert [r["preference"] for r in ours] == pytest.approx([theirs_by_instruction[r["instruction"]] for r in ours],
+                                                            abs=1e-4)
 
 
 def test_identical_outputs_are_a_draw_without_judging(tiny_model_factory, tokenizer):
@@ -262,8 +258,8 @@ def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, to
     eval_set = load_eval_set("embedded", max_instructions=2)
     refs = [{"instruction": i, "output": "x", "generator": "ref"} for i in eval_set.instructions]
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        evaluate_model("tiny", eval_set, refs, generator="tiny", out_dir=tmp_path,
-                       judge_name="alpaca_eval:weighted_alpaca_eval_gpt4_turbo", model=model, tokenizer=tokenizer)
+        evaluate_model("tiny", eval_set, refs, generator="tiny", out_dir=tmp_path, generation=GenerationSettings(),
+                       judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo", model=model, tokenizer=tokenizer)
     assert calls["n"] == 0 and not (tmp_path / "model_outputs.json").exists()
 
 
@@ -304,10 +300,59 @@ def test_alpaca_eval_judge_plumbing_with_a_local_completion_function(tmp_path):
     assert len(seen) == 4  # all four from the cache
 
 
-def test_make_judge_accepts_spec_as_model_and_max_chars():
-    judge = make_judge("local_logprob", model="tiny", max_chars=200, device="cpu")
+@pytest.mark.parametrize("name, options, spec, max_chars", [
+    ("local_logprob", {}, "embedded:smollm2-135m-instruct", 1500),
+    ("local_logprob", {"judge_model": "tiny", "judge_max_chars": 200}, "tiny", 200),
+    ("local_logprob:tiny", {"judge_model": "embedded:smollm2-135m-instruct"}, "tiny", 1500),  # the name's spec wins
+])
+def test_make_local_judge(name, options, spec, max_chars):
+    judge = make_judge(name, device="cpu", **options)
     assert isinstance(judge, LocalLogprobJudge)
-    assert judge.model_spec == "tiny" and judge.max_output_chars == 200 and judge.weak_judge
-    official = make_judge("alpaca_eval:weighted_alpaca_eval_gpt4_turbo", model="tiny", max_chars=200)
-    assert official.label == "alpaca_eval:weighted_alpaca_eval_gpt4_turbo"
-    assert make_judge("local_logprob").model_spec == "embedded:smollm2-135m-instruct"
+    assert judge.model_spec == spec and judge.judge_max_chars == max_chars
+    assert judge.metadata()["judge_max_chars"] == max_chars and judge.metadata()["judge"] == f"local_logprob:{spec}"
+
+
+@pytest.mark.parametrize("options", [{"max_chars": 200}, {"max_output_chars": 200}, {"model_spec": "tiny"},
+                                     {"fn_completions": "openai_completions"}])
+def test_local_judge_takes_no_other_keyword(options):
+    """One name per knob: the former spellings are refused, not silently mapped or dropped."""
+    with pytest.raises(JudgeError, match="are for 'alpaca_eval:' judges"):
+        make_judge("local_logprob", **options)
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "1500"])
+def test_bad_judge_max_chars(value):
+    with pytest.raises(JudgeError, match="judge_max_chars must be an integer >= 1"):
+        make_judge("local_logprob", judge_max_chars=value, device="cpu")
+
+
+def test_local_options_do_not_reach_alpaca_eval_judges():
+    judge = make_judge("alpaca_eval:weighted_alpaca_eval_gpt4_turbo", judge_model="tiny", judge_max_chars=200)
+    assert judge.label == "alpaca_eval:weighted_alpaca_eval_gpt4_turbo" and judge.annotator_kwargs == {}
+
+
+def test_cache_identity_is_stable():
+    """The identity string is part of every cache key; it keeps its historical spelling so old caches stay valid."""
+    judge = make_judge("local_logprob:tiny", judge_max_chars=200, device="cpu")
+    assert judge.cache_identity == ("local_logprob:tiny|template=weighted_alpaca_eval_gpt4_turbo|max_output_chars=200"
+                                    "|switch_seed=0|seed=0")
+    default = make_judge("local_logprob", device="cpu")
+    assert default.cache_identity == ("local_logprob:embedded:smollm2-135m-instruct|template="
+                                      "weighted_alpaca_eval_gpt4_turbo|max_output_chars=1500|switch_seed=0")
+
+
+def test_outputs_are_cut_at_judge_max_chars(tiny_model_factory, tokenizer):
+    from steps.chat import render_prompt
+
+    judge = LocalLogprobJudge("tiny", model=tiny_model_factory(), tokenizer=tokenizer, judge_max_chars=12,
+                              show_progress=False)
+    instruction, short, long = "Say something.", "Short.", "A long answer that goes on and on and on."
+    result = judge.judge_one(instruction, short, long, switched=False)
+    filled = (_installed_template().replace("{instruction}", instruction).replace("{output_1}", short)
+              .replace("{output_2}", long[:12]))
+    messages = [{"role": role, "content": filled.split(f"<|im_start|>{role}\n", 1)[1].split("<|im_end|>", 1)[0].strip()}
+                for role in ("system", "user")]
+    expected = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    assert result["raw_completion"]["outputs_cut_at_chars"] == 12
+    assert result["raw_completion"]["prompt_tokens"] == len(expected)
+    assert judge.judge_one(instruction, short, short, switched=False)["raw_completion"]["outputs_cut_at_chars"] is None

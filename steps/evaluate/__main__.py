@@ -1,7 +1,5 @@
-"""Command line: ``python -m steps.evaluate {score,generate,annotate,agreement} ...``.
-
-Each subcommand prints one JSON object on stdout (logs go to stderr).
-"""
+"""Command line: ``python -m steps.evaluate {score,generate,annotate,agreement} ...``; each subcommand prints
+one JSON object on stdout (logs go to stderr)."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from steps.evaluate.agreement import judge_agreement
+from steps.evaluate.annotate import annotate
+from steps.evaluate.eval_sets import ALPACA_EVAL_SIZE, ALPACA_EVAL_SOURCES, load_eval_set
+from steps.evaluate.generation import BACKENDS, answer_eval_set
+from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
+from steps.evaluate.scoring import score
+from steps.evaluate.settings import GenerationSettings
 from steps.io import read_json, read_jsonl, write_json
-
-logger = logging.getLogger("steps.evaluate")
+from steps.models import DEFAULT_MODEL
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -28,9 +32,6 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from steps.evaluate.eval_sets import ALPACA_EVAL_SIZE, ALPACA_EVAL_SOURCES
-    from steps.evaluate.scoring import score
-
     annotations = read_records(args.annotations)
     if args.alpaca_eval_order == "auto":
         sources_match = all(r.get("dataset") in ALPACA_EVAL_SOURCES for r in annotations)
@@ -43,36 +44,24 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from steps.evaluate import _generate_for, _generation_settings
-    from steps.evaluate.eval_sets import load_eval_set
-
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     eval_set = load_eval_set(args.eval_set, max_instructions=args.max_instructions)
-    settings = _generation_settings(args.batch_size, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                    None)
-    records, info = _generate_for(args.model, eval_set, args.generator or args.model, settings,
-                                  backend=args.backend, device=args.device, dtype=args.dtype, model=None,
-                                  tokenizer=None, show_progress=True)
+    records, info = answer_eval_set(args.model, eval_set, args.generator or args.model, generation,
+                                    backend=args.backend, device=args.device, dtype=args.dtype)
     write_json(args.output, records)
     return {"output": str(args.output), "n": len(records), "eval_set": eval_set.name, "subset": eval_set.subset,
-            **settings, **info}
+            **generation.record(), **info}
 
 
-def _judge_from_args(args: argparse.Namespace):
-    from steps.evaluate.judges import make_judge
-
-    kwargs: dict[str, Any] = {"device": args.device}
-    if args.judge_model:
-        kwargs["judge_model"] = args.judge_model
-    if args.max_output_chars:
-        kwargs["max_output_chars"] = args.max_output_chars
-    judge = make_judge(args.judge, **kwargs)
+def _judge_from_args(args: argparse.Namespace) -> Judge:
+    judge = make_judge(args.judge, judge_model=args.judge_model, judge_max_chars=args.judge_max_chars,
+                       device=args.device)
     judge.check()
     return judge
 
 
 def _cmd_annotate(args: argparse.Namespace) -> dict[str, Any]:
-    from steps.evaluate.judges import annotate
-
     model_outputs = read_records(args.model_outputs)
     reference_outputs = read_records(args.reference_outputs)
     judge = _judge_from_args(args)
@@ -82,59 +71,78 @@ def _cmd_annotate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_agreement(args: argparse.Namespace) -> dict[str, Any]:
-    from steps.evaluate.judges import judge_agreement
-
     official = read_records(args.annotations)
     judge = _judge_from_args(args)
     result = judge_agreement(official, judge, limit=args.limit, cache_dir=args.cache_dir)
     return {"annotations": str(args.annotations), "limit": args.limit, **result}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; required flags say so, and a help text may spell out a default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return f"{action.help} (required)"
+        if "(default: " in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__)
+    """The parser of ``python -m steps.evaluate`` and its four subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("score", help="WR and LC WR of an alpaca_eval annotations file")
-    p.add_argument("--annotations", required=True, type=Path)
+    def subcommand(name: str, helptext: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
+
+    p = subcommand("score", "WR and LC WR of an alpaca_eval annotations file")
+    p.add_argument("--annotations", required=True, type=Path, help="alpaca_eval annotations (JSON list or JSONL)")
     p.add_argument("--lc-assets", type=Path, default=None,
-                   help="directory with df_gamed.csv and instruction_difficulty.csv (else the Hub, else none)")
+                   help="directory with df_gamed.csv and instruction_difficulty.csv (default: the Hub's, else LC "
+                        "without them)")
     p.add_argument("--subset", action="store_true", help="the rows are a prefix of the eval set")
     p.add_argument("--alpaca-eval-order", choices=("auto", "yes", "no"), default="auto",
                    help="row i is AlpacaEval instruction i (auto: 805 rows from AlpacaEval's five sources)")
     p.add_argument("--no-hub", action="store_true", help="do not try to download the LC assets")
     p.set_defaults(func=_cmd_score)
 
-    p = sub.add_parser("generate", help="answer an eval set's instructions with a model")
-    p.add_argument("--model", required=True)
+    defaults = GenerationSettings()
+    p = subcommand("generate", "answer an eval set's instructions with a model")
+    p.add_argument("--model", required=True, help="model spec: 'embedded:...', 'tiny', a directory or a Hub id")
     p.add_argument("--eval-set", required=True, help="'alpaca_eval', 'embedded' or a JSON file")
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path, help="where to write the model_outputs JSON")
     p.add_argument("--generator", default=None, help="name recorded in the outputs (default: the model spec)")
-    p.add_argument("--max-instructions", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1814)
-    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
-    p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-instructions", type=int, default=None, help="answer only this prefix (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer at most")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts decoded at once")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-prompt sampling generators")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vllm with a GPU and vllm, else hf")
+    p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", default="float32", help="weights dtype of the HF backend")
     p.set_defaults(func=_cmd_generate)
 
     for name, helptext in (("annotate", "judge model outputs against reference outputs"),
                            ("agreement", "agreement of a judge with official annotations")):
-        p = sub.add_parser(name, help=helptext)
+        p = subcommand(name, helptext)
         if name == "annotate":
-            p.add_argument("--model-outputs", required=True, type=Path)
-            p.add_argument("--reference-outputs", required=True, type=Path)
-            p.add_argument("--output", required=True, type=Path)
+            p.add_argument("--model-outputs", required=True, type=Path, help="model outputs (output_2)")
+            p.add_argument("--reference-outputs", required=True, type=Path, help="reference outputs (output_1)")
+            p.add_argument("--output", required=True, type=Path, help="where to write the annotations JSON")
         else:
-            p.add_argument("--annotations", required=True, type=Path)
-            p.add_argument("--limit", type=int, default=30)
-        p.add_argument("--judge", default="local_logprob")
-        p.add_argument("--judge-model", default=None, help="model spec of the local judge")
-        p.add_argument("--max-output-chars", type=int, default=None)
-        p.add_argument("--cache-dir", type=Path, default=None)
-        p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present")
+            p.add_argument("--annotations", required=True, type=Path, help="official alpaca_eval annotations")
+            p.add_argument("--limit", type=int, default=30, help="judge only the first LIMIT rows")
+        p.add_argument("--judge", default=DEFAULT_JUDGE,
+                       help="'local_logprob', 'local_logprob:<model spec>' or 'alpaca_eval:<annotator config>'")
+        p.add_argument("--judge-model", default=DEFAULT_MODEL, help="model spec of the local judge")
+        p.add_argument("--judge-max-chars", type=int, default=DEFAULT_JUDGE_MAX_CHARS,
+                       help="the local judge cuts each output to this many characters")
+        p.add_argument("--cache-dir", type=Path, default=None,
+                       help="reuse and keep judgements here (default: no cache)")
+        p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
         p.set_defaults(func=_cmd_annotate if name == "annotate" else _cmd_agreement)
     return parser
 

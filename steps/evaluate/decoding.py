@@ -1,20 +1,5 @@
-"""Continuous batching for Hugging Face causal LMs: finished rows leave the batch at once and waiting prompts take
-their place, so no decode step is spent on answers that are already complete.
-
-``model.generate`` on a static batch keeps computing every row until the longest answer ends; with answers of
-very different lengths most of those steps are wasted. Here the batch holds up to ``batch_size`` live sequences
-in one ``DynamicCache``. The cache is *right aligned*: every row's real tokens end at the last column, shorter rows
-have zero-filled, masked columns on the left. One decode step feeds each row its last token at its own position
-(``position_ids`` = the row's real length, as if it had never been padded), so a row computes what it would compute
-alone. When rows finish they are dropped from the cache and leading columns that are padding for every remaining
-row are sliced off; newly admitted prompts are prefilled together (left padded among themselves) and their
-keys/values are stacked onto the batch, left padded to the common width. The cache layers keep spare columns on the
-right (``SlackLayer``), so a decode step writes its new keys/values in place instead of copying the whole cache.
-
-Models whose cache is not a list of plain full-attention ``DynamicLayer`` s (sliding windows, linear attention,
-encoder-decoders, custom caches) are not handled here: :func:`supports_continuous_batching` says so and the caller
-falls back to ``model.generate``.
-"""
+"""Continuous batching for Hugging Face causal LMs: a finished answer leaves the batch at once and the next
+waiting prompt takes its place, so no decode step is spent on answers that are already complete."""
 from __future__ import annotations
 
 import inspect
@@ -25,9 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from steps.evaluate.kv_cache import LiveBatch, left_pad
+from steps.evaluate.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -38,28 +25,7 @@ _MASK64 = (1 << 64) - 1
 
 
 class DecodingError(ValueError):
-    """Decode settings or prompts that cannot work (empty prompt, bad numbers, unsupported model)."""
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """What to generate: ``temperature == 0`` means greedy (argmax); otherwise nucleus sampling with ``top_p``."""
-
-    batch_size: int
-    max_new_tokens: int
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise DecodingError(f"batch_size and max_new_tokens must be >= 1 "
-                                f"(got {self.batch_size}, {self.max_new_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise DecodingError(f"temperature must be >= 0 and top_p in (0, 1] "
-                                f"(got {self.temperature}, {self.top_p})")
+    """Prompts or a model the loop cannot decode (empty prompt, bad admission order, unsupported model)."""
 
 
 @dataclass
@@ -79,17 +45,6 @@ class DecodeStats:
     @property
     def mean_active_rows(self) -> float:
         return self.row_steps / self.decode_steps if self.decode_steps else 0.0
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` [rows, longest] on CPU: every prompt ends at the last column."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, width - len(ids):] = 1
-    return input_ids, mask
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -151,7 +106,6 @@ def supports_continuous_batching(model: "PreTrainedModel") -> bool:
 #: buffers are reallocated with this many more (one copy per this many decode steps instead of one per step).
 SLACK_COLUMNS = 128
 
-
 #: ``generation_config`` fields that change token choice and that ``model.generate`` would apply but this loop does
 #: not (like vLLM given explicit sampling parameters), with the value that means "off".
 _UNAPPLIED_GENERATION_FIELDS = {
@@ -174,120 +128,17 @@ def unapplied_generation_settings(model: "PreTrainedModel") -> dict[str, object]
     return found
 
 
-class SlackLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare columns on the right.
-
-    ``DynamicLayer.update`` concatenates, copying the whole cache every decode step -- about a tenth of a batch-8
-    step of the 135M model on CPU. Here a step writes its one column into the spare room in place. Rows are right
-    aligned: a buffer holds ``[batch, heads, length + spare, dim]``, real data in the first ``length`` columns,
-    zeros for left padding. Only this loop builds them; ``update``, ``batch_select_indices`` and ``crop`` keep
-    the buffers and the views consistent.
-    """
-
-    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], slack: int) -> None:
-        """One layer holding every part's rows, each right aligned to the widest part, zeros on the left."""
-        super().__init__()
-        self.slack = max(1, slack)
-        width = max(keys.shape[-2] for keys, _ in parts)
-        rows = sum(keys.shape[0] for keys, _ in parts)
-        first_keys, first_values = parts[0]
-        self.key_buffer = first_keys.new_zeros((rows, first_keys.shape[1], width + self.slack, first_keys.shape[-1]))
-        self.value_buffer = first_values.new_zeros((rows, first_values.shape[1], width + self.slack,
-                                                    first_values.shape[-1]))
-        row = 0
-        for keys, values in parts:
-            n, w = keys.shape[0], keys.shape[-2]
-            self.key_buffer[row:row + n, :, width - w:width, :] = keys
-            self.value_buffer[row:row + n, :, width - w:width, :] = values
-            row += n
-        self._set_length(width)
-        self.device, self.is_initialized = first_keys.device, True
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys = self.key_buffer[..., :length, :]
-        self.values = self.value_buffer[..., :length, :]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:  # out of spare columns: move to bigger buffers (rare)
-            spare = max(self.slack, key_states.shape[-2])
-            self.key_buffer = F.pad(self.keys, (0, 0, 0, spare))
-            self.value_buffer = F.pad(self.values, (0, 0, 0, spare))
-        self.key_buffer[..., self.length:end, :] = key_states
-        self.value_buffer[..., self.length:end, :] = value_states
-        self._set_length(end)
-        return self.keys, self.values
-
-    def select(self, rows: torch.Tensor, drop_leading: int) -> None:
-        """Keep only ``rows`` and drop the first ``drop_leading`` columns (copies the kept rows once)."""
-        self.key_buffer = self.key_buffer[rows, :, drop_leading:, :]
-        self.value_buffer = self.value_buffer[rows, :, drop_leading:, :]
-        self._set_length(self.length - drop_leading)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select(indices, 0)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        self._set_length(self.length + tokens_to_remove)
-
-
-class _LiveBatch:
-    """The sequences being decoded: one right-aligned cache of ``SlackLayer`` s plus each row's bookkeeping."""
-
-    def __init__(self, slack: int = SLACK_COLUMNS) -> None:
-        self.cache: DynamicCache | None = None
-        self.slack = slack
-        self.prompt_index: list[int] = []  # which prompt each row is
-        self.cached: list[int] = []  # real tokens in the cache per row (prompt + generated, last one excluded)
-        self.last_token: list[int] = []  # generated token not yet fed to the model
-        self.generators: list[torch.Generator | None] = []
-
-    def __len__(self) -> int:
-        return len(self.prompt_index)
-
-    @property
-    def width(self) -> int:
-        return self.cache.layers[0].keys.shape[-2] if self.cache is not None else 0
-
-    def keep(self, rows: list[int]) -> None:
-        """Drop every row not in ``rows`` and the leading columns that are then padding for all rows."""
-        if len(rows) == len(self):
-            return
-        for name in ("prompt_index", "cached", "last_token", "generators"):
-            values = getattr(self, name)
-            setattr(self, name, [values[r] for r in rows])
-        if not rows:
-            self.cache = None
-            return
-        width, needed = self.width, max(self.cached)
-        index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
-        for layer in self.cache.layers:
-            if isinstance(layer, SlackLayer):
-                layer.select(index, width - needed)
-            else:  # a plain DynamicLayer (rows that finished right after prefill, before any merge)
-                layer.keys = layer.keys[index, :, width - needed:, :]
-                layer.values = layer.values[index, :, width - needed:, :]
-
-    def merge(self, other: "_LiveBatch") -> None:
-        """Append ``other``'s rows, left padding the narrower cache so both end at the same column."""
-        if other.cache is None:
-            return
-        if self.cache is None:
-            self.cache = other.cache
-            self.cache.layers = [SlackLayer([(theirs.keys, theirs.values)], self.slack)
-                                 for theirs in other.cache.layers]
-        else:
-            self.cache.layers = [SlackLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], self.slack)
-                                 for mine, theirs in zip(self.cache.layers, other.cache.layers)]
-        for name in ("prompt_index", "cached", "last_token", "generators"):
-            getattr(self, name).extend(getattr(other, name))
-
-
 class ContinuousBatchDecoder:
-    """Greedy or sampled decoding of many prompts with a batch kept full (see the module docstring).
+    """Greedy (``temperature == 0``) or nucleus-sampled decoding of many prompts with the batch kept full.
+
+    ``model.generate`` on a static batch computes every row until the longest answer ends. Here up to
+    ``batch_size`` live sequences share one right-aligned cache (:mod:`steps.evaluate.kv_cache`): every row's real
+    tokens end at the last column, shorter rows have zero-filled, masked columns on the left. A decode step feeds
+    each row its last token at its own position (``position_ids`` = the row's real length, as if never padded), so
+    a row computes what it would compute alone. Finished rows are dropped together with leading columns that are
+    padding for every remaining row; newly admitted prompts are prefilled together (left padded among themselves)
+    and stacked onto the batch. Models whose cache is not plain full-attention ``DynamicLayer`` s are refused
+    (:func:`supports_continuous_batching`); the caller falls back to ``model.generate``.
 
     Reproducibility contract: greedy output is the argmax continuation of each prompt alone -- token for token the
     same as decoding it by itself, up to floating-point differences of batched arithmetic. Sampling gives every
@@ -297,7 +148,8 @@ class ContinuousBatchDecoder:
     except through those floating-point differences.
     """
 
-    def __init__(self, model: "PreTrainedModel", settings: DecodeSettings) -> None:
+    def __init__(self, model: "PreTrainedModel", settings: GenerationSettings, *, stop_ids: Sequence[int],
+                 pad_id: int) -> None:
         if not supports_continuous_batching(model):
             raise DecodingError(f"{type(model).__name__} cannot be decoded with continuous batching (needs a "
                                 f"decoder-only model with plain full-attention DynamicCache layers); use "
@@ -307,7 +159,8 @@ class ContinuousBatchDecoder:
         self.device = next(model.parameters()).device
         self.cache_kwarg = cache_argument_name(model)
         self.keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.stop_ids = frozenset(int(i) for i in settings.stop_ids)
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.pad_id = int(pad_id)
 
     def run(self, prompts: Sequence[Sequence[int]], order: Sequence[int] | None = None,
             on_finished: Callable[[int], None] | None = None) -> tuple[list[list[int]], DecodeStats]:
@@ -325,7 +178,8 @@ class ContinuousBatchDecoder:
         outputs: list[list[int]] = [[] for _ in prompts]
         stats = DecodeStats(prompts=len(prompts))
         waiting = deque(order)
-        live = _LiveBatch(slack=min(self.settings.max_new_tokens, SLACK_COLUMNS))
+        slack = min(self.settings.max_new_tokens, SLACK_COLUMNS)
+        live = LiveBatch(slack)
         with torch.inference_mode():
             while waiting or len(live):
                 free = self.settings.batch_size - len(live)
@@ -333,7 +187,7 @@ class ContinuousBatchDecoder:
                     admitted = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                     logger.debug("step %d: admitting prompts %s next to %d live rows", stats.decode_steps, admitted,
                                  len(live))
-                    newcomers = self._prefill([list(prompts[i]) for i in admitted], admitted, stats)
+                    newcomers = self._prefill([list(prompts[i]) for i in admitted], admitted, stats, slack)
                     self._record(newcomers, outputs, stats, on_finished)
                     live.merge(newcomers)
                 else:
@@ -343,10 +197,11 @@ class ContinuousBatchDecoder:
 
     # -- model calls -------------------------------------------------------------------------------------------
 
-    def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats) -> _LiveBatch:
+    def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats, slack: int
+                 ) -> LiveBatch:
         """Run the prompts through the model together (left padded) and pick each one's first token."""
         started = time.perf_counter()
-        input_ids, real = left_pad(prompt_ids, self.settings.pad_id)
+        input_ids, real = left_pad(prompt_ids, self.pad_id)
         width = input_ids.shape[1]
         positions = (real.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0, as if unpadded
         input_ids, real, positions = (t.to(self.device) for t in (input_ids, real, positions))
@@ -361,7 +216,7 @@ class ContinuousBatchDecoder:
             for layer in cache.layers:
                 layer.keys = layer.keys.masked_fill(pad, 0.0)
                 layer.values = layer.values.masked_fill(pad, 0.0)
-        batch = _LiveBatch()
+        batch = LiveBatch(slack)
         batch.cache = cache
         batch.prompt_index = list(indices)
         batch.cached = [len(ids) for ids in prompt_ids]
@@ -372,7 +227,7 @@ class ContinuousBatchDecoder:
         stats.prefill_s += time.perf_counter() - started
         return batch
 
-    def _step(self, live: _LiveBatch, stats: DecodeStats) -> None:
+    def _step(self, live: LiveBatch, stats: DecodeStats) -> None:
         """Feed every row its last token at its own position; the cache grows by one column for all rows."""
         started = time.perf_counter()
         width = live.width
@@ -392,20 +247,20 @@ class ContinuousBatchDecoder:
     # -- token choice and bookkeeping ------------------------------------------------------------------------------
 
     def _generator(self, prompt_index: int) -> torch.Generator | None:
-        if self.settings.temperature == 0:
+        if not self.settings.do_sample:
             return None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(row_seed(self.settings.seed, prompt_index))
         return generator
 
     def _choose(self, logits: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
-        if self.settings.temperature == 0:
+        if not self.settings.do_sample:
             return logits.argmax(dim=-1).tolist()
         probs = nucleus_probabilities(logits, self.settings.temperature, self.settings.top_p)
         picks = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in range(len(generators))]
         return torch.cat(picks).tolist()
 
-    def _record(self, live: _LiveBatch, outputs: list[list[int]], stats: DecodeStats,
+    def _record(self, live: LiveBatch, outputs: list[list[int]], stats: DecodeStats,
                 on_finished: Callable[[int], None] | None) -> None:
         """Append each row's new token; rows that hit a stop id or the token limit leave the batch."""
         keep = []

@@ -1,9 +1,5 @@
-"""Instruction sets to evaluate on: AlpacaEval (Hub or a local copy), a JSON file, or the small embedded set.
-
-Order matters end to end: alpaca_eval's length-controlled GLM uses each row's *position* as the instruction
-index (for the per-instruction difficulty), so records keep the file's order and ``max_instructions`` takes a
-prefix, never a sample, and marks the set as a subset so the LC label says so.
-"""
+"""Instruction sets to evaluate on: AlpacaEval (Hub or a local copy), a JSON file, or the small embedded set;
+records keep the file's order, since alpaca_eval's LC GLM reads a row's position as its instruction index."""
 from __future__ import annotations
 
 import json
@@ -57,7 +53,10 @@ class EvalSet:
 
 
 def load_eval_set(spec: str, max_instructions: int | None = None) -> EvalSet:
-    """``"alpaca_eval"`` (Hub), ``"embedded"`` (the packaged small set) or a path to a JSON list of records."""
+    """``"alpaca_eval"`` (Hub), ``"embedded"`` (the packaged small set) or a path to a JSON list of records.
+
+    ``max_instructions`` takes a prefix, never a sample, and marks the set as a subset so the LC label says so.
+    """
     spec = str(spec)
     if spec == "alpaca_eval":
         records = _records_from_hub()

@@ -1,14 +1,5 @@
-"""Win rate and length-controlled win rate from pairwise annotations, with alpaca_eval's own metrics.
-
-WR is ``alpaca_eval.metrics.get_winrate`` (reproduces the leaderboard exactly). LC is
-``alpaca_eval.metrics.get_length_controlled_winrate``: a GLM whose ``length_controlled_v1`` variant needs two
-files that alpaca_eval fetches from the Hub at call time (``df_gamed.csv``: two length-gamed baselines it
-regularises towards, plus the per-instruction difficulty; ``instruction_difficulty.csv``). Offline they come
-from a local directory, served to the GLM by temporarily redirecting its download function. Without them the
-same GLM is fitted without the gamed-baseline regularisation and without instruction difficulty. Which of
-these produced a number is always part of the result (``lc_method``): numbers from different methods are
-not comparable.
-"""
+"""Win rate and length-controlled win rate with alpaca_eval's own metrics; the LC computation that produced a
+number is always named (``lc_method``), since numbers from different methods are not comparable."""
 from __future__ import annotations
 
 import contextlib
@@ -173,6 +164,12 @@ def score(
     source: str = "annotations",
 ) -> dict[str, Any]:
     """WR, LC WR and counts for one model against one reference, with the LC method named in ``lc_method``.
+
+    WR is ``alpaca_eval.metrics.get_winrate`` (reproduces the leaderboard exactly). LC is its
+    ``get_length_controlled_winrate``: the ``length_controlled_v1`` GLM needs ``df_gamed.csv`` (two length-gamed
+    baselines it regularises towards) and ``instruction_difficulty.csv``, which alpaca_eval fetches from the Hub at
+    call time; offline they come from a local directory, served by redirecting its download function. Without
+    them the same GLM is fitted without the gamed-baseline regularisation and without instruction difficulty.
 
     ``alpaca_eval_order``: row i is AlpacaEval instruction i, so the per-instruction difficulty and the
     gamed baselines apply; when False (another instruction set) LC uses neither. ``lc_assets_dir`` holds

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 class GenerationError(ValueError):
@@ -44,6 +45,15 @@ class GenerationSettings:
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+    @classmethod
+    def from_config(cls, section: object) -> GenerationSettings:
+        """The settings named like this class's fields, read from ``section`` (e.g. the config's ``evaluation``)."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+
+    def record(self) -> dict[str, Any]:
+        """The settings as written next to generated outputs (``do_sample`` spelled out for readers)."""
+        return {**asdict(self), "do_sample": self.do_sample}
 
 
 def _finite(value: object) -> bool:

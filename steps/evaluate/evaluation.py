@@ -1,0 +1,137 @@
+"""The flow's two calls: reference outputs for an eval set, and one model's evaluation against them (generate,
+judge, score, write ``model_outputs.json``, ``annotations.json`` and ``metrics.json``)."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from steps.evaluate.annotate import AnnotationInputError, annotate
+from steps.evaluate.eval_sets import EvalSet
+from steps.evaluate.generation import answer_eval_set
+from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, make_judge
+from steps.evaluate.scoring import score
+from steps.evaluate.settings import GenerationSettings
+from steps.io import read_json, write_json
+from steps.models import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+MODEL_OUTPUTS_FILE = "model_outputs.json"
+ANNOTATIONS_FILE = "annotations.json"
+METRICS_FILE = "metrics.json"
+GENERATION_FILE = "generation.json"
+
+
+def reference_outputs_for(
+    eval_set: EvalSet,
+    starting_model_spec: str,
+    generation: GenerationSettings,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    backend: str = "auto",
+    model: Any = None,
+    tokenizer: Any = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The eval set's own reference outputs when it has them, else the starting model's answers.
+
+    Generated references are named ``reference:<spec>`` so no result can pass them off as AlpacaEval's.
+    """
+    if eval_set.has_outputs:
+        return [{"instruction": r["instruction"], "output": r["output"], "generator": r.get("generator"),
+                 **({"dataset": r["dataset"]} if r.get("dataset") is not None else {})} for r in eval_set.records]
+    records, info = answer_eval_set(starting_model_spec, eval_set, f"reference:{starting_model_spec}", generation,
+                                    backend=backend, device=device, dtype=dtype, model=model, tokenizer=tokenizer,
+                                    show_progress=show_progress)
+    logger.info("generated %d reference outputs with %s (%s, %.2f prompts/s)", len(records), starting_model_spec,
+                info["backend"], info["prompts_per_second"] or 0.0)
+    return records
+
+
+def evaluate_model(
+    model_spec: str,
+    eval_set: EvalSet,
+    reference_outputs: list[dict[str, Any]],
+    *,
+    generator: str,
+    out_dir: str | Path,
+    generation: GenerationSettings,
+    judge: str = DEFAULT_JUDGE,
+    judge_model: str = DEFAULT_MODEL,
+    judge_max_chars: int = DEFAULT_JUDGE_MAX_CHARS,
+    lc_assets_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    model: Any = None,
+    tokenizer: Any = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Generate with ``model_spec`` (or the loaded ``model``), judge against ``reference_outputs``, score; write
+    the files to ``out_dir`` and return the metrics plus what produced them.
+
+    The judge is made and checked first, so a missing API key fails before any generation. Outputs already in
+    ``out_dir`` from the same model, instructions and settings are reused (a retried step does not generate
+    again); judgements are reused through ``cache_dir``.
+    """
+    out_dir = Path(out_dir)
+    if len(reference_outputs) != len(eval_set):
+        raise AnnotationInputError(f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions "
+                                   f"of eval set {eval_set.name}")
+    pairwise_judge = make_judge(judge, judge_model=judge_model, judge_max_chars=judge_max_chars, device=device,
+                                show_progress=show_progress)
+    pairwise_judge.check()
+
+    settings = generation.record()
+    generation_record = {"model": model_spec, "generator": generator, "eval_set": eval_set.name,
+                         "instructions": eval_set.instructions, **settings}
+    outputs_path, generation_path = out_dir / MODEL_OUTPUTS_FILE, out_dir / GENERATION_FILE
+    model_outputs: list[dict[str, Any]] | None = None
+    if outputs_path.is_file() and generation_path.is_file():
+        previous = read_json(generation_path)
+        if {k: previous.get(k) for k in generation_record} == generation_record:
+            model_outputs = read_json(outputs_path)
+            generation_info = previous.get("info", {})
+            logger.info("reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs),
+                        outputs_path)
+    if model_outputs is None:
+        model_outputs, generation_info = answer_eval_set(model_spec, eval_set, generator, generation,
+                                                         backend=backend, device=device, dtype=dtype, model=model,
+                                                         tokenizer=tokenizer, show_progress=show_progress)
+        write_json(outputs_path, model_outputs)
+        write_json(generation_path, {**generation_record, "info": generation_info})
+        logger.info("wrote %s", outputs_path)
+    model = None  # free the policy before the judge model loads
+    gc.collect()
+
+    annotations = annotate(model_outputs, reference_outputs, pairwise_judge, cache_dir=cache_dir)
+    write_json(out_dir / ANNOTATIONS_FILE, annotations)
+    logger.info("wrote %s", out_dir / ANNOTATIONS_FILE)
+
+    metrics = score(annotations, lc_assets_dir=lc_assets_dir, subset=eval_set.subset,
+                    alpaca_eval_order=eval_set.alpaca_eval_order, source=str(out_dir / ANNOTATIONS_FILE))
+    references = sorted({str(r.get("generator")) for r in reference_outputs})
+    result = {
+        **metrics,
+        "model": model_spec,
+        "generator": generator,
+        **pairwise_judge.metadata(),
+        "eval_set": eval_set.name,
+        "eval_set_source": eval_set.source,
+        "subset": eval_set.subset,
+        "n_instructions": len(eval_set),
+        "reference_generator": references[0] if len(references) == 1 else references,
+        "generation": {**settings, **generation_info},
+        "files": {"model_outputs": str(outputs_path), "annotations": str(out_dir / ANNOTATIONS_FILE),
+                  "metrics": str(out_dir / METRICS_FILE)},
+    }
+    write_json(out_dir / METRICS_FILE, result)
+    logger.info("wrote %s: WR %.2f, LC %s (%s), judge %s%s", out_dir / METRICS_FILE, result["win_rate"],
+                result["length_controlled_winrate"], result["lc_method"], result["judge"],
+                " [weak judge: mechanism check only]" if result["weak_judge"] else "")
+    return json.loads(json.dumps(result, default=str))
