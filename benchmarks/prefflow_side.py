@@ -111,6 +111,7 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
     import torch
 
     from steps.evaluate.generation import generate_outputs
+    from steps.evaluate.settings import GenerationSettings
 
     device = hardware.pick_device()
     from steps.models import load_model, load_tokenizer
@@ -122,11 +123,14 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
                        attn_implementation="sdpa")
     load_s = time.perf_counter() - t0
     texts = synthetic.instructions(spec.gen_prompts)
-    settings = dict(max_new_tokens=spec.gen_max_new_tokens, temperature=0.0, backend="hf", show_progress=False)
-    generate_outputs(model, tokenizer, texts[:1], generator="warmup", batch_size=1, **{**settings, "max_new_tokens": 2})
+    generation = GenerationSettings(max_new_tokens=spec.gen_max_new_tokens, temperature=0.0, batch_size=batch_size)
+    settings = {**generation.record(), "backend": "hf"}
+    warmup = GenerationSettings(max_new_tokens=2, temperature=0.0, batch_size=1)
+    generate_outputs(model, tokenizer, texts[:1], generator="warmup", generation=warmup, backend="hf", show_progress=False)
     hardware.synchronize(device)
     t0 = time.perf_counter()
-    records = generate_outputs(model, tokenizer, texts, generator="bench", batch_size=batch_size, **settings)
+    records = generate_outputs(model, tokenizer, texts, generator="bench", generation=generation, backend="hf",
+                               show_progress=False)
     hardware.synchronize(device)
     generate_s = time.perf_counter() - t0
     outputs = [r["output"] for r in records]
@@ -140,6 +144,6 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
         implementation=f"prefflow generate_outputs(batch_size={batch_size})",
         device=hardware.device_name(device), threads=torch.get_num_threads(),
         params=sum(p.numel() for p in model.parameters()),
-        settings={"batch_size": batch_size, **settings}, load_s=load_s, prompts=len(texts),
+        settings=settings, load_s=load_s, prompts=len(texts),
         generated_tokens=generated, generate_s=generate_s, outputs=outputs,
         peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))
