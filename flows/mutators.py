@@ -1,21 +1,22 @@
-"""Config-driven deployment decorators for flows/pipeline.py (a Metaflow FlowMutator).
-
-Hard-coding ``@kubernetes`` or ``@schedule`` would break local runs or tie every deployment to one
-cron; instead the run config's ``deployment`` and ``resources`` sections decide, at deploy time:
-
-* ``@project(name=deployment.project)``: production and personal deployments don't collide;
-* ``@schedule(cron=deployment.schedule_cron)`` (6-field AWS form, read by Argo and Step Functions);
-* ``@trigger(event=deployment.trigger_event)``: rerun when new data lands;
-* ``@kubernetes(image=resources.image, ...)`` on the heavy steps only when ``resources.kubernetes``.
-"""
+"""Flow mutators for both flows: ship the ``steps`` library, and add the decorators the run config asks for
+(@project, @schedule, @trigger; @resources on the heavy steps, @kubernetes when enabled) at deploy time."""
 from metaflow import FlowMutator
 
-HEAVY_STEPS = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
+#: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for; other steps get defaults.
+STEP_ROLES = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
 
 
-class deployment_from_config(FlowMutator):
+def _config_mapping(mutable_flow) -> dict:
+    for name, value in mutable_flow.configs:
+        if name == "config":
+            return value.to_dict() if value is not None else {}
+    return {}
+
+
+class package_steps_library(FlowMutator):
+    """Put every file of ``steps`` into the code package: Metaflow ships only the flow's own directory."""
+
     def add_to_package(self):
-        """Ship the ``steps`` library with the code package (Metaflow packages only the flow's directory)."""
         from metaflow.packaging_sys import ContentType
 
         from steps.packaging import library_files
@@ -23,22 +24,29 @@ class deployment_from_config(FlowMutator):
         for path, arcname in library_files():
             yield path, arcname, ContentType.CODE_CONTENT
 
+
+class deployment_from_config(FlowMutator):
+    """Decorators from the config's ``deployment`` and ``resources`` sections (hard-coded ones break local runs)."""
+
     def pre_mutate(self, mutable_flow):
-        cfg = dict(mutable_flow.config)
-        deployment = cfg.get("deployment") or {}
-        resources = cfg.get("resources") or {}
-        mutable_flow.add_decorator("project", deco_kwargs={"name": deployment.get("project") or "prefflow"})
-        if deployment.get("schedule_cron"):
-            mutable_flow.add_decorator("schedule", deco_kwargs={"cron": deployment["schedule_cron"]})
-        if deployment.get("trigger_event"):
-            mutable_flow.add_decorator("trigger", deco_kwargs={"event": deployment["trigger_event"]})
-        if resources.get("kubernetes"):
-            for name, step in mutable_flow.steps:
-                if name in HEAVY_STEPS:
-                    need = resources.get(HEAVY_STEPS[name]) or {}
-                    kwargs = {"cpu": need.get("cpu", 2), "memory": need.get("memory", 8000)}
-                    if need.get("gpu"):
-                        kwargs["gpu"] = need["gpu"]
-                    if resources.get("image"):
-                        kwargs["image"] = resources["image"]
-                    step.add_decorator("kubernetes", deco_kwargs=kwargs)
+        from steps.config import load_section
+
+        raw = _config_mapping(mutable_flow)
+        deployment, resources = load_section(raw, "deployment"), load_section(raw, "resources")
+        mutable_flow.add_decorator("project", deco_kwargs={"name": deployment.project})
+        if deployment.schedule_cron:
+            mutable_flow.add_decorator("schedule", deco_kwargs={"cron": deployment.schedule_cron})
+        if deployment.trigger_event:
+            mutable_flow.add_decorator("trigger", deco_kwargs={"event": deployment.trigger_event})
+        for name, step in mutable_flow.steps:
+            if name not in STEP_ROLES:
+                continue
+            need = getattr(resources, STEP_ROLES[name])
+            step.add_decorator("resources", deco_kwargs={"cpu": need.cpu, "memory": need.memory, "gpu": need.gpu})
+            if resources.kubernetes:
+                kwargs = {"cpu": need.cpu, "memory": need.memory}
+                if need.gpu:
+                    kwargs["gpu"] = need.gpu
+                if resources.image:
+                    kwargs["image"] = resources.image
+                step.add_decorator("kubernetes", deco_kwargs=kwargs)

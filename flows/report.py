@@ -1,36 +1,12 @@
-"""PrefFlowReport: regenerate the results report each time PrefFlow finishes (production).
+"""PrefFlowReport: regenerate the results report after each PrefFlow run (``@trigger_on_finish``) or by hand:
+``python flows/report.py run [--latest 5]``. Deployed with PrefFlow's config (same ``@project``), it reads only
+that project branch's runs; on a remote worker the card is the durable copy of the report."""
+from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, project, step, trigger_on_finish
+from mutators import package_steps_library
 
-    python flows/report.py run                                   # by hand: every successful PrefFlow run
-    python flows/report.py run --latest 5
-    python flows/report.py --config config configs/x.yaml argo-workflows create   # deployed beside PrefFlow
+from steps.config import DEFAULT_CONFIG_PATH, parse_deployment_text
 
-Deployed with the same config (hence the same ``@project``) as PrefFlow, ``@trigger_on_finish`` starts
-it after every successful PrefFlow run of the same project branch, and the report only reads runs of
-that branch. The report's files are written under ``--out-dir`` (default ``$PREFFLOW_REPORT_DIR`` or
-the repository's ``reports/``); on a remote worker they live as long as the pod, so the card
-(table, LC WR / WR bars, the triggering run's training curves) is the durable copy.
-"""
-from pathlib import Path
-
-from metaflow import (Config, FlowMutator, FlowSpec, Parameter, card, config_expr, current, project, step,
-                      trigger_on_finish)
-
-from steps.report.deployment import parse_deployment_text
-
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
 PIPELINE_FLOW = "PrefFlow"
-
-
-class package_steps_library(FlowMutator):
-    """Put the ``steps`` package into the code package: Metaflow ships only the flow's own directory."""
-
-    def add_to_package(self):
-        from metaflow.packaging_sys import ContentType
-
-        from steps.packaging import library_files
-
-        for path, arcname in library_files():
-            yield path, arcname, ContentType.CODE_CONTENT
 
 
 @package_steps_library
@@ -39,11 +15,11 @@ class package_steps_library(FlowMutator):
 class PrefFlowReport(FlowSpec):
     """Results table and plots from Metaflow's records of PrefFlow."""
 
-    config = Config("config", default=DEFAULT_CONFIG, parser=parse_deployment_text,
+    config = Config("config", default=str(DEFAULT_CONFIG_PATH), parser=parse_deployment_text,
                     help="the run config PrefFlow was deployed with (only its deployment section is read)")
     latest = Parameter("latest", type=int, default=0, help="only the newest N successful runs (0: all)")
     out_dir = Parameter("out_dir", type=str, default="",
-                        help="report directory (default: $PREFFLOW_REPORT_DIR or the repository's reports/)")
+                        help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports where you run)")
 
     @card(type="blank", id="report")
     @step
@@ -68,4 +44,7 @@ class PrefFlowReport(FlowSpec):
 
 
 if __name__ == "__main__":
+    from steps.config import ensure_user_name
+
+    ensure_user_name()
     PrefFlowReport()

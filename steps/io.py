@@ -1,16 +1,14 @@
-"""Atomic file writes and JSONL helpers.
-
-Every output goes through a temp file in the same directory followed by ``os.replace``,
-so a crash or a concurrent reader never sees a half-written file.
-"""
+"""Atomic file writes and JSONL helpers: every output goes through a temp file in the same directory,
+fsync and ``os.replace``, so a crash or a concurrent reader never sees a half-written file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
+from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -32,10 +30,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; follow the umask like open() would
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return path
 

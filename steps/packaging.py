@@ -1,14 +1,9 @@
-"""The ``steps`` library's files for Metaflow's code package.
-
-Metaflow packages only the flow's own directory, so remote tasks (Argo, Kubernetes) would not find
-``steps``. Handing Metaflow the module (``ContentType.MODULE_CONTENT``) is not enough: for a regular
-package under a setuptools editable install it packs only ``steps/__init__.py``. Listing every file
-explicitly works the same for editable, regular and source-tree imports.
-"""
+"""The ``steps`` library's files for Metaflow's code package (which ships only the flow's directory).
+Every file is listed explicitly: MODULE_CONTENT packs only ``__init__.py`` under an editable install."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LIBRARY_ROOT = Path(__file__).resolve().parent
 SKIPPED_DIRS = {"__pycache__"}

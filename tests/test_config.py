@@ -1,19 +1,52 @@
-"""Config loading: typed sections, fairseq2-shaped criterion config, clear errors before any work."""
+"""Run configs: typed sections, one validation layer, per-variant plans, and errors that name the file and key."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from steps.config import (ConfigError, load_config, parse_losses, parse_overrides, resolve_preference)
+from steps.config import (
+    ConfigError,
+    EvaluationConfig,
+    RunConfig,
+    Variant,
+    config_from_dict,
+    config_to_dict,
+    for_loss,
+    load_config,
+    load_plan,
+    parse_config_text,
+    parse_losses,
+    parse_overrides,
+    plan_variants,
+    preflight,
+    read_sweep,
+)
+from steps.evaluate.settings import GenerationSettings
 from steps.losses.dpo import DPOConfig
+from steps.losses.orpo import ORPOConfig
 from steps.losses.simpo import SimPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PIPELINE = REPO / "flows" / "pipeline.py"
 
 
-def write(tmp_path, text: str) -> Path:
-    p = tmp_path / "run.yaml"
-    p.write_text(text)
+def write(tmp_path: Path, text: str | bytes, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
     return p
+
+
+# ----------------------------------------------------------------------------- loading and checking
 
 
 def test_default_and_recipe_configs_load():
@@ -26,7 +59,8 @@ def test_default_and_recipe_configs_load():
 
 def test_documented_recipe_values():
     sft = load_config(REPO / "configs/llama3_1_8b/sft.yaml").sft
-    assert (sft.lr, sft.final_lr, sft.betas, sft.weight_decay, sft.max_grad_norm) == (5.5e-6, 1.1e-6, (0.9, 0.95), 0.1, 1.0)
+    assert (sft.lr, sft.final_lr, sft.betas, sft.weight_decay, sft.max_grad_norm) == \
+        (5.5e-6, 1.1e-6, (0.9, 0.95), 0.1, 1.0)
     assert (sft.max_num_tokens, sft.grad_accum, sft.epochs, sft.seed) == (8192, 4, 10, 1814)
     dpo = load_config(REPO / "configs/llama3_1_8b/dpo.yaml").preference
     assert (dpo.criterion_config.beta, dpo.criterion_config.nll_scale, dpo.lr, dpo.final_lr, dpo.init) == \
@@ -39,7 +73,7 @@ def test_documented_recipe_values():
     cpo = load_config(REPO / "configs/llama3_1_8b/cpo.yaml").preference
     assert (cpo.criterion_config.beta, cpo.criterion_config.nll_scale, cpo.lr, cpo.init) == (0.1, 0.0, 1e-6, "base")
     # 8B full fine-tuning does not fit replicated on 80 GB GPUs: every recipe shards
-    assert sft.parallelism == "fsdp" and {dpo.parallelism, simpo.parallelism, orpo.parallelism, cpo.parallelism} == {"fsdp"}
+    assert {sft.parallelism, dpo.parallelism, simpo.parallelism, orpo.parallelism, cpo.parallelism} == {"fsdp"}
 
 
 def test_fairseq2_shape_with_and_without_type(tmp_path):
@@ -59,7 +93,8 @@ preference:
 
 
 def test_type_mismatch_is_an_error(tmp_path):
-    p = write(tmp_path, "preference:\n  criterion: simpo\n  criterion_config:\n    _type_: steps.losses.dpo.DPOConfig\n")
+    p = write(tmp_path, "preference:\n  criterion: simpo\n  criterion_config:\n"
+                        "    _type_: steps.losses.dpo.DPOConfig\n")
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert err.value.key == "preference.criterion_config._type_"
@@ -76,13 +111,13 @@ def test_misspelt_key_names_key_and_suggests(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert err.value.key == "preference.criterion_config.betta"
-    assert "beta" in str(err.value)
+    assert "did you mean 'beta'" in str(err.value)
 
 
 def test_unknown_criterion_lists_registered(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, "preference:\n  criterion: kto2\n"))
-    assert err.value.key == "preference.criterion"
+        load_config(write(tmp_path, "preference:\n  criterion: simpoo\n"))
+    assert err.value.key == "preference.criterion" and "did you mean 'simpo'" in str(err.value)
     for name in ("dpo", "simpo", "orpo", "cpo", "ipo", "hinge"):
         assert name in str(err.value)
 
@@ -100,16 +135,44 @@ def test_negative_beta_names_key(tmp_path):
     ("preference:\n  lr: -1.0e-6\n", "preference.lr"),
     ("sft:\n  epochs: two\n", "sft.epochs"),
     ("sft:\n  overlength: clip\n", "sft.overlength"),
+    ("sft:\n  betas: [0.9, 1.5]\n", "sft.betas[1]"),
+    ("sft:\n  lora: {r: many}\n", "sft.lora.r"),
     ("data:\n  pair_strategy: best_vs_all\n", "data.pair_strategy"),
     ("deployment:\n  schedule_cron: '0 3 * * *'\n", "deployment.schedule_cron"),
+    ("deployment:\n  project: My-Team\n", "deployment.project"),
     ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
+    ("preference:\n  per_loss:\n    orpo: {criterion_config: {orpo_lambda: -1}}\n",
+     "preference.per_loss.orpo.criterion_config.orpo_lambda"),
+    ("preference:\n  per_loss:\n    orpoo: {lr: 1.0e-6}\n", "preference.per_loss.orpoo"),
+    ("preference:\n  criterion_config: [1, 2]\n", "preference.criterion_config"),
+    ("preference:\n  criterion_config: {beta: {deep: 1}}\n", "preference.criterion_config.beta"),
     ("sft:\n  parallelism: zero3\n", "sft.parallelism"),
     ("sft:\n  parallelism: fsdp\n  lora: {enabled: true}\n", "sft.parallelism"),
+    ("evaluation:\n  temperature: -0.5\n", "evaluation.temperature"),
+    ("evaluation:\n  top_p: 1.5\n", "evaluation.top_p"),
+    ("evaluation:\n  batch_size: 0\n", "evaluation.batch_size"),
+    ("evaluation:\n  max_new_tokens: 0\n", "evaluation.max_new_tokens"),
+    ("evaluation:\n  max_instructions: 0\n", "evaluation.max_instructions"),
+    ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
 ])
 def test_out_of_range_and_wrong_types(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
     assert err.value.key == key, str(err.value)
+    assert str(err.value).startswith(f"{tmp_path / 'run.yaml'}: {key}: ")
+
+
+def test_generation_settings_are_built_once_from_the_flat_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "evaluation:\n  max_new_tokens: 12\n  temperature: 0\n  top_p: 0.5\n"
+                                      "  seed: 7\n  batch_size: 3\n"))
+    assert cfg.evaluation.generation == GenerationSettings(max_new_tokens=12, temperature=0.0, top_p=0.5, seed=7,
+                                                           batch_size=3)
+    assert not cfg.evaluation.generation.do_sample
+    assert "generation" not in config_to_dict(cfg)["evaluation"]  # YAML keeps its flat keys
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "evaluation:\n  generation: {seed: 1}\n"))
+    assert err.value.key == "evaluation.generation"
+    assert EvaluationConfig().generation == GenerationSettings()  # the same defaults in both places
 
 
 def test_yaml11_exponent_string_is_a_float(tmp_path):
@@ -122,9 +185,19 @@ def test_overrides_from_the_command_line():
     assert ov == {"preference.criterion_config.beta": 0.5, "sft.epochs": 2, "data.langs": ["en", "de"]}
     cfg = load_config(REPO / "configs/default.yaml", ov)
     assert cfg.preference.criterion_config.beta == 0.5 and cfg.sft.epochs == 2 and cfg.data.langs == ["en", "de"]
+
+
+@pytest.mark.parametrize("text,key", [
+    ("sft.epocs=2", "sft.epocs"),
+    ("sft.lr=abc", "sft.lr"),
+    ("preference.criterion_config.beta=-2", "preference.criterion_config.beta"),
+    ("sft.lr.x=1", "sft.lr"),
+    ("sft", "sft"),
+])
+def test_bad_override_is_blamed_on_set(text, key):
     with pytest.raises(ConfigError) as err:
-        load_config(REPO / "configs/default.yaml", parse_overrides("sft.epocs=2"))
-    assert err.value.key == "sft.epocs"
+        load_config(REPO / "configs/default.yaml", parse_overrides(text))
+    assert (err.value.source, err.value.key) == ("--set", key), str(err.value)
 
 
 def test_losses_argument_and_per_loss_resolution():
@@ -133,31 +206,222 @@ def test_losses_argument_and_per_loss_resolution():
     assert parse_losses("sft", cfg) == []
     assert parse_losses("", cfg) == ["dpo"]
     with pytest.raises(ConfigError) as err:
-        parse_losses("dpo,nope", cfg)
-    assert "simpo" in str(err.value)
-    orpo = resolve_preference(cfg, "orpo")
-    assert orpo.lr == 8e-6 and orpo.criterion == "orpo"
-    assert type(orpo.criterion_config).__name__ == "ORPOConfig"
-    dpo = resolve_preference(cfg, "dpo")
-    assert dpo.criterion_config.beta == cfg.preference.criterion_config.beta
+        parse_losses("dpo,dpp", cfg)
+    assert err.value.source == "--loss" and "did you mean 'dpo'" in str(err.value) and "simpo" in str(err.value)
+    orpo = for_loss(cfg, "orpo").preference
+    assert (orpo.lr, orpo.final_lr, orpo.criterion, orpo.per_loss) == (8e-6, 8e-7, "orpo", {})
+    assert orpo.criterion_config == ORPOConfig()  # the dpo section's beta does not leak into another loss
+    dpo = for_loss(cfg, "dpo").preference
+    assert dpo.criterion_config is cfg.preference.criterion_config  # nothing to merge: the same object
+
+
+def test_plan_has_one_resolved_config_per_variant():
+    plan = load_plan(yaml.safe_load((REPO / "configs/default.yaml").read_text()), "default.yaml", loss_arg="dpo,orpo",
+                     set_arg="preference.per_loss.orpo.criterion_config.orpo_lambda=0.3")
+    assert [(v.variant, v.config.preference.criterion) for v in plan.variants] == [
+        (Variant("sft", "sft"), "dpo"), (Variant("dpo", "dpo"), "dpo"), (Variant("orpo", "orpo"), "orpo")]
+    assert plan.variants[2].config.preference.criterion_config == ORPOConfig(orpo_lambda=0.3)
+    assert plan.variants[2].config.preference.lr == 8e-6
+    assert plan.variants[2].config.sft == plan.config.sft  # only the preference section differs
+    assert pickle.loads(pickle.dumps(plan)) == plan  # Metaflow artifacts are pickles
+    with pytest.raises(ConfigError, match="nothing to train"):
+        plan_variants(config_from_dict({"sft": {"enabled": False}}), "sft")
+    with pytest.raises(ConfigError, match=r"preference\.init: is 'sft' but sft\.enabled is false"):
+        plan_variants(config_from_dict({"sft": {"enabled": False}, "preference": {"init": "sft"}}), "dpo")
 
 
 def test_simpo_sweep_file_expands_to_the_paper_grid(tmp_path):
-    from steps.config import config_from_dict, config_to_dict, load_sweep
-
     cfg = load_config(REPO / "configs/default.yaml")
-    points = load_sweep(REPO / "configs/sweeps/simpo.yaml", cfg)
-    assert len(points) == 12 and {p["loss"] for p in points} == {"simpo"}
-    assert len({p["name"] for p in points}) == 12
-    assert "simpo-beta2.5-gamma1.4" in {p["name"] for p in points}
-    grid = set()
-    for p in points:
-        point_cfg = config_from_dict(config_to_dict(cfg), "x", p["overrides"])
-        cc = resolve_preference(point_cfg, "simpo").criterion_config
-        grid.add((cc.beta, cc.gamma))
+    assert len(read_sweep(REPO / "configs/sweeps/simpo.yaml").points) == 12
+    plan = plan_variants(cfg, "dpo", str(REPO / "configs/sweeps/simpo.yaml"))
+    points = [v for v in plan.variants if v.loss == "simpo"]
+    assert [v.name for v in plan.variants[:2]] == ["sft", "dpo"] and len(points) == 12
+    assert len({p.name for p in points}) == 12 and "simpo-beta2.5-gamma1.4" in {p.name for p in points}
+    grid = {(p.config.preference.criterion_config.beta, p.config.preference.criterion_config.gamma) for p in points}
     assert grid == {(b, g) for b in (2.0, 2.5) for g in (0.3, 0.5, 1.0, 1.2, 1.4, 1.6)}
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("loss: simpo\ngrid:\n  criterion_config.beta: [2.0, -1.0]\n")
+    bad = write(tmp_path, "loss: simpo\ngrid:\n  criterion_config.beta: [2.0, -1.0]\n", "bad.yaml")
     with pytest.raises(ConfigError) as err:
-        load_sweep(bad, cfg)
-    assert "simpo-beta-1" in str(err.value) and "beta" in str(err.value)
+        plan_variants(cfg, "", str(bad))
+    assert err.value.source == str(bad)
+    assert "simpo-beta-1" in str(err.value) and "criterion_config.beta" in str(err.value)
+    typo = write(tmp_path, "loss: simpo\ngrid:\n  criterion_config.gama: [1.0]\n", "typo.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'gamma'"):
+        plan_variants(cfg, "", str(typo))
+
+
+def test_launch_config_crosses_the_torchrun_boundary_once(tmp_path):
+    from steps.train.launch import read_launch_config, write_launch_config
+
+    cfg = for_loss(load_config(REPO / "configs/default.yaml"), "orpo")
+    back = read_launch_config(write_launch_config(cfg, tmp_path / "launch.json"))
+    assert back == cfg and back.source == cfg.source
+    assert json.loads((tmp_path / "launch.json").read_text())["config"]["preference"]["criterion_config"]["_type_"] == \
+        "steps.losses.orpo.ORPOConfig"
+
+
+# ----------------------------------------------------------------------------- YAML to the loss
+
+HOP_CONFIG = """
+name: hops
+data: {input: embedded, max_trees: 14, dev_fraction: 0.2}
+model: {base: tiny, dtype: float32}
+sft: {enabled: false}
+preference:
+  criterion: dpo
+  criterion_config: {beta: 0.37}
+  init: base
+  lr: 1.0e-3
+  max_num_tokens: 1024
+  max_seq_len: 256
+  overlength: truncate
+  max_steps: 1
+  max_examples: 4
+  per_loss:
+    orpo: {lr: 2.0e-3}
+evaluation: {enabled: false}
+resources: {output_dir: OUTPUT_DIR}
+"""
+
+
+def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monkeypatch):
+    """The real path of the flow (Config parser -> start -> preference step), counting every conversion of beta."""
+    from steps import losses
+    from steps.pipeline import plan_run, prepare_data, train_variant
+
+    hops: list[str] = []
+    stage = ["Metaflow Config parser"]
+    real_post_init = DPOConfig.__post_init__
+
+    def counting_post_init(self):  # every DPOConfig construction (from a mapping or a replace) passes here
+        hops.append(f"mapping -> DPOConfig ({stage[0]})")
+        real_post_init(self)
+
+    monkeypatch.setattr(DPOConfig, "__post_init__", counting_post_init)
+    reached = []
+    real_build_loss = losses.build_loss
+    monkeypatch.setattr(losses, "build_loss", lambda name, config=None, **kw: reached.append(config) or
+                        real_build_loss(name, config, **kw))
+
+    text = HOP_CONFIG.replace("OUTPUT_DIR", str(tmp_path / "runs"))
+    hops.append("YAML text -> mapping")
+    config_value = parse_config_text(text)
+    assert config_value == yaml.safe_load(text)  # the parser checks, and hands on the mapping as written
+    config_value = json.loads(json.dumps(config_value))  # Metaflow keeps Config values as JSON
+    stage[0] = "start"
+    plan, output_root = plan_run(config_value, "dpo", "", "", "PrefFlow", "1")
+    (dpo,) = [v for v in plan.variants if v.loss == "dpo"]
+    dpo = pickle.loads(pickle.dumps(dpo))  # artifact from start to the preference step
+    data_dir, _ = prepare_data(plan.config, output_root)
+    stage[0] = "preference step"
+    summary = train_variant(dpo, data_dir, output_root, None)
+
+    assert len(reached) == 1 and reached[0] == dpo.config.preference.criterion_config
+    assert reached[0].beta == 0.37  # the YAML's value reached the loss
+    assert summary["steps"] == 1 and summary["config"]["criterion_config"]["beta"] == 0.37
+    assert not [h for h in hops if "preference step" in h], hops  # the step trains the planned object as is
+    assert len(hops) <= 4, hops
+    assert hops == ["YAML text -> mapping", "mapping -> DPOConfig (Metaflow Config parser)",
+                    "mapping -> DPOConfig (start)"]
+
+
+# ----------------------------------------------------------------------------- the command-line preflight
+
+
+def _flow_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("USERNAME", "USER", "METAFLOW_USER", "SUDO_USER")}
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "USERNAME": "prefflow-test",
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), **extra}
+
+
+def _run_flow(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PIPELINE), *args], cwd=tmp_path, env=_flow_env(tmp_path, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
+GOOD = (REPO / "configs" / "default.yaml").read_text()
+
+PREFLIGHT_CASES = {
+    "yaml list": ("- data\n- model\n", [], ["expected a mapping of sections", "got list"]),
+    "yaml scalar": ("42\n", [], ["expected a mapping of sections", "got int"]),
+    "deep criterion_config": (GOOD.replace("beta: 0.1", "beta: [0.1, 0.2]"), [],
+                              ["preference.criterion_config.beta", "expected a number"]),
+    "criterion_config not a mapping": (GOOD.replace("    beta: 0.1\n    nll_scale: 0.0\n", "    - 0.1\n"), [],
+                                       ["preference.criterion_config", "expected a mapping of DPOConfig fields"]),
+    "set not a number": (GOOD, ["--set", "sft.lr=abc"], ["--set: sft.lr: got 'abc'; expected a number"]),
+    "unknown loss": (GOOD, ["--loss", "dpo,kto"], ["--loss: kto: unknown loss", "simpo"]),
+    "non-UTF-8": (GOOD.encode() + "# caf\u00e9\n".encode("latin-1"), [],
+                  [f"not UTF-8 text (byte 0xe9 on line {GOOD.count(chr(10)) + 1})"]),
+    "missing file": (None, [], ["file not found"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFLIGHT_CASES))
+def test_preflight_prints_one_line_and_exits_2(tmp_path, case):
+    text, extra, expected = PREFLIGHT_CASES[case]
+    path = tmp_path / "run.yaml"
+    if text is not None:
+        write(tmp_path, text)
+    proc = _run_flow(tmp_path, "--config", "config", str(path), "run", *extra)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    source = "--set" if "--set" in extra else "--loss" if "--loss" in extra else str(path)
+    assert lines[0].startswith(f"error: {source}: "), lines[0]
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert not (tmp_path / "mf").exists() and not (tmp_path / "runs").exists()  # no run, no step
+
+
+def test_config_without_its_name_gets_the_hint(tmp_path):
+    path = write(tmp_path, GOOD)
+    proc = _run_flow(tmp_path, "--config", str(path), "run")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "use --config config FILE" in proc.stderr and str(path) in proc.stderr
+    assert not (tmp_path / "mf").exists()
+
+
+def test_default_config_and_parameters_are_checked_too(tmp_path):
+    proc = _run_flow(tmp_path, "run", "--sweep", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        f"error: {tmp_path / 'nope.yaml'}: file not found; pass an existing YAML file (see configs/)"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "config", "MISSING", "step", "start", "--run-id", "1", "--task-id", "1"],
+    ["--config", "config", "MISSING", "--help"],
+    ["--config", "config", "MISSING", "logs", "PrefFlow/1/start"],
+])
+def test_preflight_skips_task_subprocesses_and_help(tmp_path, argv):
+    assert preflight([a.replace("MISSING", str(tmp_path / "missing.yaml")) for a in argv]) == 0
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["run"], 0), (["--no-pylint", "--with", "retry", "run", "--loss=simpo"], 0), (["show"], 0),
+    (["--datastore", "local", "argo-workflows", "create", "--only-json"], 0),
+    (["run", "--loss=nope"], 2), (["resume", "--set", "sft.epochs=0"], 2), (["--branch", "x", "run", "--loss", "x"], 2),
+])
+def test_preflight_reads_metaflow_command_lines(argv, code, capsys):
+    assert preflight(argv) == code
+    assert len(capsys.readouterr().err.splitlines()) == (1 if code else 0)
+
+
+def test_show_works_without_a_user_name(tmp_path):
+    env = {k: v for k, v in _flow_env(tmp_path).items() if k != "USERNAME"}
+    proc = subprocess.run([sys.executable, str(PIPELINE), "show"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Step start" in proc.stdout + proc.stderr and "Unknown user" not in proc.stderr
+
+
+def test_metaflow_parser_names_the_config_not_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "--config", "config", "somewhere-else.yaml"])
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("sft:\n  lr: 0\n")
+    assert (err.value.source, err.value.key) == ("config", "sft.lr")
+
+
+def test_typed_config_is_a_dataclass_tree():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig) and cfg.source.endswith("configs/default.yaml")
+    with pytest.raises(AttributeError):
+        cfg.sft.lr = 1.0  # frozen: nothing changes a checked config behind the checks' back

@@ -77,11 +77,12 @@ def s3_endpoint(tmp_path_factory):
         log.close()
 
 
-def write_config(path: Path, cron: str | None) -> Path:
+def write_config(path: Path, cron: str | None, **resources) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     cfg.setdefault("resources", {})
     cfg["resources"]["train"] = {"cpu": 4, "memory": 16000, "gpu": TRAIN_GPU}
     cfg["resources"]["evaluate"] = {"cpu": 2, "memory": 8000, "gpu": EVAL_GPU}
+    cfg["resources"].update(resources)
     cfg["deployment"] = {"project": PROJECT, **({"schedule_cron": cron} if cron else {})}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -141,6 +142,15 @@ def test_gpu_limits_follow_the_resources_section(pipeline_template):
         assert limits.get("nvidia.com/gpu") == (str(expected) if expected else None), name
     assert containers["sft"]["resources"]["requests"]["cpu"] == "4.0"
     assert containers["evaluate"]["resources"]["requests"]["memory"] == "8000.0M"
+
+
+def test_kubernetes_image_goes_to_the_heavy_steps_only(s3_endpoint, tmp_path):
+    image = "registry.example/prefflow-gpu:1"
+    template = compile_argo(PIPELINE, write_config(tmp_path / "k8s.yaml", None, kubernetes=True, image=image),
+                            s3_endpoint["endpoint"], tmp_path)
+    containers = _container_templates(template)
+    assert {name for name, c in containers.items() if c["image"] == image} == set(GPU_STEPS)
+    assert containers["sft"]["resources"]["limits"]["nvidia.com/gpu"] == str(TRAIN_GPU)
 
 
 def test_no_cron_means_no_schedule(s3_endpoint, tmp_path):

@@ -63,14 +63,15 @@ def finished_run(tmp_path_factory, tokenizer):
 
 
 def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
-    run, stdout, tmp_path = finished_run
+    run, stdout, _ = finished_run
     from metaflow import namespace
 
     namespace(None)
     start = run["start"].task.data
     assert start.losses == ["dpo", "orpo"]
-    assert [(v["name"], v["loss"], v["overrides"]) for v in start.variants] == [
-        ("sft", "sft", {}), ("dpo", "dpo", {}), ("orpo", "orpo", {})]
+    assert [(v.name, v.loss, v.variant.overrides, v.config.preference.criterion) for v in start.variants] == [
+        ("sft", "sft", {}, "dpo"), ("dpo", "dpo", {}, "dpo"), ("orpo", "orpo", {}, "orpo")]
+    assert start.variants[2].config.preference.criterion_config.orpo_lambda == 0.2  # planned once, in start
     data = run["prepare_data"].task.data
     assert data.data_stats["sft_examples"] > 0 and data.data_stats["pairs"]["best_vs_rest"] > 0
     assert Path(data.data_dir, "preference.train.jsonl").exists()
@@ -82,7 +83,11 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     for r in results.values():
         assert r["evaluated"] and 0.0 <= r["win_rate"] <= 100.0 and r["n_total"] == 3
         assert r["lc_method"] and r["judge"].startswith("local_logprob")
-    assert "| LC WR | WR | Loss Function |" in stdout
+    assert "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization | Judge |" in stdout
+    assert "| ORPO | lr=0.001, orpo_lambda=0.2, nll_scale=1 |" in stdout  # the report's formatting
+    join = run["join"].task.data
+    assert isinstance(join.run_config, dict) and join.run_config["preference"]["criterion_config"]["beta"] == 0.1
+    assert all(isinstance(r, dict) for r in join.results)  # what the report reads stays plain
 
 
 def test_training_steps_leave_models_and_metrics(finished_run):
@@ -106,8 +111,8 @@ def test_bad_config_fails_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "flows" / "pipeline.py"), "--config", "config", str(bad),
                            "run", "--loss", "dpo"], cwd=REPO, env={**os.environ, **_env(tmp_path)},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "preference.criterion_config.beta" in proc.stderr and str(bad) in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {bad}: preference.criterion_config.beta: "), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()  # nothing was prepared or trained
     assert not (tmp_path / "mf").exists()  # not even a run was created
 
@@ -118,23 +123,58 @@ def test_bad_config_through_runner_raises_before_any_run(tmp_path):
     from steps.config import ConfigError
 
     bad = _config(tmp_path, TINY_CONFIG.replace("max_new_tokens: 6", "max_new_tokens: 6\n  temprature: 0.5"))
-    with pytest.raises(ConfigError) as err:
-        with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
-                    config=[("config", str(bad))]).run(loss="dpo"):
-            pass
-    assert err.value.key == "evaluation.temprature" and "temperature" in str(err.value)
+    runner = Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
+                    config=[("config", str(bad))])
+    with pytest.raises(ConfigError) as err, runner.run(loss="dpo"):
+        pass
+    assert err.value.key == "evaluation.temprature" and "did you mean 'temperature'" in str(err.value)
+    assert not (tmp_path / "mf").exists()
 
 
-def test_unknown_loss_fails_in_start(tmp_path):
+def test_unknown_loss_through_runner_fails_before_any_run(tmp_path):
     from metaflow import Runner
 
-    with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
-                config=[("config", str(_config(tmp_path)))]).run(loss="dpo,nope") as running:
-        status = running.status
-        from metaflow import namespace
+    runner = Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
+                    config=[("config", str(_config(tmp_path)))])
+    with pytest.raises(RuntimeError) as err, runner.run(loss="dpo,nope"):
+        pass
+    assert "error: --loss: nope: unknown loss" in str(err.value) and "simpo" in str(err.value)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mf").exists()
 
-        namespace(None)
-        stderr = running.run["start"].task.stderr
-    assert status == "failed"
-    assert "unknown loss" in stderr and "simpo" in stderr, stderr[-2000:]
-    assert not (tmp_path / "runs").exists()
+
+def test_start_checks_the_parameters_too(tmp_path):
+    """Runs started without the command-line preflight (e.g. a deployed flow triggered with bad parameters)."""
+    import yaml
+
+    from steps.config import ConfigError
+    from steps.pipeline import plan_run
+
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    with pytest.raises(ConfigError, match="--loss: nope: unknown loss"):
+        plan_run(raw, "dpo,nope", "", "", "PrefFlow", "1")
+    with pytest.raises(ConfigError, match=r"--set: sft\.lr: got 'abc'"):
+        plan_run(raw, "dpo", "sft.lr=abc", "", "PrefFlow", "1")
+
+
+@pytest.mark.parametrize("serialize", [True, False])
+def test_cpu_heavy_steps_take_turns(tmp_path, serialize):
+    """Without a GPU, a heavy step holds the output root's lock: a second one (another open file) cannot take it."""
+    import fcntl
+
+    import torch
+
+    from steps.config import config_from_dict
+    from steps.pipeline import cpu_heavy_section
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU machines run heavy steps side by side")
+    cfg = config_from_dict({"resources": {"output_dir": str(tmp_path), "serialize_cpu_steps": serialize}})
+    lock = tmp_path / ".cpu-heavy.lock"
+    with cpu_heavy_section(cfg, "test"):
+        assert lock.exists() == serialize
+        if serialize:
+            with open(lock, "a+b") as other, pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if serialize:  # released afterwards
+        with open(lock, "a+b") as other:
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

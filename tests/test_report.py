@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from steps.report import ReportError, RunRecord, Selection, generate_report, render_report, write_report
-from steps.report.records import client_scope
 from steps.report.plots import training_curves_png, training_panels, win_rate_bars_png
+from steps.report.records import client_scope
 from steps.report.table import COLUMNS, build_rows, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,8 +315,9 @@ def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
         assert snap["training_config"] == {"lr": 5e-6, "criterion_config": {"beta": 0.1}}
         assert snap["run_config"]["name"] == "shape"
     assert set(paths.training_pngs) == {runs["A"], runs["B"], runs["D"]}
-    from steps.report.records import read_run
     from metaflow import Run
+
+    from steps.report.records import read_run
 
     with client_scope(None, metaflow_runs["ds"]):
         record = read_run(Run(runs["A"]))
@@ -347,7 +348,7 @@ def test_report_filters(metaflow_runs, tmp_path):
         generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
     with pytest.raises(ReportError, match="NoSuchFlow"):
         generate_report(flow_name="NoSuchFlow", out_dir=tmp_path / "bad", datastore_root=ds)
-    with pytest.raises(ReportError, match=".metaflow"):
+    with pytest.raises(ReportError, match=r"\.metaflow"):
         generate_report(out_dir=tmp_path / "bad", datastore_root=tmp_path)
     assert (metaflow.get_metadata(), metaflow.get_namespace()) == before  # the caller's Client state is kept
 
@@ -442,15 +443,70 @@ def test_report_flow_reads_its_project_branch(metaflow_runs, tmp_path):
 
 
 def test_report_flow_config_reads_only_the_deployment_section():
-    from steps.config import ConfigError
-    from steps.report.deployment import parse_deployment_text
+    from steps.config import ConfigError, parse_deployment_text
 
     assert parse_deployment_text("data: {input: embedded}\ndeployment:\n  project: my_team\n") == {
         "deployment": {"schedule_cron": None, "project": "my_team", "trigger_event": None}}
     assert parse_deployment_text("")["deployment"]["project"] == "prefflow"
-    with pytest.raises(ConfigError, match="deployment.projekt"):
+    with pytest.raises(ConfigError, match=r"deployment\.projekt.*did you mean 'project'"):
         parse_deployment_text("deployment: {projekt: x}\n")
-    with pytest.raises(ConfigError, match="deployment.project.*lowercase"):
+    with pytest.raises(ConfigError, match=r"deployment\.project.*lowercase"):
         parse_deployment_text("deployment: {project: My-Team}\n")
     with pytest.raises(ConfigError, match="6-field AWS form"):
         parse_deployment_text("deployment: {schedule_cron: '0 3 * * *'}\n")
+    # the report flow never trains: reading its config must not import torch (the loss registry)
+    probe = ("import sys; from steps.config import parse_deployment_text; "
+             "parse_deployment_text('preference: {criterion: dpo}\\ndeployment: {project: x}'); "
+             "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(root).parts) and not p.parts[-1].endswith(".egg-info")}
+
+
+def test_cli_writes_the_report_where_the_user_runs(metaflow_runs, tmp_path):
+    """No --out-dir, no $PREFFLOW_REPORT_DIR: ./reports of the working directory; the checkout is untouched."""
+    before = _tree_state(REPO)
+    env = {k: v for k, v in os.environ.items() if k != "PREFFLOW_REPORT_DIR"}
+    proc = subprocess.run([sys.executable, "-m", "steps.report", "--datastore-root", str(metaflow_runs["ds"]), "-q"],
+                          cwd=tmp_path, env=dict(env, USERNAME="prefflow", PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "reports" / "results.json").read_text())["rows"]
+    assert len(rows) == 6 and (tmp_path / "reports" / "README.md").is_file()
+    assert _tree_state(REPO) == before
+    # the same default for the pipeline's report step and flows/report.py
+    probe = "from steps.report import default_report_dir; print(default_report_dir())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=dict(env, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120).stdout.strip()
+    assert Path(out) == tmp_path / "reports"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, text=True, timeout=120, capture_output=True,
+                         env=dict(env, PYTHONPATH=str(REPO), PREFFLOW_REPORT_DIR=str(tmp_path / "elsewhere"))).stdout
+    assert Path(out.strip()) == tmp_path / "elsewhere"
+
+
+def test_the_runs_own_table_is_the_reports_table():
+    """What the flow prints and shows in its results card: the report's cells (SFT, SimPO, nll_scale=0)."""
+    from datetime import datetime, timezone
+
+    from steps.pipeline import format_results_table
+
+    results = [{"variant": "sft", "loss": "sft", "model_dir": "/r/sft", "init": "base: tiny", "epoch": 1,
+                "evaluated": True, "win_rate": 41.254, "length_controlled_winrate": 50.0,
+                "training_config": {"lr": 2e-5, "epochs": 1}},
+               {"variant": "simpo", "loss": "simpo", "model_dir": "/r/simpo", "init": "SFT checkpoint", "epoch": 1,
+                "evaluated": True, "win_rate": 45.85, "length_controlled_winrate": None, "judge": "j",
+                "training_config": {"lr": 5e-6, "criterion_config": {"_type_": "steps.losses.simpo.SimPOConfig",
+                                                                     "beta": 1.0, "gamma": 0.5, "nll_scale": 0.0}}}]
+    text = format_results_table(results, "PrefFlow", "17", datetime(2026, 1, 2, tzinfo=timezone.utc))
+    header, _, sft, simpo = table_cells(text)
+    assert header == COLUMNS
+    assert sft[:6] == ["50.00", "41.25", "SFT", "lr=2e-05", "1", "base: tiny"]
+    assert simpo[:7] == ["n/a", "45.85", "SimPO", "lr=5e-06, beta=1, gamma=0.5, nll_scale=0", "1", "SFT checkpoint",
+                         "j"]
+    assert simpo[-2:] == ["2026-01-02", "`PrefFlow/17`"]

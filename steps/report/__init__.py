@@ -1,11 +1,6 @@
-"""Results report generated from Metaflow's own records: tables, plots, config snapshots.
+"""Results report from Metaflow's own records: tables, plots, config snapshots (``python -m steps.report``).
 
-    from steps.report import generate_report
-    generate_report(out_dir="reports", tags=["sweep-1"], latest=5)
-
-or ``python -m steps.report --tag sweep-1 --latest 5``. Writes ``results.md``/``.csv``/``.json``,
-``README.md`` with plots, ``plots/`` and ``configs/`` (per-model config snapshots) under ``out_dir``.
-"""
+``generate_report(tags=[...], latest=5)`` writes results.md/.csv/.json, README.md, plots/ and configs/."""
 from steps.report.card import report_card, report_for_current_run
 from steps.report.generate import ReportPaths, default_report_dir, generate_report, render_report, write_report
 from steps.report.records import ReportError, RunRecord, Selection

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from steps.report.generate import generate_report
 from steps.report.records import ReportError
@@ -13,7 +13,8 @@ from steps.report.records import ReportError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m steps.report", description=__doc__)
     p.add_argument("--flow", default="PrefFlow", help="flow name (default: PrefFlow)")
-    p.add_argument("--out-dir", default="reports", help="report directory (default: reports)")
+    p.add_argument("--out-dir", default=None,
+                   help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports of the working directory)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="only runs carrying this tag (repeat: runs carrying all of them)")
     p.add_argument("--namespace", default=None,
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -1,19 +1,20 @@
 """The report inside Metaflow: card components and the call the pipeline's ``report`` step makes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
-from steps.report.generate import ReportPaths, default_report_dir, generate_report
+from steps.report.generate import ReportPaths, generate_report
 
 
-def report_card(paths: ReportPaths, run_pathspec: Optional[str] = None) -> list:
+def report_card(paths: ReportPaths, run_pathspec: str | None = None) -> list:
     """Card components: the results table, the LC WR / WR bars and this run's training curves."""
     from metaflow.cards import Image, Markdown
 
     n_runs = len(paths.runs)
-    parts = [Markdown(f"## Results report\n\n{n_runs} run{'s' if n_runs != 1 else ''}, {paths.n_rows} models; "
-                      f"full report with config snapshots in `{paths.readme}`.\n\n" + (paths.card_markdown or "_No rows._"))]
+    table = paths.card_markdown or "_No rows._"
+    parts: list = [Markdown(f"## Results report\n\n{n_runs} run{'s' if n_runs != 1 else ''}, {paths.n_rows} models; "
+                      f"full report with config snapshots in `{paths.readme}`.\n\n" + table)]
     if paths.win_rates_png and Path(paths.win_rates_png).is_file():
         parts.append(Image(Path(paths.win_rates_png).read_bytes(), label="LC WR and WR across runs (± 1 s.e.)"))
     training = paths.training_pngs.get(run_pathspec) if run_pathspec else None
@@ -22,8 +23,8 @@ def report_card(paths: ReportPaths, run_pathspec: Optional[str] = None) -> list:
     return parts
 
 
-def report_for_current_run(flow_name: Optional[str] = None, out_dir: Union[str, Path, None] = None,
-                           include_runs: Optional[Sequence] = None, latest: Optional[int] = None) -> ReportPaths:
+def report_for_current_run(flow_name: str | None = None, out_dir: str | Path | None = None,
+                           include_runs: Sequence | None = None, latest: int | None = None) -> ReportPaths:
     """Regenerate the report from inside a running step.
 
     ``flow_name`` defaults to the running flow, whose current run is then included even though its
@@ -34,10 +35,9 @@ def report_for_current_run(flow_name: Optional[str] = None, out_dir: Union[str, 
 
     tags = []
     if current.get("project_name"):
-        tags = [f"project:{current.project_name}", f"project_branch:{current.branch_name}"]
+        tags = [f"project:{current.get('project_name')}", f"project_branch:{current.get('branch_name')}"]
     include = list(include_runs or [])
     if flow_name is None:
-        flow_name = current.flow_name
         include.append(f"{current.flow_name}/{current.run_id}")
-    return generate_report(flow_name=flow_name, out_dir=out_dir or default_report_dir(), tags=tags,
+    return generate_report(flow_name=flow_name or str(current.flow_name), out_dir=out_dir, tags=tags,
                            namespace=None, latest=latest, include_runs=include)

@@ -1,31 +1,35 @@
-"""Write the report directory: results.md/.csv/.json, README.md with plots, config snapshots.
-
-Everything is rebuilt from the run records each time (never appended to), rendered in memory first,
-then written under an exclusive lock on ``.report.lock`` with one atomic replace per file; a file
-whose bytes are unchanged is left alone. Two concurrent report jobs therefore serialise their
-writes and each leaves a complete, consistent set; rerunning on the same runs changes nothing.
-Files in ``configs/`` and ``plots/`` that the new report no longer references are removed.
-"""
+"""Write the report directory (results.md/.csv/.json, README.md, plots, config snapshots), rebuilt each time.
+Rendered in memory, then written under ``.report.lock`` with one atomic replace per changed file, so
+concurrent jobs each leave a whole, consistent set; stale managed files are removed."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
 
 import yaml
 
 from steps.io import atomic_write_bytes
+from steps.locks import file_lock
 from steps.report.plots import training_curves_png, win_rate_bars_png
 from steps.report.records import RunRecord, Selection, client_scope, select_runs
-from steps.report.table import (build_rows, markdown_table, notes, results_csv, results_json, results_markdown,
-                                safe_name, snapshot_name)
+from steps.report.table import (
+    ResultRow,
+    build_rows,
+    markdown_table,
+    notes,
+    results_csv,
+    results_json,
+    results_markdown,
+    safe_name,
+    snapshot_name,
+)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPORT_DIR_ENV = "PREFFLOW_REPORT_DIR"
 #: Subdirectories whose files the report owns (stale ones are removed on regeneration).
 MANAGED_DIRS = {"configs": ".yaml", "plots": ".png"}
 LOCK_NAME = ".report.lock"
@@ -33,9 +37,9 @@ WIN_RATES_PNG = "plots/win_rates.png"
 
 
 def default_report_dir() -> Path:
-    """``$PREFFLOW_REPORT_DIR`` if set, else the repository's ``reports/``."""
-    env = os.environ.get("PREFFLOW_REPORT_DIR")
-    return Path(env) if env else REPO_ROOT / "reports"
+    """``$PREFFLOW_REPORT_DIR`` if set, else ``reports/`` of the working directory (where the user runs)."""
+    env = os.environ.get(REPORT_DIR_ENV)
+    return Path(env) if env else Path.cwd() / "reports"
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ReportPaths:
     results_csv: Path
     results_json: Path
     readme: Path
-    win_rates_png: Optional[Path]
+    win_rates_png: Path | None
     training_pngs: dict[str, Path] = field(default_factory=dict)  # run pathspec -> PNG
     config_snapshots: list[Path] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)  # run pathspecs, oldest first
@@ -77,8 +81,8 @@ def config_snapshot_yaml(record: RunRecord, result: dict) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def readme_markdown(rows, records: list[RunRecord], selection: Selection, training: dict[str, str],
-                    win_rates: Optional[str]) -> str:
+def readme_markdown(rows: list[ResultRow], records: list[RunRecord], selection: Selection, training: dict[str, str],
+                    win_rates: str | None) -> str:
     parts = ["# PrefFlow results report", "",
              f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}. "
              "Do not edit: regenerating replaces this file. Tables only: [results.md](results.md), "
@@ -128,22 +132,6 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
     return files, info
 
 
-@contextlib.contextmanager
-def report_lock(out_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``out_dir/.report.lock`` (POSIX); a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(out_dir / LOCK_NAME, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> tuple[int, int]:
     written = removed = 0
     for rel, data in sorted(files.items()):
@@ -164,14 +152,14 @@ def _write_files(out_dir: Path, files: dict[str, bytes]) -> tuple[int, int]:
     return written, removed
 
 
-def write_report(records: list[RunRecord], selection: Selection, out_dir: Union[str, Path]) -> ReportPaths:
+def write_report(records: list[RunRecord], selection: Selection, out_dir: str | Path) -> ReportPaths:
     """Render the report for ``records`` and write it to ``out_dir`` (locked, atomic, idempotent)."""
     out_dir = Path(out_dir)
     files, info = render_report(records, selection)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with report_lock(out_dir):
+    with file_lock(out_dir / LOCK_NAME, f"report in {out_dir}"):
         written, removed = _write_files(out_dir, files)
-    log.info("report for %d runs, %d models in %s: %d files written, %d unchanged, %d stale removed",
+    logger.info("report for %d runs, %d models in %s: %d files written, %d unchanged, %d stale removed",
              len(records), len(info["rows"]), out_dir, written, len(files) - written, removed)
     return ReportPaths(
         out_dir=out_dir, results_md=out_dir / "results.md", results_csv=out_dir / "results.csv",
@@ -183,20 +171,20 @@ def write_report(records: list[RunRecord], selection: Selection, out_dir: Union[
         card_markdown=markdown_table(info["rows"], links=False))
 
 
-def generate_report(flow_name: str = "PrefFlow", out_dir: Union[str, Path] = "reports",
-                    tags: Optional[Sequence[str]] = None, namespace: Optional[str] = None,
-                    latest: Optional[int] = None, include_runs: Optional[Sequence] = None,
-                    datastore_root: Optional[Union[str, Path]] = None) -> ReportPaths:
+def generate_report(flow_name: str = "PrefFlow", out_dir: str | Path | None = None,
+                    tags: Sequence[str] | None = None, namespace: str | None = None,
+                    latest: int | None = None, include_runs: Sequence | None = None,
+                    datastore_root: str | Path | None = None) -> ReportPaths:
     """Regenerate the results report from Metaflow's records of ``flow_name``.
 
     Covers successful runs carrying all ``tags`` in ``namespace`` (None: global), the newest
     ``latest`` of them (None: all), plus ``include_runs`` (pathspecs or Client Runs, whatever their
     state: the pipeline passes its own unfinished run). ``datastore_root``: the directory holding a
-    local ``.metaflow`` (default: Metaflow's own configuration).
+    local ``.metaflow`` (default: Metaflow's own configuration). ``out_dir`` defaults to ``default_report_dir()``.
     """
     include = list(include_runs or [])
     selection = Selection(flow=flow_name, tags=tuple(tags or ()), namespace=namespace, latest=latest,
                           include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include))
     with client_scope(namespace, datastore_root):
         records = select_runs(selection, include)
-    return write_report(records, selection, out_dir)
+    return write_report(records, selection, default_report_dir() if out_dir is None else out_dir)

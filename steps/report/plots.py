@@ -1,12 +1,10 @@
-"""Report plots as PNG bytes: training curves per run, LC WR / WR bars across runs with standard errors.
+"""Report plots as PNG bytes: training curves, LC WR / WR bars with standard errors.
 
-Figures are drawn with matplotlib's Agg backend and saved without a timestamp or software tag, so
-the same records give byte-identical files (the report is regenerated idempotently).
-"""
+Agg backend, no timestamp or software tag: the same records give byte-identical files."""
 from __future__ import annotations
 
 import io
-from typing import Optional
+from typing import Any
 
 from steps.report.records import RunRecord
 from steps.report.table import ResultRow, loss_display, variant_order
@@ -26,7 +24,7 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig: Any) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -40,11 +38,12 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, dict]]]]:
-    """(history key, title, [(label, summary)]) for each panel with data: SFT loss, then the preference panels."""
-    summaries = sorted(record.train_summaries.items(), key=lambda kv: variant_order(kv[0]))
-    sft = [(loss_display(v), s) for v, s in summaries if v == "sft" and s.get("history")]
-    pref = [(loss_display(v), s) for v, s in summaries if v != "sft" and s.get("history")]
+def summary_panels(summaries: dict[str, dict]) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    """(history key, title, [(label, summary)]) per panel with data, from {variant: train_summary}:
+    SFT loss, then preference loss, reward margin and reward accuracy."""
+    ordered = sorted(summaries.items(), key=lambda kv: variant_order(kv[0]))
+    sft = [(loss_display(v), s) for v, s in ordered if v == "sft" and s.get("history")]
+    pref = [(loss_display(v), s) for v, s in ordered if v != "sft" and s.get("history")]
     panels = []
     if sft and any(_series(s["history"], "loss")[0] for _, s in sft):
         panels.append(("loss", "SFT loss", sft))
@@ -55,19 +54,20 @@ def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, d
     return panels
 
 
-def training_curves_png(record: RunRecord) -> Optional[bytes]:
-    """One row of panels for the run: SFT loss, preference loss, reward margin, reward accuracy.
+def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    return summary_panels(record.train_summaries)
 
-    Solid lines are per optimizer step; circles are dev-set values. None when the run has no history.
-    """
-    panels = training_panels(record)
+
+def summaries_png(summaries: dict[str, dict], title: str) -> bytes | None:
+    """One row of panels (see ``summary_panels``): lines per optimizer step, circles on the dev set; None if empty."""
+    panels = summary_panels(summaries)
     if not panels:
         return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.3), squeeze=False)
-    for ax, (key, title, series) in zip(axes[0], panels):
+    for ax, (key, panel_title, series) in zip(axes[0], panels):
         for i, (label, summary) in enumerate(series):
             color = f"C{i}"
             xs, ys = _series(summary["history"], key)
@@ -77,17 +77,22 @@ def training_curves_png(record: RunRecord) -> Optional[bytes]:
                 ax.plot(dx, dy, "o--", color=color, markersize=5, linewidth=0.8, label=f"{label} dev")
         if key == "reward_accuracy":
             ax.set_ylim(-0.05, 1.05)
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{record.pathspec} ({record.date})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
 
-def win_rate_bars_png(rows: list[ResultRow]) -> Optional[bytes]:
+def training_curves_png(record: RunRecord) -> bytes | None:
+    """The run's training curves (every variant's summary), titled with the run and its date."""
+    return summaries_png(record.train_summaries, f"{record.pathspec} ({record.date})")
+
+
+def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:
     """Grouped bars per evaluated model: LC WR and WR (%), error bars = one standard error.
 
     A missing LC WR leaves its bar out and says ``LC n/a``. None when no row has a win rate.

@@ -1,20 +1,17 @@
-"""What the report reads from Metaflow's own records (Client API), as plain data.
+"""What the report reads from Metaflow's records (Client API), as plain data: one ``RunRecord`` per run.
 
-A ``RunRecord`` is everything the table and plots need from one pipeline run: the ``join`` step's
-``results`` and ``run_config`` and each ``preference`` branch's ``train_summary``. Only this module
-talks to Metaflow; the table and plot code take ``RunRecord`` objects, so they are testable on
-hand-built records.
-"""
+Only this module talks to Metaflow; the table and plots take RunRecords (testable on hand-built ones)."""
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Step names of flows/pipeline.py the report reads.
 JOIN_STEP = "join"
@@ -54,8 +51,8 @@ class Selection:
 
     flow: str = "PrefFlow"
     tags: tuple[str, ...] = ()
-    namespace: Optional[str] = None  # None: the global namespace (every user and deployment)
-    latest: Optional[int] = None
+    namespace: str | None = None  # None: the global namespace (every user and deployment)
+    latest: int | None = None
     include_runs: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -75,7 +72,7 @@ class Selection:
 
 
 @contextlib.contextmanager
-def client_scope(namespace: Optional[str], datastore_root: Optional[Union[str, Path]]) -> Iterator[None]:
+def client_scope(namespace: str | None, datastore_root: str | Path | None) -> Iterator[None]:
     """Switch the Client API's namespace (and local metadata root) for the block, then put them back.
 
     Metaflow keeps both process-wide (the namespace and provider in ``metaflow.client.core``, the
@@ -112,11 +109,11 @@ def _utc(dt: datetime) -> datetime:
     return (dt if dt.tzinfo else dt.astimezone()).astimezone(timezone.utc)
 
 
-def _artifact(task, name: str, default: Any = None) -> Any:
+def _artifact(task: Any, name: str, default: Any = None) -> Any:
     return task[name].data if name in task else default
 
 
-def read_run(run) -> Optional[RunRecord]:
+def read_run(run: Any) -> RunRecord | None:
     """A Client ``Run`` -> RunRecord, or None (with a warning) when it never reached the join step."""
     from metaflow.exception import MetaflowNotFound
 
@@ -125,7 +122,7 @@ def read_run(run) -> Optional[RunRecord]:
     except (KeyError, MetaflowNotFound):
         join_task = None
     if join_task is None or "results" not in join_task:
-        log.warning("skipping %s: it has no '%s' step with a 'results' artifact (failed before the join?)",
+        logger.warning("skipping %s: it has no '%s' step with a 'results' artifact (failed before the join?)",
                     run.pathspec, JOIN_STEP)
         return None
     summaries: dict[str, dict] = {}
@@ -146,11 +143,11 @@ def read_run(run) -> Optional[RunRecord]:
         tags=sorted(run.user_tags), system_tags=sorted(run.system_tags), successful=bool(run.successful),
         results=[dict(r) for r in (_artifact(join_task, "results") or [])],
         run_config=dict(_artifact(join_task, "run_config") or {}), train_summaries=summaries)
-    log.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
+    logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
     return record
 
 
-def _as_run(spec, flow_name: str):
+def _as_run(spec: Any, flow_name: str) -> Any:
     from metaflow import Run
     from metaflow.exception import MetaflowNotFound
 
@@ -179,13 +176,13 @@ def select_runs(selection: Selection, include_runs: Sequence = ()) -> list[RunRe
         flow = Flow(selection.flow)
     except MetaflowNotFound as exc:
         if not include_runs:
-            raise ReportError(f"no Metaflow records of flow {selection.flow!r} in the "
-                              f"{'global namespace' if selection.namespace is None else 'namespace ' + repr(selection.namespace)}"
+            scope = "global namespace" if selection.namespace is None else f"namespace {selection.namespace!r}"
+            raise ReportError(f"no Metaflow records of flow {selection.flow!r} in the {scope}"
                               f" ({_metadata_description()}); run the pipeline first, or point at its datastore "
                               f"with --datastore-root DIR / METAFLOW_DATASTORE_SYSROOT_LOCAL") from exc
         flow = None
     except MetaflowNamespaceMismatch:
-        log.warning("flow %s has no runs in namespace %r", selection.flow, selection.namespace)
+        logger.warning("flow %s has no runs in namespace %r", selection.flow, selection.namespace)
         flow = None
     candidates = []
     if flow is not None:
@@ -201,7 +198,7 @@ def select_runs(selection: Selection, include_runs: Sequence = ()) -> list[RunRe
         chosen.setdefault(run.pathspec, run)
     records = [rec for rec in (read_run(r) for r in chosen.values()) if rec is not None]
     records.sort(key=lambda rec: (rec.created_at, rec.run_id))
-    log.info("selected %d runs (%s)", len(records), selection.describe())
+    logger.info("selected %d runs (%s)", len(records), selection.describe())
     return records
 
 

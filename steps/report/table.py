@@ -1,9 +1,6 @@
-"""The results table: one row per evaluated model, in the documented column order.
-
-``LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization`` (the reference
-recipe's table), followed by what a number needs to be read correctly: judge, eval set, reference,
-LC method, n, date and the Metaflow run. Missing values print as ``n/a``.
-"""
+"""The results table, one row per model: ``LC WR | WR | Loss Function | Training Config | Epoch |
+Model Initialization`` (the recipe's columns), then judge, eval set, reference, LC method, n, date, run.
+The one formatter of results: the report, the flow's cards and its stdout all use it; missing is ``n/a``."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +9,8 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from datetime import datetime, timezone
+from typing import Any
 
 from steps.report.records import RunRecord, Selection
 
@@ -36,23 +34,23 @@ class ResultRow:
     date: str
     variant: str
     loss_function: str
-    lc_winrate: Optional[float]
-    lc_standard_error: Optional[float]
-    winrate: Optional[float]
-    standard_error: Optional[float]
+    lc_winrate: float | None
+    lc_standard_error: float | None
+    winrate: float | None
+    standard_error: float | None
     training_config: str  # short text: lr and the loss's knobs
     config_snapshot: str  # path of the YAML snapshot, relative to the report directory
-    epoch: Optional[int]
+    epoch: int | None
     model_initialization: str
-    judge: Optional[str]
-    eval_set: Optional[str]
-    reference: Optional[str]
-    lc_method: Optional[str]
-    n: Optional[int]
-    avg_length: Optional[float]
+    judge: str | None
+    eval_set: str | None
+    reference: str | None
+    lc_method: str | None
+    n: int | None
+    avg_length: float | None
     evaluated: bool
-    model_dir: Optional[str]
-    train_steps: Optional[int]
+    model_dir: str | None
+    train_steps: int | None
     tags: list[str]
 
     @property
@@ -81,14 +79,14 @@ def snapshot_name(record: RunRecord, variant: str) -> str:
     return f"{safe_name(record.flow)}-{safe_name(record.run_id)}-{safe_name(variant)}.yaml"
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
 
 
-def _int(value: Any) -> Optional[int]:
+def _int(value: Any) -> int | None:
     number = _number(value)
     return int(number) if number is not None and number.is_integer() else None
 
@@ -101,7 +99,7 @@ def _compact(value: Any) -> str:
     return str(value)
 
 
-def training_config_text(training_config: Optional[dict]) -> str:
+def training_config_text(training_config: dict | None) -> str:
     """``lr=5e-06, beta=0.1, nll_scale=0`` from a variant's training section; ``n/a`` when absent."""
     if not training_config:
         return MISSING
@@ -114,7 +112,7 @@ def training_config_text(training_config: Optional[dict]) -> str:
     return ", ".join(parts) or MISSING
 
 
-def describe_init(init: Optional[str], record: RunRecord) -> str:
+def describe_init(init: str | None, record: RunRecord) -> str:
     """Name where a model started: another model of the same run (``SFT (base)``) or the spec itself."""
     if not init:
         return MISSING
@@ -156,7 +154,7 @@ def build_rows(records: list[RunRecord]) -> list[ResultRow]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def fmt_number(value: Optional[float], digits: int = 2) -> str:
+def fmt_number(value: float | None, digits: int = 2) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
@@ -179,6 +177,13 @@ def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_row_cells(row, links)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def run_results_table(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> str:
+    """The table (no links) of one run's ``results`` artifact, e.g. in the run's own cards and stdout."""
+    record = RunRecord(flow=flow, run_id=str(run_id), created_at=created_at or datetime.now(timezone.utc), tags=[],
+                       system_tags=[], successful=False, results=results)
+    return markdown_table(rows_for_run(record), links=False)
 
 
 def notes(rows: list[ResultRow]) -> list[str]:

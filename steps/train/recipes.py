@@ -1,8 +1,5 @@
 """SFT and preference training runs: load model and data, train, save a reloadable model directory.
-
-These are what the flow's ``sft`` and ``preference`` steps call; they are plain functions, so the
-same runs work from a notebook or a test without Metaflow.
-"""
+Plain functions (the flow's sft and preference steps call them; so can a notebook or a test)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict, resolve_preference
+from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict
 from steps.io import read_jsonl, write_json
 from steps.train import checkpoints, parallel
 from steps.train.batching import tokenize_pairs, tokenize_sft
@@ -170,12 +167,18 @@ def resolve_init_and_reference(cfg: RunConfig, loss: str, pcfg: PreferenceConfig
 
 def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
                    sft_model_dir: Optional[str] = None, stop_after_steps: Optional[int] = None) -> RunSummary:
-    """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``."""
+    """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``.
+
+    ``cfg.preference`` is the section resolved for ``loss`` (steps.config.for_loss; the flow plans it in start).
+    """
     from steps import losses
     from steps.models import load_model, load_tokenizer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    p = resolve_preference(cfg, loss)
+    p = cfg.preference
+    if p.criterion != loss or p.per_loss:
+        raise ValueError(f"run_preference({loss!r}) needs the config resolved for {loss!r} (criterion {p.criterion!r}, "
+                         f"per_loss {sorted(p.per_loss)}); pass steps.config.for_loss(cfg, {loss!r})")
     init_spec, ref_spec = resolve_init_and_reference(cfg, loss, p, sft_model_dir)
     device = pick_device()
     tokenizer = load_tokenizer(init_spec)

@@ -1,0 +1,42 @@
+"""Run configuration: YAML parsed once into typed sections, checked by one layer, planned per variant in start.
+Modules: schema (sections, rules), convert (YAML <-> dataclasses), loading, overrides (``--set``), sweeps,
+plan (variants), preflight (the command-line check before Metaflow starts)."""
+from steps.config.convert import ConfigError
+from steps.config.convert import to_dict as config_to_dict
+from steps.config.loading import (
+                                  DEFAULT_CONFIG_PATH,
+                                  config_from_dict,
+                                  load_config,
+                                  load_section,
+                                  parse_config_text,
+                                  parse_deployment_text,
+                                  parse_yaml_text,
+                                  read_config_text,
+)
+from steps.config.overrides import parse_overrides
+from steps.config.plan import RunPlan, Variant, VariantPlan, for_loss, load_plan, parse_losses, plan_variants
+from steps.config.preflight import ensure_user_name, preflight
+from steps.config.schema import (
+                                  DataConfig,
+                                  DeploymentConfig,
+                                  EvaluationConfig,
+                                  LoraConfig,
+                                  ModelConfig,
+                                  PreferenceConfig,
+                                  ResourcesConfig,
+                                  RunConfig,
+                                  SFTConfig,
+                                  StepResources,
+                                  TrainConfig,
+                                  resolve_preference,
+)
+from steps.config.sweeps import Sweep, read_sweep
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH", "ConfigError", "DataConfig", "DeploymentConfig", "EvaluationConfig", "LoraConfig",
+    "ModelConfig", "PreferenceConfig", "ResourcesConfig", "RunConfig", "RunPlan", "SFTConfig", "StepResources",
+    "Sweep", "TrainConfig", "Variant", "VariantPlan", "config_from_dict", "config_to_dict", "ensure_user_name",
+    "for_loss", "load_config", "load_plan", "load_section", "parse_config_text", "parse_deployment_text",
+    "parse_losses", "parse_overrides", "parse_yaml_text", "plan_variants", "preflight", "read_config_text",
+    "read_sweep", "resolve_preference",
+]

@@ -1,0 +1,106 @@
+"""The run plan made in ``start``: the losses, and one variant per foreach branch with its resolved config."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from steps.config.convert import ConfigError, did_you_mean
+from steps.config.loading import config_from_dict
+from steps.config.overrides import parse_overrides
+from steps.config.schema import RunConfig, resolve_preference
+from steps.config.sweeps import read_sweep
+
+SFT = "sft"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One branch of the flow's foreach: its name (directory, table row), loss ("sft" or registered) and the
+    preference keys a sweep point sets on top of ``per_loss[loss]`` (dotted for criterion_config)."""
+
+    name: str
+    loss: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain values, for artifacts read without this package (the report)."""
+        return {"name": self.name, "loss": self.loss, "overrides": dict(self.overrides)}
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """A variant and the run config it trains with: ``config.preference`` is resolved for its loss."""
+
+    variant: Variant
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def loss(self) -> str:
+        return self.variant.loss
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: RunConfig
+    losses: list[str]
+    variants: list[VariantPlan]
+
+
+def parse_losses(text: str | None, cfg: RunConfig) -> list[str]:
+    """``--loss dpo,simpo`` -> ["dpo", "simpo"]; "sft" means SFT only; empty -> the config's criterion."""
+    from steps import losses
+
+    if not text:
+        return [cfg.preference.criterion]
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if names == [SFT]:
+        return []
+    registered = losses.registered_losses()
+    for name in names:
+        if name not in registered:
+            raise ConfigError("--loss", name, f"unknown loss{did_you_mean(name, registered)}; registered: "
+                                              f"{', '.join(registered)} (or 'sft' for SFT only)")
+    if len(set(names)) != len(names):
+        raise ConfigError("--loss", text, "a loss is listed twice")
+    return names
+
+
+def for_loss(cfg: RunConfig, loss: str, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """``cfg`` with its preference section resolved for ``loss`` (per_loss and ``overrides`` merged)."""
+    try:
+        return dataclasses.replace(cfg, preference=resolve_preference(cfg.preference, loss, overrides))
+    except ConfigError as exc:
+        raise exc.within("preference").located(cfg.source) from None
+
+
+def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> RunPlan:
+    """The variants a run trains: SFT (when enabled), each ``--loss``, each sweep point; each one resolved."""
+    losses = parse_losses(loss_arg, cfg) if (loss_arg or not sweep_path) else []
+    if losses and not cfg.sft.enabled and cfg.preference.init == SFT:
+        raise ConfigError(cfg.source, "preference.init", "is 'sft' but sft.enabled is false")
+    plans = [VariantPlan(Variant(SFT, SFT), cfg)] if cfg.sft.enabled else []
+    plans += [VariantPlan(Variant(name, name), for_loss(cfg, name)) for name in losses]
+    if sweep_path:
+        sweep = read_sweep(sweep_path)
+        for name, overrides in sweep.points:
+            try:
+                plans.append(VariantPlan(Variant(name, sweep.loss, overrides), for_loss(cfg, sweep.loss, overrides)))
+            except ConfigError as exc:
+                raise ConfigError(sweep.source, "grid", f"point {name!r}: {exc.key}: {exc.message}") from None
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise ConfigError("--sweep", sweep_path, f"variant names collide: {names}")
+    if not plans:
+        raise ConfigError("--loss", loss_arg, "nothing to train: SFT is disabled and no preference loss was given")
+    return RunPlan(cfg, losses, plans)
+
+
+def load_plan(data: Mapping, source: str, set_arg: str = "", loss_arg: str = "", sweep_path: str = "") -> RunPlan:
+    """The whole check of a run, from the config mapping and the flow's parameters (start and the preflight)."""
+    return plan_variants(config_from_dict(data, source, parse_overrides(set_arg)), loss_arg, sweep_path)

@@ -1,0 +1,109 @@
+"""Check a flows/pipeline.py command line before Metaflow starts: one line on stderr and exit code 2 on error.
+
+Metaflow's Config parser only sees the file's text, so this is where errors can name the file."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steps.config.convert import ConfigError
+from steps.config.loading import DEFAULT_CONFIG_PATH, parse_yaml_text, read_config_text
+from steps.config.plan import load_plan
+
+#: Commands that start or deploy work; others (``step`` in task subprocesses, ``logs``, ``dump``...) are skipped.
+WORK_COMMANDS = {"run", "resume", "show", "check", "spin", "argo-workflows", "step-functions", "airflow"}
+#: Metaflow's top-level options that take a value (``--config`` and ``--config-value`` take two).
+VALUE_OPTIONS = {"--metadata", "--environment", "--datastore", "--datastore-root", "--package-suffixes", "--with",
+                 "--event-logger", "--monitor", "--mode", "--branch"}
+PARAMETERS = ("loss", "set", "sweep")
+CONFIG_NAME = "config"
+EXIT_BAD_INPUT = 2
+#: Metaflow's order of user-name sources; "root" does not count.
+USER_VARIABLES = ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")
+
+
+@dataclass
+class CommandLine:
+    """What the preflight needs from argv: the command, the config (file or inline text) and the parameters."""
+
+    command: str | None = None
+    config_file: str | None = None
+    config_text: str | None = None  # from --config-value config TEXT
+    parameters: dict[str, str] = field(default_factory=dict)
+    internal: bool = False  # a task subprocess or --help: nothing to check
+
+
+def read_command_line(argv: Sequence[str]) -> CommandLine:
+    line, args, i = CommandLine(), list(argv), 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--help", "-h") or arg == "--local-config-file" or arg.startswith("--local-config-file="):
+            line.internal = True
+        if line.command is None:
+            if arg in ("--config", "--config-value"):
+                name, value = (args[i + 1:i + 3] + [None, None])[:2]
+                if name != CONFIG_NAME or value is None:
+                    given = " ".join(a for a in (arg, name, value) if a)
+                    example = f" (here: --config config {name})" if name and name != CONFIG_NAME else ""
+                    hint = (f"name the config first: use --config config FILE{example}" if arg == "--config"
+                            else "use --config-value config TEXT")
+                    raise ConfigError(arg, "", f"got '{given}'; {hint}")
+                if arg == "--config":
+                    line.config_file = value
+                else:
+                    line.config_text = value
+                i += 3
+                continue
+            if arg in VALUE_OPTIONS:
+                i += 2
+                continue
+            if not arg.startswith("-"):
+                line.command = arg
+        else:
+            name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+            if name in PARAMETERS:
+                if "=" in arg:
+                    line.parameters[name] = arg.partition("=")[2]
+                elif i + 1 < len(args):
+                    line.parameters[name] = args[i + 1]
+                    i += 1
+        i += 1
+    return line
+
+
+def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> None:
+    """Raise ConfigError for what ``start`` would reject: the config, ``--set``, ``--loss`` and ``--sweep``."""
+    line = read_command_line(argv)
+    if line.internal or line.command not in WORK_COMMANDS:
+        return
+    if line.config_text is not None:
+        source = "--config-value config"
+        data = parse_yaml_text(line.config_text, source)
+    else:
+        source = str(line.config_file or default_config)
+        data = parse_yaml_text(read_config_text(source), source)
+    p = line.parameters
+    load_plan(data, source, p.get("set", ""), p.get("loss", ""), p.get("sweep", ""))
+
+
+def preflight(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> int:
+    """0 when the command line may start; else prints one ``error: FILE: KEY: ...`` line and returns 2."""
+    try:
+        check_command_line(argv, default_config)
+    except ConfigError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def ensure_user_name(default: str = "prefflow") -> str:
+    """The user name Metaflow will use, setting ``USERNAME`` to ``default`` when no variable gives one."""
+    for variable in USER_VARIABLES:
+        value = os.environ.get(variable)
+        if value and value != "root":
+            return value
+    os.environ["USERNAME"] = default
+    return default
