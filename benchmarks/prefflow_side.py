@@ -31,7 +31,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     from steps.train.batching import tokenize_pairs, tokenize_sft
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
-    from steps.train.recipes import _apply_lora
+    from steps.train.recipes import apply_lora
 
     opt = OptimSettings()
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
@@ -57,7 +57,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
             precompute_reference(model, examples, tokenizer.pad_token_id, cfg)
             hardware.synchronize(device)
             precompute_s = time.perf_counter() - t0
-        model = _apply_lora(model, cfg)  # after the reference pass, as run_preference does it
+        model = apply_lora(model, cfg)  # after the reference pass, as run_preference does it
         objective = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, loss_fn, needs_reference)
     else:
         cfg = SFTConfig(lr=opt.sft_lr, **common)

@@ -207,23 +207,23 @@ def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, t
     from steps.config import LoraConfig
     from steps.models import load_model
     from steps.train.checkpoints import save_model_dir
-    from steps.train.recipes import _apply_lora
+    from steps.train.recipes import apply_lora
 
     train_ex, _ = tokenize_sft(sft_rows(TOPICS_TRAIN), tokenizer, 256)
     cfg = SFTConfig(lr=1e-2, max_num_tokens=256, epochs=1, seed=4, checkpoint_every_steps=1, dev_every_epoch=False,
                     lora=LoraConfig(enabled=True, r=4, alpha=8))
     base = tiny_model_factory(seed=5)
     base_weights = _weights(base)
-    ref = _apply_lora(tiny_model_factory(seed=5), cfg)
+    ref = apply_lora(tiny_model_factory(seed=5), cfg)
     train(ref, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
     trainable = [n for n, p in ref.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
-    model = _apply_lora(tiny_model_factory(seed=5), cfg)
+    model = apply_lora(tiny_model_factory(seed=5), cfg)
     with pytest.raises(KeyboardInterrupt):
         train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b",
               stop_after_steps=2)
-    resumed = _apply_lora(tiny_model_factory(seed=5), cfg)
+    resumed = apply_lora(tiny_model_factory(seed=5), cfg)
     train(resumed, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     a, b = _weights(ref), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -71,7 +71,7 @@ def load_for_training(spec: str, cfg: RunConfig, device: torch.device):
     return model
 
 
-def _apply_lora(model, train_cfg: TrainConfig):
+def apply_lora(model, train_cfg: TrainConfig):
     if not train_cfg.lora.enabled:
         return model
     try:
@@ -128,7 +128,7 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path, *, init_spec: Optiona
     log.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
     train_ex, train_stats = tokenize_sft(train_rows, tokenizer, s.max_seq_len, s.overlength)
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
-    model = _apply_lora(load_for_training(spec, cfg, device), s)
+    model = apply_lora(load_for_training(spec, cfg, device), s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
     result = train(model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft")
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
@@ -216,7 +216,7 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
                     _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
                 if ref_model is not model:
                     del ref_model
-    model = _apply_lora(model, p)
+    model = apply_lora(model, p)
     objective = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, needs_ref,
                                     reference_model=live_reference)
     result = train(model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss)
