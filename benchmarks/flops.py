@@ -2,11 +2,12 @@
 
 The counting convention and its justification are in the comment block below; the tests check it by hand.
 """
+
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 # What is counted (model FLOPs, PaLM's MFU convention: a property of the model and the tokens, not of an
@@ -59,9 +60,12 @@ def model_shape(model) -> ModelShape:
     config = model.config
     n_heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return ModelShape(matmul_params=sum(m.weight.numel() for m in linears),
-                      trainable_matmul_params=sum(m.weight.numel() for m in linears if m.weight.requires_grad),
-                      n_layers=int(config.num_hidden_layers), attn_dim=n_heads * int(head_dim))
+    return ModelShape(
+        matmul_params=sum(m.weight.numel() for m in linears),
+        trainable_matmul_params=sum(m.weight.numel() for m in linears if m.weight.requires_grad),
+        n_layers=int(config.num_hidden_layers),
+        attn_dim=n_heads * int(head_dim),
+    )
 
 
 def gemm_shapes(model) -> list[list[int]]:
@@ -95,9 +99,12 @@ def train_flops(shape: ModelShape, lengths: Iterable[int]) -> int:
 def step_flops(policy: ModelShape, reference: ModelShape | None, step_lengths: list[list[int]]) -> dict[str, Any]:
     """Train (and reference-forward) FLOPs of the measured steps, each step given as its sequence lengths."""
     lengths = [t for step in step_lengths for t in step]
-    return {"train_flops": train_flops(policy, lengths),
-            "reference_flops": forward_flops(reference, lengths) if reference is not None else 0,
-            "policy_shape": policy.to_dict(), "reference_shape": reference.to_dict() if reference else None}
+    return {
+        "train_flops": train_flops(policy, lengths),
+        "reference_flops": forward_flops(reference, lengths) if reference is not None else 0,
+        "policy_shape": policy.to_dict(),
+        "reference_shape": reference.to_dict() if reference else None,
+    }
 
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s with fp32 accumulate, from the vendors' data sheets

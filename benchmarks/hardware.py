@@ -2,6 +2,7 @@
 
 Threads and the malloc preset go into *both* children's environment (malloc alone moves CPU speed 22-54 %).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,11 @@ if TYPE_CHECKING:
 # every step. Applied to both sides alike; ``--malloc default`` runs both with glibc's defaults instead.
 TUNED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(4 * 1024 ** 3),
+    "MALLOC_TRIM_THRESHOLD_": str(4 * 1024**3),
     "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
 }
 MALLOC_PRESETS = {"tuned": TUNED_MALLOC_ENV, "default": {}}
+
 
 def child_env(threads: int, malloc: str) -> dict[str, str]:
     """Environment for a benchmark child: the caller's, plus thread counts and the malloc preset."""
@@ -29,15 +31,17 @@ def child_env(threads: int, malloc: str) -> dict[str, str]:
         if key.startswith("MALLOC_"):
             del env[key]  # both sides get exactly the preset, not whatever the shell had
     env.update(MALLOC_PRESETS[malloc])
-    env.update({
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "TQDM_DISABLE": "1",
-        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
-        "TRANSFORMERS_VERBOSITY": "error",
-        "PYTHONWARNINGS": "ignore",
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "TQDM_DISABLE": "1",
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "TRANSFORMERS_VERBOSITY": "error",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     return env
 
 

@@ -2,6 +2,7 @@
 
 The one benchmark-specific setting: every step takes exactly ``batch_size`` examples (length-bucketed), like TRL.
 """
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,17 @@ import tempfile
 import time
 
 from benchmarks import flops, hardware, synthetic
-from benchmarks.spec import (LORA, LORA_TASKS, LOSS_PARAMS, MODELS, PREFERENCE_TASKS, OptimSettings, SideResult,
-                             WorkerSpec, loss_name)
+from benchmarks.spec import (
+    LORA,
+    LORA_TASKS,
+    LOSS_PARAMS,
+    MODELS,
+    PREFERENCE_TASKS,
+    OptimSettings,
+    SideResult,
+    WorkerSpec,
+    loss_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +47,22 @@ def run_training(spec: WorkerSpec) -> SideResult:
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
     base_shape = flops.model_shape(model)
 
-    common = dict(betas=opt.betas, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
-                  max_num_tokens=spec.batch_size * 2 * spec.max_len, max_seq_len=spec.max_len, overlength="drop",
-                  epochs=1, max_steps=total_steps, seed=opt.seed, schedule="cosine", warmup_steps=0,
-                  dev_every_epoch=False, keep_checkpoints=1, max_batch_examples=spec.batch_size)
+    common = dict(
+        betas=opt.betas,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm,
+        max_num_tokens=spec.batch_size * 2 * spec.max_len,
+        max_seq_len=spec.max_len,
+        overlength="drop",
+        epochs=1,
+        max_steps=total_steps,
+        seed=opt.seed,
+        schedule="cosine",
+        warmup_steps=0,
+        dev_every_epoch=False,
+        keep_checkpoints=1,
+        max_batch_examples=spec.batch_size,
+    )
     t0 = time.perf_counter()
     precompute_s, needs_reference = None, False
     if spec.task in PREFERENCE_TASKS:
@@ -77,33 +99,53 @@ def run_training(spec: WorkerSpec) -> SideResult:
     history = result.history
     if len(history) != total_steps:
         raise RuntimeError(f"expected {total_steps} steps, the loop ran {len(history)}")
-    measured = history[spec.warmup_steps:]
+    measured = history[spec.warmup_steps :]
     # grad_accum is 1: step k trained the epoch's k-th cached batch; the token counts must agree
     step_lengths = [batch_lengths(b) for b in batches[:total_steps]]
     if [sum(x) for x in step_lengths] != [int(h["tokens"]) for h in history]:
         raise RuntimeError("the loop's per-step tokens do not match its cached batches: cannot count FLOPs")
-    counted = flops.step_flops(flops.model_shape(model), base_shape if needs_reference else None,
-                               step_lengths[spec.warmup_steps:])
+    counted = flops.step_flops(
+        flops.model_shape(model), base_shape if needs_reference else None, step_lengths[spec.warmup_steps :]
+    )
     params = sum(p.numel() for p in model.parameters())
-    settings = {"batching": f"length-bucketed, {spec.batch_size} examples/step",
-                "reference": "precomputed" if precompute_s is not None else "none",
-                "collate_s": round(collate_s, 3),
-                "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else "")}
+    settings = {
+        "batching": f"length-bucketed, {spec.batch_size} examples/step",
+        "reference": "precomputed" if precompute_s is not None else "none",
+        "collate_s": round(collate_s, 3),
+        "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else ""),
+    }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {"r": LORA.r, "alpha": LORA.alpha, "dropout": LORA.dropout,
-                            "target_modules": list(LORA.target_modules), "via": "preference.lora (peft)"}
+        settings["lora"] = {
+            "r": LORA.r,
+            "alpha": LORA.alpha,
+            "dropout": LORA.dropout,
+            "target_modules": list(LORA.target_modules),
+            "via": "preference.lora (peft)",
+        }
     settings["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return SideResult(
-        side="prefflow", task=spec.task, model=spec.model, implementation="prefflow steps.train",
-        device=hardware.device_name(device), threads=torch.get_num_threads(), params=params, settings=settings,
+        side="prefflow",
+        task=spec.task,
+        model=spec.model,
+        implementation="prefflow steps.train",
+        device=hardware.device_name(device),
+        threads=torch.get_num_threads(),
+        params=params,
+        settings=settings,
         step_times_s=[h["step_time_s"] for h in measured],
         step_tokens=[int(h["tokens"]) for h in measured],
         warmup_tokens=sum(int(h["tokens"]) for h in history[: spec.warmup_steps]),
-        precompute_s=precompute_s, load_s=load_s, setup_s=setup_s, first_loss=history[0].get("loss"),
-        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device),
-        train_flops=counted["train_flops"], reference_flops=counted["reference_flops"],
+        precompute_s=precompute_s,
+        load_s=load_s,
+        setup_s=setup_s,
+        first_loss=history[0].get("loss"),
+        peak_rss_mb=hardware.vm_hwm_mb(),
+        cuda_peak_mb=hardware.cuda_peak_mb(device),
+        train_flops=counted["train_flops"],
+        reference_flops=counted["reference_flops"],
         flops_detail={k: counted[k] for k in ("policy_shape", "reference_shape")},
-        gemm_shapes=flops.gemm_shapes(model))
+        gemm_shapes=flops.gemm_shapes(model),
+    )
 
 
 def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
@@ -119,18 +161,25 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
     model_spec = MODELS[spec.model]
     tokenizer = load_tokenizer(model_spec)
     t0 = time.perf_counter()
-    model = load_model(model_spec, dtype="bfloat16" if device.type == "cuda" else "float32", device=str(device),
-                       attn_implementation="sdpa")
+    model = load_model(
+        model_spec,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        device=str(device),
+        attn_implementation="sdpa",
+    )
     load_s = time.perf_counter() - t0
     texts = synthetic.instructions(spec.gen_prompts)
     generation = GenerationSettings(max_new_tokens=spec.gen_max_new_tokens, temperature=0.0, batch_size=batch_size)
     settings = {**generation.record(), "backend": "hf"}
     warmup = GenerationSettings(max_new_tokens=2, temperature=0.0, batch_size=1)
-    generate_outputs(model, tokenizer, texts[:1], generator="warmup", generation=warmup, backend="hf", show_progress=False)
+    generate_outputs(
+        model, tokenizer, texts[:1], generator="warmup", generation=warmup, backend="hf", show_progress=False
+    )
     hardware.synchronize(device)
     t0 = time.perf_counter()
-    records = generate_outputs(model, tokenizer, texts, generator="bench", generation=generation, backend="hf",
-                               show_progress=False)
+    records = generate_outputs(
+        model, tokenizer, texts, generator="bench", generation=generation, backend="hf", show_progress=False
+    )
     hardware.synchronize(device)
     generate_s = time.perf_counter() - t0
     outputs = [r["output"] for r in records]
@@ -140,10 +189,19 @@ def run_generation(spec: WorkerSpec, batch_size: int, side: str) -> SideResult:
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         generated += min(n + 1, spec.gen_max_new_tokens)
     return SideResult(
-        side=side, task="generate", model=spec.model,
+        side=side,
+        task="generate",
+        model=spec.model,
         implementation=f"prefflow generate_outputs(batch_size={batch_size})",
-        device=hardware.device_name(device), threads=torch.get_num_threads(),
+        device=hardware.device_name(device),
+        threads=torch.get_num_threads(),
         params=sum(p.numel() for p in model.parameters()),
-        settings=settings, load_s=load_s, prompts=len(texts),
-        generated_tokens=generated, generate_s=generate_s, outputs=outputs,
-        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device))
+        settings=settings,
+        load_s=load_s,
+        prompts=len(texts),
+        generated_tokens=generated,
+        generate_s=generate_s,
+        outputs=outputs,
+        peak_rss_mb=hardware.vm_hwm_mb(),
+        cuda_peak_mb=hardware.cuda_peak_mb(device),
+    )

@@ -2,14 +2,15 @@
 
 ``python -m benchmarks.probe '<ProbeSpec JSON>'`` runs it in its own process, under the sides' environment.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks import flops, hardware
@@ -72,8 +73,9 @@ def gemm_probe(shapes: Sequence[Sequence[int]], rows: int, repeats: int = 3) -> 
         work = 3 * 2.0 * rows * d_in * d_out
         total_flops += count * work
         total_time += count * best
-        detail.append({"in": d_in, "out": d_out, "count": count, "seconds": best,
-                       "gflops_per_s": round(work / best / 1e9, 2)})
+        detail.append(
+            {"in": d_in, "out": d_out, "count": count, "seconds": best, "gflops_per_s": round(work / best / 1e9, 2)}
+        )
     return total_flops / total_time, detail
 
 

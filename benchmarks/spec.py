@@ -1,4 +1,5 @@
 """What one benchmark child runs (``WorkerSpec``) and what it reports back (``SideResult``)."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,17 @@ def loss_name(task: str) -> str:
     """The registered loss a preference task trains with ("dpo_lora" -> "dpo")."""
     return task.removesuffix("_lora")
 
+
 # ~1B Llama (Llama-3.2-1B shapes with the SmolLM2 vocabulary), randomly initialised: a GPU-sized model
 # that needs no download.
-ONE_B_CONFIG = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "intermediate_size": 8192, "max_position_embeddings": 4096}
+ONE_B_CONFIG = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+}
 MODELS = {
     "tiny": "tiny",
     "default": "embedded:smollm2-135m-instruct",
@@ -150,9 +158,13 @@ class SideResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(step_time_median_s=self.step_time_median_s, train_tokens_per_s=self.train_tokens_per_s,
-                    tokens_per_s=self.tokens_per_s, prompts_per_s=self.prompts_per_s,
-                    flops_per_s=self.flops_per_s)
+        data.update(
+            step_time_median_s=self.step_time_median_s,
+            train_tokens_per_s=self.train_tokens_per_s,
+            tokens_per_s=self.tokens_per_s,
+            prompts_per_s=self.prompts_per_s,
+            flops_per_s=self.flops_per_s,
+        )
         return data
 
     @classmethod

@@ -2,6 +2,7 @@
 
 TRL's own fast settings, never a handicap: no gradient checkpointing, its default AdamW, precomputed DPO reference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {"sampling": "random", "precompute_ref": True,
 def batch_lengths(batch: dict) -> list[int]:
     """Real tokens of each sequence of a collated batch, whatever the collator's layout."""
     if "chosen_attention_mask" in batch and "rejected_attention_mask" in batch:  # CPO / ORPO
-        return [int(n) for key in ("chosen_attention_mask", "rejected_attention_mask")
-                for n in batch[key].sum(dim=1).tolist()]
+        return [
+            int(n)
+            for key in ("chosen_attention_mask", "rejected_attention_mask")
+            for n in batch[key].sum(dim=1).tolist()
+        ]
     if batch.get("attention_mask") is not None:  # DPO (chosen rows, then rejected rows), SFT
         return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()  # padding-free: one packed row
@@ -109,8 +113,13 @@ def _peft_config(task: str):
         return None
     import peft
 
-    return peft.LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
-                           target_modules=list(LORA.target_modules), task_type="CAUSAL_LM")
+    return peft.LoraConfig(
+        r=LORA.r,
+        lora_alpha=LORA.alpha,
+        lora_dropout=LORA.dropout,
+        target_modules=list(LORA.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def run_training(spec: WorkerSpec) -> SideResult:
@@ -129,7 +138,8 @@ def run_training(spec: WorkerSpec) -> SideResult:
         rows = synthetic.conversational(synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed), "sft")
     else:
         rows = synthetic.conversational(
-            synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed), "preference")
+            synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed), "preference"
+        )
     if options["sampling"] == "group_by_length":
         from steps.chat import encode_prompt_response
 
@@ -153,13 +163,30 @@ def run_training(spec: WorkerSpec) -> SideResult:
 
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
         args: dict[str, Any] = dict(
-            output_dir=out_dir, per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
-            max_steps=total_steps, learning_rate=opt.sft_lr if spec.task == "sft" else opt.lr,
-            lr_scheduler_type="cosine", warmup_steps=0, weight_decay=opt.weight_decay, adam_beta1=opt.betas[0],
-            adam_beta2=opt.betas[1], max_grad_norm=opt.max_grad_norm, logging_steps=1, save_strategy="no",
-            report_to="none", disable_tqdm=True, seed=opt.seed, data_seed=opt.seed, dataloader_num_workers=0,
-            gradient_checkpointing=False, bf16=device.type == "cuda", max_length=spec.max_len,
-            train_sampling_strategy=options["sampling"], **_loss_args(spec.task))
+            output_dir=out_dir,
+            per_device_train_batch_size=spec.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=total_steps,
+            learning_rate=opt.sft_lr if spec.task == "sft" else opt.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0],
+            adam_beta2=opt.betas[1],
+            max_grad_norm=opt.max_grad_norm,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=opt.seed,
+            data_seed=opt.seed,
+            dataloader_num_workers=0,
+            gradient_checkpointing=False,
+            bf16=device.type == "cuda",
+            max_length=spec.max_len,
+            train_sampling_strategy=options["sampling"],
+            **_loss_args(spec.task),
+        )
         if loss_name(spec.task) == "dpo":
             args["precompute_ref_log_probs"] = bool(options["precompute_ref"])
         if spec.task in ("simpo", "cpo", "orpo") or options["sampling"] == "group_by_length":
@@ -173,8 +200,14 @@ def run_training(spec: WorkerSpec) -> SideResult:
         timer = _step_timer(device)
         t0 = time.perf_counter()
         torch.manual_seed(opt.seed)
-        trainer = TimedTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=[timer], peft_config=_peft_config(spec.task))
+        trainer = TimedTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[timer],
+            peft_config=_peft_config(spec.task),
+        )
         setup_s = time.perf_counter() - t0 - sum(precompute_s)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
@@ -183,27 +216,52 @@ def run_training(spec: WorkerSpec) -> SideResult:
         policy = trainer.model
 
     if len(timer.times) != total_steps or len(counter.lengths) < total_steps:
-        raise RuntimeError(f"expected {total_steps} steps, TRL ran {len(timer.times)} "
-                           f"({len(counter.lengths)} batches collated)")
+        raise RuntimeError(
+            f"expected {total_steps} steps, TRL ran {len(timer.times)} ({len(counter.lengths)} batches collated)"
+        )
     tokens = [sum(x) for x in counter.lengths[:total_steps]]
     needs_reference = spec.task != "sft" and requires_reference(loss_name(spec.task))
-    counted = flops.step_flops(flops.model_shape(policy), base_shape if needs_reference else None,
-                               counter.lengths[spec.warmup_steps:total_steps])
-    settings = {**options, "optim": config.optim, "gradient_checkpointing": config.gradient_checkpointing,
-                "collate_s": round(counter.seconds, 3), "trl_version": __import__("trl").__version__,
-                "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
+    counted = flops.step_flops(
+        flops.model_shape(policy),
+        base_shape if needs_reference else None,
+        counter.lengths[spec.warmup_steps : total_steps],
+    )
+    settings = {
+        **options,
+        "optim": config.optim,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "collate_s": round(counter.seconds, 3),
+        "trl_version": __import__("trl").__version__,
+        "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+    }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {"r": LORA.r, "alpha": LORA.alpha, "dropout": LORA.dropout,
-                            "target_modules": list(LORA.target_modules), "via": "peft_config"}
+        settings["lora"] = {
+            "r": LORA.r,
+            "alpha": LORA.alpha,
+            "dropout": LORA.dropout,
+            "target_modules": list(LORA.target_modules),
+            "via": "peft_config",
+        }
     return SideResult(
-        side="baseline", task=spec.task, model=spec.model, implementation=name,
-        device=hardware.device_name(device), threads=torch.get_num_threads(),
-        params=sum(p.numel() for p in policy.parameters()), settings=settings,
-        step_times_s=timer.times[spec.warmup_steps:], step_tokens=tokens[spec.warmup_steps:],
+        side="baseline",
+        task=spec.task,
+        model=spec.model,
+        implementation=name,
+        device=hardware.device_name(device),
+        threads=torch.get_num_threads(),
+        params=sum(p.numel() for p in policy.parameters()),
+        settings=settings,
+        step_times_s=timer.times[spec.warmup_steps :],
+        step_tokens=tokens[spec.warmup_steps :],
         warmup_tokens=sum(tokens[: spec.warmup_steps]),
-        precompute_s=sum(precompute_s) if precompute_s else None, load_s=load_s, setup_s=setup_s,
+        precompute_s=sum(precompute_s) if precompute_s else None,
+        load_s=load_s,
+        setup_s=setup_s,
         first_loss=losses[0] if losses else None,
-        peak_rss_mb=hardware.vm_hwm_mb(), cuda_peak_mb=hardware.cuda_peak_mb(device),
-        train_flops=counted["train_flops"], reference_flops=counted["reference_flops"],
+        peak_rss_mb=hardware.vm_hwm_mb(),
+        cuda_peak_mb=hardware.cuda_peak_mb(device),
+        train_flops=counted["train_flops"],
+        reference_flops=counted["reference_flops"],
         flops_detail={k: counted[k] for k in ("policy_shape", "reference_shape")},
-        gemm_shapes=flops.gemm_shapes(policy))
+        gemm_shapes=flops.gemm_shapes(policy),
+    )

@@ -2,6 +2,7 @@
 
 Its own process, so its peak memory is its own; the parent gives both sides one environment. Result: ``spec.out``.
 """
+
 from __future__ import annotations
 
 import json

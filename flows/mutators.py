@@ -1,5 +1,6 @@
 """Flow mutators for both flows: ship the ``steps`` library, and add the decorators the run config asks for
 (@project, @schedule, @trigger; @resources on the heavy steps, @kubernetes when enabled) at deploy time."""
+
 from metaflow import FlowMutator
 
 #: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for; other steps get defaults.

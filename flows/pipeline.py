@@ -1,6 +1,7 @@
 """PrefFlow: OpenAssistant-2 -> SFT -> preference optimisation (loss by name) -> AlpacaEval 2 -> results table.
 Each step is a few lines calling ``steps/``; resources and deployment decorators come from the config
 (flows/mutators.py). ``python flows/pipeline.py run --loss dpo``; see README.md for more."""
+
 import sys
 
 from metaflow import Config, FlowSpec, Parameter, card, current, retry, step
@@ -14,23 +15,40 @@ from steps.config import DEFAULT_CONFIG_PATH, parse_config_text
 class PrefFlow(FlowSpec):
     """Align a language model with preference data and score it with AlpacaEval 2."""
 
-    config = Config("config", default=str(DEFAULT_CONFIG_PATH), parser=parse_config_text,
-                    help="run config YAML (see configs/); validated before any work")
-    loss = Parameter("loss", type=str, default="",
-                     help="preference loss(es), comma-separated (dpo, simpo, orpo, cpo, ipo, hinge), or 'sft'; "
-                          "default: the config's preference.criterion")
-    set = Parameter("set", type=str, default="",
-                    help="config overrides, space-separated key.path=value (e.g. preference.criterion_config.beta=0.5)")
-    sweep = Parameter("sweep", type=str, default="",
-                      help="a sweep file (configs/sweeps/*.yaml): one preference run per grid point, sharing one SFT")
+    config = Config(
+        "config",
+        default=str(DEFAULT_CONFIG_PATH),
+        parser=parse_config_text,
+        help="run config YAML (see configs/); validated before any work",
+    )
+    loss = Parameter(
+        "loss",
+        type=str,
+        default="",
+        help="preference loss(es), comma-separated (dpo, simpo, orpo, cpo, ipo, hinge), or 'sft'; "
+        "default: the config's preference.criterion",
+    )
+    set = Parameter(
+        "set",
+        type=str,
+        default="",
+        help="config overrides, space-separated key.path=value (e.g. preference.criterion_config.beta=0.5)",
+    )
+    sweep = Parameter(
+        "sweep",
+        type=str,
+        default="",
+        help="a sweep file (configs/sweeps/*.yaml): one preference run per grid point, sharing one SFT",
+    )
 
     @step
     def start(self):
         """Type the config once (with --set), pick losses and sweep points, resolve each variant's config."""
         from steps.pipeline import plan_run
 
-        plan, self.output_root = plan_run(self.config, self.loss, self.set, self.sweep, current.flow_name,
-                                          current.run_id)
+        plan, self.output_root = plan_run(
+            self.config, self.loss, self.set, self.sweep, current.flow_name, current.run_id
+        )
         self.cfg, self.losses, self.variants = plan.config, plan.losses, plan.variants
         self.next(self.prepare_data)
 
@@ -95,8 +113,9 @@ class PrefFlow(FlowSpec):
         from steps.cards import results_card
         from steps.pipeline import collect_results
 
-        self.merge_artifacts(inputs, include=["cfg", "losses", "data_stats", "eval_set_info", "sft_summary",
-                                              "output_root", "data_dir"])
+        self.merge_artifacts(
+            inputs, include=["cfg", "losses", "data_stats", "eval_set_info", "sft_summary", "output_root", "data_dir"]
+        )
         self.run_config = self.cfg.to_dict()
         self.results = collect_results([i.result for i in inputs], [i.train_summary for i in inputs])
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))

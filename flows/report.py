@@ -1,6 +1,7 @@
 """PrefFlowReport: regenerate the results report after each PrefFlow run (``@trigger_on_finish``) or by hand:
 ``python flows/report.py run [--latest 5]``. Deployed with PrefFlow's config (same ``@project``), it reads only
 that project branch's runs; on a remote worker the card is the durable copy of the report."""
+
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, project, step, trigger_on_finish
 from mutators import package_steps_library
 
@@ -15,11 +16,19 @@ PIPELINE_FLOW = "PrefFlow"
 class PrefFlowReport(FlowSpec):
     """Results table and plots from Metaflow's records of PrefFlow."""
 
-    config = Config("config", default=str(DEFAULT_CONFIG_PATH), parser=parse_deployment_text,
-                    help="the run config PrefFlow was deployed with (only its deployment section is read)")
+    config = Config(
+        "config",
+        default=str(DEFAULT_CONFIG_PATH),
+        parser=parse_deployment_text,
+        help="the run config PrefFlow was deployed with (only its deployment section is read)",
+    )
     latest = Parameter("latest", type=int, default=0, help="only the newest N successful runs (0: all)")
-    out_dir = Parameter("out_dir", type=str, default="",
-                        help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports where you run)")
+    out_dir = Parameter(
+        "out_dir",
+        type=str,
+        default="",
+        help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports where you run)",
+    )
 
     @card(type="blank", id="report")
     @step
@@ -29,9 +38,12 @@ class PrefFlowReport(FlowSpec):
 
         trigger = current.get("trigger")
         triggering = trigger.run.pathspec if trigger is not None and trigger.run is not None else None
-        paths = report_for_current_run(flow_name=PIPELINE_FLOW, out_dir=self.out_dir or None,
-                                       include_runs=[triggering] if triggering else None,
-                                       latest=self.latest or None)
+        paths = report_for_current_run(
+            flow_name=PIPELINE_FLOW,
+            out_dir=self.out_dir or None,
+            include_runs=[triggering] if triggering else None,
+            latest=self.latest or None,
+        )
         current.card.extend(report_card(paths, triggering or (paths.runs[-1] if paths.runs else None)))
         self.report_files = paths.to_dict()
         self.next(self.end)
@@ -39,8 +51,10 @@ class PrefFlowReport(FlowSpec):
     @step
     def end(self):
         """Say where the report is."""
-        print(f"{len(self.report_files['runs'])} runs, {self.report_files['n_rows']} models -> "
-              f"{self.report_files['results_md']}")
+        print(
+            f"{len(self.report_files['runs'])} runs, {self.report_files['n_rows']} models -> "
+            f"{self.report_files['results_md']}"
+        )
 
 
 if __name__ == "__main__":

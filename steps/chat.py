@@ -4,9 +4,11 @@ A training example is ``prompt_ids + response_ids`` where the prompt is the rend
 with the assistant header and the response ends with the model's end-of-turn token; generation feeds the
 same prompt ids and stops on that same token.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,7 +25,7 @@ class ChatFormatError(ValueError):
     """Messages or a tokenizer that cannot be turned into a chat prompt."""
 
 
-def has_token(tokenizer: "PreTrainedTokenizerBase", token: str | None) -> bool:
+def has_token(tokenizer: PreTrainedTokenizerBase, token: str | None) -> bool:
     """Whether ``token`` is in the vocabulary (added tokens included) rather than mapping to unk."""
     if not token:
         return False
@@ -31,7 +33,7 @@ def has_token(tokenizer: "PreTrainedTokenizerBase", token: str | None) -> bool:
     return token_id is not None and (token_id != tokenizer.unk_token_id or token == tokenizer.unk_token)
 
 
-def _is_llama3_without_template(tokenizer: "PreTrainedTokenizerBase") -> bool:
+def _is_llama3_without_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return not tokenizer.chat_template and all(has_token(tokenizer, t) for t in _LLAMA3_TOKENS)
 
 
@@ -39,20 +41,23 @@ def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatFormatError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise ChatFormatError(f"messages[{index}] must be a dict with string 'role' and 'content', "
-                                  f"got {message!r}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise ChatFormatError(f"messages[{index}] must be a dict with string 'role' and 'content', got {message!r}")
 
 
 def render_llama3_prompt(messages: Sequence[dict[str, Any]]) -> str:
     """The Llama-3 chat format, ending with an open assistant header (for tokenizers without a template)."""
-    turns = "".join(f"{LLAMA3_HEADER_START}{m['role']}{LLAMA3_HEADER_END}\n\n{m['content']}{LLAMA3_EOT}"
-                    for m in messages)
+    turns = "".join(
+        f"{LLAMA3_HEADER_START}{m['role']}{LLAMA3_HEADER_END}\n\n{m['content']}{LLAMA3_EOT}" for m in messages
+    )
     return f"{LLAMA3_BEGIN}{turns}{LLAMA3_HEADER_START}assistant{LLAMA3_HEADER_END}\n\n"
 
 
-def render_prompt(tokenizer: "PreTrainedTokenizerBase", messages: Sequence[dict[str, Any]]) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> str:
     """The conversation as text, ending with the assistant generation header, special tokens included.
 
     Uses the tokenizer's chat template (``add_generation_prompt=True``) when it has one -- for SmolLM2 that
@@ -72,7 +77,7 @@ def render_prompt(tokenizer: "PreTrainedTokenizerBase", messages: Sequence[dict[
     )
 
 
-def end_of_turn_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that ends an assistant turn: targets end with it and generation stops on it.
 
     ``<|im_end|>`` for ChatML templates (SmolLM2), ``<|eot_id|>`` for Llama-3 (template or fallback),
@@ -88,12 +93,14 @@ def end_of_turn_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
     elif _is_llama3_without_template(tokenizer):
         return int(tokenizer.convert_tokens_to_ids(LLAMA3_EOT))
     if tokenizer.eos_token_id is None:
-        raise ChatFormatError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no end-of-turn token "
-                              f"({CHATML_END}, {LLAMA3_EOT}) and no eos token")
+        raise ChatFormatError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no end-of-turn token "
+            f"({CHATML_END}, {LLAMA3_EOT}) and no eos token"
+        )
     return int(tokenizer.eos_token_id)
 
 
-def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids generation should stop on: end-of-turn first, plus eos when it differs (a model may emit either)."""
     ids = [end_of_turn_token_id(tokenizer)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -102,7 +109,7 @@ def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
 
 
 def encode_prompt_response(
-    tokenizer: "PreTrainedTokenizerBase", messages: Sequence[dict[str, Any]], response: str
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]], response: str
 ) -> tuple[list[int], list[int]]:
     """``(prompt_ids, response_ids)``: the rendered prompt and ``response + end-of-turn``, tokenized apart.
 
@@ -126,13 +133,15 @@ def encode_prompt_response(
     end_id = end_of_turn_token_id(tokenizer)
     body_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if end_id in body_ids:
-        raise ChatFormatError(f"response text contains the end-of-turn token "
-                              f"{tokenizer.convert_ids_to_tokens(end_id)!r}; remove it from the data: "
-                              f"{response[:80]!r}")
+        raise ChatFormatError(
+            f"response text contains the end-of-turn token "
+            f"{tokenizer.convert_ids_to_tokens(end_id)!r}; remove it from the data: "
+            f"{response[:80]!r}"
+        )
     return list(prompt_ids), list(body_ids) + [end_id]
 
 
-def decode_response(tokenizer: "PreTrainedTokenizerBase", ids: Iterable[int]) -> str:
+def decode_response(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> str:
     """Text of generated ids, cut before the first end-of-turn (or eos) token; other special tokens dropped."""
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     stops = set(stop_token_ids(tokenizer))

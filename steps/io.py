@@ -1,5 +1,6 @@
 """Atomic file writes and JSONL helpers: every output goes through a temp file in the same directory,
 fsync and ``os.replace``, so a crash or a concurrent reader never sees a half-written file."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """The ``steps`` library's files for Metaflow's code package (which ships only the flow's directory).
 Every file is listed explicitly: MODULE_CONTENT packs only ``__init__.py`` under an editable install."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,6 +1,7 @@
 """The work behind each step of flows/pipeline.py as plain functions (testable without Metaflow).
 
 Steps take the typed config planned in ``start`` and return plain dicts; model weights travel as directories."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,15 +40,17 @@ def cpu_heavy_section(cfg: RunConfig, what: str) -> Iterator[None]:
         yield
 
 
-def plan_run(config: Mapping, loss_arg: str, set_arg: str, sweep_path: str, flow_name: str,
-             run_id: str) -> tuple[RunPlan, str]:
+def plan_run(
+    config: Mapping, loss_arg: str, set_arg: str, sweep_path: str, flow_name: str, run_id: str
+) -> tuple[RunPlan, str]:
     """start: the typed config (``--set`` applied), the losses and one resolved config per variant; the output root."""
     _setup_logging()
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # Metaflow's ConfigValue
     plan = load_plan(data, METAFLOW_SOURCE, set_arg, loss_arg, sweep_path)
     output_root = str((Path(plan.config.resources.output_dir) / flow_name / str(run_id)).resolve())
-    logger.info("run %s: losses=%s variants=%s output=%s", run_id, plan.losses, [v.name for v in plan.variants],
-                output_root)
+    logger.info(
+        "run %s: losses=%s variants=%s output=%s", run_id, plan.losses, [v.name for v in plan.variants], output_root
+    )
     return plan, output_root
 
 
@@ -57,11 +60,21 @@ def prepare_data(cfg: RunConfig, output_root: str) -> tuple[str, dict]:
     _setup_logging()
     d = cfg.data
     out = Path(output_root) / "data"
-    prepared = prepare_oasst(d.input, out, langs=tuple(d.langs) if d.langs else None, pair_strategy=d.pair_strategy,
-                             sft_rank=d.sft_rank, tree_states=tuple(d.tree_states) if d.tree_states else None,
-                             include_synthetic=d.include_synthetic, include_deleted=d.include_deleted,
-                             require_review=d.require_review, dev_fraction=d.dev_fraction, seed=d.seed,
-                             max_trees=d.max_trees, split=d.split)
+    prepared = prepare_oasst(
+        d.input,
+        out,
+        langs=tuple(d.langs) if d.langs else None,
+        pair_strategy=d.pair_strategy,
+        sft_rank=d.sft_rank,
+        tree_states=tuple(d.tree_states) if d.tree_states else None,
+        include_synthetic=d.include_synthetic,
+        include_deleted=d.include_deleted,
+        require_review=d.require_review,
+        dev_fraction=d.dev_fraction,
+        seed=d.seed,
+        max_trees=d.max_trees,
+        split=d.split,
+    )
     logger.info("prepared data in %s", out)
     return str(out), prepared.stats
 
@@ -80,10 +93,16 @@ def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | Non
     with cpu_heavy_section(cfg, "reference outputs"):
         refs = reference_outputs_for(eval_set, cfg.model.base, generation=e.generation)
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
-    info = {"enabled": True, "name": eval_set.name, "n": len(eval_set.records), "subset": eval_set.subset,
-            "reference_generator": refs[0]["generator"] if refs else None}
-    logger.info("eval set %s (%d instructions), reference %s -> %s", info["name"], info["n"],
-                info["reference_generator"], path)
+    info = {
+        "enabled": True,
+        "name": eval_set.name,
+        "n": len(eval_set.records),
+        "subset": eval_set.subset,
+        "reference_generator": refs[0]["generator"] if refs else None,
+    }
+    logger.info(
+        "eval set %s (%d instructions), reference %s -> %s", info["name"], info["n"], info["reference_generator"], path
+    )
     return info, str(path)
 
 
@@ -106,17 +125,27 @@ def train_variant(plan: VariantPlan, data_dir: str, output_root: str, sft_summar
         return sft_summary
     cfg = plan.config
     with cpu_heavy_section(cfg, plan.name):
-        return launch(cfg, plan.loss, data_dir, str(Path(output_root) / plan.name),
-                      sft_model_dir=sft_summary["model_dir"] if sft_summary else None,
-                      nproc_per_node=cfg.resources.nproc_per_node)
+        return launch(
+            cfg,
+            plan.loss,
+            data_dir,
+            str(Path(output_root) / plan.name),
+            sft_model_dir=sft_summary["model_dir"] if sft_summary else None,
+            nproc_per_node=cfg.resources.nproc_per_node,
+        )
 
 
 def evaluate_variant(plan: VariantPlan, train_summary: dict, reference_path: str | None, output_root: str) -> dict:
     """AlpacaEval 2 for one trained model: the results row as plain values."""
     _setup_logging()
     e = plan.config.evaluation
-    base = {"variant": plan.name, "loss": plan.loss, "model_dir": train_summary["model_dir"],
-            "init": train_summary["init_label"], "epoch": train_summary["config"].get("epochs")}
+    base = {
+        "variant": plan.name,
+        "loss": plan.loss,
+        "model_dir": train_summary["model_dir"],
+        "init": train_summary["init_label"],
+        "epoch": train_summary["config"].get("epochs"),
+    }
     if not e.enabled or reference_path is None:
         return {**base, "evaluated": False}
     from steps.evaluate import evaluate_model, load_eval_set
@@ -125,18 +154,33 @@ def evaluate_variant(plan: VariantPlan, train_summary: dict, reference_path: str
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     with cpu_heavy_section(plan.config, f"evaluate {plan.name}"):
         metrics = evaluate_model(
-            train_summary["model_dir"], eval_set, read_json(reference_path),
-            generator=f"prefflow-{plan.name}-{Path(output_root).name}", out_dir=Path(output_root) / "eval" / plan.name,
-            generation=e.generation, judge=e.judge, judge_model=e.judge_model, judge_max_chars=e.judge_max_chars,
-            lc_assets_dir=e.lc_assets_dir, cache_dir=Path(output_root).parent / "judge_cache")
+            train_summary["model_dir"],
+            eval_set,
+            read_json(reference_path),
+            generator=f"prefflow-{plan.name}-{Path(output_root).name}",
+            out_dir=Path(output_root) / "eval" / plan.name,
+            generation=e.generation,
+            judge=e.judge,
+            judge_model=e.judge_model,
+            judge_max_chars=e.judge_max_chars,
+            lc_assets_dir=e.lc_assets_dir,
+            cache_dir=Path(output_root).parent / "judge_cache",
+        )
     return {**base, "evaluated": True, **metrics}
 
 
 def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:
     rows = []
     for res, summ in zip(results, summaries):
-        rows.append({**res, "train_steps": summ["steps"], "train_elapsed_s": summ["elapsed_s"],
-                     "final_dev": summ["final_dev"], "training_config": summ["config"]})
+        rows.append(
+            {
+                **res,
+                "train_steps": summ["steps"],
+                "train_elapsed_s": summ["elapsed_s"],
+                "final_dev": summ["final_dev"],
+                "training_config": summ["config"],
+            }
+        )
     return sorted(rows, key=lambda r: (r["loss"] != "sft", r["variant"]))
 
 
@@ -149,5 +193,7 @@ def print_results(results: list[dict], flow: str, run_id: str) -> None:
     print(format_results_table(results, flow, run_id))
     for r in results:
         if r.get("evaluated"):
-            print(f"{r['variant']}: judge={r.get('judge')} eval_set={r.get('eval_set')} "
-                  f"reference={r.get('reference_generator')} lc_method={r.get('lc_method')} n={r.get('n_total')}")
+            print(
+                f"{r['variant']}: judge={r.get('judge')} eval_set={r.get('eval_set')} "
+                f"reference={r.get('reference_generator')} lc_method={r.get('lc_method')} n={r.get('n_total')}"
+            )

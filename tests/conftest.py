@@ -1,4 +1,5 @@
 """Shared fixtures: real data from ../shared, the real SmolLM2 tokenizer, tiny random models."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def shared_dir() -> Path:
     missing copy fails there instead of silently skipping every check against real files."""
     path = Path(os.environ.get("PREFFLOW_SHARED", REPO_ROOT.parent / "shared"))
     if not (path / "README.md").exists():
-        reason = f"needs ../shared (real OpenAssistant, AlpacaEval, fairseq2 files): none at {path}; set PREFFLOW_SHARED"
+        reason = (
+            f"needs ../shared (real OpenAssistant, AlpacaEval, fairseq2 files): none at {path}; set PREFFLOW_SHARED"
+        )
         if os.environ.get("PREFFLOW_REQUIRE_SHARED"):
             pytest.fail(reason)
         pytest.skip(reason)

@@ -1,4 +1,5 @@
 """The benchmark: FLOP counts against hand counts and torch's FLOP counter, MFU arithmetic, the probe, a tiny run."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,26 @@ from benchmarks.probe import ProbeSpec, device_peak, gemm_probe
 from benchmarks.spec import SideResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = {"task", "model", "prefflow_tokens_per_s", "baseline_tokens_per_s", "ratio",
-                 "prefflow_peak_rss_mb", "baseline_peak_rss_mb", "baseline"}
-FLOP_KEYS = {"peak_flops_per_s", "peak_source", "prefflow_flops_per_s", "baseline_flops_per_s", "prefflow_mfu",
-             "baseline_mfu", "prefflow_train_flops", "baseline_train_flops"}
+REQUIRED_KEYS = {
+    "task",
+    "model",
+    "prefflow_tokens_per_s",
+    "baseline_tokens_per_s",
+    "ratio",
+    "prefflow_peak_rss_mb",
+    "baseline_peak_rss_mb",
+    "baseline",
+}
+FLOP_KEYS = {
+    "peak_flops_per_s",
+    "peak_source",
+    "prefflow_flops_per_s",
+    "baseline_flops_per_s",
+    "prefflow_mfu",
+    "baseline_mfu",
+    "prefflow_train_flops",
+    "baseline_train_flops",
+}
 
 # steps.models.TINY_CONFIG by hand: hidden 64, 2 layers, 4 query heads of 16, 2 KV heads (k/v project to 32),
 # MLP 256, lm_head tied to the 49,152-token embedding
@@ -94,8 +111,9 @@ def test_lora_count_by_hand_and_against_torch_flop_counter():
     from steps.models import load_model
 
     model = load_model("tiny", attn_implementation="eager")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     shape = flops.model_shape(model)
     adapters = LAYERS * ((HIDDEN * 4 + 4 * HIDDEN) + (HIDDEN * 4 + 4 * KV_DIM))  # q: 64->4->64, v: 64->4->32
     base = LAYERS * PER_LAYER + HIDDEN * 49152
@@ -104,36 +122,76 @@ def test_lora_count_by_hand_and_against_torch_flop_counter():
     assert flops.train_flops(shape, [t]) == (4 * (base + 1792) + 2 * 1792) * t + 3 * flops.attention_flops(shape, t)
     with FlopCounterMode(display=False) as counter:
         model(input_ids=torch.arange(t)[None]).logits.sum().backward()
-    ours_full_attention = (flops.train_flops(shape, [t]) - 3 * flops.attention_flops(shape, t)
-                           + 3 * 4 * shape.n_layers * shape.attn_dim * t * t)
+    ours_full_attention = (
+        flops.train_flops(shape, [t])
+        - 3 * flops.attention_flops(shape, t)
+        + 3 * 4 * shape.n_layers * shape.attn_dim * t * t
+    )
     # torch skips the input gradients nothing needs (layer 0's q/k/v inputs, its K): 0.14 % here, ignored by design
     assert counter.get_total_flops() < ours_full_attention
     assert counter.get_total_flops() == pytest.approx(ours_full_attention, rel=5e-3)
 
 
 def test_flops_per_s_charges_the_precompute_like_tokens_per_s():
-    result = SideResult(side="prefflow", task="dpo", model="tiny", implementation="x", device="CPU", threads=1,
-                        params=1, settings={}, step_times_s=[1.0, 1.0], step_tokens=[100, 100], warmup_tokens=200,
-                        precompute_s=0.5, train_flops=10**9, reference_flops=2 * 10**8)
+    result = SideResult(
+        side="prefflow",
+        task="dpo",
+        model="tiny",
+        implementation="x",
+        device="CPU",
+        threads=1,
+        params=1,
+        settings={},
+        step_times_s=[1.0, 1.0],
+        step_tokens=[100, 100],
+        warmup_tokens=200,
+        precompute_s=0.5,
+        train_flops=10**9,
+        reference_flops=2 * 10**8,
+    )
     # the precompute covered 400 tokens; the 200 measured ones carry half of it: 2 s + 0.25 s
     assert result.tokens_per_s == pytest.approx(200 / 2.25)
     assert result.flops_per_s == pytest.approx(1.2e9 / 2.25)
     assert flops.mfu(result.flops_per_s, 1e9) == pytest.approx(1.2 / 2.25)
     assert flops.mfu(None, 1e9) is None and flops.mfu(1e9, None) is None
-    no_reference = SideResult(side="baseline", task="simpo", model="tiny", implementation="x", device="CPU",
-                              threads=1, params=1, settings={}, step_times_s=[0.5], step_tokens=[50],
-                              train_flops=3 * 10**8)
+    no_reference = SideResult(
+        side="baseline",
+        task="simpo",
+        model="tiny",
+        implementation="x",
+        device="CPU",
+        threads=1,
+        params=1,
+        settings={},
+        step_times_s=[0.5],
+        step_tokens=[50],
+        train_flops=3 * 10**8,
+    )
     assert no_reference.flops_per_s == pytest.approx(6e8)
 
 
-@pytest.mark.parametrize("name,tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0),
-    ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0), ("NVIDIA GeForce RTX 4090", 165.0),
-    ("NVIDIA RTX A6000", 155.0), ("NVIDIA RTX 6000 Ada Generation", 364.0),
-    ("Tesla V100-SXM2-16GB", None), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A10G", 70.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA GeForce RTX 4090", 165.0),
+        ("NVIDIA RTX A6000", 155.0),
+        ("NVIDIA RTX 6000 Ada Generation", 364.0),
+        ("Tesla V100-SXM2-16GB", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_table_matches_device_names(name, tflops):
     peak = flops.peak_bf16_flops(name)
     assert peak == (None if tflops is None else tflops * 1e12)
@@ -154,8 +212,9 @@ def test_gemm_probe_weights_shapes_by_count():
 def test_cpu_peak_comes_from_the_probe(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on GPU the peak comes from the data-sheet table")
-    result = device_peak(ProbeSpec(gemm_shapes=[[64, 64, 2]], rows=32, threads=1, out=str(tmp_path / "p.json"),
-                                   repeats=1))
+    result = device_peak(
+        ProbeSpec(gemm_shapes=[[64, 64, 2]], rows=32, threads=1, out=str(tmp_path / "p.json"), repeats=1)
+    )
     assert result.source == "fp32 GEMM probe" and result.device.startswith("CPU")
     assert result.peak_flops > 0 and math.isfinite(result.peak_flops)
 
@@ -163,22 +222,41 @@ def test_cpu_peak_comes_from_the_probe(tmp_path):
 def test_tiny_dpo_lora_and_generation_print_json_rows(tmp_path):
     pytest.importorskip("trl", reason="the TRL baseline needs the 'bench' extra")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "USERNAME": os.environ.get("USERNAME", "prefflow")}
-    cmd = [sys.executable, "-m", "benchmarks", "--model", "tiny", "--task", "dpo,dpo_lora,generate", "--steps", "2",
-           "--warmup-steps", "0", "--gen-prompts", "2", "--gen-batch-size", "2", "--gen-max-new-tokens", "3",
-           "--log-dir", str(tmp_path), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--model",
+        "tiny",
+        "--task",
+        "dpo,dpo_lora,generate",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--gen-prompts",
+        "2",
+        "--gen-batch-size",
+        "2",
+        "--gen-max-new-tokens",
+        "3",
+        "--log-dir",
+        str(tmp_path),
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["task"] for r in rows] == ["dpo", "dpo_lora", "generate"]
     for row in rows:
-        assert REQUIRED_KEYS <= set(row), REQUIRED_KEYS - set(row)
+        assert set(row) >= REQUIRED_KEYS, REQUIRED_KEYS - set(row)
         assert row["model"] == "tiny"
         assert row["prefflow_tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0
         assert row["prefflow_peak_rss_mb"] > 0 and row["baseline_peak_rss_mb"] > 0
     dpo, lora, gen = rows
     assert dpo["baseline"] == "TRL DPOTrainer" and dpo["measured_steps"] == 2
     for row in (dpo, lora):
-        assert FLOP_KEYS <= set(row), FLOP_KEYS - set(row)
+        assert set(row) >= FLOP_KEYS, FLOP_KEYS - set(row)
         assert row["peak_source"] == "fp32 GEMM probe" and row["peak_flops_per_s"] > 0
         assert row["prefflow_mfu"] > 0 and row["baseline_mfu"] > 0
         # both sides start from the same model, which is its own reference: DPO's first loss is log 2

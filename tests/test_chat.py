@@ -1,4 +1,5 @@
 """steps.chat: prompt rendering, end-of-turn tokens and prompt/response encoding for ChatML and Llama-3."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "7"},
     {"role": "user", "content": "Another one?"},
 ]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|eot_id|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def byte_level_tokenizer(specials: list[str], add_bos: bool, chat_template: str | None = None):
@@ -39,8 +39,10 @@ def byte_level_tokenizer(specials: list[str], add_bos: bool, chat_template: str 
     if add_bos:
         bos_id = backend.token_to_id("<|begin_of_text|>")
         backend.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-            special_tokens=[("<|begin_of_text|>", bos_id)])
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A $B",
+            special_tokens=[("<|begin_of_text|>", bos_id)],
+        )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     if "<|begin_of_text|>" in specials:
         tokenizer.bos_token = "<|begin_of_text|>"
@@ -87,8 +89,10 @@ def test_llama3_encoding_has_one_bos_and_ends_with_eot(llama3_base_tokenizer):
     assert response_ids[-1] == eot and response_ids.count(eot) == 1
     # one id per byte for ordinary text, one id per special token
     assert response_ids[:-1] == [tok.convert_tokens_to_ids(ch) for ch in "Paris."]
-    full = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?"
-            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>")
+    full = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>"
+    )
     assert prompt_ids + response_ids == tok(full, add_special_tokens=False)["input_ids"]
     assert decode_response(tok, response_ids + [tok.convert_tokens_to_ids("<|end_of_text|>")]) == "Paris."
 
@@ -110,13 +114,16 @@ def test_bad_messages_are_rejected(llama3_base_tokenizer):
 
 
 def test_template_takes_precedence_over_the_llama3_fallback():
-    template = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                "{{ m['content'] }}<|eot_id|>{% endfor %}"
-                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
     tok = byte_level_tokenizer(LLAMA3_SPECIALS, add_bos=True, chat_template=template)
     assert render_prompt(tok, QUESTION) == (
         "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert end_of_turn_token_id(tok) == tok.convert_tokens_to_ids("<|eot_id|>")
 
 
@@ -128,29 +135,32 @@ SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, 
 
 def test_smollm2_prompt_and_end_of_turn(tokenizer):
     assert render_prompt(tokenizer, QUESTION) == (
-        SMOL_SYSTEM + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        SMOL_SYSTEM + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert stop_token_ids(tokenizer) == [2]  # eos is <|im_end|> too
 
 
 @pytest.mark.parametrize("messages", [QUESTION, CONVERSATION], ids=["single", "multi-turn"])
-@pytest.mark.parametrize("response", [
-    "Paris is the capital of France.",
-    "Sure!\n\n1. First\n2. Second  (two spaces)\n\nDone.",
-    "Ünïcödé — 東京 🙂",
-    "```python\nprint('x')\n```",
-])
+@pytest.mark.parametrize(
+    "response",
+    [
+        "Paris is the capital of France.",
+        "Sure!\n\n1. First\n2. Second  (two spaces)\n\nDone.",
+        "Ünïcödé — 東京 🙂",
+        "```python\nprint('x')\n```",
+    ],
+)
 def test_smollm2_encoding_matches_full_template(tokenizer, messages, response):
     prompt_ids, response_ids = encode_prompt_response(tokenizer, messages, response)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert response_ids[-1] == im_end and im_end not in response_ids[:-1]
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    assert header[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") and prompt_ids[-len(header):] == header
+    assert header[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") and prompt_ids[-len(header) :] == header
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") == prompt_ids[0]  # no extra BOS in front
     assert tokenizer.decode(prompt_ids) == render_prompt(tokenizer, messages)
 
-    full = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}],
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}], tokenize=False)
     up_to_end = full[: full.rindex("<|im_end|>") + len("<|im_end|>")]
     assert prompt_ids + response_ids == tokenizer(up_to_end, add_special_tokens=False)["input_ids"]
     assert decode_response(tokenizer, response_ids) == response

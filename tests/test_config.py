@@ -1,4 +1,5 @@
 """Run configs: typed sections, one validation layer, per-variant plans, and errors that name the file and key."""
+
 from __future__ import annotations
 
 import json
@@ -59,12 +60,22 @@ def test_default_and_recipe_configs_load():
 
 def test_documented_recipe_values():
     sft = load_config(REPO / "configs/llama3_1_8b/sft.yaml").sft
-    assert (sft.lr, sft.final_lr, sft.betas, sft.weight_decay, sft.max_grad_norm) == \
-        (5.5e-6, 1.1e-6, (0.9, 0.95), 0.1, 1.0)
+    assert (sft.lr, sft.final_lr, sft.betas, sft.weight_decay, sft.max_grad_norm) == (
+        5.5e-6,
+        1.1e-6,
+        (0.9, 0.95),
+        0.1,
+        1.0,
+    )
     assert (sft.max_num_tokens, sft.grad_accum, sft.epochs, sft.seed) == (8192, 4, 10, 1814)
     dpo = load_config(REPO / "configs/llama3_1_8b/dpo.yaml").preference
-    assert (dpo.criterion_config.beta, dpo.criterion_config.nll_scale, dpo.lr, dpo.final_lr, dpo.init) == \
-        (0.5, 1.0, 1e-8, 5e-9, "sft")
+    assert (dpo.criterion_config.beta, dpo.criterion_config.nll_scale, dpo.lr, dpo.final_lr, dpo.init) == (
+        0.5,
+        1.0,
+        1e-8,
+        5e-9,
+        "sft",
+    )
     simpo = load_config(REPO / "configs/llama3_1_8b/simpo.yaml").preference
     assert isinstance(simpo.criterion_config, SimPOConfig)
     assert (simpo.criterion_config.beta, simpo.criterion_config.gamma, simpo.lr) == (2.0, 1.0, 6e-7)
@@ -93,8 +104,9 @@ preference:
 
 
 def test_type_mismatch_is_an_error(tmp_path):
-    p = write(tmp_path, "preference:\n  criterion: simpo\n  criterion_config:\n"
-                        "    _type_: steps.losses.dpo.DPOConfig\n")
+    p = write(
+        tmp_path, "preference:\n  criterion: simpo\n  criterion_config:\n    _type_: steps.losses.dpo.DPOConfig\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert err.value.key == "preference.criterion_config._type_"
@@ -129,32 +141,37 @@ def test_negative_beta_names_key(tmp_path):
     assert "-1" in str(err.value)
 
 
-@pytest.mark.parametrize("text,key", [
-    ("sft:\n  lr: 0\n", "sft.lr"),
-    ("sft:\n  epochs: 0\n", "sft.epochs"),
-    ("preference:\n  lr: -1.0e-6\n", "preference.lr"),
-    ("sft:\n  epochs: two\n", "sft.epochs"),
-    ("sft:\n  overlength: clip\n", "sft.overlength"),
-    ("sft:\n  betas: [0.9, 1.5]\n", "sft.betas[1]"),
-    ("sft:\n  lora: {r: many}\n", "sft.lora.r"),
-    ("data:\n  pair_strategy: best_vs_all\n", "data.pair_strategy"),
-    ("deployment:\n  schedule_cron: '0 3 * * *'\n", "deployment.schedule_cron"),
-    ("deployment:\n  project: My-Team\n", "deployment.project"),
-    ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
-    ("preference:\n  per_loss:\n    orpo: {criterion_config: {orpo_lambda: -1}}\n",
-     "preference.per_loss.orpo.criterion_config.orpo_lambda"),
-    ("preference:\n  per_loss:\n    orpoo: {lr: 1.0e-6}\n", "preference.per_loss.orpoo"),
-    ("preference:\n  criterion_config: [1, 2]\n", "preference.criterion_config"),
-    ("preference:\n  criterion_config: {beta: {deep: 1}}\n", "preference.criterion_config.beta"),
-    ("sft:\n  parallelism: zero3\n", "sft.parallelism"),
-    ("sft:\n  parallelism: fsdp\n  lora: {enabled: true}\n", "sft.parallelism"),
-    ("evaluation:\n  temperature: -0.5\n", "evaluation.temperature"),
-    ("evaluation:\n  top_p: 1.5\n", "evaluation.top_p"),
-    ("evaluation:\n  batch_size: 0\n", "evaluation.batch_size"),
-    ("evaluation:\n  max_new_tokens: 0\n", "evaluation.max_new_tokens"),
-    ("evaluation:\n  max_instructions: 0\n", "evaluation.max_instructions"),
-    ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("sft:\n  lr: 0\n", "sft.lr"),
+        ("sft:\n  epochs: 0\n", "sft.epochs"),
+        ("preference:\n  lr: -1.0e-6\n", "preference.lr"),
+        ("sft:\n  epochs: two\n", "sft.epochs"),
+        ("sft:\n  overlength: clip\n", "sft.overlength"),
+        ("sft:\n  betas: [0.9, 1.5]\n", "sft.betas[1]"),
+        ("sft:\n  lora: {r: many}\n", "sft.lora.r"),
+        ("data:\n  pair_strategy: best_vs_all\n", "data.pair_strategy"),
+        ("deployment:\n  schedule_cron: '0 3 * * *'\n", "deployment.schedule_cron"),
+        ("deployment:\n  project: My-Team\n", "deployment.project"),
+        ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
+        (
+            "preference:\n  per_loss:\n    orpo: {criterion_config: {orpo_lambda: -1}}\n",
+            "preference.per_loss.orpo.criterion_config.orpo_lambda",
+        ),
+        ("preference:\n  per_loss:\n    orpoo: {lr: 1.0e-6}\n", "preference.per_loss.orpoo"),
+        ("preference:\n  criterion_config: [1, 2]\n", "preference.criterion_config"),
+        ("preference:\n  criterion_config: {beta: {deep: 1}}\n", "preference.criterion_config.beta"),
+        ("sft:\n  parallelism: zero3\n", "sft.parallelism"),
+        ("sft:\n  parallelism: fsdp\n  lora: {enabled: true}\n", "sft.parallelism"),
+        ("evaluation:\n  temperature: -0.5\n", "evaluation.temperature"),
+        ("evaluation:\n  top_p: 1.5\n", "evaluation.top_p"),
+        ("evaluation:\n  batch_size: 0\n", "evaluation.batch_size"),
+        ("evaluation:\n  max_new_tokens: 0\n", "evaluation.max_new_tokens"),
+        ("evaluation:\n  max_instructions: 0\n", "evaluation.max_instructions"),
+        ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
+    ],
+)
 def test_out_of_range_and_wrong_types(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
@@ -163,10 +180,14 @@ def test_out_of_range_and_wrong_types(tmp_path, text, key):
 
 
 def test_generation_settings_are_built_once_from_the_flat_keys(tmp_path):
-    cfg = load_config(write(tmp_path, "evaluation:\n  max_new_tokens: 12\n  temperature: 0\n  top_p: 0.5\n"
-                                      "  seed: 7\n  batch_size: 3\n"))
-    assert cfg.evaluation.generation == GenerationSettings(max_new_tokens=12, temperature=0.0, top_p=0.5, seed=7,
-                                                           batch_size=3)
+    cfg = load_config(
+        write(
+            tmp_path, "evaluation:\n  max_new_tokens: 12\n  temperature: 0\n  top_p: 0.5\n  seed: 7\n  batch_size: 3\n"
+        )
+    )
+    assert cfg.evaluation.generation == GenerationSettings(
+        max_new_tokens=12, temperature=0.0, top_p=0.5, seed=7, batch_size=3
+    )
     assert not cfg.evaluation.generation.do_sample
     assert "generation" not in config_to_dict(cfg)["evaluation"]  # YAML keeps its flat keys
     with pytest.raises(ConfigError) as err:
@@ -187,13 +208,16 @@ def test_overrides_from_the_command_line():
     assert cfg.preference.criterion_config.beta == 0.5 and cfg.sft.epochs == 2 and cfg.data.langs == ["en", "de"]
 
 
-@pytest.mark.parametrize("text,key", [
-    ("sft.epocs=2", "sft.epocs"),
-    ("sft.lr=abc", "sft.lr"),
-    ("preference.criterion_config.beta=-2", "preference.criterion_config.beta"),
-    ("sft.lr.x=1", "sft.lr"),
-    ("sft", "sft"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("sft.epocs=2", "sft.epocs"),
+        ("sft.lr=abc", "sft.lr"),
+        ("preference.criterion_config.beta=-2", "preference.criterion_config.beta"),
+        ("sft.lr.x=1", "sft.lr"),
+        ("sft", "sft"),
+    ],
+)
 def test_bad_override_is_blamed_on_set(text, key):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs/default.yaml", parse_overrides(text))
@@ -216,10 +240,17 @@ def test_losses_argument_and_per_loss_resolution():
 
 
 def test_plan_has_one_resolved_config_per_variant():
-    plan = load_plan(yaml.safe_load((REPO / "configs/default.yaml").read_text()), "default.yaml", loss_arg="dpo,orpo",
-                     set_arg="preference.per_loss.orpo.criterion_config.orpo_lambda=0.3")
+    plan = load_plan(
+        yaml.safe_load((REPO / "configs/default.yaml").read_text()),
+        "default.yaml",
+        loss_arg="dpo,orpo",
+        set_arg="preference.per_loss.orpo.criterion_config.orpo_lambda=0.3",
+    )
     assert [(v.variant, v.config.preference.criterion) for v in plan.variants] == [
-        (Variant("sft", "sft"), "dpo"), (Variant("dpo", "dpo"), "dpo"), (Variant("orpo", "orpo"), "orpo")]
+        (Variant("sft", "sft"), "dpo"),
+        (Variant("dpo", "dpo"), "dpo"),
+        (Variant("orpo", "orpo"), "orpo"),
+    ]
     assert plan.variants[2].config.preference.criterion_config == ORPOConfig(orpo_lambda=0.3)
     assert plan.variants[2].config.preference.lr == 8e-6
     assert plan.variants[2].config.sft == plan.config.sft  # only the preference section differs
@@ -255,8 +286,10 @@ def test_launch_config_crosses_the_torchrun_boundary_once(tmp_path):
     cfg = for_loss(load_config(REPO / "configs/default.yaml"), "orpo")
     back = read_launch_config(write_launch_config(cfg, tmp_path / "launch.json"))
     assert back == cfg and back.source == cfg.source
-    assert json.loads((tmp_path / "launch.json").read_text())["config"]["preference"]["criterion_config"]["_type_"] == \
-        "steps.losses.orpo.ORPOConfig"
+    assert (
+        json.loads((tmp_path / "launch.json").read_text())["config"]["preference"]["criterion_config"]["_type_"]
+        == "steps.losses.orpo.ORPOConfig"
+    )
 
 
 # ----------------------------------------------------------------------------- YAML to the loss
@@ -299,8 +332,11 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
     monkeypatch.setattr(DPOConfig, "__post_init__", counting_post_init)
     reached = []
     real_build_loss = losses.build_loss
-    monkeypatch.setattr(losses, "build_loss", lambda name, config=None, **kw: reached.append(config) or
-                        real_build_loss(name, config, **kw))
+    monkeypatch.setattr(
+        losses,
+        "build_loss",
+        lambda name, config=None, **kw: reached.append(config) or real_build_loss(name, config, **kw),
+    )
 
     text = HOP_CONFIG.replace("OUTPUT_DIR", str(tmp_path / "runs"))
     hops.append("YAML text -> mapping")
@@ -320,8 +356,11 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
     assert summary["steps"] == 1 and summary["config"]["criterion_config"]["beta"] == 0.37
     assert not [h for h in hops if "preference step" in h], hops  # the step trains the planned object as is
     assert len(hops) <= 4, hops
-    assert hops == ["YAML text -> mapping", "mapping -> DPOConfig (Metaflow Config parser)",
-                    "mapping -> DPOConfig (start)"]
+    assert hops == [
+        "YAML text -> mapping",
+        "mapping -> DPOConfig (Metaflow Config parser)",
+        "mapping -> DPOConfig (start)",
+    ]
 
 
 # ----------------------------------------------------------------------------- the command-line preflight
@@ -329,13 +368,25 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
 
 def _flow_env(tmp_path: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("USERNAME", "USER", "METAFLOW_USER", "SUDO_USER")}
-    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "USERNAME": "prefflow-test",
-            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), **extra}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "USERNAME": "prefflow-test",
+        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
+        **extra,
+    }
 
 
 def _run_flow(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PIPELINE), *args], cwd=tmp_path, env=_flow_env(tmp_path, **env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(PIPELINE), *args],
+        cwd=tmp_path,
+        env=_flow_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 GOOD = (REPO / "configs" / "default.yaml").read_text()
@@ -343,14 +394,23 @@ GOOD = (REPO / "configs" / "default.yaml").read_text()
 PREFLIGHT_CASES = {
     "yaml list": ("- data\n- model\n", [], ["expected a mapping of sections", "got list"]),
     "yaml scalar": ("42\n", [], ["expected a mapping of sections", "got int"]),
-    "deep criterion_config": (GOOD.replace("beta: 0.1", "beta: [0.1, 0.2]"), [],
-                              ["preference.criterion_config.beta", "expected a number"]),
-    "criterion_config not a mapping": (GOOD.replace("    beta: 0.1\n    nll_scale: 0.0\n", "    - 0.1\n"), [],
-                                       ["preference.criterion_config", "expected a mapping of DPOConfig fields"]),
+    "deep criterion_config": (
+        GOOD.replace("beta: 0.1", "beta: [0.1, 0.2]"),
+        [],
+        ["preference.criterion_config.beta", "expected a number"],
+    ),
+    "criterion_config not a mapping": (
+        GOOD.replace("    beta: 0.1\n    nll_scale: 0.0\n", "    - 0.1\n"),
+        [],
+        ["preference.criterion_config", "expected a mapping of DPOConfig fields"],
+    ),
     "set not a number": (GOOD, ["--set", "sft.lr=abc"], ["--set: sft.lr: got 'abc'; expected a number"]),
     "unknown loss": (GOOD, ["--loss", "dpo,kto"], ["--loss: kto: unknown loss", "simpo"]),
-    "non-UTF-8": (GOOD.encode() + "# caf\u00e9\n".encode("latin-1"), [],
-                  [f"not UTF-8 text (byte 0xe9 on line {GOOD.count(chr(10)) + 1})"]),
+    "non-UTF-8": (
+        GOOD.encode() + "# caf\u00e9\n".encode("latin-1"),
+        [],
+        [f"not UTF-8 text (byte 0xe9 on line {GOOD.count(chr(10)) + 1})"],
+    ),
     "missing file": (None, [], ["file not found"]),
 }
 
@@ -382,24 +442,37 @@ def test_config_without_its_name_gets_the_hint(tmp_path):
 
 def test_default_config_and_parameters_are_checked_too(tmp_path):
     proc = _run_flow(tmp_path, "run", "--sweep", str(tmp_path / "nope.yaml"))
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        f"error: {tmp_path / 'nope.yaml'}: file not found; pass an existing YAML file (see configs/)"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip()
+        == f"error: {tmp_path / 'nope.yaml'}: file not found; pass an existing YAML file (see configs/)"
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    ["--config", "config", "MISSING", "step", "start", "--run-id", "1", "--task-id", "1"],
-    ["--config", "config", "MISSING", "--help"],
-    ["--config", "config", "MISSING", "logs", "PrefFlow/1/start"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "config", "MISSING", "step", "start", "--run-id", "1", "--task-id", "1"],
+        ["--config", "config", "MISSING", "--help"],
+        ["--config", "config", "MISSING", "logs", "PrefFlow/1/start"],
+    ],
+)
 def test_preflight_skips_task_subprocesses_and_help(tmp_path, argv):
     assert preflight([a.replace("MISSING", str(tmp_path / "missing.yaml")) for a in argv]) == 0
 
 
-@pytest.mark.parametrize("argv,code", [
-    (["run"], 0), (["--no-pylint", "--with", "retry", "run", "--loss=simpo"], 0), (["show"], 0),
-    (["--datastore", "local", "argo-workflows", "create", "--only-json"], 0),
-    (["run", "--loss=nope"], 2), (["resume", "--set", "sft.epochs=0"], 2), (["--branch", "x", "run", "--loss", "x"], 2),
-])
+@pytest.mark.parametrize(
+    "argv,code",
+    [
+        (["run"], 0),
+        (["--no-pylint", "--with", "retry", "run", "--loss=simpo"], 0),
+        (["show"], 0),
+        (["--datastore", "local", "argo-workflows", "create", "--only-json"], 0),
+        (["run", "--loss=nope"], 2),
+        (["resume", "--set", "sft.epochs=0"], 2),
+        (["--branch", "x", "run", "--loss", "x"], 2),
+    ],
+)
 def test_preflight_reads_metaflow_command_lines(argv, code, capsys):
     assert preflight(argv) == code
     assert len(capsys.readouterr().err.splitlines()) == (1 if code else 0)
@@ -407,8 +480,9 @@ def test_preflight_reads_metaflow_command_lines(argv, code, capsys):
 
 def test_show_works_without_a_user_name(tmp_path):
     env = {k: v for k, v in _flow_env(tmp_path).items() if k != "USERNAME"}
-    proc = subprocess.run([sys.executable, str(PIPELINE), "show"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(PIPELINE), "show"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Step start" in proc.stdout + proc.stderr and "Unknown user" not in proc.stderr
 

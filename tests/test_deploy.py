@@ -5,6 +5,7 @@ server. It checks what a scheduler would act on: the cron from ``deployment.sche
 (and no schedule without one), the flow parameters, the GPU limits from ``resources``, the
 ``@project`` names, and that flows/report.py is triggered by the pipeline's end.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,13 +48,21 @@ def s3_endpoint(tmp_path_factory):
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **CREDENTIALS))
+    with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, **CREDENTIALS),
+        )
     endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
     deadline = time.monotonic() + 30
     try:
         while True:
@@ -74,7 +83,6 @@ def s3_endpoint(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 def write_config(path: Path, cron: str | None, **resources) -> Path:
@@ -90,19 +98,37 @@ def write_config(path: Path, cron: str | None, **resources) -> Path:
 
 def compile_argo(flow: Path, config: Path, endpoint: str, tmp_path: Path) -> dict:
     """``python FLOW --config config CONFIG argo-workflows create --only-json`` -> the WorkflowTemplate."""
-    env = dict(os.environ, USERNAME="prefflow", HF_HUB_OFFLINE="1", **CREDENTIALS,
-               METAFLOW_DEFAULT_DATASTORE="s3", METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{BUCKET}/metaflow",
-               METAFLOW_S3_ENDPOINT_URL=endpoint, METAFLOW_KUBERNETES_NAMESPACE="default",
-               METAFLOW_DEFAULT_METADATA="local", METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path),
-               # needed only by flows with @trigger_on_finish (the names of an Argo Events install)
-               METAFLOW_ARGO_EVENTS_EVENT="metaflow-event", METAFLOW_ARGO_EVENTS_EVENT_BUS="default",
-               METAFLOW_ARGO_EVENTS_EVENT_SOURCE="argo-events-webhook",
-               METAFLOW_ARGO_EVENTS_SERVICE_ACCOUNT="operate-workflow-sa")
-    cmd = [sys.executable, str(flow), "--no-pylint", "--config", "config", str(config),
-           "argo-workflows", "create", "--only-json"]
+    env = dict(
+        os.environ,
+        USERNAME="prefflow",
+        HF_HUB_OFFLINE="1",
+        **CREDENTIALS,
+        METAFLOW_DEFAULT_DATASTORE="s3",
+        METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{BUCKET}/metaflow",
+        METAFLOW_S3_ENDPOINT_URL=endpoint,
+        METAFLOW_KUBERNETES_NAMESPACE="default",
+        METAFLOW_DEFAULT_METADATA="local",
+        METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path),
+        # needed only by flows with @trigger_on_finish (the names of an Argo Events install)
+        METAFLOW_ARGO_EVENTS_EVENT="metaflow-event",
+        METAFLOW_ARGO_EVENTS_EVENT_BUS="default",
+        METAFLOW_ARGO_EVENTS_EVENT_SOURCE="argo-events-webhook",
+        METAFLOW_ARGO_EVENTS_SERVICE_ACCOUNT="operate-workflow-sa",
+    )
+    cmd = [
+        sys.executable,
+        str(flow),
+        "--no-pylint",
+        "--config",
+        "config",
+        str(config),
+        "argo-workflows",
+        "create",
+        "--only-json",
+    ]
     proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout[proc.stdout.index("{"):])
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 @pytest.fixture(scope="module")
@@ -146,23 +172,28 @@ def test_gpu_limits_follow_the_resources_section(pipeline_template):
 
 def test_kubernetes_image_goes_to_the_heavy_steps_only(s3_endpoint, tmp_path):
     image = "registry.example/prefflow-gpu:1"
-    template = compile_argo(PIPELINE, write_config(tmp_path / "k8s.yaml", None, kubernetes=True, image=image),
-                            s3_endpoint["endpoint"], tmp_path)
+    template = compile_argo(
+        PIPELINE,
+        write_config(tmp_path / "k8s.yaml", None, kubernetes=True, image=image),
+        s3_endpoint["endpoint"],
+        tmp_path,
+    )
     containers = _container_templates(template)
     assert {name for name, c in containers.items() if c["image"] == image} == set(GPU_STEPS)
     assert containers["sft"]["resources"]["limits"]["nvidia.com/gpu"] == str(TRAIN_GPU)
 
 
 def test_no_cron_means_no_schedule(s3_endpoint, tmp_path):
-    template = compile_argo(PIPELINE, write_config(tmp_path / "unscheduled.yaml", None), s3_endpoint["endpoint"],
-                            tmp_path)
+    template = compile_argo(
+        PIPELINE, write_config(tmp_path / "unscheduled.yaml", None), s3_endpoint["endpoint"], tmp_path
+    )
     cron = template["metadata"]["annotations"].get("metaflow/cron")
     assert cron is None or json.loads(cron)["schedule"] is None  # not Metaflow's default daily schedule
 
 
 def _package(template: dict, client, step: str) -> tarfile.TarFile:
     env = {e["name"]: e.get("value") for e in _container_templates(template)[step]["env"]}
-    bucket, key = env["METAFLOW_CODE_URL"][len("s3://"):].split("/", 1)
+    bucket, key = env["METAFLOW_CODE_URL"][len("s3://") :].split("/", 1)
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     return tarfile.open(fileobj=io.BytesIO(body))
 
@@ -172,8 +203,9 @@ def _package_names(template: dict, client, step: str) -> list[str]:
 
 
 def test_report_flow_is_triggered_by_the_pipeline(s3_endpoint, pipeline_template, tmp_path):
-    template = compile_argo(REPORT_FLOW, write_config(tmp_path / "scheduled.yaml", CRON), s3_endpoint["endpoint"],
-                            tmp_path)
+    template = compile_argo(
+        REPORT_FLOW, write_config(tmp_path / "scheduled.yaml", CRON), s3_endpoint["endpoint"], tmp_path
+    )
     names = _package_names(template, s3_endpoint["client"], "start")
     assert ".mf_code/steps/report/generate.py" in names and "report.py" in names
     annotations = template["metadata"]["annotations"]
@@ -193,10 +225,18 @@ def test_steps_library_imports_from_the_unpacked_code_package(s3_endpoint, pipel
     """What a remote pod does: unpack the package and import the step code from it, not from this checkout."""
     _package(pipeline_template, s3_endpoint["client"], "preference").extractall(tmp_path, filter="data")
     code_dir = tmp_path / ".mf_code"
-    probe = ("import steps.train.loop, steps.pipeline, steps.data.oasst, steps.evaluate.scoring; "
-             "print(steps.train.loop.__file__); print(steps.pipeline.__file__)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=code_dir, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(code_dir)))
+    probe = (
+        "import steps.train.loop, steps.pipeline, steps.data.oasst, steps.evaluate.scoring; "
+        "print(steps.train.loop.__file__); print(steps.pipeline.__file__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=code_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(code_dir)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in proc.stdout.split():
         assert Path(line).resolve().is_relative_to(code_dir.resolve()), line

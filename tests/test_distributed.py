@@ -1,5 +1,6 @@
 """Two gloo processes take the same optimizer steps as one process with the same global batch,
 with replicated weights (ddp) and with FSDP2-sharded weights (fsdp), and a sharded run resumes exactly."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ from safetensors.torch import load_file
 from tests.test_train import TOPICS_TRAIN, pair_rows, pairs_from_rows
 
 
-def _run(rank: int, world_size: int, init_file: str, out_dir: str, parallelism: str = "ddp",
-         stop_after_steps: int | None = None) -> None:
+def _run(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    out_dir: str,
+    parallelism: str = "ddp",
+    stop_after_steps: int | None = None,
+) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     if world_size > 1:
@@ -32,8 +39,16 @@ def _run(rank: int, world_size: int, init_file: str, out_dir: str, parallelism: 
     pairs = pairs_from_rows(tok, pair_rows(TOPICS_TRAIN))
     # small token budget -> 8 micro-batches per epoch; grad_accum 3 -> 3 optimizer steps, the last one
     # with 2 micro-batches, so under fsdp with 2 ranks the first step deals 2 to one rank and 1 to the other
-    cfg = PreferenceConfig(lr=2e-3, max_num_tokens=200, epochs=1, grad_accum=3, seed=3, dev_every_epoch=False,
-                           parallelism=parallelism, checkpoint_every_steps=1)
+    cfg = PreferenceConfig(
+        lr=2e-3,
+        max_num_tokens=200,
+        epochs=1,
+        grad_accum=3,
+        seed=3,
+        dev_every_epoch=False,
+        parallelism=parallelism,
+        checkpoint_every_steps=1,
+    )
     model = load_model("tiny", seed=4)
     precompute_reference(model, pairs, tok.pad_token_id, cfg)
     obj = PreferenceObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
@@ -44,9 +59,19 @@ def _run(rank: int, world_size: int, init_file: str, out_dir: str, parallelism: 
         sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
         assert all(sharded) if (parallelism == "fsdp" and world_size > 1) else not any(sharded)
         if rank == 0:
-            Path(out_dir, "history.json").write_text(json.dumps(
-                [{"loss": h["loss"], "reward_accuracy": h["reward_accuracy"], "tokens": h["tokens"],
-                  "grad_norm": h["grad_norm"]} for h in result.history]))
+            Path(out_dir, "history.json").write_text(
+                json.dumps(
+                    [
+                        {
+                            "loss": h["loss"],
+                            "reward_accuracy": h["reward_accuracy"],
+                            "tokens": h["tokens"],
+                            "grad_norm": h["grad_norm"],
+                        }
+                        for h in result.history
+                    ]
+                )
+            )
     except KeyboardInterrupt:  # stop_after_steps: a simulated kill after a checkpoint
         pass
     finally:
@@ -119,9 +144,21 @@ def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tok
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     write_jsonl(data_dir / "preference.train.jsonl", pair_rows(TOPICS_TRAIN))
-    raw = {"name": "launch_test", "model": {"base": "tiny", "dtype": "float32"},
-           "preference": {"criterion": "dpo", "criterion_config": {"beta": 0.1}, "lr": 2e-3, "max_num_tokens": 200, "max_seq_len": 200,
-                          "grad_accum": 3, "seed": 3, "dev_every_epoch": False, "parallelism": "fsdp"}}
+    raw = {
+        "name": "launch_test",
+        "model": {"base": "tiny", "dtype": "float32"},
+        "preference": {
+            "criterion": "dpo",
+            "criterion_config": {"beta": 0.1},
+            "lr": 2e-3,
+            "max_num_tokens": 200,
+            "max_seq_len": 200,
+            "grad_accum": 3,
+            "seed": 3,
+            "dev_every_epoch": False,
+            "parallelism": "fsdp",
+        },
+    }
     os.environ["OMP_NUM_THREADS"] = "1"
     one = launch(raw, "dpo", str(data_dir), str(tmp_path / "one"), nproc_per_node=1)
     two = launch(raw, "dpo", str(data_dir), str(tmp_path / "two"), nproc_per_node=2)

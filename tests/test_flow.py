@@ -1,4 +1,5 @@
 """Real Metaflow runs of flows/pipeline.py (Runner API, isolated datastore) on a tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,16 @@ resources: {output_dir: OUTPUT_DIR}
 
 
 def _env(tmp_path: Path) -> dict:
-    return {"USERNAME": "prefflow-test", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "PYTHONPATH": str(REPO),
-            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PREFFLOW_REPORT_DIR": str(tmp_path / "reports")}
+    return {
+        "USERNAME": "prefflow-test",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "PREFFLOW_REPORT_DIR": str(tmp_path / "reports"),
+    }
 
 
 def _config(tmp_path: Path, text: str = TINY_CONFIG) -> Path:
@@ -52,8 +60,13 @@ def finished_run(tmp_path_factory, tokenizer):
     from metaflow import Runner
 
     tmp_path = tmp_path_factory.mktemp("flow")
-    with Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
-                config=[("config", str(_config(tmp_path)))]).run(loss="dpo,orpo") as running:
+    with Runner(
+        str(REPO / "flows" / "pipeline.py"),
+        show_output=False,
+        env=_env(tmp_path),
+        cwd=str(REPO),
+        config=[("config", str(_config(tmp_path)))],
+    ).run(loss="dpo,orpo") as running:
         status = running.status
         run = running.run
         stdout = running.stdout
@@ -70,7 +83,10 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     start = run["start"].task.data
     assert start.losses == ["dpo", "orpo"]
     assert [(v.name, v.loss, v.variant.overrides, v.config.preference.criterion) for v in start.variants] == [
-        ("sft", "sft", {}, "dpo"), ("dpo", "dpo", {}, "dpo"), ("orpo", "orpo", {}, "orpo")]
+        ("sft", "sft", {}, "dpo"),
+        ("dpo", "dpo", {}, "dpo"),
+        ("orpo", "orpo", {}, "orpo"),
+    ]
     assert start.variants[2].config.preference.criterion_config.orpo_lambda == 0.2  # planned once, in start
     data = run["prepare_data"].task.data
     assert data.data_stats["sft_examples"] > 0 and data.data_stats["pairs"]["best_vs_rest"] > 0
@@ -108,9 +124,14 @@ def test_bad_config_fails_before_any_work(tmp_path):
     import sys
 
     bad = _config(tmp_path, TINY_CONFIG.replace("criterion_config: {beta: 0.1}", "criterion_config: {beta: -1}"))
-    proc = subprocess.run([sys.executable, str(REPO / "flows" / "pipeline.py"), "--config", "config", str(bad),
-                           "run", "--loss", "dpo"], cwd=REPO, env={**os.environ, **_env(tmp_path)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "pipeline.py"), "--config", "config", str(bad), "run", "--loss", "dpo"],
+        cwd=REPO,
+        env={**os.environ, **_env(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {bad}: preference.criterion_config.beta: "), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()  # nothing was prepared or trained
@@ -123,8 +144,13 @@ def test_bad_config_through_runner_raises_before_any_run(tmp_path):
     from steps.config import ConfigError
 
     bad = _config(tmp_path, TINY_CONFIG.replace("max_new_tokens: 6", "max_new_tokens: 6\n  temprature: 0.5"))
-    runner = Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
-                    config=[("config", str(bad))])
+    runner = Runner(
+        str(REPO / "flows" / "pipeline.py"),
+        show_output=False,
+        env=_env(tmp_path),
+        cwd=str(REPO),
+        config=[("config", str(bad))],
+    )
     with pytest.raises(ConfigError) as err, runner.run(loss="dpo"):
         pass
     assert err.value.key == "evaluation.temprature" and "did you mean 'temperature'" in str(err.value)
@@ -134,8 +160,13 @@ def test_bad_config_through_runner_raises_before_any_run(tmp_path):
 def test_unknown_loss_through_runner_fails_before_any_run(tmp_path):
     from metaflow import Runner
 
-    runner = Runner(str(REPO / "flows" / "pipeline.py"), show_output=False, env=_env(tmp_path), cwd=str(REPO),
-                    config=[("config", str(_config(tmp_path)))])
+    runner = Runner(
+        str(REPO / "flows" / "pipeline.py"),
+        show_output=False,
+        env=_env(tmp_path),
+        cwd=str(REPO),
+        config=[("config", str(_config(tmp_path)))],
+    )
     with pytest.raises(RuntimeError) as err, runner.run(loss="dpo,nope"):
         pass
     assert "error: --loss: nope: unknown loss" in str(err.value) and "simpo" in str(err.value)

@@ -21,9 +21,9 @@ from steps.losses import (
     loss_class,
     register_loss,
     registered_losses,
+    registry,
     requires_reference,
 )
-from steps.losses import registry
 
 REQUIRED_METRICS = {"loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "nll"}
 
@@ -52,8 +52,12 @@ R_W, R_L = [-11.0, -19.0], [-11.5, -16.0]
 def call(loss_fn, s_w=S_W, s_l=S_L, n_w=N_W, n_l=N_L, r_w=R_W, r_l=R_L, grad=False):
     chosen, rejected = t(s_w, grad=grad), t(s_l, grad=grad)
     out = loss_fn(
-        chosen, rejected, torch.tensor(n_w), torch.tensor(n_l),
-        None if r_w is None else t(r_w), None if r_l is None else t(r_l),
+        chosen,
+        rejected,
+        torch.tensor(n_w),
+        torch.tensor(n_l),
+        None if r_w is None else t(r_w),
+        None if r_l is None else t(r_l),
     )
     return out, chosen, rejected
 
@@ -69,7 +73,7 @@ def test_dpo_plain_values_and_metrics():
     assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-12)
     m = out.metrics
-    assert REQUIRED_METRICS <= set(m) and all(isinstance(v, float) for v in m.values())
+    assert set(m) >= REQUIRED_METRICS and all(isinstance(v, float) for v in m.values())
     # rewards β(S − R): chosen [0.1, -0.1], rejected [-0.05, 0.1]
     assert m["rewards_chosen"] == pytest.approx(0.0, abs=1e-12)
     assert m["rewards_rejected"] == pytest.approx(0.025)
@@ -102,14 +106,14 @@ def test_dpo_nll_term():
 
 def test_dpo_gradient_matches_hand_derivation():
     beta, eps, nll_scale = 0.1, 0.2, 0.5
-    out, chosen, rejected = call(
-        build_loss("dpo", beta=beta, label_smoothing=eps, nll_scale=nll_scale), grad=True
-    )
+    out, chosen, rejected = call(build_loss("dpo", beta=beta, label_smoothing=eps, nll_scale=nll_scale), grad=True)
     out.loss.backward()
     batch = 2
     # dℓ/dS_w = −β(1−ε)σ(−z) + βεσ(z) − nll_scale/|y_w|;  dℓ/dS_l = β(1−ε)σ(−z) − βεσ(z); mean over B pairs.
-    grad_w = [(-beta * (1 - eps) * sigmoid(-z) + beta * eps * sigmoid(z) - nll_scale / n) / batch
-              for z, n in ((0.15, 5), (-0.2, 10))]
+    grad_w = [
+        (-beta * (1 - eps) * sigmoid(-z) + beta * eps * sigmoid(z) - nll_scale / n) / batch
+        for z, n in ((0.15, 5), (-0.2, 10))
+    ]
     grad_l = [(beta * (1 - eps) * sigmoid(-z) - beta * eps * sigmoid(z)) / batch for z in (0.15, -0.2)]
     assert chosen.grad.tolist() == pytest.approx(grad_w, rel=1e-10)
     assert rejected.grad.tolist() == pytest.approx(grad_l, rel=1e-10)
@@ -244,7 +248,12 @@ def test_bf16_inputs_are_computed_in_fp32():
 
 def test_reference_needs_are_declared():
     assert {name: requires_reference(name) for name in ("dpo", "ipo", "hinge", "simpo", "orpo", "cpo")} == {
-        "dpo": True, "ipo": True, "hinge": True, "simpo": False, "orpo": False, "cpo": False,
+        "dpo": True,
+        "ipo": True,
+        "hinge": True,
+        "simpo": False,
+        "orpo": False,
+        "cpo": False,
     }
 
 

@@ -131,14 +131,14 @@ def test_bad_specs_name_the_problem(spec, fragment):
 
 
 def test_directory_without_config_is_rejected(tmp_path):
-    with pytest.raises(ModelSpecError, match="no config.json"):
+    with pytest.raises(ModelSpecError, match=r"no config\.json"):
         resolve_model_spec(str(tmp_path))
 
 
 def test_non_gguf_file_is_rejected(tmp_path):
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"x")
-    with pytest.raises(ModelSpecError, match="not a .gguf"):
+    with pytest.raises(ModelSpecError, match=r"not a \.gguf"):
         resolve_model_spec(str(weights))
 
 
@@ -311,7 +311,7 @@ def test_gguf_file_missing_a_tensor_is_rejected(tmp_path):
     """from_pretrained would fill a missing tensor with random numbers; we refuse the file instead."""
     source = load_model('tiny:{"vocab_size": 300, "num_hidden_layers": 1}', seed=5)
     path = _write_llama_gguf(source, tmp_path / "holey.gguf", skip="blk.0.ffn_up.weight")
-    with pytest.raises(GgufLoadError, match="mlp.up_proj") as info:
+    with pytest.raises(GgufLoadError, match=r"mlp\.up_proj") as info:
         load_model(str(path))
     assert str(path) in str(info.value)
 

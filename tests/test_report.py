@@ -4,6 +4,7 @@ The Metaflow part runs a small throwaway flow (no training) that stores artifact
 flows/pipeline.py's and ends with the same ``report`` step the pipeline has, then regenerates the
 report from those runs with filters, from the command line, and from two processes at once.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,32 +46,73 @@ def _history(n: int, preference: bool) -> list[dict]:
     return rows
 
 
-def make_record(run_id: str = "1700000000000001", day: int = 3, lc: float | None = 33.456,
-                wr: float | None = 30.004, extra_result: dict | None = None) -> RunRecord:
+def make_record(
+    run_id: str = "1700000000000001",
+    day: int = 3,
+    lc: float | None = 33.456,
+    wr: float | None = 30.004,
+    extra_result: dict | None = None,
+) -> RunRecord:
     base = "embedded:smollm2-135m-instruct"
     sft_dir = f"/runs/PrefFlow/{run_id}/sft/model"
-    sft = {"variant": "sft", "model_dir": sft_dir, "init": base, "epoch": 1, "evaluated": True,
-           "win_rate": 12.5, "standard_error": 2.25, "length_controlled_winrate": 14.0, "lc_standard_error": 1.0,
-           "n_total": 16, "avg_length": 321, "lc_method": "length_controlled_v1_minimal_no_instruction_difficulty",
-           "judge": "local_logprob:embedded:smollm2-135m-instruct", "eval_set": "embedded",
-           "reference_generator": base, "training_config": {"lr": 2e-5, "epochs": 1}}
-    dpo = {"variant": "dpo", "model_dir": f"/runs/PrefFlow/{run_id}/dpo/model", "init": sft_dir, "epoch": 2,
-           "evaluated": True, "win_rate": wr, "standard_error": 1.5, "length_controlled_winrate": lc,
-           "lc_standard_error": 0.75, "n_total": 805, "avg_length": 1500,
-           "lc_method": "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
-           "judge": "alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "eval_set": "alpaca_eval",
-           "reference_generator": "gpt4_1106_preview",
-           "training_config": {"lr": 5e-7, "criterion_config": {"_type_": "steps.losses.dpo.DPOConfig",
-                                                                "beta": 0.1, "nll_scale": 0.0}}}
+    sft = {
+        "variant": "sft",
+        "model_dir": sft_dir,
+        "init": base,
+        "epoch": 1,
+        "evaluated": True,
+        "win_rate": 12.5,
+        "standard_error": 2.25,
+        "length_controlled_winrate": 14.0,
+        "lc_standard_error": 1.0,
+        "n_total": 16,
+        "avg_length": 321,
+        "lc_method": "length_controlled_v1_minimal_no_instruction_difficulty",
+        "judge": "local_logprob:embedded:smollm2-135m-instruct",
+        "eval_set": "embedded",
+        "reference_generator": base,
+        "training_config": {"lr": 2e-5, "epochs": 1},
+    }
+    dpo = {
+        "variant": "dpo",
+        "model_dir": f"/runs/PrefFlow/{run_id}/dpo/model",
+        "init": sft_dir,
+        "epoch": 2,
+        "evaluated": True,
+        "win_rate": wr,
+        "standard_error": 1.5,
+        "length_controlled_winrate": lc,
+        "lc_standard_error": 0.75,
+        "n_total": 805,
+        "avg_length": 1500,
+        "lc_method": "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
+        "judge": "alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
+        "eval_set": "alpaca_eval",
+        "reference_generator": "gpt4_1106_preview",
+        "training_config": {
+            "lr": 5e-7,
+            "criterion_config": {"_type_": "steps.losses.dpo.DPOConfig", "beta": 0.1, "nll_scale": 0.0},
+        },
+    }
     results = [dpo, sft] + ([extra_result] if extra_result else [])  # deliberately not in display order
-    return RunRecord(flow="PrefFlow", run_id=run_id, created_at=datetime(2025, 1, day, 12, tzinfo=timezone.utc),
-                     tags=["sweep"], system_tags=["user:prefflow"], successful=True, results=results,
-                     run_config={"name": "t", "model": {"base": base}},
-                     train_summaries={"sft": {"kind": "sft", "history": _history(5, False),
-                                              "dev_history": [{"step": 5, "dev_loss": 0.5}]},
-                                      "dpo": {"kind": "dpo", "history": _history(4, True),
-                                              "dev_history": [{"step": 4, "dev_loss": 0.6, "dev_reward_margin": 0.1,
-                                                               "dev_reward_accuracy": 0.5}]}})
+    return RunRecord(
+        flow="PrefFlow",
+        run_id=run_id,
+        created_at=datetime(2025, 1, day, 12, tzinfo=timezone.utc),
+        tags=["sweep"],
+        system_tags=["user:prefflow"],
+        successful=True,
+        results=results,
+        run_config={"name": "t", "model": {"base": base}},
+        train_summaries={
+            "sft": {"kind": "sft", "history": _history(5, False), "dev_history": [{"step": 5, "dev_loss": 0.5}]},
+            "dpo": {
+                "kind": "dpo",
+                "history": _history(4, True),
+                "dev_history": [{"step": 4, "dev_loss": 0.6, "dev_reward_margin": 0.1, "dev_reward_accuracy": 0.5}],
+            },
+        },
+    )
 
 
 def table_cells(markdown: str) -> list[list[str]]:
@@ -93,17 +135,26 @@ def test_table_has_documented_columns_and_values():
     assert dpo[4] == "2"
     assert dpo[5] == "SFT (from embedded:smollm2-135m-instruct)"  # init is the SFT row's model_dir
     assert sft[5] == "embedded:smollm2-135m-instruct"
-    assert dpo[6:11] == ["alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "alpaca_eval", "gpt4_1106_preview",
-                         "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
-                         "805"]
+    assert dpo[6:11] == [
+        "alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
+        "alpaca_eval",
+        "gpt4_1106_preview",
+        "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
+        "805",
+    ]
     assert dpo[11:] == ["2025-01-03", "`PrefFlow/1700000000000001`"]
     assert len(sft) == len(dpo) == len(COLUMNS)
 
 
 def test_missing_keys_print_na_and_pipes_are_escaped():
     bare = {"variant": "simpo"}  # an old or partial record: nothing but the variant
-    odd = {"variant": "orpo", "evaluated": True, "win_rate": float("nan"), "judge": "a|b",
-           "training_config": {"lr": 8e-6}}
+    odd = {
+        "variant": "orpo",
+        "evaluated": True,
+        "win_rate": float("nan"),
+        "judge": "a|b",
+        "training_config": {"lr": 8e-6},
+    }
     record = make_record(lc=None, extra_result=bare)
     record.results.append(odd)
     cells = {row[2]: row for row in table_cells(markdown_table(build_rows([record])))[2:]}
@@ -112,8 +163,7 @@ def test_missing_keys_print_na_and_pipes_are_escaped():
     assert cells["DPO"][0] == "n/a" and cells["DPO"][1] == "30.00"
     assert cells["ORPO"][1] == "n/a"  # NaN is not a number to print
     assert cells["ORPO"][6] == "a\\|b"
-    assert [row[2] for row in table_cells(markdown_table(build_rows([record])))[2:]] == \
-        ["SFT", "DPO", "ORPO", "SimPO"]
+    assert [row[2] for row in table_cells(markdown_table(build_rows([record])))[2:]] == ["SFT", "DPO", "ORPO", "SimPO"]
 
 
 def test_results_markdown_states_selection_and_caveats_without_wall_clock():
@@ -156,8 +206,11 @@ def test_training_plot_panels_and_image():
     record = make_record()
     panels = training_panels(record)
     assert [(key, title, [label for label, _ in series]) for key, title, series in panels] == [
-        ("loss", "SFT loss", ["SFT"]), ("loss", "preference loss", ["DPO"]),
-        ("reward_margin", "reward margin", ["DPO"]), ("reward_accuracy", "reward accuracy", ["DPO"])]
+        ("loss", "SFT loss", ["SFT"]),
+        ("loss", "preference loss", ["DPO"]),
+        ("reward_margin", "reward margin", ["DPO"]),
+        ("reward_accuracy", "reward accuracy", ["DPO"]),
+    ]
     width, height = _png_size(training_curves_png(record))
     assert (width, height) == (4 * 400, 330)  # 4 panels x 4.0 in x 100 dpi, 3.3 in high
     record.train_summaries = {}
@@ -178,18 +231,26 @@ def test_write_report_is_idempotent_and_drops_stale_files(tmp_path):
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     mtimes = {p: p.stat().st_mtime_ns for p in snapshot}
     assert {p.name for p in paths.config_snapshots} == {
-        "PrefFlow-1700000000000001-sft.yaml", "PrefFlow-1700000000000001-dpo.yaml",
-        "PrefFlow-1700000000000002-sft.yaml", "PrefFlow-1700000000000002-dpo.yaml"}
+        "PrefFlow-1700000000000001-sft.yaml",
+        "PrefFlow-1700000000000001-dpo.yaml",
+        "PrefFlow-1700000000000002-sft.yaml",
+        "PrefFlow-1700000000000002-dpo.yaml",
+    }
     readme = paths.readme.read_text()
     assert "](plots/win_rates.png)" in readme and "](plots/training-PrefFlow-1700000000000002.png)" in readme
     write_report([first, second], Selection(), tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
     assert {p: p.stat().st_mtime_ns for p in snapshot} == mtimes  # unchanged files are not rewritten
     write_report([second], Selection(), tmp_path)
-    left = sorted(p.name for p in (tmp_path / "configs").iterdir()) + \
-        sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert left == ["PrefFlow-1700000000000002-dpo.yaml", "PrefFlow-1700000000000002-sft.yaml",
-                    "training-PrefFlow-1700000000000002.png", "win_rates.png"]
+    left = sorted(p.name for p in (tmp_path / "configs").iterdir()) + sorted(
+        p.name for p in (tmp_path / "plots").iterdir()
+    )
+    assert left == [
+        "PrefFlow-1700000000000002-dpo.yaml",
+        "PrefFlow-1700000000000002-sft.yaml",
+        "training-PrefFlow-1700000000000002.png",
+        "win_rates.png",
+    ]
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -277,9 +338,12 @@ def metaflow_runs(tmp_path_factory):
     # directory's .metaflow and read back from the task's datastore root, so the two must coincide.
     base_env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": "prefflow", "PYTHONPATH": str(REPO)}
     runs = {}
-    plan = [("A", {"tags": ["a"], "lc": 40.0}, {}), ("B", {"tags": ["b"], "lc": 60.0}, {}),
-            ("C", {"tags": ["b"], "lc": 70.0, "fail_at_end": True}, {}), ("D", {"tags": ["c"], "lc": 50.0},
-                                                                          {"branch": "sweep"})]
+    plan = [
+        ("A", {"tags": ["a"], "lc": 40.0}, {}),
+        ("B", {"tags": ["b"], "lc": 60.0}, {}),
+        ("C", {"tags": ["b"], "lc": 70.0, "fail_at_end": True}, {}),
+        ("D", {"tags": ["c"], "lc": 50.0}, {"branch": "sweep"}),
+    ]
     for name, run_args, top_level in plan:
         env = dict(base_env, PREFFLOW_REPORT_DIR=str(root / f"step_report_{name}"))
         with Runner(str(flow_file), show_output=False, pylint=False, env=env, cwd=str(root), **top_level) as runner:
@@ -300,9 +364,13 @@ def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
     assert paths.runs == [runs["A"], runs["B"], runs["D"]]  # successful only, oldest first
     rows = _rows(paths)
     assert [(r["run_id"], r["loss_function"], r["lc_winrate"], r["winrate"]) for r in rows] == [
-        (runs["A"].split("/")[1], "SFT", 40.0, 35.0), (runs["A"].split("/")[1], "DPO", 42.5, 37.5),
-        (runs["B"].split("/")[1], "SFT", 60.0, 55.0), (runs["B"].split("/")[1], "DPO", 62.5, 57.5),
-        (runs["D"].split("/")[1], "SFT", 50.0, 45.0), (runs["D"].split("/")[1], "DPO", 52.5, 47.5)]
+        (runs["A"].split("/")[1], "SFT", 40.0, 35.0),
+        (runs["A"].split("/")[1], "DPO", 42.5, 37.5),
+        (runs["B"].split("/")[1], "SFT", 60.0, 55.0),
+        (runs["B"].split("/")[1], "DPO", 62.5, 57.5),
+        (runs["D"].split("/")[1], "SFT", 50.0, 45.0),
+        (runs["D"].split("/")[1], "DPO", 52.5, 47.5),
+    ]
     from metaflow import Run
 
     with client_scope(None, metaflow_runs["ds"]):
@@ -335,8 +403,11 @@ def test_report_filters(metaflow_runs, tmp_path):
     assert generate_report(out_dir=tmp_path / "b", tags=["b"], datastore_root=ds).runs == [runs["B"]]
     assert generate_report(out_dir=tmp_path / "l1", latest=1, datastore_root=ds).runs == [runs["D"]]
     assert generate_report(out_dir=tmp_path / "l2", latest=2, datastore_root=ds).runs == [runs["B"], runs["D"]]
-    assert generate_report(out_dir=tmp_path / "ns", namespace="user:prefflow", datastore_root=ds).runs == \
-        [runs["A"], runs["B"], runs["D"]]
+    assert generate_report(out_dir=tmp_path / "ns", namespace="user:prefflow", datastore_root=ds).runs == [
+        runs["A"],
+        runs["B"],
+        runs["D"],
+    ]
     empty = generate_report(out_dir=tmp_path / "none", namespace="user:somebody-else", datastore_root=ds)
     assert empty.runs == [] and "No successful runs match" in empty.results_md.read_text()
     branch = generate_report(out_dir=tmp_path / "br", tags=["project_branch:test.sweep"], datastore_root=ds)
@@ -386,9 +457,14 @@ def card_components(html: str) -> list[dict]:
 
 def _cli(ds: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, USERNAME="prefflow", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "steps.report", "--datastore-root", str(ds), "--out-dir", str(out),
-                             "-q", *extra], env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "steps.report", "--datastore-root", str(ds), "--out-dir", str(out), "-q", *extra],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_cli_concurrent_generations_are_whole_and_idempotent(metaflow_runs, tmp_path):
@@ -433,8 +509,14 @@ def test_report_flow_reads_its_project_branch(metaflow_runs, tmp_path):
     config = tmp_path / "deploy.yaml"
     config.write_text("deployment:\n  project: prefflow_report_test\n")
     env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": "prefflow", "PYTHONPATH": str(REPO)}
-    with Runner(str(REPO / "flows" / "report.py"), show_output=False, pylint=False, env=env, cwd=str(root),
-                config=[("config", str(config))]) as runner:
+    with Runner(
+        str(REPO / "flows" / "report.py"),
+        show_output=False,
+        pylint=False,
+        env=env,
+        cwd=str(root),
+        config=[("config", str(config))],
+    ) as runner:
         result = runner.run(out_dir=str(tmp_path / "out"))
         assert result.status == "successful", result.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -446,7 +528,8 @@ def test_report_flow_config_reads_only_the_deployment_section():
     from steps.config import ConfigError, parse_deployment_text
 
     assert parse_deployment_text("data: {input: embedded}\ndeployment:\n  project: my_team\n") == {
-        "deployment": {"schedule_cron": None, "project": "my_team", "trigger_event": None}}
+        "deployment": {"schedule_cron": None, "project": "my_team", "trigger_event": None}
+    }
     assert parse_deployment_text("")["deployment"]["project"] == "prefflow"
     with pytest.raises(ConfigError, match=r"deployment\.projekt.*did you mean 'project'"):
         parse_deployment_text("deployment: {projekt: x}\n")
@@ -455,38 +538,65 @@ def test_report_flow_config_reads_only_the_deployment_section():
     with pytest.raises(ConfigError, match="6-field AWS form"):
         parse_deployment_text("deployment: {schedule_cron: '0 3 * * *'}\n")
     # the report flow never trains: reading its config must not import torch (the loss registry)
-    probe = ("import sys; from steps.config import parse_deployment_text; "
-             "parse_deployment_text('preference: {criterion: dpo}\\ndeployment: {project: x}'); "
-             "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=120)
+    probe = (
+        "import sys; from steps.config import parse_deployment_text; "
+        "parse_deployment_text('preference: {criterion: dpo}\\ndeployment: {project: x}'); "
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
     skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and not skip & set(p.relative_to(root).parts) and not p.parts[-1].endswith(".egg-info")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not skip & set(p.relative_to(root).parts) and not p.parts[-1].endswith(".egg-info")
+    }
 
 
 def test_cli_writes_the_report_where_the_user_runs(metaflow_runs, tmp_path):
     """No --out-dir, no $PREFFLOW_REPORT_DIR: ./reports of the working directory; the checkout is untouched."""
     before = _tree_state(REPO)
     env = {k: v for k, v in os.environ.items() if k != "PREFFLOW_REPORT_DIR"}
-    proc = subprocess.run([sys.executable, "-m", "steps.report", "--datastore-root", str(metaflow_runs["ds"]), "-q"],
-                          cwd=tmp_path, env=dict(env, USERNAME="prefflow", PYTHONPATH=str(REPO)), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "steps.report", "--datastore-root", str(metaflow_runs["ds"]), "-q"],
+        cwd=tmp_path,
+        env=dict(env, USERNAME="prefflow", PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "reports" / "results.json").read_text())["rows"]
     assert len(rows) == 6 and (tmp_path / "reports" / "README.md").is_file()
     assert _tree_state(REPO) == before
     # the same default for the pipeline's report step and flows/report.py
     probe = "from steps.report import default_report_dir; print(default_report_dir())"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=dict(env, PYTHONPATH=str(REPO)),
-                         capture_output=True, text=True, timeout=120).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=dict(env, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
     assert Path(out) == tmp_path / "reports"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, text=True, timeout=120, capture_output=True,
-                         env=dict(env, PYTHONPATH=str(REPO), PREFFLOW_REPORT_DIR=str(tmp_path / "elsewhere"))).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        text=True,
+        timeout=120,
+        capture_output=True,
+        env=dict(env, PYTHONPATH=str(REPO), PREFFLOW_REPORT_DIR=str(tmp_path / "elsewhere")),
+    ).stdout
     assert Path(out.strip()) == tmp_path / "elsewhere"
 
 
@@ -496,17 +606,50 @@ def test_the_runs_own_table_is_the_reports_table():
 
     from steps.pipeline import format_results_table
 
-    results = [{"variant": "sft", "loss": "sft", "model_dir": "/r/sft", "init": "base: tiny", "epoch": 1,
-                "evaluated": True, "win_rate": 41.254, "length_controlled_winrate": 50.0,
-                "training_config": {"lr": 2e-5, "epochs": 1}},
-               {"variant": "simpo", "loss": "simpo", "model_dir": "/r/simpo", "init": "SFT checkpoint", "epoch": 1,
-                "evaluated": True, "win_rate": 45.85, "length_controlled_winrate": None, "judge": "j",
-                "training_config": {"lr": 5e-6, "criterion_config": {"_type_": "steps.losses.simpo.SimPOConfig",
-                                                                     "beta": 1.0, "gamma": 0.5, "nll_scale": 0.0}}}]
+    results = [
+        {
+            "variant": "sft",
+            "loss": "sft",
+            "model_dir": "/r/sft",
+            "init": "base: tiny",
+            "epoch": 1,
+            "evaluated": True,
+            "win_rate": 41.254,
+            "length_controlled_winrate": 50.0,
+            "training_config": {"lr": 2e-5, "epochs": 1},
+        },
+        {
+            "variant": "simpo",
+            "loss": "simpo",
+            "model_dir": "/r/simpo",
+            "init": "SFT checkpoint",
+            "epoch": 1,
+            "evaluated": True,
+            "win_rate": 45.85,
+            "length_controlled_winrate": None,
+            "judge": "j",
+            "training_config": {
+                "lr": 5e-6,
+                "criterion_config": {
+                    "_type_": "steps.losses.simpo.SimPOConfig",
+                    "beta": 1.0,
+                    "gamma": 0.5,
+                    "nll_scale": 0.0,
+                },
+            },
+        },
+    ]
     text = format_results_table(results, "PrefFlow", "17", datetime(2026, 1, 2, tzinfo=timezone.utc))
     header, _, sft, simpo = table_cells(text)
     assert header == COLUMNS
     assert sft[:6] == ["50.00", "41.25", "SFT", "lr=2e-05", "1", "base: tiny"]
-    assert simpo[:7] == ["n/a", "45.85", "SimPO", "lr=5e-06, beta=1, gamma=0.5, nll_scale=0", "1", "SFT checkpoint",
-                         "j"]
+    assert simpo[:7] == [
+        "n/a",
+        "45.85",
+        "SimPO",
+        "lr=5e-06, beta=1, gamma=0.5, nll_scale=0",
+        "1",
+        "SFT checkpoint",
+        "j",
+    ]
     assert simpo[-2:] == ["2026-01-02", "`PrefFlow/17`"]

@@ -1,4 +1,5 @@
 """Training engine: log-probs, batching, gradient accumulation, learning, resume, divergence."""
+
 from __future__ import annotations
 
 import math
@@ -8,26 +9,53 @@ import torch
 
 from steps.config import PreferenceConfig, SFTConfig
 from steps.losses import build_loss
-from steps.train.batching import (PairExample, SFTExample, collate_pairs, collate_sft, make_batches, tokenize_sft)
+from steps.train.batching import PairExample, SFTExample, collate_pairs, collate_sft, make_batches, tokenize_sft
 from steps.train.logprobs import sequence_logprobs
-from steps.train.loop import TrainingDivergedError, lr_lambda, optimizer_step, make_optimizer, train
+from steps.train.loop import TrainingDivergedError, lr_lambda, make_optimizer, optimizer_step, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
 
-TOPICS_TRAIN = ["apples", "rivers", "music", "trains", "gardens", "books", "clouds", "bridges", "coffee", "maps",
-                "candles", "forests", "oceans", "bicycles", "lamps", "violins"]
+TOPICS_TRAIN = [
+    "apples",
+    "rivers",
+    "music",
+    "trains",
+    "gardens",
+    "books",
+    "clouds",
+    "bridges",
+    "coffee",
+    "maps",
+    "candles",
+    "forests",
+    "oceans",
+    "bicycles",
+    "lamps",
+    "violins",
+]
 TOPICS_DEV = ["mountains", "kites", "windows", "pianos", "tigers", "castles"]
 
 
 def sft_rows(topics):
-    return [{"id": f"s{i}", "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
-             "response": f"{t.capitalize()} are wonderful and helpful, and people enjoy them every day."}
-            for i, t in enumerate(topics)]
+    return [
+        {
+            "id": f"s{i}",
+            "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+            "response": f"{t.capitalize()} are wonderful and helpful, and people enjoy them every day.",
+        }
+        for i, t in enumerate(topics)
+    ]
 
 
 def pair_rows(topics):
-    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Describe {t}."}],
-             "chosen": f"{t.capitalize()} are wonderful and helpful.",
-             "rejected": f"{t.capitalize()} are terrible and useless."} for i, t in enumerate(topics)]
+    return [
+        {
+            "id": f"p{i}",
+            "prompt": [{"role": "user", "content": f"Describe {t}."}],
+            "chosen": f"{t.capitalize()} are wonderful and helpful.",
+            "rejected": f"{t.capitalize()} are terrible and useless.",
+        }
+        for i, t in enumerate(topics)
+    ]
 
 
 def pairs_from_rows(tokenizer, rows):
@@ -106,7 +134,10 @@ def test_grad_accumulation_matches_one_big_batch(tokenizer, tiny_model_factory, 
         cfg = PreferenceConfig(lr=1e-3)
         obj = PreferenceObjective(examples, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
         whole = [collate_pairs(examples, tokenizer.pad_token_id)]
-        halves = [collate_pairs(examples[:2], tokenizer.pad_token_id), collate_pairs(examples[2:], tokenizer.pad_token_id)]
+        halves = [
+            collate_pairs(examples[:2], tokenizer.pad_token_id),
+            collate_pairs(examples[2:], tokenizer.pad_token_id),
+        ]
     results = []
     for micro_batches in (whole, halves):
         model = tiny_model_factory(seed=11)
@@ -157,8 +188,9 @@ def _weights(model):
 
 def test_resume_mid_epoch_gives_identical_weights(tokenizer, tiny_model_factory, tmp_path):
     train_ex, _ = tokenize_sft(sft_rows(TOPICS_TRAIN), tokenizer, 256)
-    cfg = SFTConfig(lr=1e-3, max_num_tokens=256, epochs=2, seed=9, checkpoint_every_steps=1, warmup_steps=1,
-                    dev_every_epoch=False)
+    cfg = SFTConfig(
+        lr=1e-3, max_num_tokens=256, epochs=2, seed=9, checkpoint_every_steps=1, warmup_steps=1, dev_every_epoch=False
+    )
     steps_per_epoch = len(make_batches(train_ex, 256, 9, 0))
     assert steps_per_epoch >= 3
 
@@ -167,8 +199,14 @@ def test_resume_mid_epoch_gives_identical_weights(tokenizer, tiny_model_factory,
 
     model = tiny_model_factory(seed=2)
     with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b",
-              stop_after_steps=steps_per_epoch // 2)
+        train(
+            model,
+            tokenizer,
+            SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg),
+            cfg,
+            tmp_path / "b",
+            stop_after_steps=steps_per_epoch // 2,
+        )
     fresh = tiny_model_factory(seed=77)  # a new process would start from different memory
     result = train(fresh, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     assert result.resumed_from is not None
@@ -210,8 +248,15 @@ def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, t
     from steps.train.recipes import apply_lora
 
     train_ex, _ = tokenize_sft(sft_rows(TOPICS_TRAIN), tokenizer, 256)
-    cfg = SFTConfig(lr=1e-2, max_num_tokens=256, epochs=1, seed=4, checkpoint_every_steps=1, dev_every_epoch=False,
-                    lora=LoraConfig(enabled=True, r=4, alpha=8))
+    cfg = SFTConfig(
+        lr=1e-2,
+        max_num_tokens=256,
+        epochs=1,
+        seed=4,
+        checkpoint_every_steps=1,
+        dev_every_epoch=False,
+        lora=LoraConfig(enabled=True, r=4, alpha=8),
+    )
     base = tiny_model_factory(seed=5)
     base_weights = _weights(base)
     ref = apply_lora(tiny_model_factory(seed=5), cfg)
@@ -221,8 +266,14 @@ def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, t
 
     model = apply_lora(tiny_model_factory(seed=5), cfg)
     with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b",
-              stop_after_steps=2)
+        train(
+            model,
+            tokenizer,
+            SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg),
+            cfg,
+            tmp_path / "b",
+            stop_after_steps=2,
+        )
     resumed = apply_lora(tiny_model_factory(seed=5), cfg)
     train(resumed, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     a, b = _weights(ref), _weights(resumed)

@@ -1,6 +1,7 @@
 """Typed YAML <-> dataclass conversion for run configs: one converter, one error type.
 
 Every error names the dotted key, the bad value and what is allowed (with a did-you-mean for typos)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,8 +98,9 @@ def convert_value(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError("", key, f"got {short(value)}{did_you_mean(value, allowed)}; "
-                                       f"allowed: {', '.join(map(repr, allowed))}")
+            raise ConfigError(
+                "", key, f"got {short(value)}{did_you_mean(value, allowed)}; allowed: {', '.join(map(repr, allowed))}"
+            )
         return value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
@@ -138,8 +140,9 @@ def convert_value(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError("", key, f"got {short(value)}; expected a mapping")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
-        return {convert_value(k, key_tp, key): convert_value(v, value_tp, join_key(key, str(k)))
-                for k, v in value.items()}
+        return {
+            convert_value(k, key_tp, key): convert_value(v, value_tp, join_key(key, str(k))) for k, v in value.items()
+        }
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
@@ -153,8 +156,9 @@ def convert_fields(cls: type, value: Any, key: str = "") -> dict[str, Any]:
     unknown = [k for k in value if k not in fields]
     if unknown:
         bad = str(unknown[0])
-        raise ConfigError("", join_key(key, bad),
-                          f"unknown key{did_you_mean(bad, fields)}; allowed keys: {', '.join(fields)}")
+        raise ConfigError(
+            "", join_key(key, bad), f"unknown key{did_you_mean(bad, fields)}; allowed keys: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     return {name: convert_value(val, hints[name], join_key(key, name)) for name, val in value.items()}
 

@@ -1,4 +1,5 @@
 """Reading run configs: file -> YAML mapping -> typed RunConfig (Metaflow's Config parsers included)."""
+
 from __future__ import annotations
 
 import typing
@@ -32,8 +33,9 @@ def read_config_text(path: str | PathLike) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(source, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
-                                      "save the file as UTF-8") from None
+        raise ConfigError(
+            source, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
 
 
 def parse_yaml_text(text: str, source: str = "<config>") -> dict:
@@ -48,8 +50,11 @@ def parse_yaml_text(text: str, source: str = "<config>") -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, "", f"expected a mapping of sections ({', '.join(SECTIONS)}), got "
-                                      f"{type(data).__name__} {data!r:.60}")
+        raise ConfigError(
+            source,
+            "",
+            f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__} {data!r:.60}",
+        )
     return data
 
 

@@ -1,4 +1,5 @@
 """``--set key.path=value`` overrides: parsed as YAML values, applied to the config mapping before it is typed."""
+
 from __future__ import annotations
 
 import copy

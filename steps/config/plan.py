@@ -1,4 +1,5 @@
 """The run plan made in ``start``: the losses, and one variant per foreach branch with its resolved config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,12 @@ def parse_losses(text: str | None, cfg: RunConfig) -> list[str]:
     registered = losses.registered_losses()
     for name in names:
         if name not in registered:
-            raise ConfigError("--loss", name, f"unknown loss{did_you_mean(name, registered)}; registered: "
-                                              f"{', '.join(registered)} (or 'sft' for SFT only)")
+            raise ConfigError(
+                "--loss",
+                name,
+                f"unknown loss{did_you_mean(name, registered)}; registered: "
+                f"{', '.join(registered)} (or 'sft' for SFT only)",
+            )
     if len(set(names)) != len(names):
         raise ConfigError("--loss", text, "a loss is listed twice")
     return names

@@ -1,6 +1,7 @@
 """Check a flows/pipeline.py command line before Metaflow starts: one line on stderr and exit code 2 on error.
 
 Metaflow's Config parser only sees the file's text, so this is where errors can name the file."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,18 @@ from steps.config.plan import load_plan
 #: Commands that start or deploy work; others (``step`` in task subprocesses, ``logs``, ``dump``...) are skipped.
 WORK_COMMANDS = {"run", "resume", "show", "check", "spin", "argo-workflows", "step-functions", "airflow"}
 #: Metaflow's top-level options that take a value (``--config`` and ``--config-value`` take two).
-VALUE_OPTIONS = {"--metadata", "--environment", "--datastore", "--datastore-root", "--package-suffixes", "--with",
-                 "--event-logger", "--monitor", "--mode", "--branch"}
+VALUE_OPTIONS = {
+    "--metadata",
+    "--environment",
+    "--datastore",
+    "--datastore-root",
+    "--package-suffixes",
+    "--with",
+    "--event-logger",
+    "--monitor",
+    "--mode",
+    "--branch",
+}
 PARAMETERS = ("loss", "set", "sweep")
 CONFIG_NAME = "config"
 EXIT_BAD_INPUT = 2
@@ -44,12 +55,15 @@ def read_command_line(argv: Sequence[str]) -> CommandLine:
             line.internal = True
         if line.command is None:
             if arg in ("--config", "--config-value"):
-                name, value = (args[i + 1:i + 3] + [None, None])[:2]
+                name, value = (args[i + 1 : i + 3] + [None, None])[:2]
                 if name != CONFIG_NAME or value is None:
                     given = " ".join(a for a in (arg, name, value) if a)
                     example = f" (here: --config config {name})" if name and name != CONFIG_NAME else ""
-                    hint = (f"name the config first: use --config config FILE{example}" if arg == "--config"
-                            else "use --config-value config TEXT")
+                    hint = (
+                        f"name the config first: use --config config FILE{example}"
+                        if arg == "--config"
+                        else "use --config-value config TEXT"
+                    )
                     raise ConfigError(arg, "", f"got '{given}'; {hint}")
                 if arg == "--config":
                     line.config_file = value

@@ -1,6 +1,7 @@
 """The run config's sections as typed dataclasses, each with its own rules (``check``): one validation layer.
 
 The converter (steps.config.convert) types YAML values and runs ``check``; errors come out at dotted keys."""
+
 from __future__ import annotations
 
 import copy
@@ -108,13 +109,21 @@ class TrainConfig:
         _require(self.lr > 0, "lr", f"got {self.lr!r}; must be > 0")
         if self.final_lr is not None:
             _require(0 <= self.final_lr <= self.lr, "final_lr", f"got {self.final_lr!r}; must be in [0, lr={self.lr}]")
-        for name, least in (("epochs", 1), ("grad_accum", 1), ("warmup_steps", 0), ("max_seq_len", 8),
-                            ("keep_checkpoints", 1)):
+        for name, least in (
+            ("epochs", 1),
+            ("grad_accum", 1),
+            ("warmup_steps", 0),
+            ("max_seq_len", 8),
+            ("keep_checkpoints", 1),
+        ):
             value = getattr(self, name)
             _require(value >= least, name, f"got {value!r}; must be >= {least}")
-        _require(self.max_num_tokens >= self.max_seq_len, "max_num_tokens",
-                 f"got {self.max_num_tokens!r}; must be >= max_seq_len ({self.max_seq_len}) so every kept example "
-                 "fits a batch")
+        _require(
+            self.max_num_tokens >= self.max_seq_len,
+            "max_num_tokens",
+            f"got {self.max_num_tokens!r}; must be >= max_seq_len ({self.max_seq_len}) so every kept example "
+            "fits a batch",
+        )
         _require(self.weight_decay >= 0, "weight_decay", f"got {self.weight_decay!r}; must be >= 0")
         for i, beta in enumerate(self.betas):
             _require(0 <= beta < 1, f"betas[{i}]", f"got {beta!r}; must be in [0, 1)")
@@ -124,8 +133,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(value >= 1, name, f"got {value!r}; must be >= 1 or null")
-        _require(not (self.parallelism == "fsdp" and self.lora.enabled), "parallelism",
-                 "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)")
+        _require(
+            not (self.parallelism == "fsdp" and self.lora.enabled),
+            "parallelism",
+            "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)",
+        )
 
 
 @dataclass(frozen=True)
@@ -158,8 +170,11 @@ class PreferenceConfig(TrainConfig):
 
         names = losses.registered_losses()
         for loss in self.per_loss:
-            _require(loss in names, f"per_loss.{loss}",
-                     f"unknown loss{did_you_mean(loss, names)}; registered: {', '.join(names)}")
+            _require(
+                loss in names,
+                f"per_loss.{loss}",
+                f"unknown loss{did_you_mean(loss, names)}; registered: {', '.join(names)}",
+            )
             construct(functools.partial(resolve_preference, self, loss), f"per_loss.{loss}")
 
 
@@ -168,13 +183,19 @@ def loss_config(criterion: str, raw: Any) -> Any:
     from steps import losses
 
     names = losses.registered_losses()
-    _require(criterion in names, "criterion",
-             f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}")
+    _require(
+        criterion in names,
+        "criterion",
+        f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}",
+    )
     cls = losses.loss_class(criterion).config_class
     if isinstance(raw, cls):
         return raw
-    _require(not dataclasses.is_dataclass(raw), "criterion_config",
-             f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} ({_path(cls)})")
+    _require(
+        not dataclasses.is_dataclass(raw),
+        "criterion_config",
+        f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} ({_path(cls)})",
+    )
     return build(cls, _untagged(criterion, cls, raw), "criterion_config")
 
 
@@ -189,13 +210,17 @@ def _untagged(criterion: str, cls: type, raw: Any) -> dict:
     _require(isinstance(raw, Mapping), "criterion_config", f"got {raw!r}; expected a mapping of {cls.__name__} fields")
     fields = dict(raw)
     type_path = fields.pop("_type_", None)
-    _require(type_path is None or type_path in (_path(cls), cls.__qualname__), "criterion_config._type_",
-             f"got {type_path!r}, which does not match criterion {criterion!r}; use {_path(cls)!r} or omit _type_")
+    _require(
+        type_path is None or type_path in (_path(cls), cls.__qualname__),
+        "criterion_config._type_",
+        f"got {type_path!r}, which does not match criterion {criterion!r}; use {_path(cls)!r} or omit _type_",
+    )
     return fields
 
 
-def resolve_preference(section: PreferenceConfig, loss: str, overrides: Mapping[str, Any] | None = None
-                       ) -> PreferenceConfig:
+def resolve_preference(
+    section: PreferenceConfig, loss: str, overrides: Mapping[str, Any] | None = None
+) -> PreferenceConfig:
     """The preference section for one loss: the section, then ``per_loss[loss]``, then dotted ``overrides``.
 
     When the loss is not the section's criterion, its ``criterion_config`` belongs to another loss and does not
@@ -205,8 +230,9 @@ def resolve_preference(section: PreferenceConfig, loss: str, overrides: Mapping[
     for dotted, value in (overrides or {}).items():
         set_path(merged, dotted, value)
     _require("per_loss" not in merged, "per_loss", "per_loss cannot be nested")
-    _require(merged.pop("criterion", loss) == loss, "criterion",
-             "per_loss entries and sweeps cannot change the criterion")
+    _require(
+        merged.pop("criterion", loss) == loss, "criterion", "per_loss entries and sweeps cannot change the criterion"
+    )
     cc_raw = merged.pop("criterion_config", None)
     kwargs = convert_fields(PreferenceConfig, merged)
     if loss != section.criterion:
@@ -217,8 +243,9 @@ def resolve_preference(section: PreferenceConfig, loss: str, overrides: Mapping[
         cc = construct(lambda: dataclasses.replace(base, **changes), "criterion_config")
     else:
         cc = section.criterion_config  # the same object: no rebuild on the way to the loss
-    resolved = construct(lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={},
-                                                     **kwargs), "")
+    resolved = construct(
+        lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={}, **kwargs), ""
+    )
     return checked(resolved)
 
 
@@ -242,14 +269,23 @@ class EvaluationConfig:
     generation: GenerationSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "generation", GenerationSettings(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            batch_size=self.batch_size))
+        object.__setattr__(
+            self,
+            "generation",
+            GenerationSettings(
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+                batch_size=self.batch_size,
+            ),
+        )
 
     def check(self) -> None:
         if self.max_instructions is not None:
-            _require(self.max_instructions >= 1, "max_instructions",
-                     f"got {self.max_instructions!r}; must be >= 1 or null")
+            _require(
+                self.max_instructions >= 1, "max_instructions", f"got {self.max_instructions!r}; must be >= 1 or null"
+            )
         _require(self.judge_max_chars >= 1, "judge_max_chars", f"got {self.judge_max_chars!r}; must be >= 1")
 
 
@@ -288,11 +324,17 @@ class DeploymentConfig:
     trigger_event: str | None = None
 
     def check(self) -> None:
-        _require(bool(PROJECT_NAME.match(self.project)), "project",
-                 f"got {self.project!r}; use lowercase letters, digits and underscores")
+        _require(
+            bool(PROJECT_NAME.match(self.project)),
+            "project",
+            f"got {self.project!r}; use lowercase letters, digits and underscores",
+        )
         if self.schedule_cron is not None:
-            _require(len(self.schedule_cron.split()) == 6, "schedule_cron",
-                     f"got {self.schedule_cron!r}; use the 6-field AWS form, e.g. '0 3 * * ? *'")
+            _require(
+                len(self.schedule_cron.split()) == 6,
+                "schedule_cron",
+                f"got {self.schedule_cron!r}; use the 6-field AWS form, e.g. '0 3 * * ? *'",
+            )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Sweep files: one loss and a grid of preference keys, expanded to named grid points, e.g.
 ``loss: simpo`` and ``grid: {criterion_config.beta: [2.0, 2.5], criterion_config.gamma: [0.3, 0.5]}``."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,9 @@ def read_sweep(path: str | PathLike) -> Sweep:
             raise ConfigError(source, str(key), f"unknown key{did_you_mean(key, SWEEP_KEYS)}; allowed keys: loss, grid")
     loss, names = raw.get("loss"), losses.registered_losses()
     if loss not in names:
-        raise ConfigError(source, "loss",
-                          f"got {loss!r}{did_you_mean(str(loss), names)}; registered: {', '.join(names)}")
+        raise ConfigError(
+            source, "loss", f"got {loss!r}{did_you_mean(str(loss), names)}; registered: {', '.join(names)}"
+        )
     grid = raw.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(source, "grid", f"got {grid!r}; expected a mapping of preference keys to lists of values")

@@ -85,8 +85,10 @@ class PreferencePairs:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise LossInputError(f"{name} must have shape [B] (one value per pair), got {shape}")
             if value.shape[0] != batch_size:
-                raise LossInputError(f"{name} has {value.shape[0]} entries but policy_chosen_logps has "
-                                     f"{batch_size}: every input must hold one value per pair")
+                raise LossInputError(
+                    f"{name} has {value.shape[0]} entries but policy_chosen_logps has "
+                    f"{batch_size}: every input must hold one value per pair"
+                )
             if name.endswith("_lengths") and value.dtype == torch.bool:
                 raise LossInputError(f"{name} must hold token counts (int or float), got dtype torch.bool")
             if not name.endswith("_lengths") and not value.is_floating_point():
@@ -95,15 +97,23 @@ class PreferencePairs:
             raise LossInputError("the batch is empty (B = 0): a preference loss needs at least one pair")
         if bool((torch.minimum(chosen_lengths, rejected_lengths) <= 0).any()):
             bad = "chosen_lengths" if bool((chosen_lengths <= 0).any()) else "rejected_lengths"
-            raise LossInputError(f"{bad} must be > 0 for every pair (token count of the response, end token "
-                                 f"included); got {named[bad].tolist()}")
+            raise LossInputError(
+                f"{bad} must be > 0 for every pair (token count of the response, end token "
+                f"included); got {named[bad].tolist()}"
+            )
         chosen = _as_compute_dtype(policy_chosen_logps)
 
         def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else _as_compute_dtype(tensor).to(chosen.dtype)
 
-        return cls(chosen, cast(policy_rejected_logps), cast(chosen_lengths), cast(rejected_lengths),  # type: ignore[arg-type]
-                   cast(reference_chosen_logps), cast(reference_rejected_logps))
+        return cls(
+            chosen,
+            cast(policy_rejected_logps),
+            cast(chosen_lengths),
+            cast(rejected_lengths),  # type: ignore[arg-type]
+            cast(reference_chosen_logps),
+            cast(reference_rejected_logps),
+        )
 
     @property
     def batch_size(self) -> int:
@@ -226,8 +236,10 @@ class PreferenceLoss:
             )
         out = self.compute(pairs)
         if out.per_pair.shape != (pairs.batch_size,):
-            raise RuntimeError(f"{type(self).__name__}.compute returned per_pair of shape "
-                               f"{tuple(out.per_pair.shape)}, expected ({pairs.batch_size},)")
+            raise RuntimeError(
+                f"{type(self).__name__}.compute returned per_pair of shape "
+                f"{tuple(out.per_pair.shape)}, expected ({pairs.batch_size},)"
+            )
         out.nll = pairs.chosen_nll
         return out
 

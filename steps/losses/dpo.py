@@ -25,7 +25,11 @@ class DPOConfig:
         check_real(self, "beta", minimum=0.0, min_inclusive=False, hint="inverse temperature, 0.1 is usual")
         check_real(self, "nll_scale", minimum=0.0)
         check_real(
-            self, "label_smoothing", minimum=0.0, maximum=0.5, max_inclusive=False,
+            self,
+            "label_smoothing",
+            minimum=0.0,
+            maximum=0.5,
+            max_inclusive=False,
             hint="probability that a label is flipped; 0 is plain DPO",
         )
         check_bool(self, "length_normalization")

@@ -61,6 +61,4 @@ class ORPOLoss(PreferenceLoss):
         per_pair = config.orpo_lambda * odds_ratio_loss
         if config.nll_scale > 0.0:
             per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossOutput(
-            per_pair, chosen, rejected, {"log_odds": ratio, "odds_ratio_loss": odds_ratio_loss}
-        )
+        return LossOutput(per_pair, chosen, rejected, {"log_odds": ratio, "odds_ratio_loss": odds_ratio_loss})

@@ -32,15 +32,22 @@ def register_loss(name: str) -> Callable[[L], L]:
         config_class = getattr(cls, "config_class", None)
         if config_class is None or not dataclasses.is_dataclass(config_class):
             raise TypeError(f"@register_loss({name!r}): {cls.__name__}.config_class must be a dataclass")
-        no_default = [f.name for f in dataclasses.fields(config_class)
-                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        no_default = [
+            f.name
+            for f in dataclasses.fields(config_class)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if no_default:
-            raise TypeError(f"@register_loss({name!r}): every field of {config_class.__name__} needs a default; "
-                            f"missing for {no_default}")
+            raise TypeError(
+                f"@register_loss({name!r}): every field of {config_class.__name__} needs a default; "
+                f"missing for {no_default}"
+            )
         existing = _LOSSES.get(name)
         if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise DuplicateLossError(f"loss name {name!r} is already registered by {existing.__module__}."
-                                     f"{existing.__qualname__}; {cls.__module__}.{cls.__qualname__} must use another name")
+            raise DuplicateLossError(
+                f"loss name {name!r} is already registered by {existing.__module__}."
+                f"{existing.__qualname__}; {cls.__module__}.{cls.__qualname__} must use another name"
+            )
         cls.name = name
         _LOSSES[name] = cls
         return cls
@@ -57,8 +64,10 @@ def loss_class(name: str) -> type[PreferenceLoss]:
     """The class registered as ``name`` (case and surrounding spaces ignored); UnknownLossError otherwise."""
     found = _LOSSES.get(name.strip().lower()) if isinstance(name, str) else None
     if found is None:
-        raise UnknownLossError(f"unknown loss {name!r}; registered losses: {', '.join(registered_losses())}. "
-                               "Add one with @register_loss(name) in a module under steps/losses/.")
+        raise UnknownLossError(
+            f"unknown loss {name!r}; registered losses: {', '.join(registered_losses())}. "
+            "Add one with @register_loss(name) in a module under steps/losses/."
+        )
     return found
 
 
@@ -74,14 +83,20 @@ def build_loss(name: str, config: Any = None, **fields: Any) -> PreferenceLoss:
         known = [f.name for f in dataclasses.fields(cls.config_class)]
         unknown = sorted(set(fields) - set(known))
         if unknown:
-            raise LossConfigError(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))} for loss "
-                                              f"{cls.name!r}; {cls.config_class.__name__} fields: {', '.join(known)}")
+            raise LossConfigError(
+                unknown[0],
+                f"unknown field(s) {', '.join(map(repr, unknown))} for loss "
+                f"{cls.name!r}; {cls.config_class.__name__} fields: {', '.join(known)}",
+            )
         config = cls.config_class(**fields)
     elif fields:
         raise TypeError("build_loss(name, config) or build_loss(name, **fields), not both")
     elif not isinstance(config, cls.config_class):
-        raise LossConfigError("criterion_config", f"loss {cls.name!r} needs a {cls.config_class.__module__}."
-                                                  f"{cls.config_class.__qualname__}, got {type(config).__qualname__}")
+        raise LossConfigError(
+            "criterion_config",
+            f"loss {cls.name!r} needs a {cls.config_class.__module__}."
+            f"{cls.config_class.__qualname__}, got {type(config).__qualname__}",
+        )
     return cls(config)
 
 

@@ -47,8 +47,9 @@ def check_real(
         if isinstance(value, str):
             extra = "; YAML reads values such as 5e-7 as strings, write 5.0e-7"
         raise LossConfigError(
-            name, f"{_where(config, name)} = {value!r} ({type(value).__name__}) is not allowed: "
-            f"it must be {allowed}{suffix}{extra}"
+            name,
+            f"{_where(config, name)} = {value!r} ({type(value).__name__}) is not allowed: "
+            f"it must be {allowed}{suffix}{extra}",
         )
     number = float(value)
     bad = not math.isfinite(number)
@@ -57,9 +58,7 @@ def check_real(
     if maximum is not None:
         bad = bad or (number > maximum if max_inclusive else number >= maximum)
     if bad:
-        raise LossConfigError(
-            name, f"{_where(config, name)} = {value!r} is not allowed: it must be {allowed}{suffix}"
-        )
+        raise LossConfigError(name, f"{_where(config, name)} = {value!r} is not allowed: it must be {allowed}{suffix}")
     set_field(config, name, number)
     return number
 
@@ -70,7 +69,8 @@ def check_bool(config: Any, name: str, *, hint: str = "") -> bool:
     if not isinstance(value, bool):
         suffix = f" ({hint})" if hint else ""
         raise LossConfigError(
-            name, f"{_where(config, name)} = {value!r} ({type(value).__name__}) is not allowed: "
-            f"it must be true or false{suffix}"
+            name,
+            f"{_where(config, name)} = {value!r} ({type(value).__name__}) is not allowed: "
+            f"it must be true or false{suffix}",
         )
     return value

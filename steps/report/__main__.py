@@ -1,4 +1,5 @@
 """``python -m steps.report``: regenerate the results report from Metaflow's records."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,29 +14,58 @@ from steps.report.records import ReportError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m steps.report", description=__doc__)
     p.add_argument("--flow", default="PrefFlow", help="flow name (default: PrefFlow)")
-    p.add_argument("--out-dir", default=None,
-                   help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports of the working directory)")
-    p.add_argument("--tag", action="append", default=[], metavar="TAG",
-                   help="only runs carrying this tag (repeat: runs carrying all of them)")
-    p.add_argument("--namespace", default=None,
-                   help="Metaflow namespace, e.g. user:alice or production:TOKEN (default: global, all runs)")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="report directory (default: $PREFFLOW_REPORT_DIR, else ./reports of the working directory)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="only runs carrying this tag (repeat: runs carrying all of them)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help="Metaflow namespace, e.g. user:alice or production:TOKEN (default: global, all runs)",
+    )
     p.add_argument("--latest", type=int, default=None, metavar="N", help="only the newest N matching runs")
-    p.add_argument("--include-run", action="append", default=[], metavar="FLOW/RUN_ID",
-                   help="also include this run even if it has not finished (repeatable)")
-    p.add_argument("--datastore-root", default=None, metavar="DIR",
-                   help="directory holding the local .metaflow datastore (default: Metaflow's configuration)")
+    p.add_argument(
+        "--include-run",
+        action="append",
+        default=[],
+        metavar="FLOW/RUN_ID",
+        help="also include this run even if it has not finished (repeatable)",
+    )
+    p.add_argument(
+        "--datastore-root",
+        default=None,
+        metavar="DIR",
+        help="directory holding the local .metaflow datastore (default: Metaflow's configuration)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        paths = generate_report(flow_name=args.flow, out_dir=args.out_dir, tags=args.tag, namespace=args.namespace,
-                                latest=args.latest, include_runs=args.include_run,
-                                datastore_root=args.datastore_root)
+        paths = generate_report(
+            flow_name=args.flow,
+            out_dir=args.out_dir,
+            tags=args.tag,
+            namespace=args.namespace,
+            latest=args.latest,
+            include_runs=args.include_run,
+            datastore_root=args.datastore_root,
+        )
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """The report inside Metaflow: card components and the call the pipeline's ``report`` step makes."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,12 @@ def report_card(paths: ReportPaths, run_pathspec: str | None = None) -> list:
 
     n_runs = len(paths.runs)
     table = paths.card_markdown or "_No rows._"
-    parts: list = [Markdown(f"## Results report\n\n{n_runs} run{'s' if n_runs != 1 else ''}, {paths.n_rows} models; "
-                      f"full report with config snapshots in `{paths.readme}`.\n\n" + table)]
+    parts: list = [
+        Markdown(
+            f"## Results report\n\n{n_runs} run{'s' if n_runs != 1 else ''}, {paths.n_rows} models; "
+            f"full report with config snapshots in `{paths.readme}`.\n\n" + table
+        )
+    ]
     if paths.win_rates_png and Path(paths.win_rates_png).is_file():
         parts.append(Image(Path(paths.win_rates_png).read_bytes(), label="LC WR and WR across runs (± 1 s.e.)"))
     training = paths.training_pngs.get(run_pathspec) if run_pathspec else None
@@ -23,8 +28,12 @@ def report_card(paths: ReportPaths, run_pathspec: str | None = None) -> list:
     return parts
 
 
-def report_for_current_run(flow_name: str | None = None, out_dir: str | Path | None = None,
-                           include_runs: Sequence | None = None, latest: int | None = None) -> ReportPaths:
+def report_for_current_run(
+    flow_name: str | None = None,
+    out_dir: str | Path | None = None,
+    include_runs: Sequence | None = None,
+    latest: int | None = None,
+) -> ReportPaths:
     """Regenerate the report from inside a running step.
 
     ``flow_name`` defaults to the running flow, whose current run is then included even though its
@@ -39,5 +48,11 @@ def report_for_current_run(flow_name: str | None = None, out_dir: str | Path | N
     include = list(include_runs or [])
     if flow_name is None:
         include.append(f"{current.flow_name}/{current.run_id}")
-    return generate_report(flow_name=flow_name or str(current.flow_name), out_dir=out_dir, tags=tags,
-                           namespace=None, latest=latest, include_runs=include)
+    return generate_report(
+        flow_name=flow_name or str(current.flow_name),
+        out_dir=out_dir,
+        tags=tags,
+        namespace=None,
+        latest=latest,
+        include_runs=include,
+    )

@@ -1,6 +1,7 @@
 """Write the report directory (results.md/.csv/.json, README.md, plots, config snapshots), rebuilt each time.
 Rendered in memory, then written under ``.report.lock`` with one atomic replace per changed file, so
 concurrent jobs each leave a whole, consistent set; stale managed files are removed."""
+
 from __future__ import annotations
 
 import logging
@@ -60,12 +61,18 @@ class ReportPaths:
 
     def to_dict(self) -> dict:
         """Plain strings only: safe to store as a Metaflow artifact and read without this package."""
-        return {"out_dir": str(self.out_dir), "results_md": str(self.results_md),
-                "results_csv": str(self.results_csv), "results_json": str(self.results_json),
-                "readme": str(self.readme), "win_rates_png": str(self.win_rates_png) if self.win_rates_png else None,
-                "training_pngs": {k: str(v) for k, v in self.training_pngs.items()},
-                "config_snapshots": [str(p) for p in self.config_snapshots], "runs": list(self.runs),
-                "n_rows": self.n_rows}
+        return {
+            "out_dir": str(self.out_dir),
+            "results_md": str(self.results_md),
+            "results_csv": str(self.results_csv),
+            "results_json": str(self.results_json),
+            "readme": str(self.readme),
+            "win_rates_png": str(self.win_rates_png) if self.win_rates_png else None,
+            "training_pngs": {k: str(v) for k, v in self.training_pngs.items()},
+            "config_snapshots": [str(p) for p in self.config_snapshots],
+            "runs": list(self.runs),
+            "n_rows": self.n_rows,
+        }
 
 
 def training_png_name(record: RunRecord) -> str:
@@ -74,32 +81,64 @@ def training_png_name(record: RunRecord) -> str:
 
 def config_snapshot_yaml(record: RunRecord, result: dict) -> str:
     """The exact config a model was trained with: its resolved training section and the run's full config."""
-    doc = {"flow": record.flow, "run_id": record.run_id, "variant": result.get("variant"),
-           "training_config": result.get("training_config"), "run_config": record.run_config}
-    header = (f"# Config snapshot of {record.pathspec}, variant {result.get('variant')}: written by steps.report "
-              f"from the run's Metaflow artifacts (join.results[].training_config and join.run_config).\n")
+    doc = {
+        "flow": record.flow,
+        "run_id": record.run_id,
+        "variant": result.get("variant"),
+        "training_config": result.get("training_config"),
+        "run_config": record.run_config,
+    }
+    header = (
+        f"# Config snapshot of {record.pathspec}, variant {result.get('variant')}: written by steps.report "
+        f"from the run's Metaflow artifacts (join.results[].training_config and join.run_config).\n"
+    )
     return header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def readme_markdown(rows: list[ResultRow], records: list[RunRecord], selection: Selection, training: dict[str, str],
-                    win_rates: str | None) -> str:
-    parts = ["# PrefFlow results report", "",
-             f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}. "
-             "Do not edit: regenerating replaces this file. Tables only: [results.md](results.md), "
-             "[results.csv](results.csv), [results.json](results.json).", "", "## Results", ""]
+def readme_markdown(
+    rows: list[ResultRow],
+    records: list[RunRecord],
+    selection: Selection,
+    training: dict[str, str],
+    win_rates: str | None,
+) -> str:
+    parts = [
+        "# PrefFlow results report",
+        "",
+        f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}. "
+        "Do not edit: regenerating replaces this file. Tables only: [results.md](results.md), "
+        "[results.csv](results.csv), [results.json](results.json).",
+        "",
+        "## Results",
+        "",
+    ]
     parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
     if win_rates:
-        parts += ["## LC WR and WR across runs", "",
-                  "Bars: AlpacaEval 2 length-controlled (LC WR) and raw (WR) win rate against the reference, "
-                  "error bars one standard error.", "", f"![LC WR and WR across runs]({win_rates})", ""]
+        parts += [
+            "## LC WR and WR across runs",
+            "",
+            "Bars: AlpacaEval 2 length-controlled (LC WR) and raw (WR) win rate against the reference, "
+            "error bars one standard error.",
+            "",
+            f"![LC WR and WR across runs]({win_rates})",
+            "",
+        ]
     if training:
-        parts += ["## Training curves", "",
-                  "Per optimizer step (lines) and on the dev set (circles): SFT loss, preference loss, reward "
-                  "margin and reward accuracy.", ""]
+        parts += [
+            "## Training curves",
+            "",
+            "Per optimizer step (lines) and on the dev set (circles): SFT loss, preference loss, reward "
+            "margin and reward accuracy.",
+            "",
+        ]
         for record in records:
             if record.pathspec in training:
-                parts += [f"### `{record.pathspec}` ({record.date})", "",
-                          f"![training curves of {record.pathspec}]({training[record.pathspec]})", ""]
+                parts += [
+                    f"### `{record.pathspec}` ({record.date})",
+                    "",
+                    f"![training curves of {record.pathspec}]({training[record.pathspec]})",
+                    "",
+                ]
     caveats = notes(rows)
     if caveats:
         parts += ["## Notes", ""] + [f"- {c}" for c in caveats] + [""]
@@ -126,8 +165,9 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
     files["results.md"] = results_markdown(rows, selection, len(records)).encode("utf-8")
     files["results.csv"] = results_csv(rows).encode("utf-8")
     files["results.json"] = results_json(rows, records, selection).encode("utf-8")
-    files["README.md"] = readme_markdown(rows, records, selection, training,
-                                         WIN_RATES_PNG if bars is not None else None).encode("utf-8")
+    files["README.md"] = readme_markdown(
+        rows, records, selection, training, WIN_RATES_PNG if bars is not None else None
+    ).encode("utf-8")
     info = {"rows": rows, "training": training, "win_rates": bars is not None}
     return files, info
 
@@ -159,22 +199,39 @@ def write_report(records: list[RunRecord], selection: Selection, out_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir / LOCK_NAME, f"report in {out_dir}"):
         written, removed = _write_files(out_dir, files)
-    logger.info("report for %d runs, %d models in %s: %d files written, %d unchanged, %d stale removed",
-             len(records), len(info["rows"]), out_dir, written, len(files) - written, removed)
+    logger.info(
+        "report for %d runs, %d models in %s: %d files written, %d unchanged, %d stale removed",
+        len(records),
+        len(info["rows"]),
+        out_dir,
+        written,
+        len(files) - written,
+        removed,
+    )
     return ReportPaths(
-        out_dir=out_dir, results_md=out_dir / "results.md", results_csv=out_dir / "results.csv",
-        results_json=out_dir / "results.json", readme=out_dir / "README.md",
+        out_dir=out_dir,
+        results_md=out_dir / "results.md",
+        results_csv=out_dir / "results.csv",
+        results_json=out_dir / "results.json",
+        readme=out_dir / "README.md",
         win_rates_png=out_dir / WIN_RATES_PNG if info["win_rates"] else None,
         training_pngs={k: out_dir / v for k, v in info["training"].items()},
         config_snapshots=sorted(out_dir / k for k in files if k.startswith("configs/")),
-        runs=[r.pathspec for r in records], n_rows=len(info["rows"]),
-        card_markdown=markdown_table(info["rows"], links=False))
+        runs=[r.pathspec for r in records],
+        n_rows=len(info["rows"]),
+        card_markdown=markdown_table(info["rows"], links=False),
+    )
 
 
-def generate_report(flow_name: str = "PrefFlow", out_dir: str | Path | None = None,
-                    tags: Sequence[str] | None = None, namespace: str | None = None,
-                    latest: int | None = None, include_runs: Sequence | None = None,
-                    datastore_root: str | Path | None = None) -> ReportPaths:
+def generate_report(
+    flow_name: str = "PrefFlow",
+    out_dir: str | Path | None = None,
+    tags: Sequence[str] | None = None,
+    namespace: str | None = None,
+    latest: int | None = None,
+    include_runs: Sequence | None = None,
+    datastore_root: str | Path | None = None,
+) -> ReportPaths:
     """Regenerate the results report from Metaflow's records of ``flow_name``.
 
     Covers successful runs carrying all ``tags`` in ``namespace`` (None: global), the newest
@@ -183,8 +240,13 @@ def generate_report(flow_name: str = "PrefFlow", out_dir: str | Path | None = No
     local ``.metaflow`` (default: Metaflow's own configuration). ``out_dir`` defaults to ``default_report_dir()``.
     """
     include = list(include_runs or [])
-    selection = Selection(flow=flow_name, tags=tuple(tags or ()), namespace=namespace, latest=latest,
-                          include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include))
+    selection = Selection(
+        flow=flow_name,
+        tags=tuple(tags or ()),
+        namespace=namespace,
+        latest=latest,
+        include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include),
+    )
     with client_scope(namespace, datastore_root):
         records = select_runs(selection, include)
     return write_report(records, selection, default_report_dir() if out_dir is None else out_dir)

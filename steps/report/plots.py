@@ -1,6 +1,7 @@
 """Report plots as PNG bytes: training curves, LC WR / WR bars with standard errors.
 
 Agg backend, no timestamp or software tag: the same records give byte-identical files."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,11 @@ from steps.report.records import RunRecord
 from steps.report.table import ResultRow, loss_display, variant_order
 
 #: (history key, panel title) of the preference panels, in order.
-PREFERENCE_PANELS = [("loss", "preference loss"), ("reward_margin", "reward margin"),
-                     ("reward_accuracy", "reward accuracy")]
+PREFERENCE_PANELS = [
+    ("loss", "preference loss"),
+    ("reward_margin", "reward margin"),
+    ("reward_accuracy", "reward accuracy"),
+]
 DPI = 100
 
 
@@ -33,8 +37,11 @@ def _png(fig: Any) -> bytes:
 
 
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(h["step"], h[key]) for h in history
-              if isinstance(h, dict) and "step" in h and isinstance(h.get(key), (int, float))]
+    points = [
+        (h["step"], h[key])
+        for h in history
+        if isinstance(h, dict) and "step" in h and isinstance(h.get(key), (int, float))
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -104,8 +111,10 @@ def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(scored) + 2.0), 4.2))
     xs = list(range(len(scored)))
-    for offset, attr, err_attr, label, color in ((-width / 2, "lc_winrate", "lc_standard_error", "LC WR", "C0"),
-                                                 (width / 2, "winrate", "standard_error", "WR", "C1")):
+    for offset, attr, err_attr, label, color in (
+        (-width / 2, "lc_winrate", "lc_standard_error", "LC WR", "C0"),
+        (width / 2, "winrate", "standard_error", "WR", "C1"),
+    ):
         pos = [x + offset for x, r in zip(xs, scored) if getattr(r, attr) is not None]
         vals = [getattr(r, attr) for r in scored if getattr(r, attr) is not None]
         errs = [getattr(r, err_attr) or 0.0 for r in scored if getattr(r, attr) is not None]
@@ -118,8 +127,14 @@ def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{r.loss_function}\n{r.run_id}" for r in scored], fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("win rate vs reference (%)")
-    top = max([(getattr(r, a) or 0.0) + (getattr(r, e) or 0.0) for r in scored
-               for a, e in (("lc_winrate", "lc_standard_error"), ("winrate", "standard_error"))] + [50.0])
+    top = max(
+        [
+            (getattr(r, a) or 0.0) + (getattr(r, e) or 0.0)
+            for r in scored
+            for a, e in (("lc_winrate", "lc_standard_error"), ("winrate", "standard_error"))
+        ]
+        + [50.0]
+    )
     ax.set_ylim(0, min(100.0, top * 1.15 + 1.0))
     ax.set_title("AlpacaEval 2: LC WR and WR (± 1 s.e.)")
     ax.legend(fontsize=8)

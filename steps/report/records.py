@@ -1,6 +1,7 @@
 """What the report reads from Metaflow's records (Client API), as plain data: one ``RunRecord`` per run.
 
 Only this module talks to Metaflow; the table and plots take RunRecords (testable on hand-built ones)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,7 @@ class Selection:
 
     def describe(self) -> str:
         """The filters in words (``include_runs`` left out: the same runs read the same either way)."""
-        parts = [f"flow `{self.flow}`",
-                 f"namespace `{self.namespace}`" if self.namespace else "global namespace"]
+        parts = [f"flow `{self.flow}`", f"namespace `{self.namespace}`" if self.namespace else "global namespace"]
         if self.tags:
             parts.append("tags " + ", ".join(f"`{t}`" for t in self.tags))
         if self.latest:
@@ -91,8 +91,10 @@ def client_scope(namespace: str | None, datastore_root: str | Path | None) -> It
         if datastore_root is not None:
             root = Path(datastore_root).expanduser().resolve()
             if not (root / ".metaflow").is_dir():
-                raise ReportError(f"--datastore-root {root}: no .metaflow directory there; give the directory "
-                                  f"that holds .metaflow (what METAFLOW_DATASTORE_SYSROOT_LOCAL was set to)")
+                raise ReportError(
+                    f"--datastore-root {root}: no .metaflow directory there; give the directory "
+                    f"that holds .metaflow (what METAFLOW_DATASTORE_SYSROOT_LOCAL was set to)"
+                )
             metaflow.metadata(f"local@{root}")
         metaflow.namespace(namespace)
         yield
@@ -122,8 +124,11 @@ def read_run(run: Any) -> RunRecord | None:
     except (KeyError, MetaflowNotFound):
         join_task = None
     if join_task is None or "results" not in join_task:
-        logger.warning("skipping %s: it has no '%s' step with a 'results' artifact (failed before the join?)",
-                    run.pathspec, JOIN_STEP)
+        logger.warning(
+            "skipping %s: it has no '%s' step with a 'results' artifact (failed before the join?)",
+            run.pathspec,
+            JOIN_STEP,
+        )
         return None
     summaries: dict[str, dict] = {}
     try:
@@ -139,10 +144,16 @@ def read_run(run: Any) -> RunRecord | None:
             summaries[str(variant)] = dict(summary)
     flow_name, run_id = run.pathspec.split("/")
     record = RunRecord(
-        flow=flow_name, run_id=run_id, created_at=_utc(run.created_at),
-        tags=sorted(run.user_tags), system_tags=sorted(run.system_tags), successful=bool(run.successful),
+        flow=flow_name,
+        run_id=run_id,
+        created_at=_utc(run.created_at),
+        tags=sorted(run.user_tags),
+        system_tags=sorted(run.system_tags),
+        successful=bool(run.successful),
         results=[dict(r) for r in (_artifact(join_task, "results") or [])],
-        run_config=dict(_artifact(join_task, "run_config") or {}), train_summaries=summaries)
+        run_config=dict(_artifact(join_task, "run_config") or {}),
+        train_summaries=summaries,
+    )
     logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
     return record
 
@@ -157,8 +168,9 @@ def _as_run(spec: Any, flow_name: str) -> Any:
     try:
         return Run(pathspec, _namespace_check=False)
     except MetaflowNotFound as exc:
-        raise ReportError(f"include_runs: run {pathspec!r} not found in the Metaflow metadata; "
-                          f"pass an existing Flow/run_id") from exc
+        raise ReportError(
+            f"include_runs: run {pathspec!r} not found in the Metaflow metadata; pass an existing Flow/run_id"
+        ) from exc
 
 
 def select_runs(selection: Selection, include_runs: Sequence = ()) -> list[RunRecord]:
@@ -177,9 +189,11 @@ def select_runs(selection: Selection, include_runs: Sequence = ()) -> list[RunRe
     except MetaflowNotFound as exc:
         if not include_runs:
             scope = "global namespace" if selection.namespace is None else f"namespace {selection.namespace!r}"
-            raise ReportError(f"no Metaflow records of flow {selection.flow!r} in the {scope}"
-                              f" ({_metadata_description()}); run the pipeline first, or point at its datastore "
-                              f"with --datastore-root DIR / METAFLOW_DATASTORE_SYSROOT_LOCAL") from exc
+            raise ReportError(
+                f"no Metaflow records of flow {selection.flow!r} in the {scope}"
+                f" ({_metadata_description()}); run the pipeline first, or point at its datastore "
+                f"with --datastore-root DIR / METAFLOW_DATASTORE_SYSROOT_LOCAL"
+            ) from exc
         flow = None
     except MetaflowNamespaceMismatch:
         logger.warning("flow %s has no runs in namespace %r", selection.flow, selection.namespace)

@@ -1,6 +1,7 @@
 """The results table, one row per model: ``LC WR | WR | Loss Function | Training Config | Epoch |
 Model Initialization`` (the recipe's columns), then judge, eval set, reference, LC method, n, date, run.
 The one formatter of results: the report, the flow's cards and its stdout all use it; missing is ``n/a``."""
+
 from __future__ import annotations
 
 import csv
@@ -15,11 +16,31 @@ from typing import Any
 from steps.report.records import RunRecord, Selection
 
 #: Column headers of the Markdown table, in order.
-COLUMNS = ["LC WR", "WR", "Loss Function", "Training Config", "Epoch", "Model Initialization",
-           "Judge", "Eval Set", "Reference", "LC Method", "n", "Date", "Run"]
+COLUMNS = [
+    "LC WR",
+    "WR",
+    "Loss Function",
+    "Training Config",
+    "Epoch",
+    "Model Initialization",
+    "Judge",
+    "Eval Set",
+    "Reference",
+    "LC Method",
+    "n",
+    "Date",
+    "Run",
+]
 
-LOSS_DISPLAY = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "cpo": "CPO", "ipo": "IPO",
-                "hinge": "Hinge"}
+LOSS_DISPLAY = {
+    "sft": "SFT",
+    "dpo": "DPO",
+    "simpo": "SimPO",
+    "orpo": "ORPO",
+    "cpo": "CPO",
+    "ipo": "IPO",
+    "hinge": "Hinge",
+}
 
 MISSING = "n/a"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -130,19 +151,33 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
     for result in sorted(record.results, key=lambda r: variant_order(str(r.get("variant", "")))):
         variant = str(result.get("variant", ""))
         evaluated = bool(result.get("evaluated", "win_rate" in result))
-        rows.append(ResultRow(
-            flow=record.flow, run_id=record.run_id, date=record.date, variant=variant,
-            loss_function=loss_display(variant),
-            lc_winrate=_number(result.get("length_controlled_winrate")),
-            lc_standard_error=_number(result.get("lc_standard_error")),
-            winrate=_number(result.get("win_rate")), standard_error=_number(result.get("standard_error")),
-            training_config=training_config_text(result.get("training_config")),
-            config_snapshot=f"configs/{snapshot_name(record, variant)}",
-            epoch=_int(result.get("epoch")), model_initialization=describe_init(result.get("init"), record),
-            judge=result.get("judge"), eval_set=result.get("eval_set"),
-            reference=result.get("reference_generator"), lc_method=result.get("lc_method"),
-            n=_int(result.get("n_total")), avg_length=_number(result.get("avg_length")), evaluated=evaluated,
-            model_dir=result.get("model_dir"), train_steps=_int(result.get("train_steps")), tags=list(record.tags)))
+        rows.append(
+            ResultRow(
+                flow=record.flow,
+                run_id=record.run_id,
+                date=record.date,
+                variant=variant,
+                loss_function=loss_display(variant),
+                lc_winrate=_number(result.get("length_controlled_winrate")),
+                lc_standard_error=_number(result.get("lc_standard_error")),
+                winrate=_number(result.get("win_rate")),
+                standard_error=_number(result.get("standard_error")),
+                training_config=training_config_text(result.get("training_config")),
+                config_snapshot=f"configs/{snapshot_name(record, variant)}",
+                epoch=_int(result.get("epoch")),
+                model_initialization=describe_init(result.get("init"), record),
+                judge=result.get("judge"),
+                eval_set=result.get("eval_set"),
+                reference=result.get("reference_generator"),
+                lc_method=result.get("lc_method"),
+                n=_int(result.get("n_total")),
+                avg_length=_number(result.get("avg_length")),
+                evaluated=evaluated,
+                model_dir=result.get("model_dir"),
+                train_steps=_int(result.get("train_steps")),
+                tags=list(record.tags),
+            )
+        )
     return rows
 
 
@@ -167,9 +202,21 @@ def _row_cells(row: ResultRow, links: bool) -> list[str]:
     config = _cell(row.training_config)
     if links:
         config = f"[{config}]({row.config_snapshot})"
-    return [fmt_number(row.lc_winrate), fmt_number(row.winrate), _cell(row.loss_function), config,
-            _cell(row.epoch), _cell(row.model_initialization), _cell(row.judge), _cell(row.eval_set),
-            _cell(row.reference), _cell(row.lc_method), _cell(row.n), _cell(row.date), f"`{row.pathspec}`"]
+    return [
+        fmt_number(row.lc_winrate),
+        fmt_number(row.winrate),
+        _cell(row.loss_function),
+        config,
+        _cell(row.epoch),
+        _cell(row.model_initialization),
+        _cell(row.judge),
+        _cell(row.eval_set),
+        _cell(row.reference),
+        _cell(row.lc_method),
+        _cell(row.n),
+        _cell(row.date),
+        f"`{row.pathspec}`",
+    ]
 
 
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
@@ -181,8 +228,15 @@ def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
 
 def run_results_table(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> str:
     """The table (no links) of one run's ``results`` artifact, e.g. in the run's own cards and stdout."""
-    record = RunRecord(flow=flow, run_id=str(run_id), created_at=created_at or datetime.now(timezone.utc), tags=[],
-                       system_tags=[], successful=False, results=results)
+    record = RunRecord(
+        flow=flow,
+        run_id=str(run_id),
+        created_at=created_at or datetime.now(timezone.utc),
+        tags=[],
+        system_tags=[],
+        successful=False,
+        results=results,
+    )
     return markdown_table(rows_for_run(record), links=False)
 
 
@@ -191,12 +245,16 @@ def notes(rows: list[ResultRow]) -> list[str]:
     out = []
     judges = sorted({r.judge for r in rows if r.judge})
     if any(j.startswith("local") for j in judges):
-        out.append("Rows judged by a local small model (`local_logprob` with SmolLM2-135M by default) are a smoke "
-                   "test of the evaluation mechanism, not a quality signal; only an AlpacaEval annotator (e.g. "
-                   "`weighted_alpaca_eval_gpt4_turbo`) or a large local judge gives comparable LC WR / WR.")
+        out.append(
+            "Rows judged by a local small model (`local_logprob` with SmolLM2-135M by default) are a smoke "
+            "test of the evaluation mechanism, not a quality signal; only an AlpacaEval annotator (e.g. "
+            "`weighted_alpaca_eval_gpt4_turbo`) or a large local judge gives comparable LC WR / WR."
+        )
     if any(r.lc_method and "approximate" in r.lc_method for r in rows):
-        out.append("LC WR marked *approximate assets* used reconstructed (not official) `df_gamed.csv` / "
-                   "`instruction_difficulty.csv`: approximate, within about 1 point of official.")
+        out.append(
+            "LC WR marked *approximate assets* used reconstructed (not official) `df_gamed.csv` / "
+            "`instruction_difficulty.csv`: approximate, within about 1 point of official."
+        )
     if any(r.evaluated is False for r in rows):
         out.append("`n/a` in LC WR / WR: the model was trained but not evaluated (evaluation disabled).")
     if any(r.evaluated and r.lc_winrate is None for r in rows):
@@ -206,12 +264,17 @@ def notes(rows: list[ResultRow]) -> list[str]:
 
 def results_markdown(rows: list[ResultRow], selection: Selection, n_runs: int) -> str:
     """``results.md``: a header saying what is covered, the table, and its caveats. No wall-clock time."""
-    parts = ["# PrefFlow results", "",
-             f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}; "
-             f"{n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} model{'s' if len(rows) != 1 else ''}. "
-             "Do not edit: regenerating replaces this file.", "",
-             "LC WR / WR: AlpacaEval 2 length-controlled and raw win rate (%) against the reference; "
-             "Training Config links to the exact config snapshot of the run.", ""]
+    parts = [
+        "# PrefFlow results",
+        "",
+        f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}; "
+        f"{n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} model{'s' if len(rows) != 1 else ''}. "
+        "Do not edit: regenerating replaces this file.",
+        "",
+        "LC WR / WR: AlpacaEval 2 length-controlled and raw win rate (%) against the reference; "
+        "Training Config links to the exact config snapshot of the run.",
+        "",
+    ]
     parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
     caveats = notes(rows)
     if caveats:
@@ -220,10 +283,31 @@ def results_markdown(rows: list[ResultRow], selection: Selection, n_runs: int) -
 
 
 #: CSV/JSON field order: the table's columns first, then the extras.
-EXPORT_FIELDS = ["lc_winrate", "winrate", "loss_function", "training_config", "epoch", "model_initialization",
-                 "judge", "eval_set", "reference", "lc_method", "n", "date", "run_id", "flow",
-                 "lc_standard_error", "standard_error", "avg_length", "variant", "evaluated", "config_snapshot",
-                 "model_dir", "train_steps", "tags"]
+EXPORT_FIELDS = [
+    "lc_winrate",
+    "winrate",
+    "loss_function",
+    "training_config",
+    "epoch",
+    "model_initialization",
+    "judge",
+    "eval_set",
+    "reference",
+    "lc_method",
+    "n",
+    "date",
+    "run_id",
+    "flow",
+    "lc_standard_error",
+    "standard_error",
+    "avg_length",
+    "variant",
+    "evaluated",
+    "config_snapshot",
+    "model_dir",
+    "train_steps",
+    "tags",
+]
 
 
 def row_dict(row: ResultRow) -> dict:
@@ -243,10 +327,25 @@ def results_csv(rows: list[ResultRow]) -> str:
 
 
 def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Selection) -> str:
-    doc = {"selection": {"flow": selection.flow, "namespace": selection.namespace, "tags": list(selection.tags),
-                         "latest": selection.latest, "include_runs": list(selection.include_runs)},
-           "runs": [{"pathspec": r.pathspec, "created_at": r.created_at.isoformat(), "successful": r.successful,
-                     "tags": r.tags, "system_tags": r.system_tags} for r in records],
-           "columns": COLUMNS,
-           "rows": [row_dict(row) for row in rows]}
+    doc = {
+        "selection": {
+            "flow": selection.flow,
+            "namespace": selection.namespace,
+            "tags": list(selection.tags),
+            "latest": selection.latest,
+            "include_runs": list(selection.include_runs),
+        },
+        "runs": [
+            {
+                "pathspec": r.pathspec,
+                "created_at": r.created_at.isoformat(),
+                "successful": r.successful,
+                "tags": r.tags,
+                "system_tags": r.system_tags,
+            }
+            for r in records
+        ],
+        "columns": COLUMNS,
+        "rows": [row_dict(row) for row in rows],
+    }
     return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"

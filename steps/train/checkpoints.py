@@ -3,6 +3,7 @@
 A checkpoint directory is written under a temp name and renamed when complete, with a
 ``COMPLETE`` marker written last, so a kill mid-save never leaves a checkpoint that resume trusts.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True,
-                   weights: Optional[dict] = None) -> Path:
+def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True, weights: dict | None = None) -> Path:
     """Write a reloadable model directory atomically.
 
     A LoRA model is merged into a plain model (``merge_lora``, for the final model the next step loads)
@@ -61,8 +60,12 @@ def is_complete(path: Path) -> bool:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -73,8 +76,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
-                    keep: int = 1, weights: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    progress: dict,
+    keep: int = 1,
+    weights: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """``weights`` / ``optimizer_state``: unsharded state gathered from an FSDP2 model (else the model's own)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -84,9 +97,15 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, sch
     tmp.mkdir()
     model_dir = save_model_dir(model, tokenizer, tmp / "model", merge_lora=False, weights=weights)
     assert model_dir.exists()
-    torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "progress": progress}, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "progress": progress,
+        },
+        tmp / "trainer_state.pt",
+    )
     (tmp / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
     if final.exists():
         shutil.rmtree(final)
@@ -105,7 +124,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
 
@@ -125,8 +144,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         try:
             parallel.load_full_state(model, optimizer, state, trainer_state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise RuntimeError(f"{path}: cannot resume this checkpoint with parallelism: fsdp ({exc}); "
-                               "resume with the parallelism it was written with, or start a new output dir") from exc
+            raise RuntimeError(
+                f"{path}: cannot resume this checkpoint with parallelism: fsdp ({exc}); "
+                "resume with the parallelism it was written with, or start a new output dir"
+            ) from exc
     else:
         _load_unsharded(path, model, optimizer, state, trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
@@ -148,5 +169,7 @@ def _load_unsharded(path: Path, model, optimizer, state: dict, optimizer_state: 
     # tied embeddings are saved once; anything else missing means a wrong checkpoint
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     optimizer.load_state_dict(optimizer_state)

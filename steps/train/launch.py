@@ -1,6 +1,7 @@
 """Run a training job on one process, or on N processes of this node through torchrun (DDP/FSDP-style).
 
 ``python -m steps.train.launch`` is the per-rank entry point; the config crosses that boundary as JSON, once."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def read_launch_config(path: str | Path) -> RunConfig:
     return config_from_dict(doc["config"], doc["source"])
 
 
-def launch(config: RunConfig | Mapping, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None = None,
-           nproc_per_node: int = 1) -> dict:
+def launch(
+    config: RunConfig | Mapping,
+    kind: str,
+    data_dir: str,
+    out_dir: str,
+    sft_model_dir: str | None = None,
+    nproc_per_node: int = 1,
+) -> dict:
     """Train ``kind`` ("sft" or a loss name); returns the run summary dict.
 
     ``config``: the RunConfig planned for this variant (preference resolved for ``kind``), or a plain mapping,
@@ -55,9 +62,23 @@ def launch(config: RunConfig | Mapping, kind: str, data_dir: str, out_dir: str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_launch_config(cfg, out / CONFIG_FILE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-           "-m", "steps.train.launch", "--config-json", str(config_path), "--kind", kind,
-           "--data-dir", data_dir, "--out-dir", out_dir] + (["--sft-model-dir", sft_model_dir] if sft_model_dir else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+        "-m",
+        "steps.train.launch",
+        "--config-json",
+        str(config_path),
+        "--kind",
+        kind,
+        "--data-dir",
+        data_dir,
+        "--out-dir",
+        out_dir,
+    ] + (["--sft-model-dir", sft_model_dir] if sft_model_dir else [])
     logger.info("launching %d ranks: %s", nproc_per_node, " ".join(cmd))
     subprocess.run(cmd, check=True)
     return read_json(out / SUMMARY_FILE)

@@ -23,9 +23,8 @@ chosen and the rejected response (each response attends to the prompt and to its
 position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
 the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -103,10 +102,14 @@ class TokenLogProbs(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        )
         if not ctx.recompute and len(ctx.kept) != -(-hidden.shape[0] // rows):
-            raise RuntimeError("TokenLogProbs: backward ran twice through the same graph (its kept "
-                               "probabilities are turned into gradients in place); use recompute=True for that")
+            raise RuntimeError(
+                "TokenLogProbs: backward ran twice through the same graph (its kept "
+                "probabilities are turned into gradients in place); use recompute=True for that"
+            )
         g = grad_out.float()
         for index, start in enumerate(range(0, hidden.shape[0], rows)):
             end = min(start + rows, hidden.shape[0])
@@ -130,12 +133,24 @@ class TokenLogProbs(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += p.sum(0)
         ctx.kept = []
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                   chunk_rows: Optional[int] = None, recompute: Optional[bool] = None) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    recompute: bool | None = None,
+) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) under the linear output layer ``head``, fp32, shape [M]."""
     weight, bias = head.weight, getattr(head, "bias", None)
     vocab = weight.shape[0]
@@ -149,7 +164,7 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     return TokenLogProbs.apply(hidden, weight, bias, targets, rows, recompute or not needs_grad, dtype)
 
 
-def _tree_mask(body, allowed: torch.Tensor) -> Optional[torch.Tensor]:
+def _tree_mask(body, allowed: torch.Tensor) -> torch.Tensor | None:
     """The shared-prompt mask in the form the model's attention takes, or None if it takes no 4-D mask."""
     impl = getattr(getattr(body, "config", None), "_attn_implementation", None) or "eager"
     if impl == "sdpa":
@@ -157,11 +172,12 @@ def _tree_mask(body, allowed: torch.Tensor) -> Optional[torch.Tensor]:
     if impl == "eager":  # additive
         dtype = next(body.parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
     return None  # flash-attention & co.: fall back to one row per response
 
 
-def sequence_logprobs(model, batch: TokenBatch, chunk_rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, batch: TokenBatch, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (sum of log p(token) over scored tokens [N] in fp32, number of scored tokens [N])."""
     from steps.train.parallel import ShardedCausalLM
 
@@ -184,12 +200,18 @@ def sequence_logprobs(model, batch: TokenBatch, chunk_rows: Optional[int] = None
         counts = mask.sum(dim=1).to(torch.float32)
     else:
         # shared-prompt layout: explicit (flat hidden index, target token, output row) triples
-        hidden = body(input_ids=batch.input_ids, attention_mask=tree_mask, position_ids=batch.extra["position_ids"], use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=batch.input_ids,
+            attention_mask=tree_mask,
+            position_ids=batch.extra["position_ids"],
+            use_cache=False,
+        ).last_hidden_state
         flat_index, targets, rows = (batch.extra[k] for k in ("score_index", "score_targets", "score_rows"))
         selected = hidden.reshape(-1, hidden.shape[-1])[flat_index]
         n = batch.extra["num_rows"]
         counts = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add_(
-            0, rows, torch.ones_like(rows, dtype=torch.float32))
+            0, rows, torch.ones_like(rows, dtype=torch.float32)
+        )
     lp = token_logprobs(selected, head, targets, chunk_rows)
     sums = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
     return sums, counts

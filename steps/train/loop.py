@@ -6,6 +6,7 @@ warmup + cosine/linear/constant schedules, grad-norm clipping, bf16 autocast on 
 a JSONL metrics log, dev evaluation per epoch, checkpoints with resume, and a hard stop on a
 non-finite loss that keeps the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -53,10 +55,10 @@ class TrainResult:
     final_step: int
     history: list[dict]
     dev_history: list[dict]
-    checkpoint_dir: Optional[Path]
+    checkpoint_dir: Path | None
     elapsed_s: float
     tokens_per_s: float
-    resumed_from: Optional[str] = None
+    resumed_from: str | None = None
     extra: dict = field(default_factory=dict)
     model: object = None  # what was trained: the model passed in, or its FSDP2 root (parallelism: fsdp)
 
@@ -105,7 +107,7 @@ def autocast_for(model):
 
 
 def group_steps(micro_batches: list, grad_accum: int) -> list[list]:
-    return [micro_batches[i: i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
+    return [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
 
 
 def world() -> tuple[int, int]:
@@ -130,7 +132,7 @@ def _all_reduce_grads(model) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 
@@ -143,8 +145,9 @@ def _all_reduce_totals(totals: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, vec.tolist()))
 
 
-def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[TokenBatch],
-                   max_grad_norm: Optional[float], step: int) -> dict[str, float]:
+def optimizer_step(
+    model, optimizer, objective: Objective, micro_batches: list[TokenBatch], max_grad_norm: float | None, step: int
+) -> dict[str, float]:
     """One optimizer step over ``micro_batches`` (gradient accumulation). Raises on non-finite loss.
 
     Under torch.distributed the micro-batches are dealt round-robin to the ranks and the loss is
@@ -166,7 +169,9 @@ def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[T
         with autocast_for(model):
             loss, metrics = objective.micro_step(model, mb, denominator)
         if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"non-finite loss ({loss.item()}) at optimizer step {step + 1}, micro-batch {i}")
+            raise TrainingDivergedError(
+                f"non-finite loss ({loss.item()}) at optimizer step {step + 1}, micro-batch {i}"
+            )
         (loss * weight if weight != 1.0 else loss).backward()
         if weight == 0.0:
             continue
@@ -190,8 +195,17 @@ def optimizer_step(model, optimizer, objective: Objective, micro_batches: list[T
     return totals
 
 
-def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Path, *,
-          resume: bool = True, stop_after_steps: Optional[int] = None, desc: str = "train") -> TrainResult:
+def train(
+    model,
+    tokenizer,
+    objective: Objective,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    desc: str = "train",
+) -> TrainResult:
     """Train ``model`` in place. Checkpoints go to ``out_dir/checkpoints``, metrics to ``out_dir/metrics.jsonl``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,25 +256,37 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
                 totals = optimizer_step(model, optimizer, objective, groups[g], cfg.max_grad_norm, step)
             except TrainingDivergedError as exc:
                 bar.close()
-                raise TrainingDivergedError(f"{desc}: {exc} (epoch {epoch}); last good checkpoint: "
-                                            f"{last_good or 'none'}; try a lower lr or check the data") from exc
+                raise TrainingDivergedError(
+                    f"{desc}: {exc} (epoch {epoch}); last good checkpoint: "
+                    f"{last_good or 'none'}; try a lower lr or check the data"
+                ) from exc
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
             dt = time.perf_counter() - step_t0
             trained_tokens += int(totals["tokens"])
-            record = {"step": step, "epoch": epoch, "lr": lr, "step_time_s": round(dt, 4),
-                      "tokens_per_s": totals["tokens"] / dt, **totals}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                "step_time_s": round(dt, 4),
+                "tokens_per_s": totals["tokens"] / dt,
+                **totals,
+            }
             history.append(record)
             if is_main:
                 _append_metrics(metrics_path, record)
-            bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             bar.update(1)
             end_of_epoch = g == len(groups) - 1
             done = step >= total_steps
-            progress = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
-                        "group": 0 if end_of_epoch else g + 1}
+            progress = {
+                "step": step,
+                "epoch": epoch + 1 if end_of_epoch else epoch,
+                "group": 0 if end_of_epoch else g + 1,
+            }
             if end_of_epoch and cfg.dev_every_epoch:
                 dev = {"step": step, "epoch": epoch, **objective.evaluate(model)}
                 dev_history.append(dev)
@@ -270,9 +296,17 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
                 model.train()
             periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
             if end_of_epoch or periodic or done:
-                last_good = _checkpoint(is_main, ckpt_root, step, model, tokenizer, optimizer, scheduler,
-                                        {**progress, "history": history, "dev_history": dev_history},
-                                        cfg.keep_checkpoints)
+                last_good = _checkpoint(
+                    is_main,
+                    ckpt_root,
+                    step,
+                    model,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    {**progress, "history": history, "dev_history": dev_history},
+                    cfg.keep_checkpoints,
+                )
             if stop_after_steps is not None and step >= stop_after_steps:
                 bar.close()
                 raise KeyboardInterrupt(f"{desc}: stopped after step {step} (stop_after_steps)")
@@ -285,21 +319,39 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, out_dir: Pat
         if is_main:
             _append_metrics(metrics_path, {"split": "dev", **dev})
     elapsed = time.perf_counter() - t0
-    log.info("%s finished: %d steps in %.1fs (%.0f tokens/s); wrote %s", desc, step, elapsed,
-             trained_tokens / max(elapsed, 1e-9), out_dir)
-    return TrainResult(step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from,
-                       model=model)
+    log.info(
+        "%s finished: %d steps in %.1fs (%.0f tokens/s); wrote %s",
+        desc,
+        step,
+        elapsed,
+        trained_tokens / max(elapsed, 1e-9),
+        out_dir,
+    )
+    return TrainResult(
+        step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from, model=model
+    )
 
 
-def _checkpoint(is_main: bool, ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict,
-                keep: int) -> Path:
+def _checkpoint(
+    is_main: bool, ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict, keep: int
+) -> Path:
     """Rank 0 writes (after every rank helped gather a sharded model); the others wait, so all resume alike."""
     path = ckpt_root / f"step_{step:07d}"
     weights = parallel.full_state_dict(model)
     optimizer_state = parallel.full_optimizer_state(model, optimizer)
     if is_main:
-        path = checkpoints.save_checkpoint(ckpt_root, step, parallel.unwrap(model), tokenizer, optimizer, scheduler,
-                                           progress, keep=keep, weights=weights, optimizer_state=optimizer_state)
+        path = checkpoints.save_checkpoint(
+            ckpt_root,
+            step,
+            parallel.unwrap(model),
+            tokenizer,
+            optimizer,
+            scheduler,
+            progress,
+            keep=keep,
+            weights=weights,
+            optimizer_state=optimizer_state,
+        )
     _, world_size = world()
     if world_size > 1:
         import torch.distributed as dist

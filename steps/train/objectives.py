@@ -1,14 +1,14 @@
 """What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from steps.config import TrainConfig
-from steps.train.batching import (PairExample, SFTExample, TokenBatch, collate_pairs, collate_sft,
-                                  make_batches)
+from steps.train.batching import PairExample, SFTExample, TokenBatch, collate_pairs, collate_sft, make_batches
 from steps.train.logprobs import sequence_logprobs
 
 
@@ -25,8 +25,14 @@ class _Batched:
         raise NotImplementedError
 
     def _epoch_indices(self, epoch: int) -> list[list[int]]:
-        return make_batches(self.train, self.cfg.max_num_tokens, self.cfg.seed, epoch, self.rows_per_example,
-                            max_examples=self.cfg.max_batch_examples)
+        return make_batches(
+            self.train,
+            self.cfg.max_num_tokens,
+            self.cfg.seed,
+            epoch,
+            self.rows_per_example,
+            max_examples=self.cfg.max_batch_examples,
+        )
 
     def epoch_batch_count(self, epoch: int) -> int:
         """Micro-batches in ``epoch``, without collating them (the loop plans its steps with this)."""
@@ -39,8 +45,15 @@ class _Batched:
         return self._cache[epoch]
 
     def dev_batches(self) -> list[TokenBatch]:
-        idx = make_batches(self.dev, self.cfg.max_num_tokens, 0, 0, self.rows_per_example, shuffle=False,
-                           max_examples=self.cfg.max_batch_examples)
+        idx = make_batches(
+            self.dev,
+            self.cfg.max_num_tokens,
+            0,
+            0,
+            self.rows_per_example,
+            shuffle=False,
+            max_examples=self.cfg.max_batch_examples,
+        )
         return [self._collate([self.dev[i] for i in b]) for b in idx]
 
 
@@ -80,8 +93,7 @@ class PreferenceObjective(_Batched):
 
     rows_per_example = 2
 
-    def __init__(self, train, dev, pad_id, cfg: TrainConfig, loss_fn, needs_reference: bool,
-                 reference_model=None):
+    def __init__(self, train, dev, pad_id, cfg: TrainConfig, loss_fn, needs_reference: bool, reference_model=None):
         super().__init__(train, dev, pad_id, cfg)
         self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, reference_model
         self.name = getattr(loss_fn, "name", "preference")
@@ -107,8 +119,9 @@ class PreferenceObjective(_Batched):
         n = batch.extra["num_pairs"]
         sums, counts = sequence_logprobs(model, batch)
         ref_c, ref_r = self._reference(batch, n)
-        return self.loss_fn(sums[:n], sums[n:], counts[:n], counts[n:],
-                            reference_chosen_logps=ref_c, reference_rejected_logps=ref_r), n
+        return self.loss_fn(
+            sums[:n], sums[n:], counts[:n], counts[n:], reference_chosen_logps=ref_c, reference_rejected_logps=ref_r
+        ), n
 
     def micro_step(self, model, batch: TokenBatch, denominator: float):
         out, n = self._loss(model, batch)
@@ -136,8 +149,9 @@ class PreferenceObjective(_Batched):
         return {f"dev_{k}": v / pairs for k, v in totals.items()} | {"dev_pairs": float(pairs)}
 
 
-def precompute_reference(model, pairs: list[PairExample], pad_id: int, cfg: TrainConfig,
-                         desc: str = "reference log-probs") -> None:
+def precompute_reference(
+    model, pairs: list[PairExample], pad_id: int, cfg: TrainConfig, desc: str = "reference log-probs"
+) -> None:
     """Fill ``reference_chosen/rejected`` once, in a no-grad pass, so the reference model need not stay resident."""
     from tqdm.auto import tqdm
 
@@ -148,8 +162,9 @@ def precompute_reference(model, pairs: list[PairExample], pad_id: int, cfg: Trai
     was_training = model.training
     model.eval()
     subset = [pairs[i] for i in todo]
-    batches = make_batches(subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False,
-                           max_examples=cfg.max_batch_examples)
+    batches = make_batches(
+        subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False, max_examples=cfg.max_batch_examples
+    )
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, unit="batch"):
             examples = [subset[i] for i in b]

@@ -13,10 +13,10 @@ root parameters, and its backward reduces their gradients like any other unit.
 Every rank must run the same collectives in the same order, so callers of :func:`full_state_dict`,
 forward passes and optimizer steps are made on all ranks.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -32,7 +32,7 @@ class ShardedCausalLM(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, batch, chunk_rows: Optional[int] = None):
+    def forward(self, batch, chunk_rows: int | None = None):
         from steps.train.logprobs import sequence_logprobs
 
         return sequence_logprobs(self.lm, batch, chunk_rows)
@@ -88,7 +88,7 @@ def set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def full_state_dict(model) -> Optional[dict[str, torch.Tensor]]:
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     """Unsharded CPU weights keyed like the Hugging Face model's own state dict, gathered from every rank
     (a collective); None for a model that is not sharded (it saves its own parameters)."""
     if not is_sharded(model):
@@ -96,14 +96,14 @@ def full_state_dict(model) -> Optional[dict[str, torch.Tensor]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    state = {k[len(ROOT_PREFIX):]: v for k, v in state.items()}
+    state = {k[len(ROOT_PREFIX) :]: v for k, v in state.items()}
     tied = _tied_embedding_keys(model.lm)
     if tied is not None:  # saved once, under the input embedding's name, as save_pretrained does
         state.pop(tied[0], None)
     return state
 
 
-def _tied_embedding_keys(lm) -> Optional[tuple[str, str]]:
+def _tied_embedding_keys(lm) -> tuple[str, str] | None:
     """(output embedding weight key, input embedding weight key) when the model ties them, else None."""
     if not getattr(lm.config, "tie_word_embeddings", False):
         return None
@@ -111,7 +111,7 @@ def _tied_embedding_keys(lm) -> Optional[tuple[str, str]]:
     return (names[id(lm.get_output_embeddings())] + ".weight", names[id(lm.get_input_embeddings())] + ".weight")
 
 
-def full_optimizer_state(model, optimizer) -> Optional[dict]:
+def full_optimizer_state(model, optimizer) -> dict | None:
     """AdamW state keyed by parameter name, unsharded on CPU (a collective); None when not sharded."""
     if not is_sharded(model):
         return None
@@ -120,10 +120,9 @@ def full_optimizer_state(model, optimizer) -> Optional[dict]:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: Optional[dict]) -> None:
+def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict | None) -> None:
     """Put unsharded weights (and optimizer state) back into a sharded model: each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     lm = unwrap(model)
     expected = lm.state_dict().keys()

@@ -1,12 +1,12 @@
 """SFT and preference training runs: load model and data, train, save a reloadable model directory.
 Plain functions (the flow's sft and preference steps call them; so can a notebook or a test)."""
+
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -32,7 +32,7 @@ class RunSummary:
     model_dir: str
     init: str  # the model spec training started from
     init_label: str  # what the results table shows: "SFT checkpoint" or "base: <spec>"
-    reference: Optional[str]
+    reference: str | None
     steps: int
     elapsed_s: float
     tokens_per_s: float
@@ -41,7 +41,7 @@ class RunSummary:
     data_stats: dict
     metrics_path: str
     config: dict
-    resumed_from: Optional[str] = None
+    resumed_from: str | None = None
     history: list = field(default_factory=list)
     dev_history: list = field(default_factory=list)
 
@@ -80,17 +80,32 @@ def apply_lora(model, train_cfg: TrainConfig):
         raise ImportError("lora.enabled needs the 'peft' package: pip install peft") from exc
     lora = train_cfg.lora
     torch.manual_seed(train_cfg.seed)  # adapter init is random: make it a function of the config seed
-    pc = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    pc = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, pc)
 
 
-def _select(rows: list[dict], limit: Optional[int]) -> list[dict]:
+def _select(rows: list[dict], limit: int | None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
-def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, init: str, init_label: str, reference,
-            data_stats, cfg_section) -> RunSummary:
+def _finish(
+    kind: str,
+    model,
+    tokenizer,
+    result: TrainResult,
+    out_dir: Path,
+    init: str,
+    init_label: str,
+    reference,
+    data_stats,
+    cfg_section,
+) -> RunSummary:
     rank, world_size = world()
     final_dir = out_dir / "final"
     weights = parallel.full_state_dict(result.model)  # None unless sharded
@@ -101,20 +116,37 @@ def _finish(kind: str, model, tokenizer, result: TrainResult, out_dir: Path, ini
 
         dist.barrier()
     summary = RunSummary(
-        kind=kind, model_dir=str(final_dir), init=init, init_label=init_label, reference=reference, steps=result.final_step,
-        elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s,
+        kind=kind,
+        model_dir=str(final_dir),
+        init=init,
+        init_label=init_label,
+        reference=reference,
+        steps=result.final_step,
+        elapsed_s=result.elapsed_s,
+        tokens_per_s=result.tokens_per_s,
         final_train=result.history[-1] if result.history else {},
         final_dev=result.dev_history[-1] if result.dev_history else {},
-        data_stats=data_stats, metrics_path=str(out_dir / "metrics.jsonl"), config=config_to_dict(cfg_section),
-        resumed_from=result.resumed_from, history=result.history, dev_history=result.dev_history)
+        data_stats=data_stats,
+        metrics_path=str(out_dir / "metrics.jsonl"),
+        config=config_to_dict(cfg_section),
+        resumed_from=result.resumed_from,
+        history=result.history,
+        dev_history=result.dev_history,
+    )
     if rank == 0:
         write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
     log.info("%s model written to %s", kind, final_dir)
     return summary
 
 
-def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path, *, init_spec: Optional[str] = None,
-            stop_after_steps: Optional[int] = None) -> RunSummary:
+def run_sft(
+    cfg: RunConfig,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    init_spec: str | None = None,
+    stop_after_steps: int | None = None,
+) -> RunSummary:
     """Supervised fine-tuning on ``data_dir/sft.{train,dev}.jsonl``; the model lands in ``out_dir/final``."""
     from steps.models import load_tokenizer
 
@@ -136,8 +168,9 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path, *, init_spec: Optiona
     return _finish("sft", model, tokenizer, result, out_dir, spec, label, None, stats, s)
 
 
-def resolve_init_and_reference(cfg: RunConfig, loss: str, pcfg: PreferenceConfig,
-                               sft_model_dir: Optional[str]) -> tuple[str, Optional[str]]:
+def resolve_init_and_reference(
+    cfg: RunConfig, loss: str, pcfg: PreferenceConfig, sft_model_dir: str | None
+) -> tuple[str, str | None]:
     """Model specs for the policy's starting point and the reference (None: reference-free loss)."""
     from steps import losses
 
@@ -157,16 +190,25 @@ def resolve_init_and_reference(cfg: RunConfig, loss: str, pcfg: PreferenceConfig
     ref = pcfg.reference
     if not needs_ref or ref == "none":
         if needs_ref:
-            raise ValueError(f"preference.reference: {loss} needs a reference model; 'none' is only for "
-                             "reference-free losses (or provide reference_score_* fields in the data)")
+            raise ValueError(
+                f"preference.reference: {loss} needs a reference model; 'none' is only for "
+                "reference-free losses (or provide reference_score_* fields in the data)"
+            )
         return spec_of(init), None
     if ref == "auto":
         ref = init
     return spec_of(init), spec_of(ref)
 
 
-def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
-                   sft_model_dir: Optional[str] = None, stop_after_steps: Optional[int] = None) -> RunSummary:
+def run_preference(
+    cfg: RunConfig,
+    loss: str,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    sft_model_dir: str | None = None,
+    stop_after_steps: int | None = None,
+) -> RunSummary:
     """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``.
 
     ``cfg.preference`` is the section resolved for ``loss`` (steps.config.for_loss; the flow plans it in start).
@@ -177,16 +219,25 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     p = cfg.preference
     if p.criterion != loss or p.per_loss:
-        raise ValueError(f"run_preference({loss!r}) needs the config resolved for {loss!r} (criterion {p.criterion!r}, "
-                         f"per_loss {sorted(p.per_loss)}); pass steps.config.for_loss(cfg, {loss!r})")
+        raise ValueError(
+            f"run_preference({loss!r}) needs the config resolved for {loss!r} (criterion {p.criterion!r}, "
+            f"per_loss {sorted(p.per_loss)}); pass steps.config.for_loss(cfg, {loss!r})"
+        )
     init_spec, ref_spec = resolve_init_and_reference(cfg, loss, p, sft_model_dir)
     device = pick_device()
     tokenizer = load_tokenizer(init_spec)
     train_rows = _select(read_jsonl(data_dir / "preference.train.jsonl"), p.max_examples)
     dev_path = data_dir / "preference.dev.jsonl"
     dev_rows = read_jsonl(dev_path) if dev_path.exists() else []
-    log.info("%s: read %d train / %d dev pairs from %s; init=%s reference=%s",
-             loss, len(train_rows), len(dev_rows), data_dir, init_spec, ref_spec)
+    log.info(
+        "%s: read %d train / %d dev pairs from %s; init=%s reference=%s",
+        loss,
+        len(train_rows),
+        len(dev_rows),
+        data_dir,
+        init_spec,
+        ref_spec,
+    )
     train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
     dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
     loss_fn = losses.build_loss(loss, p.criterion_config)
@@ -210,19 +261,26 @@ def run_preference(cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *,
                     ref_model = load_model(ref_spec, dtype=resolve_dtype(cfg.model.dtype, device), device=str(device))
                 t0 = time.perf_counter()
                 precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p)
-                log.info("reference log-probs for %d pairs in %.1fs", len(train_pairs) + len(dev_pairs),
-                         time.perf_counter() - t0)
+                log.info(
+                    "reference log-probs for %d pairs in %.1fs",
+                    len(train_pairs) + len(dev_pairs),
+                    time.perf_counter() - t0,
+                )
                 if world()[0] == 0:
                     _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
                 if ref_model is not model:
                     del ref_model
     model = apply_lora(model, p)
-    objective = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, needs_ref,
-                                    reference_model=live_reference)
+    objective = PreferenceObjective(
+        train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, needs_ref, reference_model=live_reference
+    )
     result = train(model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
-    label = "SFT checkpoint" if init_spec == sft_model_dir else (
-        f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
+    label = (
+        "SFT checkpoint"
+        if init_spec == sft_model_dir
+        else (f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
+    )
     return _finish(loss, model, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p)
 
 
@@ -241,5 +299,8 @@ def _load_reference_cache(path: Path, ref_spec: str, pairs) -> None:
 
 
 def _save_reference_cache(path: Path, ref_spec: str, pairs) -> None:
-    write_json(path, {"reference": ref_spec,
-                      "scores": {x.id: [x.reference_chosen, x.reference_rejected] for x in pairs}}, indent=None)
+    write_json(
+        path,
+        {"reference": ref_spec, "scores": {x.id: [x.reference_chosen, x.reference_rejected] for x in pairs}},
+        indent=None,
+    )
