@@ -399,6 +399,7 @@ def test_report_filters(metaflow_runs, tmp_path):
     import metaflow
 
     runs, ds = metaflow_runs["runs"], metaflow_runs["ds"]
+    metaflow.metadata(f"local@{ds}")  # a caller with a datastore (test_client_scope_... switches between two)
     before = (metaflow.get_metadata(), metaflow.get_namespace())
     assert generate_report(out_dir=tmp_path / "b", tags=["b"], datastore_root=ds).runs == [runs["B"]]
     assert generate_report(out_dir=tmp_path / "l1", latest=1, datastore_root=ds).runs == [runs["D"]]
@@ -422,6 +423,41 @@ def test_report_filters(metaflow_runs, tmp_path):
     with pytest.raises(ReportError, match=r"\.metaflow"):
         generate_report(out_dir=tmp_path / "bad", datastore_root=tmp_path)
     assert (metaflow.get_metadata(), metaflow.get_namespace()) == before  # the caller's Client state is kept
+
+
+def test_client_scope_puts_back_the_callers_namespace_and_datastore(metaflow_runs, tmp_path):
+    """The report switches namespace and metadata through Metaflow's public calls; afterwards the caller's
+    get_namespace()/get_metadata() are what they were and its Client calls read its own datastore again."""
+    import shutil
+
+    import metaflow
+    from metaflow import Flow, Run
+
+    runs, ds = metaflow_runs["runs"], metaflow_runs["ds"]
+    flow_name, d_id = runs["D"].split("/")
+    mine = tmp_path / "mine"  # the caller's own datastore: the same runs except D
+    shutil.copytree(ds / ".metaflow", mine / ".metaflow")
+    shutil.rmtree(mine / ".metaflow" / flow_name / d_id)
+    try:
+        metaflow.metadata(str(mine))
+        metaflow.namespace("user:somebody-else")
+        before = (metaflow.get_metadata(), metaflow.get_namespace())
+        assert before == (f"local@{mine}", "user:somebody-else")
+        # the report reads the other datastore in the global namespace: D is there, and visible
+        assert generate_report(out_dir=tmp_path / "r", datastore_root=ds).runs == [runs["A"], runs["B"], runs["D"]]
+        assert (metaflow.get_metadata(), metaflow.get_namespace()) == before
+        with client_scope("user:prefflow", ds):
+            assert Run(runs["D"])["join"].task["results"].data[0]["length_controlled_winrate"] == 50.0
+        with pytest.raises(ReportError, match="latest"):  # an error inside the scope restores too
+            generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
+        assert (metaflow.get_metadata(), metaflow.get_namespace()) == before
+        metaflow.namespace(None)
+        # the caller's Client reads its own copy again: no D there, A's artifacts load from it
+        assert sorted(r.pathspec for r in Flow(flow_name)) == sorted([runs["A"], runs["B"], runs["C"]])
+        assert Run(runs["A"])["join"].task["results"].data[0]["length_controlled_winrate"] == 40.0
+    finally:
+        metaflow.metadata(f"local@{ds}")
+        metaflow.default_namespace()
 
 
 def test_pipeline_report_step_includes_its_own_run_and_card(metaflow_runs):

@@ -73,20 +73,19 @@ class Selection:
 
 @contextlib.contextmanager
 def client_scope(namespace: str | None, datastore_root: str | Path | None) -> Iterator[None]:
-    """Switch the Client API's namespace (and local metadata root) for the block, then put them back.
+    """Switch the Client API's namespace (and, with ``datastore_root``, its metadata) for the block, then put back
+    what the caller had, through Metaflow's public ``namespace()`` and ``metadata()`` calls.
 
-    Metaflow keeps both process-wide (the namespace and provider in ``metaflow.client.core``, the
-    local root as class attributes of the local provider and storage); restoring them keeps a
-    report generated inside a step or a test from changing what the caller's own Client calls see.
+    Both are process-wide, so a report generated inside a step or a test must not change what the caller's own
+    Client calls see. ``metadata("local@DIR")`` also points the local datastore at ``DIR/.metaflow``, so
+    restoring the caller's ``get_metadata()`` string restores where its artifacts are read from too. One case
+    cannot be undone publicly: a caller whose local provider found no ``.metaflow`` at all (nothing to read)
+    keeps the report's root afterwards; Metaflow has no public call that unsets a local root.
     """
     import metaflow
-    import metaflow.client.core as client_core
-    from metaflow.plugins.datastores.local_storage import LocalStorage
-    from metaflow.plugins.metadata_providers.local import LocalMetadataProvider
 
     previous_ns = metaflow.get_namespace()
-    # INFO is a metaclass property over _INFO; None means "work it out again from the configuration"
-    saved = (client_core.current_metadata, getattr(LocalMetadataProvider, "_INFO", None), LocalStorage.datastore_root)
+    previous_md = metaflow.get_metadata() if datastore_root is not None else None
     try:
         if datastore_root is not None:
             root = Path(datastore_root).expanduser().resolve()
@@ -100,7 +99,21 @@ def client_scope(namespace: str | None, datastore_root: str | Path | None) -> It
         yield
     finally:
         metaflow.namespace(previous_ns)
-        client_core.current_metadata, LocalMetadataProvider._INFO, LocalStorage.datastore_root = saved
+        if previous_md is not None and previous_md != metaflow.get_metadata():
+            _restore_metadata(previous_md)
+
+
+def _restore_metadata(previous: str) -> None:
+    import metaflow
+
+    try:
+        metaflow.metadata(previous)
+    except ValueError:  # local@<no .metaflow found>: the caller had no datastore to return to
+        logger.info(
+            "Metaflow metadata was %r (no local datastore); it stays %s after the report",
+            previous,
+            metaflow.get_metadata(),
+        )
 
 
 # ----------------------------------------------------------------------------- reading runs
