@@ -72,12 +72,13 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
 
 def scalar_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """``prefix/key`` -> float for every number in ``metrics`` (nested ones flattened); the step, text and
-    booleans are left out, NaN/inf kept (a diverging loss is worth seeing)."""
+    booleans are left out, NaN/inf kept (a diverging loss is worth seeing). A key already carrying the prefix
+    (the loop's dev records say ``dev_loss``) is not prefixed twice: ``dev/loss``."""
     out = {}
     for key, value in flatten(metrics).items():
         if key == "step" or isinstance(value, bool) or not isinstance(value, Real):
             continue
-        out[f"{prefix}/{key}"] = float(value)
+        out[f"{prefix}/{key.removeprefix(prefix + '_')}"] = float(value)
     return out
 
 

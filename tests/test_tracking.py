@@ -28,7 +28,7 @@ TRAIN = [
     {"step": 2, "epoch": 0, "lr": 9e-7, "step_time_s": 0.4, "tokens_per_s": 2500.0, "tokens": 1000.0, "loss": 0.6},
     {"step": 3, "epoch": 0, "lr": 5e-7, "step_time_s": 0.4, "tokens_per_s": 2400.0, "tokens": 960.0, "loss": 0.5},
 ]
-DEV = [{"step": 3, "epoch": 0, "loss": 0.55, "reward_accuracy": 0.75, "reward_margin": 0.125}]
+DEV = [{"step": 3, "epoch": 0, "dev_loss": 0.55, "dev_reward_accuracy": 0.75, "dev_reward_margin": 0.125}]
 EVAL = {
     "win_rate": 45.41,
     "standard_error": 3.2,
@@ -40,7 +40,10 @@ EVAL = {
 }
 EXPECTED = {
     **{(f"train/{k}", r["step"]): float(v) for r in TRAIN for k, v in r.items() if k != "step"},
-    **{(f"dev/{k}", r["step"]): float(v) for r in DEV for k, v in r.items() if k != "step"},
+    ("dev/epoch", 3): 0.0,
+    ("dev/loss", 3): 0.55,  # the loop's dev_ keys, not prefixed twice
+    ("dev/reward_accuracy", 3): 0.75,
+    ("dev/reward_margin", 3): 0.125,
     ("eval/win_rate", 0): 45.41,
     ("eval/standard_error", 0): 3.2,
     ("eval/length_controlled_winrate", 0): 46.79,
