@@ -38,6 +38,33 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def repo_id_for(template: str, variant: str, run_id: str) -> str:
+    """``push_to_hub.repo_id`` for one variant: ``{variant}`` and ``{run_id}`` filled in, then checked."""
+    try:
+        repo_id = template.format(variant=variant, run_id=run_id)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise PublishError(
+            f"push_to_hub.repo_id: {template!r} has a placeholder other than {{variant}} and {{run_id}} ({exc})"
+        ) from exc
+    return check_repo_id(repo_id)
+
+
+def check_publish(template: str, variants: list[str], *, dry_run: bool) -> list[str]:
+    """Before any training: one valid, distinct repo id per variant, and a token unless this is a dry run."""
+    repo_ids = [repo_id_for(template, v, "0") for v in variants]
+    if len(set(repo_ids)) < len(repo_ids):
+        raise PublishError(
+            f"push_to_hub.repo_id: {template!r} gives the same repo for variants {', '.join(variants)}; add "
+            f"{{variant}} (e.g. 'owner/prefflow-{{variant}}') or list one variant in push_to_hub.variants"
+        )
+    if not dry_run and hub_token() is None:
+        raise PublishError(
+            f"push_to_hub: no Hugging Face token in the environment; set {' or '.join(TOKEN_ENV_VARS)} before the "
+            f"run (or push_to_hub.dry_run: true)"
+        )
+    return repo_ids
+
+
 def hub_token() -> tuple[str, str] | None:
     """``(token, variable name)`` from the environment, or None. Never the cached login: what the job uses is
     what its environment says."""

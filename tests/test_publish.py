@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steps.hub import PublishError, push_to_hub, upload_files
+from steps.hub import PublishError, check_publish, push_to_hub, repo_id_for, upload_files
 from steps.model_card import ModelCardError, base_model_id, card_metadata, render_model_card, write_model_card
 
 PATHSPEC = "PrefFlow/1700000000000042"
@@ -258,3 +258,19 @@ def test_upload_needs_a_card_and_the_network(trained, carded, hub_env, tmp_path)
         upload_files(bare)
     with pytest.raises(PublishError, match="not a saved model directory"):
         upload_files(tmp_path / "nothing")
+
+
+def test_repo_id_templates_and_the_start_of_run_check(hub_env):
+    assert repo_id_for("me/prefflow-{variant}-{run_id}", "dpo", "17") == "me/prefflow-dpo-17"
+    with pytest.raises(PublishError, match="placeholder"):
+        repo_id_for("me/{model}", "dpo", "17")
+    with pytest.raises(PublishError, match="same repo"):
+        check_publish("me/prefflow", ["sft", "dpo"], dry_run=True)
+    assert check_publish("me/prefflow-{variant}", ["sft", "dpo"], dry_run=True) == [
+        "me/prefflow-sft",
+        "me/prefflow-dpo",
+    ]
+    with pytest.raises(PublishError, match="before the run"):
+        check_publish("me/prefflow-{variant}", ["dpo"], dry_run=False)
+    hub_env.setenv("HUGGING_FACE_HUB_TOKEN", "hf_x")
+    assert check_publish("me/prefflow-{variant}", ["dpo"], dry_run=False) == ["me/prefflow-dpo"]
