@@ -3,7 +3,6 @@ prompt, scored from its "m"/"M" next-token probabilities) and ``alpaca_eval:<con
 PairwiseAnnotator); preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
 from __future__ import annotations
 
-import abc
 import importlib.util
 import logging
 import os
@@ -28,6 +27,7 @@ from steps.evaluate.annotator_prompt import (
     switch_decisions,
 )
 from steps.evaluate.generation import resolve_device
+from steps.evaluate.judge_base import Judge
 from steps.evaluate.prefix_scoring import PrefixCachedScorer
 from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
 
@@ -53,36 +53,6 @@ COMPLETION_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "vllm_local_completions": ((), "vllm"),
     "huggingface_local_completions": ((), "transformers"),
 }
-
-
-class Judge(abc.ABC):
-    """Judges (instruction, output_1, output_2) pairs; results carry ``preference`` in [1, 2] plus raw fields."""
-
-    name: str = ""
-
-    @property
-    @abc.abstractmethod
-    def label(self) -> str:
-        """What produced the judgements, recorded with every result (``annotator`` and metadata)."""
-
-    @property
-    def cache_identity(self) -> str:
-        """Everything that changes a judgement; part of every cache key."""
-        return self.label
-
-    @property
-    def weak_judge(self) -> bool:
-        return False
-
-    def check(self) -> None:
-        """Raise JudgeError now if the judge cannot run (called before any generation starts)."""
-
-    @abc.abstractmethod
-    def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-        """Judge each pair, calling ``on_result(index, result)`` as soon as each result exists."""
-
-    def metadata(self) -> dict[str, Any]:
-        return {"judge": self.label, "weak_judge": self.weak_judge}
 
 
 class LocalLogprobJudge(Judge):
