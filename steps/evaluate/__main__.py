@@ -16,6 +16,7 @@ from steps.evaluate.generation import BACKENDS, answer_eval_set
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
 from steps.evaluate.paired import PAIRED_RESAMPLES, PAIRED_SEED, paired_comparison
 from steps.evaluate.scoring import score
+from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from steps.evaluate.settings import GenerationSettings
 from steps.io import read_json, read_jsonl, write_json
 from steps.models import DEFAULT_MODEL
@@ -64,7 +65,9 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _judge_from_args(args: argparse.Namespace) -> Judge:
     judge = make_judge(args.judge, judge_model=args.judge_model, judge_max_chars=args.judge_max_chars,
-                       device=args.device)
+                       device=args.device, judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env,
+                       judge_max_requests=args.judge_max_requests, judge_timeout_s=args.judge_timeout_s,
+                       judge_concurrency=args.judge_concurrency)
     judge.check()
     return judge
 
@@ -159,8 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 "cache)")
             p.add_argument("--no-record", action="store_true", help="measure only; leave the registry as it is")
         p.add_argument("--judge", default=DEFAULT_JUDGE,
-                       help="'local_logprob', 'local_logprob:<model spec>' or 'alpaca_eval:<annotator config>'")
-        p.add_argument("--judge-model", default=DEFAULT_MODEL, help="model spec of the local judge")
+                       help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
+                            "'alpaca_eval:<annotator config>'")
+        p.add_argument("--judge-model", default=DEFAULT_MODEL,
+                       help="model spec of the local judge, or the served model's name for openai_compatible")
+        p.add_argument("--judge-base-url", default=None,
+                       help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)")
+        p.add_argument("--judge-api-key-env", default=None,
+                       help="openai_compatible: name of the environment variable holding the API key (default: "
+                            "none, no key sent)")
+        p.add_argument("--judge-max-requests", type=int, default=None,
+                       help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, "
+                            "plus 10)")
+        p.add_argument("--judge-timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                       help="openai_compatible: seconds to wait for each reply before retrying")
+        p.add_argument("--judge-concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                       help="openai_compatible: requests in flight at once")
         p.add_argument("--judge-max-chars", type=int, default=DEFAULT_JUDGE_MAX_CHARS,
                        help="the local judge cuts each output to this many characters")
         p.add_argument("--cache-dir", type=Path, default=None,
