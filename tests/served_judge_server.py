@@ -36,7 +36,7 @@ class ChatCompletionsServer:
             def log_message(self, *_: Any) -> None:  # keep pytest output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:  # http.server's name
                 owner.handle(self)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

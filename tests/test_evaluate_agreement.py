@@ -85,7 +85,7 @@ def test_corrupt_registry(tmp_path, caplog, tokenizer):
     judge = make_judge("local_logprob:tiny", device="cpu")
     assert recorded_agreement(judge, registry) is None
     assert "judge agreement not attached" in caplog.text
-    with pytest.raises(AgreementRegistryError, match="registry.json: not valid JSON"):
+    with pytest.raises(AgreementRegistryError, match=r"registry\.json: not valid JSON"):
         record_agreement({"agreement": 0.5}, judge, registry, 1, path=registry)
 
 

@@ -40,7 +40,8 @@ DEGENERATE = {
     "24 instructions (the default run)": (_rows([1.2, 1.9, 1.4, 1.7] * 6), "24 judged instructions"),
     "no judgement at all": (_rows([None] * 60), "0 judged instructions"),
     "all ties": (_rows([1.5] * 60), "every judgement is a tie"),
-    "identical answers": (_rows([1.5] * 60, output_1=["same"] * 60, output_2=["same"] * 60), "every judgement is a tie"),
+    "identical answers": (_rows([1.5] * 60, output_1=["same"] * 60, output_2=["same"] * 60),
+                          "every judgement is a tie"),
     "same-length answers": (_rows([1.1, 1.9, 1.3] * 20, output_1=["abc"] * 60, output_2=["xyz"] * 60),
                             "the length difference between model and reference is the same on every instruction"),
     "constant length gap": (_rows([1.1, 1.9, 1.3] * 20, output_1=["abcdef"] * 60, output_2=["xyz"] * 60),
@@ -115,7 +116,8 @@ def test_glm_failure_becomes_a_reason(tmp_path):
     rows = _rows([1.1, 1.9, 1.3, 1.6] * 15)
     result = score(rows, lc_assets_dir=assets, alpaca_eval_order=True)
     assert result["length_controlled_winrate"] is None
-    assert result["lc_unavailable_reason"].startswith("alpaca_eval's GLM fit failed (ValueError: Transform function failed")
+    assert result["lc_unavailable_reason"].startswith(
+        "alpaca_eval's GLM fit failed (ValueError: Transform function failed")
     assert result["win_rate"] == pytest.approx(_independent_wr([r["preference"] for r in rows]))
 
 
@@ -148,7 +150,7 @@ def test_interface_check_names_what_changed(monkeypatch):
     from alpaca_eval.metrics import glm_winrate
 
     monkeypatch.delattr(glm_winrate, "hf_hub_download")
-    with pytest.raises(GlmInterfaceError, match="has no callable hf_hub_download.*lc_glm.py"):
+    with pytest.raises(GlmInterfaceError, match=r"has no callable hf_hub_download.*lc_glm\.py"):
         check_glm_interface()
 
 

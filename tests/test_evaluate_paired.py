@@ -85,7 +85,8 @@ def test_missing_judgements_and_unshared_rows_are_left_out():
 def test_score_cli_adds_paired_fields(shared_dir):
     folder = shared_dir / "alpaca_eval" / "annotations"
     proc = subprocess.run([sys.executable, "-m", "steps.evaluate", "score", "--annotations",
-                           str(folder / "vicuna-7b-v1.5.json"), "--baseline-annotations", str(folder / "alpaca-7b.json"),
+                           str(folder / "vicuna-7b-v1.5.json"),
+                           "--baseline-annotations", str(folder / "alpaca-7b.json"),
                            "--no-hub"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]

@@ -50,8 +50,8 @@ def server(tiny_server_model, monkeypatch):
 
 
 def _judge(server, **options):
-    settings = dict(judge_model="served-tiny", judge_base_url=server.url, judge_api_key_env=KEY_ENV,
-                    judge_concurrency=1, show_progress=False)
+    settings = {"judge_model": "served-tiny", "judge_base_url": server.url, "judge_api_key_env": KEY_ENV,
+                "judge_concurrency": 1, "show_progress": False}
     settings.update(options)
     judge = make_judge("openai_compatible", **settings)
     judge.backoff_s = 0.01
@@ -237,3 +237,27 @@ def test_killed_judging_never_resends_a_judged_pair(server, tmp_path):
     written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
     assert written and all(KEY.encode() not in blob for blob in written + [out1, err1, second.stdout, second.stderr])
     assert json.loads(second.stdout.decode().strip().splitlines()[-1])["judge_api_key_env"] == KEY_ENV
+
+
+def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_server_model, tmp_path):
+    """A priced model name behind the local server: cost from the server's usage, checked against the prompt
+    lengths recomputed from the requests the server received."""
+    from steps.evaluate import GenerationSettings, evaluate_model, load_eval_set
+
+    _, tokenizer = tiny_server_model
+    eval_set = load_eval_set("embedded", max_instructions=3)
+    refs = [{"instruction": q, "output": f"Reference answer {i}.", "generator": "ref"}
+            for i, q in enumerate(eval_set.instructions)]
+    result = evaluate_model("tiny", eval_set, refs, generator="tiny", out_dir=tmp_path / "eval",
+                            generation=GenerationSettings(max_new_tokens=3, batch_size=3), judge="openai_compatible",
+                            judge_model="gpt-4o-mini-2024-07-18", judge_base_url=server.url,
+                            judge_api_key_env=KEY_ENV, judge_concurrency=2, show_progress=False,
+                            agreement_registry=tmp_path / "none.json")
+    prompts = [len(tokenizer(tokenizer.apply_chat_template(r["body"]["messages"], tokenize=False,
+                                                           add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"]) for r in server.requests]
+    assert len(prompts) == 3 and result["judge_tokens"]["prompt"] == sum(prompts)
+    assert result["judge_tokens"]["completion"] == 3
+    assert result["judge_cost_usd"] == pytest.approx((sum(prompts) * 0.15 + 3 * 0.6) / 1e6)
+    assert result["judge"] == "openai_compatible:gpt-4o-mini-2024-07-18" and result["judge_requests_made"] == 3
+    assert result["judge_api_key_env"] == KEY_ENV and KEY not in json.dumps(result)

@@ -174,11 +174,8 @@ class ServedJudge(Judge):
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
         delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.75 + 0.5 * random.random())
-        if retry_after:
-            try:
-                delay = min(self.max_backoff_s, max(0.0, float(retry_after)))
-            except ValueError:
-                pass
+        if retry_after and retry_after.replace(".", "", 1).isdigit():  # seconds (an HTTP date is ignored)
+            delay = min(self.max_backoff_s, float(retry_after))
         with self._lock:
             self.retries += 1
         time.sleep(delay)
