@@ -50,10 +50,13 @@ def judge_agreement(official: Sequence[dict[str, Any]], judge: Judge, limit: int
         official_wins += a > 0
         judge_wins += b > 0
     # agreement by chance alone: a judge that always names the officials' usual winner, and Cohen's kappa
-    p_official, p_judge = (official_wins / compared, judge_wins / compared) if compared else (None, None)
-    baseline = max(p_official, 1 - p_official) if compared else None
-    expected = p_official * p_judge + (1 - p_official) * (1 - p_judge) if compared else None
-    kappa = (agree / compared - expected) / (1 - expected) if compared and expected < 1 else None
+    baseline: float | None = None
+    kappa: float | None = None
+    if compared:
+        p_official, p_judge = official_wins / compared, judge_wins / compared
+        baseline = max(p_official, 1 - p_official)
+        expected = p_official * p_judge + (1 - p_official) * (1 - p_judge)
+        kappa = (agree / compared - expected) / (1 - expected) if expected < 1 else None
     judged = [r for r in mine if (r.get("time_per_example") or 0) > 0]
     return {
         "judge": judge.label,

@@ -29,7 +29,7 @@ from steps.evaluate.annotator_prompt import (
 from steps.evaluate.generation import resolve_device
 from steps.evaluate.judge_base import Judge
 from steps.evaluate.prefix_scoring import PrefixCachedScorer
-from steps.evaluate.served_judge import ServedJudge
+from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ServedJudge
 from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -371,10 +371,10 @@ def make_judge(
         if not served or served == DEFAULT_MODEL or served.startswith(("embedded:", "tiny")):
             raise JudgeError(f"judge 'openai_compatible' needs the name the server serves its model under "
                              f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}")
-        options = {k: v for k, v in (("max_requests", judge_max_requests), ("timeout_s", judge_timeout_s),
-                                     ("concurrency", judge_concurrency)) if v is not None}
-        return ServedJudge(served, judge_base_url, api_key_env=judge_api_key_env, show_progress=show_progress,
-                           **options, **alpaca_eval_kwargs)
+        return ServedJudge(served, judge_base_url, api_key_env=judge_api_key_env, max_requests=judge_max_requests,
+                           timeout_s=DEFAULT_TIMEOUT_S if judge_timeout_s is None else judge_timeout_s,
+                           concurrency=DEFAULT_CONCURRENCY if judge_concurrency is None else judge_concurrency,
+                           show_progress=show_progress, **alpaca_eval_kwargs)
     if name.startswith("alpaca_eval:"):
         config = name.split(":", 1)[1]
         if not config:

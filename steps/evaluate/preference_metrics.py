@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
@@ -93,7 +93,7 @@ def heldout_preference_metrics(
     dtype: str = "float32",
     max_seq_len: int = 2048,
     max_num_tokens: int = 8192,
-    overlength: str = "truncate",
+    overlength: Literal["drop", "truncate"] = "truncate",
     max_pairs: int | None = None,
     model: "PreTrainedModel | None" = None,
     tokenizer: "PreTrainedTokenizerBase | None" = None,
@@ -119,9 +119,11 @@ def heldout_preference_metrics(
         raise ValueError(f"beta must be a number > 0, got {beta!r}")
     if model is None and model_spec is None:
         raise ValueError("give model_spec or a loaded model")
+    if tokenizer is None and model_spec is None:
+        raise ValueError("give model_spec or the loaded model's tokenizer")
     rows = _normalised_rows(list(pairs_rows)[:max_pairs] if max_pairs is not None else list(pairs_rows))
     device = resolve_device(device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_spec))
     examples, stats = tokenize_pairs(rows, tokenizer, max_seq_len, overlength)
     has_reference = reference_spec is not None or reference_model is not None
     result: dict[str, Any] = {"model": model_spec, "reference": reference_spec if has_reference else None,
@@ -135,7 +137,7 @@ def heldout_preference_metrics(
                 "reward_accuracy": None, "reward_margin_mean": None}
 
     loaded = model is None
-    policy = model if model is not None else load_model(model_spec, dtype=dtype, device=device)
+    policy = model if model is not None else load_model(str(model_spec), dtype=dtype, device=device)
     scores = pair_logprobs(policy, examples, tokenizer.pad_token_id, max_num_tokens=max_num_tokens,
                            desc=f"held-out pairs {model_spec or 'model'}", show_progress=show_progress)
     if loaded:
@@ -143,7 +145,7 @@ def heldout_preference_metrics(
         gc.collect()
     reference_scores = None
     if has_reference:
-        ref = reference_model if reference_model is not None else load_model(reference_spec, dtype=dtype,
+        ref = reference_model if reference_model is not None else load_model(str(reference_spec), dtype=dtype,
                                                                               device=device)
         reference_scores = pair_logprobs(ref, examples, tokenizer.pad_token_id, max_num_tokens=max_num_tokens,
                                          desc=f"held-out pairs reference {reference_spec or ''}".strip(),

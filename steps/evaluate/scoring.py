@@ -52,7 +52,7 @@ def is_approximate_assets(directory: Path) -> bool:
     )
 
 
-def annotations_frame(annotations: Sequence[dict[str, Any]], source: str = "annotations"):
+def annotations_frame(annotations: Sequence[dict[str, Any]], source: str = "annotations") -> Any:
     """A DataFrame in row order (row position = instruction index) with float preferences (NaN = missing)."""
     import pandas as pd
 

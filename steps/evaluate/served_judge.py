@@ -71,7 +71,7 @@ class ServedJudge(Judge):
     def __init__(
         self,
         model: str,
-        base_url: str,
+        base_url: str | None,
         *,
         api_key_env: str | None = None,
         annotator_config: str = OFFICIAL_ANNOTATOR,
@@ -95,7 +95,7 @@ class ServedJudge(Judge):
                 raise JudgeError(f"{field} must be an integer >= {low}, got {value!r}")
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
             raise JudgeError(f"judge_timeout_s must be a number > 0, got {timeout_s!r}")
-        self.model, self.base_url = model, base_url.rstrip("/")
+        self.model, self.base_url = model, str(base_url).rstrip("/")
         self.api_key_env = api_key_env or None
         self.annotator_config = annotator_config
         self.max_requests, self.timeout_s, self.max_retries = max_requests, float(timeout_s), max_retries
