@@ -19,7 +19,7 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
 
     kwargs = dict(generator="policy-tiny", out_dir=tmp_path / "eval", generation=GENERATION, judge="local_logprob",
                   judge_model="tiny", judge_max_chars=300, cache_dir=tmp_path / "cache", model=policy,
-                  tokenizer=tokenizer, show_progress=False)
+                  tokenizer=tokenizer, show_progress=False, agreement_registry=tmp_path / "registry.json")
     result = evaluate_model("tiny", eval_set, refs, **kwargs)
 
     files = {name: json.loads((tmp_path / "eval" / name).read_text()) for name in
@@ -36,7 +36,14 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     assert result["eval_set"] == "prefflow_embedded" and result["subset"] is True
     assert result["reference_generator"] == "reference:tiny"
     assert result["lc_method"] == "length_controlled_v1_subset_no_gamed_regularisation_no_instruction_difficulty"
-    assert result["length_controlled_winrate"] is not None
+    assert result["length_controlled_winrate"] is None  # 6 instructions: too few for the GLM, and it says so
+    assert result["lc_unavailable_reason"].startswith("6 judged instructions")
+    prompt_tokens = sum(a["raw_completion"]["prompt_tokens"] for a in annotations if a["raw_completion"])
+    assert result["judge_tokens"] == {"prompt": prompt_tokens, "completion": 0, "total": prompt_tokens,
+                                      "n_judgements": sum(a["raw_completion"] is not None for a in annotations),
+                                      "n_without_counts": 0}
+    assert result["judge_cost_usd"] is None and result["judge_cost_note"] == "local judge: no per-token price"
+    assert result["judge_agreement"] is None and result["heldout_preference"] is None
     expected_settings = {"max_new_tokens": 6, "temperature": 0.9, "top_p": 1.0, "seed": 1814, "batch_size": 4,
                          "do_sample": True}
     assert {k: result["generation"][k] for k in expected_settings} == expected_settings
@@ -62,3 +69,36 @@ def test_reference_outputs_from_the_eval_set(shared_dir):
     refs = reference_outputs_for(eval_set, "tiny", GenerationSettings())
     assert [r["generator"] for r in refs] == ["gpt4_1106_preview"] * 3
     assert [r["output"] for r in refs] == [r["output"] for r in eval_set.records]
+
+
+def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_path):
+    """The reported crash: ``model.base: tiny``, ``max_new_tokens: 4``, judge tiny, the default 24 instructions.
+    Evaluation finishes; LC is None with its reason; the judge's recorded agreement and held-out metrics attach."""
+    from steps.evaluate.agreement import record_agreement
+    from steps.evaluate.judges import make_judge
+
+    eval_set = load_eval_set("embedded")
+    generation = GenerationSettings(max_new_tokens=4, batch_size=8)
+    refs = reference_outputs_for(eval_set, "tiny", generation, model=tiny_model_factory(seed=0), tokenizer=tokenizer,
+                                 show_progress=False)
+    registry = tmp_path / "registry.json"
+    official = tmp_path / "official.json"
+    official.write_text("[]")
+    judge = make_judge("local_logprob:tiny", judge_max_chars=300, device="cpu")
+    record_agreement({"agreement": 0.5, "n_agree": 1, "n_compared": 2}, judge, official, 2, path=registry)
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": "Yes.", "rejected": "No, not at all."}
+             for q in eval_set.instructions[:3]]
+    result = evaluate_model("tiny", eval_set, refs, generator="tiny-sft", out_dir=tmp_path / "eval",
+                            generation=generation, judge="local_logprob:tiny", judge_max_chars=300,
+                            model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False,
+                            agreement_registry=registry, heldout_pairs=pairs, heldout_reference="tiny")
+    assert result["n_total"] == 24 and 0 <= result["win_rate"] <= 100
+    assert result["length_controlled_winrate"] is None
+    assert result["lc_unavailable_reason"].startswith("24 judged instructions")
+    assert result["judge_agreement"]["agreement"] == 0.5 and result["judge_agreement"]["limit"] == 2
+    held = result["heldout_preference"]
+    assert held["n_pairs"] == 3 and held["reference"] == "tiny" and 0 <= held["preference_accuracy"] <= 1
+    # the policy is its own reference here (tiny, seed 0): every implicit reward margin is exactly 0
+    assert held["reward_margin_mean"] == 0.0 and held["reward_accuracy"] == 0.0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["lc_unavailable_reason"] == \
+        result["lc_unavailable_reason"]

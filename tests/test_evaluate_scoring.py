@@ -96,8 +96,10 @@ def test_too_few_rows_for_lc():
     rows = [{"instruction": f"q{i}", "output_1": "a", "output_2": "bb", "generator_1": "ref", "generator_2": "m",
              "preference": p} for i, p in enumerate([1.0, 2.0, 1.75])]
     result = score(rows, alpaca_eval_order=False)
-    assert result["length_controlled_winrate"] is None
-    assert result["lc_method"].startswith("unavailable")
+    assert result["length_controlled_winrate"] is None and result["lc_standard_error"] is None
+    assert result["lc_unavailable_reason"].startswith("3 judged instructions; the length-controlled GLM needs at "
+                                                      "least 50")
+    assert result["lc_method"] == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
     assert result["win_rate"] == pytest.approx(100 * (0 + 1 + 0.75) / 3)
     assert result["n_draws"] == 0
 

@@ -2,20 +2,24 @@
 result names its judge; the offline default (the embedded 135M model) checks the mechanism only (``weak_judge``)."""
 from __future__ import annotations
 
-from steps.evaluate.agreement import judge_agreement
+from steps.evaluate.agreement import judge_agreement, record_agreement, recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate, pair_outputs
 from steps.evaluate.annotator_prompt import OFFICIAL_ANNOTATOR, JudgeError
 from steps.evaluate.eval_sets import EvalSet, EvalSetError, load_eval_set
 from steps.evaluate.evaluation import evaluate_model, reference_outputs_for
 from steps.evaluate.generation import generate_outputs
-from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
-from steps.evaluate.scoring import score
+from steps.evaluate.judge_cost import judge_cost, judge_usage
+from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, ServedJudge, make_judge
+from steps.evaluate.paired import paired_comparison
+from steps.evaluate.preference_metrics import heldout_preference_metrics
+from steps.evaluate.scoring import MIN_INSTRUCTIONS_FOR_LC, score
 from steps.evaluate.settings import GenerationError, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_JUDGE", "DEFAULT_JUDGE_MAX_CHARS", "DEFAULT_MODEL", "OFFICIAL_ANNOTATOR", "AnnotationInputError",
-    "EvalSet", "EvalSetError", "GenerationError", "GenerationSettings", "Judge", "JudgeError", "annotate",
-    "evaluate_model", "generate_outputs", "judge_agreement", "load_eval_set", "make_judge", "pair_outputs",
-    "reference_outputs_for", "score",
+    "DEFAULT_JUDGE", "DEFAULT_JUDGE_MAX_CHARS", "DEFAULT_MODEL", "MIN_INSTRUCTIONS_FOR_LC", "OFFICIAL_ANNOTATOR",
+    "AnnotationInputError", "EvalSet", "EvalSetError", "GenerationError", "GenerationSettings", "Judge", "JudgeError",
+    "ServedJudge", "annotate", "evaluate_model", "generate_outputs", "heldout_preference_metrics", "judge_agreement",
+    "judge_cost", "judge_usage", "load_eval_set", "make_judge", "pair_outputs", "paired_comparison",
+    "record_agreement", "recorded_agreement", "reference_outputs_for", "score",
 ]

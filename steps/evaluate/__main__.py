@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from steps.evaluate.agreement import judge_agreement
+from steps.evaluate.agreement import judge_agreement, record_agreement, registry_path
 from steps.evaluate.annotate import annotate
 from steps.evaluate.eval_sets import ALPACA_EVAL_SIZE, ALPACA_EVAL_SOURCES, load_eval_set
 from steps.evaluate.generation import BACKENDS, answer_eval_set
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
+from steps.evaluate.paired import PAIRED_RESAMPLES, PAIRED_SEED, paired_comparison
 from steps.evaluate.scoring import score
+from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from steps.evaluate.settings import GenerationSettings
 from steps.io import read_json, read_jsonl, write_json
 from steps.models import DEFAULT_MODEL
@@ -40,7 +42,14 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         order = args.alpaca_eval_order == "yes"
     result = score(annotations, lc_assets_dir=args.lc_assets, subset=args.subset, alpaca_eval_order=order,
                    use_hub=not args.no_hub, source=str(args.annotations))
-    return {"annotations": str(args.annotations), "alpaca_eval_order": order, **result}
+    out = {"annotations": str(args.annotations), "alpaca_eval_order": order, **result}
+    if args.baseline_annotations is not None:
+        paired = paired_comparison(annotations, read_records(args.baseline_annotations), seed=args.paired_seed,
+                                   resamples=args.paired_resamples, source=str(args.annotations),
+                                   baseline_source=str(args.baseline_annotations))
+        paired["paired_distinguishable"] = paired.pop("distinguishable")
+        out.update(baseline_annotations=str(args.baseline_annotations), **paired)
+    return out
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,7 +65,9 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _judge_from_args(args: argparse.Namespace) -> Judge:
     judge = make_judge(args.judge, judge_model=args.judge_model, judge_max_chars=args.judge_max_chars,
-                       device=args.device)
+                       device=args.device, judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env,
+                       judge_max_requests=args.judge_max_requests, judge_timeout_s=args.judge_timeout_s,
+                       judge_concurrency=args.judge_concurrency)
     judge.check()
     return judge
 
@@ -74,7 +85,11 @@ def _cmd_agreement(args: argparse.Namespace) -> dict[str, Any]:
     official = read_records(args.annotations)
     judge = _judge_from_args(args)
     result = judge_agreement(official, judge, limit=args.limit, cache_dir=args.cache_dir)
-    return {"annotations": str(args.annotations), "limit": args.limit, **result}
+    recorded = None
+    if not args.no_record:
+        recorded = str(registry_path(args.registry))
+        record_agreement(result, judge, args.annotations, args.limit, path=recorded)
+    return {"annotations": str(args.annotations), "limit": args.limit, **result, "recorded_in": recorded}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpaca-eval-order", choices=("auto", "yes", "no"), default="auto",
                    help="row i is AlpacaEval instruction i (auto: 805 rows from AlpacaEval's five sources)")
     p.add_argument("--no-hub", action="store_true", help="do not try to download the LC assets")
+    p.add_argument("--baseline-annotations", type=Path, default=None,
+                   help="annotations of a second model on the same instructions and reference: adds the paired "
+                        "difference paired_delta_wr with its bootstrap paired_ci95 (default: no comparison)")
+    p.add_argument("--paired-resamples", type=int, default=PAIRED_RESAMPLES,
+                   help="bootstrap resamples of the paired interval")
+    p.add_argument("--paired-seed", type=int, default=PAIRED_SEED, help="seed of the paired bootstrap")
     p.set_defaults(func=_cmd_score)
 
     defaults = GenerationSettings()
@@ -135,9 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--annotations", required=True, type=Path, help="official alpaca_eval annotations")
             p.add_argument("--limit", type=int, default=30, help="judge only the first LIMIT rows")
+            p.add_argument("--registry", type=Path, default=None,
+                           help="agreement registry JSON to record the measurement in (default: the file "
+                                "named by PREFFLOW_AGREEMENT_REGISTRY, else judge_agreement.json in the PrefFlow "
+                                "cache)")
+            p.add_argument("--no-record", action="store_true", help="measure only; leave the registry as it is")
         p.add_argument("--judge", default=DEFAULT_JUDGE,
-                       help="'local_logprob', 'local_logprob:<model spec>' or 'alpaca_eval:<annotator config>'")
-        p.add_argument("--judge-model", default=DEFAULT_MODEL, help="model spec of the local judge")
+                       help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
+                            "'alpaca_eval:<annotator config>'")
+        p.add_argument("--judge-model", default=DEFAULT_MODEL,
+                       help="model spec of the local judge, or the served model's name for openai_compatible")
+        p.add_argument("--judge-base-url", default=None,
+                       help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)")
+        p.add_argument("--judge-api-key-env", default=None,
+                       help="openai_compatible: name of the environment variable holding the API key (default: "
+                            "none, no key sent)")
+        p.add_argument("--judge-max-requests", type=int, default=None,
+                       help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, "
+                            "plus 10)")
+        p.add_argument("--judge-timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                       help="openai_compatible: seconds to wait for each reply before retrying")
+        p.add_argument("--judge-concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                       help="openai_compatible: requests in flight at once")
         p.add_argument("--judge-max-chars", type=int, default=DEFAULT_JUDGE_MAX_CHARS,
                        help="the local judge cuts each output to this many characters")
         p.add_argument("--cache-dir", type=Path, default=None,

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from steps.evaluate.judges import Judge
+from steps.evaluate.judge_base import Judge
 
 logger = logging.getLogger(__name__)
 

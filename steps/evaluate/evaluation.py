@@ -6,12 +6,15 @@ import gc
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from steps.evaluate.agreement import recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.eval_sets import EvalSet
 from steps.evaluate.generation import answer_eval_set
+from steps.evaluate.judge_cost import judge_cost, judge_usage
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, make_judge
+from steps.evaluate.preference_metrics import DEFAULT_BETA, heldout_preference_metrics
 from steps.evaluate.scoring import score
 from steps.evaluate.settings import GenerationSettings
 from steps.io import read_json, write_json
@@ -71,20 +74,36 @@ def evaluate_model(
     model: Any = None,
     tokenizer: Any = None,
     show_progress: bool = True,
+    judge_base_url: str | None = None,
+    judge_api_key_env: str | None = None,
+    judge_max_requests: int | None = None,
+    judge_timeout_s: float | None = None,
+    judge_concurrency: int | None = None,
+    heldout_pairs: Sequence[dict[str, Any]] | None = None,
+    heldout_reference: str | None = None,
+    heldout_beta: float = DEFAULT_BETA,
+    heldout_max_pairs: int | None = None,
+    heldout_max_seq_len: int = 2048,
+    agreement_registry: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate with ``model_spec`` (or the loaded ``model``), judge against ``reference_outputs``, score; write
     the files to ``out_dir`` and return the metrics plus what produced them.
 
     The judge is made and checked first, so a missing API key fails before any generation. Outputs already in
     ``out_dir`` from the same model, instructions and settings are reused (a retried step does not generate
-    again); judgements are reused through ``cache_dir``.
+    again); judgements are reused through ``cache_dir``. With ``heldout_pairs`` (dev preference rows) the result
+    also carries ``heldout_preference`` (judge-free accuracies; reward metrics against ``heldout_reference``).
+    Every result carries the judge's recorded agreement (``judge_agreement``, None if never measured), its
+    tokens (``judge_tokens``) and estimated cost (``judge_cost_usd``, None for local or unpriced judges).
     """
     out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
         raise AnnotationInputError(f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions "
                                    f"of eval set {eval_set.name}")
     pairwise_judge = make_judge(judge, judge_model=judge_model, judge_max_chars=judge_max_chars, device=device,
-                                show_progress=show_progress)
+                                show_progress=show_progress, judge_base_url=judge_base_url,
+                                judge_api_key_env=judge_api_key_env, judge_max_requests=judge_max_requests,
+                                judge_timeout_s=judge_timeout_s, judge_concurrency=judge_concurrency)
     pairwise_judge.check()
 
     settings = generation.record()
@@ -106,6 +125,12 @@ def evaluate_model(
         write_json(outputs_path, model_outputs)
         write_json(generation_path, {**generation_record, "info": generation_info})
         logger.info("wrote %s", outputs_path)
+    heldout = None
+    if heldout_pairs is not None:
+        heldout = heldout_preference_metrics(model_spec, heldout_pairs, reference_spec=heldout_reference,
+                                             beta=heldout_beta, device=device, dtype=dtype,
+                                             max_seq_len=heldout_max_seq_len, max_pairs=heldout_max_pairs,
+                                             model=model, tokenizer=tokenizer, show_progress=show_progress)
     model = None  # free the policy before the judge model loads
     gc.collect()
 
@@ -116,11 +141,19 @@ def evaluate_model(
     metrics = score(annotations, lc_assets_dir=lc_assets_dir, subset=eval_set.subset,
                     alpaca_eval_order=eval_set.alpaca_eval_order, source=str(out_dir / ANNOTATIONS_FILE))
     references = sorted({str(r.get("generator")) for r in reference_outputs})
+    tokens = judge_usage(annotations)
+    cost, price, cost_note = judge_cost(tokens, pairwise_judge.price_model)
     result = {
         **metrics,
         "model": model_spec,
         "generator": generator,
         **pairwise_judge.metadata(),
+        "judge_agreement": recorded_agreement(pairwise_judge, agreement_registry),
+        "judge_tokens": tokens,
+        "judge_cost_usd": cost,
+        "judge_price": price,
+        "judge_cost_note": cost_note,
+        "heldout_preference": heldout,
         "eval_set": eval_set.name,
         "eval_set_source": eval_set.source,
         "subset": eval_set.subset,
@@ -131,7 +164,7 @@ def evaluate_model(
                   "metrics": str(out_dir / METRICS_FILE)},
     }
     write_json(out_dir / METRICS_FILE, result)
-    logger.info("wrote %s: WR %.2f, LC %s (%s), judge %s%s", out_dir / METRICS_FILE, result["win_rate"],
-                result["length_controlled_winrate"], result["lc_method"], result["judge"],
-                " [weak judge: mechanism check only]" if result["weak_judge"] else "")
+    logger.info("wrote %s: WR %s, LC %s (%s), judge %s%s", out_dir / METRICS_FILE, result["win_rate"],
+                result["length_controlled_winrate"], result["lc_unavailable_reason"] or result["lc_method"],
+                result["judge"], " [weak judge: mechanism check only]" if result["weak_judge"] else "")
     return json.loads(json.dumps(result, default=str))

@@ -3,7 +3,6 @@ prompt, scored from its "m"/"M" next-token probabilities) and ``alpaca_eval:<con
 PairwiseAnnotator); preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
 from __future__ import annotations
 
-import abc
 import importlib.util
 import logging
 import os
@@ -28,7 +27,9 @@ from steps.evaluate.annotator_prompt import (
     switch_decisions,
 )
 from steps.evaluate.generation import resolve_device
+from steps.evaluate.judge_base import Judge
 from steps.evaluate.prefix_scoring import PrefixCachedScorer
+from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ServedJudge
 from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_JUDGE", "DEFAULT_JUDGE_MAX_CHARS", "AlpacaEvalJudge", "Judge", "JudgeError", "LocalLogprobJudge",
-           "make_judge"]
+           "ServedJudge", "make_judge"]
 
 DEFAULT_JUDGE = "local_logprob"
 #: Each output is cut to this many characters before the local judge sees it (the prompt must fit a small model).
@@ -53,36 +54,6 @@ COMPLETION_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "vllm_local_completions": ((), "vllm"),
     "huggingface_local_completions": ((), "transformers"),
 }
-
-
-class Judge(abc.ABC):
-    """Judges (instruction, output_1, output_2) pairs; results carry ``preference`` in [1, 2] plus raw fields."""
-
-    name: str = ""
-
-    @property
-    @abc.abstractmethod
-    def label(self) -> str:
-        """What produced the judgements, recorded with every result (``annotator`` and metadata)."""
-
-    @property
-    def cache_identity(self) -> str:
-        """Everything that changes a judgement; part of every cache key."""
-        return self.label
-
-    @property
-    def weak_judge(self) -> bool:
-        return False
-
-    def check(self) -> None:
-        """Raise JudgeError now if the judge cannot run (called before any generation starts)."""
-
-    @abc.abstractmethod
-    def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-        """Judge each pair, calling ``on_result(index, result)`` as soon as each result exists."""
-
-    def metadata(self) -> dict[str, Any]:
-        return {"judge": self.label, "weak_judge": self.weak_judge}
 
 
 class LocalLogprobJudge(Judge):
@@ -253,6 +224,7 @@ class LocalLogprobJudge(Judge):
                 "top_logprobs": top5,
                 "is_switched_outputs": switched,
                 "prompt_tokens": len(prompt_ids),
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0},  # reads one distribution
                 "outputs_cut_at_chars": self.judge_max_chars
                 if max(len(first), len(second)) > self.judge_max_chars else None,
             },
@@ -302,6 +274,17 @@ class AlpacaEvalJudge(Judge):
     @property
     def label(self) -> str:
         return f"alpaca_eval:{self.config}"
+
+    @property
+    def price_model(self) -> str | None:
+        """The model of the config's first annotator (what alpaca_eval bills), None for local completions."""
+        for settings in read_annotator_configs(self.config_path).values():
+            if settings.get("fn_completions") in ("vllm_local_completions", "huggingface_local_completions"):
+                return None
+            model_name = (settings.get("completions_kwargs") or {}).get("model_name")
+            if model_name:
+                return str(model_name)
+        return None
 
     def required_environment(self) -> list[tuple[str, tuple[str, ...], str | None]]:
         """(annotator, env vars of which one must be set, package) per annotator in the config."""
@@ -360,13 +343,20 @@ def make_judge(
     model: "PreTrainedModel | None" = None,
     tokenizer: "PreTrainedTokenizerBase | None" = None,
     show_progress: bool = True,
+    judge_base_url: str | None = None,
+    judge_api_key_env: str | None = None,
+    judge_max_requests: int | None = None,
+    judge_timeout_s: float | None = None,
+    judge_concurrency: int | None = None,
     **alpaca_eval_kwargs: Any,
 ) -> Judge:
-    """``local_logprob[:<model spec>]`` or ``alpaca_eval:<annotator config name or path>``.
+    """``local_logprob[:<model spec>]``, ``openai_compatible[:<served model>]`` or ``alpaca_eval:<config>``.
 
     The local judge runs ``judge_model`` (a spec; a spec in the name wins; default the embedded model), or the
-    loaded ``model`` and ``tokenizer``, on outputs cut at ``judge_max_chars`` (default 1500). Those options do not
-    apply to ``alpaca_eval:`` judges and are ignored there; ``alpaca_eval_kwargs`` go to alpaca_eval's annotator.
+    loaded ``model`` and ``tokenizer``, on outputs cut at ``judge_max_chars`` (default 1500). The served judge
+    sends the official weighted prompt to ``judge_base_url`` for the model named ``judge_model`` (or in the name),
+    with the key from the environment variable ``judge_api_key_env``. Options of one kind are ignored by the
+    others; ``alpaca_eval_kwargs`` go to alpaca_eval's annotator.
     """
     if name == "local_logprob" or name.startswith("local_logprob:"):
         if alpaca_eval_kwargs:
@@ -376,10 +366,20 @@ def make_judge(
         max_chars = DEFAULT_JUDGE_MAX_CHARS if judge_max_chars is None else judge_max_chars
         return LocalLogprobJudge(spec, model=model, tokenizer=tokenizer, judge_max_chars=max_chars, device=device,
                                  dtype=dtype, show_progress=show_progress)
+    if name == "openai_compatible" or name.startswith("openai_compatible:"):
+        served = name.split(":", 1)[1] if ":" in name else judge_model
+        if not served or served == DEFAULT_MODEL or served.startswith(("embedded:", "tiny")):
+            raise JudgeError(f"judge 'openai_compatible' needs the name the server serves its model under "
+                             f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}")
+        return ServedJudge(served, judge_base_url, api_key_env=judge_api_key_env, max_requests=judge_max_requests,
+                           timeout_s=DEFAULT_TIMEOUT_S if judge_timeout_s is None else judge_timeout_s,
+                           concurrency=DEFAULT_CONCURRENCY if judge_concurrency is None else judge_concurrency,
+                           show_progress=show_progress, **alpaca_eval_kwargs)
     if name.startswith("alpaca_eval:"):
         config = name.split(":", 1)[1]
         if not config:
             raise JudgeError(f"judge 'alpaca_eval:' needs an annotator config, e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}'")
         return AlpacaEvalJudge(config, **alpaca_eval_kwargs)
-    raise JudgeError(f"unknown judge {name!r}; use 'local_logprob' (offline), 'local_logprob:<model spec>' or "
-                     f"'alpaca_eval:<annotator config>' (e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')")
+    raise JudgeError(f"unknown judge {name!r}; use 'local_logprob' (offline), 'local_logprob:<model spec>', "
+                     f"'openai_compatible' (a served model, e.g. vLLM) or 'alpaca_eval:<annotator config>' "
+                     f"(e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')")

@@ -1,40 +1,47 @@
-"""Win rate and length-controlled win rate with alpaca_eval's own metrics; the LC computation that produced a
-number is always named (``lc_method``), since numbers from different methods are not comparable."""
+"""Win rate and length-controlled win rate with alpaca_eval's own metrics. The LC computation that produced a
+number is always named (``lc_method``); where no meaningful LC exists it is None with ``lc_unavailable_reason``."""
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
-import threading
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
+
+from steps.evaluate.lc_glm import (
+    DIFFICULTY_FILE,
+    GAMED_FILE,
+    LcAssetsError,
+    fit_length_controlled,
+    hub_assets_available,
+    local_resolver,
+    no_assets_resolver,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["MIN_INSTRUCTIONS_FOR_LC", "AnnotationsError", "LcAssetsError", "annotations_frame", "lc_method_label",
+           "lc_unavailable_reason", "score"]
+
 LC_GLM_NAME = "length_controlled_v1"
-GAMED_FILE = "df_gamed.csv"
-DIFFICULTY_FILE = "instruction_difficulty.csv"
 #: A file with one of these names in an assets directory marks its contents as approximate (not official).
 APPROXIMATE_MARKER_FILES = ("APPROXIMATE", "APPROXIMATE.txt", ".approximate")
 #: Directory-name fragments that say the same.
 APPROXIMATE_NAME_FRAGMENTS = ("reconstruct", "approx")
-#: alpaca_eval's GLM cross-validates over 5 folds of instructions; fewer rows cannot be fitted.
-MIN_ROWS_FOR_LC = 5
+#: alpaca_eval's GLM picks its L1 strength by 5-fold cross-validation over instructions (GroupKFold). Below 5
+#: instructions it cannot run at all; we ask for 10 instructions in every held-out fold, so the log-loss that
+#: chooses the regularisation averages over 10 or more instructions and each training fold keeps 40 or more for
+#: 2-3 coefficients. Measured on the official annotations (4 disjoint slices each, no assets): at 24 instructions
+#: half of FuseChat's fits collapse to exactly 50 and alpaca-7b's LC spans 0.04-35 (805 rows: 19.6).
+MIN_INSTRUCTIONS_FOR_LC = 50
+#: Every GLM prediction within this of 0.5 means the regularised fit kept no coefficient: LC reads 50 regardless.
+COLLAPSED_FIT_TOLERANCE = 1e-9
 #: The formula alpaca_eval calls ``length_controlled_minimal``: length term and model term only.
 NO_DIFFICULTY_FORMULA = "np.tanh(std_delta_len) + not_gamed_baseline.astype(float) - 1"
 REQUIRED_ANNOTATION_FIELDS = ("instruction", "output_1", "output_2", "generator_1", "generator_2", "preference")
 
-_REDIRECT_LOCK = threading.Lock()
-
 
 class AnnotationsError(ValueError):
     """Annotations that cannot be scored (missing fields, bad preferences, several generators)."""
-
-
-class LcAssetsError(ValueError):
-    """An LC assets directory that lacks the files the GLM needs."""
 
 
 def is_approximate_assets(directory: Path) -> bool:
@@ -45,70 +52,7 @@ def is_approximate_assets(directory: Path) -> bool:
     )
 
 
-@contextlib.contextmanager
-def glm_downloads_served_by(resolve: Callable[[str], Any]) -> Iterator[None]:
-    """Within the block, alpaca_eval's GLM gets ``resolve(filename)`` instead of a Hub download.
-
-    ``resolve`` returns anything ``pandas.read_csv`` reads (a path or a text buffer). The original function
-    is restored on exit; a lock keeps two threads from redirecting at once.
-    """
-    from alpaca_eval.metrics import glm_winrate
-
-    def served(repo_id: str, filename: str, **_: Any) -> Any:
-        return resolve(filename)
-
-    with _REDIRECT_LOCK:
-        original = glm_winrate.hf_hub_download
-        glm_winrate.hf_hub_download = served
-        try:
-            yield
-        finally:
-            glm_winrate.hf_hub_download = original
-
-
-def _local_resolver(directory: Path) -> Callable[[str], str]:
-    def resolve(filename: str) -> str:
-        path = directory / filename
-        if not path.is_file():
-            raise LcAssetsError(f"{directory}: no {filename} (alpaca_eval's LC GLM asked for it)")
-        return str(path)
-
-    return resolve
-
-
-def _no_assets_resolver(n_rows: int) -> Callable[[str], io.StringIO]:
-    """A stand-in for ``df_gamed.csv`` with no gamed rows and unknown (NaN) difficulty for rows 0..n-1.
-
-    Only used with no regularisation and a formula without instruction difficulty, where alpaca_eval reads
-    nothing from this file but the (then unused) difficulty column.
-    """
-
-    def resolve(filename: str) -> io.StringIO:
-        if filename != GAMED_FILE:
-            raise LcAssetsError(f"no LC assets available, and alpaca_eval's GLM asked for {filename}")
-        rows = "".join(f"none,{i},\n" for i in range(n_rows))
-        return io.StringIO("model,index,instruction_difficulty\n" + rows)
-
-    return resolve
-
-
-def _hub_assets_available() -> bool:
-    """Whether alpaca_eval's own download of ``df_gamed.csv`` works here (online, or in the HF cache)."""
-    from alpaca_eval import constants
-    from alpaca_eval.metrics import glm_winrate
-
-    try:
-        glm_winrate.hf_hub_download(
-            repo_id="tatsu-lab/alpaca_eval", filename=GAMED_FILE, repo_type="dataset",
-            token=constants.DATASETS_TOKEN, cache_dir=constants.DEFAULT_CACHE_DIR,
-        )
-    except Exception as exc:  # offline, not cached, network or auth errors
-        logger.info("LC assets not available from the Hub (%s: %s)", type(exc).__name__, exc)
-        return False
-    return True
-
-
-def annotations_frame(annotations: Sequence[dict[str, Any]], source: str = "annotations"):
+def annotations_frame(annotations: Sequence[dict[str, Any]], source: str = "annotations") -> Any:
     """A DataFrame in row order (row position = instruction index) with float preferences (NaN = missing)."""
     import pandas as pd
 
@@ -155,6 +99,30 @@ def lc_method_label(*, subset: bool, gamed_regularisation: bool, instruction_dif
     return label
 
 
+def lc_unavailable_reason(df: Any) -> str | None:
+    """Why no length-controlled fit on these annotations can mean anything, or None when one can be tried.
+
+    Checked before fitting, in this order: too few judged instructions (``MIN_INSTRUCTIONS_FOR_LC``), the model
+    being its own reference, every judgement a tie, and a length difference that is the same on every row (the
+    GLM divides it by its standard deviation: 0 or undefined gives NaN or constant features).
+    """
+    preferences = df["preference"].replace({0.0: 1.5})
+    valid = preferences.dropna()
+    if len(valid) < MIN_INSTRUCTIONS_FOR_LC:
+        return (f"{len(valid)} judged instruction{'s' if len(valid) != 1 else ''}; the length-controlled GLM needs "
+                f"at least {MIN_INSTRUCTIONS_FOR_LC} (5-fold cross-validation, 10 or more instructions per fold)")
+    if df["generator_1"].iloc[0] == df["generator_2"].iloc[0]:
+        return "the model and the reference are the same generator, so LC is 50 by construction"
+    if bool((valid == 1.5).all()):
+        return "every judgement is a tie (preference 1.5), so there is nothing for the GLM to fit"
+    delta = df["output_1"].astype(str).str.len() - df["output_2"].astype(str).str.len()
+    spread = float(delta.std())
+    if not math.isfinite(spread) or spread == 0:
+        return ("the length difference between model and reference is the same on every instruction (e.g. "
+                "identical or empty answers), so the GLM's standardised length term is undefined")
+    return None
+
+
 def score(
     annotations: Sequence[dict[str, Any]],
     lc_assets_dir: str | Path | None = None,
@@ -168,8 +136,13 @@ def score(
     WR is ``alpaca_eval.metrics.get_winrate`` (reproduces the leaderboard exactly). LC is its
     ``get_length_controlled_winrate``: the ``length_controlled_v1`` GLM needs ``df_gamed.csv`` (two length-gamed
     baselines it regularises towards) and ``instruction_difficulty.csv``, which alpaca_eval fetches from the Hub at
-    call time; offline they come from a local directory, served by redirecting its download function. Without
-    them the same GLM is fitted without the gamed-baseline regularisation and without instruction difficulty.
+    call time; offline they come from a local directory (``steps.evaluate.lc_glm``). Without them the same GLM is
+    fitted without the gamed-baseline regularisation and without instruction difficulty.
+
+    ``length_controlled_winrate`` is None, with a one-sentence ``lc_unavailable_reason``, when the fit cannot mean
+    anything: see ``lc_unavailable_reason``, plus a fit that fails or shrinks to the constant (every prediction
+    0.5, LC exactly 50 whatever the judgements). ``lc_standard_error`` is alpaca_eval's (the spread of the GLM's
+    per-instruction predictions); without instruction difficulty those are all equal, so it is None, not 0.
 
     ``alpaca_eval_order``: row i is AlpacaEval instruction i, so the per-instruction difficulty and the
     gamed baselines apply; when False (another instruction set) LC uses neither. ``lc_assets_dir`` holds
@@ -177,15 +150,13 @@ def score(
     (``use_hub``), and failing that LC is computed without the assets. ``subset``: the rows are a prefix of
     the eval set, which the label records.
     """
-    import sklearn
-    from alpaca_eval.metrics import get_length_controlled_winrate, get_winrate
+    from alpaca_eval.metrics import get_winrate
     from alpaca_eval.metrics.glm_winrate import GLM_INFO
 
     df = annotations_frame(annotations, source)
     metrics: dict[str, Any] = dict(get_winrate(df))
     metrics["avg_length"] = int(df["output_2"].astype(str).str.len().mean())  # as alpaca_eval's leaderboard
 
-    n_valid = int(df["preference"].notna().sum())
     assets: str | None = None
     approximate = False
     resolver: Callable[[str], Any] | None = None
@@ -197,8 +168,8 @@ def score(
                 raise LcAssetsError(f"LC assets directory {directory} has no {GAMED_FILE}; give a directory "
                                     f"with {GAMED_FILE} and {DIFFICULTY_FILE}, or none to score without them")
             assets, approximate, full_glm = str(directory), is_approximate_assets(directory), True
-            resolver = _local_resolver(directory)
-        elif use_hub and _hub_assets_available():
+            resolver = local_resolver(directory)
+        elif use_hub and hub_assets_available():
             assets, full_glm = "hub", True
     elif lc_assets_dir is not None:
         logger.warning("ignoring LC assets %s: the rows are not AlpacaEval's instructions in order, so the "
@@ -208,30 +179,43 @@ def score(
                                            instruction_difficulty=full_glm, assets=assets, approximate=approximate)
     metrics["lc_assets"] = assets
     metrics["lc_approximate_assets"] = approximate
-    if n_valid < MIN_ROWS_FOR_LC:
-        metrics["length_controlled_winrate"] = None
-        metrics["lc_standard_error"] = None
-        metrics["lc_method"] = f"unavailable: {n_valid} annotations, the GLM needs at least {MIN_ROWS_FOR_LC}"
-    else:
+    lc, lc_se, reason = None, None, lc_unavailable_reason(df)
+    if reason is None:
         if full_glm:
             glm_info = GLM_INFO[LC_GLM_NAME]
         else:
             glm_info = {"formula": NO_DIFFICULTY_FORMULA, "regularize_to_baseline_lambda": None,
                         "kwargs": dict(GLM_INFO[LC_GLM_NAME]["kwargs"])}
-            resolver = _no_assets_resolver(len(df))
-        redirect = glm_downloads_served_by(resolver) if resolver is not None else contextlib.nullcontext()
-        # alpaca_eval turns on sklearn metadata routing globally; config_context puts the setting back.
-        with redirect, sklearn.config_context(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            lc = get_length_controlled_winrate(df.copy(), glm_name=LC_GLM_NAME, save_weights_dir=None,
-                                               glm_info=glm_info, is_warn_extreme_changes=True)
-        metrics["length_controlled_winrate"] = lc["length_controlled_winrate"]
-        metrics["lc_standard_error"] = lc["lc_standard_error"]
+            resolver = no_assets_resolver(len(df))
+        lc, lc_se, reason = _fit(df, glm_info, resolver)
+        if not full_glm:
+            lc_se = None  # one prediction for every instruction: alpaca_eval's s.e. is 0 by construction
+    metrics["length_controlled_winrate"] = lc
+    metrics["lc_standard_error"] = lc_se
+    metrics["lc_unavailable_reason"] = reason
 
     out = {k: _plain(v) for k, v in metrics.items()}
-    logger.info("scored %d annotations: WR %.4f, LC %s (%s)", len(df), out["win_rate"],
-                out["length_controlled_winrate"], out["lc_method"])
+    logger.info("scored %d annotations: WR %s, LC %s (%s)", len(df), out["win_rate"],
+                out["length_controlled_winrate"], reason or out["lc_method"])
     return out
+
+
+def _fit(df: Any, glm_info: dict[str, Any], resolver: Callable[[str], Any] | None
+         ) -> tuple[float | None, float | None, str | None]:
+    """(LC, s.e., None) from alpaca_eval's GLM, or (None, None, reason) when the fit fails or says nothing."""
+    try:
+        lc, lc_se, predictions = fit_length_controlled(df, LC_GLM_NAME, glm_info, resolver)
+    except LcAssetsError:
+        raise
+    except (ValueError, ArithmeticError, IndexError, KeyError) as exc:  # sklearn/patsy on degenerate features
+        logger.warning("length-controlled GLM failed: %s: %s", type(exc).__name__, exc)
+        return None, None, f"alpaca_eval's GLM fit failed ({type(exc).__name__}: {str(exc)[:160]})"
+    if not math.isfinite(lc):
+        return None, None, "alpaca_eval's GLM gave a non-finite win rate"
+    if all(abs(p - 0.5) <= COLLAPSED_FIT_TOLERANCE for p in predictions):
+        return None, None, ("the regularised GLM shrank every coefficient to zero (LC would read exactly 50.00 "
+                            "whatever the judgements); it needs more instructions or a clearer signal")
+    return lc, lc_se, None
 
 
 def _plain(value: Any) -> Any:
