@@ -102,7 +102,9 @@ class PrefFlow(FlowSpec):
         from steps.cards import evaluation_card
         from steps.pipeline import evaluate_variant
 
-        self.result = evaluate_variant(self.plan, self.train_summary, self.reference_outputs_path, self.output_root)
+        self.result = evaluate_variant(
+            self.plan, self.train_summary, self.reference_outputs_path, self.output_root, self.data_dir
+        )
         current.card.extend(evaluation_card(self.result))
         self.next(self.join)
 
@@ -117,7 +119,9 @@ class PrefFlow(FlowSpec):
             inputs, include=["cfg", "losses", "data_stats", "eval_set_info", "sft_summary", "output_root", "data_dir"]
         )
         self.run_config = self.cfg.to_dict()
-        self.results = collect_results([i.result for i in inputs], [i.train_summary for i in inputs])
+        self.results = collect_results(
+            [i.result for i in inputs], [i.train_summary for i in inputs], self.cfg.evaluation
+        )
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))
         self.next(self.report)
 

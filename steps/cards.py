@@ -44,12 +44,17 @@ def evaluation_card(result: dict) -> list:
         "standard_error",
         "length_controlled_winrate",
         "lc_standard_error",
+        "lc_unavailable_reason",
         "n_total",
         "avg_length",
         "lc_method",
         "judge",
         "eval_set",
         "reference_generator",
+        "judge_agreement",
+        "judge_tokens",
+        "judge_cost_usd",
+        "heldout_preference",
     ]
     parts: list = [
         Markdown(f"## AlpacaEval 2: {result['variant']}"),

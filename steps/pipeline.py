@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from steps.config import RunConfig, RunPlan, VariantPlan, load_plan
+from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, load_plan
 from steps.config.loading import METAFLOW_SOURCE
 from steps.locks import file_lock
 from steps.report.table import run_results_table
@@ -88,7 +88,7 @@ def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | Non
     from steps.evaluate import load_eval_set, make_judge, reference_outputs_for
     from steps.io import write_json
 
-    make_judge(e.judge, judge_model=e.judge_model, judge_max_chars=e.judge_max_chars).check()  # API keys first
+    make_judge(e.judge, device="cpu", **e.judge_options()).check()  # API keys and servers before any work
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     with cpu_heavy_section(cfg, "reference outputs"):
         refs = reference_outputs_for(eval_set, cfg.model.base, generation=e.generation)
@@ -135,8 +135,10 @@ def train_variant(plan: VariantPlan, data_dir: str, output_root: str, sft_summar
         )
 
 
-def evaluate_variant(plan: VariantPlan, train_summary: dict, reference_path: str | None, output_root: str) -> dict:
-    """AlpacaEval 2 for one trained model: the results row as plain values."""
+def evaluate_variant(
+    plan: VariantPlan, train_summary: dict, reference_path: str | None, output_root: str, data_dir: str | None = None
+) -> dict:
+    """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: plain values."""
     _setup_logging()
     e = plan.config.evaluation
     base = {
@@ -149,9 +151,12 @@ def evaluate_variant(plan: VariantPlan, train_summary: dict, reference_path: str
     if not e.enabled or reference_path is None:
         return {**base, "evaluated": False}
     from steps.evaluate import evaluate_model, load_eval_set
-    from steps.io import read_json
+    from steps.io import read_json, read_jsonl
 
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
+    dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
+    heldout = read_jsonl(dev_pairs) if e.heldout_preference and dev_pairs and dev_pairs.is_file() else None
+    training = train_summary.get("config") or {}
     with cpu_heavy_section(plan.config, f"evaluate {plan.name}"):
         metrics = evaluate_model(
             train_summary["model_dir"],
@@ -161,15 +166,22 @@ def evaluate_variant(plan: VariantPlan, train_summary: dict, reference_path: str
             out_dir=Path(output_root) / "eval" / plan.name,
             generation=e.generation,
             judge=e.judge,
-            judge_model=e.judge_model,
-            judge_max_chars=e.judge_max_chars,
+            **e.judge_options(),
             lc_assets_dir=e.lc_assets_dir,
             cache_dir=Path(output_root).parent / "judge_cache",
+            heldout_pairs=heldout,
+            heldout_reference=train_summary.get("reference"),
+            heldout_beta=float((training.get("criterion_config") or {}).get("beta", 0.1)),
+            heldout_max_pairs=e.heldout_max_pairs,
+            heldout_max_seq_len=int(training.get("max_seq_len", 2048)),
+            agreement_registry=e.agreement_registry,
         )
     return {**base, "evaluated": True, **metrics}
 
 
-def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:
+def collect_results(results: list[dict], summaries: list[dict], evaluation: EvaluationConfig) -> list[dict]:
+    """The join: one row per model with its training facts and, where a baseline row exists, the paired
+    difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
     rows = []
     for res, summ in zip(results, summaries):
         rows.append(
@@ -181,7 +193,27 @@ def collect_results(results: list[dict], summaries: list[dict]) -> list[dict]:
                 "training_config": summ["config"],
             }
         )
+    _add_paired(rows, evaluation)
     return sorted(rows, key=lambda r: (r["loss"] != "sft", r["variant"]))
+
+
+def _add_paired(rows: list[dict], evaluation: EvaluationConfig) -> None:
+    from steps.evaluate.paired import paired_comparison
+    from steps.io import read_json
+
+    name = evaluation.paired_baseline
+    base = next((r for r in rows if r.get("variant") == name and r.get("evaluated")), None)
+    for row in rows:
+        row["paired_vs"] = {"baseline": name, "is_baseline": True} if row is base else None
+        if base is None or row is base or not row.get("evaluated"):
+            continue
+        paired = paired_comparison(
+            read_json(row["files"]["annotations"]),
+            read_json(base["files"]["annotations"]),
+            seed=evaluation.paired_seed,
+            resamples=evaluation.paired_resamples,
+        )
+        row["paired_vs"] = {"baseline": name, **paired}
 
 
 def format_results_table(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> str:

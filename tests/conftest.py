@@ -10,7 +10,9 @@ import pytest
 # Import torch before anything pulls in metaflow.runner: metaflow's vendored typing_extensions, once
 # loaded by the Runner API, breaks a later first `import torch` in the same process (TypeError in
 # torch._higher_order_ops). Flow steps are separate processes and are not affected.
-import torch  # noqa: F401  isort: skip
+import torch  # isort: skip
+import torch._dynamo  # isort: skip  (the modules that break, imported while they still can be)
+import torch.distributed.tensor  # noqa: F401  isort: skip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("USERNAME", "prefflow")

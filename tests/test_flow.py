@@ -99,7 +99,19 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     for r in results.values():
         assert r["evaluated"] and 0.0 <= r["win_rate"] <= 100.0 and r["n_total"] == 3
         assert r["lc_method"] and r["judge"].startswith("local_logprob")
-    assert "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization | Judge |" in stdout
+        # 3 instructions: LC is not shown, and says why
+        assert r["length_controlled_winrate"] is None and "at least 50" in r["lc_unavailable_reason"]
+        held_out = r["heldout_preference"]  # judge-free accuracy on the dev pairs
+        assert held_out["n_pairs"] == len(list(open(Path(data.data_dir, "preference.dev.jsonl"))))
+        assert 0.0 <= held_out["preference_accuracy"] <= 1.0
+    assert results["sft"]["paired_vs"] == {"baseline": "sft", "is_baseline": True}
+    for name in ("dpo", "orpo"):  # both compared with SFT on the same 3 instructions
+        paired = results[name]["paired_vs"]
+        assert paired["baseline"] == "sft" and paired["paired_n"] == 3
+        low, high = paired["paired_ci95"]
+        assert low <= paired["paired_delta_wr"] <= high
+    assert results["dpo"]["heldout_preference"]["reward_accuracy"] is not None  # DPO has a reference
+    assert "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization | Δ WR vs" in stdout
     assert "| ORPO | lr=0.001, orpo_lambda=0.2, nll_scale=1 |" in stdout  # the report's formatting
     join = run["join"].task.data
     assert isinstance(join.run_config, dict) and join.run_config["preference"]["criterion_config"]["beta"] == 0.1

@@ -126,24 +126,105 @@ def test_table_has_documented_columns_and_values():
     cells = table_cells(markdown_table(build_rows([record])))
     header, sep, sft, dpo = cells
     assert header[:6] == DOCUMENTED
-    assert header == COLUMNS == DOCUMENTED + ["Judge", "Eval Set", "Reference", "LC Method", "n", "Date", "Run"]
+    assert header == COLUMNS
+    assert COLUMNS[6:] == [
+        "Δ WR vs Baseline [95% CI]",
+        "Held-out Pref. Acc.",
+        "Judge",
+        "Judge Agreement",
+        "Judge Tokens / Cost",
+        "Eval Set",
+        "Reference",
+        "LC Method",
+        "n",
+        "Date",
+        "Run",
+    ]
     assert len(sep) == 1 and sep[0].count("---") == len(COLUMNS)
-    # SFT first; numbers rounded to 2 decimals (33.456 -> 33.46, 30.004 -> 30.00)
-    assert sft[:3] == ["14.00", "12.50", "SFT"]
-    assert dpo[:3] == ["33.46", "30.00", "DPO"]
+    # SFT first; numbers rounded to 2 decimals (33.456 -> 33.46, 30.004 -> 30.00), each with its standard error
+    assert sft[:3] == ["14.00 ± 1.00", "12.50 ± 2.25", "SFT"]
+    assert dpo[:3] == ["33.46 ± 0.75", "30.00 ± 1.50", "DPO"]
     assert dpo[3] == "[lr=5e-07, beta=0.1, nll_scale=0](configs/PrefFlow-1700000000000001-dpo.yaml)"
     assert dpo[4] == "2"
     assert dpo[5] == "SFT (from embedded:smollm2-135m-instruct)"  # init is the SFT row's model_dir
     assert sft[5] == "embedded:smollm2-135m-instruct"
-    assert dpo[6:11] == [
-        "alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
+    assert dpo[6:8] == ["n/a", "n/a"]  # no paired comparison, no held-out metrics in these records
+    assert dpo[8:10] == ["alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "not measured"]
+    assert dpo[11:16] == [
         "alpaca_eval",
         "gpt4_1106_preview",
         "length_controlled_v1 (approximate assets: ../shared/alpaca_eval/lc_assets_reconstructed)",
         "805",
+        "2025-01-03",
     ]
-    assert dpo[11:] == ["2025-01-03", "`PrefFlow/1700000000000001`"]
+    assert dpo[16:] == ["`PrefFlow/1700000000000001`"]
     assert len(sft) == len(dpo) == len(COLUMNS)
+
+
+def test_uncertainty_paired_heldout_agreement_and_cost_cells():
+    trusted = {
+        "variant": "simpo",
+        "evaluated": True,
+        "win_rate": 40.0,
+        "standard_error": 1.7,
+        "length_controlled_winrate": None,
+        "lc_standard_error": None,
+        "lc_unavailable_reason": "24 judged instructions; the GLM needs at least 50",
+        "judge": "openai_compatible:meta-llama/Llama-3.1-70B-Instruct",
+        "paired_vs": {
+            "baseline": "sft",
+            "paired_delta_wr": 2.206,
+            "paired_ci95": [0.97, 3.47],
+            "distinguishable": True,
+        },
+        "heldout_preference": {
+            "preference_accuracy": 0.625,
+            "preference_accuracy_normalized": 0.5,
+            "reward_accuracy": 0.875,
+            "reward_margin_mean": 0.3141,
+        },
+        "judge_agreement": {
+            "n_agree": 16,
+            "n_compared": 30,
+            "agreement": 16 / 30,
+            "majority_baseline_agreement": 29 / 30,
+            "cohens_kappa": 0.07,
+            "official_annotator": "weighted_alpaca_eval_gpt4_turbo",
+        },
+        "judge_tokens": {"total": 1_234_567},
+        "judge_cost_usd": 12.0561,
+    }
+    noisy = {
+        "variant": "orpo",
+        "evaluated": True,
+        "win_rate": 12.0,
+        "judge": "local_logprob:tiny",
+        "lc_unavailable_reason": "every judgement is a tie",
+        "paired_vs": {
+            "baseline": "sft",
+            "paired_delta_wr": -0.5,
+            "paired_ci95": [-1.25, 0.25],
+            "distinguishable": False,
+        },
+        "judge_tokens": {"total": 4200},
+    }
+    record = make_record(extra_result=trusted)
+    record.results.append(noisy)
+    table = markdown_table(build_rows([record]))
+    cells = {row[2]: row for row in table_cells(table)[2:]}
+    simpo, orpo = cells["SimPO"], cells["ORPO"]
+    # footnotes are numbered in table order: SFT, DPO, ORPO, SimPO
+    assert orpo[0] == "n/a [1]" and simpo[:2] == ["n/a [2]", "40.00 ± 1.70"]
+    assert "[1] LC WR n/a: every judgement is a tie" in table
+    assert "[2] LC WR n/a: 24 judged instructions; the GLM needs at least 50" in table
+    assert simpo[6] == "+2.21 [+0.97, +3.47] vs SFT"
+    assert orpo[6] == "-0.50 [-1.25, +0.25] vs SFT: not distinguishable from SFT"
+    assert cells["SFT"][6] == "n/a"  # an older record: no comparison stored
+    record.results[1]["paired_vs"] = {"baseline": "sft", "is_baseline": True}
+    assert table_cells(markdown_table(build_rows([record])))[2][6] == "— (baseline)"
+    assert simpo[7] == "0.62 (per token 0.50; reward 0.88, margin 0.314)"
+    assert simpo[9] == "16/30 (53%; majority 97%; κ 0.07) vs weighted_alpaca_eval_gpt4_turbo"
+    assert simpo[10] == "1.2M / $12.06" and orpo[10] == "4k / local"
 
 
 def test_missing_keys_print_na_and_pipes_are_escaped():
@@ -159,10 +240,10 @@ def test_missing_keys_print_na_and_pipes_are_escaped():
     record.results.append(odd)
     cells = {row[2]: row for row in table_cells(markdown_table(build_rows([record])))[2:]}
     assert cells["SimPO"][:2] == ["n/a", "n/a"] and cells["SimPO"][3].startswith("[n/a](")
-    assert cells["SimPO"][4:11] == ["n/a"] * 7
-    assert cells["DPO"][0] == "n/a" and cells["DPO"][1] == "30.00"
+    assert cells["SimPO"][4:15] == ["n/a"] * 11  # not evaluated: no "not measured" either
+    assert cells["DPO"][0] == "n/a" and cells["DPO"][1] == "30.00 ± 1.50"
     assert cells["ORPO"][1] == "n/a"  # NaN is not a number to print
-    assert cells["ORPO"][6] == "a\\|b"
+    assert cells["ORPO"][8] == "a\\|b"
     assert [row[2] for row in table_cells(markdown_table(build_rows([record])))[2:]] == ["SFT", "DPO", "ORPO", "SimPO"]
 
 
@@ -679,13 +760,13 @@ def test_the_runs_own_table_is_the_reports_table():
     header, _, sft, simpo = table_cells(text)
     assert header == COLUMNS
     assert sft[:6] == ["50.00", "41.25", "SFT", "lr=2e-05", "1", "base: tiny"]
-    assert simpo[:7] == [
+    assert simpo[:6] == [
         "n/a",
         "45.85",
         "SimPO",
         "lr=5e-06, beta=1, gamma=0.5, nll_scale=0",
         "1",
         "SFT checkpoint",
-        "j",
     ]
+    assert simpo[COLUMNS.index("Judge")] == "j"
     assert simpo[-2:] == ["2026-01-02", "`PrefFlow/17`"]

@@ -1,6 +1,6 @@
 """The results table, one row per model: ``LC WR | WR | Loss Function | Training Config | Epoch |
-Model Initialization`` (the recipe's columns), then judge, eval set, reference, LC method, n, date, run.
-The one formatter of results: the report, the flow's cards and its stdout all use it; missing is ``n/a``."""
+Model Initialization`` (the recipe's columns, with standard errors), then the paired difference from the baseline,
+judge-free held-out accuracy, the judge, its measured agreement and cost. The one formatter of results."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ COLUMNS = [
     "Training Config",
     "Epoch",
     "Model Initialization",
+    "Δ WR vs Baseline [95% CI]",
+    "Held-out Pref. Acc.",
     "Judge",
+    "Judge Agreement",
+    "Judge Tokens / Cost",
     "Eval Set",
     "Reference",
     "LC Method",
@@ -73,6 +77,20 @@ class ResultRow:
     model_dir: str | None
     train_steps: int | None
     tags: list[str]
+    lc_unavailable_reason: str | None = None
+    paired_baseline: str | None = None
+    paired_delta_wr: float | None = None
+    paired_ci95: list[float] | None = None
+    paired_distinguishable: bool | None = None
+    paired_is_baseline: bool = False
+    heldout_accuracy: float | None = None  # policy log-prob sum of chosen > rejected on the dev pairs
+    heldout_accuracy_normalized: float | None = None  # the same on per-token means
+    heldout_reward_accuracy: float | None = None  # implicit reward beta*(policy - reference), where a reference exists
+    heldout_reward_margin: float | None = None
+    judge_agreement: float | None = None  # with the annotations' own judge (e.g. GPT-4-Turbo), when measured
+    judge_agreement_text: str | None = None
+    judge_tokens: int | None = None
+    judge_cost_usd: float | None = None
 
     @property
     def pathspec(self) -> str:
@@ -145,12 +163,55 @@ def describe_init(init: str | None, record: RunRecord) -> str:
     return init
 
 
+def agreement_text(agreement: dict | None) -> str | None:
+    """``16/30 (53%; majority 97%, κ 0.07) vs <annotator>`` from a recorded judge agreement."""
+    if not agreement or agreement.get("n_compared") is None:
+        return None
+    text = f"{agreement.get('n_agree')}/{agreement.get('n_compared')}"
+    share, majority, kappa = (
+        _number(agreement.get(k)) for k in ("agreement", "majority_baseline_agreement", "cohens_kappa")
+    )
+    details = [
+        f"{share:.0%}" if share is not None else None,
+        f"majority {majority:.0%}" if majority is not None else None,
+        f"κ {kappa:.2f}" if kappa is not None else None,
+    ]
+    text += f" ({'; '.join(d for d in details if d)})"
+    if agreement.get("official_annotator"):
+        text += f" vs {agreement['official_annotator']}"
+    return text
+
+
+def _paired(result: dict) -> dict:
+    paired = result.get("paired_vs") or {}
+    ci = paired.get("paired_ci95")
+    return {
+        "paired_baseline": paired.get("baseline"),
+        "paired_delta_wr": _number(paired.get("paired_delta_wr")),
+        "paired_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+        "paired_distinguishable": paired.get("distinguishable") if paired else None,
+        "paired_is_baseline": bool(paired.get("is_baseline")),
+    }
+
+
+def _heldout(result: dict) -> dict:
+    heldout = result.get("heldout_preference") or {}
+    return {
+        "heldout_accuracy": _number(heldout.get("preference_accuracy")),
+        "heldout_accuracy_normalized": _number(heldout.get("preference_accuracy_normalized")),
+        "heldout_reward_accuracy": _number(heldout.get("reward_accuracy")),
+        "heldout_reward_margin": _number(heldout.get("reward_margin_mean")),
+    }
+
+
 def rows_for_run(record: RunRecord) -> list[ResultRow]:
     """The run's results as rows, SFT first."""
     rows = []
     for result in sorted(record.results, key=lambda r: variant_order(str(r.get("variant", "")))):
         variant = str(result.get("variant", ""))
         evaluated = bool(result.get("evaluated", "win_rate" in result))
+        agreement = result.get("judge_agreement") if isinstance(result.get("judge_agreement"), dict) else None
+        tokens = result.get("judge_tokens") if isinstance(result.get("judge_tokens"), dict) else {}
         rows.append(
             ResultRow(
                 flow=record.flow,
@@ -176,6 +237,13 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
                 model_dir=result.get("model_dir"),
                 train_steps=_int(result.get("train_steps")),
                 tags=list(record.tags),
+                lc_unavailable_reason=result.get("lc_unavailable_reason"),
+                **_paired(result),
+                **_heldout(result),
+                judge_agreement=_number(agreement.get("agreement")) if agreement else None,
+                judge_agreement_text=agreement_text(agreement),
+                judge_tokens=_int(tokens.get("total")),
+                judge_cost_usd=_number(result.get("judge_cost_usd")),
             )
         )
     return rows
@@ -193,23 +261,78 @@ def fmt_number(value: float | None, digits: int = 2) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
+def fmt_with_error(value: float | None, error: float | None) -> str:
+    """``45.95 ± 10.25``; the error left out where it is unknown."""
+    if value is None:
+        return MISSING
+    return f"{value:.2f}" if error is None else f"{value:.2f} ± {error:.2f}"
+
+
 def _cell(value: Any) -> str:
     text = MISSING if value is None or value == "" else str(value)
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _row_cells(row: ResultRow, links: bool) -> list[str]:
+def paired_text(row: ResultRow) -> str:
+    """``+2.21 [0.97, 3.47] vs SFT``, ``... : not distinguishable from SFT`` when the interval holds 0."""
+    if row.paired_is_baseline:
+        return "— (baseline)"
+    if row.paired_delta_wr is None or row.paired_ci95 is None:
+        return MISSING
+    low, high = row.paired_ci95
+    baseline = loss_display(row.paired_baseline or "")
+    text = f"{row.paired_delta_wr:+.2f} [{low:+.2f}, {high:+.2f}] vs {baseline}"
+    return text if row.paired_distinguishable else f"{text}: not distinguishable from {baseline}"
+
+
+def heldout_text(row: ResultRow) -> str:
+    """``0.62 (per token 0.58; reward 0.86, margin 0.31)`` on the dev preference pairs."""
+    if row.heldout_accuracy is None:
+        return MISSING
+    parts = [f"per token {row.heldout_accuracy_normalized:.2f}"] if row.heldout_accuracy_normalized is not None else []
+    if row.heldout_reward_accuracy is not None:
+        reward = f"reward {row.heldout_reward_accuracy:.2f}"
+        if row.heldout_reward_margin is not None:
+            reward += f", margin {row.heldout_reward_margin:.3g}"
+        parts.append(reward)
+    return f"{row.heldout_accuracy:.2f}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def cost_text(row: ResultRow) -> str:
+    """``1.2M / $12.06``; ``/ local`` for judges on this machine, ``/ unpriced`` for served models without a price."""
+    if row.judge_tokens is None:
+        return MISSING
+    tokens = row.judge_tokens
+    amount = f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k" if tokens >= 1e3 else str(tokens)
+    if row.judge_cost_usd is not None:
+        return f"{amount} / ${row.judge_cost_usd:.2f}"
+    return f"{amount} / {'local' if (row.judge or '').startswith('local') else 'unpriced'}"
+
+
+def lc_reasons(rows: list[ResultRow]) -> list[str]:
+    """The distinct reasons LC is not shown, in order of first appearance: the table's footnotes."""
+    return list(dict.fromkeys(r.lc_unavailable_reason for r in rows if r.lc_unavailable_reason))
+
+
+def _row_cells(row: ResultRow, links: bool, reasons: list[str]) -> list[str]:
     config = _cell(row.training_config)
     if links:
         config = f"[{config}]({row.config_snapshot})"
+    lc = fmt_with_error(row.lc_winrate, row.lc_standard_error)
+    if row.lc_winrate is None and row.lc_unavailable_reason in reasons:
+        lc = f"{MISSING} [{reasons.index(row.lc_unavailable_reason) + 1}]"
     return [
-        fmt_number(row.lc_winrate),
-        fmt_number(row.winrate),
+        lc,
+        fmt_with_error(row.winrate, row.standard_error),
         _cell(row.loss_function),
         config,
         _cell(row.epoch),
         _cell(row.model_initialization),
+        _cell(paired_text(row)),
+        _cell(heldout_text(row)),
         _cell(row.judge),
+        _cell(row.judge_agreement_text or ("not measured" if row.evaluated else None)),
+        _cell(cost_text(row)),
         _cell(row.eval_set),
         _cell(row.reference),
         _cell(row.lc_method),
@@ -221,8 +344,10 @@ def _row_cells(row: ResultRow, links: bool) -> list[str]:
 
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
+    reasons = lc_reasons(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_row_cells(row, links)) + " |" for row in rows]
+    lines += ["| " + " | ".join(_row_cells(row, links, reasons)) + " |" for row in rows]
+    lines += [""] + [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)] if reasons else []
     return "\n".join(lines) + "\n"
 
 
@@ -257,8 +382,22 @@ def notes(rows: list[ResultRow]) -> list[str]:
         )
     if any(r.evaluated is False for r in rows):
         out.append("`n/a` in LC WR / WR: the model was trained but not evaluated (evaluation disabled).")
-    if any(r.evaluated and r.lc_winrate is None for r in rows):
-        out.append("`n/a` in LC WR alone: too few annotations for the length-controlled GLM (see LC Method).")
+    if any(r.paired_delta_wr is not None for r in rows):
+        out.append(
+            "Δ WR: the paired difference in win rate from the baseline row on the same instructions, with a "
+            "seeded 95 % paired-bootstrap interval; where it contains 0 the two models are not distinguishable."
+        )
+    if any(r.heldout_accuracy is not None for r in rows):
+        out.append(
+            "Held-out Pref. Acc.: share of dev preference pairs where the model gives the chosen response a higher "
+            "log-probability than the rejected one (summed, and per token), and, where a reference exists, the "
+            "implicit reward accuracy and mean margin. No judge involved."
+        )
+    if any(r.evaluated and r.judge_agreement is None for r in rows):
+        out.append(
+            "Judge Agreement `not measured`: run `python -m steps.evaluate agreement --judge SPEC --annotations F` "
+            "on official annotations to record it; until then the judge's numbers carry no measured reliability."
+        )
     return out
 
 
@@ -307,6 +446,19 @@ EXPORT_FIELDS = [
     "model_dir",
     "train_steps",
     "tags",
+    "lc_unavailable_reason",
+    "paired_baseline",
+    "paired_delta_wr",
+    "paired_ci95",
+    "paired_distinguishable",
+    "heldout_accuracy",
+    "heldout_accuracy_normalized",
+    "heldout_reward_accuracy",
+    "heldout_reward_margin",
+    "judge_agreement",
+    "judge_agreement_text",
+    "judge_tokens",
+    "judge_cost_usd",
 ]
 
 
