@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 #: Field metadata: not a YAML key (set by code, skipped by ``to_dict``).
 INTERNAL = {"internal": True}
@@ -40,6 +43,18 @@ class ConfigError(ValueError):
     def located(self, source: str) -> ConfigError:
         """The same error attributed to ``source`` unless it already names one."""
         return self if self.source else ConfigError(source, self.key, self.message)
+
+
+#: Notes already logged in this process: a run's config is parsed several times (parser, start, each branch).
+_NOTED: set[str] = set()
+
+
+def note(key: str, message: str) -> None:
+    """Log a one-line note about config key ``key`` (accepted, but worth knowing), once per process."""
+    line = " ".join((f"{key}: {message}" if key else message).split())
+    if line not in _NOTED:
+        _NOTED.add(line)
+        logger.warning("config note: %s", line)
 
 
 def join_key(prefix: str, key: str) -> str:
@@ -180,11 +195,16 @@ def construct(factory: Callable[[], T], key: str) -> T:
         raise ConfigError("", join_key(key, str(field)), str(exc)) from exc
 
 
-def checked(obj: T, key: str = "") -> T:
-    """``obj`` after its own ``check()`` (the section's range and consistency rules), errors at ``key``."""
+def checked(obj: T, key: str = "", label: str | None = None) -> T:
+    """``obj`` after its own ``check()`` (the section's range and consistency rules), errors at ``key``; then
+    its ``notes()`` ((field, message) pairs: accepted values worth a word) are logged under ``label`` or ``key``."""
     check = getattr(obj, "check", None)
     if check is not None:
         construct(check, key)
+    notes = getattr(obj, "notes", None)
+    if notes is not None:
+        for field_name, message in notes():
+            note(join_key(key if label is None else label, field_name), message)
     return obj
 
 

@@ -10,6 +10,7 @@ Every module in this package is imported here, so a file with ``@register_loss("
 """
 
 from steps.losses.base import (
+    Fairseq2Names,
     LossConfigError,
     LossInputError,
     LossOutput,
@@ -21,8 +22,10 @@ from steps.losses.base import (
 from steps.losses.registry import (
     DuplicateLossError,
     build_loss,
+    fairseq2_names,
     import_loss_modules,
     loss_class,
+    loss_for_type,
     register_loss,
     registered_losses,
     requires_reference,
@@ -32,6 +35,7 @@ import_loss_modules(__name__)
 
 __all__ = [
     "DuplicateLossError",
+    "Fairseq2Names",
     "LossConfigError",
     "LossInputError",
     "LossOutput",
@@ -40,8 +44,10 @@ __all__ = [
     "PreferencePairs",
     "UnknownLossError",
     "build_loss",
+    "fairseq2_names",
     "import_loss_modules",
     "loss_class",
+    "loss_for_type",
     "register_loss",
     "registered_losses",
     "requires_reference",
