@@ -6,9 +6,9 @@ with the reason; keys a file leaves out take fairseq2's defaults. ``python -m st
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, TypeVar
 
 from steps.config.convert import ConfigError, convert_value, short
 from steps.config.fairseq2_names import SFT, model_spec, read_criterion_config, reference_spec
@@ -25,7 +25,16 @@ from steps.config.fairseq2_recipes import (
 )
 from steps.config.loading import config_from_dict, parse_yaml_text, read_config_text
 
+T = TypeVar("T")
 OPENASSISTANT2 = re.compile(r"(openassistant2|oasst2?)", re.IGNORECASE)
+
+
+def _located(recipe: Recipe, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with its ConfigError attributed to the recipe's file."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        raise exc.located(recipe.source) from None
 
 
 def _dtype(recipe: Recipe) -> str:
@@ -214,11 +223,13 @@ class _Converter:
     def model(self, recipe: Recipe) -> str:
         """The spec of a recipe's ``model`` (checkpoint names: ``sft``)."""
         if recipe.has("model_checkpoint"):
-            spec, what = model_spec(str(recipe.take("model_checkpoint")), recipe.key("model_checkpoint"))
+            spec, what = _located(
+                recipe, model_spec, str(recipe.take("model_checkpoint")), recipe.key("model_checkpoint")
+            )
             self.note(recipe, "model_checkpoint", "changed", f"{what}; PrefFlow loads Hugging Face directories")
             recipe.take("model")
             return spec
-        spec, what = model_spec(recipe.take("model", DEFAULTS["model"]), recipe.key("model"))
+        spec, what = _located(recipe, model_spec, recipe.take("model", DEFAULTS["model"]), recipe.key("model"))
         if not recipe.has("model"):
             self.note(recipe, "model", "changed", f"left out: fairseq2's default {DEFAULTS['model']!r}; {what}")
         else:
@@ -251,7 +262,7 @@ class _Converter:
         out["init"] = self._relative(self.model(recipe), recipe, "model")
         if losses.requires_reference(criterion):
             field_name, value = parts.section.get("reference", ("reference_model", DEFAULTS["model"]))
-            spec, what = reference_spec(field_name, value, recipe.key("criterion_config"))
+            spec, what = _located(recipe, reference_spec, field_name, value, recipe.key("criterion_config"))
             if "reference" not in parts.section:
                 what = f"left out: fairseq2's default {DEFAULTS['model']!r}; {what}"
             self.note(recipe, "criterion_config", "changed", f"{field_name} -> reference: {what}")
@@ -285,7 +296,7 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
         if conv.base == SFT:
             raise first.error("model", "an instruction_finetune recipe must start from a model, not a checkpoint")
     else:
-        conv.base = model_spec(first.values.get("model", DEFAULTS["model"]), first.key("model"))[0]
+        conv.base = _located(first, model_spec, first.values.get("model", DEFAULTS["model"]), first.key("model"))[0]
     config: dict[str, Any] = {"name": "from_fairseq2"}
     dtypes = {r.source: _dtype(r) for r in read}
     flags = [typed(r, "activation_checkpointing", bool, DEFAULTS["activation_checkpointing"]) for r in read]
@@ -318,7 +329,10 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
     config["resources"] = {"nproc_per_node": nproc_per_node, "train": {"gpu": nproc_per_node}}
     for r in read:
         _leftovers(r, conv)
-    return Conversion(_checked(config), conv.notes, [f"{r.source} ({r.kind}, {r.generation} form)" for r in read])
+    noted = {(n.source, n.key) for n in conv.notes}
+    mapped = {r.source: [r.key(k) for k in r.values if (r.source, r.key(k)) not in noted] for r in read}
+    sources = [f"{r.source} ({r.kind}, {r.generation} form)" for r in read]
+    return Conversion(_checked(config), conv.notes, sources, mapped)
 
 
 def _data(read: Sequence[Recipe], conv: _Converter) -> dict[str, Any]:
@@ -382,6 +396,3 @@ def convert_files(paths: Sequence[str | PathLike], nproc_per_node: int = GUIDE_N
     """``convert_recipes`` for YAML files."""
     recipes = [(str(p), parse_yaml_text(read_config_text(p), str(p))) for p in paths]
     return convert_recipes(recipes, nproc_per_node)
-
-
-__all__ = ["Conversion", "Note", "convert_files", "convert_recipes"]

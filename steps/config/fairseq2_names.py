@@ -123,7 +123,7 @@ def read_criterion_config(criterion: str, raw: Any, key: str = "criterion_config
         where = join_key(key, str(name))
         if name in own:
             out.fields[name] = value
-            if names and name in names.changed:
+            if out.fairseq2 and names and name in names.changed:
                 out.notes.append((where, names.changed[name]))
         elif names and name in names.section_fields:
             out.section[names.section_fields[name]] = (name, value)

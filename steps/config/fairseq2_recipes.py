@@ -80,6 +80,7 @@ class Conversion:
     config: dict
     notes: list[Note] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    mapped: dict[str, list[str]] = field(default_factory=dict)  # {file: its keys mapped as they are (no note)}
 
     def yaml(self) -> str:
         head = [

@@ -262,7 +262,8 @@ def resolve_preference(
     )
     cc_raw = merged.pop("criterion_config", None)
     fresh = loss != section.criterion
-    parts = _criterion_fields(loss, cc_raw, f"preference.per_loss.{loss}.criterion_config", defaults=fresh)
+    where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
+    parts = _criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
     for name, (fairseq2_field, value) in parts.section.items():
         _require(
             merged.setdefault(name, value) == value,
@@ -282,7 +283,7 @@ def resolve_preference(
     resolved = construct(
         lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={}, **kwargs), ""
     )
-    return checked(resolved, label=f"preference.per_loss.{loss}")
+    return checked(resolved, label=where)
 
 
 @dataclass(frozen=True)
