@@ -247,6 +247,9 @@ def test_negative_beta_names_key(tmp_path):
         ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
         ("sft:\n  final_lr: -1.0e-6\n", "sft.final_lr"),
         ("sft:\n  schedule_cycle_steps: 0\n", "sft.schedule_cycle_steps"),
+        ("sft:\n  lr: 1.0e-5\n  final_lr: 1.0e+300\n", "sft.final_lr"),
+        ("sft:\n  epochs: 1000000000000000000000000000000\n", "sft.epochs"),
+        ("sft:\n  '': 1\n", "sft.''"),
     ],
 )
 def test_out_of_range_and_wrong_types(tmp_path, text, key):

@@ -63,6 +63,12 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
 
 
+def key_text(key: Any) -> str:
+    """A mapping key as an error names it: plain strings as they are, anything else (empty, padded, a number,
+    null) as its repr, so the key is visible in the message."""
+    return key if isinstance(key, str) and key.strip() == key and key else repr(key)
+
+
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     found = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {found[0]!r}?)" if found else ""
@@ -170,7 +176,7 @@ def convert_fields(cls: type, value: Any, key: str = "") -> dict[str, Any]:
     fields = yaml_fields(cls)
     unknown = [k for k in value if k not in fields]
     if unknown:
-        bad = str(unknown[0])
+        bad = key_text(unknown[0])
         raise ConfigError(
             "", join_key(key, bad), f"unknown key{did_you_mean(bad, fields)}; allowed keys: {', '.join(fields)}"
         )

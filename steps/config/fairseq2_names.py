@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps.config.convert import ConfigError, did_you_mean, join_key, short, yaml_fields
+from steps.config.convert import ConfigError, did_you_mean, join_key, note, short, yaml_fields
 
 #: fairseq2's model asset cards (fairseq2/assets/cards/models/llama.yaml) and the Hugging Face repositories of the
 #: same weights.
@@ -152,3 +152,31 @@ def reference_spec(fairseq2_field: str, value: Any, key: str) -> tuple[str, str]
             "every pair has them, and otherwise scores the reference it resolves (auto: the init model)"
         )
     return model_spec(value, join_key(key, fairseq2_field))
+
+
+def loss_class_of(criterion: str) -> type:
+    """The config class of a registered criterion; ConfigError at ``criterion`` otherwise."""
+    from steps import losses
+
+    names = losses.registered_losses()
+    if criterion not in names:
+        raise ConfigError(
+            "",
+            "criterion",
+            f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}",
+        )
+    return losses.loss_class(criterion).config_class
+
+
+def criterion_fields(criterion: str, raw: Any, label: str, defaults: bool = True) -> CriterionFields:
+    """``read_criterion_config`` for the preference section: the criterion checked first, fairseq2's
+    ``reference_model`` mapped to a reference spec, and the notes logged under ``label`` (the dotted key)."""
+    loss_class_of(criterion)
+    parts = read_criterion_config(criterion, raw, "criterion_config", defaults)
+    for name, (fairseq2_field, value) in list(parts.section.items()):
+        spec, what = reference_spec(fairseq2_field, value, "criterion_config")
+        parts.section[name] = (fairseq2_field, spec)
+        parts.notes.append((f"criterion_config.{fairseq2_field}", f"-> {name}: {spec!r} ({what})"))
+    for key, message in parts.notes:
+        note(label.replace("criterion_config", key, 1), message)
+    return parts

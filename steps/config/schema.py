@@ -21,14 +21,17 @@ from steps.config.convert import (
     construct,
     convert_fields,
     did_you_mean,
-    note,
     to_dict,
 )
-from steps.config.fairseq2_names import CriterionFields, read_criterion_config, reference_spec
+from steps.config.fairseq2_names import criterion_fields, loss_class_of
 from steps.config.overrides import set_path
 from steps.evaluate.settings import GenerationSettings
 from steps.models import DEFAULT_MODEL
 
+#: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
+MAX_LR_RISE = 1000.0
+#: More epochs than any run needs; the loop plans every epoch's batches, so 10**30 would never start.
+MAX_EPOCHS = 100_000
 #: Metaflow's rule for @project names.
 PROJECT_NAME = re.compile(r"^[a-z0-9_]+$")
 
@@ -113,7 +116,14 @@ class TrainConfig:
     def check(self) -> None:
         _require(self.lr > 0, "lr", f"got {self.lr!r}; must be > 0")
         if self.final_lr is not None:
-            _require(self.final_lr >= 0, "final_lr", f"got {self.final_lr!r}; must be >= 0 or null (0.1 * lr)")
+            _require(
+                0 <= self.final_lr <= MAX_LR_RISE * self.lr,
+                "final_lr",
+                f"got {self.final_lr!r}; must be >= 0 and at most {MAX_LR_RISE:g} x lr ({self.lr:g}), or null",
+            )
+        _require(
+            self.epochs <= MAX_EPOCHS, "epochs", f"got {self.epochs!r}; must be <= {MAX_EPOCHS} (max_steps ends runs)"
+        )
         for name, least in (
             ("epochs", 1),
             ("grad_accum", 1),
@@ -203,37 +213,11 @@ class PreferenceConfig(TrainConfig):
             construct(functools.partial(resolve_preference, self, loss), f"per_loss.{loss}")
 
 
-def _loss_class(criterion: str) -> type:
-    """The config class of a registered criterion; ConfigError at ``criterion`` otherwise."""
-    from steps import losses
-
-    names = losses.registered_losses()
-    _require(
-        criterion in names,
-        "criterion",
-        f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}",
-    )
-    return losses.loss_class(criterion).config_class
-
-
-def _criterion_fields(criterion: str, raw: Any, label: str, defaults: bool = True) -> CriterionFields:
-    """``read_criterion_config`` with the criterion checked first, the reference mapped, notes logged at ``label``."""
-    _loss_class(criterion)
-    parts = read_criterion_config(criterion, raw, "criterion_config", defaults)
-    for name, (fairseq2_field, value) in list(parts.section.items()):
-        spec, what = reference_spec(fairseq2_field, value, "criterion_config")
-        parts.section[name] = (fairseq2_field, spec)
-        parts.notes.append((f"criterion_config.{fairseq2_field}", f"-> {name}: {spec!r} ({what})"))
-    for key, message in parts.notes:
-        note(label.replace("criterion_config", key, 1), message)
-    return parts
-
-
 def loss_config(criterion: str, raw: Any, label: str = "criterion_config") -> tuple[Any, dict[str, tuple[str, Any]]]:
     """fairseq2's ``criterion_config`` (a mapping, optionally with ``_type_``) as the loss's config dataclass, and
     the preference-section keys its fairseq2-only fields set ({key: (fairseq2 field, value)})."""
     if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
-        cls = _loss_class(criterion)
+        cls = loss_class_of(criterion)
         _require(
             isinstance(raw, cls),
             "criterion_config",
@@ -241,7 +225,7 @@ def loss_config(criterion: str, raw: Any, label: str = "criterion_config") -> tu
             f"({cls.__module__}.{cls.__qualname__})",
         )
         return raw, {}
-    parts = _criterion_fields(criterion, raw, label)
+    parts = criterion_fields(criterion, raw, label)
     return build(parts.cls, parts.fields, "criterion_config"), parts.section
 
 
@@ -263,7 +247,7 @@ def resolve_preference(
     cc_raw = merged.pop("criterion_config", None)
     fresh = loss != section.criterion
     where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
-    parts = _criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
+    parts = criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
     for name, (fairseq2_field, value) in parts.section.items():
         _require(
             merged.setdefault(name, value) == value,
