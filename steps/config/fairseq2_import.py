@@ -1,7 +1,6 @@
-"""fairseq2 ``instruction_finetune`` / ``preference_finetune`` recipe configs -> one PrefFlow run config.
-
-Every key is mapped (where fairseq2's meaning differs, the note says what changed) or listed as not applicable
-with the reason; keys a file leaves out take fairseq2's defaults. ``python -m steps.config from-fairseq2 --help``."""
+"""fairseq2 ``instruction_finetune`` / ``preference_finetune`` recipe configs -> one PrefFlow run config. Every
+key is mapped (a note says what changed where fairseq2's meaning differs) or listed as not applicable with the
+reason; keys a file leaves out take fairseq2's defaults. ``python -m steps.config from-fairseq2 --help``."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
 """Preference losses by name: DPO, SimPO, ORPO, CPO, IPO, hinge (SLiC), and whatever else registers itself.
-
-Every module in this package is imported here, so a file with ``@register_loss("name")`` dropped into
-``steps/losses/`` makes ``build_loss("name")`` work without editing this file::
-
-    loss_fn = build_loss("dpo", beta=0.1)
-    out = loss_fn(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-                  reference_chosen_logps, reference_rejected_logps)
-    out.loss.backward(); log(out.metrics)
-"""
+Every module here is imported, so a file with ``@register_loss("name")`` dropped into ``steps/losses/`` makes
+``build_loss("name")`` work: ``out = build_loss("dpo", beta=0.1)(chosen, rejected, ...); out.loss.backward()``."""
 
 from steps.losses.base import (
     Fairseq2Names,

@@ -1,8 +1,6 @@
-"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors.
-
-A loss only writes the maths (``compute``); checking inputs, casting to fp32, reporting metrics and the
-mean over pairs live here once so every loss behaves the same for the trainer.
-"""
+"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors, and
+how fairseq2 spells a loss config. A loss only writes the maths (``compute``); input checks, fp32, metrics and
+the mean over pairs live here once, so every loss behaves the same for the trainer."""
 
 from __future__ import annotations
 

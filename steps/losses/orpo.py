@@ -1,9 +1,6 @@
 """ORPO: Monolithic Preference Optimization without Reference Model (Hong et al. 2024, arXiv:2403.07691):
-SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs.
-
-fairseq2's implementation computed the odds-ratio term but never multiplied it by lambda; here
-``orpo_lambda`` is applied.
-"""
+SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs. fairseq2's implementation computed the
+odds-ratio term but never multiplied it by lambda; here ``orpo_lambda`` is applied."""
 
 from dataclasses import dataclass
 from typing import ClassVar
