@@ -30,6 +30,7 @@ from steps.config import (
     read_sweep,
 )
 from steps.evaluate.settings import GenerationSettings
+from steps.losses.cpo import CPOConfig
 from steps.losses.dpo import DPOConfig
 from steps.losses.orpo import ORPOConfig
 from steps.losses.simpo import SimPOConfig
@@ -54,37 +55,111 @@ def test_default_and_recipe_configs_load():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.preference.criterion == "dpo"
     assert isinstance(cfg.preference.criterion_config, DPOConfig)
-    for name in ("sft", "dpo", "simpo", "orpo", "cpo"):
-        load_config(REPO / "configs" / "llama3_1_8b" / f"{name}.yaml")
+    assert sorted(p.name for p in (REPO / "configs" / "llama3_1_8b").iterdir()) == ["recipe.yaml"]  # one recipe
+    load_config(RECIPE)
 
 
-def test_documented_recipe_values():
-    sft = load_config(REPO / "configs/llama3_1_8b/sft.yaml").sft
-    assert (sft.lr, sft.final_lr, sft.betas, sft.weight_decay, sft.max_grad_norm) == (
-        5.5e-6,
-        1.1e-6,
-        (0.9, 0.95),
-        0.1,
-        1.0,
+RECIPE = REPO / "configs" / "llama3_1_8b" / "recipe.yaml"
+# Each branch of `--loss dpo,simpo,orpo,cpo` with the recipe, as documented (values read off the guide by hand):
+# SFT and DPO from its results configs (sft_config.yaml, dpo_config.yaml: published rows), SimPO/ORPO/CPO from its
+# example configs and hyperparameter advice. Common to all: 4 micro-batches per GPU x 8 GPUs, no clipping, cosine.
+COMMON = {"grad_accum": 32, "max_grad_norm": None, "schedule": "cosine", "warmup_steps": 0, "parallelism": "fsdp"}
+RESULTS = {**COMMON, "max_seq_len": 8192, "max_num_tokens": 8192, "schedule_cycle_steps": 1000, "max_steps": 1000}
+EXAMPLE = {**COMMON, "max_seq_len": 1024, "max_num_tokens": 4096, "schedule_cycle_steps": 800, "max_steps": 800}
+BRANCHES = {
+    "sft": {**RESULTS, "lr": 5.5e-6, "final_lr": 1.1e-6, "epochs": 10, "seed": 1814, "init": "base"},
+    "dpo": {
+        **RESULTS,
+        "lr": 1e-8,
+        "final_lr": 5e-9,
+        "epochs": 1,  # the published row is epoch 1 of the 1000-step cosine
+        "seed": 666,
+        "init": "sft",
+        "reference": "sft",
+        "criterion_config": DPOConfig(beta=0.5, nll_scale=1.0),
+    },
+    "simpo": {
+        **EXAMPLE,
+        "lr": 6e-7,
+        "final_lr": 1.1e-6,  # the example's final_lr is above its lr: the lr rises, as fairseq2 ran it
+        "epochs": 5,
+        "seed": 1814,
+        "init": "sft",
+        "criterion_config": SimPOConfig(beta=2.0, gamma=1.0, nll_scale=0.0),
+    },
+    "orpo": {
+        **EXAMPLE,
+        "lr": 8e-6,
+        "final_lr": 1.1e-6,
+        "epochs": 5,
+        "seed": 1814,
+        "init": "base",
+        "criterion_config": ORPOConfig(orpo_lambda=0.2, nll_scale=1.0),
+    },
+    "cpo": {
+        **EXAMPLE,
+        "lr": 1e-6,
+        "final_lr": 5e-8,
+        "epochs": 5,
+        "seed": 1814,
+        "init": "base",
+        "criterion_config": CPOConfig(beta=0.1, nll_scale=0.0),  # nll_scale 0: the guide's advice
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_branches():
+    plan = plan_variants(load_config(RECIPE), "dpo,simpo,orpo,cpo")
+    return {v.name: (v.config.sft if v.loss == "sft" else v.config.preference) for v in plan.variants}
+
+
+@pytest.mark.parametrize(
+    "branch,key", [(branch, key) for branch, settings in BRANCHES.items() for key in sorted(settings)]
+)
+def test_recipe_branch_settings(recipe_branches, branch, key):
+    assert list(recipe_branches) == ["sft", "dpo", "simpo", "orpo", "cpo"]  # one SFT, four preference runs
+    assert getattr(recipe_branches[branch], key) == BRANCHES[branch][key]
+
+
+def test_recipe_model_and_evaluation():
+    cfg = load_config(RECIPE)
+    # fairseq2's bfloat16 is mixed precision over fp32 master weights (bf16 weights would round lr 1e-8 away)
+    assert (cfg.model.base, cfg.model.dtype, cfg.model.gradient_checkpointing) == (
+        "meta-llama/Llama-3.1-8B",
+        "float32",
+        True,
     )
-    assert (sft.max_num_tokens, sft.grad_accum, sft.epochs, sft.seed) == (8192, 4, 10, 1814)
-    dpo = load_config(REPO / "configs/llama3_1_8b/dpo.yaml").preference
-    assert (dpo.criterion_config.beta, dpo.criterion_config.nll_scale, dpo.lr, dpo.final_lr, dpo.init) == (
-        0.5,
-        1.0,
-        1e-8,
-        5e-9,
-        "sft",
+    assert (cfg.resources.nproc_per_node, cfg.resources.train.gpu) == (8, 8)
+    assert cfg.evaluation.judge == "alpaca_eval:weighted_alpaca_eval_gpt4_turbo" and cfg.data.input == (
+        "OpenAssistant/oasst2"
     )
-    simpo = load_config(REPO / "configs/llama3_1_8b/simpo.yaml").preference
-    assert isinstance(simpo.criterion_config, SimPOConfig)
-    assert (simpo.criterion_config.beta, simpo.criterion_config.gamma, simpo.lr) == (2.0, 1.0, 6e-7)
-    orpo = load_config(REPO / "configs/llama3_1_8b/orpo.yaml").preference
-    assert (orpo.criterion_config.orpo_lambda, orpo.lr, orpo.init) == (0.2, 8e-6, "base")
-    cpo = load_config(REPO / "configs/llama3_1_8b/cpo.yaml").preference
-    assert (cpo.criterion_config.beta, cpo.criterion_config.nll_scale, cpo.lr, cpo.init) == (0.1, 0.0, 1e-6, "base")
-    # 8B full fine-tuning does not fit replicated on 80 GB GPUs: every recipe shards
-    assert {sft.parallelism, dpo.parallelism, simpo.parallelism, orpo.parallelism, cpo.parallelism} == {"fsdp"}
+
+
+def test_recipe_sft_and_dpo_are_the_imported_results_configs(shared_dir, recipe_branches):
+    """The recipe's published rows say what `from-fairseq2` makes of the guide's own files (DPO's epoch aside)."""
+    from steps.config.fairseq2_import import convert_files
+
+    imported = convert_files([shared_dir / "fairseq2/sft_config.yaml", shared_dir / "fairseq2/dpo_config.yaml"])
+    cfg = config_from_dict(imported.config, "imported")
+    dpo = for_loss(cfg, "dpo").preference
+    for key in ("lr", "final_lr", "grad_accum", "max_grad_norm", "epochs", "max_steps", "schedule_cycle_steps"):
+        assert getattr(cfg.sft, key) == getattr(recipe_branches["sft"], key), key
+    for key in ("lr", "final_lr", "grad_accum", "max_grad_norm", "seed", "max_seq_len", "max_num_tokens", "init"):
+        assert getattr(dpo, key) == getattr(recipe_branches["dpo"], key), key
+    assert dpo.criterion_config == recipe_branches["dpo"].criterion_config
+    assert (dpo.epochs, recipe_branches["dpo"].epochs) == (5, 1)  # the file's 5; the published checkpoint's 1
+    assert cfg.model.dtype == load_config(RECIPE).model.dtype
+
+
+def test_final_lr_above_lr_is_accepted_with_a_note(tmp_path, caplog, monkeypatch):
+    from steps.config import convert
+
+    monkeypatch.setattr(convert, "_NOTED", set())
+    with caplog.at_level("WARNING"):
+        cfg = load_config(write(tmp_path, "preference:\n  lr: 6.0e-7\n  final_lr: 1.1e-6\n"))
+    assert (cfg.preference.lr, cfg.preference.final_lr) == (6e-7, 1.1e-6)
+    assert "preference.final_lr: 1.1e-06 is above lr 6e-07: the learning rate rises" in caplog.text
 
 
 def test_fairseq2_shape_with_and_without_type(tmp_path):
@@ -170,6 +245,11 @@ def test_negative_beta_names_key(tmp_path):
         ("evaluation:\n  max_new_tokens: 0\n", "evaluation.max_new_tokens"),
         ("evaluation:\n  max_instructions: 0\n", "evaluation.max_instructions"),
         ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
+        ("sft:\n  final_lr: -1.0e-6\n", "sft.final_lr"),
+        ("sft:\n  schedule_cycle_steps: 0\n", "sft.schedule_cycle_steps"),
+        ("sft:\n  lr: 1.0e-5\n  final_lr: 1.0e+300\n", "sft.final_lr"),
+        ("sft:\n  epochs: 1000000000000000000000000000000\n", "sft.epochs"),
+        ("sft:\n  '': 1\n", "sft.''"),
     ],
 )
 def test_out_of_range_and_wrong_types(tmp_path, text, key):
@@ -499,3 +579,25 @@ def test_typed_config_is_a_dataclass_tree():
     assert isinstance(cfg, RunConfig) and cfg.source.endswith("configs/default.yaml")
     with pytest.raises(AttributeError):
         cfg.sft.lr = 1.0  # frozen: nothing changes a checked config behind the checks' back
+
+
+def test_reference_from_sft_needs_sft():
+    with pytest.raises(ConfigError, match=r"preference\.reference: is 'sft' for dpo but sft\.enabled is false"):
+        plan_variants(config_from_dict({"sft": {"enabled": False}, "preference": {"reference": "sft"}}), "dpo")
+
+
+def test_preflight_holds_notes_back_when_the_command_line_fails(tmp_path, capsys, caplog, monkeypatch):
+    """A config that logs a note and then fails prints only the error line; a good one logs its notes."""
+    from steps.config import convert
+
+    monkeypatch.setattr(convert, "_NOTED", set())
+    rising = write(tmp_path, GOOD.replace("final_lr: 5.0e-7", "final_lr: 5.0e-5"), "rising.yaml")
+    with caplog.at_level("WARNING"):
+        assert preflight(["--config", "config", str(rising), "run", "--loss", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --loss: nope: unknown loss"), err
+    assert not caplog.records
+    monkeypatch.setattr(convert, "_NOTED", set())
+    with caplog.at_level("WARNING"):
+        assert preflight(["--config", "config", str(rising), "run"]) == 0
+    assert "preference.final_lr: 5e-05 is above lr 5e-06" in caplog.text

@@ -439,3 +439,35 @@ def test_name_clash_and_bad_registrations_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="lower-case"):
         register_loss("Bad Name")
     assert "tmp-no-config" not in registered_losses() and "tmp-function" not in registered_losses()
+
+
+# fairseq2's defaults as its docs state them (preference optimization tutorial; the recipe config classes)
+FAIRSEQ2_DEFAULTS = {
+    "dpo": {"beta": 0.1, "nll_scale": 0.0, "length_normalization": False},
+    "simpo": {"beta": 1.0, "gamma": 0.5, "nll_scale": 0.0},
+    "orpo": {"orpo_lambda": 1.0, "nll_scale": 1.0},
+    "cpo": {"beta": 1.0, "nll_scale": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAIRSEQ2_DEFAULTS))
+def test_fairseq2_names_live_with_each_loss(name):
+    from steps.losses import fairseq2_names
+
+    names = fairseq2_names(name)
+    config_class = loss_class(name).config_class
+    assert names is config_class.fairseq2  # the loss's own module says how fairseq2 spells it
+    assert dict(names.defaults) == FAIRSEQ2_DEFAULTS[name]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    assert set(names.defaults) <= fields and not (set(names.fields) & fields)
+    config_class(**names.defaults)  # fairseq2's defaults are valid values here
+
+
+def test_fairseq2_type_names_need_the_fairseq2_package():
+    from steps.losses import fairseq2_names
+
+    names = fairseq2_names("dpo")
+    assert names.names_type("fairseq2.recipes.lm.preference_finetune.dpo.DpoConfig")
+    assert names.names_type("fairseq2.recipes.lm.DpoFinetuneConfig") and names.names_type("DpoConfig")
+    assert not names.names_type("fairseq2x.DpoConfig") and not names.names_type("mypkg.DpoConfig")
+    assert not names.names_type("fairseq2.recipes.lm.SimPOFinetuneConfig")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 #: Field metadata: not a YAML key (set by code, skipped by ``to_dict``).
 INTERNAL = {"internal": True}
@@ -42,10 +45,28 @@ class ConfigError(ValueError):
         return self if self.source else ConfigError(source, self.key, self.message)
 
 
+#: Notes already logged in this process: a run's config is parsed several times (parser, start, each branch).
+_NOTED: set[str] = set()
+
+
+def note(key: str, message: str) -> None:
+    """Log a one-line note about config key ``key`` (accepted, but worth knowing), once per process."""
+    line = " ".join((f"{key}: {message}" if key else message).split())
+    if line not in _NOTED:
+        _NOTED.add(line)
+        logger.warning("config note: %s", line)
+
+
 def join_key(prefix: str, key: str) -> str:
     if not prefix or not key:
         return prefix or key
     return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+def key_text(key: Any) -> str:
+    """A mapping key as an error names it: plain strings as they are, anything else (empty, padded, a number,
+    null) as its repr, so the key is visible in the message."""
+    return key if isinstance(key, str) and key.strip() == key and key else repr(key)
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
@@ -155,7 +176,7 @@ def convert_fields(cls: type, value: Any, key: str = "") -> dict[str, Any]:
     fields = yaml_fields(cls)
     unknown = [k for k in value if k not in fields]
     if unknown:
-        bad = str(unknown[0])
+        bad = key_text(unknown[0])
         raise ConfigError(
             "", join_key(key, bad), f"unknown key{did_you_mean(bad, fields)}; allowed keys: {', '.join(fields)}"
         )
@@ -180,11 +201,16 @@ def construct(factory: Callable[[], T], key: str) -> T:
         raise ConfigError("", join_key(key, str(field)), str(exc)) from exc
 
 
-def checked(obj: T, key: str = "") -> T:
-    """``obj`` after its own ``check()`` (the section's range and consistency rules), errors at ``key``."""
+def checked(obj: T, key: str = "", label: str | None = None) -> T:
+    """``obj`` after its own ``check()`` (the section's range and consistency rules), errors at ``key``; then
+    its ``notes()`` ((field, message) pairs: accepted values worth a word) are logged under ``label`` or ``key``."""
     check = getattr(obj, "check", None)
     if check is not None:
         construct(check, key)
+    notes = getattr(obj, "notes", None)
+    if notes is not None:
+        for field_name, message in notes():
+            note(join_key(key if label is None else label, field_name), message)
     return obj
 
 

@@ -91,6 +91,10 @@ def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> R
         raise ConfigError(cfg.source, "preference.init", "is 'sft' but sft.enabled is false")
     plans = [VariantPlan(Variant(SFT, SFT), cfg)] if cfg.sft.enabled else []
     plans += [VariantPlan(Variant(name, name), for_loss(cfg, name)) for name in losses]
+    for plan in plans[1 if cfg.sft.enabled else 0 :]:
+        for key in ("init", "reference"):
+            if not cfg.sft.enabled and getattr(plan.config.preference, key) == SFT:
+                raise ConfigError(cfg.source, f"preference.{key}", f"is 'sft' for {plan.name} but sft.enabled is false")
     if sweep_path:
         sweep = read_sweep(sweep_path)
         for name, overrides in sweep.points:

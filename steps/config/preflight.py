@@ -4,6 +4,7 @@ Metaflow's Config parser only sees the file's text, so this is where errors can 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steps.config.convert import ConfigError
+from steps.config.convert import logger as _notes_logger
 from steps.config.loading import DEFAULT_CONFIG_PATH, parse_yaml_text, read_config_text
 from steps.config.plan import load_plan
 
@@ -32,6 +34,8 @@ VALUE_OPTIONS = {
 PARAMETERS = ("loss", "set", "sweep")
 CONFIG_NAME = "config"
 EXIT_BAD_INPUT = 2
+#: The logger of config notes (steps.config.convert.note).
+NOTES_LOGGER = _notes_logger.name
 #: Metaflow's order of user-name sources; "root" does not count.
 USER_VARIABLES = ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")
 
@@ -103,13 +107,33 @@ def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT
     load_plan(data, source, p.get("set", ""), p.get("loss", ""), p.get("sweep", ""))
 
 
+class _HeldNotes(logging.Handler):
+    """Config notes held back while the command line is checked: an error is then the only line printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def preflight(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> int:
-    """0 when the command line may start; else prints one ``error: FILE: KEY: ...`` line and returns 2."""
+    """0 when the command line may start (config notes are logged then); else prints one ``error: FILE: KEY: ...``
+    line and returns 2."""
+    notes, held = logging.getLogger(NOTES_LOGGER), _HeldNotes()
+    propagate, notes.propagate = notes.propagate, False
+    notes.addHandler(held)
     try:
         check_command_line(argv, default_config)
     except ConfigError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        notes.removeHandler(held)
+        notes.propagate = propagate
+    for record in held.records:
+        notes.handle(record)
     return 0
 
 

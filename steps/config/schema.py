@@ -23,10 +23,15 @@ from steps.config.convert import (
     did_you_mean,
     to_dict,
 )
+from steps.config.fairseq2_names import criterion_fields, loss_class_of
 from steps.config.overrides import set_path
 from steps.evaluate.settings import GenerationSettings
 from steps.models import DEFAULT_MODEL
 
+#: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
+MAX_LR_RISE = 1000.0
+#: More epochs than any run needs; the loop plans every epoch's batches, so 10**30 would never start.
+MAX_EPOCHS = 100_000
 #: Metaflow's rule for @project names.
 PROJECT_NAME = re.compile(r"^[a-z0-9_]+$")
 
@@ -82,9 +87,12 @@ class TrainConfig:
     """Optimisation knobs shared by SFT and preference training (torchtune-style: all knobs here)."""
 
     lr: float = 5.5e-6
-    final_lr: float | None = None  # cosine/linear decay target; None = 0.1 * lr
+    final_lr: float | None = None  # the schedule's end value; None = 0.1 * lr; above lr, the lr rises (fairseq2 too)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
+    # steps after warmup from lr to final_lr; null: the run's own steps. fairseq2's cycle_len (null there: its
+    # max_num_steps - warmup), so a run that ends earlier stops part-way down the cosine; a cosine restarts after it
+    schedule_cycle_steps: int | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     max_grad_norm: float | None = 1.0
@@ -108,7 +116,14 @@ class TrainConfig:
     def check(self) -> None:
         _require(self.lr > 0, "lr", f"got {self.lr!r}; must be > 0")
         if self.final_lr is not None:
-            _require(0 <= self.final_lr <= self.lr, "final_lr", f"got {self.final_lr!r}; must be in [0, lr={self.lr}]")
+            _require(
+                0 <= self.final_lr <= MAX_LR_RISE * self.lr,
+                "final_lr",
+                f"got {self.final_lr!r}; must be >= 0 and at most {MAX_LR_RISE:g} x lr ({self.lr:g}), or null",
+            )
+        _require(
+            self.epochs <= MAX_EPOCHS, "epochs", f"got {self.epochs!r}; must be <= {MAX_EPOCHS} (max_steps ends runs)"
+        )
         for name, least in (
             ("epochs", 1),
             ("grad_accum", 1),
@@ -129,7 +144,13 @@ class TrainConfig:
             _require(0 <= beta < 1, f"betas[{i}]", f"got {beta!r}; must be in [0, 1)")
         if self.max_grad_norm is not None:
             _require(self.max_grad_norm > 0, "max_grad_norm", f"got {self.max_grad_norm!r}; must be > 0 or null")
-        for name in ("max_steps", "max_examples", "max_batch_examples", "checkpoint_every_steps"):
+        for name in (
+            "max_steps",
+            "max_examples",
+            "max_batch_examples",
+            "checkpoint_every_steps",
+            "schedule_cycle_steps",
+        ):
             value = getattr(self, name)
             if value is not None:
                 _require(value >= 1, name, f"got {value!r}; must be >= 1 or null")
@@ -138,6 +159,12 @@ class TrainConfig:
             "parallelism",
             "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)",
         )
+
+    def notes(self) -> list[tuple[str, str]]:
+        """Accepted settings worth a word in the log (fairseq2 runs them too)."""
+        if self.final_lr is not None and self.final_lr > self.lr and self.schedule != "constant":
+            return [("final_lr", f"{self.final_lr:g} is above lr {self.lr:g}: the learning rate rises over the run")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -160,7 +187,15 @@ class PreferenceConfig(TrainConfig):
     per_loss: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "criterion_config", loss_config(self.criterion, self.criterion_config))
+        config, section = loss_config(self.criterion, self.criterion_config, "preference.criterion_config")
+        object.__setattr__(self, "criterion_config", config)
+        for name, (fairseq2_field, value) in section.items():
+            _require(
+                getattr(self, name) in ("auto", value),
+                f"criterion_config.{fairseq2_field}",
+                f"sets {name} to {value!r}, but {name} is {getattr(self, name)!r}: give only one of them",
+            )
+            object.__setattr__(self, name, value)
 
     def check(self) -> None:
         super().check()
@@ -178,44 +213,20 @@ class PreferenceConfig(TrainConfig):
             construct(functools.partial(resolve_preference, self, loss), f"per_loss.{loss}")
 
 
-def loss_config(criterion: str, raw: Any) -> Any:
-    """fairseq2's ``criterion_config`` (a mapping, optionally with ``_type_``) as the loss's config dataclass."""
-    from steps import losses
-
-    names = losses.registered_losses()
-    _require(
-        criterion in names,
-        "criterion",
-        f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}",
-    )
-    cls = losses.loss_class(criterion).config_class
-    if isinstance(raw, cls):
-        return raw
-    _require(
-        not dataclasses.is_dataclass(raw),
-        "criterion_config",
-        f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} ({_path(cls)})",
-    )
-    return build(cls, _untagged(criterion, cls, raw), "criterion_config")
-
-
-def _path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _untagged(criterion: str, cls: type, raw: Any) -> dict:
-    """The fields of a ``criterion_config`` mapping, after checking its optional ``_type_`` against the criterion."""
-    if raw is None:
-        return {}
-    _require(isinstance(raw, Mapping), "criterion_config", f"got {raw!r}; expected a mapping of {cls.__name__} fields")
-    fields = dict(raw)
-    type_path = fields.pop("_type_", None)
-    _require(
-        type_path is None or type_path in (_path(cls), cls.__qualname__),
-        "criterion_config._type_",
-        f"got {type_path!r}, which does not match criterion {criterion!r}; use {_path(cls)!r} or omit _type_",
-    )
-    return fields
+def loss_config(criterion: str, raw: Any, label: str = "criterion_config") -> tuple[Any, dict[str, tuple[str, Any]]]:
+    """fairseq2's ``criterion_config`` (a mapping, optionally with ``_type_``) as the loss's config dataclass, and
+    the preference-section keys its fairseq2-only fields set ({key: (fairseq2 field, value)})."""
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        cls = loss_class_of(criterion)
+        _require(
+            isinstance(raw, cls),
+            "criterion_config",
+            f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} "
+            f"({cls.__module__}.{cls.__qualname__})",
+        )
+        return raw, {}
+    parts = criterion_fields(criterion, raw, label)
+    return build(parts.cls, parts.fields, "criterion_config"), parts.section
 
 
 def resolve_preference(
@@ -234,19 +245,29 @@ def resolve_preference(
         merged.pop("criterion", loss) == loss, "criterion", "per_loss entries and sweeps cannot change the criterion"
     )
     cc_raw = merged.pop("criterion_config", None)
+    fresh = loss != section.criterion
+    where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
+    parts = criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
+    for name, (fairseq2_field, value) in parts.section.items():
+        _require(
+            merged.setdefault(name, value) == value,
+            f"criterion_config.{fairseq2_field}",
+            f"sets {name} to {value!r}, but {name} is {merged[name]!r}: give only one of them",
+        )
     kwargs = convert_fields(PreferenceConfig, merged)
-    if loss != section.criterion:
-        cc = loss_config(loss, cc_raw)
-    elif cc_raw:
+    cc: Any
+    if fresh:
+        cc = build(parts.cls, parts.fields, "criterion_config")
+    elif parts.fields:
         base = section.criterion_config
-        changes = convert_fields(type(base), _untagged(loss, type(base), cc_raw), "criterion_config")
+        changes = convert_fields(type(base), parts.fields, "criterion_config")
         cc = construct(lambda: dataclasses.replace(base, **changes), "criterion_config")
     else:
         cc = section.criterion_config  # the same object: no rebuild on the way to the loss
     resolved = construct(
         lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={}, **kwargs), ""
     )
-    return checked(resolved)
+    return checked(resolved, label=where)
 
 
 @dataclass(frozen=True)

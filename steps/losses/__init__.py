@@ -1,15 +1,9 @@
 """Preference losses by name: DPO, SimPO, ORPO, CPO, IPO, hinge (SLiC), and whatever else registers itself.
-
-Every module in this package is imported here, so a file with ``@register_loss("name")`` dropped into
-``steps/losses/`` makes ``build_loss("name")`` work without editing this file::
-
-    loss_fn = build_loss("dpo", beta=0.1)
-    out = loss_fn(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-                  reference_chosen_logps, reference_rejected_logps)
-    out.loss.backward(); log(out.metrics)
-"""
+Every module here is imported, so a file with ``@register_loss("name")`` dropped into ``steps/losses/`` makes
+``build_loss("name")`` work: ``out = build_loss("dpo", beta=0.1)(chosen, rejected, ...); out.loss.backward()``."""
 
 from steps.losses.base import (
+    Fairseq2Names,
     LossConfigError,
     LossInputError,
     LossOutput,
@@ -21,8 +15,10 @@ from steps.losses.base import (
 from steps.losses.registry import (
     DuplicateLossError,
     build_loss,
+    fairseq2_names,
     import_loss_modules,
     loss_class,
+    loss_for_type,
     register_loss,
     registered_losses,
     requires_reference,
@@ -32,6 +28,7 @@ import_loss_modules(__name__)
 
 __all__ = [
     "DuplicateLossError",
+    "Fairseq2Names",
     "LossConfigError",
     "LossInputError",
     "LossOutput",
@@ -40,8 +37,10 @@ __all__ = [
     "PreferencePairs",
     "UnknownLossError",
     "build_loss",
+    "fairseq2_names",
     "import_loss_modules",
     "loss_class",
+    "loss_for_type",
     "register_loss",
     "registered_losses",
     "requires_reference",

@@ -1,12 +1,11 @@
-"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors.
-
-A loss only writes the maths (``compute``); checking inputs, casting to fp32, reporting metrics and the
-mean over pairs live here once so every loss behaves the same for the trainer.
-"""
+"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors, and
+how fairseq2 spells a loss config. A loss only writes the maths (``compute``); input checks, fp32, metrics and
+the mean over pairs live here once, so every loss behaves the same for the trainer."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +37,35 @@ def _as_compute_dtype(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float32, torch.float64):
         return tensor
     return tensor.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Fairseq2Names:
+    """How fairseq2 spells a loss config, so its recipes load unchanged (a loss config's ``fairseq2`` attribute).
+
+    ``class_names``: fairseq2's config classes for this loss in both recipe generations (2024 ``DpoConfig``,
+    2025 ``DpoFinetuneConfig``, ...); a ``criterion_config._type_`` naming one (bare or under ``fairseq2.``) is
+    an alias of this config. ``defaults``: fairseq2's values for fields such a mapping leaves out (fairseq2's
+    meaning wins). ``section_fields``: fairseq2 fields that set a preference-section key here (``reference_model``
+    -> ``reference``). ``changed``: fields that map but act differently here, and how. ``no_effect``: fairseq2-only
+    fields, accepted with a note saying why they do nothing here.
+    """
+
+    class_names: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    section_fields: Mapping[str, str] = field(default_factory=dict)
+    changed: Mapping[str, str] = field(default_factory=dict)
+    no_effect: Mapping[str, str] = field(default_factory=dict)
+
+    def names_type(self, type_path: str) -> bool:
+        """Whether ``type_path`` (``fairseq2.<module>.<Class>`` or a bare class name) is one of these classes."""
+        module, _, name = type_path.rpartition(".")
+        return name in self.class_names and (not module or module == "fairseq2" or module.startswith("fairseq2."))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every fairseq2-only field name this loss accepts besides its own config fields."""
+        return (*self.section_fields, *self.no_effect)
 
 
 @dataclass(frozen=True)
@@ -99,20 +127,23 @@ class PreferencePairs:
             bad = "chosen_lengths" if bool((chosen_lengths <= 0).any()) else "rejected_lengths"
             raise LossInputError(
                 f"{bad} must be > 0 for every pair (token count of the response, end token "
-                f"included); got {named[bad].tolist()}"
+                f"included); got {(chosen_lengths if bad == 'chosen_lengths' else rejected_lengths).tolist()}"
             )
         chosen = _as_compute_dtype(policy_chosen_logps)
 
-        def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else _as_compute_dtype(tensor).to(chosen.dtype)
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return _as_compute_dtype(tensor).to(chosen.dtype)
+
+        def cast_optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else cast(tensor)
 
         return cls(
             chosen,
             cast(policy_rejected_logps),
             cast(chosen_lengths),
-            cast(rejected_lengths),  # type: ignore[arg-type]
-            cast(reference_chosen_logps),
-            cast(reference_rejected_logps),
+            cast(rejected_lengths),
+            cast_optional(reference_chosen_logps),
+            cast_optional(reference_rejected_logps),
         )
 
     @property
@@ -206,7 +237,7 @@ class PreferenceLoss:
             raise LossConfigError(
                 "config", f"{type(self).__name__} needs a {expected.__name__}, got {type(config).__name__}"
             )
-        self.config = config
+        self.config: Any = config
 
     def compute(self, pairs: PreferencePairs) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement compute(pairs)")

@@ -2,10 +2,11 @@
 summed log-probs plus a behaviour-cloning NLL term on the chosen response."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 
-from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -17,6 +18,11 @@ class CPOConfig:
 
     beta: float = 0.1
     nll_scale: float = 1.0
+
+    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
+        class_names=("CpoConfig", "CPOConfig", "CpoFinetuneConfig"),
+        defaults={"beta": 1.0, "nll_scale": 1.0},
+    )
 
     def __post_init__(self) -> None:
         check_real(self, "beta", minimum=0.0, min_inclusive=False)

@@ -1,16 +1,14 @@
 """ORPO: Monolithic Preference Optimization without Reference Model (Hong et al. 2024, arXiv:2403.07691):
-SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs.
-
-fairseq2's implementation computed the odds-ratio term but never multiplied it by lambda; here
-``orpo_lambda`` is applied.
-"""
+SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs. fairseq2's implementation computed the
+odds-ratio term but never multiplied it by lambda; here ``orpo_lambda`` is applied."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -34,6 +32,15 @@ class ORPOConfig:
 
     orpo_lambda: float = 0.1
     nll_scale: float = 1.0
+
+    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
+        class_names=("OrpoConfig", "ORPOConfig", "OrpoFinetuneConfig"),
+        defaults={"orpo_lambda": 1.0, "nll_scale": 1.0},
+        changed={
+            "orpo_lambda": "applied here; fairseq2 computed the odds-ratio term but never multiplied it by "
+            "orpo_lambda, so its runs trained with an effective lambda of 1.0 whatever the config said",
+        },
+    )
 
     def __post_init__(self) -> None:
         check_real(self, "orpo_lambda", minimum=0.0, hint="weight of the odds-ratio term; the paper uses 0.1")

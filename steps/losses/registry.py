@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from steps.losses.base import LossConfigError, PreferenceLoss, UnknownLossError
+from steps.losses.base import Fairseq2Names, LossConfigError, PreferenceLoss, UnknownLossError
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _LOSSES: dict[str, type[PreferenceLoss]] = {}
@@ -39,7 +39,7 @@ def register_loss(name: str) -> Callable[[L], L]:
         ]
         if no_default:
             raise TypeError(
-                f"@register_loss({name!r}): every field of {config_class.__name__} needs a default; "
+                f"@register_loss({name!r}): every field of {cls.config_class.__name__} needs a default; "
                 f"missing for {no_default}"
             )
         existing = _LOSSES.get(name)
@@ -74,6 +74,23 @@ def loss_class(name: str) -> type[PreferenceLoss]:
 def requires_reference(name: str) -> bool:
     """Whether the trainer must provide reference log-probs for this loss."""
     return loss_class(name).requires_reference
+
+
+def fairseq2_names(name: str) -> Fairseq2Names | None:
+    """How fairseq2 spells the config of loss ``name`` (its config class's ``fairseq2`` attribute), if it has one."""
+    names = getattr(loss_class(name).config_class, "fairseq2", None)
+    return names if isinstance(names, Fairseq2Names) else None
+
+
+def loss_for_type(type_path: str) -> str | None:
+    """The registered loss whose config ``type_path`` names (its own class path or a fairseq2 alias), if any."""
+    for name, cls in sorted(_LOSSES.items()):
+        config_class = cls.config_class
+        names = fairseq2_names(name)
+        own = (f"{config_class.__module__}.{config_class.__qualname__}", config_class.__qualname__)
+        if type_path in own or (names is not None and names.names_type(type_path)):
+            return name
+    return None
 
 
 def build_loss(name: str, config: Any = None, **fields: Any) -> PreferenceLoss:

@@ -1,8 +1,6 @@
-"""Checks for loss config fields, shared by every config's ``__post_init__``.
-
-Each check coerces the value (ints become floats) and raises LossConfigError naming the config, the field,
-the bad value and what is allowed, so a typo in YAML is caught before any model is loaded.
-"""
+"""Checks for loss config fields, shared by every config's ``__post_init__``: each coerces the value (ints become
+floats) and raises LossConfigError naming the config, the field, the bad value and what is allowed, so a typo in
+YAML is caught before any model is loaded."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from steps.config import TrainConfig
 from steps.train import checkpoints, parallel
 from steps.train.batching import TokenBatch
+from steps.train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of cfg.lr after ``step`` optimizer steps: linear warmup, then the schedule down to final_lr."""
-    final_ratio = (cfg.final_lr if cfg.final_lr is not None else 0.1 * cfg.lr) / cfg.lr
-    warmup = cfg.warmup_steps
-    decay_steps = max(1, total_steps - warmup)
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / decay_steps)
-        if cfg.schedule == "linear":
-            return 1.0 - (1.0 - final_ratio) * progress
-        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
