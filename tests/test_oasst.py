@@ -312,6 +312,12 @@ def test_multi_turn_prompt_and_llama3_rendering(tmp_path):
     assert set(pairs[0]) == {"id", "src", "tgt_chosen", "tgt_rejected"}
     chat_pairs = read_jsonl(out / "preference.train.jsonl")
     assert set(chat_pairs[0]) == {"id", "tree_id", "prompt", "chosen", "rejected", "chosen_rank", "rejected_rank"}
+    # TRL's conversational preference layout: prompt messages, one assistant message per side
+    by_chosen = {p["chosen"][0]["content"]: p for p in chat_pairs + read_jsonl(out / "preference.dev.jsonl")}
+    follow_up = by_chosen["Good follow-up answer on tea."]
+    assert follow_up["chosen"] == [{"role": "assistant", "content": "Good follow-up answer on tea."}]
+    assert follow_up["rejected"] == [{"role": "assistant", "content": "Bad follow-up answer on tea."}]
+    assert follow_up["prompt"] == multi["prompt"]
     assert (chat_pairs[0]["chosen_rank"], chat_pairs[0]["rejected_rank"]) == (0, 1)
     assert tree_ids(out, "train") and tree_ids(out, "dev")
 
@@ -402,7 +408,7 @@ def test_ranks_with_gaps_ties_and_unranked(tmp_path):
     assert stats["ranks"]["unranked_replies"] == 1 == stats["ranks"]["unranked_beside_ranked"]
     assert stats["sft_examples"] == 1
     written = read_jsonl(tmp_path / "out/preference.train.jsonl") + read_jsonl(tmp_path / "out/preference.dev.jsonl")
-    assert sorted((p["chosen"], p["rejected"]) for p in written) == [
+    assert sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in written) == [
         ("Other x.", "Other y."), ("Reply a.", "Reply b."), ("Reply a.", "Reply c.")]
 
 
@@ -520,11 +526,15 @@ def test_hub_rows_path(shared_dir, tmp_path):
     from steps.data.oasst_read import looks_like_hub_id, read_dataset_rows, read_local_file
 
     rows = load_raw_rows(shared_dir / ROWS_FILE)
-    from_dataset = read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset")
-    from_file = read_local_file(shared_dir / ROWS_FILE)
-    assert [(m.message_id, m.parent_id, m.rank, m.review_result, m.text) for m in from_dataset.messages] == [
-        (m.message_id, m.parent_id, m.rank, m.review_result, m.text) for m in from_file.messages]
-    assert from_dataset.trees_read == 95
+    with read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset") as from_dataset, \
+            read_local_file(shared_dir / ROWS_FILE) as from_file:
+        def columns(index):
+            return [(index.ids[i], index.parent[i], index.rank[i], index.flags[i], index.text_of(i))
+                    for i in range(len(index))]
+
+        assert columns(from_dataset) == columns(from_file)
+        assert [from_file.text_of(i) for i in range(len(from_file))] == [r["text"] for r in rows]
+        assert from_dataset.trees_read == 95
 
     assert looks_like_hub_id("OpenAssistant/oasst2") and not looks_like_hub_id("data/oasst2.jsonl")
     if os.environ.get("HF_HUB_OFFLINE") != "1":
