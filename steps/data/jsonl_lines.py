@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MAX_LISTED_PROBLEMS = 20
 """How many bad lines / rows are listed individually in the stats (all are counted)."""

@@ -8,9 +8,10 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.data.fairseq2_format import preference_row, sft_row
 from steps.data.oasst_examples import PAIR_STRATEGIES, iter_examples
@@ -29,8 +30,8 @@ __all__ = [
     "OasstDataError",
     "OasstInputNotFoundError",
     "PreparedData",
-    "prepare_oasst",
     "main",
+    "prepare_oasst",
 ]
 
 SPLITS = ("train", "dev")
@@ -75,7 +76,8 @@ def write_split_files(output_dir: Path, spools: dict[str, RoutedSpool], side_of:
     paths: dict[str, Path] = {}
     sizes: dict[str, dict[str, int]] = {}
     for kind, spool in spools.items():
-        targets = [{name: output_dir / prefix / f"{kind}.{name}.jsonl" for name in SPLITS} for prefix in ("", "fairseq2")]
+        targets = [{name: output_dir / prefix / f"{kind}.{name}.jsonl" for name in SPLITS}
+                   for prefix in ("", "fairseq2")]
         sizes[kind] = spool.route(side_of, targets)
         for name in SPLITS:
             paths[f"{kind}.{name}"] = targets[0][name]
@@ -146,7 +148,7 @@ def _prepare(index: MessageIndex, output_dir: Path, filters: MessageFilters, spo
              split: str) -> PreparedData:
     forest = build_forest(index, filters, max_trees=max_trees, seed=seed)
     counts: Counter = Counter()
-    pair_counts = Counter({s: 0 for s in PAIR_STRATEGIES})
+    pair_counts = Counter(dict.fromkeys(PAIR_STRATEGIES, 0))
     usable_trees: set[str] = set()
     for kind, position, item in iter_examples(forest, counts, sft_rank=sft_rank):
         if kind == "sft":
@@ -228,7 +230,7 @@ def _sft_rank_arg(value: str) -> int | None:
     try:
         rank = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
+        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}") from None
     if rank < 0:
         raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
     return rank

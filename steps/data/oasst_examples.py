@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from steps.data.oasst_index import ROLE_NAMES
 from steps.data.oasst_trees import ConversationForest

@@ -63,7 +63,7 @@ class MessageIndex:
         self._first: dict[str, int] = {}
         self._pending: dict[int, str] = {}
         self._tree_ids: set[str] = set()
-        self._spool = tempfile.TemporaryFile(prefix="prefflow-oasst-", suffix=".texts")
+        self._spool = tempfile.TemporaryFile(prefix="prefflow-oasst-", suffix=".texts")  # noqa: SIM115 (closed by close())
         self._spool_size = 0
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from steps.data.jsonl_lines import MAX_LISTED_PROBLEMS, is_array_start, is_parquet, open_lines, parse_line
 from steps.data.oasst_index import MessageIndex
+from steps.data.records import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +23,24 @@ EMBEDDED_SAMPLE = Path(__file__).resolve().parent / "embedded" / "oasst2_sample.
 """The small, original (not OASST-derived) sample that ``input="embedded"`` selects."""
 
 ROLES = ("prompter", "assistant")
-__all__ = ["EMBEDDED_SAMPLE", "MAX_LISTED_PROBLEMS", "OasstDataError", "OasstInputNotFoundError", "OasstMessage",
-           "parse_message", "read_oasst", "read_local_file", "read_dataset_rows", "looks_like_hub_id"]
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "MAX_LISTED_PROBLEMS",
+    "OasstDataError",
+    "OasstInputNotFoundError",
+    "OasstMessage",
+    "looks_like_hub_id",
+    "parse_message",
+    "read_dataset_rows",
+    "read_local_file",
+    "read_oasst",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
 
 
-class OasstDataError(ValueError):
+class OasstDataError(DataError):
     """OpenAssistant input that cannot be used: missing file, unreadable format, nothing left after filtering."""
 
 
@@ -168,7 +179,6 @@ def parse_message(
     elif problems:
         message.problem, message.problem_detail = "invalid_field", "; ".join(problems)
     return message
-
 
 
 class _Reader:

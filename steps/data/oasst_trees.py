@@ -98,7 +98,7 @@ class ConversationForest:
 
 def tree_order_key(tree_id: str, seed: int) -> str:
     """Seeded, input-order-independent position of a tree (used for the split and for ``max_trees``)."""
-    return hashlib.sha256(f"{seed}\x00{tree_id}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}\x00{tree_id}".encode()).hexdigest()
 
 
 def _cycle_members(parent: array, reason: bytearray) -> list[int]:

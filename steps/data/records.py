@@ -4,7 +4,8 @@ Pair rows follow TRL's conversational preference layout; :func:`pair_messages` a
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 ChatMessage = dict[str, str]
 PROMPT_ROLES = ("system", "user", "assistant")
@@ -67,3 +68,7 @@ def pair_row(id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessag
 
 def sft_row(id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessage], response: str) -> dict[str, Any]:
     return {"id": id, group_key: group_id, "prompt": list(prompt), "response": response}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used: missing file, unreadable format, nothing usable left."""

@@ -5,8 +5,8 @@ the seed – never on input order – and every example of a tree lands on the s
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from steps.data.oasst_trees import tree_order_key
 
@@ -18,7 +18,7 @@ class TreeSplit:
 
 
 def dev_tree_count(n_trees: int, dev_fraction: float) -> int:
-    """``round(dev_fraction * n)``, but at least 1 (and at most n-1) when there are ≥ 2 trees and a dev set is wanted."""
+    """``round(dev_fraction * n)``, but at least 1 (and at most n-1) with ≥ 2 trees and a dev set wanted."""
     if not 0.0 <= dev_fraction < 1.0:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     if dev_fraction == 0.0 or n_trees < 2:

@@ -8,8 +8,9 @@ import json
 import os
 import tempfile
 from array import array
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -53,7 +54,9 @@ class RoutedSpool:
     """Rows of one kind (two renderings each: chat and fairseq2) tagged with their group's position."""
 
     def __init__(self) -> None:
-        self.files = (tempfile.TemporaryFile(prefix="prefflow-rows-"), tempfile.TemporaryFile(prefix="prefflow-rows-"))
+        # closed by close(); deleted by the OS even if the process dies
+        self.files = (tempfile.TemporaryFile(prefix="prefflow-rows-"),  # noqa: SIM115
+                      tempfile.TemporaryFile(prefix="prefflow-rows-"))  # noqa: SIM115
         self.groups = array("q")
 
     def add(self, group: int, *lines: bytes) -> None:
@@ -66,7 +69,7 @@ class RoutedSpool:
 
     def route(self, side_of: Callable[[int], str], targets: Sequence[dict[str, Path]]) -> dict[str, int]:
         """Copy every spooled line to ``targets[rendering][side]`` in spool order; rows per side."""
-        sizes = {side: 0 for side in targets[0]}
+        sizes = dict.fromkeys(targets[0], 0)
         for rendering, fh in enumerate(self.files):
             fh.flush()
             fh.seek(0)

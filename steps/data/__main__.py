@@ -1,0 +1,4 @@
+"""``python -m steps.data``: prepare any supported data format (see steps.data.prepare)."""
+from steps.data.prepare import main
+
+raise SystemExit(main())
