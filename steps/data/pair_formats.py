@@ -183,9 +183,17 @@ def hh_turns(transcript: str) -> list[ChatMessage]:
             for i in range(1, len(parts) - 1, 2)]
 
 
+def _last_turns_are_assistant(chosen: list[ChatMessage], rejected: list[ChatMessage]) -> None:
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise BadRow("last_turn_not_assistant", f"{key} must end with the assistant's reply, not a "
+                                                    f"{messages[-1]['role']!r} turn")
+
+
 def read_hh_rlhf(row: dict[str, Any]) -> PairRecord:
     """Anthropic HH-RLHF: ``chosen`` / ``rejected`` transcripts that share every turn but the last assistant one."""
     chosen, rejected = hh_turns(_string(row, "chosen")), hh_turns(_string(row, "rejected"))
+    _last_turns_are_assistant(chosen, rejected)
     if chosen[:-1] != rejected[:-1]:
         raise BadRow("prompt_mismatch", "chosen and rejected transcripts differ before their last turn")
     return PairRecord(_check_prompt(chosen[:-1]), _one_assistant(chosen[-1:], "chosen"),
@@ -203,6 +211,7 @@ def read_ultrafeedback(row: dict[str, Any]) -> PairRecord:
         if chosen is None or rejected is None:
             raise BadRow("missing_field", f"missing {'chosen' if chosen is None else 'rejected'}")
         chosen_m, rejected_m = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        _last_turns_are_assistant(chosen_m, rejected_m)
         if chosen_m[:-1] != rejected_m[:-1]:
             raise BadRow("prompt_mismatch", "chosen and rejected conversations differ before their last message")
         record = PairRecord(_check_prompt(chosen_m[:-1]), _one_assistant(chosen_m[-1:], "chosen"),

@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 PAIR_FORMATS = tuple(READERS)
 BAD_ROW_REASONS = (
     "missing_field", "invalid_field", "invalid_message", "no_common_prompt", "prompt_not_ending_with_user",
-    "empty_prompt", "multi_turn_completion", "unparsable_transcript", "prompt_mismatch", "unparsable_src",
-    "empty_response", "identical_responses", "incomplete_reference_score", "invalid_reference_score",
-    "duplicate_pair", "duplicate_id",
+    "empty_prompt", "multi_turn_completion", "last_turn_not_assistant", "unparsable_transcript", "prompt_mismatch",
+    "unparsable_src", "empty_response", "identical_responses", "incomplete_reference_score",
+    "invalid_reference_score", "duplicate_pair", "duplicate_id",
 )
 DEFAULT_SPLIT = {"ultrafeedback": "train_prefs"}
 """Hub split read when none is given (UltraFeedback binarized has ``train_prefs`` / ``test_prefs``, no ``train``)."""
@@ -207,8 +207,7 @@ def _write(c: _Collector, source: Any, malformed: MalformedLines, output_dir: Pa
     if 0 < c.with_reference < len(pairs):
         logger.warning("%s: %d of %d pairs carry reference scores; the trainer uses them only when every pair has "
                        "them, so it will compute reference log-probs", source.spec, c.with_reference, len(pairs))
-    used_groups = {g for g, p in c.groups.items()}
-    tree_split = split_trees(used_groups, dev_fraction=dev_fraction, seed=seed)
+    tree_split = split_trees(c.groups, dev_fraction=dev_fraction, seed=seed)
     dev_positions = {c.groups[g] for g in tree_split.dev}
     paths, sizes = write_split_files(output_dir, {"sft": sft, "preference": pairs},
                                      lambda p: "dev" if p in dev_positions else "train")
