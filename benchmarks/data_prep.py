@@ -9,7 +9,7 @@ import itertools
 import json
 import os
 import random
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,23 +83,28 @@ def generate_export(path: Path, n_messages: int, *, seed: int = 0, mean_chars: i
     return {"messages": written, "trees": trees, "bytes": path.stat().st_size}
 
 
-def _rss_now_kib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc: unlike ``ru_maxrss``, the peak of the
+    address space exec started, not the parent's size at fork time (which ``ru_maxrss`` carries over)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def worker(export: str, out_dir: str) -> dict[str, Any]:
-    """Prepare ``export`` in this process; peak RSS (``ru_maxrss``) and RSS after imports, in KiB."""
+    """Prepare ``export`` in this process; peak RSS (``VmHWM``) and RSS after imports, in KiB."""
     import logging
 
     from steps.data.oasst import prepare_oasst
 
     logging.disable(logging.INFO)
-    baseline = _rss_now_kib()
+    baseline = _status_kib("VmRSS")
     start = time.perf_counter()
     prepared = prepare_oasst(export, out_dir)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     stats = prepared.stats
     return {"seconds": seconds, "peak_rss_kib": peak, "baseline_rss_kib": baseline,
             "messages_read": stats["messages_read"], "sft_examples": stats["sft_examples"],
@@ -129,7 +134,7 @@ def run(sizes: list[int], workdir: Path, *, seed: int = 0, mean_chars: int = 600
         rows.append({**generated, **result, "rss_growth_bytes_per_message": growth / generated["messages"]})
         if not keep:
             export.unlink()
-            subprocess.run(["rm", "-rf", str(workdir / f"out-{export.stem}")], check=False)
+            shutil.rmtree(workdir / f"out-{export.stem}", ignore_errors=True)
     for prev, row in itertools.pairwise(rows):
         row["slope_bytes_per_extra_message"] = ((row["peak_rss_kib"] - prev["peak_rss_kib"]) * 1024
                                                 / (row["messages"] - prev["messages"]))
@@ -160,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(*args.worker)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    with tempfile.TemporaryDirectory(prefix="prefflow-data-bench-", dir=args.workdir) as tmp:
-        rows = run(sizes, Path(tmp), mean_chars=args.mean_chars, keep=args.keep)
+    if args.keep:
+        if args.workdir is None:
+            parser.error("--keep needs --workdir (where the exports and outputs stay)")
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        rows = run(sizes, args.workdir, mean_chars=args.mean_chars, keep=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="prefflow-data-bench-", dir=args.workdir) as tmp:
+            rows = run(sizes, Path(tmp), mean_chars=args.mean_chars)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     print(f"load average during the run: {os.getloadavg()}", file=sys.stderr)
     return 0

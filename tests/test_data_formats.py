@@ -57,6 +57,10 @@ def read_rows(out: Path, kind: str) -> list[dict]:
             for line in (out / f"{kind}.{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+def read_split(out: Path, kind: str, split: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"{kind}.{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
 def trl_is_conversational(row: dict) -> bool:
     """TRL's documented test: a supported key holding a list whose first item is a {role, content} dict."""
     return all(isinstance(row[k], list) and isinstance(row[k][0], dict) and {"role", "content"} <= set(row[k][0])
@@ -152,11 +156,10 @@ def test_sft_once_per_distinct_prompt_and_chosen_and_split_by_prompt(tmp_path):
     second = prepare_data({"format": "preference", "input": str(write_jsonl(tmp_path / "b.jsonl", shuffled)),
                            "dev_fraction": 0.2, "seed": 5}, tmp_path / "b")
     for out in (tmp_path / "a", tmp_path / "b"):
-        dev = {p["prompt"][0]["content"] for p in [json.loads(x) for x in open(out / "preference.dev.jsonl")]}
-        train = {p["prompt"][0]["content"] for p in [json.loads(x) for x in open(out / "preference.train.jsonl")]}
+        dev = {p["prompt"][0]["content"] for p in read_split(out, "preference", "dev")}
+        train = {p["prompt"][0]["content"] for p in read_split(out, "preference", "train")}
         assert len(dev) == 6 and len(train) == 24 and not dev & train  # whole prompts on one side, 20 % of 30
-    key = sorted
-    assert key((tmp_path / "a/preference.dev.jsonl").read_text().splitlines()) == key(
+    assert sorted((tmp_path / "a/preference.dev.jsonl").read_text().splitlines()) == sorted(
         (tmp_path / "b/preference.dev.jsonl").read_text().splitlines())  # the split ignores row order
     assert second.stats["split_sizes"] == first.stats["split_sizes"]
 
@@ -195,9 +198,9 @@ def test_errors_name_the_input_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: no usable rows .*'missing_field': 3"):
         prepare_data({"format": "preference", "input": str(only_bad)}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(DataError, match="data.format 'csv' is unknown"):
+    with pytest.raises(DataError, match=r"data.format 'csv' is unknown"):
         prepare_data({"format": "csv", "input": str(only_bad)}, tmp_path / "out")
-    with pytest.raises(DataError, match="data.langs .* applies to data.format 'oasst' only"):
+    with pytest.raises(DataError, match=r"data.langs .* applies to data.format 'oasst' only"):
         prepare_data({"format": "hh_rlhf", "input": str(only_bad), "langs": ["de"]}, tmp_path / "out")
     with pytest.raises(DataError, match="embedded"):
         prepare_data({"format": "hh_rlhf", "input": "embedded"}, tmp_path / "out")

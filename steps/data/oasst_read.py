@@ -186,6 +186,7 @@ class _Reader:
 
     def __init__(self, source: str, location_kind: str = "line") -> None:
         self.index = MessageIndex(source, location_kind)
+        self.lines_seen = 0
 
     def add_row(self, raw: dict[str, Any], number: int) -> None:
         index = self.index
@@ -226,7 +227,8 @@ class _Reader:
         index = self.index
         if not line.strip():
             return
-        if index.format is None and is_array_start(line):
+        self.lines_seen += 1
+        if self.lines_seen == 1 and is_array_start(line):  # the whole file is one JSON document
             raise OasstDataError(
                 f"{index.source}: line {lineno} starts a JSON array; expected JSONL (one JSON object per line), "
                 "e.g. convert with `jq -c '.[]'`"

@@ -101,21 +101,21 @@ def _file_rows(path: Path, malformed: MalformedLines, label: str) -> Iterator[tu
                 number += 1
                 yield f"{label} row {number}", raw
         return
-    seen_object = False
+    first = True
     try:
         for lineno, line in enumerate(tqdm(open_lines(path), unit="lines", desc=f"read {path.name}", disable=None), 1):
             if not line.strip():
                 continue
-            if not seen_object and is_array_start(line):
+            if first and is_array_start(line):  # the whole file is one JSON document
                 raise DataError(f"{path}: line {lineno} starts a JSON array; expected JSONL (one JSON object per "
                                 "line), e.g. convert with `jq -c '.[]'`")
+            first = False
             raw, error = parse_line(line)
             if error is None and not isinstance(raw, dict):
                 error = f"expected a JSON object, got {type(raw).__name__}"
             if error:
                 malformed.add(lineno, error, where=label)
                 continue
-            seen_object = True
             yield f"{label} line {lineno}", raw
     except (OSError, EOFError) as exc:  # truncated gzip, unreadable file
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
