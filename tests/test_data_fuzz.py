@@ -16,7 +16,8 @@ from steps.data import DataError, OasstDataError, pair_messages, prepare_data, p
 
 CASES = {"oasst_rows": 120, "oasst_trees": 100, "pairs": 60}
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.large_base_example])
 
 HUGE = "x" * 200_000
 TEXTS = st.one_of(st.sampled_from(["", "  ", "Hi?", "Hello.", " Hello. ", "Why?", "Because.", "ok", "Tea?"]),
