@@ -1,7 +1,6 @@
 """data.format fairseq2: generic_preference / generic_instruction JSONL from a file, a directory or a MANIFEST.
 
-The Llama-3 ``src`` strings are written out by hand; the reference-score test runs the real trainer on the tiny
-model and counts the forwards of the reference path.
+``src`` strings are written by hand; the reference-score test counts reference forwards of the real trainer.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """data.format preference | hh_rlhf | ultrafeedback: small fixtures in each public schema -> the same files.
 
-Expected prompts and replies are written out by hand from the schemas (TRL's dataset-format guide, the HH-RLHF
-transcript form, UltraFeedback binarized), never taken from the code under test.
+Expected prompts and replies are written by hand from the public schemas, never taken from the code under test.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm import tqdm
+
 from steps.data.oasst_index import ROLE_NAMES
 from steps.data.oasst_trees import ConversationForest
 from steps.data.records import ChatMessage, assistant_turn
@@ -123,7 +125,8 @@ def iter_examples(forest: ConversationForest, counts: Counter, *, sft_rank: int 
     index = forest.index
     seen_sft: set[bytes] = set()
     seen_pairs: dict[str, set[bytes]] = {s: set() for s in PAIR_STRATEGIES}
-    for position, root in enumerate(forest.roots):
+    roots = tqdm(forest.roots, unit="trees", desc="examples", disable=None)
+    for position, root in enumerate(roots):
         tree_id = forest.tree_id[root]
         records = index.read_records(forest.members(root))
         nodes = {i: _Node(i, index.ids[i], index.role[i], index.rank[i], date, text)

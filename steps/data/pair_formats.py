@@ -1,7 +1,6 @@
 """Rows of the public preference schemas -> one record type: TRL (``preference``), HH-RLHF, UltraFeedback, fairseq2.
 
-Each reader returns a :class:`PairRecord` (or, for fairseq2 instruction rows, an :class:`SftRecord`) or raises
-:class:`BadRow` with a stable reason name that the stats count.
+Readers return a PairRecord (SftRecord for fairseq2 instruction rows) or raise BadRow with a counted reason.
 """
 from __future__ import annotations
 

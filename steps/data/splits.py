@@ -1,7 +1,6 @@
 """Deterministic train/dev split by conversation tree.
 
-A tree's position is the SHA-256 of ``"{seed}\\0{tree_id}"``, so the split depends only on the set of tree ids and
-the seed – never on input order – and every example of a tree lands on the same side.
+Position = SHA-256 of ``"{seed}\\0{tree_id}"``: the split depends on the tree ids and seed, never on input order.
 """
 from __future__ import annotations
 
