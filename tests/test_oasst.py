@@ -6,6 +6,7 @@ directly (it shares no code with steps.data).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -119,6 +120,8 @@ def reference_counts(rows, langs=("en",), require_review=True, include_synthetic
         "dropped": dropped,
         "kept": len(kept),
         "sft": len(sft),
+        "sft_set": sft,
+        "pair_sets": pairs,
         "pairs": {s: len(p) for s, p in pairs.items()},
         "trees": len({r["message_tree_id"] for r in rows}),
     }
@@ -156,6 +159,14 @@ def test_counts_match_independent_reference(shared_dir, tmp_path, rel_path, requ
         assert written == expected["pairs"][strategy] == sizes["preference"]["train"] + sizes["preference"]["dev"]
         sft_written = sum(len(read_jsonl(tmp_path / strategy / f"sft.{s}.jsonl")) for s in ("train", "dev"))
         assert sft_written == expected["sft"]
+        # not only the counts: the very (history, chosen, rejected) triples and (history, response) pairs
+        pairs_written = {(tuple((m["role"], m["content"]) for m in p["prompt"]), p["chosen"][0]["content"],
+                          p["rejected"][0]["content"])
+                         for s in ("train", "dev") for p in read_jsonl(tmp_path / strategy / f"preference.{s}.jsonl")}
+        assert pairs_written == expected["pair_sets"][strategy]
+        sft_set = {(tuple((m["role"], m["content"]) for m in e["prompt"]), e["response"])
+                   for s in ("train", "dev") for e in read_jsonl(tmp_path / strategy / f"sft.{s}.jsonl")}
+        assert sft_set == expected["sft_set"]
 
 
 def test_real_data_edge_cases_are_counted(shared_dir, tmp_path):
@@ -231,6 +242,54 @@ def test_max_trees_and_sft_rank_all(shared_dir, tmp_path):
     # every kept assistant reply (ranked or not) is an SFT example unless it duplicates one
     assistants = [r for r in rows if r["message_id"] in kept_ids and r["role"] == "assistant"]
     assert everything["sft_examples"] + everything["skipped"]["sft_duplicates_removed"] == len(assistants)
+
+
+# Digests of what the code before the streaming rewrite (commit 2d6d5d8) wrote for these inputs: every output file,
+# preference rows turned back into that code's string layout, stats.json with its input path blanked.
+ORIGINAL_OUTPUT_DIGESTS = {
+    "embedded_default": ("embedded", {},
+                         "8d62c4b806cd24c02f7fba19f55885aa760b255193e1e4495b569cfd7857ca43"),
+    "embedded_all": ("embedded", {"pair_strategy": "all_ordered_pairs", "sft_rank": None, "require_review": False,
+                                  "include_deleted": True},
+                     "63dcb8a079eb8679e67a24d722f453dae7735e5a89558a70c83e8631401c23c5"),
+    "rows_default": (ROWS_FILE, {}, "5d7fdd9b3f9a2bfdf67cd8bcefc13680c1cebec48301d6c88ddebe500f38dd63"),
+    "rows_all_pairs_noreview": (ROWS_FILE, {"pair_strategy": "all_ordered_pairs", "require_review": False,
+                                            "sft_rank": None},
+                                "9d8f364189bcb3fc223b4c2844afc40a62b6790de97eb0d3811b0da9a274b1e1"),
+    "trees_default": (TREES_FILE, {}, "4fd083bfdc0c0de95b1bad754a590750d259332078a10218d3356cf545962651"),
+    "trees_synth_max": (TREES_FILE, {"include_synthetic": True, "max_trees": 40, "seed": 7, "dev_fraction": 0.25},
+                        "f4ce2845dff4b4285c9d2bcd57d82bb60c7b1ea2fdbb98fcdb3eea402e243b8f"),
+}
+
+
+def output_digest(out: Path) -> str:
+    def legacy(data: bytes) -> bytes:
+        rows = [json.loads(line) for line in data.split(b"\n") if line]
+        for row in rows:
+            for key in ("chosen", "rejected"):
+                row[key] = row[key][0]["content"] if isinstance(row[key], list) else row[key]
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel, data = path.relative_to(out).as_posix(), path.read_bytes()
+        if rel == "stats.json":
+            stats = json.loads(data)
+            stats["input"] = "INPUT"
+            data = (json.dumps(stats, indent=2, ensure_ascii=False) + "\n").encode()
+        if rel.startswith("preference."):
+            data = legacy(data)
+        digest.update(rel.encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", sorted(ORIGINAL_OUTPUT_DIGESTS))
+def test_outputs_match_the_code_before_streaming(request, tmp_path, case):
+    source, settings, expected = ORIGINAL_OUTPUT_DIGESTS[case]
+    if source != "embedded":
+        source = str(request.getfixturevalue("shared_dir") / source)
+    prepare_oasst(source, tmp_path / "out", **settings)
+    assert output_digest(tmp_path / "out") == expected
 
 
 # ---------------------------------------------------------------- hand-written edge cases
@@ -312,6 +371,12 @@ def test_multi_turn_prompt_and_llama3_rendering(tmp_path):
     assert set(pairs[0]) == {"id", "src", "tgt_chosen", "tgt_rejected"}
     chat_pairs = read_jsonl(out / "preference.train.jsonl")
     assert set(chat_pairs[0]) == {"id", "tree_id", "prompt", "chosen", "rejected", "chosen_rank", "rejected_rank"}
+    # TRL's conversational preference layout: prompt messages, one assistant message per side
+    by_chosen = {p["chosen"][0]["content"]: p for p in chat_pairs + read_jsonl(out / "preference.dev.jsonl")}
+    follow_up = by_chosen["Good follow-up answer on tea."]
+    assert follow_up["chosen"] == [{"role": "assistant", "content": "Good follow-up answer on tea."}]
+    assert follow_up["rejected"] == [{"role": "assistant", "content": "Bad follow-up answer on tea."}]
+    assert follow_up["prompt"] == multi["prompt"]
     assert (chat_pairs[0]["chosen_rank"], chat_pairs[0]["rejected_rank"]) == (0, 1)
     assert tree_ids(out, "train") and tree_ids(out, "dev")
 
@@ -402,7 +467,7 @@ def test_ranks_with_gaps_ties_and_unranked(tmp_path):
     assert stats["ranks"]["unranked_replies"] == 1 == stats["ranks"]["unranked_beside_ranked"]
     assert stats["sft_examples"] == 1
     written = read_jsonl(tmp_path / "out/preference.train.jsonl") + read_jsonl(tmp_path / "out/preference.dev.jsonl")
-    assert sorted((p["chosen"], p["rejected"]) for p in written) == [
+    assert sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in written) == [
         ("Other x.", "Other y."), ("Reply a.", "Reply b."), ("Reply a.", "Reply c.")]
 
 
@@ -419,7 +484,7 @@ def test_no_usable_conversation_names_file_and_filters(tmp_path):
 
 def test_bad_arguments_and_missing_inputs(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(OasstInputNotFoundError, match="nope.jsonl: no such file"):
+    with pytest.raises(OasstInputNotFoundError, match=r"nope\.jsonl: no such file"):
         prepare_oasst(str(missing), tmp_path / "out")
     assert issubclass(OasstInputNotFoundError, ValueError) and issubclass(OasstInputNotFoundError, FileNotFoundError)
     with pytest.raises(OasstDataError, match="is a directory"):
@@ -520,11 +585,15 @@ def test_hub_rows_path(shared_dir, tmp_path):
     from steps.data.oasst_read import looks_like_hub_id, read_dataset_rows, read_local_file
 
     rows = load_raw_rows(shared_dir / ROWS_FILE)
-    from_dataset = read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset")
-    from_file = read_local_file(shared_dir / ROWS_FILE)
-    assert [(m.message_id, m.parent_id, m.rank, m.review_result, m.text) for m in from_dataset.messages] == [
-        (m.message_id, m.parent_id, m.rank, m.review_result, m.text) for m in from_file.messages]
-    assert from_dataset.trees_read == 95
+    with read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset") as from_dataset, \
+            read_local_file(shared_dir / ROWS_FILE) as from_file:
+        def columns(index):
+            return [(index.ids[i], index.parent[i], index.rank[i], index.flags[i], index.text_of(i))
+                    for i in range(len(index))]
+
+        assert columns(from_dataset) == columns(from_file)
+        assert [from_file.text_of(i) for i in range(len(from_file))] == [r["text"] for r in rows]
+        assert from_dataset.trees_read == 95
 
     assert looks_like_hub_id("OpenAssistant/oasst2") and not looks_like_hub_id("data/oasst2.jsonl")
     if os.environ.get("HF_HUB_OFFLINE") != "1":

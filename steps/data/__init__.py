@@ -1,6 +1,6 @@
-"""Data preparation: OpenAssistant conversations -> SFT examples and preference pairs (see ``steps.data.oasst``).
+"""Data preparation: OpenAssistant trees or preference datasets -> SFT examples and preference pairs.
 
-Names are loaded lazily so that ``python -m steps.data.oasst`` does not import the module twice.
+``prepare_data`` (``steps.data.prepare``) is the entry point; names load lazily (``python -m steps.data.oasst``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ _EXPORTS = {
     "PreparedData",
     "prepare_oasst",
 }
+_PREPARE_EXPORTS = {"FORMATS", "prepare_data"}
+_RECORD_EXPORTS = {"DataError", "pair_messages", "sft_messages"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS | _PREPARE_EXPORTS | _RECORD_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,12 @@ def __getattr__(name: str) -> Any:
         from steps.data import oasst
 
         return getattr(oasst, name)
+    if name in _PREPARE_EXPORTS:
+        from steps.data import prepare
+
+        return getattr(prepare, name)
+    if name in _RECORD_EXPORTS:
+        from steps.data import records
+
+        return getattr(records, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,6 @@
 """OpenAssistant (oasst1/oasst2) -> SFT examples and preference pairs, in chat form and fairseq2 form.
 
-``prepare_oasst`` reads flat message rows (Hub id, parquet, JSONL(.gz)) or export trees (``*.trees.jsonl(.gz)``),
-keeps the usable messages (``oasst_trees``), extracts multi-turn SFT examples and ranked preference pairs
-(``oasst_examples``), splits train/dev by conversation tree (``splits``) and writes, atomically::
-
-    OUTPUT_DIR/sft.{train,dev}.jsonl                 {"id", "tree_id", "prompt": [messages], "response"}
-    OUTPUT_DIR/preference.{train,dev}.jsonl          {"id", "tree_id", "prompt": [messages], "chosen", "rejected",
-                                                      "chosen_rank", "rejected_rank"}
-    OUTPUT_DIR/fairseq2/sft.{train,dev}.jsonl        {"id", "src", "tgt"}
-    OUTPUT_DIR/fairseq2/preference.{train,dev}.jsonl {"id", "src", "tgt_chosen", "tgt_rejected"}
-    OUTPUT_DIR/stats.json                            counts of everything read, kept, dropped and written
-
-``prompt`` messages are ``{"role": "user"|"assistant", "content"}``. Only the chosen ``pair_strategy`` is written;
-``stats.json`` gives pair counts for all of them. CLI: ``python -m steps.data.oasst --input embedded --output-dir D``.
+``prepare_oasst`` streams the input into a tree index, then writes every output file (layout in its docstring).
 """
 from __future__ import annotations
 
@@ -20,22 +8,19 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.data.fairseq2_format import preference_row, sft_row
-from steps.data.oasst_examples import PAIR_STRATEGIES, extract_examples
-from steps.data.oasst_read import (
-    EMBEDDED_SAMPLE,
-    OasstDataError,
-    OasstInputNotFoundError,
-    ReadResult,
-    read_oasst,
-)
+from steps.data.oasst_examples import PAIR_STRATEGIES, iter_examples
+from steps.data.oasst_index import MessageIndex
+from steps.data.oasst_read import EMBEDDED_SAMPLE, OasstDataError, OasstInputNotFoundError, read_oasst
 from steps.data.oasst_trees import DROP_REASONS, MessageFilters, build_forest
 from steps.data.splits import split_trees
-from steps.io import write_json, write_jsonl
+from steps.data.spool import RoutedSpool, dumps_line
+from steps.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +30,13 @@ __all__ = [
     "OasstDataError",
     "OasstInputNotFoundError",
     "PreparedData",
-    "prepare_oasst",
     "main",
+    "prepare_oasst",
 ]
 
 SPLITS = ("train", "dev")
+RANK_COUNTS = ("ranked_groups", "ranked_groups_with_gaps", "ranked_groups_with_ties", "ranked_groups_without_rank0",
+               "ranked_groups_all_tied", "unranked_replies", "unranked_beside_ranked")
 
 
 @dataclass
@@ -73,15 +60,29 @@ def _normalise_choice(values: Sequence[str] | str | None) -> tuple[str, ...] | N
     return values
 
 
-def _read_stats(read: ReadResult) -> dict[str, Any]:
-    languages = Counter(m.lang or "unknown" for m in read.messages if not m.problem)
+def _read_stats(index: MessageIndex) -> dict[str, Any]:
+    languages = index.languages
     return {
-        "input": read.source,
-        "format": read.format,
-        "messages_read": len(read.messages),
-        "malformed_lines": {"count": read.malformed_lines, "examples": read.malformed_examples},
+        "input": index.source,
+        "format": index.format,
+        "messages_read": len(index),
+        "malformed_lines": index.malformed.as_dict(),
         "languages_seen": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
+
+
+def write_split_files(output_dir: Path, spools: dict[str, RoutedSpool], side_of: Any) -> tuple[dict, dict]:
+    """Route each kind's spooled rows to ``{kind}.{split}.jsonl`` and ``fairseq2/{kind}.{split}.jsonl``."""
+    paths: dict[str, Path] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    for kind, spool in spools.items():
+        targets = [{name: output_dir / prefix / f"{kind}.{name}.jsonl" for name in SPLITS}
+                   for prefix in ("", "fairseq2")]
+        sizes[kind] = spool.route(side_of, targets)
+        for name in SPLITS:
+            paths[f"{kind}.{name}"] = targets[0][name]
+            paths[f"fairseq2/{kind}.{name}"] = targets[1][name]
+    return paths, sizes
 
 
 def prepare_oasst(
@@ -100,13 +101,22 @@ def prepare_oasst(
     max_trees: int | None = None,
     split: str = "train",
 ) -> PreparedData:
-    """Prepare OpenAssistant data for SFT and preference training (layout in the module docstring).
+    """Prepare OpenAssistant data for SFT and preference training, writing atomically::
+
+        OUTPUT_DIR/sft.{train,dev}.jsonl                 {"id", "tree_id", "prompt": [messages], "response"}
+        OUTPUT_DIR/preference.{train,dev}.jsonl          {"id", "tree_id", "prompt": [messages],
+                                                          "chosen": [assistant message], "rejected": [...],
+                                                          "chosen_rank", "rejected_rank"}   (TRL conversational)
+        OUTPUT_DIR/fairseq2/sft.{train,dev}.jsonl        {"id", "src", "tgt"}
+        OUTPUT_DIR/fairseq2/preference.{train,dev}.jsonl {"id", "src", "tgt_chosen", "tgt_rejected"}
+        OUTPUT_DIR/stats.json                            counts of everything read, kept, dropped and written
 
     ``input``: ``"embedded"`` (the small original sample shipped here), a local file, or a Hub dataset id read with
     ``datasets.load_dataset(input, split=split)``. ``langs`` / ``tree_states``: ``None``, empty or ``"all"`` keep
     everything. ``sft_rank``: rank of the replies used for SFT (``None`` = every assistant reply, ranked or not).
-    ``max_trees``: keep a seeded subset of that many trees (handy for quick runs). Raises ``OasstDataError`` when
-    nothing usable is left, naming the input and the filters.
+    ``max_trees``: keep a seeded subset of that many trees. Only ``pair_strategy`` is written; ``stats.json`` counts
+    pairs for all of them. The train/dev split is by tree (``splits``). Memory holds the tree index, not the texts
+    (see ``oasst_index``). Raises ``OasstDataError`` when nothing usable is left, naming the input and the filters.
     """
     if pair_strategy not in PAIR_STRATEGIES:
         raise OasstDataError(f"pair_strategy {pair_strategy!r} is unknown; choose one of {PAIR_STRATEGIES}")
@@ -123,47 +133,55 @@ def prepare_oasst(
         require_review=require_review,
         include_synthetic=include_synthetic,
     )
-    read = read_oasst(input, split=split)
-    forest = build_forest(read.messages, filters, max_trees=max_trees, seed=seed)
-    examples = extract_examples(forest, sft_rank=sft_rank)
+    spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
+    try:
+        with read_oasst(input, split=split) as index:
+            return _prepare(index, Path(output_dir), filters, spools, pair_strategy=pair_strategy, sft_rank=sft_rank,
+                            dev_fraction=dev_fraction, seed=seed, max_trees=max_trees, split=split)
+    finally:
+        for spool in spools.values():
+            spool.close()
 
-    if not examples.sft and not examples.pairs[pair_strategy]:
+
+def _prepare(index: MessageIndex, output_dir: Path, filters: MessageFilters, spools: dict[str, RoutedSpool], *,
+             pair_strategy: str, sft_rank: int | None, dev_fraction: float, seed: int, max_trees: int | None,
+             split: str) -> PreparedData:
+    forest = build_forest(index, filters, max_trees=max_trees, seed=seed)
+    counts: Counter = Counter()
+    pair_counts = Counter(dict.fromkeys(PAIR_STRATEGIES, 0))
+    usable_trees: set[str] = set()
+    for kind, position, item in iter_examples(forest, counts, sft_rank=sft_rank):
+        if kind == "sft":
+            usable_trees.add(item.tree_id)
+            spools["sft"].add(position, dumps_line(item.to_row()), dumps_line(sft_row(item)))
+            continue
+        pair_counts[kind] += 1
+        if kind == "all_ordered_pairs":
+            usable_trees.add(item.tree_id)
+        if kind == pair_strategy:
+            spools["preference"].add(position, dumps_line(item.to_row()), dumps_line(preference_row(item)))
+    n_sft, n_pairs = len(spools["sft"]), len(spools["preference"])
+
+    if not n_sft and not n_pairs:
         dropped = {k: v for k, v in sorted(forest.dropped.items()) if v}
         raise OasstDataError(
-            f"{read.source}: no usable conversation: {len(read.messages)} messages read "
-            f"({read.malformed_lines} malformed lines), {len(forest.messages)} kept in {len(forest.roots)} trees, "
+            f"{index.source}: no usable conversation: {len(index)} messages read "
+            f"({index.malformed.count} malformed lines), {forest.kept} kept in {len(forest.roots)} trees, "
             f"0 SFT examples (sft_rank={sft_rank}) and 0 {pair_strategy} pairs. Filters: {filters.describe()}; "
             f"dropped per reason: {dropped}. Widen the filters (e.g. --lang all, --tree-state all) or check the file."
         )
-    if not examples.sft or not examples.pairs[pair_strategy]:
-        logger.warning(
-            "%s: %d SFT examples, %d %s pairs: one of the outputs is empty",
-            read.source, len(examples.sft), len(examples.pairs[pair_strategy]), pair_strategy,
-        )
+    if not n_sft or not n_pairs:
+        logger.warning("%s: %d SFT examples, %d %s pairs: one of the outputs is empty",
+                       index.source, n_sft, n_pairs, pair_strategy)
 
-    usable_trees = {e.tree_id for e in examples.sft} | {p.tree_id for p in examples.pairs["all_ordered_pairs"]}
     tree_split = split_trees(usable_trees, dev_fraction=dev_fraction, seed=seed)
-    side = {t: "train" for t in tree_split.train} | {t: "dev" for t in tree_split.dev}
-
-    output_dir = Path(output_dir)
-    paths: dict[str, Path] = {}
+    dev_roots = {p for p, root in enumerate(forest.roots) if forest.tree_id[root] in tree_split.dev}
+    paths, sizes = write_split_files(output_dir, spools, lambda p: "dev" if p in dev_roots else "train")
     split_sizes: dict[str, dict[str, int]] = {"trees": {"train": len(tree_split.train), "dev": len(tree_split.dev)}}
-    for kind, items, fairseq2_row in (
-        ("sft", examples.sft, sft_row),
-        ("preference", examples.pairs[pair_strategy], preference_row),
-    ):
-        split_sizes[kind] = {}
-        for name in SPLITS:
-            chosen_items = [item for item in items if side[item.tree_id] == name]
-            split_sizes[kind][name] = len(chosen_items)
-            paths[f"{kind}.{name}"] = write_jsonl(output_dir / f"{kind}.{name}.jsonl",
-                                                  (item.to_row() for item in chosen_items))
-            paths[f"fairseq2/{kind}.{name}"] = write_jsonl(output_dir / "fairseq2" / f"{kind}.{name}.jsonl",
-                                                           (fairseq2_row(item) for item in chosen_items))
+    split_sizes.update(sizes)
 
-    counts = examples.counts
     stats: dict[str, Any] = {
-        **_read_stats(read),
+        **_read_stats(index),
         "settings": {
             **filters.describe(),
             "pair_strategy": pair_strategy,
@@ -173,24 +191,13 @@ def prepare_oasst(
             "max_trees": max_trees,
             "split": split,
         },
-        "messages_kept": len(forest.messages),
+        "messages_kept": forest.kept,
         "dropped": {reason: forest.dropped.get(reason, 0) for reason in DROP_REASONS},
         "problem_examples": forest.problem_examples,
-        "trees": {"read": read.trees_read, "kept": len(forest.roots), "usable": len(usable_trees)},
-        "sft_examples": len(examples.sft),
-        "pairs": {strategy: len(examples.pairs[strategy]) for strategy in PAIR_STRATEGIES},
-        "ranks": {
-            key: counts.get(key, 0)
-            for key in (
-                "ranked_groups",
-                "ranked_groups_with_gaps",
-                "ranked_groups_with_ties",
-                "ranked_groups_without_rank0",
-                "ranked_groups_all_tied",
-                "unranked_replies",
-                "unranked_beside_ranked",
-            )
-        },
+        "trees": {"read": index.trees_read, "kept": len(forest.roots), "usable": len(usable_trees)},
+        "sft_examples": n_sft,
+        "pairs": dict(pair_counts),
+        "ranks": {key: counts.get(key, 0) for key in RANK_COUNTS},
         "skipped": {
             "sft_duplicates_removed": counts.get("sft_duplicates_removed", 0),
             "sft_skipped_non_alternating": counts.get("sft_skipped_non_alternating", 0),
@@ -204,7 +211,7 @@ def prepare_oasst(
     paths["stats"] = write_json(output_dir / "stats.json", stats)
     logger.info(
         "%s -> %s: %d SFT examples, %d %s pairs (train/dev trees %d/%d)",
-        read.source, output_dir, len(examples.sft), len(examples.pairs[pair_strategy]), pair_strategy,
+        index.source, output_dir, n_sft, n_pairs, pair_strategy,
         split_sizes["trees"]["train"], split_sizes["trees"]["dev"],
     )
     return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
@@ -223,7 +230,7 @@ def _sft_rank_arg(value: str) -> int | None:
     try:
         rank = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
+        raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}") from None
     if rank < 0:
         raise argparse.ArgumentTypeError(f"--sft-rank must be a non-negative integer or 'all', got {value!r}")
     return rank

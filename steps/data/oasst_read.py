@@ -1,29 +1,21 @@
-"""Read OpenAssistant messages from any of their real shapes into one flat record type.
+"""Read OpenAssistant messages (Hub rows, parquet, JSONL(.gz) rows or export trees) into a compact index.
 
-Shapes understood:
-
-* flat message rows (the 18 columns of the Hub datasets ``OpenAssistant/oasst1`` / ``oasst2``), from the Hub
-  (``datasets.load_dataset``), a local parquet file, or a local JSONL / JSONL.gz file;
-* the export's ``*.trees.jsonl(.gz)``: one tree per line, ``{"message_tree_id", "tree_state", "prompt": node}``
-  with nested ``replies``; keys whose value is null may be omitted.
-
-The format is detected from the content (gzip / parquet magic bytes, then the first parsed line), not from the
-file name. Reading never stops on bad data: malformed lines are recorded with their line numbers, and messages with
-missing or invalid fields are returned flagged (``problem``) so that the tree builder can count and drop them
-together with their replies.
+Only ids, parents, ranks and filter fields stay in memory; texts go to a spool file (``oasst_index``).
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
+
+from steps.data.jsonl_lines import MAX_LISTED_PROBLEMS, is_array_start, is_parquet, open_lines, parse_line
+from steps.data.oasst_index import MessageIndex
+from steps.data.records import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +23,24 @@ EMBEDDED_SAMPLE = Path(__file__).resolve().parent / "embedded" / "oasst2_sample.
 """The small, original (not OASST-derived) sample that ``input="embedded"`` selects."""
 
 ROLES = ("prompter", "assistant")
-MAX_LISTED_PROBLEMS = 20
-"""How many malformed lines / flagged messages are listed individually in the stats (all are counted)."""
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "MAX_LISTED_PROBLEMS",
+    "OasstDataError",
+    "OasstInputNotFoundError",
+    "OasstMessage",
+    "looks_like_hub_id",
+    "parse_message",
+    "read_dataset_rows",
+    "read_local_file",
+    "read_oasst",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
 
 
-class OasstDataError(ValueError):
+class OasstDataError(DataError):
     """OpenAssistant input that cannot be used: missing file, unreadable format, nothing left after filtering."""
 
 
@@ -48,7 +50,7 @@ class OasstInputNotFoundError(OasstDataError, FileNotFoundError):
 
 @dataclass(slots=True)
 class OasstMessage:
-    """One message as read, before any filtering. ``index`` is unique even when message ids repeat."""
+    """One message as parsed, before it is folded into the index. ``index`` is unique even when ids repeat."""
 
     index: int
     message_id: str | None
@@ -70,19 +72,6 @@ class OasstMessage:
     problem: str | None = None
     """``missing_key`` or ``invalid_field`` when the message cannot be used; ``problem_detail`` says which."""
     problem_detail: str | None = None
-
-
-@dataclass
-class ReadResult:
-    """Everything read from one input: messages in read order plus what could not be parsed at all."""
-
-    source: str
-    format: str
-    """``rows`` (flat messages) or ``trees`` (export trees)."""
-    messages: list[OasstMessage]
-    trees_read: int
-    malformed_lines: int = 0
-    malformed_examples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _optional_bool(value: Any, name: str) -> tuple[bool | None, str | None]:
@@ -192,46 +181,25 @@ def parse_message(
     return message
 
 
-def _open_text_lines(path: Path) -> Iterator[bytes]:
-    """Yield raw lines (bytes) of a plain or gzip-compressed file, recognised by its magic bytes."""
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    opener = gzip.open if magic == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:
-        yield from fh
-
-
-def _is_parquet(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PAR1"
-
-
 class _Reader:
-    """Accumulates messages and malformed-line records while walking one input."""
+    """Walks one input and folds every message into a :class:`MessageIndex`."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.messages: list[OasstMessage] = []
-        self.trees_read = 0
-        self.malformed_lines = 0
-        self.malformed_examples: list[dict[str, Any]] = []
-        self.format: str | None = None
+    def __init__(self, source: str, location_kind: str = "line") -> None:
+        self.index = MessageIndex(source, location_kind)
+        self.lines_seen = 0
 
-    def malformed(self, lineno: int, error: str) -> None:
-        self.malformed_lines += 1
-        if len(self.malformed_examples) < MAX_LISTED_PROBLEMS:
-            self.malformed_examples.append({"line": lineno, "error": error})
-
-    def add_row(self, raw: dict[str, Any], location: str) -> None:
-        self.messages.append(parse_message(raw, index=len(self.messages), location=location))
+    def add_row(self, raw: dict[str, Any], number: int) -> None:
+        index = self.index
+        index.add(parse_message(raw, index=len(index), location=f"{index.location_kind} {number}"), number)
 
     def add_tree(self, raw: dict[str, Any], lineno: int) -> None:
-        """Flatten one export tree; nested replies get their structural parent's index."""
+        """Flatten one export tree in pre-order; nested replies get their structural parent's index."""
+        index = self.index
         prompt = raw.get("prompt")
         if not isinstance(prompt, dict):
-            self.malformed(lineno, "tree line without a 'prompt' object")
+            index.malformed.add(lineno, "tree line without a 'prompt' object")
             return
-        self.trees_read += 1
+        index.trees_read += 1
         tree_state, _ = _optional_str(raw.get("tree_state"), "tree_state")
         tree_id, _ = _optional_str(raw.get("message_tree_id"), "message_tree_id")
         if tree_id is None and isinstance(prompt.get("message_id"), str):
@@ -240,98 +208,79 @@ class _Reader:
         stack: list[tuple[dict[str, Any], int | None]] = [(prompt, None)]
         while stack:
             node, parent_index = stack.pop()
-            message = parse_message(
-                node,
-                index=len(self.messages),
-                location=location,
-                parent_index=parent_index,
-                tree_state=tree_state,
-                message_tree_id=tree_id,
-                structural=True,
-            )
+            message = parse_message(node, index=len(index), location=location, parent_index=parent_index,
+                                    tree_state=tree_state, message_tree_id=tree_id, structural=True)
             replies = node.get("replies")
             if replies is not None and not isinstance(replies, list):
                 message.problem = message.problem or "invalid_field"
                 message.problem_detail = message.problem_detail or "replies must be a list"
                 replies = []
-            self.messages.append(message)
+            index.add(message, lineno)
             # reversed so that replies come out in file order (stack is LIFO)
             for reply in reversed(replies or []):
                 if isinstance(reply, dict):
                     stack.append((reply, message.index))
                 else:
-                    self.malformed(lineno, f"reply of {message.message_id} is not a JSON object")
+                    index.malformed.add(lineno, f"reply of {message.message_id} is not a JSON object")
 
     def add_line(self, line: bytes, lineno: int) -> None:
+        index = self.index
         if not line.strip():
             return
-        if self.format is None and line.lstrip().startswith(b"["):
+        self.lines_seen += 1
+        if self.lines_seen == 1 and is_array_start(line):  # the whole file is one JSON document
             raise OasstDataError(
-                f"{self.source}: line {lineno} starts a JSON array; expected JSONL (one JSON object per line), "
+                f"{index.source}: line {lineno} starts a JSON array; expected JSONL (one JSON object per line), "
                 "e.g. convert with `jq -c '.[]'`"
             )
-        try:
-            raw = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self.malformed(lineno, f"not valid JSON: {exc}")
+        raw, error = parse_line(line)
+        if error:
+            index.malformed.add(lineno, error)
             return
         if not isinstance(raw, dict):
-            self.malformed(lineno, f"expected a JSON object, got {type(raw).__name__}")
+            index.malformed.add(lineno, f"expected a JSON object, got {type(raw).__name__}")
             return
-        if self.format is None:
+        if index.format is None:
             # a tree line has "prompt" (and "message_tree_id"); a message row always has "message_id"
-            self.format = "trees" if "prompt" in raw and "message_id" not in raw else "rows"
-            logger.info("%s: detected %s format from line %d", self.source, self.format, lineno)
-        if self.format == "trees":
+            index.format = "trees" if "prompt" in raw and "message_id" not in raw else "rows"
+            logger.info("%s: detected %s format from line %d", index.source, index.format, lineno)
+        if index.format == "trees":
             self.add_tree(raw, lineno)
         else:
-            self.add_row(raw, f"line {lineno}")
-
-    def result(self) -> ReadResult:
-        fmt = self.format or "rows"
-        if fmt == "rows":
-            self.trees_read = len({m.message_tree_id for m in self.messages if m.message_tree_id is not None})
-        return ReadResult(
-            source=self.source,
-            format=fmt,
-            messages=self.messages,
-            trees_read=self.trees_read,
-            malformed_lines=self.malformed_lines,
-            malformed_examples=self.malformed_examples,
-        )
+            self.add_row(raw, lineno)
 
 
-def read_local_file(path: Path) -> ReadResult:
-    """Read a local parquet, JSONL or JSONL.gz file of rows or export trees."""
-    reader = _Reader(str(path))
-    if _is_parquet(path):
+def read_local_file(path: Path) -> MessageIndex:
+    """Read a local parquet, JSONL or JSONL.gz file of rows or export trees, streaming (one batch/line at a time)."""
+    if is_parquet(path):
         import pyarrow.parquet as pq
 
-        reader.format = "rows"
+        reader = _Reader(str(path), "row")
+        reader.index.format = "rows"
         parquet = pq.ParquetFile(path)
         with tqdm(total=parquet.metadata.num_rows, unit="rows", desc=f"read {path.name}", disable=None) as bar:
             row_number = 0
             for batch in parquet.iter_batches(batch_size=4096):
                 for raw in batch.to_pylist():
                     row_number += 1
-                    reader.add_row(raw, f"row {row_number}")
+                    reader.add_row(raw, row_number)
                 bar.update(batch.num_rows)
     else:
+        reader = _Reader(str(path))
         try:
-            lines = _open_text_lines(path)
+            lines = open_lines(path)
             for lineno, line in enumerate(tqdm(lines, unit="lines", desc=f"read {path.name}", disable=None), 1):
                 reader.add_line(line, lineno)
         except (OSError, EOFError) as exc:  # truncated gzip, unreadable file
+            reader.index.close()
             raise OasstDataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
-    result = reader.result()
-    logger.info(
-        "%s: read %d messages in %d trees (%s format), %d malformed lines",
-        path, len(result.messages), result.trees_read, result.format, result.malformed_lines,
-    )
-    return result
+    index = reader.index.finish()
+    logger.info("%s: read %d messages in %d trees (%s format), %d malformed lines",
+                path, len(index), index.trees_read, index.format, index.malformed.count)
+    return index
 
 
-def read_hub_dataset(dataset_id: str, split: str) -> ReadResult:
+def read_hub_dataset(dataset_id: str, split: str) -> MessageIndex:
     """Read flat message rows of a Hub dataset such as ``OpenAssistant/oasst2`` (needs network or a cache)."""
     try:
         from datasets import load_dataset
@@ -345,20 +294,20 @@ def read_hub_dataset(dataset_id: str, split: str) -> ReadResult:
     return read_dataset_rows(dataset, f"{dataset_id}[{split}]")
 
 
-def read_dataset_rows(dataset: Any, source: str) -> ReadResult:
+def read_dataset_rows(dataset: Any, source: str) -> MessageIndex:
     """Read the flat message rows of a loaded ``datasets.Dataset`` (Arrow batches: much faster than row dicts)."""
-    reader = _Reader(source)
-    reader.format = "rows"
+    reader = _Reader(source, "row")
+    reader.index.format = "rows"
     row_number = 0
     with tqdm(total=len(dataset), unit="rows", desc=f"read {source}", disable=None) as bar:
         for table in dataset.with_format("arrow").iter(batch_size=4096):
             for raw in table.to_pylist():
                 row_number += 1
-                reader.add_row(raw, f"row {row_number}")
+                reader.add_row(raw, row_number)
             bar.update(table.num_rows)
-    result = reader.result()
-    logger.info("%s: read %d messages in %d trees", result.source, len(result.messages), result.trees_read)
-    return result
+    index = reader.index.finish()
+    logger.info("%s: read %d messages in %d trees", index.source, len(index), index.trees_read)
+    return index
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -366,7 +315,7 @@ def looks_like_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not spec.lower().endswith(_FILE_SUFFIXES)
 
 
-def read_oasst(spec: str | Path, split: str = "train") -> ReadResult:
+def read_oasst(spec: str | Path, split: str = "train") -> MessageIndex:
     """Read ``spec``: ``"embedded"``, a local file path, or a Hub dataset id (``split`` applies to Hub ids only)."""
     if str(spec) == "embedded":
         return read_local_file(EMBEDDED_SAMPLE)
@@ -381,4 +330,3 @@ def read_oasst(spec: str | Path, split: str = "train") -> ReadResult:
         f"{spec}: no such file; pass an existing parquet / JSONL(.gz) / trees.jsonl(.gz) path, "
         "a Hub id like OpenAssistant/oasst2, or 'embedded'"
     )
-

@@ -1,27 +1,18 @@
-"""Filter OpenAssistant messages and assemble the surviving conversation trees.
+"""Filter OpenAssistant messages and link the survivors into conversation trees, over the compact index.
 
-Every message read ends up either kept or dropped for exactly one reason, checked in this order (the first that
-applies is the one counted):
-
-1. ``missing_key`` / ``invalid_field`` – the message itself is unusable (see ``oasst_read.parse_message``);
-2. ``duplicate_id`` – a message id seen before (the first occurrence in read order is kept);
-3. ``cycle`` – the message sits on a parent chain that loops back on itself (flat rows only; nesting cannot loop);
-4. the content filters, in order: ``tree_state``, ``lang``, ``deleted``, ``review``, ``synthetic``;
-5. ``orphan`` – the message passed all of the above but its parent is missing or was dropped, so its
-   conversation history is incomplete; its whole subtree goes with it;
-6. ``max_trees`` – its tree is beyond the requested number of trees.
-
-So ``messages_read == messages_kept + sum(dropped.values())`` always holds.
+Every message read is kept or dropped for exactly one reason (``build_forest`` lists the order).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from steps.data.oasst_read import MAX_LISTED_PROBLEMS, OasstMessage
+from steps.data.jsonl_lines import MAX_LISTED_PROBLEMS
+from steps.data.oasst_index import DELETED, READ_DROPS, REVIEWED, ROOT, SYNTHETIC, MessageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +29,8 @@ DROP_REASONS = (
     "orphan",
     "max_trees",
 )
+_CODE = {reason: code for code, reason in enumerate(DROP_REASONS, 1)}
+assert all(_CODE[r] == i for i, r in enumerate(READ_DROPS, 1)), "read-time drop codes must match DROP_REASONS"
 
 
 @dataclass(frozen=True)
@@ -50,17 +43,18 @@ class MessageFilters:
     require_review: bool = True
     include_synthetic: bool = False
 
-    def failing_filter(self, message: OasstMessage) -> str | None:
-        """Name of the first content filter ``message`` fails, or ``None``."""
-        if self.tree_states and message.tree_state not in self.tree_states:
+    def failing_filter(self, index: MessageIndex, i: int) -> str | None:
+        """Name of the first content filter message ``i`` fails, or ``None``."""
+        flags = index.flags[i]
+        if self.tree_states and index.values[index.tree_state[i]] not in self.tree_states:
             return "tree_state"
-        if self.langs and message.lang not in self.langs:
+        if self.langs and index.values[index.lang[i]] not in self.langs:
             return "lang"
-        if message.deleted and not self.include_deleted:
+        if flags & DELETED and not self.include_deleted:
             return "deleted"
-        if self.require_review and message.review_result is not True:
+        if self.require_review and not flags & REVIEWED:
             return "review"
-        if message.synthetic and not self.include_synthetic:
+        if flags & SYNTHETIC and not self.include_synthetic:
             return "synthetic"
         return None
 
@@ -76,145 +70,149 @@ class MessageFilters:
 
 @dataclass
 class ConversationForest:
-    """Kept messages linked into trees: ``children`` lists reply indices, ``tree_id`` maps each root to its id."""
+    """Kept messages (``reason[i] == 0``) linked into trees: children of ``i`` are ``child[start[i]:start[i+1]]``
+    in read order; ``roots`` are sorted by tree id and ``tree_id`` maps each root to its id."""
 
-    messages: dict[int, OasstMessage]
-    children: dict[int, list[int]]
+    index: MessageIndex
+    reason: bytearray
+    start: array
+    child: array
     roots: list[int]
     tree_id: dict[int, str]
+    kept: int
     dropped: Counter = field(default_factory=Counter)
     problem_examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def children(self, i: int) -> array:
+        return self.child[self.start[i]:self.start[i + 1]]
+
+    def members(self, root: int) -> list[int]:
+        """Every message of the tree under ``root``."""
+        out, stack = [], [root]
+        while stack:
+            i = stack.pop()
+            out.append(i)
+            stack.extend(self.children(i))
+        return out
 
 
 def tree_order_key(tree_id: str, seed: int) -> str:
     """Seeded, input-order-independent position of a tree (used for the split and for ``max_trees``)."""
-    return hashlib.sha256(f"{seed}\x00{tree_id}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}\x00{tree_id}".encode()).hexdigest()
 
 
-def _find_cycle_members(parent_of: dict[int, int | None]) -> set[int]:
-    """Indices on a parent chain that loops back on itself (iterative, so deep chains cannot overflow)."""
-    state: dict[int, int] = {}  # 1 = on the current walk, 2 = finished
-    in_cycle: set[int] = set()
-    for start in parent_of:
-        if start in state:
+def _cycle_members(parent: array, reason: bytearray) -> list[int]:
+    """Messages still in play on a parent chain that loops back on itself (iterative: deep chains are fine)."""
+    state = bytearray(len(parent))  # 1 = on the current walk, 2 = finished
+    members: list[int] = []
+    for begin in range(len(parent)):
+        if reason[begin] or state[begin]:
             continue
         path: list[int] = []
-        node: int | None = start
-        while node is not None and node in parent_of and node not in state:
+        node = begin
+        while node >= 0 and not reason[node] and not state[node]:
             state[node] = 1
             path.append(node)
-            node = parent_of[node]
-        if node is not None and state.get(node) == 1:  # walked back into this very path: a loop
-            in_cycle.update(path[path.index(node):])
+            node = parent[node]
+        if node >= 0 and not reason[node] and state[node] == 1:  # walked back into this very path
+            members.extend(path[path.index(node):])
         for visited in path:
             state[visited] = 2
-    return in_cycle
+    return sorted(members)
 
 
-def build_forest(
-    messages: Sequence[OasstMessage],
-    filters: MessageFilters,
-    *,
-    max_trees: int | None = None,
-    seed: int = 333,
-) -> ConversationForest:
-    """Apply the drop rules (module docstring) and link what survives into conversation trees."""
-    dropped: Counter = Counter()
-    reason_of: dict[int, str] = {}
-    examples: list[dict[str, Any]] = []
-
-    def drop(message: OasstMessage, reason: str, detail: str | None = None) -> None:
-        reason_of[message.index] = reason
-        dropped[reason] += 1
-        if reason in ("missing_key", "invalid_field", "duplicate_id", "cycle") and len(examples) < MAX_LISTED_PROBLEMS:
-            examples.append(
-                {"reason": reason, "where": message.location, "message_id": message.message_id, "detail": detail}
-            )
-
-    # 1-2: unusable messages and duplicate ids
-    first_index_of_id: dict[str, int] = {}
-    for message in messages:
-        if message.problem:
-            drop(message, message.problem, message.problem_detail)
-        elif message.message_id in first_index_of_id:
-            drop(message, "duplicate_id", f"first seen at index {first_index_of_id[message.message_id]}")
-        else:
-            first_index_of_id[message.message_id] = message.index
-    by_index = {m.index: m for m in messages}
-
-    # resolve parents: nesting for export trees, parent_id for flat rows; -1 marks "parent not available"
-    parent_of: dict[int, int | None] = {}
-    for message in messages:
-        if message.index in reason_of:
+def _disconnected(parent: array, reason: bytearray) -> bytearray:
+    """1 for messages in play whose chain reaches a root, 2 for those that hit a dropped or missing parent."""
+    state = bytearray(len(parent))
+    for begin in range(len(parent)):
+        if reason[begin] or state[begin]:
             continue
-        if message.parent_index is not None:
-            parent_of[message.index] = message.parent_index
-        elif message.parent_id is None:
-            parent_of[message.index] = None
-        else:
-            parent_of[message.index] = first_index_of_id.get(message.parent_id, -1)
-
-    # 3: cycles (only among messages still in play; a dropped duplicate cannot close a loop)
-    for index in sorted(_find_cycle_members({i: (p if p in parent_of else None) for i, p in parent_of.items()})):
-        drop(by_index[index], "cycle", "parent chain loops back to this message")
-        del parent_of[index]
-
-    # 4: content filters
-    for index in list(parent_of):
-        reason = filters.failing_filter(by_index[index])
-        if reason:
-            drop(by_index[index], reason)
-            del parent_of[index]
-
-    # 5: orphans – walk up to a root; anything that hits a dropped/missing parent goes with its subtree
-    connected: dict[int, bool] = {}
-    for start in parent_of:
         path: list[int] = []
-        node: int | None = start
-        while node is not None and node not in connected:
-            if node not in parent_of:  # dropped or never existed
+        node = begin
+        while True:
+            if node == ROOT:
+                ok = True
+                break
+            if node < 0 or reason[node]:
+                ok = False
+                break
+            if state[node]:
+                ok = state[node] == 1
                 break
             path.append(node)
-            node = parent_of[node]
-        ok = node is None or connected.get(node, False)
+            node = parent[node]
         for visited in path:
-            connected[visited] = ok
-    for index in parent_of:
-        if not connected[index]:
-            drop(by_index[index], "orphan")
-    kept = {i: by_index[i] for i in parent_of if connected[i]}
+            state[visited] = 1 if ok else 2
+    return state
 
-    children: dict[int, list[int]] = defaultdict(list)
+
+def build_forest(index: MessageIndex, filters: MessageFilters, *, max_trees: int | None = None,
+                 seed: int = 333) -> ConversationForest:
+    """Apply the drop rules, first match counted, and link what survives into conversation trees.
+
+    1. ``missing_key`` / ``invalid_field``: the message itself is unusable (``oasst_read.parse_message``);
+    2. ``duplicate_id``: a message id seen before (the first usable occurrence in read order is kept);
+    3. ``cycle``: the message sits on a parent chain that loops back on itself (nesting cannot loop);
+    4. the content filters, in order: ``tree_state``, ``lang``, ``deleted``, ``review``, ``synthetic``;
+    5. ``orphan``: its parent is missing or was dropped, so its history is incomplete; its subtree goes too;
+    6. ``max_trees``: its tree is beyond the requested number of trees (a seeded, order-independent subset).
+
+    So ``messages_read == messages_kept + sum(dropped.values())`` always holds.
+    """
+    n = len(index)
+    reason = bytearray(index.read_drop)
+    dropped: Counter = Counter(index.dropped)
+    examples = list(index.problem_examples)
+
+    def drop(i: int, why: str, detail: str | None = None) -> None:
+        reason[i] = _CODE[why]
+        dropped[why] += 1
+        if detail is not None and len(examples) < MAX_LISTED_PROBLEMS:
+            examples.append({"reason": why, "where": index.location(i), "message_id": index.ids[i], "detail": detail})
+
+    parent = index.parent
+    for i in _cycle_members(parent, reason):
+        drop(i, "cycle", "parent chain loops back to this message")
+    for i in range(n):
+        if not reason[i]:
+            why = filters.failing_filter(index, i)
+            if why:
+                drop(i, why)
+    state = _disconnected(parent, reason)
+    for i in range(n):
+        if not reason[i] and state[i] == 2:
+            drop(i, "orphan")
+    del state
+
+    counts = array("q", bytes(8 * (n + 1)))
     roots: list[int] = []
-    for index in kept:
-        parent = parent_of[index]
-        if parent is None:
-            roots.append(index)
-        else:
-            children[parent].append(index)
-    tree_id = {r: kept[r].message_tree_id or kept[r].message_id for r in roots}
+    for i in range(n):
+        if not reason[i]:
+            if parent[i] == ROOT:
+                roots.append(i)
+            else:
+                counts[parent[i] + 1] += 1
+    for i in range(n):
+        counts[i + 1] += counts[i]
+    child = array("q", bytes(8 * counts[n]))
+    fill = array("q", counts)
+    for i in range(n):
+        if not reason[i] and parent[i] != ROOT:
+            child[fill[parent[i]]] = i
+            fill[parent[i]] += 1
+    del fill
+    tree_id = {r: index.root_tree_id.get(r) or index.ids[r] for r in roots}
+    forest = ConversationForest(index, reason, counts, child, roots, tree_id, 0, dropped, examples)
 
-    # 6: max_trees – keep a seeded, input-order-independent subset of the trees
     if max_trees is not None and len(roots) > max_trees:
         ordered = sorted(roots, key=lambda r: (tree_order_key(tree_id[r], seed), tree_id[r]))
         for root in ordered[max_trees:]:
-            stack = [root]
-            while stack:
-                index = stack.pop()
-                stack.extend(children.pop(index, []))
-                drop(kept.pop(index), "max_trees")
+            for i in forest.members(root):
+                drop(i, "max_trees")
             del tree_id[root]
         roots = ordered[:max_trees]
-
-    logger.info(
-        "kept %d of %d messages in %d trees; dropped %s",
-        len(kept), len(messages), len(roots), dict(sorted(dropped.items())),
-    )
-    return ConversationForest(
-        messages=kept,
-        children=dict(children),
-        roots=sorted(roots, key=lambda r: tree_id[r]),
-        tree_id=tree_id,
-        dropped=dropped,
-        problem_examples=examples,
-    )
+    forest.roots = sorted(roots, key=lambda r: tree_id[r])
+    forest.kept = n - sum(dropped.values())
+    logger.info("kept %d of %d messages in %d trees; dropped %s", forest.kept, n, len(forest.roots),
+                dict(sorted(dropped.items())))
+    return forest

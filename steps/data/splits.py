@@ -1,12 +1,11 @@
 """Deterministic train/dev split by conversation tree.
 
-A tree's position is the SHA-256 of ``"{seed}\\0{tree_id}"``, so the split depends only on the set of tree ids and
-the seed – never on input order – and every example of a tree lands on the same side.
+Position = SHA-256 of ``"{seed}\\0{tree_id}"``: the split depends on the tree ids and seed, never on input order.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from steps.data.oasst_trees import tree_order_key
 
@@ -18,7 +17,7 @@ class TreeSplit:
 
 
 def dev_tree_count(n_trees: int, dev_fraction: float) -> int:
-    """``round(dev_fraction * n)``, but at least 1 (and at most n-1) when there are ≥ 2 trees and a dev set is wanted."""
+    """``round(dev_fraction * n)``, but at least 1 (and at most n-1) with ≥ 2 trees and a dev set wanted."""
     if not 0.0 <= dev_fraction < 1.0:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     if dev_fraction == 0.0 or n_trees < 2:

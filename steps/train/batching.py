@@ -75,10 +75,12 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[l
 def tokenize_sft(rows: Sequence[dict], tokenizer, max_seq_len: int,
                  overlength: Literal["drop", "truncate"] = "drop") -> tuple[list[SFTExample], LengthStats]:
     from steps.chat import encode_prompt_response
+    from steps.data.records import sft_messages
 
     out, stats = [], LengthStats()
     for row in rows:
-        p, r = encode_prompt_response(tokenizer, row["prompt"], row["response"])
+        prompt, response = sft_messages(row)
+        p, r = encode_prompt_response(tokenizer, prompt, response)
         if len(p) + len(r) > max_seq_len:
             if overlength == "drop":
                 stats.dropped_overlength += 1
@@ -95,11 +97,13 @@ def tokenize_sft(rows: Sequence[dict], tokenizer, max_seq_len: int,
 def tokenize_pairs(rows: Sequence[dict], tokenizer, max_seq_len: int,
                    overlength: Literal["drop", "truncate"] = "drop") -> tuple[list[PairExample], LengthStats]:
     from steps.chat import encode_prompt_response
+    from steps.data.records import pair_messages
 
     out, stats = [], LengthStats()
     for row in rows:
-        p, c = encode_prompt_response(tokenizer, row["prompt"], row["chosen"])
-        _, r = encode_prompt_response(tokenizer, row["prompt"], row["rejected"])
+        prompt, chosen, rejected = pair_messages(row)
+        p, c = encode_prompt_response(tokenizer, prompt, chosen)
+        _, r = encode_prompt_response(tokenizer, prompt, rejected)
         if len(p) + max(len(c), len(r)) > max_seq_len:
             if overlength == "drop":
                 stats.dropped_overlength += 1
