@@ -55,27 +55,13 @@ def plan_run(
 
 
 def prepare_data(cfg: RunConfig, output_root: str) -> tuple[str, dict]:
-    from steps.data.oasst import prepare_oasst
+    """The data section's input, in its format, -> SFT examples and preference pairs under the run's data dir."""
+    from steps.data import prepare_data as prepare
 
     _setup_logging()
-    d = cfg.data
     out = Path(output_root) / "data"
-    prepared = prepare_oasst(
-        d.input,
-        out,
-        langs=tuple(d.langs) if d.langs else None,
-        pair_strategy=d.pair_strategy,
-        sft_rank=d.sft_rank,
-        tree_states=tuple(d.tree_states) if d.tree_states else None,
-        include_synthetic=d.include_synthetic,
-        include_deleted=d.include_deleted,
-        require_review=d.require_review,
-        dev_fraction=d.dev_fraction,
-        seed=d.seed,
-        max_trees=d.max_trees,
-        split=d.split,
-    )
-    logger.info("prepared data in %s", out)
+    prepared = prepare(cfg.data, out)
+    logger.info("prepared %s data from %s in %s", cfg.data.format, cfg.data.input, out)
     return str(out), prepared.stats
 
 

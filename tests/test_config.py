@@ -250,6 +250,18 @@ def test_negative_beta_names_key(tmp_path):
         ("sft:\n  lr: 1.0e-5\n  final_lr: 1.0e+300\n", "sft.final_lr"),
         ("sft:\n  epochs: 1000000000000000000000000000000\n", "sft.epochs"),
         ("sft:\n  '': 1\n", "sft.''"),
+        ("data:\n  format: trl\n", "data.format"),
+        ("data:\n  format: preference\n", "data.input"),  # the embedded sample is OpenAssistant data
+        ("data:\n  format: hh_rlhf\n  input: hh.jsonl\n  pair_strategy: best_vs_worst\n", "data.pair_strategy"),
+        ("evaluation:\n  judge: openai_compatible\n  judge_model: m\n", "evaluation.judge_base_url"),
+        (
+            "evaluation:\n  judge: openai_compatible\n  judge_base_url: http://localhost:8000/v1\n",
+            "evaluation.judge_model",
+        ),
+        ("evaluation:\n  judge_base_url: localhost:8000\n", "evaluation.judge_base_url"),
+        ("evaluation:\n  judge_api_key_env: sk-abc123\n", "evaluation.judge_api_key_env"),
+        ("evaluation:\n  judge_max_requests: 0\n", "evaluation.judge_max_requests"),
+        ("evaluation:\n  paired_resamples: 10\n", "evaluation.paired_resamples"),
     ],
 )
 def test_out_of_range_and_wrong_types(tmp_path, text, key):

@@ -43,10 +43,11 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """OpenAssistant-2 preparation (see steps.data.oasst.prepare_oasst)."""
+    """Data preparation (see steps.data.prepare.prepare_data): one reader per format, the same files out."""
 
-    input: str = "embedded"  # "embedded", a Hub id (OpenAssistant/oasst2), or a local rows/trees file
-    split: str = "train"
+    format: Literal["oasst", "preference", "hh_rlhf", "ultrafeedback", "fairseq2"] = "oasst"
+    input: str = "embedded"  # "embedded" (oasst only), a Hub id, a JSONL(.gz)/Parquet file, or a directory
+    split: str | None = None  # None: the format's training split (train; train_prefs for UltraFeedback)
     langs: list[str] = field(default_factory=lambda: ["en"])
     pair_strategy: Literal["best_vs_rest", "best_vs_worst", "all_ordered_pairs"] = "best_vs_rest"
     sft_rank: int = 0
@@ -58,9 +59,35 @@ class DataConfig:
     seed: int = 333
     max_trees: int | None = None
 
+    #: settings that only OpenAssistant trees have
+    OASST_ONLY = (
+        "langs",
+        "pair_strategy",
+        "sft_rank",
+        "tree_states",
+        "include_synthetic",
+        "include_deleted",
+        "require_review",
+        "max_trees",
+    )
+
     def check(self) -> None:
         _require(0 <= self.dev_fraction < 1, "dev_fraction", f"got {self.dev_fraction!r}; must be in [0, 1)")
         _require(self.sft_rank >= 0, "sft_rank", f"got {self.sft_rank!r}; must be >= 0")
+        if self.format != "oasst":
+            _require(
+                self.input != "embedded",
+                "input",
+                f"the embedded sample is OpenAssistant data; with format {self.format} give a Hub id, a file or a "
+                "directory",
+            )
+            defaults = DataConfig()
+            for name in self.OASST_ONLY:
+                _require(
+                    getattr(self, name) == getattr(defaults, name),
+                    name,
+                    f"is an OpenAssistant setting; it has no effect with format {self.format}: remove it",
+                )
 
 
 @dataclass(frozen=True)
