@@ -2,11 +2,12 @@
 
 Seeded English words, cut with the real tokenizer to fit ``max_len - margin`` so neither side drops anything.
 """
+
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 WORDS = (
@@ -70,8 +71,9 @@ def _fit_words(text: str, max_tokens: int, count) -> str:
     return " ".join(words)
 
 
-def preference_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0,
-                    profile: LengthProfile = LengthProfile()) -> list[dict[str, Any]]:
+def preference_rows(
+    tokenizer, n: int, max_len: int = 256, seed: int = 0, profile: LengthProfile = LengthProfile()
+) -> list[dict[str, Any]]:
     """``n`` rows ``{"id", "prompt": [user message], "chosen": str, "rejected": str}`` that fit ``max_len``."""
     from steps.chat import encode_prompt_response
 
@@ -86,10 +88,12 @@ def preference_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0,
         room = max_len - profile.margin - len(prompt_ids)
         if room < 8:
             need = len(prompt_ids) + 8 + profile.margin
-            raise SyntheticDataError(f"max_len {max_len} leaves {room} tokens for responses after a "
-                                     f"{len(prompt_ids)}-token prompt; use max_len >= {need}")
+            raise SyntheticDataError(
+                f"max_len {max_len} leaves {room} tokens for responses after a "
+                f"{len(prompt_ids)}-token prompt; use max_len >= {need}"
+            )
 
-        def response_tokens(text: str) -> int:
+        def response_tokens(text: str, messages: list = messages) -> int:
             return len(encode_prompt_response(tokenizer, messages, text)[1])
 
         lo = max(2, int(room * profile.response_min_fraction))
@@ -101,18 +105,25 @@ def preference_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0,
 
 def sft_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` rows ``{"id", "prompt", "response"}``: the chosen side of :func:`preference_rows`."""
-    return [{"id": r["id"], "prompt": r["prompt"], "response": r["chosen"]}
-            for r in preference_rows(tokenizer, n, max_len, seed)]
+    return [
+        {"id": r["id"], "prompt": r["prompt"], "response": r["chosen"]}
+        for r in preference_rows(tokenizer, n, max_len, seed)
+    ]
 
 
 def conversational(rows: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     """The same rows in TRL's conversational dataset format (``kind``: "preference" or "sft")."""
     if kind == "preference":
-        return [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+        return [
+            {
+                "prompt": r["prompt"],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in rows
+        ]
     if kind == "sft":
-        return [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["response"]}]}
-                for r in rows]
+        return [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows]
     raise SyntheticDataError(f"unknown kind {kind!r}; use 'preference' or 'sft'")
 
 

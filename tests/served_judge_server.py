@@ -1,6 +1,7 @@
 """A real HTTP server speaking OpenAI's chat-completions API with logprobs, backed by a local causal LM (the tiny
 or the embedded model): its top_logprobs are the model's real next-token log-probabilities after the chat-templated
 messages. Faults (429, 500, hangs, replies without logprobs) are injected in order, and every request is logged."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,16 @@ import torch
 class ChatCompletionsServer:
     """``start()`` it, point a client at ``url``; ``requests`` lists every request received, in order."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, api_key: str | None = None, delay_s: float = 0.0,
-                 hang_s: float = 2.0, faults: list[str | None] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        api_key: str | None = None,
+        delay_s: float = 0.0,
+        hang_s: float = 2.0,
+        faults: list[str | None] | None = None,
+    ):
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
         self.delay_s, self.hang_s = delay_s, hang_s
         self.faults = list(faults or [])
@@ -29,7 +38,7 @@ class ChatCompletionsServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def start(self) -> "ChatCompletionsServer":
+    def start(self) -> ChatCompletionsServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,8 +69,13 @@ class ChatCompletionsServer:
 
     # -- one request ------------------------------------------------------------------------------------------
 
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, payload: dict[str, Any],
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        payload: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = json.dumps(payload).encode("utf-8")
         try:
             handler.send_response(status)
@@ -104,13 +118,26 @@ class ChatCompletionsServer:
             logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         top = torch.topk(logprobs, k=int(body.get("top_logprobs") or 1))
-        entries = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(v),
-                    "bytes": list(self.tokenizer.decode([int(i)]).encode("utf-8"))}
-                   for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        entries = [
+            {
+                "token": self.tokenizer.decode([int(i)]),
+                "logprob": float(v),
+                "bytes": list(self.tokenizer.decode([int(i)]).encode("utf-8")),
+            }
+            for v, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
         first = entries[0]
         return {
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": first["token"]},
-                         "logprobs": {"content": [{**first, "top_logprobs": entries}]}, "finish_reason": "length"}],
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": first["token"]},
+                    "logprobs": {"content": [{**first, "top_logprobs": entries}]},
+                    "finish_reason": "length",
+                }
+            ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1},
         }

@@ -2,6 +2,7 @@
 
 ``src`` strings are written by hand; the reference-score test counts reference forwards of the real trainer.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,46 +30,70 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def read_rows(out: Path, kind: str) -> list[dict]:
-    return [json.loads(line) for split in ("train", "dev")
-            for line in (out / f"{kind}.{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line)
+        for split in ("train", "dev")
+        for line in (out / f"{kind}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
 
-@pytest.mark.parametrize(("text", "messages", "layout"), [
-    (src(("user", "Hi?")), [{"role": "user", "content": "Hi?"}], "llama3"),
-    ("<|begin_of_text|>" + src(("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?")),
-     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}], "llama3"),
-    ("Question: why?\nAnswer:", [{"role": "user", "content": "Question: why?\nAnswer:"}], "plain"),
-])
+@pytest.mark.parametrize(
+    ("text", "messages", "layout"),
+    [
+        (src(("user", "Hi?")), [{"role": "user", "content": "Hi?"}], "llama3"),
+        (
+            "<|begin_of_text|>"
+            + src(("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?")),
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye?"},
+            ],
+            "llama3",
+        ),
+        ("Question: why?\nAnswer:", [{"role": "user", "content": "Question: why?\nAnswer:"}], "plain"),
+    ],
+)
 def test_src_maps_back_to_messages(text, messages, layout):
     assert parse_src(text) == (messages, layout)
 
 
-@pytest.mark.parametrize("text", [
-    src(("user", "Hi?")) + "Sure, ",  # a pre-filled reply after the assistant header
-    H.format("user") + "Hi?",  # no end of turn, no assistant header
-    src(("robot", "Hi?")),  # a role the chat templates do not have
-    H.format("assistant"),  # no prompt turns
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        src(("user", "Hi?")) + "Sure, ",  # a pre-filled reply after the assistant header
+        H.format("user") + "Hi?",  # no end of turn, no assistant header
+        src(("robot", "Hi?")),  # a role the chat templates do not have
+        H.format("assistant"),  # no prompt turns
+    ],
+)
 def test_src_with_broken_llama3_structure_is_rejected(text):
     with pytest.raises(SrcFormatError):
         parse_src(text)
 
 
 def test_render_then_parse_is_the_identity_on_stripped_turns():
-    messages = [{"role": "user", "content": "  Tell me\n\nabout tea.  "}, {"role": "assistant", "content": "Tea."},
-                {"role": "user", "content": "More?"}]
+    messages = [
+        {"role": "user", "content": "  Tell me\n\nabout tea.  "},
+        {"role": "assistant", "content": "Tea."},
+        {"role": "user", "content": "More?"},
+    ]
     stripped = [dict(m, content=m["content"].strip()) for m in messages]
     assert parse_src(render_llama3_prompt(messages)) == (stripped, "llama3")
 
 
 def test_directory_manifest_and_glob(tmp_path):
-    pairs = [{"id": f"p{i}", "src": src(("user", f"Q{i}?")), "tgt_chosen": f"Good {i}.", "tgt_rejected": f"Bad {i}."}
-             for i in range(6)]
+    pairs = [
+        {"id": f"p{i}", "src": src(("user", f"Q{i}?")), "tgt_chosen": f"Good {i}.", "tgt_rejected": f"Bad {i}."}
+        for i in range(6)
+    ]
     write_jsonl(tmp_path / "d/part-a.jsonl", pairs[:3])
     write_jsonl(tmp_path / "d/nested/part-b.jsonl", pairs[3:])
-    write_jsonl(tmp_path / "d/instructions.jsonl", [{"src": src(("user", "Say hi.")), "tgt": "Hi!"},
-                                                   {"src": "Plain prompt", "tgt": "Plain answer"}])
+    write_jsonl(
+        tmp_path / "d/instructions.jsonl",
+        [{"src": src(("user", "Say hi.")), "tgt": "Hi!"}, {"src": "Plain prompt", "tgt": "Plain answer"}],
+    )
     (tmp_path / "d/notes.txt").write_text("not data", encoding="utf-8")
     globbed = prepare_data({"format": "fairseq2", "input": str(tmp_path / "d")}, tmp_path / "out")
     assert globbed.stats["pairs"] == 6 and globbed.stats["sft_examples"] == 2
@@ -76,7 +101,8 @@ def test_directory_manifest_and_glob(tmp_path):
     assert {p["id"] for p in read_rows(tmp_path / "out", "preference")} == {f"p{i}" for i in range(6)}
     assert sorted((sft_messages(r) for r in read_rows(tmp_path / "out", "sft")), key=json.dumps) == [
         ([{"role": "user", "content": "Plain prompt"}], "Plain answer"),
-        ([{"role": "user", "content": "Say hi."}], "Hi!")]
+        ([{"role": "user", "content": "Say hi."}], "Hi!"),
+    ]
 
     (tmp_path / "d/MANIFEST").write_text("part-a.jsonl\t3\nnested/part-b.jsonl\t1.5\n", encoding="utf-8")
     listed = prepare_data({"format": "fairseq2", "input": str(tmp_path / "d")}, tmp_path / "out2")
@@ -94,24 +120,37 @@ def test_bad_rows_are_counted(tmp_path):
         {"src": src(("user", "Fine?")), "tgt_chosen": "Yes.", "tgt_rejected": "No."},
         {"src": src(("user", "Q?")) + "prefill", "tgt_chosen": "A.", "tgt_rejected": "B."},  # unparsable_src
         {"src": src(("user", "Q?")), "tgt_chosen": "A."},  # missing_field
-        {"src": src(("user", "Q?")), "tgt_chosen": "A.", "tgt_rejected": "B.",
-         "reference_score_chosen": float("nan"), "reference_score_rejected": -1.0},  # invalid_reference_score
+        {
+            "src": src(("user", "Q?")),
+            "tgt_chosen": "A.",
+            "tgt_rejected": "B.",
+            "reference_score_chosen": float("nan"),
+            "reference_score_rejected": -1.0,
+        },  # invalid_reference_score
         {"src": src(("user", "Q?")), "tgt_chosen": "A.", "tgt_rejected": "B.", "reference_score_rejected": -1.0},
         {"id": 7, "src": src(("user", "Q?")), "tgt": ""},  # empty_response
         {"src": 3, "tgt": "x"},  # invalid_field
     ]
-    stats = prepare_data({"format": "fairseq2", "input": str(write_jsonl(tmp_path / "in.jsonl", rows))},
-                         tmp_path / "out").stats
+    stats = prepare_data(
+        {"format": "fairseq2", "input": str(write_jsonl(tmp_path / "in.jsonl", rows))}, tmp_path / "out"
+    ).stats
     assert {k: v for k, v in stats["dropped"].items() if v} == {
-        "unparsable_src": 1, "missing_field": 1, "invalid_reference_score": 1, "incomplete_reference_score": 1,
-        "empty_response": 1, "invalid_field": 1}
+        "unparsable_src": 1,
+        "missing_field": 1,
+        "invalid_reference_score": 1,
+        "incomplete_reference_score": 1,
+        "empty_response": 1,
+        "invalid_field": 1,
+    }
     assert stats["rows_read"] == 7 == stats["rows_kept"] + sum(stats["dropped"].values())
 
 
 def test_round_trip_of_the_fairseq2_files_prefflow_writes(tmp_path):
     prepared = prepare_oasst("embedded", tmp_path / "oasst")
-    written = {(json.dumps([dict(m, content=m["content"].strip()) for m in p]), c.strip(), r.strip())
-               for p, c, r in map(pair_messages, read_rows(tmp_path / "oasst", "preference"))}
+    written = {
+        (json.dumps([dict(m, content=m["content"].strip()) for m in p]), c.strip(), r.strip())
+        for p, c, r in map(pair_messages, read_rows(tmp_path / "oasst", "preference"))
+    }
     back = prepare_data({"format": "fairseq2", "input": str(tmp_path / "oasst/fairseq2")}, tmp_path / "back")
     read_back = {(json.dumps(p), c, r) for p, c, r in map(pair_messages, read_rows(tmp_path / "back", "preference"))}
     assert read_back == written and len(written) == prepared.stats["pairs"]["best_vs_rest"]
@@ -156,10 +195,21 @@ def _train(tmp_path: Path, name: str, rows: list[dict], monkeypatch: pytest.Monk
     from steps.train.recipes import run_preference
 
     write_jsonl(tmp_path / name / "input/part.jsonl", rows)
-    prepared = prepare_data({"format": "fairseq2", "input": str(tmp_path / name / "input"), "dev_fraction": 0.2},
-                            tmp_path / name / "data")
-    cfg = config_from_dict({"model": {"base": "tiny"}, "preference": {
-        "init": "base", "max_steps": 1, "max_seq_len": 128, "max_num_tokens": 4096, "dev_every_epoch": False}})
+    prepared = prepare_data(
+        {"format": "fairseq2", "input": str(tmp_path / name / "input"), "dev_fraction": 0.2}, tmp_path / name / "data"
+    )
+    cfg = config_from_dict(
+        {
+            "model": {"base": "tiny"},
+            "preference": {
+                "init": "base",
+                "max_steps": 1,
+                "max_seq_len": 128,
+                "max_num_tokens": 4096,
+                "dev_every_epoch": False,
+            },
+        }
+    )
     counter = ReferenceForwards(monkeypatch)
     try:
         summary = run_preference(cfg, "dpo", prepared.output_dir, tmp_path / name / "run")
@@ -169,8 +219,15 @@ def _train(tmp_path: Path, name: str, rows: list[dict], monkeypatch: pytest.Monk
 
 
 def test_reference_scores_in_the_data_replace_the_reference_forwards(tmp_path, monkeypatch):
-    rows = [{"id": f"p{i}", "src": src(("user", f"Describe {t}.")), "tgt_chosen": f"{t} are wonderful.",
-             "tgt_rejected": f"{t} are awful."} for i, t in enumerate(TOPICS)]
+    rows = [
+        {
+            "id": f"p{i}",
+            "src": src(("user", f"Describe {t}.")),
+            "tgt_chosen": f"{t} are wonderful.",
+            "tgt_rejected": f"{t} are awful.",
+        }
+        for i, t in enumerate(TOPICS)
+    ]
     # control: no scores, so the trainer computes them (and caches them by pair id)
     _, control, counted = _train(tmp_path, "control", rows, monkeypatch)
     assert counted.calls == 1 and counted.forwards >= 1
@@ -179,13 +236,16 @@ def test_reference_scores_in_the_data_replace_the_reference_forwards(tmp_path, m
 
     # the same pairs with reference scores that make every chosen reply 5 nats less likely under the reference
     offset = 5.0
-    scored_rows = [dict(r, reference_score_chosen=computed[r["id"]][0] - offset,
-                        reference_score_rejected=computed[r["id"]][1]) for r in rows]
+    scored_rows = [
+        dict(r, reference_score_chosen=computed[r["id"]][0] - offset, reference_score_rejected=computed[r["id"]][1])
+        for r in rows
+    ]
     prepared, scored, counted = _train(tmp_path, "scored", scored_rows, monkeypatch)
     assert prepared.stats["reference_scores"] == {"pairs_with": 10, "pairs_without": 0}
     pair_rows = read_rows(prepared.output_dir, "preference")
     assert {p["id"]: (p["reference_score_chosen"], p["reference_score_rejected"]) for p in pair_rows} == {
-        r["id"]: (r["reference_score_chosen"], r["reference_score_rejected"]) for r in scored_rows}
+        r["id"]: (r["reference_score_chosen"], r["reference_score_rejected"]) for r in scored_rows
+    }
     assert counted.forwards == 0 and not (tmp_path / "scored/run/reference_logps.json").exists()
     # DPO's first-step loss, before any update: z = beta * offset for every pair, loss = -log sigmoid(z)
     beta = 0.1

@@ -2,6 +2,7 @@
 
 A memory bound measured in fresh subprocesses (``VmHWM``), not a timing test. Full figures: benchmarks/data_prep.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,15 @@ def test_peak_rss_grows_with_the_index_not_the_text(tmp_path):
         runs[n] = {**generated, **measure(export, tmp_path)}
         assert runs[n]["messages_read"] == generated["messages"] and runs[n]["pairs"] > 0
     text_bytes_per_message = runs[large]["bytes"] / runs[large]["messages"]
-    slope = ((runs[large]["peak_rss_kib"] - runs[small]["peak_rss_kib"]) * 1024
-             / (runs[large]["messages"] - runs[small]["messages"]))
-    print(f"\ndata prep RSS slope: {slope:.0f} B per extra message (file: {text_bytes_per_message:.0f} B/message); "
-          + json.dumps({n: {k: r[k] for k in ("messages", "bytes", "peak_rss_kib", "seconds")}
-                        for n, r in runs.items()}))
+    slope = (
+        (runs[large]["peak_rss_kib"] - runs[small]["peak_rss_kib"])
+        * 1024
+        / (runs[large]["messages"] - runs[small]["messages"])
+    )
+    print(
+        f"\ndata prep RSS slope: {slope:.0f} B per extra message (file: {text_bytes_per_message:.0f} B/message); "
+        + json.dumps({n: {k: r[k] for k in ("messages", "bytes", "peak_rss_kib", "seconds")} for n, r in runs.items()})
+    )
     assert text_bytes_per_message > 2 * MAX_BYTES_PER_EXTRA_MESSAGE  # the bound would catch texts kept in memory
     assert slope < MAX_BYTES_PER_EXTRA_MESSAGE
     # and the whole peak stays well below the input file: nothing loads it whole

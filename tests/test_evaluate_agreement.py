@@ -1,5 +1,6 @@
 """Judge agreement: measured against official annotations, recorded in a dated registry keyed by judge identity,
 annotations file and limit, and found again by ``recorded_agreement`` (what results get labelled with)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -45,9 +46,11 @@ def test_agreement_and_registry_round_trip(shared_dir, tokenizer, tiny_model_fac
     path, official = _official(shared_dir)
     judge = _tiny_judge(tokenizer, tiny_model_factory(seed=2))
     result = judge_agreement(official, judge, limit=6)
-    mine = annotate([{"instruction": r["instruction"], "output": r["output_2"]} for r in official[:6]],
-                    [{"instruction": r["instruction"], "output": r["output_1"]} for r in official[:6]],
-                    _tiny_judge(tokenizer, tiny_model_factory(seed=2)))
+    mine = annotate(
+        [{"instruction": r["instruction"], "output": r["output_2"]} for r in official[:6]],
+        [{"instruction": r["instruction"], "output": r["output_1"]} for r in official[:6]],
+        _tiny_judge(tokenizer, tiny_model_factory(seed=2)),
+    )
     agree, compared, baseline, kappa = _plain_agreement(official[:6], mine)
     assert (result["n_agree"], result["n_compared"]) == (agree, compared)
     assert result["agreement"] == agree / compared
@@ -92,14 +95,34 @@ def test_corrupt_registry(tmp_path, caplog, tokenizer):
 def test_agreement_cli_records_the_measurement(shared_dir, tokenizer, tiny_model_factory, tmp_path):
     path, official = _official(shared_dir, "alpaca-7b")
     registry = tmp_path / "agreement.json"
-    proc = subprocess.run([sys.executable, "-m", "steps.evaluate", "agreement", "--judge", "local_logprob:tiny",
-                           "--annotations", str(path), "--limit", "4", "--registry", str(registry),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.evaluate",
+            "agreement",
+            "--judge",
+            "local_logprob:tiny",
+            "--annotations",
+            str(path),
+            "--limit",
+            "4",
+            "--registry",
+            str(registry),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    mine = annotate([{"instruction": r["instruction"], "output": r["output_2"]} for r in official[:4]],
-                    [{"instruction": r["instruction"], "output": r["output_1"]} for r in official[:4]],
-                    _tiny_judge(tokenizer, tiny_model_factory(seed=0)))
+    mine = annotate(
+        [{"instruction": r["instruction"], "output": r["output_2"]} for r in official[:4]],
+        [{"instruction": r["instruction"], "output": r["output_1"]} for r in official[:4]],
+        _tiny_judge(tokenizer, tiny_model_factory(seed=0)),
+    )
     agree, compared, _, _ = _plain_agreement(official[:4], mine)
     assert (result["n_agree"], result["n_compared"], result["limit"]) == (agree, compared, 4)
     assert result["recorded_in"] == str(registry)

@@ -1,5 +1,6 @@
 """``python -m steps.evaluate``: every flag explains itself and shows its default; generate builds its settings
 from the flags, and bad settings fail naming the flag's field before any model loads."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ def _help_text(name: str, flag: str) -> str:
     """What ``name --help`` shows after ``flag`` (metavar and help, on its line and the lines below), unwrapped."""
     lines = _subparser(name).format_help().splitlines()
     (start,) = [i for i, ln in enumerate(lines) if ln.strip().split(" ")[0].rstrip(",") == flag]
-    text = [lines[start].strip()[len(flag):]]
-    for line in lines[start + 1:]:
+    text = [lines[start].strip()[len(flag) :]]
+    for line in lines[start + 1 :]:
         if line.strip().startswith("-") or not line.strip():
             break
         text.append(line.strip())
@@ -53,25 +54,49 @@ def test_generate_defaults_are_the_settings_defaults():
     args = build_parser().parse_args(["generate", "--model", "m", "--eval-set", "embedded", "--output", "o.json"])
     defaults = GenerationSettings()
     assert (args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size) == (
-        defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed, defaults.batch_size)
+        defaults.max_new_tokens,
+        defaults.temperature,
+        defaults.top_p,
+        defaults.seed,
+        defaults.batch_size,
+    )
 
 
-@pytest.mark.parametrize("flag, value, field", [("--top-p", "0", "top_p"), ("--temperature", "-1", "temperature"),
-                                                ("--batch-size", "0", "batch_size"),
-                                                ("--max-new-tokens", "0", "max_new_tokens")])
+@pytest.mark.parametrize(
+    "flag, value, field",
+    [
+        ("--top-p", "0", "top_p"),
+        ("--temperature", "-1", "temperature"),
+        ("--batch-size", "0", "batch_size"),
+        ("--max-new-tokens", "0", "max_new_tokens"),
+    ],
+)
 def test_generate_rejects_bad_settings(tmp_path, capsys, flag, value, field):
     output = tmp_path / "out.json"
-    code = main(["generate", "--model", "no-such-model", "--eval-set", "embedded", "--output", str(output),
-                 flag, value])
+    code = main(
+        ["generate", "--model", "no-such-model", "--eval-set", "embedded", "--output", str(output), flag, value]
+    )
     assert code == 2 and f"error: {field}" in capsys.readouterr().err and not output.exists()
 
 
 def test_old_judge_knob_name_is_gone():
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["annotate", "--model-outputs", "a", "--reference-outputs", "b", "--output", "c",
-                                   "--max-output-chars", "10"])
-    args = build_parser().parse_args(["annotate", "--model-outputs", "a", "--reference-outputs", "b", "--output", "c",
-                                      "--judge-max-chars", "10"])
+        build_parser().parse_args(
+            [
+                "annotate",
+                "--model-outputs",
+                "a",
+                "--reference-outputs",
+                "b",
+                "--output",
+                "c",
+                "--max-output-chars",
+                "10",
+            ]
+        )
+    args = build_parser().parse_args(
+        ["annotate", "--model-outputs", "a", "--reference-outputs", "b", "--output", "c", "--judge-max-chars", "10"]
+    )
     assert args.judge_max_chars == 10
 
 
@@ -79,8 +104,25 @@ def test_generate_writes_outputs_in_eval_set_order(tmp_path, capsys):
     from steps.evaluate.eval_sets import load_eval_set
 
     output = tmp_path / "out.json"
-    code = main(["generate", "--model", "tiny", "--eval-set", "embedded", "--output", str(output),
-                 "--max-instructions", "3", "--max-new-tokens", "2", "--temperature", "0", "--batch-size", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--eval-set",
+            "embedded",
+            "--output",
+            str(output),
+            "--max-instructions",
+            "3",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     records = json.loads(output.read_text())

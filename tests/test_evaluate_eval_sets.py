@@ -1,4 +1,5 @@
 """Eval sets: the embedded set, local files (order, prefixes, errors) and the offline Hub error."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,14 @@ def test_shared_eval_set_prefix_keeps_order(shared_dir):
 
 def test_missing_field_names_file_record_and_field(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps([
-        {"instruction": "a", "output": "b", "generator": "g", "dataset": "d"},
-        {"instruction": "c", "output": "d", "dataset": "d"},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "a", "output": "b", "generator": "g", "dataset": "d"},
+                {"instruction": "c", "output": "d", "dataset": "d"},
+            ]
+        )
+    )
     with pytest.raises(EvalSetError) as err:
         load_eval_set(str(path))
     message = str(err.value)

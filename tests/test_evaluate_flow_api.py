@@ -1,4 +1,5 @@
 """evaluate_model / reference_outputs_for end to end on the tiny model (generation, judging, scoring, files)."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,31 @@ GENERATION = GenerationSettings(max_new_tokens=6, batch_size=4)
 def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
     eval_set = load_eval_set("embedded", max_instructions=6)
     policy = tiny_model_factory(seed=1)
-    refs = reference_outputs_for(eval_set, "tiny", GENERATION, model=tiny_model_factory(seed=0), tokenizer=tokenizer,
-                                 show_progress=False)
+    refs = reference_outputs_for(
+        eval_set, "tiny", GENERATION, model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False
+    )
     assert [r["generator"] for r in refs] == ["reference:tiny"] * 6
     assert [r["instruction"] for r in refs] == eval_set.instructions
 
-    kwargs = dict(generator="policy-tiny", out_dir=tmp_path / "eval", generation=GENERATION, judge="local_logprob",
-                  judge_model="tiny", judge_max_chars=300, cache_dir=tmp_path / "cache", model=policy,
-                  tokenizer=tokenizer, show_progress=False, agreement_registry=tmp_path / "registry.json")
+    kwargs = dict(
+        generator="policy-tiny",
+        out_dir=tmp_path / "eval",
+        generation=GENERATION,
+        judge="local_logprob",
+        judge_model="tiny",
+        judge_max_chars=300,
+        cache_dir=tmp_path / "cache",
+        model=policy,
+        tokenizer=tokenizer,
+        show_progress=False,
+        agreement_registry=tmp_path / "registry.json",
+    )
     result = evaluate_model("tiny", eval_set, refs, **kwargs)
 
-    files = {name: json.loads((tmp_path / "eval" / name).read_text()) for name in
-             ("model_outputs.json", "annotations.json", "metrics.json", "generation.json")}
+    files = {
+        name: json.loads((tmp_path / "eval" / name).read_text())
+        for name in ("model_outputs.json", "annotations.json", "metrics.json", "generation.json")
+    }
     assert [r["instruction"] for r in files["model_outputs.json"]] == eval_set.instructions
     annotations = files["annotations.json"]
     assert len(annotations) == 6 and all(1 <= a["preference"] <= 2 for a in annotations)
@@ -39,13 +53,23 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     assert result["length_controlled_winrate"] is None  # 6 instructions: too few for the GLM, and it says so
     assert result["lc_unavailable_reason"].startswith("6 judged instructions")
     prompt_tokens = sum(a["raw_completion"]["prompt_tokens"] for a in annotations if a["raw_completion"])
-    assert result["judge_tokens"] == {"prompt": prompt_tokens, "completion": 0, "total": prompt_tokens,
-                                      "n_judgements": sum(a["raw_completion"] is not None for a in annotations),
-                                      "n_without_counts": 0}
+    assert result["judge_tokens"] == {
+        "prompt": prompt_tokens,
+        "completion": 0,
+        "total": prompt_tokens,
+        "n_judgements": sum(a["raw_completion"] is not None for a in annotations),
+        "n_without_counts": 0,
+    }
     assert result["judge_cost_usd"] is None and result["judge_cost_note"] == "local judge: no per-token price"
     assert result["judge_agreement"] is None and result["heldout_preference"] is None
-    expected_settings = {"max_new_tokens": 6, "temperature": 0.9, "top_p": 1.0, "seed": 1814, "batch_size": 4,
-                         "do_sample": True}
+    expected_settings = {
+        "max_new_tokens": 6,
+        "temperature": 0.9,
+        "top_p": 1.0,
+        "seed": 1814,
+        "batch_size": 4,
+        "do_sample": True,
+    }
     assert {k: result["generation"][k] for k in expected_settings} == expected_settings
     assert {k: files["generation.json"][k] for k in expected_settings} == expected_settings
     assert result["n_total"] == 6
@@ -79,19 +103,34 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
 
     eval_set = load_eval_set("embedded")
     generation = GenerationSettings(max_new_tokens=4, batch_size=8)
-    refs = reference_outputs_for(eval_set, "tiny", generation, model=tiny_model_factory(seed=0), tokenizer=tokenizer,
-                                 show_progress=False)
+    refs = reference_outputs_for(
+        eval_set, "tiny", generation, model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False
+    )
     registry = tmp_path / "registry.json"
     official = tmp_path / "official.json"
     official.write_text("[]")
     judge = make_judge("local_logprob:tiny", judge_max_chars=300, device="cpu")
     record_agreement({"agreement": 0.5, "n_agree": 1, "n_compared": 2}, judge, official, 2, path=registry)
-    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": "Yes.", "rejected": "No, not at all."}
-             for q in eval_set.instructions[:3]]
-    result = evaluate_model("tiny", eval_set, refs, generator="tiny-sft", out_dir=tmp_path / "eval",
-                            generation=generation, judge="local_logprob:tiny", judge_max_chars=300,
-                            model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False,
-                            agreement_registry=registry, heldout_pairs=pairs, heldout_reference="tiny")
+    pairs = [
+        {"prompt": [{"role": "user", "content": q}], "chosen": "Yes.", "rejected": "No, not at all."}
+        for q in eval_set.instructions[:3]
+    ]
+    result = evaluate_model(
+        "tiny",
+        eval_set,
+        refs,
+        generator="tiny-sft",
+        out_dir=tmp_path / "eval",
+        generation=generation,
+        judge="local_logprob:tiny",
+        judge_max_chars=300,
+        model=tiny_model_factory(seed=0),
+        tokenizer=tokenizer,
+        show_progress=False,
+        agreement_registry=registry,
+        heldout_pairs=pairs,
+        heldout_reference="tiny",
+    )
     assert result["n_total"] == 24 and 0 <= result["win_rate"] <= 100
     assert result["length_controlled_winrate"] is None
     assert result["lc_unavailable_reason"].startswith("24 judged instructions")
@@ -100,5 +139,7 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
     assert held["n_pairs"] == 3 and held["reference"] == "tiny" and 0 <= held["preference_accuracy"] <= 1
     # the policy is its own reference here (tiny, seed 0): every implicit reward margin is exactly 0
     assert held["reward_margin_mean"] == 0.0 and held["reward_accuracy"] == 0.0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["lc_unavailable_reason"] == \
-        result["lc_unavailable_reason"]
+    assert (
+        json.loads((tmp_path / "eval" / "metrics.json").read_text())["lc_unavailable_reason"]
+        == result["lc_unavailable_reason"]
+    )

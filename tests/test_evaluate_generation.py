@@ -1,5 +1,6 @@
 """Generation: continuous batching equals one-prompt-at-a-time greedy decoding, keeps the caller's order, seeds
 make runs repeatable, alpaca_eval schema."""
+
 from __future__ import annotations
 
 import math
@@ -32,10 +33,12 @@ def test_batched_greedy_matches_one_at_a_time_in_order(tokenizer):
 
     # untied embeddings: the tied tiny model greedily repeats the prompt's last token ("\n") everywhere
     model = load_model('tiny:{"tie_word_embeddings": false}', seed=0)
+
     def greedy(batch_size: int) -> list[dict]:
         generation = GenerationSettings(max_new_tokens=6, temperature=0.0, batch_size=batch_size)
-        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation,
-                                show_progress=False)
+        return generate_outputs(
+            model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation, show_progress=False
+        )
 
     batched, single = greedy(2), greedy(1)
     assert [r["instruction"] for r in batched] == INSTRUCTIONS
@@ -45,10 +48,12 @@ def test_batched_greedy_matches_one_at_a_time_in_order(tokenizer):
 
 def test_seed_determinism(tiny_model_factory, tokenizer):
     model = tiny_model_factory()
+
     def sample(seed: int) -> list[dict]:
         generation = GenerationSettings(max_new_tokens=8, batch_size=2, seed=seed)  # temperature 0.9 by default
-        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation,
-                                show_progress=False)
+        return generate_outputs(
+            model, tokenizer, INSTRUCTIONS, generator="tiny", generation=generation, show_progress=False
+        )
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first == again
@@ -57,8 +62,15 @@ def test_seed_determinism(tiny_model_factory, tokenizer):
 
 def test_schema_fields(tiny_model_factory, tokenizer):
     model = tiny_model_factory()
-    records = generate_outputs(model, tokenizer, INSTRUCTIONS[:2], generator="policy-x", datasets=["koala", None],
-                               generation=GenerationSettings(max_new_tokens=4), show_progress=False)
+    records = generate_outputs(
+        model,
+        tokenizer,
+        INSTRUCTIONS[:2],
+        generator="policy-x",
+        datasets=["koala", None],
+        generation=GenerationSettings(max_new_tokens=4),
+        show_progress=False,
+    )
     assert set(records[0]) == {"instruction", "output", "generator", "dataset"}
     assert set(records[1]) == {"instruction", "output", "generator"}
     assert records[0]["generator"] == "policy-x" and records[0]["dataset"] == "koala"
@@ -72,15 +84,25 @@ def test_auto_backend_is_hf_here(tiny_model_factory):
         resolve_backend("tensorrt", None)
 
 
-@pytest.mark.parametrize("instructions, datasets, message", [
-    (["ok", "  "], None, "instruction 1 must be a non-empty string"),
-    (["ok", 3], None, "instruction 1 must be a non-empty string"),
-    (["ok"], ["koala", "vicuna"], "datasets has 2 entries for 1 instructions"),
-])
+@pytest.mark.parametrize(
+    "instructions, datasets, message",
+    [
+        (["ok", "  "], None, "instruction 1 must be a non-empty string"),
+        (["ok", 3], None, "instruction 1 must be a non-empty string"),
+        (["ok"], ["koala", "vicuna"], "datasets has 2 entries for 1 instructions"),
+    ],
+)
 def test_bad_inputs(tiny_model_factory, tokenizer, instructions, datasets, message):
     with pytest.raises(GenerationError, match=message):
-        generate_outputs(tiny_model_factory(), tokenizer, instructions, generator="g", datasets=datasets,
-                         generation=GenerationSettings(max_new_tokens=2), show_progress=False)
+        generate_outputs(
+            tiny_model_factory(),
+            tokenizer,
+            instructions,
+            generator="g",
+            datasets=datasets,
+            generation=GenerationSettings(max_new_tokens=2),
+            show_progress=False,
+        )
 
 
 # --- the continuous-batching decode loop -----------------------------------------------------------------------------
@@ -151,7 +173,7 @@ def test_continuous_batching_greedy_equals_plain_loop(greedy_case, batch_size):
     assert stats.widest_cache <= max(len(p) + len(e) - 1 for p, e in zip(prompts, expected))
     if batch_size == 3:
         assert stats.prefill_calls > math.ceil(len(prompts) / batch_size)  # admitted one by one as rows freed up
-        static_steps = sum(max(len(expected[i]) for i in order[k:k + 3]) - 1 for k in range(0, len(order), 3))
+        static_steps = sum(max(len(expected[i]) for i in order[k : k + 3]) - 1 for k in range(0, len(order), 3))
         assert stats.decode_steps < static_steps
 
 
@@ -192,13 +214,17 @@ def test_nucleus_probabilities_by_hand():
     assert torch.allclose(nucleus_probabilities(logits, 2.0, 1.0), roots / roots.sum())
 
 
-@pytest.mark.parametrize("prompts, order, message", [
-    ([[5, 6], []], None, "prompt 1 has no tokens"),
-    ([[5, 6], [7]], [0, 0], "order must be a permutation of 0..1"),
-])
+@pytest.mark.parametrize(
+    "prompts, order, message",
+    [
+        ([[5, 6], []], None, "prompt 1 has no tokens"),
+        ([[5, 6], [7]], [0, 0], "order must be a permutation of 0..1"),
+    ],
+)
 def test_decoder_rejects_bad_prompts(greedy_case, prompts, order, message):
-    decoder = ContinuousBatchDecoder(greedy_case[0], GenerationSettings(batch_size=2, max_new_tokens=2), stop_ids=(),
-                                     pad_id=0)
+    decoder = ContinuousBatchDecoder(
+        greedy_case[0], GenerationSettings(batch_size=2, max_new_tokens=2), stop_ids=(), pad_id=0
+    )
     with pytest.raises(DecodingError, match=message):
         decoder.run(prompts, order)
 
@@ -215,10 +241,19 @@ def test_sliding_window_model_falls_back_to_generate(tokenizer):
     """A cache the loop does not handle (sliding-window layers) goes through model.generate, same answers."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                           tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     assert not supports_continuous_batching(model)
@@ -226,8 +261,9 @@ def test_sliding_window_model_falls_back_to_generate(tokenizer):
 
     def greedy(batch_size: int) -> list[dict]:
         generation = GenerationSettings(max_new_tokens=4, temperature=0.0, batch_size=batch_size)
-        return generate_outputs(model, tokenizer, INSTRUCTIONS, generator="mistral", generation=generation,
-                                show_progress=False)
+        return generate_outputs(
+            model, tokenizer, INSTRUCTIONS, generator="mistral", generation=generation, show_progress=False
+        )
 
     batched, single = greedy(2), greedy(1)
     assert [r["output"] for r in batched] == [r["output"] for r in single]

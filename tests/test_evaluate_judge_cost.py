@@ -1,5 +1,6 @@
 """Judge tokens and cost: counts from each judgement, priced with the dated table in steps/evaluate/judge_prices.json;
 checked against alpaca_eval's own price_per_example on the official GPT-4-Turbo annotations."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -36,10 +37,12 @@ def test_official_annotations_cost_what_alpaca_eval_charged(shared_dir):
 
 
 def test_usage_rows_price_input_and_output_apart():
-    rows = [{"raw_completion": {"usage": {"prompt_tokens": 1000, "completion_tokens": 1}}},
-            {"raw_completion": {"usage": {"prompt_tokens": 2500, "completion_tokens": 1}}},
-            {"raw_completion": None},  # identical outputs: never sent
-            {"raw_completion": {"top_logprobs": []}}]  # a judgement without counts
+    rows = [
+        {"raw_completion": {"usage": {"prompt_tokens": 1000, "completion_tokens": 1}}},
+        {"raw_completion": {"usage": {"prompt_tokens": 2500, "completion_tokens": 1}}},
+        {"raw_completion": None},  # identical outputs: never sent
+        {"raw_completion": {"top_logprobs": []}},
+    ]  # a judgement without counts
     tokens = judge_usage(rows)
     assert tokens == {"prompt": 3500, "completion": 2, "total": 3502, "n_judgements": 2, "n_without_counts": 1}
     cost, _, note = judge_cost(tokens, "gpt-4o-mini-2024-07-18")
@@ -49,11 +52,14 @@ def test_usage_rows_price_input_and_output_apart():
     assert judge_cost(tokens, None) == (None, None, "local judge: no per-token price")
 
 
-@pytest.mark.parametrize("models, message", [
-    ({"m": {"input": 1.0, "output": 2.0}}, "models.m needs 'input' and 'output'"),
-    ({"m": {"input": -1, "output": 2.0, "as_of": "2024-01-01"}}, "models.m needs"),
-    ([], "expected an object with 'models'"),
-])
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ({"m": {"input": 1.0, "output": 2.0}}, "models.m needs 'input' and 'output'"),
+        ({"m": {"input": -1, "output": 2.0, "as_of": "2024-01-01"}}, "models.m needs"),
+        ([], "expected an object with 'models'"),
+    ],
+)
 def test_bad_price_table(tmp_path, models, message):
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"models": models}))

@@ -1,4 +1,5 @@
 """Judges: the local log-prob judge reproduces alpaca_eval's official annotator mechanism; caching; errors."""
+
 from __future__ import annotations
 
 import json
@@ -47,19 +48,27 @@ def _forward_counter(model):
 # ---- the official parser and swap ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("top", [
-    {"m": -0.1, "M": -2.5},
-    {"M": -7.5842e-06, "m": -11.953133, "Based": -15.0},
-    {"m": -0.3},  # M missing: probability 0
-    {"M": -0.3, "The": -1.0},  # m missing
-    {"The": -0.1, "m": -4.0, "M": -4.0, "Both": -5.0},
-    {"The": -0.1},  # neither identifier: NaN
-])
+@pytest.mark.parametrize(
+    "top",
+    [
+        {"m": -0.1, "M": -2.5},
+        {"M": -7.5842e-06, "m": -11.953133, "Based": -15.0},
+        {"m": -0.3},  # M missing: probability 0
+        {"M": -0.3, "The": -1.0},  # m missing
+        {"The": -0.1, "m": -4.0, "M": -4.0, "Both": -5.0},
+        {"The": -0.1},  # neither identifier: NaN
+    ],
+)
 def test_parser_equals_alpaca_eval(top):
     from alpaca_eval.completion_parsers import logprob_parser
 
-    completion = {"logprobs": {"content": [{"token": next(iter(top)), "top_logprobs": [
-        {"token": t, "logprob": lp} for t, lp in top.items()]}]}}
+    completion = {
+        "logprobs": {
+            "content": [
+                {"token": next(iter(top)), "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}
+            ]
+        }
+    }
     theirs = logprob_parser(completion, numerator_token="m", denominator_tokens=["m", "M"], is_binarize=False)[0]
     ours = preference_from_top_logprobs(top)
     if math.isnan(theirs):
@@ -73,8 +82,7 @@ def test_swap_equals_alpaca_eval_seeded_choice():
     from alpaca_eval.utils import random_seeded_choice
 
     instructions = [p["instruction"] for p in PAIRS] + ["Write a haiku.", "2+2?", "Explain DPO", "ünïcødé ✓"]
-    expected = [random_seeded_choice(seed="is_switched_outputs" + i + "0", choices=[False, True])
-                for i in instructions]
+    expected = [random_seeded_choice(seed="is_switched_outputs" + i + "0", choices=[False, True]) for i in instructions]
     assert switch_decisions(instructions) == expected
     assert len(set(expected)) == 2  # both orders occur in this sample
 
@@ -101,8 +109,12 @@ def test_swap_explains_official_annotations(shared_dir):
 def test_prompt_contains_installed_template(tokenizer):
     judge = LocalLogprobJudge("embedded:smollm2-135m-instruct", tokenizer=tokenizer)
     instruction, out1, out2 = "Name a prime.", "7 is prime.", "Nine."
-    filled = (_installed_template().replace("{instruction}", instruction)
-              .replace("{output_1}", out1).replace("{output_2}", out2))
+    filled = (
+        _installed_template()
+        .replace("{instruction}", instruction)
+        .replace("{output_1}", out1)
+        .replace("{output_2}", out2)
+    )
     system = filled.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0].strip()
     user = filled.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0].strip()
     rendered = judge.render(instruction, out1, out2)
@@ -128,7 +140,8 @@ def test_local_judge_end_to_end_and_cache(tiny_model_factory, tokenizer, tmp_pat
     assert [r["instruction"] for r in first] == [p["instruction"] for p in PAIRS]
     assert [(r["output_1"], r["output_2"]) for r in first] == [(p["ref"], p["output"]) for p in PAIRS]
     assert {(r["generator_1"], r["generator_2"], r["annotator"]) for r in first} == {
-        ("reference", "policy", "local_logprob:tiny")}
+        ("reference", "policy", "local_logprob:tiny")
+    }
     assert all(1.0 <= r["preference"] <= 2.0 for r in first)
     presented = [preference_from_top_logprobs(r["raw_completion"]["identifier_logprobs"]) for r in first]
     expected = [3 - p if r["raw_completion"]["is_switched_outputs"] else p for p, r in zip(presented, first)]
@@ -156,8 +169,9 @@ def test_local_judge_matches_alpaca_eval_pipeline(tiny_model_factory, tokenizer,
     def completions(prompts, **_):
         out = []
         for prompt in prompts:
-            text = render_prompt(tokenizer, [{"role": m["role"], "content": m["content"]}
-                                             for m in prompt_to_chatml(prompt)])
+            text = render_prompt(
+                tokenizer, [{"role": m["role"], "content": m["content"]} for m in prompt_to_chatml(prompt)]
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
@@ -170,28 +184,36 @@ def test_local_judge_matches_alpaca_eval_pipeline(tiny_model_factory, tokenizer,
     template = _installed_template_path()
     (config_dir / "configs.yaml").write_text(
         "tiny_weighted:\n"
-        f"  prompt_template: \"{template}\"\n"
-        "  fn_completion_parser: \"logprob_parser\"\n"
+        f'  prompt_template: "{template}"\n'
+        '  fn_completion_parser: "logprob_parser"\n'
         "  completion_parser_kwargs:\n"
-        "    numerator_token: \"m\"\n"
-        "    denominator_tokens: [\"m\", \"M\"]\n"
+        '    numerator_token: "m"\n'
+        '    denominator_tokens: ["m", "M"]\n'
         "    is_binarize: false\n"
-        "  completion_key: \"completions_all\"\n"
-        "  batch_size: 1\n")
+        '  completion_key: "completions_all"\n'
+        "  batch_size: 1\n"
+    )
     pairs = [{"instruction": p["instruction"], "output_1": p["ref"], "output_2": p["output"]} for p in PAIRS]
-    pairs += [{"instruction": "Write a haiku.", "output_1": "Leaves fall", "output_2": "Snow on the pine"},
-              {"instruction": "2+2?", "output_1": "4", "output_2": "four"}]
-    theirs = PairwiseAnnotator(annotators_config=str(config_dir / "configs.yaml"), caching_path=None,
-                               fn_completions=completions).annotate_pairs(pairs)
+    pairs += [
+        {"instruction": "Write a haiku.", "output_1": "Leaves fall", "output_2": "Snow on the pine"},
+        {"instruction": "2+2?", "output_1": "4", "output_2": "four"},
+    ]
+    theirs = PairwiseAnnotator(
+        annotators_config=str(config_dir / "configs.yaml"), caching_path=None, fn_completions=completions
+    ).annotate_pairs(pairs)
     theirs_by_instruction = {r["instruction"]: r["preference"] for r in theirs}
     assert len(theirs_by_instruction) == len(pairs)
 
     judge = LocalLogprobJudge("tiny", model=model, tokenizer=tokenizer, show_progress=False)
-    ours = annotate([{"instruction": p["instruction"], "output": p["output_2"]} for p in pairs],
-                    [{"instruction": p["instruction"], "output": p["output_1"]} for p in pairs], judge)
+    ours = annotate(
+        [{"instruction": p["instruction"], "output": p["output_2"]} for p in pairs],
+        [{"instruction": p["instruction"], "output": p["output_1"]} for p in pairs],
+        judge,
+    )
     assert {True, False} == set(switch_decisions([p["instruction"] for p in pairs]))
-    assert [r["preference"] for r in ours] == pytest.approx([theirs_by_instruction[r["instruction"]] for r in ours],
-                                                            abs=1e-4)
+    assert [r["preference"] for r in ours] == pytest.approx(
+        [theirs_by_instruction[r["instruction"]] for r in ours], abs=1e-4
+    )
 
 
 def test_identical_outputs_are_a_draw_without_judging(tiny_model_factory, tokenizer):
@@ -258,8 +280,17 @@ def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, to
     eval_set = load_eval_set("embedded", max_instructions=2)
     refs = [{"instruction": i, "output": "x", "generator": "ref"} for i in eval_set.instructions]
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        evaluate_model("tiny", eval_set, refs, generator="tiny", out_dir=tmp_path, generation=GenerationSettings(),
-                       judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo", model=model, tokenizer=tokenizer)
+        evaluate_model(
+            "tiny",
+            eval_set,
+            refs,
+            generator="tiny",
+            out_dir=tmp_path,
+            generation=GenerationSettings(),
+            judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
+            model=model,
+            tokenizer=tokenizer,
+        )
     assert calls["n"] == 0 and not (tmp_path / "model_outputs.json").exists()
 
 
@@ -273,18 +304,18 @@ def test_alpaca_eval_judge_plumbing_with_a_local_completion_function(tmp_path):
     config.parent.mkdir(parents=True)
     config.write_text(
         "fixed_logprobs:\n"
-        f"  prompt_template: \"{template}\"\n"
-        "  fn_completion_parser: \"logprob_parser\"\n"
-        "  completion_parser_kwargs: {numerator_token: \"m\", denominator_tokens: [\"m\", \"M\"], is_binarize: false}\n"
-        "  completion_key: \"completions_all\"\n"
-        "  batch_size: 1\n")
+        f'  prompt_template: "{template}"\n'
+        '  fn_completion_parser: "logprob_parser"\n'
+        '  completion_parser_kwargs: {numerator_token: "m", denominator_tokens: ["m", "M"], is_binarize: false}\n'
+        '  completion_key: "completions_all"\n'
+        "  batch_size: 1\n"
+    )
     seen = []
 
     def completions(prompts, **_):
         seen.extend(prompts)
         top = [{"token": "m", "logprob": math.log(0.8)}, {"token": "M", "logprob": math.log(0.2)}]
-        return {"completions_all": [{"logprobs": {"content": [{"token": "m", "top_logprobs": top}]}}
-                                    for _ in prompts]}
+        return {"completions_all": [{"logprobs": {"content": [{"token": "m", "top_logprobs": top}]}} for _ in prompts]}
 
     judge = make_judge(f"alpaca_eval:{config}", fn_completions=completions, chunk_size=2)
     judge.check()
@@ -300,11 +331,14 @@ def test_alpaca_eval_judge_plumbing_with_a_local_completion_function(tmp_path):
     assert len(seen) == 4  # all four from the cache
 
 
-@pytest.mark.parametrize("name, options, spec, max_chars", [
-    ("local_logprob", {}, "embedded:smollm2-135m-instruct", 1500),
-    ("local_logprob", {"judge_model": "tiny", "judge_max_chars": 200}, "tiny", 200),
-    ("local_logprob:tiny", {"judge_model": "embedded:smollm2-135m-instruct"}, "tiny", 1500),  # the name's spec wins
-])
+@pytest.mark.parametrize(
+    "name, options, spec, max_chars",
+    [
+        ("local_logprob", {}, "embedded:smollm2-135m-instruct", 1500),
+        ("local_logprob", {"judge_model": "tiny", "judge_max_chars": 200}, "tiny", 200),
+        ("local_logprob:tiny", {"judge_model": "embedded:smollm2-135m-instruct"}, "tiny", 1500),  # the name's spec wins
+    ],
+)
 def test_make_local_judge(name, options, spec, max_chars):
     judge = make_judge(name, device="cpu", **options)
     assert isinstance(judge, LocalLogprobJudge)
@@ -312,8 +346,10 @@ def test_make_local_judge(name, options, spec, max_chars):
     assert judge.metadata()["judge_max_chars"] == max_chars and judge.metadata()["judge"] == f"local_logprob:{spec}"
 
 
-@pytest.mark.parametrize("options", [{"max_chars": 200}, {"max_output_chars": 200}, {"model_spec": "tiny"},
-                                     {"fn_completions": "openai_completions"}])
+@pytest.mark.parametrize(
+    "options",
+    [{"max_chars": 200}, {"max_output_chars": 200}, {"model_spec": "tiny"}, {"fn_completions": "openai_completions"}],
+)
 def test_local_judge_takes_no_other_keyword(options):
     """One name per knob: the former spellings are refused, not silently mapped or dropped."""
     with pytest.raises(JudgeError, match="are for 'alpaca_eval:' judges"):
@@ -334,24 +370,34 @@ def test_local_options_do_not_reach_alpaca_eval_judges():
 def test_cache_identity_is_stable():
     """The identity string is part of every cache key; it keeps its historical spelling so old caches stay valid."""
     judge = make_judge("local_logprob:tiny", judge_max_chars=200, device="cpu")
-    assert judge.cache_identity == ("local_logprob:tiny|template=weighted_alpaca_eval_gpt4_turbo|max_output_chars=200"
-                                    "|switch_seed=0|seed=0")
+    assert judge.cache_identity == (
+        "local_logprob:tiny|template=weighted_alpaca_eval_gpt4_turbo|max_output_chars=200|switch_seed=0|seed=0"
+    )
     default = make_judge("local_logprob", device="cpu")
-    assert default.cache_identity == ("local_logprob:embedded:smollm2-135m-instruct|template="
-                                      "weighted_alpaca_eval_gpt4_turbo|max_output_chars=1500|switch_seed=0")
+    assert default.cache_identity == (
+        "local_logprob:embedded:smollm2-135m-instruct|template="
+        "weighted_alpaca_eval_gpt4_turbo|max_output_chars=1500|switch_seed=0"
+    )
 
 
 def test_outputs_are_cut_at_judge_max_chars(tiny_model_factory, tokenizer):
     from steps.chat import render_prompt
 
-    judge = LocalLogprobJudge("tiny", model=tiny_model_factory(), tokenizer=tokenizer, judge_max_chars=12,
-                              show_progress=False)
+    judge = LocalLogprobJudge(
+        "tiny", model=tiny_model_factory(), tokenizer=tokenizer, judge_max_chars=12, show_progress=False
+    )
     instruction, short, long = "Say something.", "Short.", "A long answer that goes on and on and on."
     result = judge.judge_one(instruction, short, long, switched=False)
-    filled = (_installed_template().replace("{instruction}", instruction).replace("{output_1}", short)
-              .replace("{output_2}", long[:12]))
-    messages = [{"role": role, "content": filled.split(f"<|im_start|>{role}\n", 1)[1].split("<|im_end|>", 1)[0].strip()}
-                for role in ("system", "user")]
+    filled = (
+        _installed_template()
+        .replace("{instruction}", instruction)
+        .replace("{output_1}", short)
+        .replace("{output_2}", long[:12])
+    )
+    messages = [
+        {"role": role, "content": filled.split(f"<|im_start|>{role}\n", 1)[1].split("<|im_end|>", 1)[0].strip()}
+        for role in ("system", "user")
+    ]
     expected = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     assert result["raw_completion"]["outputs_cut_at_chars"] == 12
     assert result["raw_completion"]["prompt_tokens"] == len(expected)

@@ -1,5 +1,6 @@
 """Honest LC: degenerate annotations give ``None`` plus a reason (never a crash, never a meaningless 50.00), with
 real alpaca_eval fits on crafted annotations; and the one alpaca_eval internal the LC adapter relies on."""
+
 from __future__ import annotations
 
 import inspect
@@ -19,9 +20,17 @@ def _rows(preferences, output_1=None, output_2=None, generator_2="model"):
     n = len(preferences)
     output_1 = output_1 or [("reference answer " * (1 + i % 7)).strip() for i in range(n)]
     output_2 = output_2 or [("model answer " * (1 + (3 * i) % 5)).strip() for i in range(n)]
-    return [{"instruction": f"instruction {i}", "output_1": output_1[i], "output_2": output_2[i],
-             "generator_1": "reference", "generator_2": generator_2, "preference": p}
-            for i, p in enumerate(preferences)]
+    return [
+        {
+            "instruction": f"instruction {i}",
+            "output_1": output_1[i],
+            "output_2": output_2[i],
+            "generator_1": "reference",
+            "generator_2": generator_2,
+            "preference": p,
+        }
+        for i, p in enumerate(preferences)
+    ]
 
 
 def _independent_wr(preferences):
@@ -31,8 +40,9 @@ def _independent_wr(preferences):
 
 def _raw_alpaca_eval_lc(rows):
     """What alpaca_eval's GLM itself gives on the rows (no PrefFlow checks), or the exception it raises."""
-    return fit_length_controlled(annotations_frame(rows), "length_controlled_v1", MINIMAL_GLM,
-                                 no_assets_resolver(len(rows)))[0]
+    return fit_length_controlled(
+        annotations_frame(rows), "length_controlled_v1", MINIMAL_GLM, no_assets_resolver(len(rows))
+    )[0]
 
 
 DEGENERATE = {
@@ -40,12 +50,18 @@ DEGENERATE = {
     "24 instructions (the default run)": (_rows([1.2, 1.9, 1.4, 1.7] * 6), "24 judged instructions"),
     "no judgement at all": (_rows([None] * 60), "0 judged instructions"),
     "all ties": (_rows([1.5] * 60), "every judgement is a tie"),
-    "identical answers": (_rows([1.5] * 60, output_1=["same"] * 60, output_2=["same"] * 60),
-                          "every judgement is a tie"),
-    "same-length answers": (_rows([1.1, 1.9, 1.3] * 20, output_1=["abc"] * 60, output_2=["xyz"] * 60),
-                            "the length difference between model and reference is the same on every instruction"),
-    "constant length gap": (_rows([1.1, 1.9, 1.3] * 20, output_1=["abcdef"] * 60, output_2=["xyz"] * 60),
-                            "the length difference between model and reference is the same on every instruction"),
+    "identical answers": (
+        _rows([1.5] * 60, output_1=["same"] * 60, output_2=["same"] * 60),
+        "every judgement is a tie",
+    ),
+    "same-length answers": (
+        _rows([1.1, 1.9, 1.3] * 20, output_1=["abc"] * 60, output_2=["xyz"] * 60),
+        "the length difference between model and reference is the same on every instruction",
+    ),
+    "constant length gap": (
+        _rows([1.1, 1.9, 1.3] * 20, output_1=["abcdef"] * 60, output_2=["xyz"] * 60),
+        "the length difference between model and reference is the same on every instruction",
+    ),
     "model is its own reference": (_rows([1.2, 1.8, 1.6] * 20, generator_2="reference"), "same generator"),
     "uninformative judgements": (_rows([1.45, 1.55] * 40), "shrank every coefficient to zero"),
 }
@@ -110,14 +126,18 @@ def test_glm_failure_becomes_a_reason(tmp_path):
     """LC assets that do not cover the rows: alpaca_eval's difficulty lookup fails inside the fit."""
     assets = tmp_path / "assets"
     assets.mkdir()
-    gamed = "".join(f"{m},{i},0.1,{1.2 + 0.1 * (i % 3)},{'a' * (5 + i)},{'b' * (3 + i % 4)}\n"
-                    for m in ("gamed_a", "gamed_b") for i in range(10))
+    gamed = "".join(
+        f"{m},{i},0.1,{1.2 + 0.1 * (i % 3)},{'a' * (5 + i)},{'b' * (3 + i % 4)}\n"
+        for m in ("gamed_a", "gamed_b")
+        for i in range(10)
+    )
     (assets / "df_gamed.csv").write_text("model,index,instruction_difficulty,preference,output_1,output_2\n" + gamed)
     rows = _rows([1.1, 1.9, 1.3, 1.6] * 15)
     result = score(rows, lc_assets_dir=assets, alpaca_eval_order=True)
     assert result["length_controlled_winrate"] is None
     assert result["lc_unavailable_reason"].startswith(
-        "alpaca_eval's GLM fit failed (ValueError: Transform function failed")
+        "alpaca_eval's GLM fit failed (ValueError: Transform function failed"
+    )
     assert result["win_rate"] == pytest.approx(_independent_wr([r["preference"] for r in rows]))
 
 

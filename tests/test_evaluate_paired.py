@@ -1,5 +1,6 @@
 """Paired comparison of two models on the same instructions: the difference computed independently from two
 official annotation files, a deterministic bootstrap interval of sensible width, and the CLI's last-line JSON."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ def _load(shared_dir, model):
 def _plain_delta(a_rows, b_rows):
     """Mean over instructions present in both of (A's win - B's win) x 100, in plain Python."""
     b_by_instruction = {r["instruction"]: r["preference"] for r in b_rows}
-    diffs = [(r["preference"] - 1) - (b_by_instruction[r["instruction"]] - 1) for r in a_rows
-             if r["instruction"] in b_by_instruction]
+    diffs = [
+        (r["preference"] - 1) - (b_by_instruction[r["instruction"]] - 1)
+        for r in a_rows
+        if r["instruction"] in b_by_instruction
+    ]
     return math.fsum(diffs) / len(diffs) * 100, diffs
 
 
@@ -67,8 +71,14 @@ def test_model_against_itself_is_not_distinguishable(shared_dir):
 
 def test_missing_judgements_and_unshared_rows_are_left_out():
     def row(i, p, ref="r"):
-        return {"instruction": f"q{i}", "output_1": ref, "generator_1": "ref", "output_2": "x", "generator_2": "m",
-                "preference": p}
+        return {
+            "instruction": f"q{i}",
+            "output_1": ref,
+            "generator_1": "ref",
+            "output_2": "x",
+            "generator_2": "m",
+            "preference": p,
+        }
 
     a = [row(0, 2.0), row(1, 1.0), row(2, None), row(3, 0.0), row(4, 1.5)]
     b = [row(0, 1.0), row(1, 1.0), row(2, 1.5), row(3, 1.0)]
@@ -84,10 +94,22 @@ def test_missing_judgements_and_unshared_rows_are_left_out():
 
 def test_score_cli_adds_paired_fields(shared_dir):
     folder = shared_dir / "alpaca_eval" / "annotations"
-    proc = subprocess.run([sys.executable, "-m", "steps.evaluate", "score", "--annotations",
-                           str(folder / "vicuna-7b-v1.5.json"),
-                           "--baseline-annotations", str(folder / "alpaca-7b.json"),
-                           "--no-hub"], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.evaluate",
+            "score",
+            "--annotations",
+            str(folder / "vicuna-7b-v1.5.json"),
+            "--baseline-annotations",
+            str(folder / "alpaca-7b.json"),
+            "--no-hub",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     result = json.loads(lines[-1])

@@ -1,5 +1,6 @@
 """Held-out preference metrics on the tiny model, checked against log-probs computed independently with a plain
 full-logits log_softmax loop over each whole sequence."""
+
 from __future__ import annotations
 
 import math
@@ -10,13 +11,25 @@ import torch
 from steps.evaluate.preference_metrics import PreferenceDataError, heldout_preference_metrics
 
 ROWS = [
-    {"id": "a", "prompt": [{"role": "user", "content": "What is the capital of France?"}],
-     "chosen": "Paris.", "rejected": "It is Lyon, a large city in the south-east of the country, on the Rhone."},
-    {"id": "b", "prompt": [{"role": "user", "content": "Name a prime number."}],
-     "chosen": "Seven is a prime number because it has no divisors other than one and itself.", "rejected": "Eight."},
+    {
+        "id": "a",
+        "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+        "chosen": "Paris.",
+        "rejected": "It is Lyon, a large city in the south-east of the country, on the Rhone.",
+    },
+    {
+        "id": "b",
+        "prompt": [{"role": "user", "content": "Name a prime number."}],
+        "chosen": "Seven is a prime number because it has no divisors other than one and itself.",
+        "rejected": "Eight.",
+    },
     {"id": "c", "prompt": [{"role": "user", "content": "Say hello."}], "chosen": "Hello!", "rejected": "Hello, world."},
-    {"id": "d", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-     "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "Five"}]},
+    {
+        "id": "d",
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "Five"}],
+    },
     {"id": "e", "prompt": [{"role": "user", "content": "Spell cat."}], "chosen": "C-A-T", "rejected": "C-A-T"},
 ]
 
@@ -30,7 +43,8 @@ def _plain_logp(model, tokenizer, messages, response):
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
-        tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ]
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
@@ -50,9 +64,18 @@ def models():
 def test_metrics_match_independent_logprobs(models, tokenizer):
     policy, reference = models
     beta = 0.25
-    result = heldout_preference_metrics("tiny", ROWS, reference_spec="tiny:ref", beta=beta, model=policy,
-                                        reference_model=reference, tokenizer=tokenizer, max_num_tokens=300,
-                                        show_progress=False, return_per_pair=True)
+    result = heldout_preference_metrics(
+        "tiny",
+        ROWS,
+        reference_spec="tiny:ref",
+        beta=beta,
+        model=policy,
+        reference_model=reference,
+        tokenizer=tokenizer,
+        max_num_tokens=300,
+        show_progress=False,
+        return_per_pair=True,
+    )
     expected = []
     for row in ROWS:
         c, nc = _plain_logp(policy, tokenizer, row["prompt"], _text(row["chosen"]))
@@ -86,16 +109,22 @@ def test_without_reference_only_preference_accuracy(models, tokenizer):
     policy, _ = models
     result = heldout_preference_metrics("tiny", ROWS[:3], model=policy, tokenizer=tokenizer, show_progress=False)
     assert result["reward_accuracy"] is None and result["reward_margin_mean"] is None and result["beta"] is None
-    expected = [(_plain_logp(policy, tokenizer, r["prompt"], r["chosen"])[0],
-                 _plain_logp(policy, tokenizer, r["prompt"], r["rejected"])[0]) for r in ROWS[:3]]
+    expected = [
+        (
+            _plain_logp(policy, tokenizer, r["prompt"], r["chosen"])[0],
+            _plain_logp(policy, tokenizer, r["prompt"], r["rejected"])[0],
+        )
+        for r in ROWS[:3]
+    ]
     assert result["preference_accuracy"] == pytest.approx(sum(c > r for c, r in expected) / 3)
 
 
 def test_loads_by_spec_and_counts_dropped_pairs(tokenizer):
     """By spec (loads tiny itself); pairs longer than max_seq_len are dropped and counted, as training does."""
     long_row = dict(ROWS[0], id="long", rejected="word " * 200)
-    result = heldout_preference_metrics("tiny", [long_row, ROWS[1]], max_seq_len=96, overlength="drop",
-                                        device="cpu", show_progress=False)
+    result = heldout_preference_metrics(
+        "tiny", [long_row, ROWS[1]], max_seq_len=96, overlength="drop", device="cpu", show_progress=False
+    )
     assert result["n_rows"] == 2 and result["n_pairs"] == 1 and result["n_dropped_overlength"] == 1
     from steps.models import load_model
 
@@ -103,8 +132,9 @@ def test_loads_by_spec_and_counts_dropped_pairs(tokenizer):
     c, _ = _plain_logp(policy, tokenizer, ROWS[1]["prompt"], ROWS[1]["chosen"])
     r, _ = _plain_logp(policy, tokenizer, ROWS[1]["prompt"], ROWS[1]["rejected"])
     assert result["preference_accuracy"] == float(c > r)
-    empty = heldout_preference_metrics("tiny", [long_row], max_seq_len=96, overlength="drop", device="cpu",
-                                       show_progress=False)
+    empty = heldout_preference_metrics(
+        "tiny", [long_row], max_seq_len=96, overlength="drop", device="cpu", show_progress=False
+    )
     assert empty["n_pairs"] == 0 and empty["preference_accuracy"] is None
 
 

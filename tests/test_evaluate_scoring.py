@@ -1,4 +1,5 @@
 """Scoring with alpaca_eval's metrics against the official AlpacaEval 2 leaderboard numbers."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def test_redirect_is_restored_after_scoring(shared_dir):
     from alpaca_eval.metrics import glm_winrate
 
     original = glm_winrate.hf_hub_download
-    score(_annotations(shared_dir, "alpaca-7b")[:50], shared_dir / "alpaca_eval" / "lc_assets_reconstructed",
-          subset=True)
+    score(
+        _annotations(shared_dir, "alpaca-7b")[:50], shared_dir / "alpaca_eval" / "lc_assets_reconstructed", subset=True
+    )
     assert glm_winrate.hf_hub_download is original
 
 
@@ -70,8 +72,9 @@ def test_no_assets_gives_labelled_number(shared_dir):
 
 def test_other_instruction_sets_ignore_assets(shared_dir):
     rows = _annotations(shared_dir, "alpaca-7b")[:40]
-    result = score(rows, lc_assets_dir=shared_dir / "alpaca_eval" / "lc_assets_reconstructed",
-                   alpaca_eval_order=False, subset=True)
+    result = score(
+        rows, lc_assets_dir=shared_dir / "alpaca_eval" / "lc_assets_reconstructed", alpaca_eval_order=False, subset=True
+    )
     assert result["lc_method"] == "length_controlled_v1_subset_no_gamed_regularisation_no_instruction_difficulty"
 
 
@@ -88,39 +91,61 @@ def test_unmarked_assets_dir_not_called_approximate(shared_dir, tmp_path):
 
 
 def test_assets_dir_without_files_is_an_error(shared_dir, tmp_path):
-    with pytest.raises(LcAssetsError, match="df_gamed.csv"):
+    with pytest.raises(LcAssetsError, match=r"df_gamed\.csv"):
         score(_annotations(shared_dir, "alpaca-7b"), lc_assets_dir=tmp_path)
 
 
 def test_too_few_rows_for_lc():
-    rows = [{"instruction": f"q{i}", "output_1": "a", "output_2": "bb", "generator_1": "ref", "generator_2": "m",
-             "preference": p} for i, p in enumerate([1.0, 2.0, 1.75])]
+    rows = [
+        {
+            "instruction": f"q{i}",
+            "output_1": "a",
+            "output_2": "bb",
+            "generator_1": "ref",
+            "generator_2": "m",
+            "preference": p,
+        }
+        for i, p in enumerate([1.0, 2.0, 1.75])
+    ]
     result = score(rows, alpaca_eval_order=False)
     assert result["length_controlled_winrate"] is None and result["lc_standard_error"] is None
-    assert result["lc_unavailable_reason"].startswith("3 judged instructions; the length-controlled GLM needs at "
-                                                      "least 50")
+    assert result["lc_unavailable_reason"].startswith(
+        "3 judged instructions; the length-controlled GLM needs at least 50"
+    )
     assert result["lc_method"] == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
     assert result["win_rate"] == pytest.approx(100 * (0 + 1 + 0.75) / 3)
     assert result["n_draws"] == 0
 
 
 def test_bad_annotations_name_the_record():
-    rows = [{"instruction": "q", "output_1": "a", "output_2": "b", "generator_1": "r", "generator_2": "m",
-             "preference": 1.2},
-            {"instruction": "q2", "output_1": "a", "generator_1": "r", "generator_2": "m", "preference": 1.2}]
+    rows = [
+        {
+            "instruction": "q",
+            "output_1": "a",
+            "output_2": "b",
+            "generator_1": "r",
+            "generator_2": "m",
+            "preference": 1.2,
+        },
+        {"instruction": "q2", "output_1": "a", "generator_1": "r", "generator_2": "m", "preference": 1.2},
+    ]
     with pytest.raises(AnnotationsError, match=r"record 1 lacks \['output_2'\]"):
         score(rows)
     rows[1]["output_2"] = "b"
     rows[1]["preference"] = 3.0
-    with pytest.raises(AnnotationsError, match="record 1 preference 3.0"):
+    with pytest.raises(AnnotationsError, match=r"record 1 preference 3\.0"):
         score(rows)
 
 
 def test_score_cli_prints_one_json(shared_dir):
     path = shared_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json"
     assets = shared_dir / "alpaca_eval" / "lc_assets_reconstructed"
-    proc = subprocess.run([sys.executable, "-m", "steps.evaluate", "score", "--annotations", str(path),
-                           "--lc-assets", str(assets)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "steps.evaluate", "score", "--annotations", str(path), "--lc-assets", str(assets)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1

@@ -102,7 +102,7 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
         # 3 instructions: LC is not shown, and says why
         assert r["length_controlled_winrate"] is None and "at least 50" in r["lc_unavailable_reason"]
         held_out = r["heldout_preference"]  # judge-free accuracy on the dev pairs
-        assert held_out["n_pairs"] == len(list(open(Path(data.data_dir, "preference.dev.jsonl"))))
+        assert held_out["n_pairs"] == len(Path(data.data_dir, "preference.dev.jsonl").read_text().splitlines())
         assert 0.0 <= held_out["preference_accuracy"] <= 1.0
     assert results["sft"]["paired_vs"] == {"baseline": "sft", "is_baseline": True}
     for name in ("dpo", "orpo"):  # both compared with SFT on the same 3 instructions

@@ -3,6 +3,7 @@
 Counts are checked against ``reference_counts`` below: a short, separate implementation that walks the raw rows
 directly (it shares no code with steps.data).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -144,8 +145,7 @@ def test_counts_match_independent_reference(shared_dir, tmp_path, rel_path, requ
     path = shared_dir / rel_path
     expected = reference_counts(load_raw_rows(path), require_review=require_review)
     for strategy in PAIR_STRATEGIES:
-        prepared = prepare_oasst(str(path), tmp_path / strategy, pair_strategy=strategy,
-                                 require_review=require_review)
+        prepared = prepare_oasst(str(path), tmp_path / strategy, pair_strategy=strategy, require_review=require_review)
         stats = prepared.stats
         assert stats["messages_read"] == sum(1 for _ in load_raw_rows(path))
         assert stats["messages_kept"] == expected["kept"]
@@ -160,12 +160,21 @@ def test_counts_match_independent_reference(shared_dir, tmp_path, rel_path, requ
         sft_written = sum(len(read_jsonl(tmp_path / strategy / f"sft.{s}.jsonl")) for s in ("train", "dev"))
         assert sft_written == expected["sft"]
         # not only the counts: the very (history, chosen, rejected) triples and (history, response) pairs
-        pairs_written = {(tuple((m["role"], m["content"]) for m in p["prompt"]), p["chosen"][0]["content"],
-                          p["rejected"][0]["content"])
-                         for s in ("train", "dev") for p in read_jsonl(tmp_path / strategy / f"preference.{s}.jsonl")}
+        pairs_written = {
+            (
+                tuple((m["role"], m["content"]) for m in p["prompt"]),
+                p["chosen"][0]["content"],
+                p["rejected"][0]["content"],
+            )
+            for s in ("train", "dev")
+            for p in read_jsonl(tmp_path / strategy / f"preference.{s}.jsonl")
+        }
         assert pairs_written == expected["pair_sets"][strategy]
-        sft_set = {(tuple((m["role"], m["content"]) for m in e["prompt"]), e["response"])
-                   for s in ("train", "dev") for e in read_jsonl(tmp_path / strategy / f"sft.{s}.jsonl")}
+        sft_set = {
+            (tuple((m["role"], m["content"]) for m in e["prompt"]), e["response"])
+            for s in ("train", "dev")
+            for e in read_jsonl(tmp_path / strategy / f"sft.{s}.jsonl")
+        }
         assert sft_set == expected["sft_set"]
 
 
@@ -247,18 +256,24 @@ def test_max_trees_and_sft_rank_all(shared_dir, tmp_path):
 # Digests of what the code before the streaming rewrite (commit 2d6d5d8) wrote for these inputs: every output file,
 # preference rows turned back into that code's string layout, stats.json with its input path blanked.
 ORIGINAL_OUTPUT_DIGESTS = {
-    "embedded_default": ("embedded", {},
-                         "8d62c4b806cd24c02f7fba19f55885aa760b255193e1e4495b569cfd7857ca43"),
-    "embedded_all": ("embedded", {"pair_strategy": "all_ordered_pairs", "sft_rank": None, "require_review": False,
-                                  "include_deleted": True},
-                     "63dcb8a079eb8679e67a24d722f453dae7735e5a89558a70c83e8631401c23c5"),
+    "embedded_default": ("embedded", {}, "8d62c4b806cd24c02f7fba19f55885aa760b255193e1e4495b569cfd7857ca43"),
+    "embedded_all": (
+        "embedded",
+        {"pair_strategy": "all_ordered_pairs", "sft_rank": None, "require_review": False, "include_deleted": True},
+        "63dcb8a079eb8679e67a24d722f453dae7735e5a89558a70c83e8631401c23c5",
+    ),
     "rows_default": (ROWS_FILE, {}, "5d7fdd9b3f9a2bfdf67cd8bcefc13680c1cebec48301d6c88ddebe500f38dd63"),
-    "rows_all_pairs_noreview": (ROWS_FILE, {"pair_strategy": "all_ordered_pairs", "require_review": False,
-                                            "sft_rank": None},
-                                "9d8f364189bcb3fc223b4c2844afc40a62b6790de97eb0d3811b0da9a274b1e1"),
+    "rows_all_pairs_noreview": (
+        ROWS_FILE,
+        {"pair_strategy": "all_ordered_pairs", "require_review": False, "sft_rank": None},
+        "9d8f364189bcb3fc223b4c2844afc40a62b6790de97eb0d3811b0da9a274b1e1",
+    ),
     "trees_default": (TREES_FILE, {}, "4fd083bfdc0c0de95b1bad754a590750d259332078a10218d3356cf545962651"),
-    "trees_synth_max": (TREES_FILE, {"include_synthetic": True, "max_trees": 40, "seed": 7, "dev_fraction": 0.25},
-                        "f4ce2845dff4b4285c9d2bcd57d82bb60c7b1ea2fdbb98fcdb3eea402e243b8f"),
+    "trees_synth_max": (
+        TREES_FILE,
+        {"include_synthetic": True, "max_trees": 40, "seed": 7, "dev_fraction": 0.25},
+        "f4ce2845dff4b4285c9d2bcd57d82bb60c7b1ea2fdbb98fcdb3eea402e243b8f",
+    ),
 }
 
 
@@ -327,9 +342,14 @@ def conversation(topic: str) -> list[dict]:
     best = message(f"Good answer on {topic}.", "assistant", root, 0)
     worse = message(f"Bad answer on {topic}.", "assistant", root, 1)
     follow = message(f"Follow-up on {topic}?", "prompter", best)
-    rows = [root, best, worse, follow,
-            message(f"Good follow-up answer on {topic}.", "assistant", follow, 0),
-            message(f"Bad follow-up answer on {topic}.", "assistant", follow, 1)]
+    rows = [
+        root,
+        best,
+        worse,
+        follow,
+        message(f"Good follow-up answer on {topic}.", "assistant", follow, 0),
+        message(f"Bad follow-up answer on {topic}.", "assistant", follow, 1),
+    ]
     for row in rows:
         row["message_tree_id"] = root["message_id"]
     return rows
@@ -360,14 +380,18 @@ def test_multi_turn_prompt_and_llama3_rendering(tmp_path):
     assert row == {
         "id": multi["id"],
         "src": "<|start_header_id|>user<|end_header_id|>\n\nQuestion about tea?<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\nGood answer on tea.<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nFollow-up on tea?<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|start_header_id|>assistant<|end_header_id|>\n\nGood answer on tea.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nFollow-up on tea?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "tgt": "Good follow-up answer on tea.",
     }
     pairs = read_jsonl(out / "fairseq2/preference.train.jsonl") + read_jsonl(out / "fairseq2/preference.dev.jsonl")
-    assert {p["tgt_chosen"] for p in pairs} == {"Good answer on tea.", "Good follow-up answer on tea.",
-                                                "Good answer on coffee.", "Good follow-up answer on coffee."}
+    assert {p["tgt_chosen"] for p in pairs} == {
+        "Good answer on tea.",
+        "Good follow-up answer on tea.",
+        "Good answer on coffee.",
+        "Good follow-up answer on coffee.",
+    }
     assert set(pairs[0]) == {"id", "src", "tgt_chosen", "tgt_rejected"}
     chat_pairs = read_jsonl(out / "preference.train.jsonl")
     assert set(chat_pairs[0]) == {"id", "tree_id", "prompt", "chosen", "rejected", "chosen_rank", "rejected_rank"}
@@ -426,38 +450,74 @@ def test_missing_keys_and_invalid_fields(tmp_path):
     assert details["line 7"] == "missing text" and details["line 9"] == "missing parent_id"
     assert "rank" in details["line 10"]
 
-    tree = {"message_tree_id": "t", "tree_state": "ready_for_export",
-            "prompt": {"message_id": "t", "role": "prompter", "text": "Hi?", "lang": "en", "review_result": True,
-                       "replies": [{"message_id": "r0", "role": "assistant", "lang": "en", "review_result": True,
-                                    "rank": 0, "replies": [{"message_id": "q", "role": "prompter", "text": "And?",
-                                                            "lang": "en", "review_result": True}]},
-                                   {"message_id": "r1", "role": "assistant", "text": "Hello.", "lang": "en",
-                                    "review_result": True, "rank": 1},
-                                   {"message_id": "r2", "role": "assistant", "text": "Go away.", "lang": "en",
-                                    "review_result": True, "rank": 2}]}}
+    tree = {
+        "message_tree_id": "t",
+        "tree_state": "ready_for_export",
+        "prompt": {
+            "message_id": "t",
+            "role": "prompter",
+            "text": "Hi?",
+            "lang": "en",
+            "review_result": True,
+            "replies": [
+                {
+                    "message_id": "r0",
+                    "role": "assistant",
+                    "lang": "en",
+                    "review_result": True,
+                    "rank": 0,
+                    "replies": [
+                        {"message_id": "q", "role": "prompter", "text": "And?", "lang": "en", "review_result": True}
+                    ],
+                },
+                {
+                    "message_id": "r1",
+                    "role": "assistant",
+                    "text": "Hello.",
+                    "lang": "en",
+                    "review_result": True,
+                    "rank": 1,
+                },
+                {
+                    "message_id": "r2",
+                    "role": "assistant",
+                    "text": "Go away.",
+                    "lang": "en",
+                    "review_result": True,
+                    "rank": 2,
+                },
+            ],
+        },
+    }
     trees_path = tmp_path / "trees.jsonl"
     trees_path.write_text(json.dumps(tree) + "\n" + json.dumps({"message_tree_id": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(OasstDataError, match="0 SFT examples"):  # rank 0 lost: nothing for SFT / best_vs_rest
         prepare_oasst(str(trees_path), tmp_path / "out-trees")
     stats = prepare_oasst(str(trees_path), tmp_path / "out-trees", pair_strategy="all_ordered_pairs").stats
     assert stats["dropped"]["missing_key"] == 1 and stats["dropped"]["orphan"] == 1
-    assert stats["problem_examples"] == [{"reason": "missing_key", "where": "line 1", "message_id": "r0",
-                                          "detail": "missing text"}]
+    assert stats["problem_examples"] == [
+        {"reason": "missing_key", "where": "line 1", "message_id": "r0", "detail": "missing text"}
+    ]
     assert stats["malformed_lines"]["examples"] == [{"line": 2, "error": "tree line without a 'prompt' object"}]
-    assert stats["sft_examples"] == 0 and stats["pairs"] == {"best_vs_rest": 0, "best_vs_worst": 0,
-                                                             "all_ordered_pairs": 1}
+    assert stats["sft_examples"] == 0 and stats["pairs"] == {
+        "best_vs_rest": 0,
+        "best_vs_worst": 0,
+        "all_ordered_pairs": 1,
+    }
     assert stats["ranks"]["ranked_groups_without_rank0"] == 1 and stats["trees"]["kept"] == 1
 
 
 def test_ranks_with_gaps_ties_and_unranked(tmp_path):
     root = message("Which is best?", "prompter")
-    replies = [message(f"Reply {name}.", "assistant", root, rank)
-               for name, rank in (("a", 0), ("b", 2), ("c", 2), ("d", None))]
+    replies = [
+        message(f"Reply {name}.", "assistant", root, rank) for name, rank in (("a", 0), ("b", 2), ("c", 2), ("d", None))
+    ]
     no_best = message("No winner here?", "prompter")
     no_best_replies = [message(f"Other {n}.", "assistant", no_best, r) for n, r in (("x", 1), ("y", 3))]
     rows = [root, *replies, no_best, *no_best_replies]
-    stats = prepare_oasst(str(write_rows(tmp_path / "in.jsonl", rows)), tmp_path / "out",
-                          pair_strategy="all_ordered_pairs").stats
+    stats = prepare_oasst(
+        str(write_rows(tmp_path / "in.jsonl", rows)), tmp_path / "out", pair_strategy="all_ordered_pairs"
+    ).stats
     # a(0) beats b(2) and c(2); b and c are tied (no pair); d is unranked (never paired); x(1) beats y(3)
     assert stats["pairs"] == {"best_vs_rest": 2, "best_vs_worst": 2, "all_ordered_pairs": 3}
     assert stats["ranks"]["ranked_groups"] == 2
@@ -468,7 +528,10 @@ def test_ranks_with_gaps_ties_and_unranked(tmp_path):
     assert stats["sft_examples"] == 1
     written = read_jsonl(tmp_path / "out/preference.train.jsonl") + read_jsonl(tmp_path / "out/preference.dev.jsonl")
     assert sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in written) == [
-        ("Other x.", "Other y."), ("Reply a.", "Reply b."), ("Reply a.", "Reply c.")]
+        ("Other x.", "Other y."),
+        ("Reply a.", "Reply b."),
+        ("Reply a.", "Reply c."),
+    ]
 
 
 def test_no_usable_conversation_names_file_and_filters(tmp_path):
@@ -518,9 +581,25 @@ def test_outputs_are_written_atomically_and_overwrite_cleanly(tmp_path):
 def test_embedded_sample(tmp_path):
     assert EMBEDDED.stat().st_size < 200_000
     raw_lines = EMBEDDED.read_text(encoding="utf-8").splitlines()
-    export_keys = {"message_id", "parent_id", "user_id", "created_date", "text", "role", "lang", "review_count",
-                   "review_result", "deleted", "rank", "synthetic", "model_name", "detoxify", "emojis", "labels",
-                   "replies"}
+    export_keys = {
+        "message_id",
+        "parent_id",
+        "user_id",
+        "created_date",
+        "text",
+        "role",
+        "lang",
+        "review_count",
+        "review_result",
+        "deleted",
+        "rank",
+        "synthetic",
+        "model_name",
+        "detoxify",
+        "emojis",
+        "labels",
+        "replies",
+    }
     rows = load_raw_rows(EMBEDDED)
     assert len(raw_lines) >= 30 and len({r["message_id"] for r in rows}) == len(rows)
     for line in raw_lines:
@@ -551,9 +630,24 @@ def test_embedded_sample(tmp_path):
 
 def test_cli_smoke(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", USERNAME="prefflow", PYTHONWARNINGS="error::RuntimeWarning")
-    done = subprocess.run([sys.executable, "-m", "steps.data.oasst", "--input", "embedded",
-                           "--output-dir", str(tmp_path / "cli"), "--pairs", "best_vs_worst"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.data.oasst",
+            "--input",
+            "embedded",
+            "--output-dir",
+            str(tmp_path / "cli"),
+            "--pairs",
+            "best_vs_worst",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     expected = reference_counts(load_raw_rows(EMBEDDED))
     assert f"sft examples: {expected['sft']}" in done.stdout
@@ -562,15 +656,45 @@ def test_cli_smoke(tmp_path):
     written = read_jsonl(tmp_path / "cli/preference.train.jsonl") + read_jsonl(tmp_path / "cli/preference.dev.jsonl")
     assert len(written) == expected["pairs"]["best_vs_worst"]
 
-    failed = subprocess.run([sys.executable, "-m", "steps.data.oasst", "--input", str(tmp_path / "missing.jsonl"),
-                             "--output-dir", str(tmp_path / "x")], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.data.oasst",
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--output-dir",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failed.returncode == 2 and "missing.jsonl: no such file" in failed.stderr
 
 
 def test_cli_language_options_in_process(tmp_path, capsys):
-    assert main(["--input", "embedded", "--output-dir", str(tmp_path / "a"), "--lang", "de,fr", "--lang", "en",
-                 "--sft-rank", "all", "--tree-state", "all"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                "embedded",
+                "--output-dir",
+                str(tmp_path / "a"),
+                "--lang",
+                "de,fr",
+                "--lang",
+                "en",
+                "--sft-rank",
+                "all",
+                "--tree-state",
+                "all",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "a/stats.json").read_text())
     assert stats["settings"]["langs"] == ["de", "fr", "en"] and stats["settings"]["tree_states"] == "all"
     assert stats["settings"]["sft_rank"] is None
@@ -585,11 +709,16 @@ def test_hub_rows_path(shared_dir, tmp_path):
     from steps.data.oasst_read import looks_like_hub_id, read_dataset_rows, read_local_file
 
     rows = load_raw_rows(shared_dir / ROWS_FILE)
-    with read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset") as from_dataset, \
-            read_local_file(shared_dir / ROWS_FILE) as from_file:
+    with (
+        read_dataset_rows(datasets.Dataset.from_list(rows), "local-dataset") as from_dataset,
+        read_local_file(shared_dir / ROWS_FILE) as from_file,
+    ):
+
         def columns(index):
-            return [(index.ids[i], index.parent[i], index.rank[i], index.flags[i], index.text_of(i))
-                    for i in range(len(index))]
+            return [
+                (index.ids[i], index.parent[i], index.rank[i], index.flags[i], index.text_of(i))
+                for i in range(len(index))
+            ]
 
         assert columns(from_dataset) == columns(from_file)
         assert [from_file.text_of(i) for i in range(len(from_file))] == [r["text"] for r in rows]

@@ -1,6 +1,7 @@
 """The ``openai_compatible`` judge against a real local HTTP server (tests/served_judge_server.py) that serves a
 real model's next-token top_logprobs: the official prompt, swap and parse; retries on 429/500/hangs; the request
 budget; a SIGKILLed judging process that, restarted, never sends an already-judged pair again; the key on no disk."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,18 @@ KEY = "sk-prefflow-test-9f8e7d6c5b4a"
 
 
 def _outputs(n, prefix="Question"):
-    instructions = [f"{prefix} {i}: name one thing that is {c}." for i, c in
-                    zip(range(n), ["red", "blue", "green", "soft", "loud", "cold", "round", "sweet", "tall"] * 9)]
-    model = [{"instruction": q, "output": f"A {['rose', 'sky', 'leaf', 'cat'][i % 4]}.", "generator": "policy"}
-             for i, q in enumerate(instructions)]
-    ref = [{"instruction": q, "output": f"Something {i} that fits.", "generator": "reference"}
-           for i, q in enumerate(instructions)]
+    instructions = [
+        f"{prefix} {i}: name one thing that is {c}."
+        for i, c in zip(range(n), ["red", "blue", "green", "soft", "loud", "cold", "round", "sweet", "tall"] * 9)
+    ]
+    model = [
+        {"instruction": q, "output": f"A {['rose', 'sky', 'leaf', 'cat'][i % 4]}.", "generator": "policy"}
+        for i, q in enumerate(instructions)
+    ]
+    ref = [
+        {"instruction": q, "output": f"Something {i} that fits.", "generator": "reference"}
+        for i, q in enumerate(instructions)
+    ]
     return instructions, model, ref
 
 
@@ -50,8 +57,13 @@ def server(tiny_server_model, monkeypatch):
 
 
 def _judge(server, **options):
-    settings = {"judge_model": "served-tiny", "judge_base_url": server.url, "judge_api_key_env": KEY_ENV,
-                "judge_concurrency": 1, "show_progress": False}
+    settings = {
+        "judge_model": "served-tiny",
+        "judge_base_url": server.url,
+        "judge_api_key_env": KEY_ENV,
+        "judge_concurrency": 1,
+        "show_progress": False,
+    }
     settings.update(options)
     judge = make_judge("openai_compatible", **settings)
     judge.backoff_s = 0.01
@@ -62,8 +74,9 @@ def _expected_preference(raw, switched):
     """alpaca_eval's own parser on the reply's top log-probs, flipped where the outputs were swapped."""
     from alpaca_eval.completion_parsers import logprob_parser
 
-    completion = {"logprobs": {"content": [{"token": raw["top_logprobs"][0]["token"],
-                                            "top_logprobs": raw["top_logprobs"]}]}}
+    completion = {
+        "logprobs": {"content": [{"token": raw["top_logprobs"][0]["token"], "top_logprobs": raw["top_logprobs"]}]}
+    }
     presented = logprob_parser(completion, numerator_token="m", denominator_tokens=["m", "M"], is_binarize=False)[0]
     return 3 - presented if switched else presented
 
@@ -81,7 +94,12 @@ def test_request_is_the_official_one(server):
     for row, request, instruction in zip(rows, server.requests, instructions):
         body = request["body"]
         assert {k: body[k] for k in ("model", "max_tokens", "temperature", "logprobs", "top_logprobs")} == {
-            "model": "served-tiny", "max_tokens": 1, "temperature": 1, "logprobs": True, "top_logprobs": 5}
+            "model": "served-tiny",
+            "max_tokens": 1,
+            "temperature": 1,
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
         assert [m["role"] for m in body["messages"]] == ["system", "user"]
         switched = random_seeded_choice(seed="is_switched_outputs" + instruction + "0", choices=[False, True])
         user = body["messages"][1]["content"]
@@ -142,12 +160,15 @@ def test_server_without_logprobs_is_an_error(server):
         annotate(model, ref, _judge(server))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"judge_model": "embedded:smollm2-135m-instruct"}, "needs the name the server serves"),
-    ({"judge_base_url": None}, "needs evaluation.judge_base_url"),
-    ({"judge_max_requests": 0}, "judge_max_requests must be an integer >= 1"),
-    ({"judge_timeout_s": 0}, "judge_timeout_s must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"judge_model": "embedded:smollm2-135m-instruct"}, "needs the name the server serves"),
+        ({"judge_base_url": None}, "needs evaluation.judge_base_url"),
+        ({"judge_max_requests": 0}, "judge_max_requests must be an integer >= 1"),
+        ({"judge_timeout_s": 0}, "judge_timeout_s must be a number > 0"),
+    ],
+)
 def test_bad_settings(options, message):
     settings = {"judge_model": "m", "judge_base_url": "http://localhost:1/v1", **options}
     with pytest.raises(JudgeError, match=message):
@@ -167,20 +188,25 @@ def test_served_embedded_model_agrees_with_the_local_judge(shared_dir, tokenizer
     model = load_model(DEFAULT_MODEL)
     server = ChatCompletionsServer(model, tokenizer).start()
     try:
-        served = annotate(model_outputs, ref, make_judge("openai_compatible:smollm2", judge_base_url=server.url,
-                                                         show_progress=False))
+        served = annotate(
+            model_outputs, ref, make_judge("openai_compatible:smollm2", judge_base_url=server.url, show_progress=False)
+        )
     finally:
         server.stop()
-    local = annotate(model_outputs, ref, LocalLogprobJudge(DEFAULT_MODEL, model=model, tokenizer=tokenizer,
-                                                           judge_max_chars=10_000, show_progress=False))
+    local = annotate(
+        model_outputs,
+        ref,
+        LocalLogprobJudge(DEFAULT_MODEL, model=model, tokenizer=tokenizer, judge_max_chars=10_000, show_progress=False),
+    )
     both = 0
     for s, loc in zip(served, local):
         top = {t["token"]: t["logprob"] for t in s["raw_completion"]["top_logprobs"]}
         assert s["raw_completion"]["is_switched_outputs"] == loc["raw_completion"]["is_switched_outputs"]
         assert s["raw_completion"]["usage"]["prompt_tokens"] == loc["raw_completion"]["prompt_tokens"]
         assert top["M"] == pytest.approx(loc["raw_completion"]["identifier_logprobs"]["M"], abs=1e-3)
-        assert _same(s["preference"], _expected_preference(s["raw_completion"],
-                                                           s["raw_completion"]["is_switched_outputs"]))
+        assert _same(
+            s["preference"], _expected_preference(s["raw_completion"], s["raw_completion"]["is_switched_outputs"])
+        )
         if {"m", "M"} <= set(top):
             both += 1
             assert s["preference"] == pytest.approx(loc["preference"], abs=1e-4)
@@ -191,10 +217,30 @@ def _annotate_command(server_url, tmp_path, n):
     _, model, ref = _outputs(n, prefix="Item")
     (tmp_path / "model.json").write_text(json.dumps(model))
     (tmp_path / "ref.json").write_text(json.dumps(ref))
-    return [sys.executable, "-m", "steps.evaluate", "annotate", "--model-outputs", str(tmp_path / "model.json"),
-            "--reference-outputs", str(tmp_path / "ref.json"), "--output", str(tmp_path / "annotations.json"),
-            "--judge", "openai_compatible", "--judge-model", "served-tiny", "--judge-base-url", server_url,
-            "--judge-api-key-env", KEY_ENV, "--judge-concurrency", "1", "--cache-dir", str(tmp_path / "cache")]
+    return [
+        sys.executable,
+        "-m",
+        "steps.evaluate",
+        "annotate",
+        "--model-outputs",
+        str(tmp_path / "model.json"),
+        "--reference-outputs",
+        str(tmp_path / "ref.json"),
+        "--output",
+        str(tmp_path / "annotations.json"),
+        "--judge",
+        "openai_compatible",
+        "--judge-model",
+        "served-tiny",
+        "--judge-base-url",
+        server_url,
+        "--judge-api-key-env",
+        KEY_ENV,
+        "--judge-concurrency",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
 
 def test_killed_judging_never_resends_a_judged_pair(server, tmp_path):
@@ -217,8 +263,11 @@ def test_killed_judging_never_resends_a_judged_pair(server, tmp_path):
 
     identity = make_judge("openai_compatible", judge_model="served-tiny", judge_base_url=server.url).cache_identity
     cache = AnnotationCache(cache_dir, identity)
-    judged = [row["instruction"] for row in pair_outputs(model, ref)
-              if cache.get(cache.key(row["instruction"], row["output_1"], row["output_2"])) is not None]
+    judged = [
+        row["instruction"]
+        for row in pair_outputs(model, ref)
+        if cache.get(cache.key(row["instruction"], row["output_1"], row["output_2"])) is not None
+    ]
     assert 3 <= len(judged) < n
     before = {q: server.count(q) for q in instructions}
 
@@ -246,16 +295,34 @@ def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_
 
     _, tokenizer = tiny_server_model
     eval_set = load_eval_set("embedded", max_instructions=3)
-    refs = [{"instruction": q, "output": f"Reference answer {i}.", "generator": "ref"}
-            for i, q in enumerate(eval_set.instructions)]
-    result = evaluate_model("tiny", eval_set, refs, generator="tiny", out_dir=tmp_path / "eval",
-                            generation=GenerationSettings(max_new_tokens=3, batch_size=3), judge="openai_compatible",
-                            judge_model="gpt-4o-mini-2024-07-18", judge_base_url=server.url,
-                            judge_api_key_env=KEY_ENV, judge_concurrency=2, show_progress=False,
-                            agreement_registry=tmp_path / "none.json")
-    prompts = [len(tokenizer(tokenizer.apply_chat_template(r["body"]["messages"], tokenize=False,
-                                                           add_generation_prompt=True),
-                             add_special_tokens=False)["input_ids"]) for r in server.requests]
+    refs = [
+        {"instruction": q, "output": f"Reference answer {i}.", "generator": "ref"}
+        for i, q in enumerate(eval_set.instructions)
+    ]
+    result = evaluate_model(
+        "tiny",
+        eval_set,
+        refs,
+        generator="tiny",
+        out_dir=tmp_path / "eval",
+        generation=GenerationSettings(max_new_tokens=3, batch_size=3),
+        judge="openai_compatible",
+        judge_model="gpt-4o-mini-2024-07-18",
+        judge_base_url=server.url,
+        judge_api_key_env=KEY_ENV,
+        judge_concurrency=2,
+        show_progress=False,
+        agreement_registry=tmp_path / "none.json",
+    )
+    prompts = [
+        len(
+            tokenizer(
+                tokenizer.apply_chat_template(r["body"]["messages"], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for r in server.requests
+    ]
     assert len(prompts) == 3 and result["judge_tokens"]["prompt"] == sum(prompts)
     assert result["judge_tokens"]["completion"] == 3
     assert result["judge_cost_usd"] == pytest.approx((sum(prompts) * 0.15 + 3 * 0.6) / 1e6)

@@ -2,6 +2,7 @@
 
 ``prepare_data`` (``steps.data.prepare``) is the entry point; names load lazily (``python -m steps.data.oasst``).
 """
+
 from __future__ import annotations
 
 from typing import Any

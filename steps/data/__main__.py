@@ -1,4 +1,5 @@
 """``python -m steps.data``: prepare any supported data format (see steps.data.prepare)."""
+
 from __future__ import annotations
 
 from steps.data.prepare import main

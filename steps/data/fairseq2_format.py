@@ -2,6 +2,7 @@
 
 ``render_llama3_prompt`` / ``sft_row`` / ``preference_row`` write them; ``parse_src`` maps a ``src`` back to messages.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,11 +49,12 @@ def parse_src(src: str) -> tuple[list[ChatMessage], str]:
     """
     if not any(token in src for token in LLAMA3_SPECIAL):
         return [{"role": "user", "content": src}], "plain"
-    body = src[len(LLAMA3_BEGIN):] if src.startswith(LLAMA3_BEGIN) else src
+    body = src[len(LLAMA3_BEGIN) :] if src.startswith(LLAMA3_BEGIN) else src
     if not body.endswith(LLAMA3_ASSISTANT_HEADER):
-        raise SrcFormatError("src has Llama-3 header tokens but does not end with the open assistant header "
-                             f"{LLAMA3_ASSISTANT_HEADER!r}")
-    body = body[:-len(LLAMA3_ASSISTANT_HEADER)]
+        raise SrcFormatError(
+            f"src has Llama-3 header tokens but does not end with the open assistant header {LLAMA3_ASSISTANT_HEADER!r}"
+        )
+    body = body[: -len(LLAMA3_ASSISTANT_HEADER)]
     segments = body.split("<|eot_id|>")
     if segments[-1] != "":
         raise SrcFormatError(f"text after the last <|eot_id|> and before the assistant header: {segments[-1][:60]!r}")
@@ -60,8 +62,10 @@ def parse_src(src: str) -> tuple[list[ChatMessage], str]:
     for segment in segments[:-1]:
         match = _TURN.fullmatch(segment)
         if not match or match.group(1) not in PROMPT_ROLES or any(t in match.group(2) for t in LLAMA3_SPECIAL):
-            raise SrcFormatError(f"not a '<|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>' turn "
-                                 f"(ROLE one of {PROMPT_ROLES}): {segment[:80]!r}")
+            raise SrcFormatError(
+                f"not a '<|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>' turn "
+                f"(ROLE one of {PROMPT_ROLES}): {segment[:80]!r}"
+            )
         messages.append({"role": match.group(1), "content": match.group(2)})
     if not messages:
         raise SrcFormatError("src holds only the assistant header: no prompt turns")

@@ -2,6 +2,7 @@
 
 Bad lines never stop a read: each is counted with its line number and reason (:class:`MalformedLines`).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,9 @@ class MalformedLines:
     def add(self, lineno: int, error: str, where: str | None = None) -> None:
         self.count += 1
         if len(self.examples) < MAX_LISTED_PROBLEMS:
-            self.examples.append({"line": lineno, "error": error} if where is None
-                                 else {"file": where, "line": lineno, "error": error})
+            self.examples.append(
+                {"line": lineno, "error": error} if where is None else {"file": where, "line": lineno, "error": error}
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {"count": self.count, "examples": self.examples}

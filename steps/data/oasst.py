@@ -2,6 +2,7 @@
 
 ``prepare_oasst`` streams the input into a tree index, then writes every output file (layout in its docstring).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,15 @@ __all__ = [
 ]
 
 SPLITS = ("train", "dev")
-RANK_COUNTS = ("ranked_groups", "ranked_groups_with_gaps", "ranked_groups_with_ties", "ranked_groups_without_rank0",
-               "ranked_groups_all_tied", "unranked_replies", "unranked_beside_ranked")
+RANK_COUNTS = (
+    "ranked_groups",
+    "ranked_groups_with_gaps",
+    "ranked_groups_with_ties",
+    "ranked_groups_without_rank0",
+    "ranked_groups_all_tied",
+    "unranked_replies",
+    "unranked_beside_ranked",
+)
 
 
 @dataclass
@@ -76,8 +84,9 @@ def write_split_files(output_dir: Path, spools: dict[str, RoutedSpool], side_of:
     paths: dict[str, Path] = {}
     sizes: dict[str, dict[str, int]] = {}
     for kind, spool in spools.items():
-        targets = [{name: output_dir / prefix / f"{kind}.{name}.jsonl" for name in SPLITS}
-                   for prefix in ("", "fairseq2")]
+        targets = [
+            {name: output_dir / prefix / f"{kind}.{name}.jsonl" for name in SPLITS} for prefix in ("", "fairseq2")
+        ]
         sizes[kind] = spool.route(side_of, targets)
         for name in SPLITS:
             paths[f"{kind}.{name}"] = targets[0][name]
@@ -136,16 +145,36 @@ def prepare_oasst(
     spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
     try:
         with read_oasst(input, split=split) as index:
-            return _prepare(index, Path(output_dir), filters, spools, pair_strategy=pair_strategy, sft_rank=sft_rank,
-                            dev_fraction=dev_fraction, seed=seed, max_trees=max_trees, split=split)
+            return _prepare(
+                index,
+                Path(output_dir),
+                filters,
+                spools,
+                pair_strategy=pair_strategy,
+                sft_rank=sft_rank,
+                dev_fraction=dev_fraction,
+                seed=seed,
+                max_trees=max_trees,
+                split=split,
+            )
     finally:
         for spool in spools.values():
             spool.close()
 
 
-def _prepare(index: MessageIndex, output_dir: Path, filters: MessageFilters, spools: dict[str, RoutedSpool], *,
-             pair_strategy: str, sft_rank: int | None, dev_fraction: float, seed: int, max_trees: int | None,
-             split: str) -> PreparedData:
+def _prepare(
+    index: MessageIndex,
+    output_dir: Path,
+    filters: MessageFilters,
+    spools: dict[str, RoutedSpool],
+    *,
+    pair_strategy: str,
+    sft_rank: int | None,
+    dev_fraction: float,
+    seed: int,
+    max_trees: int | None,
+    split: str,
+) -> PreparedData:
     forest = build_forest(index, filters, max_trees=max_trees, seed=seed)
     counts: Counter = Counter()
     pair_counts = Counter(dict.fromkeys(PAIR_STRATEGIES, 0))
@@ -171,8 +200,9 @@ def _prepare(index: MessageIndex, output_dir: Path, filters: MessageFilters, spo
             f"dropped per reason: {dropped}. Widen the filters (e.g. --lang all, --tree-state all) or check the file."
         )
     if not n_sft or not n_pairs:
-        logger.warning("%s: %d SFT examples, %d %s pairs: one of the outputs is empty",
-                       index.source, n_sft, n_pairs, pair_strategy)
+        logger.warning(
+            "%s: %d SFT examples, %d %s pairs: one of the outputs is empty", index.source, n_sft, n_pairs, pair_strategy
+        )
 
     tree_split = split_trees(usable_trees, dev_fraction=dev_fraction, seed=seed)
     dev_roots = {p for p, root in enumerate(forest.roots) if forest.tree_id[root] in tree_split.dev}
@@ -211,8 +241,13 @@ def _prepare(index: MessageIndex, output_dir: Path, filters: MessageFilters, spo
     paths["stats"] = write_json(output_dir / "stats.json", stats)
     logger.info(
         "%s -> %s: %d SFT examples, %d %s pairs (train/dev trees %d/%d)",
-        index.source, output_dir, n_sft, n_pairs, pair_strategy,
-        split_sizes["trees"]["train"], split_sizes["trees"]["dev"],
+        index.source,
+        output_dir,
+        n_sft,
+        n_pairs,
+        pair_strategy,
+        split_sizes["trees"]["train"],
+        split_sizes["trees"]["dev"],
     )
     return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
 
@@ -241,22 +276,36 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="python -m steps.data.oasst",
         description="Prepare OpenAssistant SFT examples and preference pairs (chat JSONL + fairseq2 JSONL).",
     )
-    parser.add_argument("--input", required=True,
-                        help="Hub dataset id (e.g. OpenAssistant/oasst2), a parquet/JSONL(.gz)/trees.jsonl(.gz) "
-                             "file, or 'embedded'")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="Hub dataset id (e.g. OpenAssistant/oasst2), a parquet/JSONL(.gz)/trees.jsonl(.gz) file, or 'embedded'",
+    )
     parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--lang", action="append", metavar="LANG",
-                        help="language(s) to keep; repeatable or comma list; 'all' keeps every language "
-                             "(default: en)")
+    parser.add_argument(
+        "--lang",
+        action="append",
+        metavar="LANG",
+        help="language(s) to keep; repeatable or comma list; 'all' keeps every language (default: en)",
+    )
     parser.add_argument("--pairs", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write")
-    parser.add_argument("--sft-rank", default=0, type=_sft_rank_arg,
-                        help="rank of replies used for SFT, or 'all' (default 0)")
-    parser.add_argument("--tree-state", action="append", metavar="STATE",
-                        help="tree states to keep; repeatable or comma list; 'all' (default: ready_for_export)")
+    parser.add_argument(
+        "--sft-rank", default=0, type=_sft_rank_arg, help="rank of replies used for SFT, or 'all' (default 0)"
+    )
+    parser.add_argument(
+        "--tree-state",
+        action="append",
+        metavar="STATE",
+        help="tree states to keep; repeatable or comma list; 'all' (default: ready_for_export)",
+    )
     parser.add_argument("--include-synthetic", action="store_true")
     parser.add_argument("--include-deleted", action="store_true")
-    parser.add_argument("--no-require-review", dest="require_review", action="store_false",
-                        help="keep messages whose review_result is not true")
+    parser.add_argument(
+        "--no-require-review",
+        dest="require_review",
+        action="store_false",
+        help="keep messages whose review_result is not true",
+    )
     parser.add_argument("--dev-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=333)
     parser.add_argument("--max-trees", type=int, default=None)
@@ -277,9 +326,10 @@ def format_summary(prepared: PreparedData) -> str:
             f"trees: read {s['trees']['read']}, kept {s['trees']['kept']}, usable {s['trees']['usable']} "
             f"(train {sizes['trees']['train']}, dev {sizes['trees']['dev']})",
             f"sft examples: {s['sft_examples']} (train {sizes['sft']['train']}, dev {sizes['sft']['dev']})",
-            "pairs: " + ", ".join(f"{k}={v}" for k, v in s["pairs"].items())
+            "pairs: "
+            + ", ".join(f"{k}={v}" for k, v in s["pairs"].items())
             + f"; written {s['settings']['pair_strategy']} (train {sizes['preference']['train']}, "
-              f"dev {sizes['preference']['dev']})",
+            f"dev {sizes['preference']['dev']})",
             f"output: {prepared.output_dir} (stats.json has every count)",
         ]
     )

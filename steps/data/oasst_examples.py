@@ -2,6 +2,7 @@
 
 The rules (history, ranks, strategies, de-duplication) are in :func:`iter_examples`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,9 @@ def _rank_counts(counts: Counter, ranked: list[_Node]) -> None:
         counts["ranked_groups_all_tied"] += 1
 
 
-def iter_examples(forest: ConversationForest, counts: Counter, *, sft_rank: int | None = 0
-                  ) -> Iterator[tuple[str, int, SftExample | PreferencePair]]:
+def iter_examples(
+    forest: ConversationForest, counts: Counter, *, sft_rank: int | None = 0
+) -> Iterator[tuple[str, int, SftExample | PreferencePair]]:
     """``("sft", root position, example)`` and ``(strategy, root position, pair)`` in walk order.
 
     Walk order: trees by id, depth first, replies by rank (unranked last) then date then id. Every example's
@@ -129,11 +131,13 @@ def iter_examples(forest: ConversationForest, counts: Counter, *, sft_rank: int 
     for position, root in enumerate(roots):
         tree_id = forest.tree_id[root]
         records = index.read_records(forest.members(root))
-        nodes = {i: _Node(i, index.ids[i], index.role[i], index.rank[i], date, text)
-                 for i, (date, text) in records.items()}
+        nodes = {
+            i: _Node(i, index.ids[i], index.role[i], index.rank[i], date, text) for i, (date, text) in records.items()
+        }
         # (node, chat history above it, history alternates?, digest state of the history)
-        stack: list[tuple[_Node, list[ChatMessage], bool, Any]] = [(nodes[root], [], True, hashlib.blake2b(
-            digest_size=16))]
+        stack: list[tuple[_Node, list[ChatMessage], bool, Any]] = [
+            (nodes[root], [], True, hashlib.blake2b(digest_size=16))
+        ]
         while stack:
             node, history, alternating, history_hash = stack.pop()
             role = _CHAT_ROLE_OF_CODE[node.role]
@@ -157,15 +161,24 @@ def iter_examples(forest: ConversationForest, counts: Counter, *, sft_rank: int 
 
             replies = [nodes[c] for c in forest.children(node.index)]
             if node.role == 1:
-                yield from _group_pairs(node, replies, path, path_alternating, path_hash, tree_id, position,
-                                        seen_pairs, counts)
+                yield from _group_pairs(
+                    node, replies, path, path_alternating, path_hash, tree_id, position, seen_pairs, counts
+                )
             for reply in sorted(replies, key=_Node.order, reverse=True):
                 stack.append((reply, path, path_alternating, path_hash))
 
 
-def _group_pairs(node: _Node, replies: list[_Node], path: list[ChatMessage], alternating: bool, path_hash: Any,
-                 tree_id: str, position: int, seen: dict[str, set[bytes]], counts: Counter
-                 ) -> Iterator[tuple[str, int, PreferencePair]]:
+def _group_pairs(
+    node: _Node,
+    replies: list[_Node],
+    path: list[ChatMessage],
+    alternating: bool,
+    path_hash: Any,
+    tree_id: str,
+    position: int,
+    seen: dict[str, set[bytes]],
+    counts: Counter,
+) -> Iterator[tuple[str, int, PreferencePair]]:
     """Pairs among the assistant replies to one prompter message, for every strategy."""
     assistant_replies = [m for m in replies if m.role == 2]
     ranked = [m for m in assistant_replies if m.rank is not None]
@@ -191,6 +204,16 @@ def _group_pairs(node: _Node, replies: list[_Node], path: list[ChatMessage], alt
                 counts[f"duplicate_pairs_removed.{strategy}"] += 1
                 continue
             seen[strategy].add(digest)
-            yield strategy, position, PreferencePair(
-                id=f"{chosen.message_id}>{rejected.message_id}", tree_id=tree_id, prompt=path, chosen=chosen.text,
-                rejected=rejected.text, chosen_rank=chosen.rank, rejected_rank=rejected.rank)
+            yield (
+                strategy,
+                position,
+                PreferencePair(
+                    id=f"{chosen.message_id}>{rejected.message_id}",
+                    tree_id=tree_id,
+                    prompt=path,
+                    chosen=chosen.text,
+                    rejected=rejected.text,
+                    chosen_rank=chosen.rank,
+                    rejected_rank=rejected.rank,
+                ),
+            )

@@ -2,6 +2,7 @@
 
 Memory grows with the number of messages (ids, parents, ranks, offsets), never with the text they hold.
 """
+
 from __future__ import annotations
 
 import os
@@ -91,8 +92,9 @@ class MessageIndex:
     def _note(self, reason: str, message: OasstMessage, detail: str | None) -> None:
         self.dropped[reason] += 1
         if len(self.problem_examples) < MAX_LISTED_PROBLEMS:
-            self.problem_examples.append({"reason": reason, "where": message.location,
-                                          "message_id": message.message_id, "detail": detail})
+            self.problem_examples.append(
+                {"reason": reason, "where": message.location, "message_id": message.message_id, "detail": detail}
+            )
 
     def add(self, message: OasstMessage, number: int) -> None:
         """Fold one parsed message in; ``number`` is its line (or row) number."""
@@ -138,8 +140,11 @@ class MessageIndex:
         self.rank.append(message.rank)
         self.lang.append(self._code(message.lang))
         self.tree_state.append(self._code(message.tree_state))
-        self.flags.append((DELETED if message.deleted else 0) | (SYNTHETIC if message.synthetic else 0)
-                          | (REVIEWED if message.review_result is True else 0))
+        self.flags.append(
+            (DELETED if message.deleted else 0)
+            | (SYNTHETIC if message.synthetic else 0)
+            | (REVIEWED if message.review_result is True else 0)
+        )
         self.read_drop.append(drop)
         self.number.append(number)
         if drop:
@@ -184,7 +189,7 @@ class MessageIndex:
             for i in order[start:end]:
                 at = self.offset[i] - first
                 split = at + self.date_len[i]
-                out[i] = (block[at:split].decode("utf-8"), block[split:split + self.text_len[i]].decode("utf-8"))
+                out[i] = (block[at:split].decode("utf-8"), block[split : split + self.text_len[i]].decode("utf-8"))
             start = end
         return out
 

@@ -2,6 +2,7 @@
 
 Only ids, parents, ranks and filter fields stay in memory; texts go to a spool file (``oasst_index``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -208,8 +209,15 @@ class _Reader:
         stack: list[tuple[dict[str, Any], int | None]] = [(prompt, None)]
         while stack:
             node, parent_index = stack.pop()
-            message = parse_message(node, index=len(index), location=location, parent_index=parent_index,
-                                    tree_state=tree_state, message_tree_id=tree_id, structural=True)
+            message = parse_message(
+                node,
+                index=len(index),
+                location=location,
+                parent_index=parent_index,
+                tree_state=tree_state,
+                message_tree_id=tree_id,
+                structural=True,
+            )
             replies = node.get("replies")
             if replies is not None and not isinstance(replies, list):
                 message.problem = message.problem or "invalid_field"
@@ -275,8 +283,14 @@ def read_local_file(path: Path) -> MessageIndex:
             reader.index.close()
             raise OasstDataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     index = reader.index.finish()
-    logger.info("%s: read %d messages in %d trees (%s format), %d malformed lines",
-                path, len(index), index.trees_read, index.format, index.malformed.count)
+    logger.info(
+        "%s: read %d messages in %d trees (%s format), %d malformed lines",
+        path,
+        len(index),
+        index.trees_read,
+        index.format,
+        index.malformed.count,
+    )
     return index
 
 

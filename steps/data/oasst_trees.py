@@ -2,6 +2,7 @@
 
 Every message read is kept or dropped for exactly one reason (``build_forest`` lists the order).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,7 +85,7 @@ class ConversationForest:
     problem_examples: list[dict[str, Any]] = field(default_factory=list)
 
     def children(self, i: int) -> array:
-        return self.child[self.start[i]:self.start[i + 1]]
+        return self.child[self.start[i] : self.start[i + 1]]
 
     def members(self, root: int) -> list[int]:
         """Every message of the tree under ``root``."""
@@ -115,7 +116,7 @@ def _cycle_members(parent: array, reason: bytearray) -> list[int]:
             path.append(node)
             node = parent[node]
         if node >= 0 and not reason[node] and state[node] == 1:  # walked back into this very path
-            members.extend(path[path.index(node):])
+            members.extend(path[path.index(node) :])
         for visited in path:
             state[visited] = 2
     return sorted(members)
@@ -146,8 +147,9 @@ def _disconnected(parent: array, reason: bytearray) -> bytearray:
     return state
 
 
-def build_forest(index: MessageIndex, filters: MessageFilters, *, max_trees: int | None = None,
-                 seed: int = 333) -> ConversationForest:
+def build_forest(
+    index: MessageIndex, filters: MessageFilters, *, max_trees: int | None = None, seed: int = 333
+) -> ConversationForest:
     """Apply the drop rules, first match counted, and link what survives into conversation trees.
 
     1. ``missing_key`` / ``invalid_field``: the message itself is unusable (``oasst_read.parse_message``);
@@ -213,6 +215,11 @@ def build_forest(index: MessageIndex, filters: MessageFilters, *, max_trees: int
         roots = ordered[:max_trees]
     forest.roots = sorted(roots, key=lambda r: tree_id[r])
     forest.kept = n - sum(dropped.values())
-    logger.info("kept %d of %d messages in %d trees; dropped %s", forest.kept, n, len(forest.roots),
-                dict(sorted(dropped.items())))
+    logger.info(
+        "kept %d of %d messages in %d trees; dropped %s",
+        forest.kept,
+        n,
+        len(forest.roots),
+        dict(sorted(dropped.items())),
+    )
     return forest

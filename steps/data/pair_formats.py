@@ -2,6 +2,7 @@
 
 Readers return a PairRecord (SftRecord for fairseq2 instruction rows) or raise BadRow with a counted reason.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,10 +50,15 @@ def _messages(value: Any, key: str) -> list[ChatMessage]:
         raise BadRow("invalid_field", f"{key} must be a non-empty list of {{'role', 'content'}} messages")
     out = []
     for position, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in PROMPT_ROLES \
-                or not isinstance(message.get("content"), str):
-            raise BadRow("invalid_message", f"{key}[{position}] must be {{'role': one of {PROMPT_ROLES}, "
-                                            f"'content': str}}, got {message!r:.80}")
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in PROMPT_ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise BadRow(
+                "invalid_message",
+                f"{key}[{position}] must be {{'role': one of {PROMPT_ROLES}, 'content': str}}, got {message!r:.80}",
+            )
         out.append({"role": message["role"], "content": message["content"]})
     return out
 
@@ -61,8 +67,9 @@ def _check_prompt(prompt: list[ChatMessage]) -> list[ChatMessage]:
     if not prompt:
         raise BadRow("no_common_prompt", "chosen and rejected share no prompt")
     if prompt[-1]["role"] != "user":
-        raise BadRow("prompt_not_ending_with_user", f"the prompt must end with a user message, not "
-                                                    f"{prompt[-1]['role']!r}")
+        raise BadRow(
+            "prompt_not_ending_with_user", f"the prompt must end with a user message, not {prompt[-1]['role']!r}"
+        )
     if not prompt[-1]["content"].strip():
         raise BadRow("empty_prompt", "the last user message is empty")
     return prompt
@@ -78,8 +85,10 @@ def _string(row: dict[str, Any], key: str) -> str:
 
 def _one_assistant(messages: list[ChatMessage], key: str) -> str:
     if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise BadRow("multi_turn_completion", f"{key} must be exactly one assistant message after the prompt, got "
-                                              f"{[m['role'] for m in messages]}")
+        raise BadRow(
+            "multi_turn_completion",
+            f"{key} must be exactly one assistant message after the prompt, got {[m['role'] for m in messages]}",
+        )
     return messages[0]["content"]
 
 
@@ -126,8 +135,10 @@ def _split_common_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
     cut = next((c for c in range(common, 0, -1) if boundary(chosen, c) and boundary(rejected, c)), 0)
     if not chosen[:cut].strip():
-        raise BadRow("no_common_prompt", "chosen and rejected share no prompt text (implicit-prompt rows must start "
-                                         "with the same prompt)")
+        raise BadRow(
+            "no_common_prompt",
+            "chosen and rejected share no prompt text (implicit-prompt rows must start with the same prompt)",
+        )
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
@@ -148,8 +159,9 @@ def read_preference(row: dict[str, Any]) -> PairRecord:
     if isinstance(chosen, str):
         if prompt is None:
             text, c, r = _split_common_text(chosen, rejected)
-            return PairRecord(_check_prompt([{"role": "user", "content": text}]), c, r,
-                              layout="standard_implicit_prompt")
+            return PairRecord(
+                _check_prompt([{"role": "user", "content": text}]), c, r, layout="standard_implicit_prompt"
+            )
         layout = "standard" if isinstance(prompt, str) else "conversational_prompt_string_completions"
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
         return PairRecord(_check_prompt(messages), chosen, rejected, layout=layout)
@@ -160,11 +172,19 @@ def read_preference(row: dict[str, Any]) -> PairRecord:
             if a != b:
                 break
             common += 1
-        return PairRecord(_check_prompt(chosen_m[:common]), _one_assistant(chosen_m[common:], "chosen"),
-                          _one_assistant(rejected_m[common:], "rejected"), layout="conversational_implicit_prompt")
+        return PairRecord(
+            _check_prompt(chosen_m[:common]),
+            _one_assistant(chosen_m[common:], "chosen"),
+            _one_assistant(rejected_m[common:], "rejected"),
+            layout="conversational_implicit_prompt",
+        )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
-    return PairRecord(_check_prompt(messages), _one_assistant(chosen_m, "chosen"),
-                      _one_assistant(rejected_m, "rejected"), layout="conversational")
+    return PairRecord(
+        _check_prompt(messages),
+        _one_assistant(chosen_m, "chosen"),
+        _one_assistant(rejected_m, "rejected"),
+        layout="conversational",
+    )
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -176,17 +196,22 @@ def hh_turns(transcript: str) -> list[ChatMessage]:
     text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise BadRow("unparsable_transcript", f"not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript: "
-                                              f"{transcript[:60]!r}")
-    return [{"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1]}
-            for i in range(1, len(parts) - 1, 2)]
+        raise BadRow(
+            "unparsable_transcript", f"not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript: {transcript[:60]!r}"
+        )
+    return [
+        {"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1]}
+        for i in range(1, len(parts) - 1, 2)
+    ]
 
 
 def _last_turns_are_assistant(chosen: list[ChatMessage], rejected: list[ChatMessage]) -> None:
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":
-            raise BadRow("last_turn_not_assistant", f"{key} must end with the assistant's reply, not a "
-                                                    f"{messages[-1]['role']!r} turn")
+            raise BadRow(
+                "last_turn_not_assistant",
+                f"{key} must end with the assistant's reply, not a {messages[-1]['role']!r} turn",
+            )
 
 
 def read_hh_rlhf(row: dict[str, Any]) -> PairRecord:
@@ -195,8 +220,12 @@ def read_hh_rlhf(row: dict[str, Any]) -> PairRecord:
     _last_turns_are_assistant(chosen, rejected)
     if chosen[:-1] != rejected[:-1]:
         raise BadRow("prompt_mismatch", "chosen and rejected transcripts differ before their last turn")
-    return PairRecord(_check_prompt(chosen[:-1]), _one_assistant(chosen[-1:], "chosen"),
-                      _one_assistant(rejected[-1:], "rejected"), layout="hh_rlhf")
+    return PairRecord(
+        _check_prompt(chosen[:-1]),
+        _one_assistant(chosen[-1:], "chosen"),
+        _one_assistant(rejected[-1:], "rejected"),
+        layout="hh_rlhf",
+    )
 
 
 def read_ultrafeedback(row: dict[str, Any]) -> PairRecord:
@@ -204,8 +233,12 @@ def read_ultrafeedback(row: dict[str, Any]) -> PairRecord:
     and ``score_chosen`` / ``score_rejected`` (kept in the pair rows); string completions are read as standard."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if isinstance(chosen, str) and isinstance(rejected, str):
-        record = PairRecord(_check_prompt([{"role": "user", "content": _string(row, "prompt")}]), chosen, rejected,
-                            layout="ultrafeedback_strings")
+        record = PairRecord(
+            _check_prompt([{"role": "user", "content": _string(row, "prompt")}]),
+            chosen,
+            rejected,
+            layout="ultrafeedback_strings",
+        )
     else:
         if chosen is None or rejected is None:
             raise BadRow("missing_field", f"missing {'chosen' if chosen is None else 'rejected'}")
@@ -213,8 +246,12 @@ def read_ultrafeedback(row: dict[str, Any]) -> PairRecord:
         _last_turns_are_assistant(chosen_m, rejected_m)
         if chosen_m[:-1] != rejected_m[:-1]:
             raise BadRow("prompt_mismatch", "chosen and rejected conversations differ before their last message")
-        record = PairRecord(_check_prompt(chosen_m[:-1]), _one_assistant(chosen_m[-1:], "chosen"),
-                            _one_assistant(rejected_m[-1:], "rejected"), layout="ultrafeedback")
+        record = PairRecord(
+            _check_prompt(chosen_m[:-1]),
+            _one_assistant(chosen_m[-1:], "chosen"),
+            _one_assistant(rejected_m[-1:], "rejected"),
+            layout="ultrafeedback",
+        )
     record.group = _row_id(row, "prompt_id")
     return record
 
@@ -229,8 +266,12 @@ def read_fairseq2(row: dict[str, Any]) -> PairRecord | SftRecord:
     except ValueError as exc:
         raise BadRow(getattr(exc, "reason", "unparsable_src"), str(exc)) from None
     if "tgt_chosen" in row or "tgt_rejected" in row:
-        return PairRecord(_check_prompt(prompt), _string(row, "tgt_chosen"), _string(row, "tgt_rejected"),
-                          layout=f"generic_preference/{layout}")
+        return PairRecord(
+            _check_prompt(prompt),
+            _string(row, "tgt_chosen"),
+            _string(row, "tgt_rejected"),
+            layout=f"generic_preference/{layout}",
+        )
     if "tgt" in row:
         return SftRecord(_check_prompt(prompt), _string(row, "tgt"), layout=f"generic_instruction/{layout}")
     raise BadRow("missing_field", "neither tgt_chosen/tgt_rejected (generic_preference) nor tgt (generic_instruction)")

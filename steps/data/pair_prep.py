@@ -2,6 +2,7 @@
 
 One streaming pass: rows are checked, de-duplicated and spooled; the seeded split by prompt then routes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,23 @@ logger = logging.getLogger(__name__)
 
 PAIR_FORMATS = tuple(READERS)
 BAD_ROW_REASONS = (
-    "missing_field", "invalid_field", "invalid_message", "no_common_prompt", "prompt_not_ending_with_user",
-    "empty_prompt", "multi_turn_completion", "last_turn_not_assistant", "unparsable_transcript", "prompt_mismatch",
-    "unparsable_src", "empty_response", "identical_responses", "incomplete_reference_score",
-    "invalid_reference_score", "duplicate_pair", "duplicate_id",
+    "missing_field",
+    "invalid_field",
+    "invalid_message",
+    "no_common_prompt",
+    "prompt_not_ending_with_user",
+    "empty_prompt",
+    "multi_turn_completion",
+    "last_turn_not_assistant",
+    "unparsable_transcript",
+    "prompt_mismatch",
+    "unparsable_src",
+    "empty_response",
+    "identical_responses",
+    "incomplete_reference_score",
+    "invalid_reference_score",
+    "duplicate_pair",
+    "duplicate_id",
 )
 DEFAULT_SPLIT = {"ultrafeedback": "train_prefs"}
 """Hub split read when none is given (UltraFeedback binarized has ``train_prefs`` / ``test_prefs``, no ``train``)."""
@@ -80,8 +94,13 @@ class _Collector:
         self.layouts: Counter = Counter()
         self.groups: dict[str, int] = {}
         self.spools = {"preference": RoutedSpool(), "derived_sft": RoutedSpool(), "instruction_sft": RoutedSpool()}
-        self.seen: dict[str, set] = {"pair": set(), "derived_sft": set(), "instruction_sft": set(),
-                                     "pair_id": set(), "sft_id": set()}
+        self.seen: dict[str, set] = {
+            "pair": set(),
+            "derived_sft": set(),
+            "instruction_sft": set(),
+            "pair_id": set(),
+            "sft_id": set(),
+        }
         self.with_reference = 0
         self.sft_duplicates = 0
 
@@ -122,8 +141,16 @@ class _Collector:
         self.seen["pair_id"].add(pair_id)
         group = record.group or f"prompt-{prompt_hash.hexdigest()[:16]}"
         position = self._position(group)
-        pair = _Pair(pair_id, group, record.prompt, record.chosen, record.rejected, record.extra,
-                     record.extra.get(REFERENCE_KEYS[0]), record.extra.get(REFERENCE_KEYS[1]))
+        pair = _Pair(
+            pair_id,
+            group,
+            record.prompt,
+            record.chosen,
+            record.rejected,
+            record.extra,
+            record.extra.get(REFERENCE_KEYS[0]),
+            record.extra.get(REFERENCE_KEYS[1]),
+        )
         self.with_reference += pair.reference_score_chosen is not None
         chat = pair_row(pair.id, "prompt_id", group, pair.prompt, pair.chosen, pair.rejected, **pair.extra)
         self.spools["preference"].add(position, dumps_line(chat), dumps_line(preference_row(pair)))
@@ -133,8 +160,9 @@ class _Collector:
         sft_digest = sft_key.digest()
         if sft_digest not in self.seen["derived_sft"]:
             self.seen["derived_sft"].add(sft_digest)
-            self._spool_sft("derived_sft", position, _Sft(f"sft-{sft_digest.hex()[:16]}", group, record.prompt,
-                                                          record.chosen))
+            self._spool_sft(
+                "derived_sft", position, _Sft(f"sft-{sft_digest.hex()[:16]}", group, record.prompt, record.chosen)
+            )
 
     def _add_instruction(self, where: str, record: SftRecord) -> None:
         prompt_hash = _prompt_hash(record.prompt)
@@ -162,8 +190,15 @@ class _Collector:
             spool.close()
 
 
-def prepare_pairs(input: str, output_dir: str | Path, *, format: str = "preference", split: str | None = None,
-                  dev_fraction: float = 0.1, seed: int = 333) -> PreparedData:
+def prepare_pairs(
+    input: str,
+    output_dir: str | Path,
+    *,
+    format: str = "preference",
+    split: str | None = None,
+    dev_fraction: float = 0.1,
+    seed: int = 333,
+) -> PreparedData:
     """Read ``input`` (file, directory, MANIFEST directory or Hub id) in ``format`` and write the same files as
     ``prepare_oasst``: ``sft.*`` / ``preference.*`` (TRL conversational), ``fairseq2/...`` and ``stats.json``.
 
@@ -184,14 +219,31 @@ def prepare_pairs(input: str, output_dir: str | Path, *, format: str = "preferen
     try:
         for where, raw in iter_rows(source, malformed, split):
             collector.add(where, raw)
-        return _write(collector, source, malformed, Path(output_dir), format=format, split=split,
-                      dev_fraction=dev_fraction, seed=seed)
+        return _write(
+            collector,
+            source,
+            malformed,
+            Path(output_dir),
+            format=format,
+            split=split,
+            dev_fraction=dev_fraction,
+            seed=seed,
+        )
     finally:
         collector.close()
 
 
-def _write(c: _Collector, source: Any, malformed: MalformedLines, output_dir: Path, *, format: str, split: str,
-           dev_fraction: float, seed: int) -> PreparedData:
+def _write(
+    c: _Collector,
+    source: Any,
+    malformed: MalformedLines,
+    output_dir: Path,
+    *,
+    format: str,
+    split: str,
+    dev_fraction: float,
+    seed: int,
+) -> PreparedData:
     pairs = c.spools["preference"]
     instruction = len(c.spools["instruction_sft"]) > 0
     sft = c.spools["instruction_sft" if instruction else "derived_sft"]
@@ -205,12 +257,18 @@ def _write(c: _Collector, source: Any, malformed: MalformedLines, output_dir: Pa
     if not len(pairs):
         logger.warning("%s: %d SFT examples but no preference pairs", source.spec, len(sft))
     if 0 < c.with_reference < len(pairs):
-        logger.warning("%s: %d of %d pairs carry reference scores; the trainer uses them only when every pair has "
-                       "them, so it will compute reference log-probs", source.spec, c.with_reference, len(pairs))
+        logger.warning(
+            "%s: %d of %d pairs carry reference scores; the trainer uses them only when every pair has "
+            "them, so it will compute reference log-probs",
+            source.spec,
+            c.with_reference,
+            len(pairs),
+        )
     tree_split = split_trees(c.groups, dev_fraction=dev_fraction, seed=seed)
     dev_positions = {c.groups[g] for g in tree_split.dev}
-    paths, sizes = write_split_files(output_dir, {"sft": sft, "preference": pairs},
-                                     lambda p: "dev" if p in dev_positions else "train")
+    paths, sizes = write_split_files(
+        output_dir, {"sft": sft, "preference": pairs}, lambda p: "dev" if p in dev_positions else "train"
+    )
     rows_kept = len(pairs) + (len(sft) if instruction else 0)
     stats: dict[str, Any] = {
         "input": source.spec,
@@ -232,6 +290,14 @@ def _write(c: _Collector, source: Any, malformed: MalformedLines, output_dir: Pa
         "outputs": {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {"stats": "stats.json"},
     }
     paths["stats"] = write_json(output_dir / "stats.json", stats)
-    logger.info("%s (%s) -> %s: %d rows read, %d pairs, %d SFT examples, %d dropped", source.spec, format,
-                output_dir, c.rows_read, len(pairs), len(sft), sum(c.dropped.values()))
+    logger.info(
+        "%s (%s) -> %s: %d rows read, %d pairs, %d SFT examples, %d dropped",
+        source.spec,
+        format,
+        output_dir,
+        c.rows_read,
+        len(pairs),
+        len(sft),
+        sum(c.dropped.values()),
+    )
     return PreparedData(output_dir=output_dir, paths=paths, stats=stats)

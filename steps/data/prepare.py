@@ -2,6 +2,7 @@
 
 CLI: ``python -m steps.data --format hh_rlhf --input FILE --output-dir DIR`` (``--help`` for the rest).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,28 +66,41 @@ def prepare_data(section: Any, out_dir: str | Path) -> PreparedData:
     if fmt == "oasst":
         langs, tree_states = _get(section, "langs", ["en"]), _get(section, "tree_states", ["ready_for_export"])
         return prepare_oasst(
-            source, out_dir, langs=_as_tuple(langs), pair_strategy=_get(section, "pair_strategy", "best_vs_rest"),
-            sft_rank=_get(section, "sft_rank", 0), tree_states=_as_tuple(tree_states),
+            source,
+            out_dir,
+            langs=_as_tuple(langs),
+            pair_strategy=_get(section, "pair_strategy", "best_vs_rest"),
+            sft_rank=_get(section, "sft_rank", 0),
+            tree_states=_as_tuple(tree_states),
             include_synthetic=bool(_get(section, "include_synthetic", False)),
             include_deleted=bool(_get(section, "include_deleted", False)),
-            require_review=bool(_get(section, "require_review", True)), dev_fraction=dev_fraction, seed=seed,
-            max_trees=_get(section, "max_trees", None), split=split or "train",
+            require_review=bool(_get(section, "require_review", True)),
+            dev_fraction=dev_fraction,
+            seed=seed,
+            max_trees=_get(section, "max_trees", None),
+            split=split or "train",
         )
     for name, default in OASST_ONLY.items():
         value = _get(section, name, default)
         if (list(value) if isinstance(value, (list, tuple)) else value) != default:
-            raise DataError(f"data.{name} = {value!r} applies to data.format 'oasst' only (format is {fmt!r}); "
-                            f"remove it or set data.format: oasst")
+            raise DataError(
+                f"data.{name} = {value!r} applies to data.format 'oasst' only (format is {fmt!r}); "
+                f"remove it or set data.format: oasst"
+            )
     if source == "embedded":
-        raise DataError(f"data.input 'embedded' is the OpenAssistant sample; data.format {fmt!r} needs a Hub id, "
-                        "a JSONL/Parquet file or a directory")
+        raise DataError(
+            f"data.input 'embedded' is the OpenAssistant sample; data.format {fmt!r} needs a Hub id, "
+            "a JSONL/Parquet file or a directory"
+        )
     return prepare_pairs(source, out_dir, format=fmt, split=split, dev_fraction=dev_fraction, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m steps.data",
-                                     description="Prepare SFT and preference files from any supported data format "
-                                                 "(OpenAssistant options: python -m steps.data.oasst --help).")
+    parser = argparse.ArgumentParser(
+        prog="python -m steps.data",
+        description="Prepare SFT and preference files from any supported data format "
+        "(OpenAssistant options: python -m steps.data.oasst --help).",
+    )
     parser.add_argument("--format", default="oasst", choices=FORMATS)
     parser.add_argument("--input", required=True, help="Hub id, JSONL(.gz)/Parquet file, or directory")
     parser.add_argument("--output-dir", required=True, type=Path)
@@ -95,8 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=333)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    section = {"format": args.format, "input": args.input, "split": args.split, "dev_fraction": args.dev_fraction,
-               "seed": args.seed}
+    section = {
+        "format": args.format,
+        "input": args.input,
+        "split": args.split,
+        "dev_fraction": args.dev_fraction,
+        "seed": args.seed,
+    }
     try:
         prepared = prepare_data(section, args.output_dir)
     except DataError as exc:
@@ -107,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_summary(prepared))
     else:
         dropped = ", ".join(f"{k}={v}" for k, v in stats["dropped"].items() if v) or "none"
-        print(f"input: {stats['input']} ({args.format}); rows read {stats['rows_read']}, kept {stats['rows_kept']}, "
-              f"malformed lines {stats['malformed_lines']['count']}; dropped: {dropped}\n"
-              f"pairs: {stats['pairs']}, sft examples: {stats['sft_examples']}; output: {prepared.output_dir}")
+        print(
+            f"input: {stats['input']} ({args.format}); rows read {stats['rows_read']}, kept {stats['rows_kept']}, "
+            f"malformed lines {stats['malformed_lines']['count']}; dropped: {dropped}\n"
+            f"pairs: {stats['pairs']}, sft examples: {stats['sft_examples']}; output: {prepared.output_dir}"
+        )
     return 0

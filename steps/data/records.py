@@ -2,6 +2,7 @@
 
 Pair rows follow TRL's conversational preference layout; :func:`pair_messages` also reads the older string layout.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,23 +25,36 @@ def _completion_text(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if isinstance(value, str):
         return value
-    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
-            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and value[0].get("role") == "assistant"
+        and isinstance(value[0].get("content"), str)
+    ):
         return value[0]["content"]
-    raise RecordError(f"row {row.get('id', '?')}: {key!r} must be a string or [{{'role': 'assistant', 'content': str}}]"
-                      f", got {value!r:.120}")
+    raise RecordError(
+        f"row {row.get('id', '?')}: {key!r} must be a string or [{{'role': 'assistant', 'content': str}}]"
+        f", got {value!r:.120}"
+    )
 
 
 def _prompt(row: dict[str, Any]) -> list[ChatMessage]:
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise RecordError(f"row {row.get('id', '?')}: 'prompt' must be a non-empty list of {{'role', 'content'}} "
-                      f"messages or a string, got {prompt!r:.120}")
+    raise RecordError(
+        f"row {row.get('id', '?')}: 'prompt' must be a non-empty list of {{'role', 'content'}} "
+        f"messages or a string, got {prompt!r:.120}"
+    )
 
 
 def pair_messages(row: dict[str, Any]) -> tuple[list[ChatMessage], str, str]:
@@ -59,11 +73,18 @@ def sft_messages(row: dict[str, Any]) -> tuple[list[ChatMessage], str]:
     return _prompt(row), _completion_text(row, key)
 
 
-def pair_row(id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessage], chosen: str, rejected: str,
-             **extra: Any) -> dict[str, Any]:
+def pair_row(
+    id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessage], chosen: str, rejected: str, **extra: Any
+) -> dict[str, Any]:
     """A pair row in TRL's conversational layout; ``extra`` (ranks, scores) follows in the order given."""
-    return {"id": id, group_key: group_id, "prompt": list(prompt), "chosen": assistant_turn(chosen),
-            "rejected": assistant_turn(rejected), **extra}
+    return {
+        "id": id,
+        group_key: group_id,
+        "prompt": list(prompt),
+        "chosen": assistant_turn(chosen),
+        "rejected": assistant_turn(rejected),
+        **extra,
+    }
 
 
 def sft_row(id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessage], response: str) -> dict[str, Any]:

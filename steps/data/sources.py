@@ -2,6 +2,7 @@
 
 A directory is read as fairseq2 reads one: the files its ``MANIFEST`` names, else every ``*.jsonl`` under it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,16 +80,22 @@ def resolve(spec: str, *, allow_hub: bool = True) -> SourceFiles:
         if manifest.is_file():
             files, weights = _read_manifest(path, manifest)
             return SourceFiles(spec, files, weights, manifest=manifest)
-        files = sorted({f for pattern in DIRECTORY_PATTERNS for f in path.rglob(pattern) if f.is_file()},
-                       key=lambda f: f.relative_to(path).as_posix())
+        files = sorted(
+            {f for pattern in DIRECTORY_PATTERNS for f in path.rglob(pattern) if f.is_file()},
+            key=lambda f: f.relative_to(path).as_posix(),
+        )
         if not files:
-            raise DataError(f"{path}: directory without a MANIFEST and without any {', '.join(DIRECTORY_PATTERNS)} "
-                            "file; point data.input at a file or a directory of JSONL files")
+            raise DataError(
+                f"{path}: directory without a MANIFEST and without any {', '.join(DIRECTORY_PATTERNS)} "
+                "file; point data.input at a file or a directory of JSONL files"
+            )
         return SourceFiles(spec, files, [1.0] * len(files))
     if allow_hub and looks_like_hub_id(spec):
         return SourceFiles(spec, hub_id=spec)
-    raise InputNotFoundError(f"{spec}: no such file or directory; pass a JSONL(.gz) / Parquet file, a directory "
-                             "of JSONL files (optionally with a fairseq2 MANIFEST), or a Hub dataset id")
+    raise InputNotFoundError(
+        f"{spec}: no such file or directory; pass a JSONL(.gz) / Parquet file, a directory "
+        "of JSONL files (optionally with a fairseq2 MANIFEST), or a Hub dataset id"
+    )
 
 
 def _file_rows(path: Path, malformed: MalformedLines, label: str) -> Iterator[tuple[str, Any]]:
@@ -107,8 +114,10 @@ def _file_rows(path: Path, malformed: MalformedLines, label: str) -> Iterator[tu
             if not line.strip():
                 continue
             if first and is_array_start(line):  # the whole file is one JSON document
-                raise DataError(f"{path}: line {lineno} starts a JSON array; expected JSONL (one JSON object per "
-                                "line), e.g. convert with `jq -c '.[]'`")
+                raise DataError(
+                    f"{path}: line {lineno} starts a JSON array; expected JSONL (one JSON object per "
+                    "line), e.g. convert with `jq -c '.[]'`"
+                )
             first = False
             raw, error = parse_line(line)
             if error is None and not isinstance(raw, dict):
@@ -129,9 +138,11 @@ def iter_rows(source: SourceFiles, malformed: MalformedLines, split: str = "trai
 
             dataset = load_dataset(source.hub_id, split=split)
         except Exception as exc:  # network, offline mode, unknown id, unknown split: all mean "cannot load"
-            raise DataError(f"{source.hub_id}: cannot load Hub dataset split {split!r} ({type(exc).__name__}: "
-                            f"{exc}); check the id and split, unset HF_HUB_OFFLINE if it is not cached, or pass a "
-                            "local file") from exc
+            raise DataError(
+                f"{source.hub_id}: cannot load Hub dataset split {split!r} ({type(exc).__name__}: "
+                f"{exc}); check the id and split, unset HF_HUB_OFFLINE if it is not cached, or pass a "
+                "local file"
+            ) from exc
         number = 0
         for table in dataset.with_format("arrow").iter(batch_size=4096):
             for raw in table.to_pylist():

@@ -2,6 +2,7 @@
 
 Position = SHA-256 of ``"{seed}\\0{tree_id}"``: the split depends on the tree ids and seed, never on input order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -2,6 +2,7 @@
 
 Final files are written like ``steps.io`` writes (temp file in the same directory, fsync, rename), line by line.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ class RoutedSpool:
 
     def __init__(self) -> None:
         # closed by close(); deleted by the OS even if the process dies
-        self.files = (tempfile.TemporaryFile(prefix="prefflow-rows-"),  # noqa: SIM115
-                      tempfile.TemporaryFile(prefix="prefflow-rows-"))  # noqa: SIM115
+        self.files = (
+            tempfile.TemporaryFile(prefix="prefflow-rows-"),  # noqa: SIM115
+            tempfile.TemporaryFile(prefix="prefflow-rows-"),  # noqa: SIM115
+        )
         self.groups = array("q")
 
     def add(self, group: int, *lines: bytes) -> None:

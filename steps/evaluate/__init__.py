@@ -1,5 +1,6 @@
 """AlpacaEval 2 evaluation: generate answers, judge them against reference answers, score WR and LC WR. Every
 result names its judge; the offline default (the embedded 135M model) checks the mechanism only (``weak_judge``)."""
+
 from __future__ import annotations
 
 from steps.evaluate.agreement import judge_agreement, record_agreement, recorded_agreement
@@ -17,9 +18,32 @@ from steps.evaluate.settings import GenerationError, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_JUDGE", "DEFAULT_JUDGE_MAX_CHARS", "DEFAULT_MODEL", "MIN_INSTRUCTIONS_FOR_LC", "OFFICIAL_ANNOTATOR",
-    "AnnotationInputError", "EvalSet", "EvalSetError", "GenerationError", "GenerationSettings", "Judge", "JudgeError",
-    "ServedJudge", "annotate", "evaluate_model", "generate_outputs", "heldout_preference_metrics", "judge_agreement",
-    "judge_cost", "judge_usage", "load_eval_set", "make_judge", "pair_outputs", "paired_comparison",
-    "record_agreement", "recorded_agreement", "reference_outputs_for", "score",
+    "DEFAULT_JUDGE",
+    "DEFAULT_JUDGE_MAX_CHARS",
+    "DEFAULT_MODEL",
+    "MIN_INSTRUCTIONS_FOR_LC",
+    "OFFICIAL_ANNOTATOR",
+    "AnnotationInputError",
+    "EvalSet",
+    "EvalSetError",
+    "GenerationError",
+    "GenerationSettings",
+    "Judge",
+    "JudgeError",
+    "ServedJudge",
+    "annotate",
+    "evaluate_model",
+    "generate_outputs",
+    "heldout_preference_metrics",
+    "judge_agreement",
+    "judge_cost",
+    "judge_usage",
+    "load_eval_set",
+    "make_judge",
+    "pair_outputs",
+    "paired_comparison",
+    "record_agreement",
+    "recorded_agreement",
+    "reference_outputs_for",
+    "score",
 ]

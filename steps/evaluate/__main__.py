@@ -1,13 +1,15 @@
 """Command line: ``python -m steps.evaluate {score,generate,annotate,agreement} ...``; each subcommand prints
 one JSON object on stdout (logs go to stderr)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.evaluate.agreement import judge_agreement, record_agreement, registry_path
 from steps.evaluate.annotate import annotate
@@ -40,34 +42,70 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         order = sources_match and (len(annotations) == ALPACA_EVAL_SIZE or args.subset)
     else:
         order = args.alpaca_eval_order == "yes"
-    result = score(annotations, lc_assets_dir=args.lc_assets, subset=args.subset, alpaca_eval_order=order,
-                   use_hub=not args.no_hub, source=str(args.annotations))
+    result = score(
+        annotations,
+        lc_assets_dir=args.lc_assets,
+        subset=args.subset,
+        alpaca_eval_order=order,
+        use_hub=not args.no_hub,
+        source=str(args.annotations),
+    )
     out = {"annotations": str(args.annotations), "alpaca_eval_order": order, **result}
     if args.baseline_annotations is not None:
-        paired = paired_comparison(annotations, read_records(args.baseline_annotations), seed=args.paired_seed,
-                                   resamples=args.paired_resamples, source=str(args.annotations),
-                                   baseline_source=str(args.baseline_annotations))
+        paired = paired_comparison(
+            annotations,
+            read_records(args.baseline_annotations),
+            seed=args.paired_seed,
+            resamples=args.paired_resamples,
+            source=str(args.annotations),
+            baseline_source=str(args.baseline_annotations),
+        )
         paired["paired_distinguishable"] = paired.pop("distinguishable")
         out.update(baseline_annotations=str(args.baseline_annotations), **paired)
     return out
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    generation = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     eval_set = load_eval_set(args.eval_set, max_instructions=args.max_instructions)
-    records, info = answer_eval_set(args.model, eval_set, args.generator or args.model, generation,
-                                    backend=args.backend, device=args.device, dtype=args.dtype)
+    records, info = answer_eval_set(
+        args.model,
+        eval_set,
+        args.generator or args.model,
+        generation,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+    )
     write_json(args.output, records)
-    return {"output": str(args.output), "n": len(records), "eval_set": eval_set.name, "subset": eval_set.subset,
-            **generation.record(), **info}
+    return {
+        "output": str(args.output),
+        "n": len(records),
+        "eval_set": eval_set.name,
+        "subset": eval_set.subset,
+        **generation.record(),
+        **info,
+    }
 
 
 def _judge_from_args(args: argparse.Namespace) -> Judge:
-    judge = make_judge(args.judge, judge_model=args.judge_model, judge_max_chars=args.judge_max_chars,
-                       device=args.device, judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env,
-                       judge_max_requests=args.judge_max_requests, judge_timeout_s=args.judge_timeout_s,
-                       judge_concurrency=args.judge_concurrency)
+    judge = make_judge(
+        args.judge,
+        judge_model=args.judge_model,
+        judge_max_chars=args.judge_max_chars,
+        device=args.device,
+        judge_base_url=args.judge_base_url,
+        judge_api_key_env=args.judge_api_key_env,
+        judge_max_requests=args.judge_max_requests,
+        judge_timeout_s=args.judge_timeout_s,
+        judge_concurrency=args.judge_concurrency,
+    )
     judge.check()
     return judge
 
@@ -105,8 +143,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m steps.evaluate`` and its four subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m steps.evaluate", description=__doc__, formatter_class=_HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def subcommand(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -114,18 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = subcommand("score", "WR and LC WR of an alpaca_eval annotations file")
     p.add_argument("--annotations", required=True, type=Path, help="alpaca_eval annotations (JSON list or JSONL)")
-    p.add_argument("--lc-assets", type=Path, default=None,
-                   help="directory with df_gamed.csv and instruction_difficulty.csv (default: the Hub's, else LC "
-                        "without them)")
+    p.add_argument(
+        "--lc-assets",
+        type=Path,
+        default=None,
+        help="directory with df_gamed.csv and instruction_difficulty.csv (default: the Hub's, else LC without them)",
+    )
     p.add_argument("--subset", action="store_true", help="the rows are a prefix of the eval set")
-    p.add_argument("--alpaca-eval-order", choices=("auto", "yes", "no"), default="auto",
-                   help="row i is AlpacaEval instruction i (auto: 805 rows from AlpacaEval's five sources)")
+    p.add_argument(
+        "--alpaca-eval-order",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="row i is AlpacaEval instruction i (auto: 805 rows from AlpacaEval's five sources)",
+    )
     p.add_argument("--no-hub", action="store_true", help="do not try to download the LC assets")
-    p.add_argument("--baseline-annotations", type=Path, default=None,
-                   help="annotations of a second model on the same instructions and reference: adds the paired "
-                        "difference paired_delta_wr with its bootstrap paired_ci95 (default: no comparison)")
-    p.add_argument("--paired-resamples", type=int, default=PAIRED_RESAMPLES,
-                   help="bootstrap resamples of the paired interval")
+    p.add_argument(
+        "--baseline-annotations",
+        type=Path,
+        default=None,
+        help="annotations of a second model on the same instructions and reference: adds the paired "
+        "difference paired_delta_wr with its bootstrap paired_ci95 (default: no comparison)",
+    )
+    p.add_argument(
+        "--paired-resamples", type=int, default=PAIRED_RESAMPLES, help="bootstrap resamples of the paired interval"
+    )
     p.add_argument("--paired-seed", type=int, default=PAIRED_SEED, help="seed of the paired bootstrap")
     p.set_defaults(func=_cmd_score)
 
@@ -146,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="weights dtype of the HF backend")
     p.set_defaults(func=_cmd_generate)
 
-    for name, helptext in (("annotate", "judge model outputs against reference outputs"),
-                           ("agreement", "agreement of a judge with official annotations")):
+    for name, helptext in (
+        ("annotate", "judge model outputs against reference outputs"),
+        ("agreement", "agreement of a judge with official annotations"),
+    ):
         p = subcommand(name, helptext)
         if name == "annotate":
             p.add_argument("--model-outputs", required=True, type=Path, help="model outputs (output_2)")
@@ -156,32 +209,63 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--annotations", required=True, type=Path, help="official alpaca_eval annotations")
             p.add_argument("--limit", type=int, default=30, help="judge only the first LIMIT rows")
-            p.add_argument("--registry", type=Path, default=None,
-                           help="agreement registry JSON to record the measurement in (default: the file "
-                                "named by PREFFLOW_AGREEMENT_REGISTRY, else judge_agreement.json in the PrefFlow "
-                                "cache)")
+            p.add_argument(
+                "--registry",
+                type=Path,
+                default=None,
+                help="agreement registry JSON to record the measurement in (default: the file "
+                "named by PREFFLOW_AGREEMENT_REGISTRY, else judge_agreement.json in the PrefFlow "
+                "cache)",
+            )
             p.add_argument("--no-record", action="store_true", help="measure only; leave the registry as it is")
-        p.add_argument("--judge", default=DEFAULT_JUDGE,
-                       help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
-                            "'alpaca_eval:<annotator config>'")
-        p.add_argument("--judge-model", default=DEFAULT_MODEL,
-                       help="model spec of the local judge, or the served model's name for openai_compatible")
-        p.add_argument("--judge-base-url", default=None,
-                       help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)")
-        p.add_argument("--judge-api-key-env", default=None,
-                       help="openai_compatible: name of the environment variable holding the API key (default: "
-                            "none, no key sent)")
-        p.add_argument("--judge-max-requests", type=int, default=None,
-                       help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, "
-                            "plus 10)")
-        p.add_argument("--judge-timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
-                       help="openai_compatible: seconds to wait for each reply before retrying")
-        p.add_argument("--judge-concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                       help="openai_compatible: requests in flight at once")
-        p.add_argument("--judge-max-chars", type=int, default=DEFAULT_JUDGE_MAX_CHARS,
-                       help="the local judge cuts each output to this many characters")
-        p.add_argument("--cache-dir", type=Path, default=None,
-                       help="reuse and keep judgements here (default: no cache)")
+        p.add_argument(
+            "--judge",
+            default=DEFAULT_JUDGE,
+            help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
+            "'alpaca_eval:<annotator config>'",
+        )
+        p.add_argument(
+            "--judge-model",
+            default=DEFAULT_MODEL,
+            help="model spec of the local judge, or the served model's name for openai_compatible",
+        )
+        p.add_argument(
+            "--judge-base-url",
+            default=None,
+            help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)",
+        )
+        p.add_argument(
+            "--judge-api-key-env",
+            default=None,
+            help="openai_compatible: name of the environment variable holding the API key (default: none, no key sent)",
+        )
+        p.add_argument(
+            "--judge-max-requests",
+            type=int,
+            default=None,
+            help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, plus 10)",
+        )
+        p.add_argument(
+            "--judge-timeout-s",
+            type=float,
+            default=DEFAULT_TIMEOUT_S,
+            help="openai_compatible: seconds to wait for each reply before retrying",
+        )
+        p.add_argument(
+            "--judge-concurrency",
+            type=int,
+            default=DEFAULT_CONCURRENCY,
+            help="openai_compatible: requests in flight at once",
+        )
+        p.add_argument(
+            "--judge-max-chars",
+            type=int,
+            default=DEFAULT_JUDGE_MAX_CHARS,
+            help="the local judge cuts each output to this many characters",
+        )
+        p.add_argument(
+            "--cache-dir", type=Path, default=None, help="reuse and keep judgements here (default: no cache)"
+        )
         p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
         p.set_defaults(func=_cmd_annotate if name == "annotate" else _cmd_agreement)
     return parser

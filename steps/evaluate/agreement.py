@@ -1,5 +1,6 @@
 """How often a judge picks the same winner as reference annotations of the same pairs, and a small dated registry
 of those measurements (keyed by judge identity, annotations file and limit) that results are labelled with."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -8,8 +9,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.evaluate.annotate import annotate
 from steps.evaluate.judge_base import Judge
@@ -28,14 +30,17 @@ class AgreementRegistryError(ValueError):
     """A registry file that is not a PrefFlow agreement registry."""
 
 
-def judge_agreement(official: Sequence[dict[str, Any]], judge: Judge, limit: int | None = 30,
-                    cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def judge_agreement(
+    official: Sequence[dict[str, Any]], judge: Judge, limit: int | None = 30, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """How often ``judge`` picks the same winner as the official annotations (ties on either side excluded)."""
     rows = [r for r in official[:limit] if r.get("preference") is not None]
-    model_outputs = [{"instruction": r["instruction"], "output": r["output_2"], "generator": r["generator_2"]}
-                     for r in rows]
-    reference_outputs = [{"instruction": r["instruction"], "output": r["output_1"], "generator": r["generator_1"]}
-                         for r in rows]
+    model_outputs = [
+        {"instruction": r["instruction"], "output": r["output_2"], "generator": r["generator_2"]} for r in rows
+    ]
+    reference_outputs = [
+        {"instruction": r["instruction"], "output": r["output_1"], "generator": r["generator_1"]} for r in rows
+    ]
     started = time.monotonic()
     mine = annotate(model_outputs, reference_outputs, judge, cache_dir=cache_dir)
     elapsed = time.monotonic() - started
@@ -117,16 +122,24 @@ def read_registry(path: str | os.PathLike | None = None) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise AgreementRegistryError(f"{path}: not valid JSON ({exc.msg}); delete it to start a new registry, "
-                                     f"or point {REGISTRY_ENV} elsewhere") from exc
+        raise AgreementRegistryError(
+            f"{path}: not valid JSON ({exc.msg}); delete it to start a new registry, or point {REGISTRY_ENV} elsewhere"
+        ) from exc
     if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-        raise AgreementRegistryError(f"{path}: expected an object with 'entries' (a PrefFlow judge agreement "
-                                     f"registry); delete it or point {REGISTRY_ENV} elsewhere")
+        raise AgreementRegistryError(
+            f"{path}: expected an object with 'entries' (a PrefFlow judge agreement "
+            f"registry); delete it or point {REGISTRY_ENV} elsewhere"
+        )
     return data
 
 
-def record_agreement(result: dict[str, Any], judge: Judge, annotations_path: str | os.PathLike, limit: int | None,
-                     path: str | os.PathLike | None = None) -> dict[str, Any]:
+def record_agreement(
+    result: dict[str, Any],
+    judge: Judge,
+    annotations_path: str | os.PathLike,
+    limit: int | None,
+    path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Store one ``judge_agreement`` result, dated, replacing an earlier one with the same key; returns the entry."""
     annotations_path = Path(annotations_path)
     sha = _sha256(annotations_path)
@@ -139,9 +152,20 @@ def record_agreement(result: dict[str, Any], judge: Judge, annotations_path: str
         "annotations_sha256": sha,
         "limit": limit,
         "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **{k: result.get(k) for k in ("agreement", "majority_baseline_agreement", "cohens_kappa", "n_agree",
-                                      "n_compared", "n_ties_excluded", "n_rows", "official_annotator",
-                                      "seconds_per_judgement")},
+        **{
+            k: result.get(k)
+            for k in (
+                "agreement",
+                "majority_baseline_agreement",
+                "cohens_kappa",
+                "n_agree",
+                "n_compared",
+                "n_ties_excluded",
+                "n_rows",
+                "official_annotator",
+                "seconds_per_judgement",
+            )
+        },
     }
     target = registry_path(path)
     with file_lock(target.with_name(target.name + ".lock"), "agreement registry"):
@@ -149,8 +173,14 @@ def record_agreement(result: dict[str, Any], judge: Judge, annotations_path: str
         data["schema"] = REGISTRY_SCHEMA
         data["entries"][registry_key(judge, sha, limit)] = entry
         write_json(target, data)
-    logger.info("recorded agreement %s of %s on %s (limit %s) in %s", entry["agreement"], judge.label,
-                annotations_path.name, limit, target)
+    logger.info(
+        "recorded agreement %s of %s on %s (limit %s) in %s",
+        entry["agreement"],
+        judge.label,
+        annotations_path.name,
+        limit,
+        target,
+    )
     return entry
 
 

@@ -1,5 +1,6 @@
 """Pair model outputs with reference outputs in alpaca_eval's annotation schema and judge them, reusing
 judgements from an append-only on-disk cache so a rerun or a crash never pays for the same judgement twice."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.evaluate.judge_base import Judge
 
@@ -42,8 +44,9 @@ class AnnotationCache:
                         row = json.loads(line)
                         self._entries[row["key"]] = row["result"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        logger.warning("%s:%d: unreadable cache line skipped (an interrupted write?)",
-                                       self.path, lineno)
+                        logger.warning(
+                            "%s:%d: unreadable cache line skipped (an interrupted write?)", self.path, lineno
+                        )
             logger.info("annotation cache %s: %d judgements", self.path, len(self._entries))
 
     def key(self, instruction: str, output_1: str, output_2: str) -> str:
@@ -65,19 +68,26 @@ class AnnotationCache:
         return len(self._entries)
 
 
-def pair_outputs(model_outputs: Sequence[dict[str, Any]], reference_outputs: Sequence[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
+def pair_outputs(
+    model_outputs: Sequence[dict[str, Any]], reference_outputs: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """alpaca_eval rows (output_1 = reference, output_2 = model), paired by position; instructions must match."""
     if len(model_outputs) != len(reference_outputs):
-        raise AnnotationInputError(f"{len(model_outputs)} model outputs but {len(reference_outputs)} reference "
-                                   f"outputs; both must cover the same instructions in the same order")
+        raise AnnotationInputError(
+            f"{len(model_outputs)} model outputs but {len(reference_outputs)} reference "
+            f"outputs; both must cover the same instructions in the same order"
+        )
     rows = []
     for index, (model_row, ref_row) in enumerate(zip(model_outputs, reference_outputs)):
         for side, row in (("model", model_row), ("reference", ref_row)):
-            if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
-                    or not isinstance(row.get("output"), str):
-                raise AnnotationInputError(f"{side} output {index} needs string 'instruction' and 'output' "
-                                           f"fields, got {str(row)[:200]}")
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("instruction"), str)
+                or not isinstance(row.get("output"), str)
+            ):
+                raise AnnotationInputError(
+                    f"{side} output {index} needs string 'instruction' and 'output' fields, got {str(row)[:200]}"
+                )
         if model_row["instruction"] != ref_row["instruction"]:
             raise AnnotationInputError(
                 f"row {index}: model and reference instructions differ ({model_row['instruction'][:80]!r} vs "
@@ -116,8 +126,12 @@ def annotate(
     n_cached = n_identical = 0
     for index, row in enumerate(rows):
         if row["output_1"] == row["output_2"]:
-            results[index] = {"preference": 1.5, "raw_completion": None, "time_per_example": 0.0,
-                              "price_per_example": 0.0}
+            results[index] = {
+                "preference": 1.5,
+                "raw_completion": None,
+                "time_per_example": 0.0,
+                "price_per_example": 0.0,
+            }
             n_identical += 1
             continue
         cached = cache.get(cache.key(row["instruction"], row["output_1"], row["output_2"])) if cache else None
@@ -126,8 +140,14 @@ def annotate(
             n_cached += 1
         else:
             pending.append(index)
-    logger.info("annotate with %s: %d rows, %d identical, %d cached, %d to judge", judge.label, len(rows),
-                n_identical, n_cached, len(pending))
+    logger.info(
+        "annotate with %s: %d rows, %d identical, %d cached, %d to judge",
+        judge.label,
+        len(rows),
+        n_identical,
+        n_cached,
+        len(pending),
+    )
 
     def on_result(position: int, result: dict[str, Any]) -> None:
         index = pending[position]

@@ -1,11 +1,13 @@
 """alpaca_eval's annotator pieces, read from the installed package: annotator configs, the prompt template,
 the seeded output swap and the weighted log-prob rule that turns "m"/"M" probabilities into a preference."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -42,8 +44,13 @@ def resolve_annotator_config(name_or_path: str) -> Path:
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return path
     names = available_annotators()
-    suggested = (OFFICIAL_ANNOTATOR, "alpaca_eval_gpt4_turbo_fn", "weighted_alpaca_eval_gpt-4o-mini-2024-07-18",
-                 "alpaca_eval_llama3_70b_fn", "weighted_alpaca_eval_vllm_llama3_70b")
+    suggested = (
+        OFFICIAL_ANNOTATOR,
+        "alpaca_eval_gpt4_turbo_fn",
+        "weighted_alpaca_eval_gpt-4o-mini-2024-07-18",
+        "alpaca_eval_llama3_70b_fn",
+        "weighted_alpaca_eval_vllm_llama3_70b",
+    )
     preferred = [n for n in suggested if n in names]
     raise JudgeError(
         f"unknown alpaca_eval annotator {name_or_path!r}: not a config in {evaluators_configs_dir()} and not a "
@@ -79,14 +86,18 @@ def load_annotator_template(config: str = OFFICIAL_ANNOTATOR) -> AnnotatorTempla
     configs = read_annotator_configs(config_path)
     if len(configs) != 1:
         raise JudgeError(f"{config_path}: the local judge needs a config with one annotator, found {list(configs)}")
-    (name, settings), = configs.items()
+    ((name, settings),) = configs.items()
     if settings.get("fn_completion_parser") != "logprob_parser":
-        raise JudgeError(f"{config_path}: annotator {name!r} parses with {settings.get('fn_completion_parser')!r}; "
-                         f"the local log-prob judge needs a 'logprob_parser' config such as {OFFICIAL_ANNOTATOR!r}")
+        raise JudgeError(
+            f"{config_path}: annotator {name!r} parses with {settings.get('fn_completion_parser')!r}; "
+            f"the local log-prob judge needs a 'logprob_parser' config such as {OFFICIAL_ANNOTATOR!r}"
+        )
     parser_kwargs = settings.get("completion_parser_kwargs") or {}
     if parser_kwargs.get("is_binarize"):
-        raise JudgeError(f"{config_path}: is_binarize=true gives 1/2 votes, not weighted preferences; use a "
-                         f"weighted config such as {OFFICIAL_ANNOTATOR!r}")
+        raise JudgeError(
+            f"{config_path}: is_binarize=true gives 1/2 votes, not weighted preferences; use a "
+            f"weighted config such as {OFFICIAL_ANNOTATOR!r}"
+        )
     template_path = config_path.parents[1] / settings["prompt_template"]
     if not template_path.is_file():
         raise JudgeError(f"{config_path}: prompt template {template_path} not found")

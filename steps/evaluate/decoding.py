@@ -1,13 +1,15 @@
 """Continuous batching for Hugging Face causal LMs: a finished answer leaves the batch at once and the next
 waiting prompt takes its place, so no decode step is spent on answers that are already complete."""
+
 from __future__ import annotations
 
 import inspect
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -75,7 +77,7 @@ def nucleus_probabilities(logits: torch.Tensor, temperature: float, top_p: float
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def cache_argument_name(model: "PreTrainedModel") -> str | None:
+def cache_argument_name(model: PreTrainedModel) -> str | None:
     """The forward keyword that takes the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     for name in ("cache", "past_key_values"):
@@ -84,7 +86,7 @@ def cache_argument_name(model: "PreTrainedModel") -> str | None:
     return None
 
 
-def supports_continuous_batching(model: "PreTrainedModel") -> bool:
+def supports_continuous_batching(model: PreTrainedModel) -> bool:
     """Decoder-only model whose forward takes a mask, explicit positions and a ``DynamicCache`` of plain layers."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -109,13 +111,23 @@ SLACK_COLUMNS = 128
 #: ``generation_config`` fields that change token choice and that ``model.generate`` would apply but this loop does
 #: not (like vLLM given explicit sampling parameters), with the value that means "off".
 _UNAPPLIED_GENERATION_FIELDS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "top_k": None, "min_p": None, "typical_p": 1.0,
-    "min_new_tokens": None, "min_length": 0, "bad_words_ids": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "top_k": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
 }
 
 
-def unapplied_generation_settings(model: "PreTrainedModel") -> dict[str, object]:
+def unapplied_generation_settings(model: PreTrainedModel) -> dict[str, object]:
     """Settings in the model's ``generation_config`` that would alter ``generate``'s tokens but are not used here."""
     config = getattr(model, "generation_config", None)
     if config is None:
@@ -148,12 +160,15 @@ class ContinuousBatchDecoder:
     except through those floating-point differences.
     """
 
-    def __init__(self, model: "PreTrainedModel", settings: GenerationSettings, *, stop_ids: Sequence[int],
-                 pad_id: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, settings: GenerationSettings, *, stop_ids: Sequence[int], pad_id: int
+    ) -> None:
         if not supports_continuous_batching(model):
-            raise DecodingError(f"{type(model).__name__} cannot be decoded with continuous batching (needs a "
-                                f"decoder-only model with plain full-attention DynamicCache layers); use "
-                                f"model.generate")
+            raise DecodingError(
+                f"{type(model).__name__} cannot be decoded with continuous batching (needs a "
+                f"decoder-only model with plain full-attention DynamicCache layers); use "
+                f"model.generate"
+            )
         self.model = model
         self.settings = settings
         self.device = next(model.parameters()).device
@@ -162,8 +177,12 @@ class ContinuousBatchDecoder:
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.pad_id = int(pad_id)
 
-    def run(self, prompts: Sequence[Sequence[int]], order: Sequence[int] | None = None,
-            on_finished: Callable[[int], None] | None = None) -> tuple[list[list[int]], DecodeStats]:
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        order: Sequence[int] | None = None,
+        on_finished: Callable[[int], None] | None = None,
+    ) -> tuple[list[list[int]], DecodeStats]:
         """Generated ids per prompt (in ``prompts`` order, stop token included when one ended the answer).
 
         ``order`` is the admission order (default: as given); ``on_finished(prompt_index)`` is called as each
@@ -185,8 +204,9 @@ class ContinuousBatchDecoder:
                 free = self.settings.batch_size - len(live)
                 if free > 0 and waiting:
                     admitted = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                    logger.debug("step %d: admitting prompts %s next to %d live rows", stats.decode_steps, admitted,
-                                 len(live))
+                    logger.debug(
+                        "step %d: admitting prompts %s next to %d live rows", stats.decode_steps, admitted, len(live)
+                    )
                     newcomers = self._prefill([list(prompts[i]) for i in admitted], admitted, stats, slack)
                     self._record(newcomers, outputs, stats, on_finished)
                     live.merge(newcomers)
@@ -197,8 +217,7 @@ class ContinuousBatchDecoder:
 
     # -- model calls -------------------------------------------------------------------------------------------
 
-    def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats, slack: int
-                 ) -> LiveBatch:
+    def _prefill(self, prompt_ids: list[list[int]], indices: list[int], stats: DecodeStats, slack: int) -> LiveBatch:
         """Run the prompts through the model together (left padded) and pick each one's first token."""
         started = time.perf_counter()
         input_ids, real = left_pad(prompt_ids, self.pad_id)
@@ -207,8 +226,14 @@ class ContinuousBatchDecoder:
         input_ids, real, positions = (t.to(self.device) for t in (input_ids, real, positions))
         cache = DynamicCache(config=self.model.config)
         kwargs = {"logits_to_keep": 1} if self.keeps_last_logits else {}
-        logits = self.model(input_ids=input_ids, attention_mask=real, position_ids=positions,
-                            use_cache=True, **{self.cache_kwarg: cache}, **kwargs).logits[:, -1, :]
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=real,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+            **kwargs,
+        ).logits[:, -1, :]
         if width > min(len(ids) for ids in prompt_ids):
             # padded columns hold whatever the model computed for pad tokens (NaN where a fully masked row's
             # softmax was 0/0): zero them so a masked column can never leak NaN into an attention sum
@@ -235,8 +260,13 @@ class ContinuousBatchDecoder:
         columns = torch.arange(width + 1, device=self.device)
         attention_mask = (columns[None, :] >= (width - cached)[:, None]).long()
         input_ids = torch.tensor(live.last_token, dtype=torch.long, device=self.device)[:, None]
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=cached[:, None],
-                            use_cache=True, **{self.cache_kwarg: live.cache}).logits[:, -1, :]
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=cached[:, None],
+            use_cache=True,
+            **{self.cache_kwarg: live.cache},
+        ).logits[:, -1, :]
         live.cached = [n + 1 for n in live.cached]
         live.last_token = self._choose(logits, live.generators)
         stats.decode_steps += 1
@@ -260,8 +290,9 @@ class ContinuousBatchDecoder:
         picks = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in range(len(generators))]
         return torch.cat(picks).tolist()
 
-    def _record(self, live: LiveBatch, outputs: list[list[int]], stats: DecodeStats,
-                on_finished: Callable[[int], None] | None) -> None:
+    def _record(
+        self, live: LiveBatch, outputs: list[list[int]], stats: DecodeStats, on_finished: Callable[[int], None] | None
+    ) -> None:
         """Append each row's new token; rows that hit a stop id or the token limit leave the batch."""
         keep = []
         for row, (index, token) in enumerate(zip(live.prompt_index, live.last_token)):

@@ -1,5 +1,6 @@
 """Instruction sets to evaluate on: AlpacaEval (Hub or a local copy), a JSON file, or the small embedded set;
 records keep the file's order, since alpaca_eval's LC GLM reads a row's position as its instruction index."""
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,14 @@ def load_eval_set(spec: str, max_instructions: int | None = None) -> EvalSet:
         source=source,
         n_available=n_available,
     )
-    logger.info("eval set %s: %d of %d instructions from %s%s", name, len(records), n_available, source,
-                " (subset)" if subset else "")
+    logger.info(
+        "eval set %s: %d of %d instructions from %s%s",
+        name,
+        len(records),
+        n_available,
+        source,
+        " (subset)" if subset else "",
+    )
     return eval_set
 
 

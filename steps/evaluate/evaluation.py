@@ -1,12 +1,14 @@
 """The flow's two calls: reference outputs for an eval set, and one model's evaluation against them (generate,
 judge, score, write ``model_outputs.json``, ``annotations.json`` and ``metrics.json``)."""
+
 from __future__ import annotations
 
 import gc
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steps.evaluate.agreement import recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate
@@ -45,13 +47,34 @@ def reference_outputs_for(
     Generated references are named ``reference:<spec>`` so no result can pass them off as AlpacaEval's.
     """
     if eval_set.has_outputs:
-        return [{"instruction": r["instruction"], "output": r["output"], "generator": r.get("generator"),
-                 **({"dataset": r["dataset"]} if r.get("dataset") is not None else {})} for r in eval_set.records]
-    records, info = answer_eval_set(starting_model_spec, eval_set, f"reference:{starting_model_spec}", generation,
-                                    backend=backend, device=device, dtype=dtype, model=model, tokenizer=tokenizer,
-                                    show_progress=show_progress)
-    logger.info("generated %d reference outputs with %s (%s, %.2f prompts/s)", len(records), starting_model_spec,
-                info["backend"], info["prompts_per_second"] or 0.0)
+        return [
+            {
+                "instruction": r["instruction"],
+                "output": r["output"],
+                "generator": r.get("generator"),
+                **({"dataset": r["dataset"]} if r.get("dataset") is not None else {}),
+            }
+            for r in eval_set.records
+        ]
+    records, info = answer_eval_set(
+        starting_model_spec,
+        eval_set,
+        f"reference:{starting_model_spec}",
+        generation,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        model=model,
+        tokenizer=tokenizer,
+        show_progress=show_progress,
+    )
+    logger.info(
+        "generated %d reference outputs with %s (%s, %.2f prompts/s)",
+        len(records),
+        starting_model_spec,
+        info["backend"],
+        info["prompts_per_second"] or 0.0,
+    )
     return records
 
 
@@ -98,17 +121,31 @@ def evaluate_model(
     """
     out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
-        raise AnnotationInputError(f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions "
-                                   f"of eval set {eval_set.name}")
-    pairwise_judge = make_judge(judge, judge_model=judge_model, judge_max_chars=judge_max_chars, device=device,
-                                show_progress=show_progress, judge_base_url=judge_base_url,
-                                judge_api_key_env=judge_api_key_env, judge_max_requests=judge_max_requests,
-                                judge_timeout_s=judge_timeout_s, judge_concurrency=judge_concurrency)
+        raise AnnotationInputError(
+            f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions of eval set {eval_set.name}"
+        )
+    pairwise_judge = make_judge(
+        judge,
+        judge_model=judge_model,
+        judge_max_chars=judge_max_chars,
+        device=device,
+        show_progress=show_progress,
+        judge_base_url=judge_base_url,
+        judge_api_key_env=judge_api_key_env,
+        judge_max_requests=judge_max_requests,
+        judge_timeout_s=judge_timeout_s,
+        judge_concurrency=judge_concurrency,
+    )
     pairwise_judge.check()
 
     settings = generation.record()
-    generation_record = {"model": model_spec, "generator": generator, "eval_set": eval_set.name,
-                         "instructions": eval_set.instructions, **settings}
+    generation_record = {
+        "model": model_spec,
+        "generator": generator,
+        "eval_set": eval_set.name,
+        "instructions": eval_set.instructions,
+        **settings,
+    }
     outputs_path, generation_path = out_dir / MODEL_OUTPUTS_FILE, out_dir / GENERATION_FILE
     model_outputs: list[dict[str, Any]] | None = None
     if outputs_path.is_file() and generation_path.is_file():
@@ -116,21 +153,40 @@ def evaluate_model(
         if {k: previous.get(k) for k in generation_record} == generation_record:
             model_outputs = read_json(outputs_path)
             generation_info = previous.get("info", {})
-            logger.info("reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs),
-                        outputs_path)
+            logger.info(
+                "reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs), outputs_path
+            )
     if model_outputs is None:
-        model_outputs, generation_info = answer_eval_set(model_spec, eval_set, generator, generation,
-                                                         backend=backend, device=device, dtype=dtype, model=model,
-                                                         tokenizer=tokenizer, show_progress=show_progress)
+        model_outputs, generation_info = answer_eval_set(
+            model_spec,
+            eval_set,
+            generator,
+            generation,
+            backend=backend,
+            device=device,
+            dtype=dtype,
+            model=model,
+            tokenizer=tokenizer,
+            show_progress=show_progress,
+        )
         write_json(outputs_path, model_outputs)
         write_json(generation_path, {**generation_record, "info": generation_info})
         logger.info("wrote %s", outputs_path)
     heldout = None
     if heldout_pairs is not None:
-        heldout = heldout_preference_metrics(model_spec, heldout_pairs, reference_spec=heldout_reference,
-                                             beta=heldout_beta, device=device, dtype=dtype,
-                                             max_seq_len=heldout_max_seq_len, max_pairs=heldout_max_pairs,
-                                             model=model, tokenizer=tokenizer, show_progress=show_progress)
+        heldout = heldout_preference_metrics(
+            model_spec,
+            heldout_pairs,
+            reference_spec=heldout_reference,
+            beta=heldout_beta,
+            device=device,
+            dtype=dtype,
+            max_seq_len=heldout_max_seq_len,
+            max_pairs=heldout_max_pairs,
+            model=model,
+            tokenizer=tokenizer,
+            show_progress=show_progress,
+        )
     model = None  # free the policy before the judge model loads
     gc.collect()
 
@@ -138,8 +194,13 @@ def evaluate_model(
     write_json(out_dir / ANNOTATIONS_FILE, annotations)
     logger.info("wrote %s", out_dir / ANNOTATIONS_FILE)
 
-    metrics = score(annotations, lc_assets_dir=lc_assets_dir, subset=eval_set.subset,
-                    alpaca_eval_order=eval_set.alpaca_eval_order, source=str(out_dir / ANNOTATIONS_FILE))
+    metrics = score(
+        annotations,
+        lc_assets_dir=lc_assets_dir,
+        subset=eval_set.subset,
+        alpaca_eval_order=eval_set.alpaca_eval_order,
+        source=str(out_dir / ANNOTATIONS_FILE),
+    )
     references = sorted({str(r.get("generator")) for r in reference_outputs})
     tokens = judge_usage(annotations)
     cost, price, cost_note = judge_cost(tokens, pairwise_judge.price_model)
@@ -160,11 +221,20 @@ def evaluate_model(
         "n_instructions": len(eval_set),
         "reference_generator": references[0] if len(references) == 1 else references,
         "generation": {**settings, **generation_info},
-        "files": {"model_outputs": str(outputs_path), "annotations": str(out_dir / ANNOTATIONS_FILE),
-                  "metrics": str(out_dir / METRICS_FILE)},
+        "files": {
+            "model_outputs": str(outputs_path),
+            "annotations": str(out_dir / ANNOTATIONS_FILE),
+            "metrics": str(out_dir / METRICS_FILE),
+        },
     }
     write_json(out_dir / METRICS_FILE, result)
-    logger.info("wrote %s: WR %s, LC %s (%s), judge %s%s", out_dir / METRICS_FILE, result["win_rate"],
-                result["length_controlled_winrate"], result["lc_unavailable_reason"] or result["lc_method"],
-                result["judge"], " [weak judge: mechanism check only]" if result["weak_judge"] else "")
+    logger.info(
+        "wrote %s: WR %s, LC %s (%s), judge %s%s",
+        out_dir / METRICS_FILE,
+        result["win_rate"],
+        result["length_controlled_winrate"],
+        result["lc_unavailable_reason"] or result["lc_method"],
+        result["judge"],
+        " [weak judge: mechanism check only]" if result["weak_judge"] else "",
+    )
     return json.loads(json.dumps(result, default=str))

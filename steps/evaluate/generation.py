@@ -1,12 +1,14 @@
 """Answer instructions with a model, producing alpaca_eval's ``model_outputs.json`` records, with the chat
 rendering and end-of-turn token of training; Hugging Face (continuous batching, else ``model.generate``) or vLLM."""
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -21,8 +23,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "GenerationError", "GenerationSettings", "answer_eval_set", "encode_instruction",
-           "generate_outputs", "resolve_backend", "resolve_device", "vllm_available"]
+__all__ = [
+    "BACKENDS",
+    "GenerationError",
+    "GenerationSettings",
+    "answer_eval_set",
+    "encode_instruction",
+    "generate_outputs",
+    "resolve_backend",
+    "resolve_device",
+    "vllm_available",
+]
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -48,15 +59,18 @@ def vllm_available() -> bool:
 def resolve_backend(backend: str, model: Any) -> str:
     """``auto`` -> ``vllm`` when usable for this model (a GPU, vLLM, a model path), else ``hf``."""
     if backend not in BACKENDS:
-        raise GenerationError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}",
-                              "backend")
+        raise GenerationError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}", "backend")
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
-            raise GenerationError("backend='vllm' but vllm is not installed; install vllm or use backend='hf'",
-                                  "backend")
+            raise GenerationError(
+                "backend='vllm' but vllm is not installed; install vllm or use backend='hf'", "backend"
+            )
         if _vllm_model_path(model) is None:
-            raise GenerationError("backend='vllm' needs a model directory or Hub id, not an in-memory model "
-                                  "without a name_or_path on disk", "backend")
+            raise GenerationError(
+                "backend='vllm' needs a model directory or Hub id, not an in-memory model "
+                "without a name_or_path on disk",
+                "backend",
+            )
         return "vllm"
     if backend == "auto" and vllm_available() and _vllm_model_path(model) is not None:
         return "vllm"
@@ -74,8 +88,8 @@ def _vllm_model_path(model: Any) -> str | None:
 
 
 def generate_outputs(
-    model: "PreTrainedModel | str",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel | str,
+    tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],
     *,
     generator: str,
@@ -92,15 +106,13 @@ def generate_outputs(
     ``model.generate`` fallback seeds static batch ``k`` with ``seed + k``.
     """
     if not isinstance(generation, GenerationSettings):
-        raise GenerationError(f"generation must be a GenerationSettings, got {type(generation).__name__}",
-                              "generation")
+        raise GenerationError(f"generation must be a GenerationSettings, got {type(generation).__name__}", "generation")
     instructions = list(instructions)
     for index, text in enumerate(instructions):
         if not isinstance(text, str) or not text.strip():
             raise GenerationError(f"instruction {index} must be a non-empty string, got {text!r}", "instructions")
     if datasets is not None and len(datasets) != len(instructions):
-        raise GenerationError(f"datasets has {len(datasets)} entries for {len(instructions)} instructions",
-                              "datasets")
+        raise GenerationError(f"datasets has {len(datasets)} entries for {len(instructions)} instructions", "datasets")
 
     chosen = resolve_backend(backend, model)
     started = time.monotonic()
@@ -111,8 +123,14 @@ def generate_outputs(
             model = load_model(str(model))
         outputs = _generate_hf(model, tokenizer, instructions, generation, show_progress=show_progress)
     elapsed = time.monotonic() - started
-    logger.info("generated %d outputs with %s (%s) in %.1f s (%.2f prompts/s)", len(outputs), generator, chosen,
-                elapsed, len(outputs) / elapsed if elapsed > 0 else float("inf"))
+    logger.info(
+        "generated %d outputs with %s (%s) in %.1f s (%.2f prompts/s)",
+        len(outputs),
+        generator,
+        chosen,
+        elapsed,
+        len(outputs) / elapsed if elapsed > 0 else float("inf"),
+    )
     records = []
     for index, (instruction, output) in enumerate(zip(instructions, outputs)):
         record: dict[str, Any] = {"instruction": instruction, "output": output, "generator": generator}
@@ -124,7 +142,7 @@ def generate_outputs(
 
 def answer_eval_set(
     model_spec: str,
-    eval_set: "EvalSet",
+    eval_set: EvalSet,
     generator: str,
     generation: GenerationSettings,
     *,
@@ -142,22 +160,30 @@ def answer_eval_set(
     if model is None:
         model = model_spec if chosen == "vllm" else load_model(model_spec, dtype=dtype, device=resolve_device(device))
     started = time.monotonic()
-    records = generate_outputs(model, tokenizer, eval_set.instructions, generator=generator, generation=generation,
-                               datasets=[r.get("dataset") for r in eval_set.records], backend=chosen,
-                               show_progress=show_progress)
+    records = generate_outputs(
+        model,
+        tokenizer,
+        eval_set.instructions,
+        generator=generator,
+        generation=generation,
+        datasets=[r.get("dataset") for r in eval_set.records],
+        backend=chosen,
+        show_progress=show_progress,
+    )
     elapsed = time.monotonic() - started
     info = {"backend": chosen, "seconds": elapsed, "prompts_per_second": len(records) / elapsed if elapsed else None}
     return records, info
 
 
-def encode_instruction(tokenizer: "PreTrainedTokenizerBase", instruction: str) -> list[int]:
+def encode_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
     """Prompt ids for a single-turn user instruction, exactly as training renders prompts."""
     text = render_prompt(tokenizer, [{"role": "user", "content": instruction}])
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _generate_hf(model, tokenizer, instructions: list[str], generation: GenerationSettings, *,
-                 show_progress: bool) -> list[str]:
+def _generate_hf(
+    model, tokenizer, instructions: list[str], generation: GenerationSettings, *, show_progress: bool
+) -> list[str]:
     """Continuous batching where the model allows it, else static ``model.generate`` batches."""
     from steps.evaluate.decoding import supports_continuous_batching
 
@@ -172,8 +198,10 @@ def _generate_hf(model, tokenizer, instructions: list[str], generation: Generati
         if supports_continuous_batching(model):
             generated = _decode_continuous(model, prompts, order, generation, stops, pad_id, progress)
         else:
-            logger.info("%s has no plain KV cache for continuous batching: using model.generate on static batches",
-                        type(model).__name__)
+            logger.info(
+                "%s has no plain KV cache for continuous batching: using model.generate on static batches",
+                type(model).__name__,
+            )
             generated = _generate_static(model, prompts, order, generation, stops, pad_id, progress)
     finally:
         progress.close()
@@ -189,48 +217,84 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _decode_continuous(model, prompts: list[list[int]], order: list[int], generation: GenerationSettings,
-                       stops: tuple[int, ...], pad_id: int, progress) -> list[list[int]]:
+def _decode_continuous(
+    model,
+    prompts: list[list[int]],
+    order: list[int],
+    generation: GenerationSettings,
+    stops: tuple[int, ...],
+    pad_id: int,
+    progress,
+) -> list[list[int]]:
     """Generated ids per prompt from :class:`~steps.evaluate.decoding.ContinuousBatchDecoder`, one progress tick
     per finished answer, and a log line saying what the loop did."""
     from steps.evaluate.decoding import ContinuousBatchDecoder, unapplied_generation_settings
 
     ignored = unapplied_generation_settings(model)
     if ignored:
-        logger.warning("the model's generation_config sets %s; continuous batching does not apply them (only "
-                       "temperature, top_p, max_new_tokens and the stop tokens count, as with vLLM)", ignored)
+        logger.warning(
+            "the model's generation_config sets %s; continuous batching does not apply them (only "
+            "temperature, top_p, max_new_tokens and the stop tokens count, as with vLLM)",
+            ignored,
+        )
     decoder = ContinuousBatchDecoder(model, generation, stop_ids=stops, pad_id=pad_id)
     generated, stats = decoder.run(prompts, order, on_finished=lambda _index: progress.update(1))
     sampling = f"sampling T={generation.temperature} top_p={generation.top_p}" if generation.do_sample else "greedy"
-    logger.info("continuous batching (batch %d, %s): %d prompts, %d prefill calls (%d prompt tokens), "
-                "%d decode steps with %.2f rows on average, %d tokens generated, widest cache %d columns; "
-                "%.1f s prefilling, %.1f s decoding",
-                generation.batch_size, sampling, stats.prompts, stats.prefill_calls, stats.prefill_tokens,
-                stats.decode_steps, stats.mean_active_rows, stats.generated_tokens, stats.widest_cache,
-                stats.prefill_s, stats.decode_s)
+    logger.info(
+        "continuous batching (batch %d, %s): %d prompts, %d prefill calls (%d prompt tokens), "
+        "%d decode steps with %.2f rows on average, %d tokens generated, widest cache %d columns; "
+        "%.1f s prefilling, %.1f s decoding",
+        generation.batch_size,
+        sampling,
+        stats.prompts,
+        stats.prefill_calls,
+        stats.prefill_tokens,
+        stats.decode_steps,
+        stats.mean_active_rows,
+        stats.generated_tokens,
+        stats.widest_cache,
+        stats.prefill_s,
+        stats.decode_s,
+    )
     return generated
 
 
-def _generate_static(model, prompts: list[list[int]], order: list[int], generation: GenerationSettings,
-                     stops: tuple[int, ...], pad_id: int, progress) -> list[list[int]]:
+def _generate_static(
+    model,
+    prompts: list[list[int]],
+    order: list[int],
+    generation: GenerationSettings,
+    stops: tuple[int, ...],
+    pad_id: int,
+    progress,
+) -> list[list[int]]:
     """``model.generate`` on left-padded batches of ``batch_size`` consecutive prompts in ``order``."""
     import torch
 
     from steps.evaluate.kv_cache import left_pad
 
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p} \
-        if generation.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p}
+        if generation.do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     generated: list[list[int]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(order), generation.batch_size)):
-        members = order[start:start + generation.batch_size]
+        members = order[start : start + generation.batch_size]
         input_ids, attention_mask = left_pad([prompts[i] for i in members], pad_id)
         width = input_ids.shape[1]
         torch.manual_seed(generation.seed + batch_index)
         with torch.inference_mode():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=generation.max_new_tokens, eos_token_id=list(stops),
-                                    pad_token_id=pad_id, use_cache=True, **sampling)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=generation.max_new_tokens,
+                eos_token_id=list(stops),
+                pad_token_id=pad_id,
+                use_cache=True,
+                **sampling,
+            )
         for row, i in enumerate(members):
             generated[i] = output[row, width:].tolist()
         progress.update(len(members))

@@ -1,9 +1,11 @@
 """The interface every pairwise judge implements (alpaca_eval's annotation fields, preference in [1, 2]), kept
 apart so that judge modules and the annotation cache can import it without importing each other."""
+
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class Judge(abc.ABC):
@@ -30,7 +32,7 @@ class Judge(abc.ABC):
         """The model name looked up in the judge price table; None for judges that run locally (no bill)."""
         return None
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027  (optional hook: most judges have nothing to check)
         """Raise JudgeError now if the judge cannot run (called before any generation starts)."""
 
     @abc.abstractmethod

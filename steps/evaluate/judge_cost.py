@@ -1,11 +1,13 @@
 """Judge tokens and estimated cost per evaluated model: token counts from each judgement (the server's ``usage``,
 else the judge tokenizer's count) priced with a dated table kept as data (``judge_prices.json``)."""
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 PRICES_FILE = Path(__file__).with_name("judge_prices.json")
 
@@ -25,12 +27,19 @@ def load_prices(path: str | Path | None = None) -> dict[str, Any]:
     if not isinstance(models, dict):
         raise PriceTableError(f"{path}: expected an object with 'models' mapping model name -> prices")
     for name, entry in models.items():
-        ok = isinstance(entry, dict) and all(
-            isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) and entry[k] >= 0
-            for k in ("input", "output")) and isinstance(entry.get("as_of"), str)
+        ok = (
+            isinstance(entry, dict)
+            and all(
+                isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) and entry[k] >= 0
+                for k in ("input", "output")
+            )
+            and isinstance(entry.get("as_of"), str)
+        )
         if not ok:
-            raise PriceTableError(f"{path}: models.{name} needs 'input' and 'output' (USD per 1M tokens, >= 0) "
-                                  f"and 'as_of' (a date), got {entry!r}")
+            raise PriceTableError(
+                f"{path}: models.{name} needs 'input' and 'output' (USD per 1M tokens, >= 0) "
+                f"and 'as_of' (a date), got {entry!r}"
+            )
     return table
 
 
@@ -65,12 +74,18 @@ def judge_usage(annotations: Sequence[dict[str, Any]]) -> dict[str, Any]:
             uncounted += row.get("raw_completion") is not None
             continue
         prompt, completion, counted = prompt + tokens[0], completion + tokens[1], counted + 1
-    return {"prompt": prompt, "completion": completion, "total": prompt + completion, "n_judgements": counted,
-            "n_without_counts": uncounted}
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "total": prompt + completion,
+        "n_judgements": counted,
+        "n_without_counts": uncounted,
+    }
 
 
-def judge_cost(tokens: dict[str, Any], price_model: str | None, prices: dict[str, Any] | None = None
-               ) -> tuple[float | None, dict[str, Any] | None, str]:
+def judge_cost(
+    tokens: dict[str, Any], price_model: str | None, prices: dict[str, Any] | None = None
+) -> tuple[float | None, dict[str, Any] | None, str]:
     """(estimated USD or None, the price entry used, a short note) for ``judge_usage`` totals."""
     if price_model is None:
         return None, None, "local judge: no per-token price"

@@ -1,14 +1,16 @@
 """Pairwise judges in alpaca_eval's format: ``local_logprob`` (a local causal LM shown the official AlpacaEval 2
 prompt, scored from its "m"/"M" next-token probabilities) and ``alpaca_eval:<config>`` (alpaca_eval's own
 PairwiseAnnotator); preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -37,8 +39,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_JUDGE", "DEFAULT_JUDGE_MAX_CHARS", "AlpacaEvalJudge", "Judge", "JudgeError", "LocalLogprobJudge",
-           "ServedJudge", "make_judge"]
+__all__ = [
+    "DEFAULT_JUDGE",
+    "DEFAULT_JUDGE_MAX_CHARS",
+    "AlpacaEvalJudge",
+    "Judge",
+    "JudgeError",
+    "LocalLogprobJudge",
+    "ServedJudge",
+    "make_judge",
+]
 
 DEFAULT_JUDGE = "local_logprob"
 #: Each output is cut to this many characters before the local judge sees it (the prompt must fit a small model).
@@ -72,8 +82,8 @@ class LocalLogprobJudge(Judge):
         self,
         model_spec: str | None = None,
         *,
-        model: "PreTrainedModel | None" = None,
-        tokenizer: "PreTrainedTokenizerBase | None" = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         annotator_config: str = OFFICIAL_ANNOTATOR,
         judge_max_chars: int = DEFAULT_JUDGE_MAX_CHARS,
         device: str = "auto",
@@ -107,8 +117,10 @@ class LocalLogprobJudge(Judge):
         # ``max_output_chars=`` is the knob's former name, kept verbatim so caches written before the rename to
         # ``judge_max_chars`` stay valid: the same string means the same judgement
         seed = f"|seed={self.seed}" if self.model_spec.startswith("tiny") else ""
-        return (f"{self.label}|template={self.annotator_config}|max_output_chars={self.judge_max_chars}"
-                f"|switch_seed={self.switch_seed}{seed}")
+        return (
+            f"{self.label}|template={self.annotator_config}|max_output_chars={self.judge_max_chars}"
+            f"|switch_seed={self.switch_seed}{seed}"
+        )
 
     @property
     def weak_judge(self) -> bool:
@@ -120,9 +132,12 @@ class LocalLogprobJudge(Judge):
         return self._scorer.forward_passes if self._scorer is not None else 0
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "annotator_config": self.annotator_config,
-                "judge_max_chars": self.judge_max_chars,
-                "note": ("weak judge: checks the mechanism, not a quality signal" if self.weak_judge else "")}
+        return {
+            **super().metadata(),
+            "annotator_config": self.annotator_config,
+            "judge_max_chars": self.judge_max_chars,
+            "note": ("weak judge: checks the mechanism, not a quality signal" if self.weak_judge else ""),
+        }
 
     # -- setup --------------------------------------------------------------------------------------------------
 
@@ -133,13 +148,13 @@ class LocalLogprobJudge(Judge):
         return self._template
 
     @property
-    def tokenizer(self) -> "PreTrainedTokenizerBase":
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model_spec)
         return self._tokenizer
 
     @property
-    def model(self) -> "PreTrainedModel":
+    def model(self) -> PreTrainedModel:
         if self._model is None:
             self._model = load_model(self.model_spec, dtype=self.dtype, device=self.device, seed=self.seed)
         return self._model
@@ -162,15 +177,16 @@ class LocalLogprobJudge(Judge):
             ids: dict[str, int] = {}
             for token in tokens:
                 with_answer = self._encode(prompt + token)
-                if len(with_answer) != len(base) + 1 or with_answer[:len(base)] != base:
+                if len(with_answer) != len(base) + 1 or with_answer[: len(base)] != base:
                     raise JudgeError(
                         f"judge tokenizer of {self.model_spec!r} does not answer {token!r} with a single token after "
                         f"the prompt; the local log-prob judge needs single-token identifiers"
                     )
                 ids[token] = with_answer[-1]
             if len(set(ids.values())) != len(ids):
-                raise JudgeError(f"judge tokenizer of {self.model_spec!r} maps identifiers {list(ids)} to the same "
-                                 f"token ids {ids}")
+                raise JudgeError(
+                    f"judge tokenizer of {self.model_spec!r} maps identifiers {list(ids)} to the same token ids {ids}"
+                )
             self._identifier_ids = ids
         return self._identifier_ids
 
@@ -186,7 +202,7 @@ class LocalLogprobJudge(Judge):
         if self._prefix_ids is None:
             sentinel = "\u2063PREFFLOW_INSTRUCTION\u2063"
             rendered = self.render(sentinel, "a", "b")
-            self._prefix_ids = self._encode(rendered[:rendered.index(sentinel)])[:-2]
+            self._prefix_ids = self._encode(rendered[: rendered.index(sentinel)])[:-2]
         return self._prefix_ids
 
     # -- scoring ------------------------------------------------------------------------------------------------
@@ -200,8 +216,10 @@ class LocalLogprobJudge(Judge):
         logprobs = self._scorer.next_token_logprobs(prompt_ids)
         top = torch.topk(logprobs, k=5)
         identifier = {token: float(logprobs[token_id]) for token, token_id in self.identifier_ids().items()}
-        top5 = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
-                for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        top5 = [
+            {"token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+            for v, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
         return identifier, top5
 
     def judge_one(self, instruction: str, output_1: str, output_2: str, switched: bool) -> dict[str, Any]:
@@ -211,8 +229,9 @@ class LocalLogprobJudge(Judge):
         cut_first, cut_second = first[: self.judge_max_chars], second[: self.judge_max_chars]
         prompt_ids = self._encode(self.render(instruction, cut_first, cut_second))
         identifier, top5 = self.identifier_logprobs(prompt_ids)
-        presented = preference_from_top_logprobs(identifier, self.template.numerator_token,
-                                                 self.template.denominator_tokens)
+        presented = preference_from_top_logprobs(
+            identifier, self.template.numerator_token, self.template.denominator_tokens
+        )
         preference = 3.0 - presented if switched else presented
         elapsed = time.monotonic() - started
         self.judgements += 1
@@ -226,7 +245,8 @@ class LocalLogprobJudge(Judge):
                 "prompt_tokens": len(prompt_ids),
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0},  # reads one distribution
                 "outputs_cut_at_chars": self.judge_max_chars
-                if max(len(first), len(second)) > self.judge_max_chars else None,
+                if max(len(first), len(second)) > self.judge_max_chars
+                else None,
             },
             "time_per_example": elapsed,
             "price_per_example": 0.0,
@@ -238,11 +258,13 @@ class LocalLogprobJudge(Judge):
         was_training = model.training
         model.eval()
         try:
-            for index in tqdm(range(len(pairs)), desc=f"judge {self.model_spec}", unit="judgement",
-                              disable=not self.show_progress):
+            for index in tqdm(
+                range(len(pairs)), desc=f"judge {self.model_spec}", unit="judgement", disable=not self.show_progress
+            ):
                 pair = pairs[index]
-                on_result(index, self.judge_one(pair["instruction"], pair["output_1"], pair["output_2"],
-                                                switched[index]))
+                on_result(
+                    index, self.judge_one(pair["instruction"], pair["output_1"], pair["output_2"], switched[index])
+                )
         finally:
             model.train(was_training)
 
@@ -304,12 +326,13 @@ class AlpacaEvalJudge(Judge):
                     f"judge {self.label} (annotator {name!r}) calls an API and needs {env[0]} in the environment "
                     f"(or {', '.join(env[1:])}); none is set. Export it before the run, or use the offline judge "
                     f"'local_logprob'."
-                    if len(env) > 1 else
-                    f"judge {self.label} (annotator {name!r}) needs {env[0]} in the environment; it is not set"
+                    if len(env) > 1
+                    else f"judge {self.label} (annotator {name!r}) needs {env[0]} in the environment; it is not set"
                 )
             if package and importlib.util.find_spec(package) is None:
-                raise JudgeError(f"judge {self.label} (annotator {name!r}) needs the package {package!r}, "
-                                 f"which is not installed")
+                raise JudgeError(
+                    f"judge {self.label} (annotator {name!r}) needs the package {package!r}, which is not installed"
+                )
 
     def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
         from alpaca_eval.annotators import PairwiseAnnotator
@@ -317,8 +340,10 @@ class AlpacaEvalJudge(Judge):
         self.check()
         annotator = PairwiseAnnotator(annotators_config=self.config_path, caching_path=None, **self.annotator_kwargs)
         for start in range(0, len(pairs), self.chunk_size):
-            chunk = [dict(instruction=p["instruction"], output_1=p["output_1"], output_2=p["output_2"])
-                     for p in pairs[start:start + self.chunk_size]]
+            chunk = [
+                dict(instruction=p["instruction"], output_1=p["output_1"], output_2=p["output_2"])
+                for p in pairs[start : start + self.chunk_size]
+            ]
             started = time.monotonic()
             results = annotator.annotate_pairs(chunk)
             by_key = {(r["instruction"], r["output_1"], r["output_2"]): r for r in results}
@@ -340,8 +365,8 @@ def make_judge(
     judge_max_chars: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
-    model: "PreTrainedModel | None" = None,
-    tokenizer: "PreTrainedTokenizerBase | None" = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     show_progress: bool = True,
     judge_base_url: str | None = None,
     judge_api_key_env: str | None = None,
@@ -360,26 +385,45 @@ def make_judge(
     """
     if name == "local_logprob" or name.startswith("local_logprob:"):
         if alpaca_eval_kwargs:
-            raise JudgeError(f"options {sorted(alpaca_eval_kwargs)} are for 'alpaca_eval:' judges; the local judge "
-                             f"takes judge_model, judge_max_chars, device, dtype, model and tokenizer")
+            raise JudgeError(
+                f"options {sorted(alpaca_eval_kwargs)} are for 'alpaca_eval:' judges; the local judge "
+                f"takes judge_model, judge_max_chars, device, dtype, model and tokenizer"
+            )
         spec = name.split(":", 1)[1] if ":" in name else judge_model
         max_chars = DEFAULT_JUDGE_MAX_CHARS if judge_max_chars is None else judge_max_chars
-        return LocalLogprobJudge(spec, model=model, tokenizer=tokenizer, judge_max_chars=max_chars, device=device,
-                                 dtype=dtype, show_progress=show_progress)
+        return LocalLogprobJudge(
+            spec,
+            model=model,
+            tokenizer=tokenizer,
+            judge_max_chars=max_chars,
+            device=device,
+            dtype=dtype,
+            show_progress=show_progress,
+        )
     if name == "openai_compatible" or name.startswith("openai_compatible:"):
         served = name.split(":", 1)[1] if ":" in name else judge_model
         if not served or served == DEFAULT_MODEL or served.startswith(("embedded:", "tiny")):
-            raise JudgeError(f"judge 'openai_compatible' needs the name the server serves its model under "
-                             f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}")
-        return ServedJudge(served, judge_base_url, api_key_env=judge_api_key_env, max_requests=judge_max_requests,
-                           timeout_s=DEFAULT_TIMEOUT_S if judge_timeout_s is None else judge_timeout_s,
-                           concurrency=DEFAULT_CONCURRENCY if judge_concurrency is None else judge_concurrency,
-                           show_progress=show_progress, **alpaca_eval_kwargs)
+            raise JudgeError(
+                f"judge 'openai_compatible' needs the name the server serves its model under "
+                f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}"
+            )
+        return ServedJudge(
+            served,
+            judge_base_url,
+            api_key_env=judge_api_key_env,
+            max_requests=judge_max_requests,
+            timeout_s=DEFAULT_TIMEOUT_S if judge_timeout_s is None else judge_timeout_s,
+            concurrency=DEFAULT_CONCURRENCY if judge_concurrency is None else judge_concurrency,
+            show_progress=show_progress,
+            **alpaca_eval_kwargs,
+        )
     if name.startswith("alpaca_eval:"):
         config = name.split(":", 1)[1]
         if not config:
             raise JudgeError(f"judge 'alpaca_eval:' needs an annotator config, e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}'")
         return AlpacaEvalJudge(config, **alpaca_eval_kwargs)
-    raise JudgeError(f"unknown judge {name!r}; use 'local_logprob' (offline), 'local_logprob:<model spec>', "
-                     f"'openai_compatible' (a served model, e.g. vLLM) or 'alpaca_eval:<annotator config>' "
-                     f"(e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')")
+    raise JudgeError(
+        f"unknown judge {name!r}; use 'local_logprob' (offline), 'local_logprob:<model spec>', "
+        f"'openai_compatible' (a served model, e.g. vLLM) or 'alpaca_eval:<annotator config>' "
+        f"(e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')"
+    )

@@ -1,8 +1,9 @@
 """The decode loop's KV cache: rows right aligned in one ``DynamicCache`` whose layers keep spare columns, so
 rows can leave and join between steps and a step writes its new column in place."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
     return input_ids, mask
 
 
@@ -39,13 +40,14 @@ class SlackLayer(DynamicLayer):
         rows = sum(keys.shape[0] for keys, _ in parts)
         first_keys, first_values = parts[0]
         self.key_buffer = first_keys.new_zeros((rows, first_keys.shape[1], width + self.slack, first_keys.shape[-1]))
-        self.value_buffer = first_values.new_zeros((rows, first_values.shape[1], width + self.slack,
-                                                    first_values.shape[-1]))
+        self.value_buffer = first_values.new_zeros(
+            (rows, first_values.shape[1], width + self.slack, first_values.shape[-1])
+        )
         row = 0
         for keys, values in parts:
             n, w = keys.shape[0], keys.shape[-2]
-            self.key_buffer[row:row + n, :, width - w:width, :] = keys
-            self.value_buffer[row:row + n, :, width - w:width, :] = values
+            self.key_buffer[row : row + n, :, width - w : width, :] = keys
+            self.value_buffer[row : row + n, :, width - w : width, :] = values
             row += n
         self._set_length(width)
         self.device, self.is_initialized = first_keys.device, True
@@ -61,8 +63,8 @@ class SlackLayer(DynamicLayer):
             spare = max(self.slack, key_states.shape[-2])
             self.key_buffer = F.pad(self.keys, (0, 0, 0, spare))
             self.value_buffer = F.pad(self.values, (0, 0, 0, spare))
-        self.key_buffer[..., self.length:end, :] = key_states
-        self.value_buffer[..., self.length:end, :] = value_states
+        self.key_buffer[..., self.length : end, :] = key_states
+        self.value_buffer[..., self.length : end, :] = value_states
         self._set_length(end)
         return self.keys, self.values
 
@@ -115,8 +117,8 @@ class LiveBatch:
             if isinstance(layer, SlackLayer):
                 layer.select(index, width - needed)
             else:  # a plain DynamicLayer (rows that finished right after prefill, before any merge)
-                layer.keys = layer.keys[index, :, width - needed:, :]
-                layer.values = layer.values[index, :, width - needed:, :]
+                layer.keys = layer.keys[index, :, width - needed :, :]
+                layer.values = layer.values[index, :, width - needed :, :]
 
     def merge(self, other: LiveBatch) -> None:
         """Append ``other``'s rows, left padding the narrower cache so both end at the same column."""
@@ -124,10 +126,13 @@ class LiveBatch:
             return
         if self.cache is None:
             self.cache = other.cache
-            self.cache.layers = [SlackLayer([(theirs.keys, theirs.values)], self.slack)
-                                 for theirs in other.cache.layers]
+            self.cache.layers = [
+                SlackLayer([(theirs.keys, theirs.values)], self.slack) for theirs in other.cache.layers
+            ]
         else:
-            self.cache.layers = [SlackLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], self.slack)
-                                 for mine, theirs in zip(self.cache.layers, other.cache.layers)]
+            self.cache.layers = [
+                SlackLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], self.slack)
+                for mine, theirs in zip(self.cache.layers, other.cache.layers)
+            ]
         for name in ("prompt_index", "cached", "last_token", "generators"):
             getattr(self, name).extend(getattr(other, name))

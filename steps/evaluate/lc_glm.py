@@ -1,6 +1,7 @@
 """The one place PrefFlow reaches inside alpaca_eval: its length-controlled GLM downloads two asset files from the
 Hub at call time, and this adapter serves them from elsewhere for one call (checked against the installed library
 before every use, so a changed alpaca_eval fails loudly instead of silently reaching the Hub)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,9 @@ import io
 import logging
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def check_glm_interface() -> None:
         return GlmInterfaceError(
             f"alpaca_eval {getattr(alpaca_eval, '__version__', '?')}: {what}; steps/evaluate/lc_glm.py serves the "
             f"LC assets by replacing {GLM_MODULE}.{REDIRECTED_FUNCTION} and needs updating for this version "
-            f"(pinned and checked: alpaca-eval 0.6.6)")
+            f"(pinned and checked: alpaca-eval 0.6.6)"
+        )
 
     download = getattr(glm_winrate, REDIRECTED_FUNCTION, None)
     if not callable(download):
@@ -130,8 +133,11 @@ def hub_assets_available() -> bool:
 
     try:
         getattr(glm_winrate, REDIRECTED_FUNCTION)(
-            repo_id="tatsu-lab/alpaca_eval", filename=GAMED_FILE, repo_type="dataset",
-            token=constants.DATASETS_TOKEN, cache_dir=constants.DEFAULT_CACHE_DIR,
+            repo_id="tatsu-lab/alpaca_eval",
+            filename=GAMED_FILE,
+            repo_type="dataset",
+            token=constants.DATASETS_TOKEN,
+            cache_dir=constants.DEFAULT_CACHE_DIR,
         )
     except Exception as exc:  # offline, not cached, network or auth errors
         logger.info("LC assets not available from the Hub (%s: %s)", type(exc).__name__, exc)
@@ -139,8 +145,9 @@ def hub_assets_available() -> bool:
     return True
 
 
-def fit_length_controlled(frame: Any, glm_name: str, glm_info: dict[str, Any],
-                          resolver: Callable[[str], Any] | None) -> tuple[float, float, list[float]]:
+def fit_length_controlled(
+    frame: Any, glm_name: str, glm_info: dict[str, Any], resolver: Callable[[str], Any] | None
+) -> tuple[float, float, list[float]]:
     """alpaca_eval's ``get_length_controlled_winrate`` on a copy of ``frame``: (LC, its s.e., per-row GLM preference).
 
     The per-row predictions come through the public ``is_add_glm_preference_inplace`` option; they tell a fit
@@ -154,7 +161,16 @@ def fit_length_controlled(frame: Any, glm_name: str, glm_info: dict[str, Any],
     # alpaca_eval turns on sklearn metadata routing globally; config_context puts the setting back.
     with redirect, sklearn.config_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        lc = get_length_controlled_winrate(work, glm_name=glm_name, save_weights_dir=None, glm_info=glm_info,
-                                           is_add_glm_preference_inplace=True, is_warn_extreme_changes=True)
-    return (float(lc["length_controlled_winrate"]), float(lc["lc_standard_error"]),
-            [float(p) for p in work["glm_preference"]])
+        lc = get_length_controlled_winrate(
+            work,
+            glm_name=glm_name,
+            save_weights_dir=None,
+            glm_info=glm_info,
+            is_add_glm_preference_inplace=True,
+            is_warn_extreme_changes=True,
+        )
+    return (
+        float(lc["length_controlled_winrate"]),
+        float(lc["lc_standard_error"]),
+        [float(p) for p in work["glm_preference"]],
+    )

@@ -1,10 +1,12 @@
 """Paired comparison of two models judged on the same instructions against the same reference: the mean
 per-instruction win difference with a seeded 95 % percentile bootstrap interval (deterministic)."""
+
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from steps.evaluate.scoring import AnnotationsError
 
@@ -67,8 +69,10 @@ def paired_comparison(
     a, b = _keyed(annotations, source), _keyed(baseline_annotations, baseline_source)
     shared = [key for key in a if key in b]
     if not shared:
-        raise AnnotationsError(f"{source} and {baseline_source} share no instruction; a paired comparison needs "
-                               f"both models judged on the same instructions")
+        raise AnnotationsError(
+            f"{source} and {baseline_source} share no instruction; a paired comparison needs "
+            f"both models judged on the same instructions"
+        )
     differences = []
     for key in shared:
         row_a, row_b = a[key], b[key]
@@ -76,7 +80,8 @@ def paired_comparison(
             raise AnnotationsError(
                 f"instruction {key[0][:80]!r}: the two files judge against different reference answers "
                 f"({row_a.get('generator_1')!r} vs {row_b.get('generator_1')!r}); compare models scored against "
-                f"the same reference")
+                f"the same reference"
+            )
         win_a, win_b = _win(row_a["preference"]), _win(row_b["preference"])
         if win_a is not None and win_b is not None:
             differences.append(win_a - win_b)
@@ -89,7 +94,7 @@ def paired_comparison(
     means = np.empty(resamples, dtype=np.float64)
     for start in range(0, resamples, _CHUNK):
         count = min(_CHUNK, resamples - start)
-        means[start:start + count] = d[rng.integers(0, n, size=(count, n))].mean(axis=1)
+        means[start : start + count] = d[rng.integers(0, n, size=(count, n))].mean(axis=1)
     low, high = (float(v) * 100 for v in np.percentile(means, [2.5, 97.5]))
     standard_error = float(d.std(ddof=1) / math.sqrt(n) * 100) if n > 1 else None
     generator = next(iter(a.values())).get("generator_2")

@@ -1,11 +1,13 @@
 """Held-out preference metrics that need no judge: on the dev preference pairs, how often a model gives the chosen
 answer more probability than the rejected one, and (given a reference model) DPO's implicit-reward accuracy/margin."""
+
 from __future__ import annotations
 
 import gc
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -28,26 +30,46 @@ def _response_text(value: Any, field: str, index: int) -> str:
     """A response given as text, or as chat messages that are all the assistant's (their contents joined)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") == "assistant"
-                                                 and isinstance(m.get("content"), str) for m in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in value
+        )
+    ):
         return "".join(m["content"] for m in value)
-    raise PreferenceDataError(f"preference row {index}: {field!r} must be a string or a list of assistant messages, "
-                              f"got {str(value)[:120]}")
+    raise PreferenceDataError(
+        f"preference row {index}: {field!r} must be a string or a list of assistant messages, got {str(value)[:120]}"
+    )
 
 
 def _normalised_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or not all(k in row for k in ("prompt", "chosen", "rejected")):
-            raise PreferenceDataError(f"preference row {index} needs 'prompt', 'chosen' and 'rejected' "
-                                      f"(preference.dev.jsonl rows), got {str(row)[:120]}")
-        out.append({**row, "chosen": _response_text(row["chosen"], "chosen", index),
-                    "rejected": _response_text(row["rejected"], "rejected", index)})
+            raise PreferenceDataError(
+                f"preference row {index} needs 'prompt', 'chosen' and 'rejected' "
+                f"(preference.dev.jsonl rows), got {str(row)[:120]}"
+            )
+        out.append(
+            {
+                **row,
+                "chosen": _response_text(row["chosen"], "chosen", index),
+                "rejected": _response_text(row["rejected"], "rejected", index),
+            }
+        )
     return out
 
 
-def pair_logprobs(model: "PreTrainedModel", examples: Sequence[Any], pad_id: int, *, max_num_tokens: int,
-                  desc: str = "held-out pairs", show_progress: bool = True) -> list[tuple[float, float, int, int]]:
+def pair_logprobs(
+    model: PreTrainedModel,
+    examples: Sequence[Any],
+    pad_id: int,
+    *,
+    max_num_tokens: int,
+    desc: str = "held-out pairs",
+    show_progress: bool = True,
+) -> list[tuple[float, float, int, int]]:
     """(chosen sum, rejected sum, chosen tokens, rejected tokens) per PairExample, in order, with autograd off.
 
     Summed over the response tokens plus the end-of-turn token, prompt masked: what training scores.
@@ -95,9 +117,9 @@ def heldout_preference_metrics(
     max_num_tokens: int = 8192,
     overlength: Literal["drop", "truncate"] = "truncate",
     max_pairs: int | None = None,
-    model: "PreTrainedModel | None" = None,
-    tokenizer: "PreTrainedTokenizerBase | None" = None,
-    reference_model: "PreTrainedModel | None" = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    reference_model: PreTrainedModel | None = None,
     show_progress: bool = True,
     return_per_pair: bool = False,
 ) -> dict[str, Any]:
@@ -126,54 +148,104 @@ def heldout_preference_metrics(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_spec))
     examples, stats = tokenize_pairs(rows, tokenizer, max_seq_len, overlength)
     has_reference = reference_spec is not None or reference_model is not None
-    result: dict[str, Any] = {"model": model_spec, "reference": reference_spec if has_reference else None,
-                              "beta": float(beta) if has_reference else None, "n_rows": len(rows),
-                              "n_pairs": len(examples), "n_dropped_overlength": stats.dropped_overlength,
-                              "n_truncated": stats.truncated, "max_seq_len": max_seq_len}
+    result: dict[str, Any] = {
+        "model": model_spec,
+        "reference": reference_spec if has_reference else None,
+        "beta": float(beta) if has_reference else None,
+        "n_rows": len(rows),
+        "n_pairs": len(examples),
+        "n_dropped_overlength": stats.dropped_overlength,
+        "n_truncated": stats.truncated,
+        "max_seq_len": max_seq_len,
+    }
     if not examples:
-        logger.warning("no held-out preference pair left to score (%d rows, %d dropped as over-long)", len(rows),
-                       stats.dropped_overlength)
-        return {**result, "preference_accuracy": None, "preference_accuracy_normalized": None,
-                "reward_accuracy": None, "reward_margin_mean": None}
+        logger.warning(
+            "no held-out preference pair left to score (%d rows, %d dropped as over-long)",
+            len(rows),
+            stats.dropped_overlength,
+        )
+        return {
+            **result,
+            "preference_accuracy": None,
+            "preference_accuracy_normalized": None,
+            "reward_accuracy": None,
+            "reward_margin_mean": None,
+        }
 
     loaded = model is None
     policy = model if model is not None else load_model(str(model_spec), dtype=dtype, device=device)
-    scores = pair_logprobs(policy, examples, tokenizer.pad_token_id, max_num_tokens=max_num_tokens,
-                           desc=f"held-out pairs {model_spec or 'model'}", show_progress=show_progress)
+    scores = pair_logprobs(
+        policy,
+        examples,
+        tokenizer.pad_token_id,
+        max_num_tokens=max_num_tokens,
+        desc=f"held-out pairs {model_spec or 'model'}",
+        show_progress=show_progress,
+    )
     if loaded:
         del policy
         gc.collect()
     reference_scores = None
     if has_reference:
-        ref = reference_model if reference_model is not None else load_model(str(reference_spec), dtype=dtype,
-                                                                              device=device)
-        reference_scores = pair_logprobs(ref, examples, tokenizer.pad_token_id, max_num_tokens=max_num_tokens,
-                                         desc=f"held-out pairs reference {reference_spec or ''}".strip(),
-                                         show_progress=show_progress)
+        ref = (
+            reference_model
+            if reference_model is not None
+            else load_model(str(reference_spec), dtype=dtype, device=device)
+        )
+        reference_scores = pair_logprobs(
+            ref,
+            examples,
+            tokenizer.pad_token_id,
+            max_num_tokens=max_num_tokens,
+            desc=f"held-out pairs reference {reference_spec or ''}".strip(),
+            show_progress=show_progress,
+        )
         del ref
         gc.collect()
 
     accuracy, accuracy_se = _accuracy([c > r for c, r, _, _ in scores])
     normalized, normalized_se = _accuracy([c / max(nc, 1) > r / max(nr, 1) for c, r, nc, nr in scores])
-    result.update(preference_accuracy=accuracy, preference_accuracy_se=accuracy_se,
-                  preference_accuracy_normalized=normalized, preference_accuracy_normalized_se=normalized_se,
-                  n_ties=sum(c == r for c, r, _, _ in scores),
-                  logprob_margin_mean=math.fsum(c - r for c, r, _, _ in scores) / len(scores))
+    result.update(
+        preference_accuracy=accuracy,
+        preference_accuracy_se=accuracy_se,
+        preference_accuracy_normalized=normalized,
+        preference_accuracy_normalized_se=normalized_se,
+        n_ties=sum(c == r for c, r, _, _ in scores),
+        logprob_margin_mean=math.fsum(c - r for c, r, _, _ in scores) / len(scores),
+    )
     margins: list[float] = []
     if reference_scores is not None:
         margins = [beta * ((c - rc) - (r - rr)) for (c, r, _, _), (rc, rr, _, _) in zip(scores, reference_scores)]
         reward_accuracy, reward_se = _accuracy([m > 0 for m in margins])
-        result.update(reward_accuracy=reward_accuracy, reward_accuracy_se=reward_se,
-                      reward_margin_mean=math.fsum(margins) / len(margins))
+        result.update(
+            reward_accuracy=reward_accuracy,
+            reward_accuracy_se=reward_se,
+            reward_margin_mean=math.fsum(margins) / len(margins),
+        )
     else:
         result.update(reward_accuracy=None, reward_accuracy_se=None, reward_margin_mean=None)
     if return_per_pair:
         result["per_pair"] = [
-            {"id": ex.id, "chosen_logp": c, "rejected_logp": r, "chosen_tokens": nc, "rejected_tokens": nr,
-             **({"reference_chosen_logp": reference_scores[i][0], "reference_rejected_logp": reference_scores[i][1]}
-                if reference_scores is not None else {})}
-            for i, (ex, (c, r, nc, nr)) in enumerate(zip(examples, scores))]
-    logger.info("held-out preference accuracy of %s on %d pairs: %.3f (length-normalised %.3f)%s", model_spec,
-                len(scores), accuracy, normalized,
-                f", reward accuracy {result['reward_accuracy']:.3f} vs {reference_spec}" if margins else "")
+            {
+                "id": ex.id,
+                "chosen_logp": c,
+                "rejected_logp": r,
+                "chosen_tokens": nc,
+                "rejected_tokens": nr,
+                **(
+                    {"reference_chosen_logp": reference_scores[i][0], "reference_rejected_logp": reference_scores[i][1]}
+                    if reference_scores is not None
+                    else {}
+                ),
+            }
+            for i, (ex, (c, r, nc, nr)) in enumerate(zip(examples, scores))
+        ]
+    logger.info(
+        "held-out preference accuracy of %s on %d pairs: %.3f (length-normalised %.3f)%s",
+        model_spec,
+        len(scores),
+        accuracy,
+        normalized,
+        f", reward accuracy {result['reward_accuracy']:.3f} vs {reference_spec}" if margins else "",
+    )
     return result

@@ -1,11 +1,13 @@
 """Next-token log-probabilities of a causal LM for many prompts that share a prefix: the prefix runs once and
 its KV cache is reused for every prompt that starts with it."""
+
 from __future__ import annotations
 
 import copy
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +20,7 @@ class PrefixCachedScorer:
     """Log-softmax of the next token after each prompt; prompts that start with ``prefix_ids`` only run their
     remainder, on a copy of the prefix's KV cache. ``forward_passes`` counts model calls."""
 
-    def __init__(self, model: "PreTrainedModel", prefix_ids: Sequence[int]) -> None:
+    def __init__(self, model: PreTrainedModel, prefix_ids: Sequence[int]) -> None:
         self.model = model
         self.prefix_ids = list(prefix_ids)
         self.forward_passes = 0
@@ -28,7 +30,7 @@ class PrefixCachedScorer:
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
         self._prefix_cache: Any = None
 
-    def next_token_logprobs(self, prompt_ids: Sequence[int]) -> "torch.Tensor":
+    def next_token_logprobs(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Float32 log-probabilities over the vocabulary of the token after ``prompt_ids``."""
         import torch
 
@@ -36,8 +38,8 @@ class PrefixCachedScorer:
         with torch.inference_mode():
             if self._prefix_cache is None and prefix:
                 self._prefix_cache = getattr(self._forward(prefix, keep_cache=True), self._cache_name)
-            if prefix and len(prompt_ids) > len(prefix) and prompt_ids[:len(prefix)] == prefix:
-                out = self._forward(prompt_ids[len(prefix):], past=copy.deepcopy(self._prefix_cache))
+            if prefix and len(prompt_ids) > len(prefix) and prompt_ids[: len(prefix)] == prefix:
+                out = self._forward(prompt_ids[len(prefix) :], past=copy.deepcopy(self._prefix_cache))
             else:
                 logger.debug("prompt does not start with the cached prefix; full forward pass")
                 out = self._forward(prompt_ids)

@@ -1,11 +1,13 @@
 """Win rate and length-controlled win rate with alpaca_eval's own metrics. The LC computation that produced a
 number is always named (``lc_method``); where no meaningful LC exists it is None with ``lc_unavailable_reason``."""
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from steps.evaluate.lc_glm import (
     DIFFICULTY_FILE,
@@ -19,8 +21,15 @@ from steps.evaluate.lc_glm import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_INSTRUCTIONS_FOR_LC", "AnnotationsError", "LcAssetsError", "annotations_frame", "lc_method_label",
-           "lc_unavailable_reason", "score"]
+__all__ = [
+    "MIN_INSTRUCTIONS_FOR_LC",
+    "AnnotationsError",
+    "LcAssetsError",
+    "annotations_frame",
+    "lc_method_label",
+    "lc_unavailable_reason",
+    "score",
+]
 
 LC_GLM_NAME = "length_controlled_v1"
 #: A file with one of these names in an assets directory marks its contents as approximate (not official).
@@ -63,29 +72,38 @@ def annotations_frame(annotations: Sequence[dict[str, Any]], source: str = "anno
             raise AnnotationsError(f"{source}: record {index} is a {type(row).__name__}, expected an object")
         missing = [k for k in REQUIRED_ANNOTATION_FIELDS if k not in row]
         if missing:
-            raise AnnotationsError(f"{source}: record {index} lacks {missing}; alpaca_eval annotations need "
-                                   f"{', '.join(REQUIRED_ANNOTATION_FIELDS)}")
+            raise AnnotationsError(
+                f"{source}: record {index} lacks {missing}; alpaca_eval annotations need "
+                f"{', '.join(REQUIRED_ANNOTATION_FIELDS)}"
+            )
         pref = row["preference"]
         if pref is not None and not isinstance(pref, (int, float)):
             raise AnnotationsError(f"{source}: record {index} preference {pref!r} is not a number or null")
         if pref is not None and not math.isnan(pref) and not (1.0 <= pref <= 2.0 or pref == 0.0):
-            raise AnnotationsError(f"{source}: record {index} preference {pref} is outside [1, 2] "
-                                   f"(1 = output_1 wins, 2 = output_2 wins, 1.5 or 0 = draw)")
+            raise AnnotationsError(
+                f"{source}: record {index} preference {pref} is outside [1, 2] "
+                f"(1 = output_1 wins, 2 = output_2 wins, 1.5 or 0 = draw)"
+            )
     df = pd.DataFrame(
-        [{k: row[k] for k in REQUIRED_ANNOTATION_FIELDS} | {"annotator": row.get("annotator", "unknown")}
-         for row in annotations]
+        [
+            {k: row[k] for k in REQUIRED_ANNOTATION_FIELDS} | {"annotator": row.get("annotator", "unknown")}
+            for row in annotations
+        ]
     )
     df["preference"] = pd.to_numeric(df["preference"], errors="coerce").astype(float)
     for column in ("generator_1", "generator_2"):
         values = df[column].unique()
         if len(values) != 1:
-            raise AnnotationsError(f"{source}: {column} must be one generator, found {list(values)[:5]}; "
-                                   f"score one model against one reference at a time")
+            raise AnnotationsError(
+                f"{source}: {column} must be one generator, found {list(values)[:5]}; "
+                f"score one model against one reference at a time"
+            )
     return df
 
 
-def lc_method_label(*, subset: bool, gamed_regularisation: bool, instruction_difficulty: bool,
-                    assets: str | None, approximate: bool) -> str:
+def lc_method_label(
+    *, subset: bool, gamed_regularisation: bool, instruction_difficulty: bool, assets: str | None, approximate: bool
+) -> str:
     """The name of the LC computation, e.g. ``length_controlled_v1 (approximate assets: DIR)``."""
     label = LC_GLM_NAME
     if subset:
@@ -109,8 +127,10 @@ def lc_unavailable_reason(df: Any) -> str | None:
     preferences = df["preference"].replace({0.0: 1.5})
     valid = preferences.dropna()
     if len(valid) < MIN_INSTRUCTIONS_FOR_LC:
-        return (f"{len(valid)} judged instruction{'s' if len(valid) != 1 else ''}; the length-controlled GLM needs "
-                f"at least {MIN_INSTRUCTIONS_FOR_LC} (5-fold cross-validation, 10 or more instructions per fold)")
+        return (
+            f"{len(valid)} judged instruction{'s' if len(valid) != 1 else ''}; the length-controlled GLM needs "
+            f"at least {MIN_INSTRUCTIONS_FOR_LC} (5-fold cross-validation, 10 or more instructions per fold)"
+        )
     if df["generator_1"].iloc[0] == df["generator_2"].iloc[0]:
         return "the model and the reference are the same generator, so LC is 50 by construction"
     if bool((valid == 1.5).all()):
@@ -118,8 +138,10 @@ def lc_unavailable_reason(df: Any) -> str | None:
     delta = df["output_1"].astype(str).str.len() - df["output_2"].astype(str).str.len()
     spread = float(delta.std())
     if not math.isfinite(spread) or spread == 0:
-        return ("the length difference between model and reference is the same on every instruction (e.g. "
-                "identical or empty answers), so the GLM's standardised length term is undefined")
+        return (
+            "the length difference between model and reference is the same on every instruction (e.g. "
+            "identical or empty answers), so the GLM's standardised length term is undefined"
+        )
     return None
 
 
@@ -165,18 +187,28 @@ def score(
         if lc_assets_dir is not None:
             directory = Path(lc_assets_dir)
             if not (directory / GAMED_FILE).is_file():
-                raise LcAssetsError(f"LC assets directory {directory} has no {GAMED_FILE}; give a directory "
-                                    f"with {GAMED_FILE} and {DIFFICULTY_FILE}, or none to score without them")
+                raise LcAssetsError(
+                    f"LC assets directory {directory} has no {GAMED_FILE}; give a directory "
+                    f"with {GAMED_FILE} and {DIFFICULTY_FILE}, or none to score without them"
+                )
             assets, approximate, full_glm = str(directory), is_approximate_assets(directory), True
             resolver = local_resolver(directory)
         elif use_hub and hub_assets_available():
             assets, full_glm = "hub", True
     elif lc_assets_dir is not None:
-        logger.warning("ignoring LC assets %s: the rows are not AlpacaEval's instructions in order, so the "
-                       "per-instruction difficulty and gamed baselines do not apply", lc_assets_dir)
+        logger.warning(
+            "ignoring LC assets %s: the rows are not AlpacaEval's instructions in order, so the "
+            "per-instruction difficulty and gamed baselines do not apply",
+            lc_assets_dir,
+        )
 
-    metrics["lc_method"] = lc_method_label(subset=subset, gamed_regularisation=full_glm,
-                                           instruction_difficulty=full_glm, assets=assets, approximate=approximate)
+    metrics["lc_method"] = lc_method_label(
+        subset=subset,
+        gamed_regularisation=full_glm,
+        instruction_difficulty=full_glm,
+        assets=assets,
+        approximate=approximate,
+    )
     metrics["lc_assets"] = assets
     metrics["lc_approximate_assets"] = approximate
     lc, lc_se, reason = None, None, lc_unavailable_reason(df)
@@ -184,8 +216,11 @@ def score(
         if full_glm:
             glm_info = GLM_INFO[LC_GLM_NAME]
         else:
-            glm_info = {"formula": NO_DIFFICULTY_FORMULA, "regularize_to_baseline_lambda": None,
-                        "kwargs": dict(GLM_INFO[LC_GLM_NAME]["kwargs"])}
+            glm_info = {
+                "formula": NO_DIFFICULTY_FORMULA,
+                "regularize_to_baseline_lambda": None,
+                "kwargs": dict(GLM_INFO[LC_GLM_NAME]["kwargs"]),
+            }
             resolver = no_assets_resolver(len(df))
         lc, lc_se, reason = _fit(df, glm_info, resolver)
         if not full_glm:
@@ -195,13 +230,19 @@ def score(
     metrics["lc_unavailable_reason"] = reason
 
     out = {k: _plain(v) for k, v in metrics.items()}
-    logger.info("scored %d annotations: WR %s, LC %s (%s)", len(df), out["win_rate"],
-                out["length_controlled_winrate"], reason or out["lc_method"])
+    logger.info(
+        "scored %d annotations: WR %s, LC %s (%s)",
+        len(df),
+        out["win_rate"],
+        out["length_controlled_winrate"],
+        reason or out["lc_method"],
+    )
     return out
 
 
-def _fit(df: Any, glm_info: dict[str, Any], resolver: Callable[[str], Any] | None
-         ) -> tuple[float | None, float | None, str | None]:
+def _fit(
+    df: Any, glm_info: dict[str, Any], resolver: Callable[[str], Any] | None
+) -> tuple[float | None, float | None, str | None]:
     """(LC, s.e., None) from alpaca_eval's GLM, or (None, None, reason) when the fit fails or says nothing."""
     try:
         lc, lc_se, predictions = fit_length_controlled(df, LC_GLM_NAME, glm_info, resolver)
@@ -213,8 +254,14 @@ def _fit(df: Any, glm_info: dict[str, Any], resolver: Callable[[str], Any] | Non
     if not math.isfinite(lc):
         return None, None, "alpaca_eval's GLM gave a non-finite win rate"
     if all(abs(p - 0.5) <= COLLAPSED_FIT_TOLERANCE for p in predictions):
-        return None, None, ("the regularised GLM shrank every coefficient to zero (LC would read exactly 50.00 "
-                            "whatever the judgements); it needs more instructions or a clearer signal")
+        return (
+            None,
+            None,
+            (
+                "the regularised GLM shrank every coefficient to zero (LC would read exactly 50.00 "
+                "whatever the judgements); it needs more instructions or a clearer signal"
+            ),
+        )
     return lc, lc_se, None
 
 

@@ -1,6 +1,7 @@
 """``openai_compatible``: alpaca_eval's weighted annotator (its template, seeded swap and log-prob rule) sent to any
 OpenAI-compatible chat-completions server (vLLM, OpenAI), with retries, a request budget, and the key read from the
 environment at request time only (never stored, logged or cached)."""
+
 from __future__ import annotations
 
 import http.client
@@ -12,8 +13,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -51,8 +53,10 @@ def request_settings(annotator_config: str = OFFICIAL_ANNOTATOR) -> dict[str, An
     kwargs = settings.get("completions_kwargs") or {}
     missing = [k for k in REQUEST_KEYS if k not in kwargs]
     if missing or not kwargs.get("logprobs"):
-        raise JudgeError(f"{path}: the served judge needs a log-prob annotator whose completions_kwargs set "
-                         f"{', '.join(REQUEST_KEYS)} (logprobs true); missing {missing}")
+        raise JudgeError(
+            f"{path}: the served judge needs a log-prob annotator whose completions_kwargs set "
+            f"{', '.join(REQUEST_KEYS)} (logprobs true); missing {missing}"
+        )
     return {k: kwargs[k] for k in REQUEST_KEYS}
 
 
@@ -87,10 +91,15 @@ class ServedJudge(Judge):
         if not isinstance(model, str) or not model:
             raise JudgeError("judge 'openai_compatible' needs the served model's name (evaluation.judge_model)")
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"judge 'openai_compatible' needs evaluation.judge_base_url, an http(s) URL such as "
-                             f"http://localhost:8000/v1, got {base_url!r}")
-        for field, value, low in (("judge_max_requests", max_requests, 1), ("judge_concurrency", concurrency, 1),
-                                  ("max_retries", max_retries, 0)):
+            raise JudgeError(
+                f"judge 'openai_compatible' needs evaluation.judge_base_url, an http(s) URL such as "
+                f"http://localhost:8000/v1, got {base_url!r}"
+            )
+        for field, value, low in (
+            ("judge_max_requests", max_requests, 1),
+            ("judge_concurrency", concurrency, 1),
+            ("max_retries", max_retries, 0),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise JudgeError(f"{field} must be an integer >= {low}, got {value!r}")
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
@@ -116,8 +125,10 @@ class ServedJudge(Judge):
     def cache_identity(self) -> str:
         # the server's address is not part of it: the same model behind another URL gives the same judgement
         s = self.settings
-        return (f"{self.label}|template={self.annotator_config}|switch_seed={self.switch_seed}"
-                f"|max_tokens={s['max_tokens']}|temperature={s['temperature']}|top_logprobs={s['top_logprobs']}")
+        return (
+            f"{self.label}|template={self.annotator_config}|switch_seed={self.switch_seed}"
+            f"|max_tokens={s['max_tokens']}|temperature={s['temperature']}|top_logprobs={s['top_logprobs']}"
+        )
 
     @property
     def price_model(self) -> str | None:
@@ -136,25 +147,35 @@ class ServedJudge(Judge):
         return self._settings
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "annotator_config": self.annotator_config, "judge_model": self.model,
-                "judge_base_url": self.base_url, "judge_api_key_env": self.api_key_env,
-                "judge_requests_made": self.requests_made, "judge_retries": self.retries}
+        return {
+            **super().metadata(),
+            "annotator_config": self.annotator_config,
+            "judge_model": self.model,
+            "judge_base_url": self.base_url,
+            "judge_api_key_env": self.api_key_env,
+            "judge_requests_made": self.requests_made,
+            "judge_retries": self.retries,
+        }
 
     def check(self) -> None:
         """Template and request settings readable; the key variable (when named) set. Sends nothing."""
         _ = self.template, self.settings
         if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise JudgeError(f"judge {self.label} reads its API key from ${self.api_key_env}, which is not set; "
-                             f"export it, or set evaluation.judge_api_key_env to null for a server without a key")
+            raise JudgeError(
+                f"judge {self.label} reads its API key from ${self.api_key_env}, which is not set; "
+                f"export it, or set evaluation.judge_api_key_env to null for a server without a key"
+            )
 
     # -- one request ----------------------------------------------------------------------------------------------
 
     def _spend(self) -> None:
         with self._lock:
             if self._budget is not None and self._budget <= 0:
-                raise JudgeError(f"judge {self.label}: request budget exhausted after {self.requests_made} requests "
-                                 f"(evaluation.judge_max_requests); judgements made so far are cached, so a rerun "
-                                 f"with a larger budget sends only the rest")
+                raise JudgeError(
+                    f"judge {self.label}: request budget exhausted after {self.requests_made} requests "
+                    f"(evaluation.judge_max_requests); judgements made so far are cached, so a rerun "
+                    f"with a larger budget sends only the rest"
+                )
             if self._budget is not None:
                 self._budget -= 1
             self.requests_made += 1
@@ -173,7 +194,7 @@ class ServedJudge(Judge):
         return text.replace(key, "***") if key else text
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.75 + 0.5 * random.random())
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.75 + 0.5 * random.random())
         if retry_after and retry_after.replace(".", "", 1).isdigit():  # seconds (an HTTP date is ignored)
             delay = min(self.max_backoff_s, float(retry_after))
         with self._lock:
@@ -198,8 +219,13 @@ class ServedJudge(Judge):
                     raise JudgeError(f"judge {self.label}: {url} answered HTTP {exc.code}{hint}: {detail}") from None
                 last = f"HTTP {exc.code}: {detail}"
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            except (TimeoutError, ConnectionError, http.client.HTTPException, urllib.error.URLError,
-                    json.JSONDecodeError) as exc:
+            except (
+                TimeoutError,
+                ConnectionError,
+                http.client.HTTPException,
+                urllib.error.URLError,
+                json.JSONDecodeError,
+            ) as exc:
                 last, retry_after = self._scrub(f"{type(exc).__name__}: {exc}"), None
             if attempt < self.max_retries:
                 logger.warning("judge %s: %s; retry %d of %d", self.label, last, attempt + 1, self.max_retries)
@@ -219,13 +245,16 @@ class ServedJudge(Judge):
         except (KeyError, IndexError, TypeError, AttributeError):
             raise JudgeError(f"judge {self.label}: not a chat-completions reply: {str(reply)[:300]}") from None
         if not top:
-            raise JudgeError(f"judge {self.label}: the server returned no top_logprobs; the weighted annotator needs "
-                             f"a server that supports logprobs/top_logprobs on chat completions (vLLM and OpenAI do)")
+            raise JudgeError(
+                f"judge {self.label}: the server returned no top_logprobs; the weighted annotator needs "
+                f"a server that supports logprobs/top_logprobs on chat completions (vLLM and OpenAI do)"
+            )
         logprobs: dict[str, float] = {}
         for item in top:
             logprobs.setdefault(item["token"], float(item["logprob"]))
-        presented = preference_from_top_logprobs(logprobs, self.template.numerator_token,
-                                                 self.template.denominator_tokens)
+        presented = preference_from_top_logprobs(
+            logprobs, self.template.numerator_token, self.template.denominator_tokens
+        )
         usage = reply.get("usage") or {}
         return {
             "preference": 3.0 - presented if switched else presented,
@@ -235,8 +264,12 @@ class ServedJudge(Judge):
                 "finish_reason": choice.get("finish_reason"),
                 "is_switched_outputs": switched,
                 "model": reply.get("model"),
-                "usage": {"prompt_tokens": usage.get("prompt_tokens"),
-                          "completion_tokens": usage.get("completion_tokens")} if usage else None,
+                "usage": {
+                    "prompt_tokens": usage.get("prompt_tokens"),
+                    "completion_tokens": usage.get("completion_tokens"),
+                }
+                if usage
+                else None,
             },
             "time_per_example": time.monotonic() - started,
         }
@@ -260,8 +293,9 @@ class ServedJudge(Judge):
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
             try:
                 for index, pair in enumerate(pairs):
-                    future = pool.submit(self.judge_one, pair["instruction"], pair["output_1"], pair["output_2"],
-                                         switched[index])
+                    future = pool.submit(
+                        self.judge_one, pair["instruction"], pair["output_1"], pair["output_2"], switched[index]
+                    )
                     pending[future] = index
                     while len(pending) >= self.concurrency:
                         hand_over(wait(list(pending), return_when=FIRST_COMPLETED).done)

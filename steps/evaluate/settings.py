@@ -37,8 +37,9 @@ class GenerationSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise GenerationError(f"seed must be an integer, got {self.seed!r}", "seed")
         if not _finite(self.temperature) or self.temperature < 0:
-            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}",
-                                  "temperature")
+            raise GenerationError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}", "temperature"
+            )
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 
@@ -34,8 +35,8 @@ class PairExample:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    reference_chosen: Optional[float] = None
-    reference_rejected: Optional[float] = None
+    reference_chosen: float | None = None
+    reference_rejected: float | None = None
 
     @property
     def length(self) -> int:
@@ -120,7 +121,7 @@ def tokenize_pairs(rows: Sequence[dict], tokenizer, max_seq_len: int,
 
 def make_batches(examples: Sequence, max_num_tokens: int, seed: int, epoch: int,
                  rows_per_example: int = 1, shuffle: bool = True,
-                 max_examples: Optional[int] = None) -> list[list[int]]:
+                 max_examples: int | None = None) -> list[list[int]]:
     """Indices of examples grouped into micro-batches: sorted by length (``sort_length`` where the
     example has one; random tie-break), cut greedily so that rows x longest ``length`` <= max_num_tokens
     and, when ``max_examples`` is given, at most that many examples per batch (a fixed batch size with
@@ -165,7 +166,7 @@ class TokenBatch:
             return int(self.extra["num_tokens"])
         return int(self.attention_mask.sum())
 
-    def to(self, device) -> "TokenBatch":
+    def to(self, device) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device),
                           self.target_mask.to(device),
                           {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()})
@@ -192,7 +193,7 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, mask_source_tokens:
 
 
 def collate_pairs(examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True,
-                  share_prompt: Optional[bool] = None) -> TokenBatch:
+                  share_prompt: bool | None = None) -> TokenBatch:
     """Chosen rows first, then rejected rows: one forward pass scores both sides.
 
     ``share_prompt``: True puts each pair in one row, prompt once (see :func:`collate_shared_prompt`);
