@@ -44,6 +44,8 @@ class RunSummary:
     metrics_path: str
     config: dict
     resumed_from: str | None = None
+    precision: str = ""  # e.g. "bfloat16 compute, float32 master weights (cuda)"
+    world_size: int = 1
     history: list = field(default_factory=list)
     dev_history: list = field(default_factory=list)
 
@@ -139,6 +141,8 @@ def _finish(
         metrics_path=str(out_dir / "metrics.jsonl"),
         config=config_to_dict(cfg_section),
         resumed_from=result.resumed_from,
+        precision=str(result.extra.get("precision", "")),
+        world_size=int(result.extra.get("world_size", 1)),
         history=result.history,
         dev_history=result.dev_history,
     )
