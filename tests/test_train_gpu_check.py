@@ -59,6 +59,8 @@ def test_process_group_section_resumes_a_ddp_checkpoint_under_fsdp(dry_run):
     assert pg["runs"]["ddp"]["steps"] == 1 and pg["runs"]["ddp"]["resumed_from"] is None
     assert pg["runs"]["fsdp"]["steps"] == 2 and pg["runs"]["fsdp"]["resumed_from"].endswith("step_0000001")
     assert {r["world_size"] for r in pg["runs"].values()} == {1}
+    # DDP under autocast, then FSDP2 through its MixedPrecisionPolicy: both bf16 compute on fp32 weights
+    assert {r["precision"] for r in pg["runs"].values()} == {"bfloat16 compute, float32 master weights (cpu)"}
 
 
 def test_bench_and_generation_sections_report_rates(dry_run):

@@ -1,10 +1,6 @@
-"""Tokenised examples and length-bucketed batches under a token budget.
-
-Examples are tokenised once with the model's chat template (steps.chat), over-long ones are
-dropped or truncated (both counted), and each epoch groups examples of similar length into
-micro-batches whose padded size stays under ``max_num_tokens``. Batch order is a pure function
-of (seed, epoch), which is what makes resume-from-checkpoint reproduce an uninterrupted run.
-"""
+"""Tokenised examples and length-bucketed micro-batches under a token budget (over-long examples dropped or
+truncated, both counted). Batch order is a pure function of (seed, epoch): resume reproduces an uninterrupted
+run, and every rank plans the same batches."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Every collective the trainer issues goes through here, so each tensor is checked to live on the rank's device.
-
-NCCL rejects CPU tensors (the old per-step metrics all-reduce failed at the end of step 1 on GPU); gloo accepts
-anything, so CPU tests could not see it. ``check_placement`` makes the same mistake fail on CPU too."""
+"""Every collective the trainer issues goes through here, and each tensor is checked to live on the rank's device:
+NCCL rejects CPU tensors (the old per-step metrics all-reduce failed at the end of step 1 on GPU) while gloo takes
+anything, so ``check_placement`` makes that mistake fail on CPU too."""
 
 from __future__ import annotations
 

@@ -1,28 +1,6 @@
-"""Summed token log-probabilities of the scored positions, in fp32.
-
-Only the hidden states at scored positions go through the vocabulary projection, in row tiles, inside
-one autograd function (``TokenLogProbs``): no [batch, length, vocab] logits tensor, no separate
-log-softmax copy, and the cross-entropy gradient is formed in place. For small models the projection
-onto a 49k vocabulary dominates the step, so this pays; for big ones it bounds memory.
-
-Backward has two modes (``recompute``):
-
-* keep (default): the forward turns each logits tile into probabilities in place and keeps them; the
-  backward turns them into the logits gradient in place. Three matmuls; M x V fp32 kept between passes.
-* recompute: the forward keeps only the log-partition per row; the backward recomputes each tile.
-  Four matmuls and nothing of size M x V kept: used when the kept tiles would exceed ``KEEP_LIMIT_BYTES``
-  (long sequences, big vocabularies). Without autograd (reference scores, evaluation) nothing is kept.
-
-Measured on 2 CPU cores, 1,100 scored rows, vocabulary 49,152 (forward + backward of the head alone):
-hidden 64: 0.37 s against 0.46 s for logits + cross-entropy per 1,024-row chunk; hidden 576: 1.25 s
-against 1.38 s. Recompute costs 1.2-2.6x more there, and tiles under 256 rows up to 4x more (the
-weight is streamed once per tile), so tiles are 1,024 rows.
-
-Batches built by ``collate_pairs(..., share_prompt=True)`` hold each pair's prompt once, followed by the
-chosen and the rejected response (each response attends to the prompt and to itself only, with its own
-position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
-the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
-"""
+"""Summed token log-probabilities of the scored positions, in fp32: only the hidden states at scored positions
+go through the vocabulary projection, in row tiles, inside one autograd function (``TokenLogProbs``), so no
+[batch, length, vocab] logits tensor is ever built. Design notes and measurements: the comment below."""
 
 from __future__ import annotations
 
@@ -31,6 +9,27 @@ from typing import Any
 import torch
 
 from steps.train.batching import TokenBatch, separate_layout
+
+# No separate log-softmax copy either, and the cross-entropy gradient is formed in place. For small models the
+# projection onto a 49k vocabulary dominates the step, so this pays; for big ones it bounds memory.
+#
+# Backward has two modes (``recompute``):
+#
+# * keep (default): the forward turns each logits tile into probabilities in place and keeps them; the
+#   backward turns them into the logits gradient in place. Three matmuls; M x V fp32 kept between passes.
+# * recompute: the forward keeps only the log-partition per row; the backward recomputes each tile.
+#   Four matmuls and nothing of size M x V kept: used when the kept tiles would exceed ``KEEP_LIMIT_BYTES``
+#   (long sequences, big vocabularies). Without autograd (reference scores, evaluation) nothing is kept.
+#
+# Measured on 2 CPU cores, 1,100 scored rows, vocabulary 49,152 (forward + backward of the head alone):
+# hidden 64: 0.37 s against 0.46 s for logits + cross-entropy per 1,024-row chunk; hidden 576: 1.25 s
+# against 1.38 s. Recompute costs 1.2-2.6x more there, and tiles under 256 rows up to 4x more (the
+# weight is streamed once per tile), so tiles are 1,024 rows.
+#
+# Batches built by ``collate_pairs(..., share_prompt=True)`` hold each pair's prompt once, followed by the
+# chosen and the rejected response (each response attends to the prompt and to itself only, with its own
+# position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
+# the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
 
 CHUNK_ROWS = 1024  # rows per logits tile
 KEEP_LIMIT_BYTES = 2 * 2**30  # recompute tiles in backward when kept probabilities would exceed this

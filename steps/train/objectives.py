@@ -1,7 +1,6 @@
-"""What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training.
-
-Micro-batches are planned as index lists (identical on every rank) and collated on demand, so a rank only
-builds its own share; dev evaluation and the reference precompute are dealt over the ranks and summed."""
+"""What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training. Micro-batches
+are planned as index lists (identical on every rank) and collated on demand, so a rank builds only its share;
+dev evaluation and the reference precompute are dealt over the ranks and summed."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """How training spreads one model over the ranks of a torchrun job: torch's own DDP or FSDP2, never by hand.
-
-The log-prob code calls the decoder body and the output projection separately (no full-vocabulary logits), so
-every mode trains a root module, :class:`LogProbModel`, whose forward *is* that computation: DDP's reducer hooks
-and FSDP2's pre-forward gather see a forward, and state-dict keys are ``lm.<Hugging Face key>`` in every mode
-(so a checkpoint written under one parallelism resumes under another). Gradients are summed over ranks, not
-averaged: the loop divides each micro-batch's loss by the whole optimizer step's global denominator.
-"""
+Every mode trains the root :class:`LogProbModel` (keys ``lm.<HF key>``, so checkpoints move between modes);
+gradients are summed over ranks, since the loop divides each loss by the step's global denominator."""
 
 from __future__ import annotations
 
@@ -25,7 +20,10 @@ ROOT_PREFIX = "lm."
 
 
 class LogProbModel(torch.nn.Module):
-    """Root around a Hugging Face causal LM; ``forward(batch)`` returns per-row log-prob sums and counts."""
+    """Root around a Hugging Face causal LM; ``forward(batch)`` returns per-row log-prob sums and counts.
+
+    The log-prob code calls the decoder body and the output projection separately (no full-vocabulary logits),
+    so this module's forward *is* that computation: DDP's reducer hooks and FSDP2's pre-forward gather see it."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()

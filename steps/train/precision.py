@@ -1,7 +1,6 @@
-"""Mixed precision as fairseq2 does it: fp32 master weights and AdamW state, bf16 compute.
-
-``model.dtype`` is the compute dtype, ``model.master_dtype`` the dtype weights and optimizer state are kept in.
-Single device and DDP compute under ``torch.autocast`` (CPU too); FSDP2 casts through its MixedPrecisionPolicy."""
+"""Mixed precision as fairseq2 does it: fp32 master weights and AdamW state, bf16 compute. ``model.dtype`` is the
+compute dtype, ``model.master_dtype`` the weights'; single device and DDP compute under ``torch.autocast`` (CPU
+too), FSDP2 casts through its MixedPrecisionPolicy."""
 
 from __future__ import annotations
 
