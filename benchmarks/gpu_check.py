@@ -8,6 +8,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -20,8 +21,11 @@ from typing import Any
 logger = logging.getLogger("benchmarks.gpu_check")
 
 #: |DPO loss with bf16 compute - with fp32 compute| allowed at every step (lr 1e-8, fp32 master weights both).
-#: Measured on CPU: <= 7e-5 on the tiny model; the first step is exactly log 2 on both sides.
-LOSS_TOLERANCE = 2e-3
+#: bf16 compute has a noise floor: on CPU the 135M default's margin for the same pair moved by up to 0.72 nats
+#: between a batch of 4 and the pair alone (fp32: 0.0002), i.e. 0.07 on the beta-0.1 DPO logit, and the losses of
+#: 3 steps differed from fp32 by up to 0.052. The bound is that floor's order; weights_moved and
+#: first_step_is_log2 are the sharp checks (bf16 weights move ~0.02 %; a reference in another dtype is not log 2).
+LOSS_TOLERANCE = 0.1
 MIN_MOVED = 0.5  # fraction of weight entries DPO at lr 1e-8 must change (bf16 weights: ~0.02 %)
 
 # what each device runs: the real sizes on a GPU, the tiny model on CPU (same code, seconds)
@@ -90,8 +94,22 @@ def _pairs(tokenizer: Any, n: int, max_len: int, seed: int) -> list:
     return pairs
 
 
+def bf16_tie_fraction(model: Any) -> float:
+    """Share of weight entries exactly halfway between two bf16 values (low 16 bits of the fp32 pattern 0x8000):
+    a tiny fp32 update flips their bf16 rounding, so bf16 compute jumps by a bf16 step (dequantised GGUF ~8 %)."""
+    import torch
+
+    ties = total = 0
+    for p in model.parameters():
+        bits = p.detach().float().contiguous().view(torch.int32) & 0xFFFF
+        ties += int((bits == 0x8000).sum())
+        total += p.numel()
+    return ties / total
+
+
 def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[str, Any]:
-    """DPO at lr 1e-8 from the same weights, bf16 compute vs fp32 compute (fp32 master weights both)."""
+    """DPO at lr 1e-8 from the same weights, bf16 compute vs fp32 compute (fp32 master weights both): the bf16 run
+    must move the weights, start at exactly log 2 (policy and reference in one dtype) and track the fp32 losses."""
     from benchmarks.spec import MODELS
     from steps.config import PreferenceConfig
     from steps.losses import build_loss
@@ -108,9 +126,11 @@ def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[st
         max_steps=steps, dev_every_epoch=False, seed=1814,
     )  # fmt: skip
     runs: dict[str, Any] = {}
+    ties = None
     for compute in ("float32", "bfloat16"):
         precision = resolve_precision(compute, "float32", device)
         model = load_model(spec, dtype="float32", device=str(device), attn_implementation="sdpa")
+        ties = bf16_tie_fraction(model) if ties is None else ties
         before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         pairs = _pairs(tokenizer, batch * steps, max_len, seed=0)
         precompute_reference(model, pairs, tokenizer.pad_token_id, cfg, precision=precision)
@@ -126,16 +146,22 @@ def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[st
         }
         del model, before, after, result
         _free()
-    diffs = [abs(a - b) for a, b in zip(runs["bfloat16"]["losses"], runs["float32"]["losses"])]
+    bf16 = runs["bfloat16"]
+    diff = max(abs(a - b) for a, b in zip(bf16["losses"], runs["float32"]["losses"]))
+    checks = {
+        "weights_moved": bf16["moved_fraction"] >= MIN_MOVED,
+        "first_step_is_log2": abs(bf16["losses"][0] - math.log(2)) <= 1e-6,
+        "losses_match": diff <= LOSS_TOLERANCE,
+    }
     return {
         "model": spec,
         "steps": steps,
+        "bf16_tie_fraction": ties,
         "runs": runs,
-        "max_abs_loss_diff": max(diffs),
+        "max_abs_loss_diff": diff,
         "loss_tolerance": LOSS_TOLERANCE,
-        "losses_match": max(diffs) <= LOSS_TOLERANCE,
-        "weights_moved": runs["bfloat16"]["moved_fraction"] >= MIN_MOVED,
-        "passed": max(diffs) <= LOSS_TOLERANCE and runs["bfloat16"]["moved_fraction"] >= MIN_MOVED,
+        **checks,
+        "passed": all(checks.values()),
     }
 
 

@@ -4,6 +4,7 @@ updates that bf16 weights lose; the flow's steps with ``model.dtype: bfloat16`` 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -62,6 +63,22 @@ def test_bf16_compute_tracks_fp32_compute(tokenizer, tmp_path):
     for a, b in zip(mixed.history, full.history):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)  # measured: <= 7e-5 apart
     assert mixed.dev_history[-1]["dev_loss"] == pytest.approx(full.dev_history[-1]["dev_loss"], abs=1e-3)
+
+
+@pytest.mark.parametrize(("reference_compute", "starts_at_log2"), [("bfloat16", True), ("float32", False)])
+def test_the_reference_is_scored_in_the_compute_dtype(tokenizer, tmp_path, reference_compute, starts_at_log2):
+    """The policy before its first update is its own reference only when both are computed alike."""
+    from steps.models import load_model
+
+    model = load_model("tiny", seed=4)
+    pairs = pairs_from_rows(tokenizer, pair_rows(TOPICS_TRAIN))
+    cfg = PreferenceConfig(lr=1e-8, max_num_tokens=400, seed=3, max_steps=1, dev_every_epoch=False)
+    reference = resolve_precision(reference_compute, "float32", CPU)
+    precompute_reference(model, pairs, tokenizer.pad_token_id, cfg, precision=reference)
+    objective = PreferenceObjective(pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
+    result = train(model, tokenizer, objective, cfg, tmp_path, precision=resolve_precision("bfloat16", "float32", CPU))
+    gap = abs(result.history[0]["loss"] - math.log(2))
+    assert (gap < 1e-6) == starts_at_log2, gap  # measured: 2e-9 alike, 7e-5 with an fp32 reference
 
 
 def test_precision_resolution_and_its_config_rules(caplog):
