@@ -5,6 +5,7 @@ gradients are summed over ranks, since the loop divides each loss by the step's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -104,11 +105,14 @@ def _replicate(root: LogProbModel) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     device = device_of(root)
+    # rotary tables are computed, not trained: nothing to keep in sync per forward (the newer name first)
+    buffers: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     ddp = DistributedDataParallel(
-        root,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # rotary tables are computed, not trained; nothing to keep in sync per step
-        gradient_as_bucket_view=True,
+        root, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, **buffers
     )
     ddp.register_comm_hook(device, collectives.ddp_sum_hook())
     logger.info("DDP over %d ranks (%s)", collectives.world()[1], device)
