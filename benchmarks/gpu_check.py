@@ -114,6 +114,7 @@ def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[st
     from steps.config import PreferenceConfig
     from steps.losses import build_loss
     from steps.models import load_model, load_tokenizer
+    from steps.models.load import resolve_dtype
     from steps.train import parallel
     from steps.train.loop import train
     from steps.train.objectives import PreferenceObjective, precompute_reference
@@ -148,7 +149,9 @@ def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[st
         _free()
     bf16 = runs["bfloat16"]
     diff = max(abs(a - b) for a, b in zip(bf16["losses"], runs["float32"]["losses"]))
+    auto = resolve_dtype("auto", device)  # model.dtype / evaluation.dtype auto: bf16 on a GPU, fp32 on CPU
     checks = {
+        "auto_dtype_ok": auto == ("bfloat16" if device.type == "cuda" else "float32"),
         "weights_moved": bf16["moved_fraction"] >= MIN_MOVED,
         "first_step_is_log2": abs(bf16["losses"][0] - math.log(2)) <= 1e-6,
         "losses_match": diff <= LOSS_TOLERANCE,
@@ -157,6 +160,7 @@ def mixed_precision(profile: dict[str, Any], device: Any, work: Path) -> dict[st
         "model": spec,
         "steps": steps,
         "bf16_tie_fraction": ties,
+        "auto_dtype": auto,
         "runs": runs,
         "max_abs_loss_diff": diff,
         "loss_tolerance": LOSS_TOLERANCE,

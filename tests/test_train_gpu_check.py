@@ -48,6 +48,7 @@ def test_mixed_precision_section_compares_bf16_with_fp32(dry_run):
     assert bf16["precision"] == "bfloat16 compute, float32 master weights (cpu)"
     assert fp32["precision"] == "float32 (cpu)"
     assert bf16["moved_fraction"] >= 0.5 and mp["weights_moved"]
+    assert mp["auto_dtype"] == "float32" and mp["auto_dtype_ok"]
     assert mp["first_step_is_log2"] and mp["losses_match"] and 0 <= mp["bf16_tie_fraction"] < 0.01  # random init
     diffs = [abs(a - b) for a, b in zip(bf16["losses"], fp32["losses"])]
     assert len(diffs) == mp["steps"] == 3
