@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LOSS ?= dpo
 
-.PHONY: setup model run test report bench clean
+.PHONY: setup model run test report bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: BENCH_ARGS ?= --model tiny,default --steps 8 --json
 bench: model
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# On one CUDA GPU, in under 8 minutes: mixed-precision DPO, a 1-rank NCCL group through the real training path,
+# the bench's SFT/DPO rows on a ~1B Llama (tokens/s, MFU) and generation tokens/s; prints one JSON object.
+# `python -m benchmarks.gpu_check --device cpu` is its dry run (the test suite runs it).
+gpu-check: model
+	$(BIN)/python -m benchmarks.gpu_check --device cuda $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .metaflow runs reports/*.png

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -24,19 +26,41 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
 
+def device_lock_path() -> Path:
+    """The machine-wide lock GPU steps take turns on: per user and per visible GPU set (``PREFFLOW_DEVICE_LOCK``
+    names another file)."""
+    override = os.environ.get("PREFFLOW_DEVICE_LOCK")
+    if override:
+        return Path(override)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_") or "none"
+    return Path(tempfile.gettempdir()) / f"prefflow-gpu-{os.getuid()}-{visible}.lock"
+
+
 @contextlib.contextmanager
-def cpu_heavy_section(cfg: RunConfig, what: str) -> Iterator[None]:
-    """On a machine without a GPU, let one heavy step (training, generation, judging) run at a time.
+def cpu_heavy_section(cfg: RunConfig, what: str, *, gpu: bool | None = None) -> Iterator[None]:
+    """Let one heavy step (training, generation, judging) of a local run use the machine's compute at a time.
 
-    Metaflow runs foreach branches in parallel; on a 2-core laptop two torch processes each wanting every
-    core thrash (measured: a 10x slower reference pass). Off with ``resources.serialize_cpu_steps: false``.
+    Metaflow runs foreach branches in parallel. Without a GPU two torch processes each wanting every core thrash
+    (measured: a 10x slower reference pass): they take turns on ``output_dir/.cpu-heavy.lock``
+    (``resources.serialize_cpu_steps``). With GPUs, steps would start on the same GPUs at once: they take turns
+    on a machine-wide lock (:func:`device_lock_path`, ``resources.serialize_gpu_steps``), except on Kubernetes,
+    where each step gets its own node. ``gpu``: None = whether CUDA is available here.
     """
-    import torch
+    if gpu is None:
+        import torch
 
-    if torch.cuda.is_available() or not cfg.resources.serialize_cpu_steps:
-        yield
-        return
-    with file_lock(Path(cfg.resources.output_dir).resolve() / ".cpu-heavy.lock", what):
+        gpu = torch.cuda.is_available()
+    if gpu:
+        if cfg.resources.kubernetes or not cfg.resources.serialize_gpu_steps:
+            yield
+            return
+        lock = device_lock_path()
+    else:
+        if not cfg.resources.serialize_cpu_steps:
+            yield
+            return
+        lock = Path(cfg.resources.output_dir).resolve() / ".cpu-heavy.lock"
+    with file_lock(lock, what):
         yield
 
 
@@ -77,7 +101,9 @@ def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | Non
     make_judge(e.judge, device="cpu", **e.judge_options()).check()  # API keys and servers before any work
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     with cpu_heavy_section(cfg, "reference outputs"):
-        refs = reference_outputs_for(eval_set, cfg.model.base, generation=e.generation)
+        refs = reference_outputs_for(
+            eval_set, cfg.model.base, generation=e.generation, dtype=e.dtype, backend=e.backend
+        )
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
     info = {
         "enabled": True,
@@ -161,6 +187,8 @@ def evaluate_variant(
             heldout_max_pairs=e.heldout_max_pairs,
             heldout_max_seq_len=int(training.get("max_seq_len", 2048)),
             agreement_registry=e.agreement_registry,
+            dtype=e.dtype,  # auto: bf16 on a CUDA GPU, fp32 on CPU
+            backend=e.backend,
         )
     return {**base, "evaluated": True, **metrics}
 

@@ -1,10 +1,13 @@
-"""Two gloo processes take the same optimizer steps as one process with the same global batch,
-with replicated weights (ddp) and with FSDP2-sharded weights (fsdp), and a sharded run resumes exactly."""
+"""Two gloo processes x grad_accum A take the same optimizer steps as one process x 2A, with DDP and with FSDP2;
+the reference precompute is sharded and equal to one process's; checkpoints are per-rank shards that resume
+exactly (also in one process); a non-finite loss on one rank stops both with the same error."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,26 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from steps.train.objectives import PreferenceObjective
 from tests.test_train import TOPICS_TRAIN, pair_rows, pairs_from_rows
+
+PER_RANK_ACCUM = 3  # 2 ranks x 3 = 6 micro-batches per step; the 8 of the epoch give steps of 6 and 2 (1 per rank)
+WORLD = 2
+
+
+class CountingObjective(PreferenceObjective):
+    """The real DPO objective; counts the forwards this rank trains and can poison one of them (``nan_at``)."""
+
+    def __init__(self, *args, nan_at: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.nan_at = 0, nan_at
+
+    def micro_step(self, model, batch, denominator):
+        self.calls += 1
+        loss, metrics = super().micro_step(model, batch, denominator)
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return loss, metrics
 
 
 def _run(
@@ -22,28 +44,37 @@ def _run(
     out_dir: str,
     parallelism: str = "ddp",
     stop_after_steps: int | None = None,
+    grad_accum: int = PER_RANK_ACCUM,
+    nan_rank: int | None = None,
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=90),  # a rank left waiting fails the test instead of hanging it
+        )
     from steps.config import PreferenceConfig
     from steps.losses import build_loss
     from steps.models import load_model, load_tokenizer
-    from steps.train.loop import train
-    from steps.train.objectives import PreferenceObjective, precompute_reference
+    from steps.train import checkpoints, collectives
+    from steps.train.loop import TrainingDivergedError, train
+    from steps.train.objectives import precompute_reference
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer("tiny")
     pairs = pairs_from_rows(tok, pair_rows(TOPICS_TRAIN))
-    # small token budget -> 8 micro-batches per epoch; grad_accum 3 -> 3 optimizer steps, the last one
-    # with 2 micro-batches, so under fsdp with 2 ranks the first step deals 2 to one rank and 1 to the other
     cfg = PreferenceConfig(
         lr=2e-3,
         max_num_tokens=200,
         epochs=1,
-        grad_accum=3,
+        grad_accum=grad_accum,
         seed=3,
         dev_every_epoch=False,
         parallelism=parallelism,
@@ -51,30 +82,27 @@ def _run(
     )
     model = load_model("tiny", seed=4)
     precompute_reference(model, pairs, tok.pad_token_id, cfg)
-    obj = PreferenceObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
+    nan_at = PER_RANK_ACCUM + 1 if nan_rank == rank else None  # this rank's first micro-batch of step 2
+    obj = CountingObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, nan_at=nan_at)
+    record: dict = {"reference": [[p.reference_chosen, p.reference_rejected] for p in pairs]}
     try:
         result = train(model, tok, obj, cfg, out_dir, resume=True, stop_after_steps=stop_after_steps)
         from torch.distributed.tensor import DTensor
 
         sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
-        assert all(sharded) if (parallelism == "fsdp" and world_size > 1) else not any(sharded)
-        if rank == 0:
-            Path(out_dir, "history.json").write_text(
-                json.dumps(
-                    [
-                        {
-                            "loss": h["loss"],
-                            "reward_accuracy": h["reward_accuracy"],
-                            "tokens": h["tokens"],
-                            "grad_norm": h["grad_norm"],
-                        }
-                        for h in result.history
-                    ]
-                )
-            )
+        record["sharded"] = all(sharded) and bool(sharded)
+        checkpoints.export_model(result.model, None, out / "final")
+        record["history"] = [
+            {k: h[k] for k in ("loss", "reward_accuracy", "tokens", "grad_norm")} for h in result.history
+        ]
     except KeyboardInterrupt:  # stop_after_steps: a simulated kill after a checkpoint
         pass
+    except TrainingDivergedError as exc:
+        record["error"] = str(exc)
     finally:
+        record["micro_steps"] = obj.calls
+        record["collectives"] = [[what, dev, n] for (what, dev), n in collectives.CALLS.items()]
+        (out / f"rank{rank}.json").write_text(json.dumps(record))
         if world_size > 1:
             torch.distributed.destroy_process_group()
 
@@ -83,7 +111,7 @@ def _spawn(tmp_path: Path, name: str, **kwargs) -> Path:
     out = tmp_path / name
     init = tmp_path / f"init-{name}-{kwargs.get('stop_after_steps')}"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_run, args=(r, 2, str(init), str(out)), kwargs=kwargs) for r in range(2)]
+    procs = [ctx.Process(target=_run, args=(r, WORLD, str(init), str(out)), kwargs=kwargs) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -92,21 +120,21 @@ def _spawn(tmp_path: Path, name: str, **kwargs) -> Path:
     return out
 
 
-def _final_weights(out: Path) -> dict[str, torch.Tensor]:
-    last = sorted((out / "checkpoints").glob("step_*"))[-1]
-    return load_file(last / "model" / "model.safetensors")
+def _record(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"rank{rank}.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tokenizer) -> Path:
+    """One process, grad_accum = 2 ranks x 3: the global batch the 2-rank runs must reproduce."""
     out = tmp_path_factory.mktemp("single") / "run"
-    _run(0, 1, "", str(out))
+    _run(0, 1, "", str(out), grad_accum=WORLD * PER_RANK_ACCUM)
     return out
 
 
 def _assert_same_steps(a_dir: Path, b_dir: Path) -> None:
-    one, two = (json.loads((d / "history.json").read_text()) for d in (a_dir, b_dir))
-    assert len(one) == len(two) == 3
+    one, two = (_record(d)["history"] for d in (a_dir, b_dir))
+    assert len(one) == len(two) == 2  # 8 micro-batches: a step of 6, then a tail of 2 (one per rank)
     for a, b in zip(one, two):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -115,10 +143,11 @@ def _assert_same_steps(a_dir: Path, b_dir: Path) -> None:
 
 
 def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
-    a, b = _final_weights(a_dir), _final_weights(b_dir)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (a_dir, b_dir))
     assert set(a) == set(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0, msg=key)
+        assert a[key].dtype == torch.float32, key  # the export keeps the fp32 master weights
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
@@ -126,14 +155,57 @@ def test_two_gloo_processes_match_one(tmp_path, single, parallelism):
     double = _spawn(tmp_path, parallelism, parallelism=parallelism)
     _assert_same_steps(single, double)
     _assert_same_weights(single, double)
+    ranks = [_record(double, r) for r in range(WORLD)]
+    # the reference precompute was sharded (each rank scored half the batches) and gathered: after the
+    # all-reduce every rank holds exactly the numbers one process computes
+    expected = _record(single)["reference"]
+    assert all(c is not None for c, _ in expected)
+    assert [r["reference"] for r in ranks] == [expected] * WORLD
+    assert [r["sharded"] for r in ranks] == [parallelism == "fsdp"] * WORLD
+    # per-rank grad_accum and no dummy forwards: rank r ran its 3 of step 1 and 1 of the tail, nothing more
+    assert [r["micro_steps"] for r in ranks] == [PER_RANK_ACCUM + 1] * WORLD
+    assert _record(single)["micro_steps"] == WORLD * PER_RANK_ACCUM + WORLD
+    # every collective the trainer issued went through the placement check on the rank's device (cpu here)
+    for r in ranks:
+        calls = {(what, dev): n for what, dev, n in r["collectives"]}
+        assert {dev for _, dev in calls} == {"cpu"}
+        assert calls[("step denominator", "cpu")] == calls[("step metrics", "cpu")] == 2
+        assert calls[("reference log-probs", "cpu")] == 1
+        assert (("DDP gradient bucket", "cpu") in calls) == (parallelism == "ddp")
 
 
-def test_sharded_run_resumes_exactly(tmp_path, single):
-    out = _spawn(tmp_path, "fsdp", parallelism="fsdp", stop_after_steps=1)
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sharded_checkpoints_resume_exactly_also_in_one_process(tmp_path, single, parallelism):
+    out = _spawn(tmp_path, parallelism, parallelism=parallelism, stop_after_steps=1)
+    ckpt = out / "checkpoints" / "step_0000001"
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_0000001"]
-    out = _spawn(tmp_path, "fsdp", parallelism="fsdp")  # picks up the step-1 checkpoint
+    shards = sorted(p.name for p in (ckpt / "state").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own file
+    if parallelism == "fsdp":  # each rank holds half of every tensor: neither file is the whole state
+        sizes = [(ckpt / "state" / s).stat().st_size for s in shards]
+        assert max(sizes) < 0.6 * sum(sizes), sizes
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert not (ckpt / "model").exists()  # no gathered copy: the HF export is only the final model
+    elsewhere = tmp_path / f"{parallelism}-in-one-process"
+    shutil.copytree(out, elsewhere)
+
+    out = _spawn(tmp_path, parallelism, parallelism=parallelism)  # picks up the step-1 checkpoint
     _assert_same_steps(single, out)
     _assert_same_weights(single, out)
+    # the same 2-rank checkpoint resumed by one process (DCP reshards; grad_accum 6 = the same global batch)
+    _run(0, 1, "", str(elsewhere), grad_accum=WORLD * PER_RANK_ACCUM)
+    _assert_same_steps(single, elsewhere)
+    _assert_same_weights(single, elsewhere)
+
+
+def test_non_finite_loss_on_one_rank_stops_both_with_the_error(tmp_path):
+    out = _spawn(tmp_path, "nan", nan_rank=1)
+    errors = [_record(out, r).get("error") or "" for r in range(WORLD)]
+    for message in errors:
+        assert "non-finite loss at optimizer step 2 on rank(s) [1] of 2" in message, errors
+        assert "step_0000001" in message  # the last good checkpoint, named on every rank
+    assert "micro-batch 0 here" in errors[1] and "micro-batch" not in errors[0]
+    assert not (out / "checkpoints" / "step_0000002").exists()
 
 
 def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tokenizer):
@@ -144,27 +216,31 @@ def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tok
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     write_jsonl(data_dir / "preference.train.jsonl", pair_rows(TOPICS_TRAIN))
-    raw = {
-        "name": "launch_test",
-        "model": {"base": "tiny", "dtype": "float32"},
-        "preference": {
-            "criterion": "dpo",
-            "criterion_config": {"beta": 0.1},
-            "lr": 2e-3,
-            "max_num_tokens": 200,
-            "max_seq_len": 200,
-            "grad_accum": 3,
-            "seed": 3,
-            "dev_every_epoch": False,
-            "parallelism": "fsdp",
-        },
-    }
+
+    def raw(grad_accum: int) -> dict:
+        return {
+            "name": "launch_test",
+            "model": {"base": "tiny", "dtype": "float32"},
+            "preference": {
+                "criterion": "dpo",
+                "criterion_config": {"beta": 0.1},
+                "lr": 2e-3,
+                "max_num_tokens": 200,
+                "max_seq_len": 200,
+                "grad_accum": grad_accum,
+                "seed": 3,
+                "dev_every_epoch": False,
+                "parallelism": "fsdp",
+            },
+            "resources": {"process_group_timeout_s": 120},
+        }
+
     os.environ["OMP_NUM_THREADS"] = "1"
-    one = launch(raw, "dpo", str(data_dir), str(tmp_path / "one"), nproc_per_node=1)
-    two = launch(raw, "dpo", str(data_dir), str(tmp_path / "two"), nproc_per_node=2)
-    assert one["steps"] == two["steps"] == 3
+    one = launch(raw(WORLD * PER_RANK_ACCUM), "dpo", str(data_dir), str(tmp_path / "one"), nproc_per_node=1)
+    two = launch(raw(PER_RANK_ACCUM), "dpo", str(data_dir), str(tmp_path / "two"), nproc_per_node=WORLD)
+    assert one["steps"] == two["steps"] == 2
     assert two["final_train"]["loss"] == pytest.approx(one["final_train"]["loss"], abs=1e-5)
     a, b = (load_file(Path(s["model_dir"]) / "model.safetensors") for s in (one, two))
     assert set(a) == set(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)

@@ -95,9 +95,27 @@ class ModelConfig:
     """The base model every run starts from, as a loader spec (see steps.models)."""
 
     base: str = DEFAULT_MODEL
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    # COMPUTE dtype of training (matmuls, activations; reference log-probs and dev evaluation too).
+    # auto: bf16 on a CUDA GPU that supports it, else fp32. bf16 with fp32 master weights = mixed precision.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # dtype of the weights, gradients and AdamW state that the optimizer updates (and checkpoints and the
+    # model handed to the next step keep). bfloat16 only when memory forces it: small updates are lost.
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+
+    def check(self) -> None:
+        _require(
+            self.dtype != "float16",
+            "dtype",
+            "float16 compute needs loss scaling, which the trainer does not do; use bfloat16 (or float32)",
+        )
+        _require(
+            not (self.dtype == "float32" and self.master_dtype == "bfloat16"),
+            "dtype",
+            "float32 compute with master_dtype bfloat16 computes more precisely than the weights are kept; "
+            "use dtype: bfloat16 (or master_dtype: float32)",
+        )
 
 
 @dataclass(frozen=True)
@@ -325,6 +343,9 @@ class EvaluationConfig:
     seed: int = 1814
     batch_size: int = 16
     lc_assets_dir: str | None = None
+    # weights dtype of the generating model (HF backend); auto: bf16 on a CUDA GPU that supports it, else fp32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed and a GPU is present, else HF
     generation: GenerationSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
 
     def __post_init__(self) -> None:
@@ -414,9 +435,18 @@ class ResourcesConfig:
     image: str | None = None
     nproc_per_node: int = 1
     serialize_cpu_steps: bool = True  # without a GPU, one heavy step at a time (parallel branches thrash cores)
+    # with GPUs (local runs, not Kubernetes): steps that use them take turns on the machine, never share them
+    serialize_gpu_steps: bool = True
+    # how long a rank waits in a collective (checkpoint writes of big models included) before the job fails
+    process_group_timeout_s: int = 1800
 
     def check(self) -> None:
         _require(self.nproc_per_node >= 1, "nproc_per_node", f"got {self.nproc_per_node!r}; must be >= 1")
+        _require(
+            self.process_group_timeout_s >= 1,
+            "process_group_timeout_s",
+            f"got {self.process_group_timeout_s!r}; must be >= 1 (seconds)",
+        )
 
 
 @dataclass(frozen=True)

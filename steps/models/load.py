@@ -42,6 +42,19 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_dtype(dtype: str, device: str | torch.device) -> str:
+    """``auto`` -> ``bfloat16`` on a CUDA device that supports it, else ``float32``; other names unchanged."""
+    if str(dtype).lower() != "auto":
+        return str(dtype)
+    import torch
+
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def zero_dropout_config(config: Any) -> list[str]:
     """Set every dropout probability in a config (and its sub-configs) to 0. Returns what was changed."""
     changed = []
@@ -74,7 +87,7 @@ def load_model(
     seed: int = 0,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """The model named by ``spec`` on ``device`` in ``dtype``, with every dropout probability 0.
+    """The model named by ``spec`` on ``device`` in ``dtype`` (``auto``: :func:`resolve_dtype`), dropout 0.
 
     Returned in eval mode (as ``from_pretrained`` does); with dropout at 0 train/eval mode computes the same,
     so trainers may call ``.train()`` freely. ``seed`` only matters for ``tiny`` (its random init); the
@@ -82,7 +95,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype_ = torch_dtype(dtype)
+    dtype_ = torch_dtype(dtype if not isinstance(dtype, str) else resolve_dtype(dtype, device))
     source = resolve_model_spec(spec)
     started = time.monotonic()
     if source.kind == "tiny":
@@ -100,7 +113,8 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype_, **kwargs)
     zero_dropout_config(model.config)
     zero_dropout_modules(model)
-    model = model.to(device=device, dtype=dtype_)
+    moved: Any = model  # PreTrainedModel.to is a decorated method mypy cannot call
+    model = moved.to(device=device, dtype=dtype_)
     summary = model_summary(model)
     logger.info(
         "loaded %s (%s): %s parameters, %s on %s in %.1f s",

@@ -1,1 +1,1 @@
-"""Training engine: batching, log-probs, the one training loop, objectives, checkpoints, recipes, launcher."""
+"""Training engine: batching, log-probs, the one loop, objectives, precision, DDP/FSDP2, collectives, DCP, launcher."""

@@ -1,21 +1,18 @@
-"""Tokenised examples and length-bucketed batches under a token budget.
+"""Tokenised examples and length-bucketed micro-batches under a token budget (over-long examples dropped or
+truncated, both counted). Batch order is a pure function of (seed, epoch): resume reproduces an uninterrupted
+run, and every rank plans the same batches."""
 
-Examples are tokenised once with the model's chat template (steps.chat), over-long ones are
-dropped or truncated (both counted), and each epoch groups examples of similar length into
-micro-batches whose padded size stays under ``max_num_tokens``. Batch order is a pure function
-of (seed, epoch), which is what makes resume-from-checkpoint reproduce an uninterrupted run.
-"""
 from __future__ import annotations
 
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,17 +65,19 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[l
         return prompt, responses
     keep_prompt = max(min(len(prompt), max_len // 2), max_len - longest)
     keep_prompt = min(keep_prompt, len(prompt))
-    prompt = prompt[len(prompt) - keep_prompt:]
+    prompt = prompt[len(prompt) - keep_prompt :]
     room = max_len - len(prompt)
     return prompt, [r[:room] for r in responses]
 
 
-def tokenize_sft(rows: Sequence[dict], tokenizer, max_seq_len: int,
-                 overlength: Literal["drop", "truncate"] = "drop") -> tuple[list[SFTExample], LengthStats]:
+def tokenize_sft(
+    rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
+) -> tuple[list[SFTExample], LengthStats]:
     from steps.chat import encode_prompt_response
     from steps.data.records import sft_messages
 
-    out, stats = [], LengthStats()
+    out: list[SFTExample] = []
+    stats = LengthStats()
     for row in rows:
         prompt, response = sft_messages(row)
         p, r = encode_prompt_response(tokenizer, prompt, response)
@@ -95,12 +94,14 @@ def tokenize_sft(rows: Sequence[dict], tokenizer, max_seq_len: int,
     return out, stats
 
 
-def tokenize_pairs(rows: Sequence[dict], tokenizer, max_seq_len: int,
-                   overlength: Literal["drop", "truncate"] = "drop") -> tuple[list[PairExample], LengthStats]:
+def tokenize_pairs(
+    rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
+) -> tuple[list[PairExample], LengthStats]:
     from steps.chat import encode_prompt_response
     from steps.data.records import pair_messages
 
-    out, stats = [], LengthStats()
+    out: list[PairExample] = []
+    stats = LengthStats()
     for row in rows:
         prompt, chosen, rejected = pair_messages(row)
         p, c = encode_prompt_response(tokenizer, prompt, chosen)
@@ -111,17 +112,29 @@ def tokenize_pairs(rows: Sequence[dict], tokenizer, max_seq_len: int,
                 continue
             p, (c, r) = _fit(p, [c, r], max_seq_len)
             stats.truncated += 1
-        ex = PairExample(str(row.get("id", len(out))), p, c, r,
-                         row.get("reference_score_chosen"), row.get("reference_score_rejected"))
+        ex = PairExample(
+            str(row.get("id", len(out))),
+            p,
+            c,
+            r,
+            row.get("reference_score_chosen"),
+            row.get("reference_score_rejected"),
+        )
         stats.kept += 1
         stats.tokens += len(p) * 2 + len(c) + len(r)
         out.append(ex)
     return out, stats
 
 
-def make_batches(examples: Sequence, max_num_tokens: int, seed: int, epoch: int,
-                 rows_per_example: int = 1, shuffle: bool = True,
-                 max_examples: int | None = None) -> list[list[int]]:
+def make_batches(
+    examples: Sequence,
+    max_num_tokens: int,
+    seed: int,
+    epoch: int,
+    rows_per_example: int = 1,
+    shuffle: bool = True,
+    max_examples: int | None = None,
+) -> list[list[int]]:
     """Indices of examples grouped into micro-batches: sorted by length (``sort_length`` where the
     example has one; random tie-break), cut greedily so that rows x longest ``length`` <= max_num_tokens
     and, when ``max_examples`` is given, at most that many examples per batch (a fixed batch size with
@@ -133,7 +146,9 @@ def make_batches(examples: Sequence, max_num_tokens: int, seed: int, epoch: int,
     if shuffle:
         rng.shuffle(order)
     order.sort(key=lambda i: getattr(examples[i], "sort_length", examples[i].length))
-    batches, current, longest = [], [], 0
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
     for i in order:
         length = examples[i].length
         new_longest = max(longest, length)
@@ -166,14 +181,18 @@ class TokenBatch:
             return int(self.extra["num_tokens"])
         return int(self.attention_mask.sum())
 
-    def to(self, device) -> TokenBatch:
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                          self.target_mask.to(device),
-                          {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()})
+    def to(self, device: Any) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.target_mask.to(device),
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()},
+        )
 
 
-def collate(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
-            mask_source_tokens: bool = True) -> TokenBatch:
+def collate(
+    prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, mask_source_tokens: bool = True
+) -> TokenBatch:
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     n = len(seqs)
@@ -184,7 +203,7 @@ def collate(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attn[i, : len(s)] = 1
         start = len(p) if mask_source_tokens else 1
-        target[i, start: len(s)] = True
+        target[i, start : len(s)] = True
     return TokenBatch(ids, attn, target)
 
 
@@ -192,8 +211,9 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, mask_source_tokens:
     return collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, mask_source_tokens)
 
 
-def collate_pairs(examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True,
-                  share_prompt: bool | None = None) -> TokenBatch:
+def collate_pairs(
+    examples: Sequence[PairExample], pad_id: int, mask_source_tokens: bool = True, share_prompt: bool | None = None
+) -> TokenBatch:
     """Chosen rows first, then rejected rows: one forward pass scores both sides.
 
     ``share_prompt``: True puts each pair in one row, prompt once (see :func:`collate_shared_prompt`);
@@ -267,9 +287,9 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
         ids[i, :total] = torch.tensor(p + c + r, dtype=torch.long)
         attn[i, :total] = 1
         positions[i, :np_] = torch.arange(np_)
-        positions[i, np_:np_ + nc] = torch.arange(np_, np_ + nc)
-        positions[i, np_ + nc:total] = torch.arange(np_, np_ + nr)
-        segment[i, :np_], segment[i, np_:np_ + nc], segment[i, np_ + nc:total] = 0, 1, 2
+        positions[i, np_ : np_ + nc] = torch.arange(np_, np_ + nc)
+        positions[i, np_ + nc : total] = torch.arange(np_, np_ + nr)
+        segment[i, :np_], segment[i, np_ : np_ + nc], segment[i, np_ + nc : total] = 0, 1, 2
         base = i * width
         if not mask_source_tokens and np_ > 1:  # prompt tokens count for both responses
             target[i, 1:np_] = True
@@ -281,19 +301,28 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
         score(i, base + chosen_pred, c[skip:])
         rejected_pred = torch.cat([torch.tensor([np_ - 1]), torch.arange(np_ + nc, np_ + nc + nr - 1)])[skip:]
         score(n + i, base + rejected_pred, r[skip:])
-        target[i, np_ + skip:np_ + nc] = True
-        target[i, np_ + nc + skip:total] = True
+        target[i, np_ + skip : np_ + nc] = True
+        target[i, np_ + nc + skip : total] = True
 
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     allowed = causal[None] & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
     batch = TokenBatch(ids, attn, target)
-    batch.extra.update(attention_4d=allowed[:, None], position_ids=positions, score_index=torch.cat(index),
-                       score_targets=torch.cat(targets), score_rows=torch.cat(rows), num_rows=2 * n,
-                       num_tokens=logical_tokens, pad_id=pad_id, mask_source_tokens=mask_source_tokens,
-                       pair_lengths=torch.tensor([[len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)]
-                                                  for e in examples], dtype=torch.long))
+    batch.extra.update(
+        attention_4d=allowed[:, None],
+        position_ids=positions,
+        score_index=torch.cat(index),
+        score_targets=torch.cat(targets),
+        score_rows=torch.cat(rows),
+        num_rows=2 * n,
+        num_tokens=logical_tokens,
+        pad_id=pad_id,
+        mask_source_tokens=mask_source_tokens,
+        pair_lengths=torch.tensor(
+            [[len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.long
+        ),
+    )
     return batch
 
 
@@ -307,9 +336,10 @@ def separate_layout(batch: TokenBatch) -> TokenBatch:
     for i, (np_, nc, nr) in enumerate(batch.extra["pair_lengths"].tolist()):
         row = ids[i].tolist()
         prompts.append(row[:np_])
-        chosen.append(row[np_:np_ + nc])
-        rejected.append(row[np_ + nc:np_ + nc + nr])
+        chosen.append(row[np_ : np_ + nc])
+        rejected.append(row[np_ + nc : np_ + nc + nr])
     out = collate(prompts * 2, chosen + rejected, batch.extra["pad_id"], batch.extra["mask_source_tokens"])
-    out.extra.update({k: v for k, v in batch.extra.items()
-                      if k in ("reference_chosen", "reference_rejected", "num_pairs")})
+    out.extra.update(
+        {k: v for k, v in batch.extra.items() if k in ("reference_chosen", "reference_rejected", "num_pairs")}
+    )
     return out.to(batch.input_ids.device)

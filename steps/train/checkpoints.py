@@ -1,46 +1,56 @@
-"""Training checkpoints: Hugging Face ``save_pretrained`` weights plus optimizer, scheduler and RNG state.
-
-A checkpoint directory is written under a temp name and renamed when complete, with a
-``COMPLETE`` marker written last, so a kill mid-save never leaves a checkpoint that resume trusts.
-"""
+"""Trainer checkpoints through ``torch.distributed.checkpoint`` (every rank writes and reads only its shard) and
+the Hugging Face export a later step loads. A checkpoint is written under a temp name and renamed when complete,
+with a ``COMPLETE`` marker written last, so a kill mid-save never leaves a checkpoint that resume trusts."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
 import logging
 import os
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from steps.io import atomic_write_bytes, atomic_write_text
+from steps.train import collectives, parallel
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+STATE_DIR = "state"  # DCP: model and AdamW state, one file per rank plus .metadata
+TRAINER_FILE = "trainer_state.pt"  # scheduler and progress (small; rank 0 writes it)
+RNG_DIR = "rng"  # one file per rank
 
 
-def is_lora(model) -> bool:
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that cannot be restored into this model and optimizer."""
+
+
+def is_lora(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True, weights: dict | None = None) -> Path:
-    """Write a reloadable model directory atomically.
+def save_model_dir(
+    model: Any, tokenizer: Any, path: Path, merge_lora: bool = True, weights: dict | None = None
+) -> Path:
+    """Write a reloadable Hugging Face model directory atomically (a LoRA model merged into a plain one).
 
-    A LoRA model is merged into a plain model (``merge_lora``, for the final model the next step loads)
-    or saved as its adapter only (checkpoints: resume restores the adapter onto the same base).
-    ``weights``: the full state dict gathered from a sharded model (parallelism: fsdp) to write instead
-    of the model's own (sharded) parameters.
-    """
+    ``weights``: the full state dict gathered from a sharded model to write instead of its own parameters."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if is_lora(model) and merge_lora:
-        import copy
-
         to_save = copy.deepcopy(model).merge_and_unload()
     if weights is not None:
         to_save.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
@@ -48,71 +58,109 @@ def save_model_dir(model, tokenizer, path: Path, merge_lora: bool = True, weight
         to_save.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / COMPLETE).write_text(json.dumps({"time": time.time()}))
+    atomic_write_text(tmp / COMPLETE, json.dumps({"time": time.time()}))
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
 
 
+def export_model(model: Any, tokenizer: Any, path: Path) -> Path:
+    """The trained model as a Hugging Face directory in its master dtype (every update kept), for the next step.
+
+    Called on every rank: a sharded model is gathered once (CPU offload, rank 0 holds it) and rank 0 writes."""
+    weights = parallel.full_state_dict(model)
+    if collectives.world()[0] == 0:
+        save_model_dir(parallel.unwrap(model), tokenizer, path, weights=weights)
+    collectives.barrier(parallel.device_of(model))
+    return Path(path)
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).exists()
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen parameters (a LoRA base) are not trainer state: adapter-only checkpoints
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+
+
+def _trainer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """DCP-shaped model and AdamW state; a tied output embedding is kept once (under the input embedding)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    tied = parallel.tied_embedding_keys(parallel.unwrap(model))
+    if tied is not None:
+        model_state.pop(parallel.ROOT_PREFIX + tied[0], None)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it "assumes" one process when there is no process group: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def save_checkpoint(
-    ckpt_root: Path,
-    step: int,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
-    progress: dict,
-    keep: int = 1,
-    weights: dict | None = None,
-    optimizer_state: dict | None = None,
+    ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, progress: dict, keep: int = 1
 ) -> Path:
-    """``weights`` / ``optimizer_state``: unsharded state gathered from an FSDP2 model (else the model's own)."""
+    """Write ``ckpt_root/step_NNNNNNN`` (called on every rank): each rank its shard of the weights and AdamW
+    state (DCP), its RNG; rank 0 the scheduler and progress, then the marker and the rename."""
+    import torch.distributed.checkpoint as dcp
+
+    rank, world_size = collectives.world()
+    device = parallel.device_of(model)
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".step_{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model_dir = save_model_dir(model, tokenizer, tmp / "model", merge_lora=False, weights=weights)
-    assert model_dir.exists()
-    torch.save(
-        {
-            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "progress": progress,
-        },
-        tmp / "trainer_state.pt",
-    )
-    (tmp / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint written: %s", final)
+    tmp = ckpt_root / f".step_{step:07d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    collectives.barrier(device)
+    with _quiet_single_process():
+        dcp.save(_trainer_state(model, optimizer), checkpoint_id=str(tmp / STATE_DIR))
+    atomic_write_bytes(tmp / RNG_DIR / f"rank_{rank}.pt", _torch_bytes(rng_state(device)))
+    if rank == 0:
+        trainer = {"scheduler": scheduler.state_dict(), "progress": progress, "world_size": world_size}
+        atomic_write_bytes(tmp / TRAINER_FILE, _torch_bytes(trainer))
+    collectives.barrier(device)
+    if rank == 0:
+        atomic_write_text(tmp / COMPLETE, json.dumps({"step": step, "time": time.time(), "world_size": world_size}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written: %s (%d rank shards)", final, world_size)
+    collectives.barrier(device)
     return final
 
 
@@ -129,47 +177,50 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG in place; returns the saved progress."""
-    from safetensors.torch import load_file
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Restore weights, AdamW state, scheduler and RNG in place (every rank reads its own shard); returns progress.
 
-    from steps.train import parallel
+    Keys are ``lm.<Hugging Face key>`` under every parallelism, so DCP reshards a checkpoint written by another
+    world size or parallelism (ddp, fsdp, one process) into this one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
-    state = {}
-    for shard in sorted((path / "model").glob("*.safetensors")):
-        state.update(load_file(shard))
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    if parallel.is_sharded(model):
-        try:
-            parallel.load_full_state(model, optimizer, state, trainer_state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise RuntimeError(
-                f"{path}: cannot resume this checkpoint with parallelism: fsdp ({exc}); "
-                "resume with the parallelism it was written with, or start a new output dir"
-            ) from exc
-    else:
-        _load_unsharded(path, model, optimizer, state, trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
-    log.info("resumed from %s (step %s)", path, trainer_state["progress"].get("step"))
-    return trainer_state["progress"]
-
-
-def _load_unsharded(path: Path, model, optimizer, state: dict, optimizer_state: dict) -> None:
-    if is_lora(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{path}: adapter does not match the model (unexpected {result.unexpected_keys[:3]})")
-        missing, unexpected = [], []
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied embeddings are saved once; anything else missing means a wrong checkpoint
-    missing = [m for m in missing if "lm_head" not in m]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    rank, world_size = collectives.world()
+    device = parallel.device_of(model)
+    if not (path / STATE_DIR / ".metadata").exists():
+        raise CheckpointMismatchError(
+            f"{path}: no {STATE_DIR}/ (torch.distributed.checkpoint) inside: written by an older PrefFlow; "
+            "start a new output dir"
         )
-    optimizer.load_state_dict(optimizer_state)
+    state = _trainer_state(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path / STATE_DIR))
+    except Exception as exc:  # DCP raises CheckpointException (not a RuntimeError) for missing or odd keys
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint does not match the model being trained ({str(exc)[:500]}); resume with the "
+            "same model (and LoRA settings), or start a new output dir"
+        ) from exc
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=_options(strict=False),  # frozen (LoRA base) and tied weights are not in the checkpoint by design
+    )
+    trainer = torch.load(path / TRAINER_FILE, weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = path / RNG_DIR / f"rank_{rank}.pt"
+    if trainer.get("world_size", world_size) != world_size:
+        logger.warning(
+            "%s was written by %s ranks, resuming on %d: weights and optimizer state are resharded; the rest of "
+            "the epoch is regrouped into steps of this world size",
+            path,
+            trainer.get("world_size"),
+            world_size,
+        )
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False), device)
+    logger.info("resumed from %s (step %s)", path, trainer["progress"].get("step"))
+    return trainer["progress"]

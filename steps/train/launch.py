@@ -59,6 +59,14 @@ def launch(
         cfg = cfg if kind == "sft" else for_loss(cfg, kind)
     if nproc_per_node <= 1:
         return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
+    return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node)
+
+
+def launch_torchrun(
+    cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None, nproc_per_node: int
+) -> dict:
+    """``nproc_per_node`` ranks of this node under torchrun (one rank too: a real process group of one, so
+    DDP/FSDP2 and every collective run, e.g. on NCCL for the GPU check); returns rank 0's summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_launch_config(cfg, out / CONFIG_FILE)
@@ -84,8 +92,21 @@ def launch(
     return read_json(out / SUMMARY_FILE)
 
 
-def main(argv: list[str] | None = None) -> None:
+def init_process_group(timeout_s: float) -> str:
+    """NCCL on GPUs (every collective tensor lives on the rank's GPU), gloo on CPU; returns the backend."""
+    import datetime
+
     import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return backend
+
+
+def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -96,12 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft-model-dir")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s: %(message)s")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    cfg = read_launch_config(args.config_json)
+    backend = init_process_group(cfg.resources.process_group_timeout_s)
+    logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     try:
-        cfg = read_launch_config(args.config_json)
         summary = _run_here(cfg, args.kind, args.data_dir, args.out_dir, args.sft_model_dir)
         if dist.get_rank() == 0:
             write_json(Path(args.out_dir) / SUMMARY_FILE, summary)

@@ -1,40 +1,41 @@
-"""Summed token log-probabilities of the scored positions, in fp32.
-
-Only the hidden states at scored positions go through the vocabulary projection, in row tiles, inside
-one autograd function (``TokenLogProbs``): no [batch, length, vocab] logits tensor, no separate
-log-softmax copy, and the cross-entropy gradient is formed in place. For small models the projection
-onto a 49k vocabulary dominates the step, so this pays; for big ones it bounds memory.
-
-Backward has two modes (``recompute``):
-
-* keep (default): the forward turns each logits tile into probabilities in place and keeps them; the
-  backward turns them into the logits gradient in place. Three matmuls; M x V fp32 kept between passes.
-* recompute: the forward keeps only the log-partition per row; the backward recomputes each tile.
-  Four matmuls and nothing of size M x V kept: used when the kept tiles would exceed ``KEEP_LIMIT_BYTES``
-  (long sequences, big vocabularies). Without autograd (reference scores, evaluation) nothing is kept.
-
-Measured on 2 CPU cores, 1,100 scored rows, vocabulary 49,152 (forward + backward of the head alone):
-hidden 64: 0.37 s against 0.46 s for logits + cross-entropy per 1,024-row chunk; hidden 576: 1.25 s
-against 1.38 s. Recompute costs 1.2-2.6x more there, and tiles under 256 rows up to 4x more (the
-weight is streamed once per tile), so tiles are 1,024 rows.
-
-Batches built by ``collate_pairs(..., share_prompt=True)`` hold each pair's prompt once, followed by the
-chosen and the rejected response (each response attends to the prompt and to itself only, with its own
-position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
-the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
-"""
+"""Summed token log-probabilities of the scored positions, in fp32: only the hidden states at scored positions
+go through the vocabulary projection, in row tiles, inside one autograd function (``TokenLogProbs``), so no
+[batch, length, vocab] logits tensor is ever built. Design notes and measurements: the comment below."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from steps.train.batching import TokenBatch, separate_layout
 
+# No separate log-softmax copy either, and the cross-entropy gradient is formed in place. For small models the
+# projection onto a 49k vocabulary dominates the step, so this pays; for big ones it bounds memory.
+#
+# Backward has two modes (``recompute``):
+#
+# * keep (default): the forward turns each logits tile into probabilities in place and keeps them; the
+#   backward turns them into the logits gradient in place. Three matmuls; M x V fp32 kept between passes.
+# * recompute: the forward keeps only the log-partition per row; the backward recomputes each tile.
+#   Four matmuls and nothing of size M x V kept: used when the kept tiles would exceed ``KEEP_LIMIT_BYTES``
+#   (long sequences, big vocabularies). Without autograd (reference scores, evaluation) nothing is kept.
+#
+# Measured on 2 CPU cores, 1,100 scored rows, vocabulary 49,152 (forward + backward of the head alone):
+# hidden 64: 0.37 s against 0.46 s for logits + cross-entropy per 1,024-row chunk; hidden 576: 1.25 s
+# against 1.38 s. Recompute costs 1.2-2.6x more there, and tiles under 256 rows up to 4x more (the
+# weight is streamed once per tile), so tiles are 1,024 rows.
+#
+# Batches built by ``collate_pairs(..., share_prompt=True)`` hold each pair's prompt once, followed by the
+# chosen and the rejected response (each response attends to the prompt and to itself only, with its own
+# position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
+# the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
+
 CHUNK_ROWS = 1024  # rows per logits tile
 KEEP_LIMIT_BYTES = 2 * 2**30  # recompute tiles in backward when kept probabilities would exceed this
 
 
-def _decoder_and_head(model):
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer body (returns hidden states) and the output projection of a causal LM."""
     inner = model
     if hasattr(inner, "get_base_model"):  # peft wrapper
@@ -70,7 +71,16 @@ class TokenLogProbs(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[i, targets[i]] for each row i, in fp32, tiled over rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, recompute: bool, compute_dtype):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_rows: int,
+        recompute: bool,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
@@ -94,7 +104,7 @@ class TokenLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         dtype, rows = ctx.compute_dtype, ctx.chunk_rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -152,11 +162,12 @@ def token_logprobs(
     recompute: bool | None = None,
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) under the linear output layer ``head``, fp32, shape [M]."""
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight: torch.Tensor = head.weight  # type: ignore[assignment]
+    bias: torch.Tensor | None = getattr(head, "bias", None)
     vocab = weight.shape[0]
     rows = max(1, chunk_rows or CHUNK_ROWS)
     if recompute is None:
-        recompute = hidden.shape[0] * vocab * 4 > KEEP_LIMIT_BYTES
+        recompute = bool(hidden.shape[0] * vocab * 4 > KEEP_LIMIT_BYTES)
     dtype = _compute_dtype(hidden.device, hidden.dtype)
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
@@ -164,7 +175,7 @@ def token_logprobs(
     return TokenLogProbs.apply(hidden, weight, bias, targets, rows, recompute or not needs_grad, dtype)
 
 
-def _tree_mask(body, allowed: torch.Tensor) -> torch.Tensor | None:
+def _tree_mask(body: Any, allowed: torch.Tensor) -> torch.Tensor | None:
     """The shared-prompt mask in the form the model's attention takes, or None if it takes no 4-D mask."""
     impl = getattr(getattr(body, "config", None), "_attn_implementation", None) or "eager"
     if impl == "sdpa":
@@ -177,11 +188,13 @@ def _tree_mask(body, allowed: torch.Tensor) -> torch.Tensor | None:
     return None  # flash-attention & co.: fall back to one row per response
 
 
-def sequence_logprobs(model, batch: TokenBatch, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model: Any, batch: TokenBatch, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (sum of log p(token) over scored tokens [N] in fp32, number of scored tokens [N])."""
-    from steps.train.parallel import ShardedCausalLM
+    from steps.train.parallel import is_root
 
-    if isinstance(model, ShardedCausalLM):  # FSDP2 root: its forward gathers the parameters, then comes back here
+    if is_root(model):  # the training root (bare, DDP, FSDP2): its forward runs the hooks, then comes back here
         return model(batch, chunk_rows)
     body, head = _decoder_and_head(model)
     tree_mask = None
@@ -217,7 +230,7 @@ def sequence_logprobs(model, batch: TokenBatch, chunk_rows: int | None = None) -
     return sums, counts
 
 
-def reference_sequence_logprobs(model, batch: TokenBatch) -> torch.Tensor:
+def reference_sequence_logprobs(model: Any, batch: TokenBatch) -> torch.Tensor:
     """The same sums with autograd off (reference model, dev evaluation)."""
     with torch.no_grad():
         return sequence_logprobs(model, batch)[0]

@@ -1,15 +1,9 @@
-"""The one training loop shared by SFT and preference optimisation.
-
-An ``Objective`` says how to batch the data and score a micro-batch; this loop does the rest:
-gradient accumulation (normalised over the whole optimizer step, so 2 x B/2 == 1 x B), AdamW,
-warmup + cosine/linear/constant schedules, grad-norm clipping, bf16 autocast on GPU, progress,
-a JSONL metrics log, dev evaluation per epoch, checkpoints with resume, and a hard stop on a
-non-finite loss that keeps the last good checkpoint.
-"""
+"""The one training loop shared by SFT and preference optimisation: per-rank gradient accumulation under DDP or
+FSDP2, mixed precision, AdamW with warmup and decay, clipping, metrics, dev evaluation, sharded checkpoints with
+resume, and a stop on every rank together when any rank sees a non-finite loss."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,22 +11,24 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from steps.config import TrainConfig
-from steps.train import checkpoints, parallel
+from steps.train import checkpoints, collectives, parallel
 from steps.train.batching import TokenBatch
+from steps.train.dealing import plan_epoch, rank_share
+from steps.train.precision import Precision, default_precision
 from steps.train.schedule import lr_lambda
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or gradient norm became NaN/inf."""
+    """The loss or gradient norm became NaN/inf (raised on every rank at the same optimizer step)."""
 
 
 class Objective(Protocol):
@@ -40,14 +36,18 @@ class Objective(Protocol):
 
     def epoch_batch_count(self, epoch: int) -> int: ...
 
-    def epoch_batches(self, epoch: int) -> list[TokenBatch]: ...
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Example indices of each micro-batch of ``epoch``: the same on every rank, nothing collated."""
 
-    def step_denominator(self, micro_batches: list[TokenBatch]) -> float: ...
+    def collate_train(self, indices: list[int]) -> TokenBatch: ...
 
-    def micro_step(self, model, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
+        """This rank's share of the step's loss denominator (the loop sums it over ranks)."""
+
+    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         """Scaled loss to backpropagate and metric sums (already weighted by this micro-batch's share)."""
 
-    def evaluate(self, model) -> dict[str, float]: ...
+    def evaluate(self, model: Any) -> dict[str, float]: ...
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: str | None = None
     extra: dict = field(default_factory=dict)
-    model: object = None  # what was trained: the model passed in, or its FSDP2 root (parallelism: fsdp)
+    model: Any = None  # what was trained: the root module (bare, DDP or FSDP2); parallel.unwrap gives the HF model
 
 
 def seed_everything(seed: int) -> None:
@@ -69,106 +69,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
+def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the master weights; no weight decay on biases and norm weights (1-D parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if any(p.is_cuda for p in decay) else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, **kwargs)
-
-
-def autocast_for(model):
-    device = next(model.parameters()).device
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def group_steps(micro_batches: list, grad_accum: int) -> list[list]:
-    return [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) unless torch.distributed is initialised (torchrun / @parallel)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_grads(model) -> None:
-    """Sum replicated gradients over ranks (ddp): every rank then takes the identical optimizer step."""
-    import torch.distributed as dist
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
-
-
-def _all_reduce_totals(totals: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    keys = sorted(totals)
-    vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
+    # fused kernels for plain CUDA tensors; FSDP2's DTensors take the (default) foreach implementation
+    fused = bool(decay) and all(p.is_cuda and not isinstance(p, DTensor) for p in decay)
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=1e-8, **kwargs)
 
 
 def optimizer_step(
-    model, optimizer, objective: Objective, micro_batches: list[TokenBatch], max_grad_norm: float | None, step: int
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    micro_batches: list[TokenBatch],
+    max_grad_norm: float | None,
+    step: int,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation). Raises on non-finite loss.
+    """One optimizer step over this rank's ``micro_batches`` (at least one; gradient accumulation).
 
-    Under torch.distributed the micro-batches are dealt round-robin to the ranks and the loss is
-    normalised by the whole step's denominator, so N ranks give the same update as one process.
-    A sharded model needs the same number of forward/backward passes on every rank (each one runs
-    collectives): a rank that is dealt fewer micro-batches runs its first one again with zero weight.
+    Each micro-batch loss is divided by the step's global denominator (one tiny all-reduce first) and gradients
+    are summed over ranks, so W ranks x A micro-batches give the update of 1 process x W*A. A non-finite loss on
+    any rank is folded into the step's metrics all-reduce: every rank raises TrainingDivergedError together.
     """
-    device = next(model.parameters()).device
-    rank, world_size = world()
-    denominator = objective.step_denominator(micro_batches)
-    mine = [(mb, 1.0) for mb in micro_batches[rank::world_size]]
-    if parallel.is_sharded(model):
-        rounds = math.ceil(len(micro_batches) / world_size)
-        mine += [(micro_batches[0], 0.0)] * (rounds - len(mine))
+    if not micro_batches:
+        raise ValueError("optimizer_step needs at least one micro-batch on every rank")
+    device = parallel.device_of(model)
+    rank, world_size = collectives.world()
+    precision = precision or default_precision(model)
+    denominator_t = torch.tensor([objective.step_denominator(micro_batches)], dtype=torch.float64, device=device)
+    collectives.all_reduce_sum(denominator_t, device, "step denominator")
+    denominator = float(denominator_t.item())
     totals: dict[str, float] = {"tokens": 0.0}
-    for i, (mb, weight) in enumerate(mine):
+    bad: list[int] = []
+    for i, mb in enumerate(micro_batches):
         mb = mb.to(device)
-        parallel.set_gradient_sync(model, i == len(mine) - 1)
-        with autocast_for(model):
-            loss, metrics = objective.micro_step(model, mb, denominator)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"non-finite loss ({loss.item()}) at optimizer step {step + 1}, micro-batch {i}"
-            )
-        (loss * weight if weight != 1.0 else loss).backward()
-        if weight == 0.0:
-            continue
+        with parallel.gradient_sync(model, i == len(micro_batches) - 1):
+            with parallel.compute_context(model, precision):
+                loss, metrics = objective.micro_step(model, mb, denominator)
+            if not bool(torch.isfinite(loss.detach())):
+                bad.append(i)
+            loss.backward()  # even when non-finite: the other ranks are in this backward's reduction
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         totals["tokens"] += mb.num_tokens
-    if world_size > 1:
-        if not parallel.is_sharded(model):  # FSDP2 reduced the gradients in the last backward
-            _all_reduce_grads(model)
-        totals = _all_reduce_totals(totals)
+    keys = sorted(totals)
+    flags = [0.0] * world_size
+    flags[rank] = float(len(bad))
+    vector = torch.tensor([totals[k] for k in keys] + flags, dtype=torch.float64, device=device)
+    collectives.all_reduce_sum(vector, device, "step metrics")
+    values = vector.tolist()
+    totals = dict(zip(keys, values[: len(keys)]))
+    bad_ranks = [r for r, n in enumerate(values[len(keys) :]) if n > 0]
+    if bad_ranks:
+        optimizer.zero_grad(set_to_none=True)
+        where = f", micro-batch {bad[0]} here" if bad else ""
+        raise TrainingDivergedError(
+            f"non-finite loss at optimizer step {step + 1} on rank(s) {bad_ranks} of {world_size}{where}"
+        )
     params = [p for p in model.parameters() if p.grad is not None]
-    # with max_norm=inf this only measures the norm (DTensor-aware under FSDP2)
+    # with max_norm=inf this only measures the norm (DTensor-aware under FSDP2: the same on every rank)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"non-finite gradient norm at optimizer step {step + 1}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -176,9 +149,18 @@ def optimizer_step(
     return totals
 
 
+def plan_total_steps(objective: Objective, cfg: TrainConfig, world_size: int, lockstep: bool) -> int:
+    """Optimizer steps of the whole run (what the schedule decays over) under this world size."""
+    total = sum(
+        len(plan_epoch(objective.epoch_batch_count(e), world_size, cfg.grad_accum, lockstep).steps)
+        for e in range(cfg.epochs)
+    )
+    return min(total, cfg.max_steps) if cfg.max_steps is not None else total
+
+
 def train(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     objective: Objective,
     cfg: TrainConfig,
     out_dir: Path,
@@ -186,34 +168,43 @@ def train(
     resume: bool = True,
     stop_after_steps: int | None = None,
     desc: str = "train",
+    precision: Precision | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place. Checkpoints go to ``out_dir/checkpoints``, metrics to ``out_dir/metrics.jsonl``."""
+    """Train ``model`` (a Hugging Face causal LM) in place on every rank; ``result.model`` is the trained root.
+
+    Under torch.distributed the model is wrapped in DDP or FSDP2 (``cfg.parallelism``) even for one rank; each
+    rank collates only its own micro-batches, one step at a time. Checkpoints go to ``out_dir/checkpoints``,
+    metrics to ``out_dir/metrics.jsonl`` (rank 0). ``precision``: None = :func:`default_precision`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     seed_everything(cfg.seed)
-    rank, world_size = world()
-    if cfg.parallelism == "fsdp" and world_size > 1:
-        model = parallel.shard(model, world_size)
-    model.train()
+    rank, world_size = collectives.world()
+    precision = precision or default_precision(parallel.unwrap(model))
+    root = model if parallel.is_root(model) else parallel.prepare(model, cfg.parallelism, precision)
+    root.train()
+    lockstep = parallel.is_sharded(root)
+    eval_model = parallel.root_of(root)  # DDP's module: evaluation runs no reducer
 
-    total_steps = sum(math.ceil(objective.epoch_batch_count(e) / cfg.grad_accum) for e in range(cfg.epochs))
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = plan_total_steps(objective, cfg, world_size, lockstep)
     if total_steps == 0:
-        raise ValueError(f"{desc}: no training batches (check the data and max_seq_len/overlength)")
-    optimizer = make_optimizer(model, cfg)
+        raise ValueError(
+            f"{desc}: no training steps (check the data and max_seq_len/overlength; every one of the "
+            f"{world_size} ranks needs at least one micro-batch per step)"
+        )
+    optimizer = make_optimizer(root, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    step, start_epoch, start_group = 0, 0, 0
+    step, start_epoch, start_batch = 0, 0, 0
     history: list[dict] = []
     dev_history: list[dict] = []
     resumed_from = None
     latest = checkpoints.latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        progress = checkpoints.load_checkpoint(latest, model, optimizer, scheduler)
-        step, start_epoch, start_group = progress["step"], progress["epoch"], progress["group"]
+        progress = checkpoints.load_checkpoint(latest, root, optimizer, scheduler)
+        step, start_epoch, start_batch = progress["step"], progress["epoch"], progress["batch_offset"]
         history, dev_history = progress.get("history", []), progress.get("dev_history", [])
         resumed_from = str(latest)
     is_main = rank == 0
@@ -223,24 +214,36 @@ def train(
 
     t0 = time.perf_counter()
     trained_tokens = 0
+    dropped = 0
     bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, disable=not is_main)
     done = step >= total_steps
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
-        batches = objective.epoch_batches(epoch)
-        groups = group_steps(batches, cfg.grad_accum)
-        first = start_group if epoch == start_epoch else 0
-        for g in range(first, len(groups)):
+        batches = objective.epoch_plan(epoch)
+        first = start_batch if epoch == start_epoch else 0
+        plan = plan_epoch(len(batches), world_size, cfg.grad_accum, lockstep, start=first)
+        if plan.dropped:
+            dropped += len(plan.dropped)
+            logger.warning(
+                "%s epoch %d: %d tail micro-batch(es) left out (fewer than one per rank%s)",
+                desc,
+                epoch,
+                len(plan.dropped),
+                ", or not a multiple of the ranks under fsdp" if lockstep else "",
+            )
+        for s, indices in enumerate(plan.steps):
             step_t0 = time.perf_counter()
+            mine = [objective.collate_train(batches[i]) for i in rank_share(indices, rank, world_size)]
             try:
-                totals = optimizer_step(model, optimizer, objective, groups[g], cfg.max_grad_norm, step)
+                totals = optimizer_step(root, optimizer, objective, mine, cfg.max_grad_norm, step, precision)
             except TrainingDivergedError as exc:
                 bar.close()
                 raise TrainingDivergedError(
                     f"{desc}: {exc} (epoch {epoch}); last good checkpoint: "
                     f"{last_good or 'none'}; try a lower lr or check the data"
                 ) from exc
+            del mine
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
@@ -261,28 +264,26 @@ def train(
                 loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
             bar.update(1)
-            end_of_epoch = g == len(groups) - 1
+            end_of_epoch = s == len(plan.steps) - 1
             done = step >= total_steps
             progress = {
                 "step": step,
                 "epoch": epoch + 1 if end_of_epoch else epoch,
-                "group": 0 if end_of_epoch else g + 1,
+                "batch_offset": 0 if end_of_epoch else indices[-1] + 1,
             }
             if end_of_epoch and cfg.dev_every_epoch:
-                dev = {"step": step, "epoch": epoch, **objective.evaluate(model)}
+                dev = {"step": step, "epoch": epoch, **_evaluate(objective, eval_model, precision)}
                 dev_history.append(dev)
                 if is_main:
                     _append_metrics(metrics_path, {"split": "dev", **dev})
-                log.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
-                model.train()
+                logger.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
+                root.train()
             periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
             if end_of_epoch or periodic or done:
-                last_good = _checkpoint(
-                    is_main,
+                last_good = checkpoints.save_checkpoint(
                     ckpt_root,
                     step,
-                    model,
-                    tokenizer,
+                    root,
                     optimizer,
                     scheduler,
                     {**progress, "history": history, "dev_history": dev_history},
@@ -295,50 +296,38 @@ def train(
                 break
     bar.close()
     if not dev_history or dev_history[-1]["step"] != step:
-        dev = {"step": step, "epoch": cfg.epochs - 1, **objective.evaluate(model)}
+        dev = {"step": step, "epoch": cfg.epochs - 1, **_evaluate(objective, eval_model, precision)}
         dev_history.append(dev)
         if is_main:
             _append_metrics(metrics_path, {"split": "dev", **dev})
+    root.train()
     elapsed = time.perf_counter() - t0
-    log.info(
-        "%s finished: %d steps in %.1fs (%.0f tokens/s); wrote %s",
+    logger.info(
+        "%s finished: %d steps in %.1fs (%.0f tokens/s, %s); wrote %s",
         desc,
         step,
         elapsed,
         trained_tokens / max(elapsed, 1e-9),
+        precision.describe(),
         out_dir,
     )
     return TrainResult(
-        step, history, dev_history, last_good, elapsed, trained_tokens / max(elapsed, 1e-9), resumed_from, model=model
+        step,
+        history,
+        dev_history,
+        last_good,
+        elapsed,
+        trained_tokens / max(elapsed, 1e-9),
+        resumed_from,
+        extra={"dropped_micro_batches": dropped, "precision": precision.describe(), "world_size": world_size},
+        model=root,
     )
 
 
-def _checkpoint(
-    is_main: bool, ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, progress: dict, keep: int
-) -> Path:
-    """Rank 0 writes (after every rank helped gather a sharded model); the others wait, so all resume alike."""
-    path = ckpt_root / f"step_{step:07d}"
-    weights = parallel.full_state_dict(model)
-    optimizer_state = parallel.full_optimizer_state(model, optimizer)
-    if is_main:
-        path = checkpoints.save_checkpoint(
-            ckpt_root,
-            step,
-            parallel.unwrap(model),
-            tokenizer,
-            optimizer,
-            scheduler,
-            progress,
-            keep=keep,
-            weights=weights,
-            optimizer_state=optimizer_state,
-        )
-    _, world_size = world()
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return path
+def _evaluate(objective: Objective, model: Any, precision: Precision) -> dict[str, float]:
+    """Dev metrics in the compute dtype (the objective shards the dev set over the ranks and sums)."""
+    with parallel.compute_context(model, precision):
+        return objective.evaluate(model)
 
 
 def _fmt(d: dict) -> str:

@@ -1,51 +1,64 @@
-"""What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training."""
+"""What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training. Micro-batches
+are planned as index lists (identical on every rank) and collated on demand, so a rank builds only its share;
+dev evaluation and the reference precompute are dealt over the ranks and summed."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from steps.config import TrainConfig
+from steps.train import collectives, parallel
 from steps.train.batching import PairExample, SFTExample, TokenBatch, collate_pairs, collate_sft, make_batches
+from steps.train.dealing import deal, deal_marked
 from steps.train.logprobs import sequence_logprobs
+from steps.train.precision import Precision
 
 
 class _Batched:
-    """Caches each epoch's micro-batches (a pure function of seed and epoch)."""
+    """Plans each epoch's micro-batches (a pure function of seed and epoch) and collates them on demand."""
 
     rows_per_example = 1
 
     def __init__(self, train: Sequence, dev: Sequence, pad_id: int, cfg: TrainConfig):
         self.train, self.dev, self.pad_id, self.cfg = list(train), list(dev), pad_id, cfg
-        self._cache: dict[int, list[TokenBatch]] = {}
+        self._plans: dict[int, list[list[int]]] = {}
 
-    def _collate(self, examples) -> TokenBatch:
+    def _collate(self, examples: Sequence[Any]) -> TokenBatch:
         raise NotImplementedError
 
-    def _epoch_indices(self, epoch: int) -> list[list[int]]:
-        return make_batches(
-            self.train,
-            self.cfg.max_num_tokens,
-            self.cfg.seed,
-            epoch,
-            self.rows_per_example,
-            max_examples=self.cfg.max_batch_examples,
-        )
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Example indices of each micro-batch of ``epoch`` (the same on every rank; nothing collated)."""
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: make_batches(
+                    self.train,
+                    self.cfg.max_num_tokens,
+                    self.cfg.seed,
+                    epoch,
+                    self.rows_per_example,
+                    max_examples=self.cfg.max_batch_examples,
+                )
+            }
+        return self._plans[epoch]
 
     def epoch_batch_count(self, epoch: int) -> int:
         """Micro-batches in ``epoch``, without collating them (the loop plans its steps with this)."""
-        return len(self._epoch_indices(epoch))
+        return len(self.epoch_plan(epoch))
+
+    def collate_train(self, indices: list[int]) -> TokenBatch:
+        return self._collate([self.train[i] for i in indices])
 
     def epoch_batches(self, epoch: int) -> list[TokenBatch]:
-        if epoch not in self._cache:
-            self._cache.clear()
-            self._cache[epoch] = [self._collate([self.train[i] for i in b]) for b in self._epoch_indices(epoch)]
-        return self._cache[epoch]
+        """Every micro-batch of ``epoch`` collated (for tools such as the benchmark; the loop collates lazily)."""
+        return [self.collate_train(b) for b in self.epoch_plan(epoch)]
 
-    def dev_batches(self) -> list[TokenBatch]:
-        idx = make_batches(
+    def dev_plan(self) -> list[list[int]]:
+        return make_batches(
             self.dev,
             self.cfg.max_num_tokens,
             0,
@@ -54,7 +67,33 @@ class _Batched:
             shuffle=False,
             max_examples=self.cfg.max_batch_examples,
         )
-        return [self._collate([self.dev[i] for i in b]) for b in idx]
+
+    def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _dev_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """Dev metrics over the whole dev set: each rank scores its dealt batches, the sums are all-reduced.
+
+        Every rank runs the same number of forwards (FSDP2 gathers weights in each): short shares repeat a batch
+        whose sums are discarded; that also gives every rank the metric names."""
+        if not self.dev:
+            return {}
+        device = parallel.device_of(model)
+        rank, world_size = collectives.world()
+        model.eval()
+        totals: dict[str, float] = {}
+        with torch.no_grad():
+            for indices, counts in deal_marked(self.dev_plan(), rank, world_size, lockstep=True):
+                batch = self._collate([self.dev[i] for i in indices]).to(device)
+                for k, v in self._dev_totals(model, batch).items():
+                    totals[k] = totals.get(k, 0.0) + (v if counts else 0.0)
+        keys = sorted(totals)
+        vector = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+        collectives.all_reduce_sum(vector, device, "dev metrics")
+        return self._dev_metrics(dict(zip(keys, vector.tolist())))
 
 
 class SFTObjective(_Batched):
@@ -68,24 +107,18 @@ class SFTObjective(_Batched):
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
         return float(sum(int(mb.target_mask[:, 1:].sum()) for mb in micro_batches))
 
-    def micro_step(self, model, batch: TokenBatch, denominator: float):
+    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         sums, counts = sequence_logprobs(model, batch)
         loss = -sums.sum() / denominator
         return loss, {"loss": float(loss.detach()), "target_tokens": float(counts.sum())}
 
-    def evaluate(self, model) -> dict[str, float]:
-        if not self.dev:
-            return {}
-        device = next(model.parameters()).device
-        model.eval()
-        nll, tokens = 0.0, 0.0
-        with torch.no_grad():
-            for mb in self.dev_batches():
-                sums, counts = sequence_logprobs(model, mb.to(device))
-                nll -= float(sums.sum())
-                tokens += float(counts.sum())
-        loss = nll / max(tokens, 1.0)
-        return {"dev_loss": loss, "dev_perplexity": math.exp(min(loss, 50.0)), "dev_tokens": tokens}
+    def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
+        sums, counts = sequence_logprobs(model, batch)
+        return {"nll": -float(sums.sum()), "tokens": float(counts.sum())}
+
+    def _dev_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        loss = totals["nll"] / max(totals["tokens"], 1.0)
+        return {"dev_loss": loss, "dev_perplexity": math.exp(min(loss, 50.0)), "dev_tokens": totals["tokens"]}
 
 
 class PreferenceObjective(_Batched):
@@ -93,7 +126,16 @@ class PreferenceObjective(_Batched):
 
     rows_per_example = 2
 
-    def __init__(self, train, dev, pad_id, cfg: TrainConfig, loss_fn, needs_reference: bool, reference_model=None):
+    def __init__(
+        self,
+        train: Sequence[PairExample],
+        dev: Sequence[PairExample],
+        pad_id: int,
+        cfg: TrainConfig,
+        loss_fn: Any,
+        needs_reference: bool,
+        reference_model: Any = None,
+    ):
         super().__init__(train, dev, pad_id, cfg)
         self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, reference_model
         self.name = getattr(loss_fn, "name", "preference")
@@ -104,7 +146,7 @@ class PreferenceObjective(_Batched):
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
         return float(sum(mb.extra["num_pairs"] for mb in micro_batches))
 
-    def _reference(self, batch: TokenBatch, n: int):
+    def _reference(self, batch: TokenBatch, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.needs_reference:
             return None, None
         if "reference_chosen" in batch.extra:
@@ -115,7 +157,7 @@ class PreferenceObjective(_Batched):
             ref, _ = sequence_logprobs(self.reference_model, batch)
         return ref[:n], ref[n:]
 
-    def _loss(self, model, batch: TokenBatch):
+    def _loss(self, model: Any, batch: TokenBatch) -> tuple[Any, int]:
         n = batch.extra["num_pairs"]
         sums, counts = sequence_logprobs(model, batch)
         ref_c, ref_r = self._reference(batch, n)
@@ -123,7 +165,7 @@ class PreferenceObjective(_Batched):
             sums[:n], sums[n:], counts[:n], counts[n:], reference_chosen_logps=ref_c, reference_rejected_logps=ref_r
         ), n
 
-    def micro_step(self, model, batch: TokenBatch, denominator: float):
+    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         out, n = self._loss(model, batch)
         share = n / denominator
         loss = out.per_pair.sum() / denominator
@@ -131,46 +173,53 @@ class PreferenceObjective(_Batched):
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
-    def evaluate(self, model) -> dict[str, float]:
-        if not self.dev:
-            return {}
-        device = next(model.parameters()).device
-        model.eval()
-        totals: dict[str, float] = {}
-        pairs = 0
-        with torch.no_grad():
-            for mb in self.dev_batches():
-                out, n = self._loss(model, mb.to(device))
-                pairs += n
-                totals["loss"] = totals.get("loss", 0.0) + float(out.per_pair.sum())
-                for k, v in out.metrics.items():
-                    if k != "loss":
-                        totals[k] = totals.get(k, 0.0) + float(v) * n
-        return {f"dev_{k}": v / pairs for k, v in totals.items()} | {"dev_pairs": float(pairs)}
+    def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
+        out, n = self._loss(model, batch)
+        totals = {"loss": float(out.per_pair.sum()), "pairs": float(n)}
+        totals.update({k: float(v) * n for k, v in out.metrics.items() if k != "loss"})
+        return totals
+
+    def _dev_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        pairs = totals.pop("pairs")
+        return {f"dev_{k}": v / pairs for k, v in totals.items()} | {"dev_pairs": pairs}
 
 
 def precompute_reference(
-    model, pairs: list[PairExample], pad_id: int, cfg: TrainConfig, desc: str = "reference log-probs"
+    model: Any,
+    pairs: list[PairExample],
+    pad_id: int,
+    cfg: TrainConfig,
+    desc: str = "reference log-probs",
+    precision: Precision | None = None,
 ) -> None:
-    """Fill ``reference_chosen/rejected`` once, in a no-grad pass, so the reference model need not stay resident."""
+    """Fill ``reference_chosen/rejected`` once, in a no-grad pass, so the reference model need not stay resident.
+
+    The batches are planned alike on every rank and dealt round-robin; each rank scores its own and one
+    all-reduce (on the device) gives every rank every score: the same numbers as one process computes.
+    ``precision``: compute under its autocast (the run's compute dtype)."""
     from tqdm.auto import tqdm
 
     todo = [i for i, p in enumerate(pairs) if p.reference_chosen is None or p.reference_rejected is None]
     if not todo:
         return
-    device = next(model.parameters()).device
+    device = parallel.device_of(model)
+    rank, world_size = collectives.world()
     was_training = model.training
     model.eval()
     subset = [pairs[i] for i in todo]
     batches = make_batches(
         subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False, max_examples=cfg.max_batch_examples
     )
-    with torch.no_grad():
-        for b in tqdm(batches, desc=desc, unit="batch"):
-            examples = [subset[i] for i in b]
-            mb = collate_pairs(examples, pad_id, cfg.mask_source_tokens).to(device)
+    scores = torch.zeros((len(subset), 2), dtype=torch.float64, device=device)
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        for b in tqdm(deal(batches, rank, world_size), desc=desc, unit="batch", disable=rank != 0):
+            mb = collate_pairs([subset[i] for i in b], pad_id, cfg.mask_source_tokens).to(device)
             sums, _ = sequence_logprobs(model, mb)
-            n = len(examples)
-            for ex, c, r in zip(examples, sums[:n].tolist(), sums[n:].tolist()):
-                ex.reference_chosen, ex.reference_rejected = c, r
+            index = torch.tensor(b, dtype=torch.long, device=device)
+            scores[index, 0] = sums[: len(b)].double()
+            scores[index, 1] = sums[len(b) :].double()
+    collectives.all_reduce_sum(scores, device, "reference log-probs")
+    for ex, (c, r) in zip(subset, scores.tolist()):
+        ex.reference_chosen, ex.reference_rejected = c, r
     model.train(was_training)

@@ -1,55 +1,86 @@
-"""How training spreads one model over the ranks of a torchrun job.
-
-``ddp`` (the default): every rank holds the whole model and AdamW state; the loop sums gradients
-with one flat all-reduce per optimizer step.
-
-``fsdp``: FSDP2 ``fully_shard``. Each decoder layer is one unit and a root unit holds the rest
-(embeddings, final norm, ``lm_head``, tied or not), so a rank keeps 1/N of the weights, gradients
-and AdamW state: for models that do not fit one GPU. The log-prob code calls the decoder body and the
-output projection separately (it never builds full-vocabulary logits), so the root is
-:class:`ShardedCausalLM`, a module whose forward *is* that computation: its pre-forward gathers the
-root parameters, and its backward reduces their gradients like any other unit.
-
-Every rank must run the same collectives in the same order, so callers of :func:`full_state_dict`,
-forward passes and optimizer steps are made on all ranks.
-"""
+"""How training spreads one model over the ranks of a torchrun job: torch's own DDP or FSDP2, never by hand.
+Every mode trains the root :class:`LogProbModel` (keys ``lm.<HF key>``, so checkpoints move between modes);
+gradients are summed over ranks, since the loop divides each loss by the step's global denominator."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from steps.train import collectives
+from steps.train.precision import Precision
+
+logger = logging.getLogger(__name__)
 
 ROOT_PREFIX = "lm."
 
 
-class ShardedCausalLM(torch.nn.Module):
-    """FSDP root around a Hugging Face causal LM; ``forward(batch)`` returns per-row log-prob sums and counts."""
+class LogProbModel(torch.nn.Module):
+    """Root around a Hugging Face causal LM; ``forward(batch)`` returns per-row log-prob sums and counts.
+
+    The log-prob code calls the decoder body and the output projection separately (no full-vocabulary logits),
+    so this module's forward *is* that computation: DDP's reducer hooks and FSDP2's pre-forward gather see it."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, batch, chunk_rows: int | None = None):
+    def forward(self, batch: Any, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from steps.train.logprobs import sequence_logprobs
 
         return sequence_logprobs(self.lm, batch, chunk_rows)
 
 
-def is_sharded(model) -> bool:
-    return isinstance(model, ShardedCausalLM)
+ShardedCausalLM = LogProbModel  # the FSDP2 root's former name
 
 
-def unwrap(model):
-    """The Hugging Face model inside (itself when not sharded)."""
-    return model.lm if is_sharded(model) else model
+def is_root(model: Any) -> bool:
+    """A model whose forward takes a batch: the root itself, or DDP around it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, (LogProbModel, DistributedDataParallel))
 
 
-def decoder_layers(lm) -> list[torch.nn.Module]:
+def is_sharded(model: Any) -> bool:
+    """FSDP2: forwards and backwards run collectives, so every rank must run the same number of them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def is_ddp(model: Any) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def root_of(model: Any) -> Any:
+    """The :class:`LogProbModel` (inside DDP, or the FSDP2 root itself); None for a bare Hugging Face model."""
+    if is_ddp(model):
+        return model.module
+    return model if isinstance(model, LogProbModel) else None
+
+
+def unwrap(model: Any) -> Any:
+    """The Hugging Face model inside (itself when it is one)."""
+    root = root_of(model)
+    return root.lm if root is not None else model
+
+
+def device_of(model: Any) -> torch.device:
+    """The device this rank computes on (a DTensor's device is its local shard's)."""
+    return next(model.parameters()).device
+
+
+def decoder_layers(lm: Any) -> list[torch.nn.Module]:
     """The repeated transformer blocks: ``model.layers`` for Llama-family models, else ``*DecoderLayer`` modules."""
-    body = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    body = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     layers = getattr(body, "layers", None)
     if layers is not None and len(layers):
         return list(layers)
@@ -59,81 +90,95 @@ def decoder_layers(lm) -> list[torch.nn.Module]:
     return found
 
 
-def shard(lm, world_size: int) -> ShardedCausalLM:
-    """Apply FSDP2 to ``lm`` in place over all ranks; returns the root to train (its parameters are DTensors).
+def prepare(lm: Any, parallelism: str, precision: Precision) -> Any:
+    """The module to train: the bare root without a process group; DDP or FSDP2 around it with one (any size)."""
+    root = LogProbModel(lm)
+    if not collectives.is_distributed():
+        return root
+    if parallelism == "fsdp":
+        return _shard(root, precision)
+    return _replicate(root)
 
-    Gradients are summed across ranks, not averaged: the loop already divides each micro-batch's loss
-    by the whole optimizer step's denominator, so the sum is the single-process gradient.
-    """
+
+def _replicate(root: LogProbModel) -> Any:
+    """DDP: bucketed all-reduce overlapped with backward, summed by :func:`collectives.ddp_sum_hook`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = device_of(root)
+    # rotary tables are computed, not trained: nothing to keep in sync per forward (the newer name first)
+    buffers: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    ddp = DistributedDataParallel(
+        root, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, **buffers
+    )
+    ddp.register_comm_hook(device, collectives.ddp_sum_hook())
+    logger.info("DDP over %d ranks (%s)", collectives.world()[1], device)
+    return ddp
+
+
+def _shard(root: LogProbModel, precision: Precision) -> Any:
+    """FSDP2 ``fully_shard`` per decoder layer plus the root (embeddings, final norm, lm_head): weights, gradients
+    and AdamW state split over the ranks; compute in ``precision.compute``, gradients reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    device_type = next(lm.parameters()).device.type
-    mesh = init_device_mesh(device_type, (world_size,))
-    layers = decoder_layers(lm)
+    device = device_of(root)
+    mesh = init_device_mesh(device.type, (collectives.world()[1],))
+    policy = MixedPrecisionPolicy(
+        param_dtype=precision.compute if precision.mixed else None, reduce_dtype=torch.float32
+    )
+    layers = decoder_layers(root.lm)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    root = fully_shard(ShardedCausalLM(lm), mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    sharded = fully_shard(root, mesh=mesh, mp_policy=policy)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    log.info("FSDP2: %d decoder layers + root sharded over %d ranks (%s)", len(layers), world_size, device_type)
-    return root
+    logger.info(
+        "FSDP2: %d decoder layers + root over %d ranks (%s, %s)", len(layers), mesh.size(), device, precision.describe()
+    )
+    return sharded
 
 
-def set_gradient_sync(model, enabled: bool) -> None:
-    """Reduce gradients on this backward (the last micro-batch of a step) or keep accumulating locally."""
+def compute_context(model: Any, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for single device and DDP; nothing under FSDP2 (its policy casts the gathered weights)."""
+    return contextlib.nullcontext() if is_sharded(model) else precision.autocast()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: Any, enabled: bool) -> Iterator[None]:
+    """Reduce gradients in this backward (a step's last micro-batch) or accumulate locally (DDP ``no_sync``)."""
+    if is_ddp(model) and not enabled:
+        with model.no_sync():
+            yield
+        return
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
+    yield
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """Unsharded CPU weights keyed like the Hugging Face model's own state dict, gathered from every rank
-    (a collective); None for a model that is not sharded (it saves its own parameters)."""
+def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
+    """Unsharded CPU weights keyed like the Hugging Face model's own state dict, gathered from every rank (a
+    collective; rank 0 holds them); None for a model that is not sharded (it saves its own parameters)."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    state = {k[len(ROOT_PREFIX) :]: v for k, v in state.items()}
-    tied = _tied_embedding_keys(model.lm)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state: dict[str, torch.Tensor] = {k[len(ROOT_PREFIX) :]: v for k, v in full.items()}  # type: ignore[misc]
+    tied = tied_embedding_keys(model.lm)
     if tied is not None:  # saved once, under the input embedding's name, as save_pretrained does
         state.pop(tied[0], None)
     return state
 
 
-def _tied_embedding_keys(lm) -> tuple[str, str] | None:
+def tied_embedding_keys(lm: Any) -> tuple[str, str] | None:
     """(output embedding weight key, input embedding weight key) when the model ties them, else None."""
     if not getattr(lm.config, "tie_word_embeddings", False):
         return None
     names = {id(m): name for name, m in lm.named_modules()}
     return (names[id(lm.get_output_embeddings())] + ".weight", names[id(lm.get_input_embeddings())] + ".weight")
-
-
-def full_optimizer_state(model, optimizer) -> dict | None:
-    """AdamW state keyed by parameter name, unsharded on CPU (a collective); None when not sharded."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict | None) -> None:
-    """Put unsharded weights (and optimizer state) back into a sharded model: each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    lm = unwrap(model)
-    expected = lm.state_dict().keys()
-    weights = dict(weights)
-    tied = _tied_embedding_keys(lm)
-    if tied is not None and tied[0] not in weights and tied[1] in weights:
-        weights[tied[0]] = weights[tied[1]]
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise RuntimeError(f"checkpoint does not match the model (missing {missing[:3]})")
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, {ROOT_PREFIX + k: weights[k] for k in expected}, options=options)
-    if optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -7,17 +7,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict
 from steps.io import read_jsonl, write_json
-from steps.train import checkpoints, parallel
-from steps.train.batching import tokenize_pairs, tokenize_sft
-from steps.train.loop import TrainResult, train, world
+from steps.train import checkpoints, collectives
+from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
+from steps.train.loop import TrainResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+from steps.train.precision import Precision, resolve_precision
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Where each loss starts when ``preference.init: auto`` (the documented recipe): ORPO and CPO carry
 # their own NLL term and start from the base model; the others start from the SFT checkpoint.
@@ -42,6 +44,8 @@ class RunSummary:
     metrics_path: str
     config: dict
     resumed_from: str | None = None
+    precision: str = ""  # e.g. "bfloat16 compute, float32 master weights (cuda)"
+    world_size: int = 1
     history: list = field(default_factory=list)
     dev_history: list = field(default_factory=list)
 
@@ -50,28 +54,43 @@ class RunSummary:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This rank's GPU (torchrun's launcher set it from LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return name
+def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
+    """``model.dtype`` (compute) and ``model.master_dtype`` (weights, AdamW state) resolved for ``device``."""
+    return resolve_precision(cfg.model.dtype, cfg.model.master_dtype, device)
 
 
-def load_for_training(spec: str, cfg: RunConfig, device: torch.device):
+def load_for_training(spec: str, cfg: RunConfig, device: torch.device, precision: Precision | None = None) -> Any:
+    """The policy in the master dtype (weights the optimizer updates); compute happens in the compute dtype."""
     from steps.models import load_model
 
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    # GPU: fp32 master weights under bf16 autocast unless the config asks for bf16 weights (8B models)
-    model = load_model(spec, dtype=dtype, device=str(device), attn_implementation=cfg.model.attn_implementation)
+    precision = precision or run_precision(cfg, device)
+    model = load_model(
+        spec, dtype=precision.master, device=str(device), attn_implementation=cfg.model.attn_implementation
+    )
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: DDP's reducer and FSDP2 both work with it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def apply_lora(model, train_cfg: TrainConfig):
+def load_reference(spec: str, cfg: RunConfig, device: torch.device, precision: Precision) -> Any:
+    """A frozen reference model in the compute dtype (it only runs forwards)."""
+    from steps.models import load_model
+
+    model = load_model(
+        spec, dtype=precision.compute, device=str(device), attn_implementation=cfg.model.attn_implementation
+    )
+    return model.eval().requires_grad_(False)
+
+
+def apply_lora(model: Any, train_cfg: TrainConfig) -> Any:
     if not train_cfg.lora.enabled:
         return model
     try:
@@ -96,25 +115,17 @@ def _select(rows: list[dict], limit: int | None) -> list[dict]:
 
 def _finish(
     kind: str,
-    model,
-    tokenizer,
+    tokenizer: Any,
     result: TrainResult,
     out_dir: Path,
     init: str,
     init_label: str,
-    reference,
-    data_stats,
-    cfg_section,
+    reference: str | None,
+    data_stats: dict,
+    cfg_section: TrainConfig,
 ) -> RunSummary:
-    rank, world_size = world()
-    final_dir = out_dir / "final"
-    weights = parallel.full_state_dict(result.model)  # None unless sharded
-    if rank == 0:
-        checkpoints.save_model_dir(model, tokenizer, final_dir, weights=weights)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    rank, _ = collectives.world()
+    final_dir = checkpoints.export_model(result.model, tokenizer, out_dir / "final")
     summary = RunSummary(
         kind=kind,
         model_dir=str(final_dir),
@@ -130,12 +141,14 @@ def _finish(
         metrics_path=str(out_dir / "metrics.jsonl"),
         config=config_to_dict(cfg_section),
         resumed_from=result.resumed_from,
+        precision=str(result.extra.get("precision", "")),
+        world_size=int(result.extra.get("world_size", 1)),
         history=result.history,
         dev_history=result.dev_history,
     )
     if rank == 0:
         write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
-    log.info("%s model written to %s", kind, final_dir)
+    logger.info("%s model written to %s (%s)", kind, final_dir, result.extra.get("precision"))
     return summary
 
 
@@ -154,18 +167,21 @@ def run_sft(
     s = cfg.sft
     spec = init_spec or (cfg.model.base if s.init == "base" else s.init)
     device = pick_device()
+    precision = run_precision(cfg, device)
     tokenizer = load_tokenizer(spec)
     train_rows = _select(read_jsonl(data_dir / "sft.train.jsonl"), s.max_examples)
     dev_rows = read_jsonl(data_dir / "sft.dev.jsonl") if (data_dir / "sft.dev.jsonl").exists() else []
-    log.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
+    logger.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
     train_ex, train_stats = tokenize_sft(train_rows, tokenizer, s.max_seq_len, s.overlength)
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
-    model = apply_lora(load_for_training(spec, cfg, device), s)
+    model = apply_lora(load_for_training(spec, cfg, device, precision), s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    result = train(model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft")
+    result = train(
+        model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft", precision=precision
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
-    return _finish("sft", model, tokenizer, result, out_dir, spec, label, None, stats, s)
+    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s)
 
 
 def resolve_init_and_reference(
@@ -214,7 +230,7 @@ def run_preference(
     ``cfg.preference`` is the section resolved for ``loss`` (steps.config.for_loss; the flow plans it in start).
     """
     from steps import losses
-    from steps.models import load_model, load_tokenizer
+    from steps.models import load_tokenizer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     p = cfg.preference
@@ -225,11 +241,12 @@ def run_preference(
         )
     init_spec, ref_spec = resolve_init_and_reference(cfg, loss, p, sft_model_dir)
     device = pick_device()
+    precision = run_precision(cfg, device)
     tokenizer = load_tokenizer(init_spec)
     train_rows = _select(read_jsonl(data_dir / "preference.train.jsonl"), p.max_examples)
     dev_path = data_dir / "preference.dev.jsonl"
     dev_rows = read_jsonl(dev_path) if dev_path.exists() else []
-    log.info(
+    logger.info(
         "%s: read %d train / %d dev pairs from %s; init=%s reference=%s",
         loss,
         len(train_rows),
@@ -241,16 +258,14 @@ def run_preference(
     train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
     dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
     loss_fn = losses.build_loss(loss, p.criterion_config)
-    model = load_for_training(init_spec, cfg, device)
+    model = load_for_training(init_spec, cfg, device, precision)
 
-    needs_ref = ref_spec is not None
     live_reference = None
-    if needs_ref:
+    if ref_spec is not None:
         have_scores = all(x.reference_chosen is not None for x in train_pairs + dev_pairs)
         already_resumable = checkpoints.latest_checkpoint(out_dir / "checkpoints") is not None
         if p.reference_mode == "live":
-            live_reference = load_model(ref_spec, dtype=resolve_dtype(cfg.model.dtype, device), device=str(device))
-            live_reference.eval().requires_grad_(False)
+            live_reference = load_reference(ref_spec, cfg, device, precision)
         elif not have_scores:
             ref_cache = out_dir / "reference_logps.json"
             _load_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
@@ -258,33 +273,37 @@ def run_preference(
                 if ref_spec == init_spec and not already_resumable:
                     ref_model = model  # the policy before its first update *is* the reference
                 else:
-                    ref_model = load_model(ref_spec, dtype=resolve_dtype(cfg.model.dtype, device), device=str(device))
+                    ref_model = load_reference(ref_spec, cfg, device, precision)
                 t0 = time.perf_counter()
-                precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p)
-                log.info(
-                    "reference log-probs for %d pairs in %.1fs",
+                precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p, precision=precision)
+                logger.info(
+                    "reference log-probs for %d pairs in %.1fs (%s, %d ranks)",
                     len(train_pairs) + len(dev_pairs),
                     time.perf_counter() - t0,
+                    precision.describe(),
+                    collectives.world()[1],
                 )
-                if world()[0] == 0:
+                if collectives.world()[0] == 0:
                     _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
                 if ref_model is not model:
                     del ref_model
     model = apply_lora(model, p)
     objective = PreferenceObjective(
-        train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, needs_ref, reference_model=live_reference
+        train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, ref_spec is not None, live_reference
     )
-    result = train(model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss)
+    result = train(
+        model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss, precision=precision
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
         if init_spec == sft_model_dir
         else (f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
     )
-    return _finish(loss, model, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p)
+    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p)
 
 
-def _load_reference_cache(path: Path, ref_spec: str, pairs) -> None:
+def _load_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:
     from steps.io import read_json
 
     if not path.exists():
@@ -298,7 +317,7 @@ def _load_reference_cache(path: Path, ref_spec: str, pairs) -> None:
             x.reference_chosen, x.reference_rejected = scores[x.id]
 
 
-def _save_reference_cache(path: Path, ref_spec: str, pairs) -> None:
+def _save_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:
     write_json(
         path,
         {"reference": ref_spec, "scores": {x.id: [x.reference_chosen, x.reference_rejected] for x in pairs}},
