@@ -104,7 +104,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, *, dry_run: 
     repo_id = check_repo_id(repo_id)
     files = upload_files(model_dir)
     token = hub_token()
-    if token is None:
+    if token is None and not dry_run:  # a dry run says whether a token is there; only an upload needs it
         raise PublishError(
             f"push_to_hub: no Hugging Face token in the environment; set {' or '.join(TOKEN_ENV_VARS)} to a token "
             f"with write access (https://huggingface.co/settings/tokens)"
@@ -115,7 +115,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, *, dry_run: 
         "dry_run": dry_run,
         "files": files,
         "total_bytes": sum(f["bytes"] for f in files),
-        "token_env": token[1],
+        "token_env": token[1] if token else None,
         "url": f"https://huggingface.co/{repo_id}",
     }
     if dry_run:
@@ -126,13 +126,14 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, *, dry_run: 
             model_dir,
             repo_id,
             "private" if private else "public",
-            token[1],
+            token[1] if token else "nowhere (an upload would need HF_TOKEN)",
         )
         return plan
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise PublishError("push_to_hub: HF_HUB_OFFLINE is set; unset it to upload, or use a dry run")
     from huggingface_hub import HfApi
 
+    assert token is not None
     api = HfApi(token=token[0])
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(

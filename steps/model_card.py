@@ -228,7 +228,8 @@ def _eval_results(eval_result: Mapping[str, Any] | None) -> list[str]:
             continue
         if key in r:
             se = f" ± {fmt(r[se_key])}" if se_key and r.get(se_key) is not None else ""
-            lines.append(f"| {label} | {fmt(r[key])}{se} |")
+            why = f" ({r['lc_unavailable_reason']})" if r[key] is None and r.get("lc_unavailable_reason") else ""
+            lines.append(f"| {label} | {fmt(r[key])}{se}{why} |")
     lines += [
         "",
         f"- **Eval set**: `{r.get('eval_set', '?')}`, {r.get('n_instructions', r.get('n_total', '?'))} instructions"

@@ -71,6 +71,12 @@ def plan_run(
     _setup_logging()
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # Metaflow's ConfigValue
     plan = load_plan(data, METAFLOW_SOURCE, set_arg, loss_arg, sweep_path)
+    hub = plan.config.push_to_hub
+    if hub.repo_id is not None:  # a missing token or clashing repo ids fail now, not after hours of training
+        from steps.hub import check_publish
+
+        names = [v.name for v in plan.variants if hub.variants is None or v.name in hub.variants]
+        check_publish(hub.repo_id, names, dry_run=hub.dry_run)
     output_root = str((Path(plan.config.resources.output_dir) / flow_name / str(run_id)).resolve())
     logger.info(
         "run %s: losses=%s variants=%s output=%s", run_id, plan.losses, [v.name for v in plan.variants], output_root
@@ -161,7 +167,7 @@ def evaluate_variant(
         "epoch": train_summary["config"].get("epochs"),
     }
     if not e.enabled or reference_path is None:
-        return {**base, "evaluated": False}
+        return publish_variant(plan, train_summary, {**base, "evaluated": False}, output_root)
     from steps.evaluate import evaluate_model, load_eval_set
     from steps.io import read_json, read_jsonl
 
@@ -190,7 +196,34 @@ def evaluate_variant(
             dtype=e.dtype,  # auto: bf16 on a CUDA GPU, fp32 on CPU
             backend=e.backend,
         )
-    return {**base, "evaluated": True, **metrics}
+    result = {**base, "evaluated": True, **metrics}
+    from steps.train.recipes import make_tracker
+
+    with make_tracker(plan.config, Path(output_root) / plan.name) as tracker:
+        tracker.log(metrics, step=0, prefix="eval")
+    return publish_variant(plan, train_summary, result, output_root)
+
+
+def publish_variant(plan: VariantPlan, train_summary: dict, result: dict, output_root: str) -> dict:
+    """Rewrite the model's card with this run and its eval results, then upload it when push_to_hub asks."""
+    from steps.hub import push_to_hub, repo_id_for
+    from steps.model_card import write_model_card
+
+    root, hub = Path(output_root), plan.config.push_to_hub
+    wanted = hub.repo_id is not None and (hub.variants is None or plan.name in hub.variants)
+    repo_id = repo_id_for(hub.repo_id, plan.name, root.name) if wanted and hub.repo_id else None
+    write_model_card(
+        train_summary["model_dir"],
+        summary=train_summary,
+        run_config=plan.config.to_dict(),
+        eval_result=result if result.get("evaluated") else None,
+        pathspec=f"{root.parent.name}/{root.name}",
+        name=repo_id,
+    )
+    if repo_id is None:
+        return result
+    upload = push_to_hub(train_summary["model_dir"], repo_id, hub.private, dry_run=hub.dry_run)
+    return {**result, "hub": {k: v for k, v in upload.items() if k != "files"} | {"n_files": len(upload["files"])}}
 
 
 def collect_results(results: list[dict], summaries: list[dict], evaluation: EvaluationConfig) -> list[dict]:

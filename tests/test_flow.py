@@ -33,6 +33,8 @@ evaluation:
   max_new_tokens: 6
   batch_size: 3
 resources: {output_dir: OUTPUT_DIR}
+tracking: {backends: [tensorboard, mlflow]}
+push_to_hub: {repo_id: "prefflow-test/tiny-{variant}", variants: [dpo], dry_run: true}
 """
 
 
@@ -111,11 +113,45 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
         low, high = paired["paired_ci95"]
         assert low <= paired["paired_delta_wr"] <= high
     assert results["dpo"]["heldout_preference"]["reward_accuracy"] is not None  # DPO has a reference
+    # every model directory carries its card, with this run's eval results; only dpo was (dry-run) uploaded
+    from steps.model_card import fmt
+
+    for name, r in results.items():
+        card = Path(r["model_dir"], "README.md").read_text()
+        assert run.pathspec in card and f"| win rate | {fmt(r['win_rate'])} ± " in card, name
+        assert "| LC win rate | n/a (" in card  # with the reason it is not shown
+    assert results["dpo"]["hub"]["repo_id"] == "prefflow-test/tiny-dpo" and results["dpo"]["hub"]["dry_run"]
+    assert "hub" not in results["orpo"]
     assert "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization | Δ WR vs" in stdout
     assert "| ORPO | lr=0.001, orpo_lambda=0.2, nll_scale=1 |" in stdout  # the report's formatting
     join = run["join"].task.data
     assert isinstance(join.run_config, dict) and join.run_config["preference"]["criterion_config"]["beta"] == 0.1
     assert all(isinstance(r, dict) for r in join.results)  # what the report reads stays plain
+
+
+def test_metrics_reach_the_trackers(finished_run):
+    """tracking: [tensorboard, mlflow] in the config: the train, dev and eval values read back from each backend."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = finished_run
+    summary = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
+    result = next(r for r in run["join"].task.data.results if r["variant"] == "dpo")
+    tracking = Path(summary["model_dir"]).parents[1] / "tracking"
+    events = EventAccumulator(str(next((tracking / "tensorboard").glob("dpo*")))).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([h["loss"] for h in summary["history"]], rel=1e-6)
+    assert events.Scalars("eval/win_rate")[0].value == pytest.approx(result["win_rate"], rel=1e-6)
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tracking / "mlruns").as_uri())
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    dpo = next(r for r in runs if r.info.run_name == f"{run.id}/dpo")  # one MLflow run per variant, named by run
+    history = client.get_metric_history(dpo.info.run_id, "train/loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [h["loss"] for h in summary["history"]], rel=1e-6
+    )
+    assert dpo.data.metrics["eval/win_rate"] == pytest.approx(result["win_rate"], rel=1e-6)
 
 
 def test_training_steps_leave_models_and_metrics(finished_run):

@@ -243,8 +243,10 @@ def test_the_token_comes_from_the_environment_only(carded, hub_env, tmp_path):
     token_file = tmp_path / "hf-home" / "token"  # a cached `huggingface-cli login`
     token_file.parent.mkdir(parents=True)
     token_file.write_text("hf_cached_login_token")
+    # a cached login does not count: a dry run reports no token, an upload refuses before any network call
+    assert push_to_hub(carded, "prefflow-user/tiny-dpo", private=False, dry_run=True)["token_env"] is None
     with pytest.raises(PublishError, match="HF_TOKEN or HUGGING_FACE_HUB_TOKEN"):
-        push_to_hub(carded, "prefflow-user/tiny-dpo", private=False, dry_run=True)
+        push_to_hub(carded, "prefflow-user/tiny-dpo", private=False, dry_run=False)
 
 
 def test_upload_needs_a_card_and_the_network(trained, carded, hub_env, tmp_path):

@@ -470,6 +470,41 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers that every training and evaluation metric goes to (steps/tracking.py)."""
+
+    backends: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb; [] = metrics.jsonl only
+    project: str = "prefflow"  # W&B project (WANDB_PROJECT overrides) and MLflow experiment
+
+    def check(self) -> None:
+        from steps.tracking import BACKENDS
+
+        for i, name in enumerate(self.backends):
+            _require(name in BACKENDS, f"backends[{i}]", f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        _require(len(set(self.backends)) == len(self.backends), "backends", f"lists a backend twice: {self.backends}")
+        _require(bool(self.project.strip()), "project", "must not be empty")
+
+
+@dataclass(frozen=True)
+class PushToHubConfig:
+    """Upload trained models with their cards to the Hugging Face Hub (steps/hub.py); token from HF_TOKEN."""
+
+    repo_id: str | None = None  # "owner/name", may use {variant} and {run_id}; None: no upload
+    private: bool = True
+    variants: list[str] | None = None  # which variants to upload; None: every one
+    dry_run: bool = False  # check and list the files, upload nothing
+
+    def check(self) -> None:
+        if self.repo_id is not None:
+            from steps.hub import PublishError, repo_id_for
+
+            try:
+                repo_id_for(self.repo_id, "sft", "0")
+            except PublishError as exc:
+                raise ConfigError("", "repo_id", str(exc).removeprefix("push_to_hub.repo_id: ")) from exc
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -479,6 +514,8 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
     source: str = field(default="<dict>", compare=False, metadata=INTERNAL)  # the file, for error messages
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steps.config import TrainConfig
+from steps.tracking import Tracker
 from steps.train import checkpoints, collectives, parallel
 from steps.train.batching import TokenBatch
 from steps.train.dealing import plan_epoch, rank_share
@@ -151,11 +152,12 @@ def optimizer_step(
 
 def plan_total_steps(objective: Objective, cfg: TrainConfig, world_size: int, lockstep: bool) -> int:
     """Optimizer steps of the whole run (what the schedule decays over) under this world size."""
-    total = sum(
-        len(plan_epoch(objective.epoch_batch_count(e), world_size, cfg.grad_accum, lockstep).steps)
-        for e in range(cfg.epochs)
-    )
-    return min(total, cfg.max_steps) if cfg.max_steps is not None else total
+    total = 0
+    for epoch in range(cfg.epochs):  # stop planning once max_steps is reached (imported recipes: epochs = max_steps)
+        total += len(plan_epoch(objective.epoch_batch_count(epoch), world_size, cfg.grad_accum, lockstep).steps)
+        if cfg.max_steps is not None and total >= cfg.max_steps:
+            return cfg.max_steps
+    return total
 
 
 def train(
@@ -169,6 +171,7 @@ def train(
     stop_after_steps: int | None = None,
     desc: str = "train",
     precision: Precision | None = None,
+    tracker: Tracker | None = None,
 ) -> TrainResult:
     """Train ``model`` (a Hugging Face causal LM) in place on every rank; ``result.model`` is the trained root.
 
@@ -260,6 +263,8 @@ def train(
             history.append(record)
             if is_main:
                 _append_metrics(metrics_path, record)
+                if tracker is not None:
+                    tracker.log(record, step, prefix="train")
             bar.set_postfix(
                 loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
@@ -276,6 +281,8 @@ def train(
                 dev_history.append(dev)
                 if is_main:
                     _append_metrics(metrics_path, {"split": "dev", **dev})
+                    if tracker is not None:
+                        tracker.log(dev, step, prefix="dev")
                 logger.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
                 root.train()
             periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
@@ -300,6 +307,8 @@ def train(
         dev_history.append(dev)
         if is_main:
             _append_metrics(metrics_path, {"split": "dev", **dev})
+            if tracker is not None:
+                tracker.log(dev, step, prefix="dev")
     root.train()
     elapsed = time.perf_counter() - t0
     logger.info(

@@ -13,6 +13,8 @@ import torch
 
 from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict
 from steps.io import read_jsonl, write_json
+from steps.model_card import write_model_card
+from steps.tracking import Tracker
 from steps.train import checkpoints, collectives
 from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
 from steps.train.loop import TrainResult, train
@@ -113,6 +115,20 @@ def _select(rows: list[dict], limit: int | None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
+def make_tracker(cfg: RunConfig, out_dir: Path) -> Tracker:
+    """The tracker of one variant: ``out_dir`` is ``<output root>/<variant>``, so the variant names the tracked
+    run, the pipeline run (the output root's name) groups them, and files go to ``<output root>/tracking``."""
+    out_dir = Path(out_dir)
+    return Tracker(
+        cfg.tracking.backends,
+        run_name=out_dir.name,
+        group=out_dir.parent.name,
+        log_dir=out_dir.parent / "tracking",
+        project=cfg.tracking.project,
+        config=config_to_dict(cfg),
+    )
+
+
 def _finish(
     kind: str,
     tokenizer: Any,
@@ -123,6 +139,7 @@ def _finish(
     reference: str | None,
     data_stats: dict,
     cfg_section: TrainConfig,
+    run_config: RunConfig,
 ) -> RunSummary:
     rank, _ = collectives.world()
     final_dir = checkpoints.export_model(result.model, tokenizer, out_dir / "final")
@@ -148,6 +165,8 @@ def _finish(
     )
     if rank == 0:
         write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
+        # every model directory says how it was made; the evaluate step rewrites it with the eval results
+        write_model_card(final_dir, summary=summary.as_dict(), run_config=config_to_dict(run_config), eval_result=None)
     logger.info("%s model written to %s (%s)", kind, final_dir, result.extra.get("precision"))
     return summary
 
@@ -176,12 +195,21 @@ def run_sft(
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
     model = apply_lora(load_for_training(spec, cfg, device, precision), s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    result = train(
-        model, tokenizer, objective, s, out_dir, stop_after_steps=stop_after_steps, desc="sft", precision=precision
-    )
+    with make_tracker(cfg, out_dir) as tracker:
+        result = train(
+            model,
+            tokenizer,
+            objective,
+            s,
+            out_dir,
+            stop_after_steps=stop_after_steps,
+            desc="sft",
+            precision=precision,
+            tracker=tracker,
+        )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
-    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s)
+    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg)
 
 
 def resolve_init_and_reference(
@@ -291,16 +319,25 @@ def run_preference(
     objective = PreferenceObjective(
         train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, ref_spec is not None, live_reference
     )
-    result = train(
-        model, tokenizer, objective, p, out_dir, stop_after_steps=stop_after_steps, desc=loss, precision=precision
-    )
+    with make_tracker(cfg, out_dir) as tracker:
+        result = train(
+            model,
+            tokenizer,
+            objective,
+            p,
+            out_dir,
+            stop_after_steps=stop_after_steps,
+            desc=loss,
+            precision=precision,
+            tracker=tracker,
+        )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
         if init_spec == sft_model_dir
         else (f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
     )
-    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p)
+    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p, cfg)
 
 
 def _load_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:
