@@ -91,7 +91,9 @@ def run_training(spec: WorkerSpec) -> SideResult:
         raise RuntimeError(f"synthetic data did not fit max_len {spec.max_len}: {stats.as_dict()}")
 
     t0 = time.perf_counter()
-    batches = objective.epoch_batches(0)  # collation, timed apart (the loop caches the epoch's batches)
+    batches = objective.epoch_batches(
+        0
+    )  # collation of the whole epoch, timed apart (the loop collates each step's share lazily)
     collate_s = time.perf_counter() - t0
     torch.manual_seed(opt.seed)
     with tempfile.TemporaryDirectory(prefix="prefflow-bench-") as out_dir:

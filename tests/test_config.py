@@ -63,7 +63,7 @@ RECIPE = REPO / "configs" / "llama3_1_8b" / "recipe.yaml"
 # Each branch of `--loss dpo,simpo,orpo,cpo` with the recipe, as documented (values read off the guide by hand):
 # SFT and DPO from its results configs (sft_config.yaml, dpo_config.yaml: published rows), SimPO/ORPO/CPO from its
 # example configs and hyperparameter advice. Common to all: 4 micro-batches per GPU x 8 GPUs, no clipping, cosine.
-COMMON = {"grad_accum": 32, "max_grad_norm": None, "schedule": "cosine", "warmup_steps": 0, "parallelism": "fsdp"}
+COMMON = {"grad_accum": 4, "max_grad_norm": None, "schedule": "cosine", "warmup_steps": 0, "parallelism": "fsdp"}
 RESULTS = {**COMMON, "max_seq_len": 8192, "max_num_tokens": 8192, "schedule_cycle_steps": 1000, "max_steps": 1000}
 EXAMPLE = {**COMMON, "max_seq_len": 1024, "max_num_tokens": 4096, "schedule_cycle_steps": 800, "max_steps": 800}
 BRANCHES = {
@@ -125,11 +125,13 @@ def test_recipe_branch_settings(recipe_branches, branch, key):
 def test_recipe_model_and_evaluation():
     cfg = load_config(RECIPE)
     # fairseq2's bfloat16 is mixed precision over fp32 master weights (bf16 weights would round lr 1e-8 away)
-    assert (cfg.model.base, cfg.model.dtype, cfg.model.gradient_checkpointing) == (
+    assert (cfg.model.base, cfg.model.dtype, cfg.model.master_dtype, cfg.model.gradient_checkpointing) == (
         "meta-llama/Llama-3.1-8B",
+        "bfloat16",
         "float32",
         True,
     )
+    assert (cfg.evaluation.dtype, cfg.resources.process_group_timeout_s) == ("bfloat16", 3600)
     assert (cfg.resources.nproc_per_node, cfg.resources.train.gpu) == (8, 8)
     assert cfg.evaluation.judge == "alpaca_eval:weighted_alpaca_eval_gpt4_turbo" and cfg.data.input == (
         "OpenAssistant/oasst2"
@@ -149,7 +151,8 @@ def test_recipe_sft_and_dpo_are_the_imported_results_configs(shared_dir, recipe_
         assert getattr(dpo, key) == getattr(recipe_branches["dpo"], key), key
     assert dpo.criterion_config == recipe_branches["dpo"].criterion_config
     assert (dpo.epochs, recipe_branches["dpo"].epochs) == (5, 1)  # the file's 5; the published checkpoint's 1
-    assert cfg.model.dtype == load_config(RECIPE).model.dtype
+    recipe = load_config(RECIPE).model
+    assert (cfg.model.dtype, cfg.model.master_dtype) == (recipe.dtype, recipe.master_dtype)
 
 
 def test_final_lr_above_lr_is_accepted_with_a_note(tmp_path, caplog, monkeypatch):

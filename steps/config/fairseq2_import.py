@@ -36,14 +36,18 @@ def _located(recipe: Recipe, fn: Callable[..., T], *args: Any) -> T:
         raise exc.located(recipe.source) from None
 
 
-def _dtype(recipe: Recipe) -> str:
+def _dtype(recipe: Recipe) -> tuple[str, str]:
+    """(compute dtype, master dtype): fairseq2's ``dtype`` under mixed precision is the compute dtype over fp32
+    master weights, PrefFlow's ``model.dtype`` / ``model.master_dtype``; without mixed precision both are ``dtype``."""
     dtype = str(recipe.take("dtype", DEFAULTS["dtype"])).removeprefix("torch.")
     mixed = str(recipe.take("mixed_precision", DEFAULTS["mixed_precision"]))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise recipe.error("dtype", f"got {dtype!r}; expected float32, bfloat16 or float16")
+    if dtype == "float16":
+        return "bfloat16", "float32"  # noted by the caller: PrefFlow trains without fp16 loss scaling
     if dtype == "float32" or mixed in ("none", "off"):
-        return dtype
-    return "float32"  # fairseq2 keeps fp32 master weights and computes in dtype: float32 + bf16 autocast here
+        return dtype, dtype
+    return dtype, "float32"
 
 
 class _Converter:
@@ -83,15 +87,7 @@ class _Converter:
             self.note(recipe, "optimizer_config.eps", "changed", "PrefFlow's AdamW uses eps 1e-8")
         self._schedule(recipe, out, lr)
         accum = typed(recipe, "gradient_accumulation", int, DEFAULTS["gradient_accumulation"])
-        out["grad_accum"] = accum * self.nproc
-        self.note(
-            recipe,
-            "gradient_accumulation",
-            "changed",
-            f"{accum} micro-batches per rank in fairseq2; "
-            f"PrefFlow counts the micro-batches of a step over all ranks: {accum} x {self.nproc} ranks = "
-            f"{accum * self.nproc} (the same global batch on nproc_per_node {self.nproc})",
-        )
+        out["grad_accum"] = accum  # per rank in both: a step is nproc_per_node x grad_accum micro-batches
         out["max_grad_norm"] = typed(recipe, "max_gradient_norm", float | None, DEFAULTS["max_gradient_norm"])
         steps = typed(recipe, "max_num_steps", int | None, DEFAULTS["max_num_steps"])
         out["max_steps"] = steps
@@ -300,16 +296,16 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
     dtypes = {r.source: _dtype(r) for r in read}
     flags = [typed(r, "activation_checkpointing", bool, DEFAULTS["activation_checkpointing"]) for r in read]
     checkpointing = any(flags)  # every file's flag is read (and so mapped), not just the first true one
-    config["model"] = {"base": conv.base, "dtype": dtypes[first.source], "gradient_checkpointing": checkpointing}
+    compute, master = dtypes[first.source]
+    config["model"] = {
+        "base": conv.base,
+        "dtype": compute,
+        "master_dtype": master,
+        "gradient_checkpointing": checkpointing,
+    }
     for r in read:
-        if dtypes[r.source] == "float32" and str(r.values.get("dtype", "bfloat16")).removeprefix("torch.") != "float32":
-            conv.note(
-                r,
-                "dtype",
-                "changed",
-                "fairseq2 keeps fp32 master weights and runs forward/backward in "
-                "dtype (mixed_precision static): model.dtype float32, which trains under bf16 autocast on GPU",
-            )
+        if str(r.values.get("dtype", "bfloat16")).removeprefix("torch.") == "float16":
+            conv.note(r, "dtype", "changed", "float16 needs loss scaling, which PrefFlow does not do: bfloat16 compute")
         if dtypes[r.source] != dtypes[first.source]:
             conv.note(r, "dtype", "changed", f"one model.dtype per run: {dtypes[first.source]} (from {first.source})")
     data = _data(read, conv)

@@ -129,6 +129,7 @@ def evaluate_model(
         judge_model=judge_model,
         judge_max_chars=judge_max_chars,
         device=device,
+        dtype=dtype,
         show_progress=show_progress,
         judge_base_url=judge_base_url,
         judge_api_key_env=judge_api_key_env,

@@ -97,6 +97,7 @@ def generate_outputs(
     datasets: Sequence[str | None] | None = None,
     backend: str = "auto",
     show_progress: bool = True,
+    dtype: str = "auto",
 ) -> list[dict[str, Any]]:
     """One ``{"instruction", "output", "generator"[, "dataset"]}`` record per instruction, in input order.
 
@@ -117,7 +118,7 @@ def generate_outputs(
     chosen = resolve_backend(backend, model)
     started = time.monotonic()
     if chosen == "vllm":
-        outputs = _generate_vllm(_vllm_model_path(model), tokenizer, instructions, generation)
+        outputs = _generate_vllm(_vllm_model_path(model), tokenizer, instructions, generation, dtype)
     else:
         if isinstance(model, (str, Path)):
             model = load_model(str(model))
@@ -169,6 +170,7 @@ def answer_eval_set(
         datasets=[r.get("dataset") for r in eval_set.records],
         backend=chosen,
         show_progress=show_progress,
+        dtype=dtype,
     )
     elapsed = time.monotonic() - started
     info = {"backend": chosen, "seconds": elapsed, "prompts_per_second": len(records) / elapsed if elapsed else None}
@@ -301,8 +303,12 @@ def _generate_static(
     return generated
 
 
-def _generate_vllm(model_path: str, tokenizer, instructions: list[str], generation: GenerationSettings) -> list[str]:
-    """vLLM on the same prompt ids (passed as token ids so no second BOS is added) and the same stop tokens."""
+def _generate_vllm(
+    model_path: str, tokenizer: Any, instructions: list[str], generation: GenerationSettings, dtype: str = "auto"
+) -> list[str]:
+    """vLLM on the same prompt ids (passed as token ids so no second BOS is added) and the same stop tokens.
+
+    ``auto`` is bf16: the exported models are fp32, for which vLLM's own ``auto`` picks fp16 (overflow-prone)."""
     from vllm import LLM, SamplingParams
 
     prompts = [{"prompt_token_ids": encode_instruction(tokenizer, text)} for text in instructions]
@@ -314,7 +320,9 @@ def _generate_vllm(model_path: str, tokenizer, instructions: list[str], generati
         stop_token_ids=stop_token_ids(tokenizer),
     )
     logger.info("vLLM: loading %s", model_path)
-    llm = LLM(model=model_path, tokenizer=model_path, seed=generation.seed)
+    llm = LLM(
+        model=model_path, tokenizer=model_path, seed=generation.seed, dtype="bfloat16" if dtype == "auto" else dtype
+    )
     try:
         results = llm.generate(prompts, params)
     finally:
