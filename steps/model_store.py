@@ -190,6 +190,15 @@ class ModelStore:
                 break
         raise HandoffError(f"{path}: not here and not in the datastore under {self.location.prefix}")
 
+    def ensure_all(self, *paths: str | Path | None) -> None:
+        """:meth:`ensure` each path of this run (None and model specs outside the output root are not ours)."""
+        for path in paths:
+            if path is not None and self.owns(path):
+                self.ensure(path)
+
+    def owns(self, path: str | Path) -> bool:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(self.root))
+
     def children(self, key: str) -> list[str]:
         """Names directly under ``key`` in the datastore (directories and files; manifests included)."""
         found = self.storage.list_content([key])

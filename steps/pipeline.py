@@ -198,9 +198,7 @@ def _train(
         plan = coordinator.wait_plan() if coordinator is not None and gang and not gang.is_main else None
         sync = None
         if store is not None:
-            for needed in [data_dir, sft_model_dir]:
-                if needed:
-                    store.ensure(Path(needed))
+            store.ensure_all(data_dir, sft_model_dir)
             sync = CheckpointSync(store, local_out, out_dir, gang, coordinator)
             plan = sync.prepare(plan)
         if coordinator is not None and gang is not None and gang.is_main:
@@ -230,7 +228,7 @@ def evaluate_variant(
     """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: plain values."""
     store = begin_step(handoff, output_root)
     if store is not None:  # the model card is rewritten in the model directory even without evaluation
-        store.ensure(Path(train_summary["model_dir"]))
+        store.ensure_all(train_summary["model_dir"])
     e = plan.config.evaluation
     base = {
         "variant": plan.name,
@@ -244,10 +242,8 @@ def evaluate_variant(
     from steps.evaluate import evaluate_model, load_eval_set
     from steps.io import read_json, read_jsonl
 
-    if store is not None:
-        for needed in [reference_path, data_dir]:
-            if needed:
-                store.ensure(Path(needed))
+    if store is not None:  # the held-out accuracy scores the training reference model too
+        store.ensure_all(reference_path, data_dir, train_summary.get("reference"))
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
     heldout = read_jsonl(dev_pairs) if e.heldout_preference and dev_pairs and dev_pairs.is_file() else None
@@ -316,9 +312,7 @@ def collect_results(
     difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
     store = begin_step(handoff, output_root) if output_root else None
     if store is not None:
-        for res in results:
-            if res.get("evaluated") and res.get("files", {}).get("annotations"):
-                store.ensure(Path(res["files"]["annotations"]))
+        store.ensure_all(*(r["files"]["annotations"] for r in results if r.get("evaluated")))
     rows = []
     for res, summ in zip(results, summaries):
         rows.append(
