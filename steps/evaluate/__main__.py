@@ -133,7 +133,7 @@ def _cmd_agreement(args: argparse.Namespace) -> dict[str, Any]:
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default; required flags say so, and a help text may spell out a default in words."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required:
             return f"{action.help} (required)"
         if "(default: " in (action.help or ""):

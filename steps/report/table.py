@@ -210,8 +210,9 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
     for result in sorted(record.results, key=lambda r: variant_order(str(r.get("variant", "")))):
         variant = str(result.get("variant", ""))
         evaluated = bool(result.get("evaluated", "win_rate" in result))
-        agreement = result.get("judge_agreement") if isinstance(result.get("judge_agreement"), dict) else None
-        tokens = result.get("judge_tokens") if isinstance(result.get("judge_tokens"), dict) else {}
+        agreement, tokens = result.get("judge_agreement"), result.get("judge_tokens")
+        agreement = agreement if isinstance(agreement, dict) else None
+        tokens = tokens if isinstance(tokens, dict) else {}
         rows.append(
             ResultRow(
                 flow=record.flow,
