@@ -132,7 +132,8 @@ def iter_examples(
         tree_id = forest.tree_id[root]
         records = index.read_records(forest.members(root))
         nodes = {
-            i: _Node(i, index.message_id(i), index.role[i], index.rank[i], date, text) for i, (date, text) in records.items()
+            i: _Node(i, index.message_id(i), index.role[i], index.rank[i], date, text)
+            for i, (date, text) in records.items()
         }
         # (node, chat history above it, history alternates?, digest state of the history)
         stack: list[tuple[_Node, list[ChatMessage], bool, Any]] = [
