@@ -19,7 +19,7 @@ PREFERENCE_PANELS = [
 DPI = 100
 
 
-def _pyplot():
+def _pyplot() -> Any:  # matplotlib.pyplot, imported on first use and on the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
