@@ -55,6 +55,15 @@ class PreparedData:
     paths: dict[str, Path]
     stats: dict[str, Any]
 
+    @classmethod
+    def write_stats(cls, output_dir: Path, paths: dict[str, Path], stats: dict[str, Any]) -> PreparedData:
+        """List the written files under ``stats["outputs"]`` and write ``stats.json`` beside them."""
+        stats["outputs"] = {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {
+            "stats": "stats.json"
+        }
+        paths["stats"] = write_json(output_dir / "stats.json", stats)
+        return cls(output_dir=output_dir, paths=paths, stats=stats)
+
 
 def _normalise_choice(values: Sequence[str] | str | None) -> tuple[str, ...] | None:
     """``None`` / empty / ``"all"`` mean no restriction; a single string is one value."""
@@ -236,9 +245,8 @@ def _prepare(
             "duplicate_pairs_removed": {s: counts.get(f"duplicate_pairs_removed.{s}", 0) for s in PAIR_STRATEGIES},
         },
         "split_sizes": split_sizes,
-        "outputs": {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {"stats": "stats.json"},
     }
-    paths["stats"] = write_json(output_dir / "stats.json", stats)
+    prepared = PreparedData.write_stats(output_dir, paths, stats)
     logger.info(
         "%s -> %s: %d SFT examples, %d %s pairs (train/dev trees %d/%d)",
         index.source,
@@ -249,7 +257,7 @@ def _prepare(
         split_sizes["trees"]["train"],
         split_sizes["trees"]["dev"],
     )
-    return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
+    return prepared
 
 
 def _split_list_args(values: list[str] | None) -> list[str] | None:
