@@ -25,7 +25,7 @@ from steps.config.convert import (
 )
 from steps.config.fairseq2_names import criterion_fields, loss_class_of
 from steps.config.overrides import set_path
-from steps.evaluate.settings import GenerationSettings
+from steps.evaluate.settings import JUDGE_OPTIONS, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
 #: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
@@ -400,16 +400,8 @@ class EvaluationConfig:
         _require(self.paired_resamples >= 100, "paired_resamples", f"got {self.paired_resamples!r}; must be >= 100")
 
     def judge_options(self) -> dict[str, Any]:
-        """The judge knobs as make_judge / evaluate_model take them (one place that spells them)."""
-        return {
-            "judge_model": self.judge_model,
-            "judge_max_chars": self.judge_max_chars,
-            "judge_base_url": self.judge_base_url,
-            "judge_api_key_env": self.judge_api_key_env,
-            "judge_max_requests": self.judge_max_requests,
-            "judge_timeout_s": self.judge_timeout_s,
-            "judge_concurrency": self.judge_concurrency,
-        }
+        """The judge knobs as make_judge / evaluate_model take them (``steps.evaluate.settings.JudgeOptions``)."""
+        return {name: getattr(self, name) for name in JUDGE_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ __all__ = [
     "BACKENDS",
     "GenerationError",
     "GenerationSettings",
+    "ModelRun",
     "answer_eval_set",
     "encode_instruction",
     "generate_outputs",
@@ -143,25 +144,33 @@ def generate_outputs(
     return records
 
 
+@dataclass(frozen=True)
+class ModelRun:
+    """How a model answers: backend, device and dtype, and the model and tokenizer when already loaded (else the
+    spec is loaded). Make one per call: it holds the model, which must be freed before a judge model loads."""
+
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    model: Any = None
+    tokenizer: Any = None
+    show_progress: bool = True
+
+
 def answer_eval_set(
-    model_spec: str,
-    eval_set: EvalSet,
-    generator: str,
-    generation: GenerationSettings,
-    *,
-    backend: str = "auto",
-    device: str = "auto",
-    dtype: str = "float32",
-    model: Any = None,
-    tokenizer: Any = None,
-    show_progress: bool = True,
+    model_spec: str, eval_set: EvalSet, generator: str, generation: GenerationSettings, run: ModelRun = ModelRun()
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``model`` is given), and how
-    they were made (backend, seconds, prompts per second)."""
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_spec)
-    chosen = resolve_backend(backend, model if model is not None else model_spec)
+    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``run.model`` is given), and
+    how they were made (backend, seconds, prompts per second)."""
+    tokenizer = run.tokenizer if run.tokenizer is not None else load_tokenizer(model_spec)
+    chosen = resolve_backend(run.backend, run.model if run.model is not None else model_spec)
+    model = run.model
     if model is None:
-        model = model_spec if chosen == "vllm" else load_model(model_spec, dtype=dtype, device=resolve_device(device))
+        model = (
+            model_spec
+            if chosen == "vllm"
+            else load_model(model_spec, dtype=run.dtype, device=resolve_device(run.device))
+        )
     started = time.monotonic()
     records = generate_outputs(
         model,
@@ -171,8 +180,8 @@ def answer_eval_set(
         generation=generation,
         datasets=[r.get("dataset") for r in eval_set.records],
         backend=chosen,
-        show_progress=show_progress,
-        dtype=dtype,
+        show_progress=run.show_progress,
+        dtype=run.dtype,
     )
     elapsed = time.monotonic() - started
     info = {"backend": chosen, "seconds": elapsed, "prompts_per_second": len(records) / elapsed if elapsed else None}

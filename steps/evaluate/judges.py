@@ -18,15 +18,12 @@ from steps.chat import render_prompt
 from steps.evaluate.annotator_prompt import (
     ALPACA_EVAL_SWITCH_SEED,
     OFFICIAL_ANNOTATOR,
-    AnnotatorTemplate,
+    AnnotatorPromptJudge,
     JudgeError,
     annotator_messages,
     format_annotator_prompt,
-    load_annotator_template,
-    preference_from_top_logprobs,
     read_annotator_configs,
     resolve_annotator_config,
-    switch_decisions,
 )
 from steps.evaluate.generation import resolve_device
 from steps.evaluate.judge_base import Judge
@@ -66,7 +63,7 @@ COMPLETION_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
-class LocalLogprobJudge(Judge):
+class LocalLogprobJudge(AnnotatorPromptJudge):
     """A local causal LM scoring "m" vs "M" after alpaca_eval's official annotator prompt.
 
     The prompt is alpaca_eval's template filled by its ``make_prompts``, split into system/user messages as
@@ -94,14 +91,12 @@ class LocalLogprobJudge(Judge):
     ):
         if isinstance(judge_max_chars, bool) or not isinstance(judge_max_chars, int) or judge_max_chars < 1:
             raise JudgeError(f"judge_max_chars must be an integer >= 1, got {judge_max_chars!r}")
-        self.model_spec = model_spec or DEFAULT_MODEL
-        self.annotator_config = annotator_config
+        super().__init__(model_spec or DEFAULT_MODEL, annotator_config, switch_seed)
         self.judge_max_chars = judge_max_chars
         self.device, self.dtype = resolve_device(device), dtype
-        self.seed, self.switch_seed = seed, switch_seed
+        self.seed = seed
         self.show_progress = show_progress
         self._model, self._tokenizer = model, tokenizer
-        self._template: AnnotatorTemplate | None = None
         self._identifier_ids: dict[str, int] | None = None
         self._prefix_ids: list[int] | None = None
         self._scorer: PrefixCachedScorer | None = None
@@ -109,14 +104,10 @@ class LocalLogprobJudge(Judge):
         self.seconds_judging = 0.0
 
     @property
-    def label(self) -> str:
-        return f"local_logprob:{self.model_spec}"
-
-    @property
     def cache_identity(self) -> str:
         # ``max_output_chars=`` is the knob's former name, kept verbatim so caches written before the rename to
         # ``judge_max_chars`` stay valid: the same string means the same judgement
-        seed = f"|seed={self.seed}" if self.model_spec.startswith("tiny") else ""
+        seed = f"|seed={self.seed}" if self.judge_model.startswith("tiny") else ""
         return (
             f"{self.label}|template={self.annotator_config}|max_output_chars={self.judge_max_chars}"
             f"|switch_seed={self.switch_seed}{seed}"
@@ -124,7 +115,7 @@ class LocalLogprobJudge(Judge):
 
     @property
     def weak_judge(self) -> bool:
-        return self.model_spec in WEAK_JUDGE_SPECS or self.model_spec.startswith("tiny")
+        return self.judge_model in WEAK_JUDGE_SPECS or self.judge_model.startswith("tiny")
 
     @property
     def forward_passes(self) -> int:
@@ -134,7 +125,6 @@ class LocalLogprobJudge(Judge):
     def metadata(self) -> dict[str, Any]:
         return {
             **super().metadata(),
-            "annotator_config": self.annotator_config,
             "judge_max_chars": self.judge_max_chars,
             "note": ("weak judge: checks the mechanism, not a quality signal" if self.weak_judge else ""),
         }
@@ -142,21 +132,15 @@ class LocalLogprobJudge(Judge):
     # -- setup --------------------------------------------------------------------------------------------------
 
     @property
-    def template(self) -> AnnotatorTemplate:
-        if self._template is None:
-            self._template = load_annotator_template(self.annotator_config)
-        return self._template
-
-    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_spec)
+            self._tokenizer = load_tokenizer(self.judge_model)
         return self._tokenizer
 
     @property
     def model(self) -> PreTrainedModel:
         if self._model is None:
-            self._model = load_model(self.model_spec, dtype=self.dtype, device=self.device, seed=self.seed)
+            self._model = load_model(self.judge_model, dtype=self.dtype, device=self.device, seed=self.seed)
         return self._model
 
     def check(self) -> None:
@@ -179,13 +163,13 @@ class LocalLogprobJudge(Judge):
                 with_answer = self._encode(prompt + token)
                 if len(with_answer) != len(base) + 1 or with_answer[: len(base)] != base:
                     raise JudgeError(
-                        f"judge tokenizer of {self.model_spec!r} does not answer {token!r} with a single token after "
+                        f"judge tokenizer of {self.judge_model!r} does not answer {token!r} with a single token after "
                         f"the prompt; the local log-prob judge needs single-token identifiers"
                     )
                 ids[token] = with_answer[-1]
             if len(set(ids.values())) != len(ids):
                 raise JudgeError(
-                    f"judge tokenizer of {self.model_spec!r} maps identifiers {list(ids)} to the same token ids {ids}"
+                    f"judge tokenizer of {self.judge_model!r} maps identifiers {list(ids)} to the same token ids {ids}"
                 )
             self._identifier_ids = ids
         return self._identifier_ids
@@ -229,10 +213,7 @@ class LocalLogprobJudge(Judge):
         cut_first, cut_second = first[: self.judge_max_chars], second[: self.judge_max_chars]
         prompt_ids = self._encode(self.render(instruction, cut_first, cut_second))
         identifier, top5 = self.identifier_logprobs(prompt_ids)
-        presented = preference_from_top_logprobs(
-            identifier, self.template.numerator_token, self.template.denominator_tokens
-        )
-        preference = 3.0 - presented if switched else presented
+        preference = self.preference(identifier, switched)
         elapsed = time.monotonic() - started
         self.judgements += 1
         self.seconds_judging += elapsed
@@ -253,13 +234,13 @@ class LocalLogprobJudge(Judge):
         }
 
     def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-        switched = switch_decisions([p["instruction"] for p in pairs], seed=self.switch_seed)
+        switched = self.switches(pairs)
         model = self.model
         was_training = model.training
         model.eval()
         try:
             for index in tqdm(
-                range(len(pairs)), desc=f"judge {self.model_spec}", unit="judgement", disable=not self.show_progress
+                range(len(pairs)), desc=f"judge {self.judge_model}", unit="judgement", disable=not self.show_progress
             ):
                 pair = pairs[index]
                 on_result(
