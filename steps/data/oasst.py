@@ -292,16 +292,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument(
         "--lang",
+        dest="langs",
         action="append",
         metavar="LANG",
         help="language(s) to keep; repeatable or comma list; 'all' keeps every language (default: en)",
     )
-    parser.add_argument("--pairs", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write")
+    parser.add_argument(
+        "--pairs", dest="pair_strategy", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write"
+    )
     parser.add_argument(
         "--sft-rank", default=0, type=_sft_rank_arg, help="rank of replies used for SFT, or 'all' (default 0)"
     )
     parser.add_argument(
         "--tree-state",
+        dest="tree_states",
         action="append",
         metavar="STATE",
         help="tree states to keep; repeatable or comma list; 'all' (default: ready_for_export)",
@@ -344,26 +348,13 @@ def format_summary(prepared: PreparedData) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    options = vars(build_arg_parser().parse_args(argv))  # every option is stored under prepare_oasst's keyword
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    langs = _split_list_args(args.lang)
-    tree_states = _split_list_args(args.tree_state)
+    for key, default in (("langs", ("en",)), ("tree_states", ("ready_for_export",))):
+        values = _split_list_args(options[key])
+        options[key] = default if values is None else values
     try:
-        prepared = prepare_oasst(
-            args.input,
-            args.output_dir,
-            langs=("en",) if langs is None else langs,
-            pair_strategy=args.pairs,
-            sft_rank=args.sft_rank,
-            tree_states=("ready_for_export",) if tree_states is None else tree_states,
-            include_synthetic=args.include_synthetic,
-            include_deleted=args.include_deleted,
-            require_review=args.require_review,
-            dev_fraction=args.dev_fraction,
-            seed=args.seed,
-            max_trees=args.max_trees,
-            split=args.split,
-        )
+        prepared = prepare_oasst(**options)
     except OasstDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

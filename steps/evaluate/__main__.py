@@ -66,13 +66,7 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    generation = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    generation = GenerationSettings.from_config(args)  # the flags are named like the settings
     eval_set = load_eval_set(args.eval_set, max_instructions=args.max_instructions)
     run = ModelRun(backend=args.backend, device=args.device, dtype=args.dtype)
     records, info = answer_eval_set(args.model, eval_set, args.generator or args.model, generation, run)

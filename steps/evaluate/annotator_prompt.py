@@ -196,6 +196,10 @@ class AnnotatorPromptJudge(Judge):
             self._template = load_annotator_template(self.annotator_config)
         return self._template
 
+    def messages(self, instruction: str, output_1: str, output_2: str) -> list[dict[str, str]]:
+        """The system/user chat messages of the filled-in template for a pair, in the order given."""
+        return annotator_messages(format_annotator_prompt(self.template.template, instruction, output_1, output_2))
+
     def switches(self, pairs: Sequence[dict[str, str]]) -> list[bool]:
         """Per pair, whether the judge is shown output_2 first (alpaca_eval's coin, seeded by the instruction)."""
         return switch_decisions([p["instruction"] for p in pairs], seed=self.switch_seed)

@@ -20,8 +20,6 @@ from steps.evaluate.annotator_prompt import (
     OFFICIAL_ANNOTATOR,
     AnnotatorPromptJudge,
     JudgeError,
-    annotator_messages,
-    format_annotator_prompt,
     read_annotator_configs,
     resolve_annotator_config,
 )
@@ -149,8 +147,7 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
 
     def render(self, instruction: str, output_1: str, output_2: str) -> str:
         """The full judge prompt text for a pair as presented (after any swap and cut)."""
-        text = format_annotator_prompt(self.template.template, instruction, output_1, output_2)
-        return render_prompt(self.tokenizer, annotator_messages(text))
+        return render_prompt(self.tokenizer, self.messages(instruction, output_1, output_2))
 
     def identifier_ids(self) -> dict[str, int]:
         """Token id of each output identifier as the first token of the judge's answer."""

@@ -24,8 +24,6 @@ from steps.evaluate.annotator_prompt import (
     OFFICIAL_ANNOTATOR,
     AnnotatorPromptJudge,
     JudgeError,
-    annotator_messages,
-    format_annotator_prompt,
     read_annotator_configs,
 )
 
@@ -220,8 +218,9 @@ class ServedJudge(AnnotatorPromptJudge):
         """One judgement in alpaca_eval's annotation fields; ``switched`` shows output_2 first."""
         started = time.monotonic()
         first, second = (output_2, output_1) if switched else (output_1, output_2)
-        messages = annotator_messages(format_annotator_prompt(self.template.template, instruction, first, second))
-        reply = self.post({"model": self.judge_model, "messages": messages, **self.settings})
+        reply = self.post(
+            {"model": self.judge_model, "messages": self.messages(instruction, first, second), **self.settings}
+        )
         try:
             choice = reply["choices"][0]
             content = (choice.get("logprobs") or {}).get("content") or []

@@ -50,7 +50,8 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, section: object) -> GenerationSettings:
-        """The settings named like this class's fields, read from ``section`` (e.g. the config's ``evaluation``)."""
+        """The settings named like this class's fields, read from ``section`` (the config's ``evaluation``, or the
+        parsed flags of ``python -m steps.evaluate generate``)."""
         return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
     def record(self) -> dict[str, Any]:
