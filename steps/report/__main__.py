@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from steps.report.generate import generate_report
 from steps.report.records import ReportError
@@ -14,6 +15,7 @@ from steps.report.records import ReportError
 def build_parser() -> argparse.ArgumentParser:
     """Every option but ``--quiet`` is stored under the name of the ``generate_report`` keyword it sets."""
     p = argparse.ArgumentParser(prog="python -m steps.report", description=__doc__)
+    repeatable: dict[str, Any] = {"action": "append", "default": []}
     p.add_argument("--flow", dest="flow_name", metavar="FLOW", default="PrefFlow", help="flow name (default: PrefFlow)")
     p.add_argument(
         "--out-dir",
@@ -23,10 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tag",
         dest="tags",
-        action="append",
-        default=[],
         metavar="TAG",
         help="only runs carrying this tag (repeat: runs carrying all of them)",
+        **repeatable,
     )
     p.add_argument(
         "--namespace",
@@ -37,10 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--include-run",
         dest="include_runs",
-        action="append",
-        default=[],
         metavar="FLOW/RUN_ID",
         help="also include this run even if it has not finished (repeatable)",
+        **repeatable,
     )
     p.add_argument(
         "--datastore-root",
