@@ -10,7 +10,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,18 @@ class PreparedData:
         }
         paths["stats"] = write_json(output_dir / "stats.json", stats)
         return cls(output_dir=output_dir, paths=paths, stats=stats)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What ``prepare_oasst`` was asked for besides the message filters (``settings`` in stats.json, in order)."""
+
+    pair_strategy: str
+    sft_rank: int | None
+    dev_fraction: float
+    seed: int
+    max_trees: int | None
+    split: str
 
 
 def _normalise_choice(values: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -151,21 +163,11 @@ def prepare_oasst(
         require_review=require_review,
         include_synthetic=include_synthetic,
     )
+    settings = _Settings(pair_strategy, sft_rank, dev_fraction, seed, max_trees, split)
     spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
     try:
         with read_oasst(input, split=split) as index:
-            return _prepare(
-                index,
-                Path(output_dir),
-                filters,
-                spools,
-                pair_strategy=pair_strategy,
-                sft_rank=sft_rank,
-                dev_fraction=dev_fraction,
-                seed=seed,
-                max_trees=max_trees,
-                split=split,
-            )
+            return _prepare(index, Path(output_dir), filters, spools, settings)
     finally:
         for spool in spools.values():
             spool.close()
@@ -176,15 +178,10 @@ def _prepare(
     output_dir: Path,
     filters: MessageFilters,
     spools: dict[str, RoutedSpool],
-    *,
-    pair_strategy: str,
-    sft_rank: int | None,
-    dev_fraction: float,
-    seed: int,
-    max_trees: int | None,
-    split: str,
+    settings: _Settings,
 ) -> PreparedData:
-    forest = build_forest(index, filters, max_trees=max_trees, seed=seed)
+    pair_strategy, sft_rank = settings.pair_strategy, settings.sft_rank
+    forest = build_forest(index, filters, max_trees=settings.max_trees, seed=settings.seed)
     counts: Counter = Counter()
     pair_counts = Counter(dict.fromkeys(PAIR_STRATEGIES, 0))
     usable_trees: set[str] = set()
@@ -213,7 +210,7 @@ def _prepare(
             "%s: %d SFT examples, %d %s pairs: one of the outputs is empty", index.source, n_sft, n_pairs, pair_strategy
         )
 
-    tree_split = split_trees(usable_trees, dev_fraction=dev_fraction, seed=seed)
+    tree_split = split_trees(usable_trees, dev_fraction=settings.dev_fraction, seed=settings.seed)
     dev_roots = {p for p, root in enumerate(forest.roots) if forest.tree_id[root] in tree_split.dev}
     paths, sizes = write_split_files(output_dir, spools, lambda p: "dev" if p in dev_roots else "train")
     split_sizes: dict[str, dict[str, int]] = {"trees": {"train": len(tree_split.train), "dev": len(tree_split.dev)}}
@@ -221,15 +218,7 @@ def _prepare(
 
     stats: dict[str, Any] = {
         **_read_stats(index),
-        "settings": {
-            **filters.describe(),
-            "pair_strategy": pair_strategy,
-            "sft_rank": sft_rank,
-            "dev_fraction": dev_fraction,
-            "seed": seed,
-            "max_trees": max_trees,
-            "split": split,
-        },
+        "settings": {**filters.describe(), **asdict(settings)},
         "messages_kept": forest.kept,
         "dropped": {reason: forest.dropped.get(reason, 0) for reason in DROP_REASONS},
         "problem_examples": forest.problem_examples,
