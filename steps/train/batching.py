@@ -8,9 +8,12 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from steps.data.records import ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +73,44 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[l
     return prompt, [r[:room] for r in responses]
 
 
+def _encode_fitted(
+    tokenizer: Any,
+    prompt: list[ChatMessage],
+    responses: list[str],
+    max_seq_len: int,
+    overlength: Literal["drop", "truncate"],
+    stats: LengthStats,
+) -> tuple[list[int], list[list[int]]] | None:
+    """Prompt ids and each response's ids, fitted to ``max_seq_len`` as ``overlength`` says (None: dropped);
+    ``stats`` counts the example as kept, truncated or dropped."""
+    from steps.chat import encode_prompt_response
+
+    prompt_ids, first = encode_prompt_response(tokenizer, prompt, responses[0])
+    ids = [first] + [encode_prompt_response(tokenizer, prompt, r)[1] for r in responses[1:]]
+    if len(prompt_ids) + max(len(r) for r in ids) > max_seq_len:
+        if overlength == "drop":
+            stats.dropped_overlength += 1
+            return None
+        prompt_ids, ids = _fit(prompt_ids, ids, max_seq_len)
+        stats.truncated += 1
+    stats.kept += 1
+    return prompt_ids, ids
+
+
 def tokenize_sft(
     rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
 ) -> tuple[list[SFTExample], LengthStats]:
-    from steps.chat import encode_prompt_response
     from steps.data.records import sft_messages
 
     out: list[SFTExample] = []
     stats = LengthStats()
     for row in rows:
         prompt, response = sft_messages(row)
-        p, r = encode_prompt_response(tokenizer, prompt, response)
-        if len(p) + len(r) > max_seq_len:
-            if overlength == "drop":
-                stats.dropped_overlength += 1
-                continue
-            p, (r,) = _fit(p, [r], max_seq_len)
-            stats.truncated += 1
+        fitted = _encode_fitted(tokenizer, prompt, [response], max_seq_len, overlength, stats)
+        if fitted is None:
+            continue
+        p, (r,) = fitted
         ex = SFTExample(str(row.get("id", len(out))), p, r)
-        stats.kept += 1
         stats.tokens += ex.length
         out.append(ex)
     return out, stats
@@ -97,21 +119,16 @@ def tokenize_sft(
 def tokenize_pairs(
     rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
 ) -> tuple[list[PairExample], LengthStats]:
-    from steps.chat import encode_prompt_response
     from steps.data.records import pair_messages
 
     out: list[PairExample] = []
     stats = LengthStats()
     for row in rows:
         prompt, chosen, rejected = pair_messages(row)
-        p, c = encode_prompt_response(tokenizer, prompt, chosen)
-        _, r = encode_prompt_response(tokenizer, prompt, rejected)
-        if len(p) + max(len(c), len(r)) > max_seq_len:
-            if overlength == "drop":
-                stats.dropped_overlength += 1
-                continue
-            p, (c, r) = _fit(p, [c, r], max_seq_len)
-            stats.truncated += 1
+        fitted = _encode_fitted(tokenizer, prompt, [chosen, rejected], max_seq_len, overlength, stats)
+        if fitted is None:
+            continue
+        p, (c, r) = fitted
         ex = PairExample(
             str(row.get("id", len(out))),
             p,
@@ -120,7 +137,6 @@ def tokenize_pairs(
             row.get("reference_score_chosen"),
             row.get("reference_score_rejected"),
         )
-        stats.kept += 1
         stats.tokens += len(p) * 2 + len(c) + len(r)
         out.append(ex)
     return out, stats
