@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -28,6 +28,11 @@ class SFTExample:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens of the one training sequence (LengthStats.tokens sums them)."""
+        return self.length
+
 
 @dataclass
 class PairExample:
@@ -43,10 +48,18 @@ class PairExample:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
     @property
+    def tokens(self) -> int:
+        """Tokens of the two training sequences, prompt + chosen and prompt + rejected (LengthStats.tokens)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
     def sort_length(self) -> int:
         """What length bucketing sorts on: the shared-prompt row (prompt once, then both responses),
         the layout ``collate_pairs`` picks for most batches."""
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+_Example = TypeVar("_Example", SFTExample, PairExample)
 
 
 @dataclass
@@ -73,28 +86,35 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[l
     return prompt, [r[:room] for r in responses]
 
 
-def _encode_fitted(
+def _tokenize(
+    rows: Sequence[dict],
     tokenizer: Any,
-    prompt: list[ChatMessage],
-    responses: list[str],
     max_seq_len: int,
     overlength: Literal["drop", "truncate"],
-    stats: LengthStats,
-) -> tuple[list[int], list[list[int]]] | None:
-    """Prompt ids and each response's ids, fitted to ``max_seq_len`` as ``overlength`` says (None: dropped);
-    ``stats`` counts the example as kept, truncated or dropped."""
+    texts: Callable[[dict], tuple[list[ChatMessage], list[str]]],
+    build: Callable[[str, dict, list[int], list[list[int]]], _Example],
+) -> tuple[list[_Example], LengthStats]:
+    """Encode each row's prompt and responses (``texts``), fit them to ``max_seq_len`` as ``overlength`` says
+    (counted in the stats), and ``build(id, row, prompt_ids, response_ids)`` an example of what is kept."""
     from steps.chat import encode_prompt_response
 
-    prompt_ids, first = encode_prompt_response(tokenizer, prompt, responses[0])
-    ids = [first] + [encode_prompt_response(tokenizer, prompt, r)[1] for r in responses[1:]]
-    if len(prompt_ids) + max(len(r) for r in ids) > max_seq_len:
-        if overlength == "drop":
-            stats.dropped_overlength += 1
-            return None
-        prompt_ids, ids = _fit(prompt_ids, ids, max_seq_len)
-        stats.truncated += 1
-    stats.kept += 1
-    return prompt_ids, ids
+    out: list[_Example] = []
+    stats = LengthStats()
+    for row in rows:
+        prompt, responses = texts(row)
+        encoded = [encode_prompt_response(tokenizer, prompt, response) for response in responses]
+        prompt_ids, ids = encoded[0][0], [response_ids for _, response_ids in encoded]
+        if len(prompt_ids) + max(len(r) for r in ids) > max_seq_len:
+            if overlength == "drop":
+                stats.dropped_overlength += 1
+                continue
+            prompt_ids, ids = _fit(prompt_ids, ids, max_seq_len)
+            stats.truncated += 1
+        example = build(str(row.get("id", len(out))), row, prompt_ids, ids)
+        stats.kept += 1
+        stats.tokens += example.tokens
+        out.append(example)
+    return out, stats
 
 
 def tokenize_sft(
@@ -102,18 +122,14 @@ def tokenize_sft(
 ) -> tuple[list[SFTExample], LengthStats]:
     from steps.data.records import sft_messages
 
-    out: list[SFTExample] = []
-    stats = LengthStats()
-    for row in rows:
+    def texts(row: dict) -> tuple[list[ChatMessage], list[str]]:
         prompt, response = sft_messages(row)
-        fitted = _encode_fitted(tokenizer, prompt, [response], max_seq_len, overlength, stats)
-        if fitted is None:
-            continue
-        p, (r,) = fitted
-        ex = SFTExample(str(row.get("id", len(out))), p, r)
-        stats.tokens += ex.length
-        out.append(ex)
-    return out, stats
+        return prompt, [response]
+
+    def build(example_id: str, row: dict, prompt_ids: list[int], ids: list[list[int]]) -> SFTExample:
+        return SFTExample(example_id, prompt_ids, ids[0])
+
+    return _tokenize(rows, tokenizer, max_seq_len, overlength, texts, build)
 
 
 def tokenize_pairs(
@@ -121,25 +137,16 @@ def tokenize_pairs(
 ) -> tuple[list[PairExample], LengthStats]:
     from steps.data.records import pair_messages
 
-    out: list[PairExample] = []
-    stats = LengthStats()
-    for row in rows:
+    def texts(row: dict) -> tuple[list[ChatMessage], list[str]]:
         prompt, chosen, rejected = pair_messages(row)
-        fitted = _encode_fitted(tokenizer, prompt, [chosen, rejected], max_seq_len, overlength, stats)
-        if fitted is None:
-            continue
-        p, (c, r) = fitted
-        ex = PairExample(
-            str(row.get("id", len(out))),
-            p,
-            c,
-            r,
-            row.get("reference_score_chosen"),
-            row.get("reference_score_rejected"),
-        )
-        stats.tokens += len(p) * 2 + len(c) + len(r)
-        out.append(ex)
-    return out, stats
+        return prompt, [chosen, rejected]
+
+    def build(example_id: str, row: dict, prompt_ids: list[int], ids: list[list[int]]) -> PairExample:
+        chosen_ids, rejected_ids = ids
+        reference = row.get("reference_score_chosen"), row.get("reference_score_rejected")
+        return PairExample(example_id, prompt_ids, chosen_ids, rejected_ids, *reference)
+
+    return _tokenize(rows, tokenizer, max_seq_len, overlength, texts, build)
 
 
 def make_batches(
