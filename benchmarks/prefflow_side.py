@@ -21,6 +21,7 @@ from benchmarks.spec import (
     OptimSettings,
     SideResult,
     WorkerSpec,
+    lora_settings,
     loss_name,
 )
 
@@ -124,13 +125,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else ""),
     }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {
-            "r": LORA.r,
-            "alpha": LORA.alpha,
-            "dropout": LORA.dropout,
-            "target_modules": list(LORA.target_modules),
-            "via": "preference.lora (peft)",
-        }
+        settings["lora"] = lora_settings("preference.lora (peft)")
     settings["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return SideResult(
         side="prefflow",

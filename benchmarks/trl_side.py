@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from benchmarks import flops, hardware, synthetic
-from benchmarks.spec import LORA, LORA_TASKS, LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec, loss_name
+from benchmarks.spec import LORA_TASKS, LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec, lora_settings, loss_name
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig
@@ -117,11 +117,12 @@ def _peft_config(task: str) -> PeftLoraConfig | None:
         return None
     import peft
 
+    lora = lora_settings("peft_config")  # exactly what the results record
     return peft.LoraConfig(
-        r=LORA.r,
-        lora_alpha=LORA.alpha,
-        lora_dropout=LORA.dropout,
-        target_modules=list(LORA.target_modules),
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
         task_type="CAUSAL_LM",
     )
 
@@ -240,13 +241,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
     }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {
-            "r": LORA.r,
-            "alpha": LORA.alpha,
-            "dropout": LORA.dropout,
-            "target_modules": list(LORA.target_modules),
-            "via": "peft_config",
-        }
+        settings["lora"] = lora_settings("peft_config")
     return SideResult(
         side="baseline",
         task=spec.task,
