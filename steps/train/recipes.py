@@ -17,7 +17,7 @@ from steps.model_card import write_model_card
 from steps.tracking import Tracker
 from steps.train import checkpoints, collectives
 from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
-from steps.train.loop import TrainResult, train
+from steps.train.loop import Objective, TrainResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
 from steps.train.precision import Precision, resolve_precision
 
@@ -129,6 +129,33 @@ def make_tracker(cfg: RunConfig, out_dir: Path) -> Tracker:
     )
 
 
+def _train_tracked(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    objective: Objective,
+    section: TrainConfig,
+    out_dir: Path,
+    *,
+    desc: str,
+    precision: Precision,
+    stop_after_steps: int | None,
+) -> TrainResult:
+    """``train`` with the run's experiment tracker open around it."""
+    with make_tracker(cfg, out_dir) as tracker:
+        return train(
+            model,
+            tokenizer,
+            objective,
+            section,
+            out_dir,
+            stop_after_steps=stop_after_steps,
+            desc=desc,
+            precision=precision,
+            tracker=tracker,
+        )
+
+
 def _finish(
     kind: str,
     tokenizer: Any,
@@ -195,18 +222,9 @@ def run_sft(
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
     model = apply_lora(load_for_training(spec, cfg, device, precision), s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    with make_tracker(cfg, out_dir) as tracker:
-        result = train(
-            model,
-            tokenizer,
-            objective,
-            s,
-            out_dir,
-            stop_after_steps=stop_after_steps,
-            desc="sft",
-            precision=precision,
-            tracker=tracker,
-        )
+    result = _train_tracked(
+        cfg, model, tokenizer, objective, s, out_dir, desc="sft", precision=precision, stop_after_steps=stop_after_steps
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
     return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg)
@@ -319,18 +337,9 @@ def run_preference(
     objective = PreferenceObjective(
         train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, ref_spec is not None, live_reference
     )
-    with make_tracker(cfg, out_dir) as tracker:
-        result = train(
-            model,
-            tokenizer,
-            objective,
-            p,
-            out_dir,
-            stop_after_steps=stop_after_steps,
-            desc=loss,
-            precision=precision,
-            tracker=tracker,
-        )
+    result = _train_tracked(
+        cfg, model, tokenizer, objective, p, out_dir, desc=loss, precision=precision, stop_after_steps=stop_after_steps
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
