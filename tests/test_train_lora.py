@@ -53,17 +53,25 @@ evaluation: {max_instructions: 3, judge_model: tiny, max_new_tokens: 8}
 """
 
 README_QLORA_YAML = """\
-# qlora_8b.yaml: QLoRA on one 24-80 GB CUDA GPU (pip install bitsandbytes)
-model:
-  base: meta-llama/Llama-3.1-8B
-  dtype: bfloat16
-  gradient_checkpointing: true
+# qlora_8b.yaml: SFT, then DPO, with QLoRA on Llama 3.1 8B on one CUDA GPU of 24-80 GB (pip install bitsandbytes)
+name: qlora_8b
+data: {input: OpenAssistant/oasst2}
+model: {base: meta-llama/Llama-3.1-8B, dtype: bfloat16, gradient_checkpointing: true}
 sft:
+  lr: 2.0e-4
+  max_seq_len: 2048
+  max_num_tokens: 4096
+  grad_accum: 8
   lora: {enabled: true, r: 16, alpha: 32, load_in_4bit: true, bnb_4bit_quant_type: nf4, hand_on: adapter}
 preference:
   criterion: dpo
-  reference_mode: live
-  lora: {enabled: true, r: 16, alpha: 32, load_in_4bit: true, hand_on: adapter}
+  init: sft              # DPO keeps training the SFT adapter (it cannot be merged into a 4-bit base)
+  reference_mode: precompute   # the SFT model scores the pairs once, before the first update
+  lr: 5.0e-6
+  max_seq_len: 2048
+  max_num_tokens: 4096
+  grad_accum: 8
+  lora: {enabled: true, load_in_4bit: true, hand_on: adapter}
 """
 
 
@@ -286,6 +294,64 @@ def test_load_model_in_4_bits_on_cpu_is_refused():
         load_model("tiny", four_bit=FourBit())
 
 
+class QuantStatsLinear(torch.nn.Linear):
+    """bitsandbytes' Linear4bit state-dict layout only (bitsandbytes needs CUDA): its quantization statistics
+    under ``weight.<name>`` keys, as ``Linear4bit._save_to_state_dict`` writes them. Nothing else is imitated."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key in ("absmax", "quant_map", "nested_absmax", "quant_state.bitsandbytes__nf4"):
+            destination[prefix + "weight." + key] = torch.zeros(2)
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "unprepared"])
+def test_checkpoints_over_a_base_with_quantization_statistics(tokenizer, tmp_path, prepared):
+    """The trainer's DCP checkpoints resolve every state-dict key as an attribute path: the 4-bit statistics
+    keys break them unless the base is prepared as prepare_four_bit does; prepared, the checkpoint holds the
+    adapter only and a resumed run ends on the same adapter weights as an uninterrupted one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from steps.config import SFTConfig
+    from steps.train.adapters import keep_parameters_only
+    from steps.train.batching import tokenize_sft
+    from steps.train.checkpoints import latest_checkpoint
+    from steps.train.objectives import SFTObjective
+    from steps.train.recipes import apply_lora
+
+    examples, _ = tokenize_sft(sft_rows(TOPICS), tokenizer, 128)
+    lora = LoraConfig(**LORA)
+    cfg = SFTConfig(lr=1e-2, max_num_tokens=256, seed=4, checkpoint_every_steps=1, dev_every_epoch=False, lora=lora)
+
+    def policy():
+        base = load_model("tiny", seed=5).requires_grad_(False)
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.__class__ = QuantStatsLinear
+        if prepared:
+            keep_parameters_only(base)
+        return apply_lora(base, cfg)
+
+    def run(out, **kw):
+        return train(policy(), tokenizer, SFTObjective(examples, [], tokenizer.pad_token_id, cfg), cfg, out, **kw)
+
+    if not prepared:
+        with pytest.raises(AttributeError, match="absmax"):
+            run(tmp_path / "a")
+        return
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after_steps=1)
+    resumed = run(tmp_path / "b")
+    assert resumed.resumed_from is not None
+    latest = latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert latest is not None
+    saved = list(FileSystemReader(str(latest / "state")).read_metadata().state_dict_metadata)
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all("lora_" in k for k in model_keys), model_keys  # no base weights, no statistics
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    lora_keys = [k for k in a if "lora_" in k]
+    assert lora_keys and all(torch.equal(a[k], b[k]) for k in lora_keys)
+
+
 @pytest.mark.parametrize("quant_type,compute", [("nf4", torch.bfloat16), ("fp4", torch.float32)])
 def test_four_bit_settings_reach_bitsandbytes_config(quant_type, compute):
     kwargs = four_bit_kwargs(FourBit(quant_type, compute), "cuda:1")
@@ -346,9 +412,9 @@ def test_readme_configs_load(tmp_path, text):
     path = tmp_path / "x.yaml"
     path.write_text(text)
     cfg = load_config(path)
-    assert cfg.preference.reference_mode == "live"
     for section in (cfg.sft, cfg.preference):
         assert section.lora.enabled and section.lora.hand_on == "adapter"
+        assert section.lora.load_in_4bit == (text == README_QLORA_YAML)
 
 
 # --- through the flow -----------------------------------------------------------------------------------------

@@ -66,7 +66,26 @@ def prepare_four_bit(model: Any, gradient_checkpointing: bool) -> Any:
     )
     if gradient_checkpointing:
         model.config.use_cache = False
+    keep_parameters_only(model)
     return model
+
+
+def keep_parameters_only(model: Any) -> None:
+    """``model.state_dict()`` without keys that name no parameter or buffer.
+
+    bitsandbytes adds each 4-bit layer's quantization statistics under parameter-like names (``...weight.absmax``,
+    ``...weight.quant_state.bitsandbytes__nf4``); torch.distributed.checkpoint resolves every key as an attribute
+    path and fails on them (AttributeError) when the trainer checkpoints. They are the frozen base's, not trainer
+    state, and peft saves adapters from the adapter keys alone."""
+
+    def drop_extras(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        names = {prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}
+        names |= {prefix + n for n, _ in module.named_buffers(remove_duplicate=False)}
+        for key in [k for k in state_dict if k.startswith(prefix) and k not in names]:
+            if not key.endswith("_extra_state"):
+                del state_dict[key]
+
+    model.register_state_dict_post_hook(drop_extras)
 
 
 def apply_lora(model: Any, train_cfg: TrainConfig) -> Any:
