@@ -197,6 +197,33 @@ def test_live_reference_from_another_model_is_loaded(tokenizer, data_dir, tmp_pa
 # --- adapters handed on -------------------------------------------------------------------------------------
 
 
+def test_adapter_directory_reloads_to_the_merged_models_logprobs(tokenizer, tmp_path):
+    """A trained LoRA policy handed on both ways: the adapter directory (over a fresh base) and the merged
+    directory reload to the in-memory policy's log-probs within fp32 tolerance."""
+    from steps.train.adapters import save_adapter_dir
+    from steps.train.checkpoints import save_model_dir
+    from steps.train.recipes import apply_lora
+
+    cfg = PreferenceConfig(lr=2e-2, max_num_tokens=512, max_steps=3, seed=3, lora=LoraConfig(**LORA))
+    pairs, _ = tokenize_pairs(pair_rows(TOPICS), tokenizer, 128)
+    objective = PreferenceObjective(
+        pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, reference_from_policy=True
+    )
+    result = train(apply_lora(load_model("tiny"), cfg), tokenizer, objective, cfg, tmp_path / "run")
+    policy = result.model.lm  # the peft model inside the training root
+    batch = batches(tokenizer, pair_rows(DEV_TOPICS, "d"))["separate"]
+    in_memory = logprobs(policy, batch)
+    adapter_dir = save_adapter_dir(policy, tokenizer, tmp_path / "adapter", "tiny")
+    merged_dir = save_model_dir(policy, tokenizer, tmp_path / "merged")
+    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < (merged_dir / "model.safetensors").stat().st_size / 20  # the adapter alone
+    from_adapter = logprobs(load_model(str(adapter_dir)), batch)
+    from_merged = logprobs(load_model(str(merged_dir)), batch)
+    torch.testing.assert_close(from_adapter, from_merged, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(from_adapter, in_memory, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(from_adapter, logprobs(load_model("tiny"), batch), atol=1e-3)  # trained
+
+
 def test_hand_on_adapter_round_trip(tokenizer, data_dir, tmp_path):
     """SFT hands on its adapter, DPO trains a new one over it (live reference = the SFT model): both directories
     reload to the log-probs of their merged models, and the DPO run's reference equals the SFT model."""
