@@ -23,11 +23,39 @@ MAX_EPOCHS = 100_000
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """LoRA adapters (peft) on a frozen base; QLoRA when the base is loaded in 4 bits (bitsandbytes, CUDA only)."""
+
     enabled: bool = False
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # QLoRA: the frozen base in 4 bits, computing in model.dtype; needs a CUDA GPU and bitsandbytes (checked when
+    # the training step starts, not here: configs are loaded on machines without the GPU)
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    # what the step hands on as its model directory: the adapters merged into a plain model, or the adapter
+    # alone (+ tokenizer + the base's spec in adapter_config.json); steps.models.load_model loads either
+    hand_on: Literal["merged", "adapter"] = "merged"
+
+    def check(self) -> None:
+        _require(self.r >= 1, "r", f"got {self.r!r}; must be >= 1")
+        _require(self.alpha >= 1, "alpha", f"got {self.alpha!r}; must be >= 1")
+        _require(0 <= self.dropout < 1, "dropout", f"got {self.dropout!r}; must be in [0, 1)")
+        _require(bool(self.target_modules), "target_modules", "must name at least one module (e.g. q_proj)")
+        if not self.enabled:
+            for name in ("load_in_4bit", "hand_on"):
+                _require(
+                    getattr(self, name) == getattr(LoraConfig, name),
+                    name,
+                    f"got {getattr(self, name)!r} but lora.enabled is false; set enabled: true (or remove {name})",
+                )
+        _require(
+            not (self.load_in_4bit and self.hand_on == "merged"),
+            "hand_on",
+            "a 4-bit base cannot be merged with its adapters into a plain model; with load_in_4bit: true set "
+            "hand_on: adapter (the adapter is handed on and loaded over the full-precision base)",
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,7 @@ class TrainConfig:
         _require(
             not (self.parallelism == "fsdp" and self.lora.enabled),
             "parallelism",
-            "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)",
+            "fsdp shards full fine-tuning; with lora.enabled (LoRA or QLoRA) use parallelism: ddp (adapters are small)",
         )
 
     def notes(self) -> list[tuple[str, str]]:
