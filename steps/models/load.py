@@ -5,6 +5,7 @@ Dropout in the policy but not the reference inflates the initial DPO loss; adapt
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -171,25 +172,30 @@ def load_model(
         problem = four_bit_problem(device)
         if problem is not None:
             raise QuantizationUnavailableError(f"cannot load {spec!r} in 4 bits: {problem}")
-    return _load(spec, dtype, device, seed, attn_implementation, four_bit, merge_adapter, depth=0)
+    resolved = torch_dtype(dtype if not isinstance(dtype, str) else resolve_dtype(dtype, device))
+    return _load(spec, _LoadRequest(resolved, device, seed, attn_implementation, four_bit, merge_adapter), depth=0)
 
 
-def _load(
-    spec: str,
-    dtype: str | torch.dtype,
-    device: str | torch.device,
-    seed: int,
-    attn_implementation: str | None,
-    four_bit: FourBit | None,
-    merge_adapter: bool | None,
-    depth: int,
-) -> Any:
+@dataclass(frozen=True)
+class _LoadRequest:
+    """How load_model was asked to load (an adapter's base is loaded the same way)."""
+
+    dtype: torch.dtype
+    device: str | torch.device
+    seed: int
+    attn_implementation: str | None
+    four_bit: FourBit | None
+    merge_adapter: bool | None
+
+
+def _load(spec: str, request: _LoadRequest, depth: int) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype_ = torch_dtype(dtype if not isinstance(dtype, str) else resolve_dtype(dtype, device))
+    dtype_, device, four_bit = request.dtype, request.device, request.four_bit
+    attn_implementation = request.attn_implementation
     source = resolve_model_spec(spec)
     if source.kind == "local" and is_adapter_dir(source.path):
-        return _load_adapter(source.path, dtype_, device, seed, attn_implementation, four_bit, merge_adapter, depth)
+        return _load_adapter(source.path, request, depth)
     started = time.monotonic()
     if four_bit is not None and source.kind in ("tiny", "gguf"):
         raise QuantizationUnavailableError(
@@ -197,7 +203,7 @@ def _load(
             "while from_pretrained loads; save it with save_pretrained and pass that directory"
         )
     if source.kind == "tiny":
-        model = tiny_model(source, seed, attn_implementation)
+        model = tiny_model(source, request.seed, attn_implementation)
     elif source.kind == "gguf":
         model = load_gguf_model(source.path, config_overrides=zero_dropout_config)
         if attn_implementation is not None:
@@ -229,17 +235,9 @@ def _load(
     return model
 
 
-def _load_adapter(
-    path: Path,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    seed: int,
-    attn_implementation: str | None,
-    four_bit: FourBit | None,
-    merge_adapter: bool | None,
-    depth: int,
-) -> Any:
+def _load_adapter(path: Path, request: _LoadRequest, depth: int) -> Any:
     """The base an adapter directory points at (loaded as asked), then the adapter: merged, or a peft model."""
+    dtype, device, four_bit, merge_adapter = request.dtype, request.device, request.four_bit, request.merge_adapter
     try:
         from peft import PeftModel
     except ImportError as exc:
@@ -258,7 +256,7 @@ def _load_adapter(
         )
     started = time.monotonic()
     # an adapter over an adapter directory: that one is merged into its own base first
-    base = _load(base_spec, dtype, device, seed, attn_implementation, four_bit, None, depth + 1)
+    base = _load(base_spec, dataclasses.replace(request, merge_adapter=None), depth + 1)
     model: Any = PeftModel.from_pretrained(base, str(path), is_trainable=False)
     zero_dropout_modules(model)  # lora_dropout
     if merge:
