@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -36,43 +37,18 @@ TOPICS = ["apples", "rivers", "music", "trains", "gardens", "books", "clouds", "
 DEV_TOPICS = ["kites", "pianos", "tigers", "castles"]
 LORA: dict = {"enabled": True, "r": 4, "alpha": 8}
 
-# The README's "Adapters (LoRA and QLoRA)" section shows these two files verbatim.
-README_LORA_YAML = """\
-# lora_dpo.yaml: SFT, then DPO, both with LoRA adapters, on the tiny test model (CPU, about a minute)
-name: lora_dpo
-model: {base: tiny, dtype: float32}
-sft:
-  lr: 1.0e-3
-  lora: {enabled: true, r: 8, alpha: 16, hand_on: adapter}
-preference:
-  criterion: dpo
-  reference_mode: live   # the policy with its adapters disabled: no second model in memory
-  lr: 1.0e-3
-  lora: {enabled: true, r: 8, alpha: 16, hand_on: adapter}
-evaluation: {max_instructions: 3, judge_model: tiny, max_new_tokens: 8}
-"""
 
-README_QLORA_YAML = """\
-# qlora_8b.yaml: SFT, then DPO, with QLoRA on Llama 3.1 8B on one CUDA GPU of 24-80 GB (pip install bitsandbytes)
-name: qlora_8b
-data: {input: OpenAssistant/oasst2}
-model: {base: meta-llama/Llama-3.1-8B, dtype: bfloat16, gradient_checkpointing: true}
-sft:
-  lr: 2.0e-4
-  max_seq_len: 2048
-  max_num_tokens: 4096
-  grad_accum: 8
-  lora: {enabled: true, r: 16, alpha: 32, load_in_4bit: true, bnb_4bit_quant_type: nf4, hand_on: adapter}
-preference:
-  criterion: dpo
-  init: sft              # DPO keeps training the SFT adapter (it cannot be merged into a 4-bit base)
-  reference_mode: precompute   # the SFT model scores the pairs once, before the first update
-  lr: 5.0e-6
-  max_seq_len: 2048
-  max_num_tokens: 4096
-  grad_accum: 8
-  lora: {enabled: true, load_in_4bit: true, hand_on: adapter}
-"""
+def readme_yaml(first_line: str) -> str:
+    """The README's ```yaml block that starts with ``first_line``: the tests run the files users copy."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"README.md: expected one ```yaml block starting {first_line!r}, found {len(found)}"
+    return found[0]
+
+
+# The README's "Adapters (LoRA and QLoRA)" section: its two config files, as shown there.
+README_LORA_YAML = readme_yaml("# lora_dpo.yaml:")
+README_QLORA_YAML = readme_yaml("# qlora_8b.yaml:")
 
 
 def pair_rows(topics: list[str], prefix: str = "p") -> list[dict]:
