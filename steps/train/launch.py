@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steps.config import RunConfig, config_from_dict, config_to_dict, for_loss
 from steps.io import read_json, write_json
@@ -220,7 +221,8 @@ def _arm_kill_switch(rank: int) -> None:
 
     save = checkpoints.save_checkpoint
 
-    def save_then_die(*args, **kwargs):  # the loop calls checkpoints.save_checkpoint through the module
+    # the loop calls checkpoints.save_checkpoint through the module, so replacing the attribute reaches it
+    def save_then_die(*args: Any, **kwargs: Any) -> Any:
         path = save(*args, **kwargs)
         logger.error("%s=%d: rank %d kills itself (SIGKILL) after writing %s", KILL_ENV, rank, rank, path)
         logging.shutdown()
