@@ -88,8 +88,8 @@ class PrefFlow(FlowSpec):
         """One node of the SFT gang (torchrun on each; every node resumes from the last checkpoint on retry)."""
         from steps.pipeline import current_gang, train_sft
 
-        gang = current_gang(self.cfg.resources.master_port)
-        self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff, gang)
+        gang = current_gang(self.cfg.resources.master_port)  # this node's place, from current.parallel
+        self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff, gang=gang)
         self.next(self.sft_gang_join)
 
     @step
@@ -144,9 +144,13 @@ class PrefFlow(FlowSpec):
         """One node of this variant's gang."""
         from steps.pipeline import current_gang, train_variant
 
-        gang = current_gang(self.plan.config.resources.master_port)
         self.train_summary = train_variant(
-            self.plan, self.data_dir, self.output_root, self.sft_summary, self.handoff, gang
+            self.plan,
+            self.data_dir,
+            self.output_root,
+            self.sft_summary,
+            self.handoff,
+            gang=current_gang(self.plan.config.resources.master_port),
         )
         self.next(self.preference_gang_join)
 
