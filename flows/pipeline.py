@@ -1,11 +1,6 @@
 """PrefFlow: OpenAssistant-2 -> SFT -> preference optimisation (loss by name) -> AlpacaEval 2 -> results table.
 Each step is a few lines calling ``steps/``; resources and deployment decorators come from the config
-(flows/mutators.py). ``python flows/pipeline.py run --loss dpo``; see README.md for more.
-
-With ``resources.num_nodes: 1`` a run takes the steps it always took: reference_outputs -> sft -> preference ->
-evaluate. With N > 1 training runs as @parallel gangs of N nodes: reference_outputs -> sft_gang -> sft_nodes (N
-tasks) -> sft_gang_join -> sft, and per variant preference -> preference_gang -> preference_nodes (N tasks) ->
-preference_gang_join -> evaluate; ``sft`` and ``preference`` then only pass the gang's model on."""
+(flows/mutators.py). ``python flows/pipeline.py run --loss dpo``; see README.md for more."""
 
 import sys
 
@@ -56,7 +51,11 @@ class PrefFlow(FlowSpec):
         )
         self.cfg, self.losses, self.variants = plan.config, plan.losses, plan.variants
         self.num_nodes = self.cfg.resources.num_nodes
-        self.layout = "gang" if self.num_nodes > 1 else "one_node"  # which path training takes
+        # one_node: reference_outputs -> sft -> preference -> evaluate, as always. gang (num_nodes > 1): @parallel
+        # gangs, reference_outputs -> sft_gang -> sft_nodes (N tasks) -> sft_gang_join -> sft, and per variant
+        # preference -> preference_gang -> preference_nodes -> preference_gang_join -> evaluate; sft and preference
+        # then only pass the gang's model on.
+        self.layout = "gang" if self.num_nodes > 1 else "one_node"
         self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name, *_datastore(self))
         self.next(self.prepare_data)
 

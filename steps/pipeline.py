@@ -1,11 +1,11 @@
 """The work behind each step of flows/pipeline.py as plain functions (testable without Metaflow).
 
-Steps take the typed config planned in ``start`` and return plain dicts; model weights travel as directories,
-on a shared filesystem or through Metaflow's datastore (steps/model_store.py), trained on one node or a gang."""
+Steps take the typed config planned in ``start`` and return plain dicts; model weights travel as directories."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, load_plan
 from steps.config.loading import METAFLOW_SOURCE
 from steps.locks import file_lock
-from steps.model_store import ModelStore, node_root, open_store
+from steps.model_store import ModelStore, open_store
 from steps.model_store import handoff_location as _handoff_location
 from steps.report.table import run_results_table
 from steps.train.gang import Gang, current_gang, gang_summary
@@ -179,42 +179,13 @@ def _train(
     handoff: dict | None,
     gang: Gang | None,
 ) -> dict | None:
-    """Train ``kind`` into ``output_root/name``: inputs pulled first when nodes share no disk, checkpoints synced
-    with the datastore while it trains, the model pushed after. On a gang node 0 takes this machine's turn (the
-    heavy-step lock), picks the checkpoint to resume from and tells the other nodes, which wait for it."""
-    from steps.train.checkpoint_sync import CheckpointSync
-    from steps.train.gang import GangCoordinator
-    from steps.train.launch import NodeRun, launch
+    """Train ``kind`` into ``output_root/name`` on this node (of a gang): steps/train/launch.py:train_node."""
+    from steps.train.launch import train_node
 
     gang = gang if gang is not None and gang.num_nodes > 1 else None
     store = begin_step(handoff, output_root, gang)
-    out_dir = Path(output_root) / name
-    local_out = (
-        out_dir if gang is None or gang.is_main or store is None else node_root(output_root, gang.node_index) / name
-    )
-    coordinator = GangCoordinator(gang, cfg.resources.process_group_timeout_s) if gang else None
-    turn = cpu_heavy_section(cfg, name) if gang is None or gang.is_main else contextlib.nullcontext()
-    with turn:
-        plan = coordinator.wait_plan() if coordinator is not None and gang and not gang.is_main else None
-        sync = None
-        if store is not None:
-            store.ensure_all(data_dir, sft_model_dir)
-            sync = CheckpointSync(store, local_out, out_dir, gang, coordinator)
-            plan = sync.prepare(plan)
-        if coordinator is not None and gang is not None and gang.is_main:
-            coordinator.publish_plan(plan or {})
-        summary = launch(
-            cfg,
-            kind,
-            data_dir,
-            str(local_out),
-            sft_model_dir=sft_model_dir,
-            nproc_per_node=cfg.resources.nproc_per_node,
-            node=NodeRun(gang, coordinator, sync),
-        )
-    if summary is not None and store is not None:
-        store.push(Path(summary["model_dir"]))
-    return summary
+    turn = functools.partial(cpu_heavy_section, cfg, name)  # taken by node 0 only
+    return train_node(cfg, kind, name, data_dir, output_root, sft_model_dir, store, gang, turn)
 
 
 def evaluate_variant(

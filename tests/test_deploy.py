@@ -3,8 +3,7 @@
 ``create --only-json`` still uploads the code package, so the test serves S3 from a local moto
 server. It checks what a scheduler would act on: the cron from ``deployment.schedule_cron``
 (and no schedule without one), the flow parameters, the GPU limits from ``resources``, the
-``@project`` names, that flows/report.py is triggered by the pipeline's end, and that
-``resources.num_nodes: 2`` compiles to a JobSet gang with GPUs, /dev/shm and the output volume.
+``@project`` names, that flows/report.py is triggered by the pipeline's end, and num_nodes: 2 (a JobSet gang).
 """
 
 from __future__ import annotations

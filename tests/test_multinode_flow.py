@@ -1,7 +1,6 @@
-"""Real flow runs with ``resources.num_nodes: 2`` (Metaflow runs @parallel gangs as processes of this machine, gloo
-on CPU): SFT and DPO train as gangs of 2 tasks and match one process with the same global batch within 1e-5 (DDP;
-HSDP mesh 2 x 1); with the datastore handoff and the local output root wiped at every step (pods that share
-nothing) a rank killed mid-training fails the gang, @retry and then ``resume`` finish it with the same weights."""
+"""Real flow runs with ``resources.num_nodes: 2`` (local @parallel gangs, gloo on CPU): SFT and DPO gangs match one
+process within 1e-5 (DDP; HSDP 2 x 1); with the datastore handoff and every step's local output wiped, a killed rank
+fails the gang, @retry resumes every node from the last checkpoint and ``resume`` finishes with the same weights."""
 
 from __future__ import annotations
 

@@ -11,13 +11,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from steps.config import RunConfig, config_from_dict, config_to_dict, for_loss
 from steps.io import read_json, write_json
+from steps.model_store import ModelStore, node_root
 from steps.train.checkpoint_sync import CheckpointSync
 from steps.train.gang import Gang, GangCoordinator, run_node, torchrun_node_args, visible_devices_for
 
@@ -59,6 +60,40 @@ def write_launch_config(cfg: RunConfig, path: Path) -> Path:
 def read_launch_config(path: str | Path) -> RunConfig:
     doc = read_json(path)
     return config_from_dict(doc["config"], doc["source"])
+
+
+def train_node(
+    cfg: RunConfig,
+    kind: str,
+    name: str,
+    data_dir: str,
+    output_root: str,
+    sft_model_dir: str | None,
+    store: ModelStore | None,
+    gang: Gang | None,
+    heavy_turn: Callable[[], contextlib.AbstractContextManager[None]],
+) -> dict | None:
+    """A flow step's training into ``output_root/name``: inputs pulled first when nodes share no disk (``store``),
+    checkpoints synced with the datastore while it trains, the model pushed after. Node 0 (or the only node) takes
+    this machine's ``heavy_turn``, picks the checkpoint to resume from and tells the other nodes, which wait for it."""
+    out_dir = Path(output_root) / name
+    on_other_node = gang is not None and not gang.is_main
+    local_out = node_root(output_root, gang.node_index) / name if gang and on_other_node and store else out_dir
+    coordinator = GangCoordinator(gang, cfg.resources.process_group_timeout_s) if gang else None
+    with heavy_turn() if not on_other_node else contextlib.nullcontext():
+        plan = coordinator.wait_plan() if coordinator is not None and on_other_node else None
+        sync = None
+        if store is not None:
+            store.ensure_all(data_dir, sft_model_dir)
+            sync = CheckpointSync(store, local_out, out_dir, gang, coordinator)
+            plan = sync.prepare(plan)
+        if coordinator is not None and not on_other_node:
+            coordinator.publish_plan(plan or {})
+        node = NodeRun(gang, coordinator, sync)
+        summary = launch(cfg, kind, data_dir, str(local_out), sft_model_dir, cfg.resources.nproc_per_node, node)
+    if summary is not None and store is not None:
+        store.push(Path(summary["model_dir"]))
+    return summary
 
 
 def launch(
