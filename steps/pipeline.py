@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -149,9 +149,12 @@ def train_sft(
     cfg: RunConfig, data_dir: str, output_root: str, handoff: dict | None = None, gang: Gang | None = None
 ) -> dict | None:
     """SFT on this node (or this node's share of a gang); the summary where global rank 0 ran, else None."""
+    from steps.train.launch import train_node
+
     if not cfg.sft.enabled:
         return None
-    return _train(cfg, "sft", "sft", data_dir, output_root, None, handoff, gang)
+    node = _on_this_node(cfg, "sft", output_root, handoff, gang)
+    return train_node(cfg, "sft", "sft", data_dir, output_root, None, *node)
 
 
 def train_variant(
@@ -163,29 +166,22 @@ def train_variant(
     gang: Gang | None = None,
 ) -> dict | None:
     """One foreach branch: the ``sft`` variant carries the SFT model; the others train their resolved config."""
+    from steps.train.launch import train_node
+
     if plan.loss == "sft":
         return sft_summary
     sft_model = sft_summary["model_dir"] if sft_summary else None
-    return _train(plan.config, plan.loss, plan.name, data_dir, output_root, sft_model, handoff, gang)
+    node = _on_this_node(plan.config, plan.name, output_root, handoff, gang)
+    return train_node(plan.config, plan.loss, plan.name, data_dir, output_root, sft_model, *node)
 
 
-def _train(
-    cfg: RunConfig,
-    kind: str,
-    name: str,
-    data_dir: str,
-    output_root: str,
-    sft_model_dir: str | None,
-    handoff: dict | None,
-    gang: Gang | None,
-) -> dict | None:
-    """Train ``kind`` into ``output_root/name`` on this node (of a gang): steps/train/launch.py:train_node."""
-    from steps.train.launch import train_node
-
+def _on_this_node(
+    cfg: RunConfig, name: str, output_root: str, handoff: dict | None, gang: Gang | None
+) -> tuple[ModelStore | None, Gang | None, Callable[[], contextlib.AbstractContextManager[None]]]:
+    """What steps/train/launch.py:train_node needs besides the job: the store, the gang (None for one node) and
+    this machine's heavy-step turn (node 0 takes it)."""
     gang = gang if gang is not None and gang.num_nodes > 1 else None
-    store = begin_step(handoff, output_root, gang)
-    turn = functools.partial(cpu_heavy_section, cfg, name)  # taken by node 0 only
-    return train_node(cfg, kind, name, data_dir, output_root, sft_model_dir, store, gang, turn)
+    return begin_step(handoff, output_root, gang), gang, functools.partial(cpu_heavy_section, cfg, name)
 
 
 def evaluate_variant(
