@@ -4,7 +4,7 @@ Each step is a few lines calling ``steps/``; resources and deployment decorators
 
 import sys
 
-from metaflow import Config, FlowSpec, Parameter, card, current, retry, step
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, retry, step
 from mutators import deployment_from_config, package_steps_library
 
 from steps.config import DEFAULT_CONFIG_PATH, parse_config_text
@@ -44,12 +44,19 @@ class PrefFlow(FlowSpec):
     @step
     def start(self):
         """Type the config once (with --set), pick losses and sweep points, resolve each variant's config."""
-        from steps.pipeline import plan_run
+        from steps.pipeline import handoff_location, plan_run
 
         plan, self.output_root = plan_run(
             self.config, self.loss, self.set, self.sweep, current.flow_name, current.run_id
         )
         self.cfg, self.losses, self.variants = plan.config, plan.losses, plan.variants
+        self.num_nodes = self.cfg.resources.num_nodes
+        # one_node: reference_outputs -> sft -> preference -> evaluate, as always. gang (num_nodes > 1): @parallel
+        # gangs, reference_outputs -> sft_gang -> sft_nodes (N tasks) -> sft_gang_join -> sft, and per variant
+        # preference -> preference_gang -> preference_nodes -> preference_gang_join -> evaluate; sft and preference
+        # then only pass the gang's model on.
+        self.layout = "gang" if self.num_nodes > 1 else "one_node"
+        self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name, *_datastore(self))
         self.next(self.prepare_data)
 
     @step
@@ -57,7 +64,7 @@ class PrefFlow(FlowSpec):
         """OpenAssistant-2 -> SFT examples and ranked preference pairs (chat and fairseq2 forms)."""
         from steps.pipeline import prepare_data
 
-        self.data_dir, self.data_stats = prepare_data(self.cfg, self.output_root)
+        self.data_dir, self.data_stats = prepare_data(self.cfg, self.output_root, self.handoff)
         self.next(self.reference_outputs)
 
     @step
@@ -65,18 +72,44 @@ class PrefFlow(FlowSpec):
         """The eval set and its reference outputs (the eval set's own, or the starting model's)."""
         from steps.pipeline import reference_outputs
 
-        self.eval_set_info, self.reference_outputs_path = reference_outputs(self.cfg, self.output_root)
+        self.eval_set_info, self.reference_outputs_path = reference_outputs(self.cfg, self.output_root, self.handoff)
+        self.next({"one_node": self.sft, "gang": self.sft_gang}, condition="layout")
+
+    @step
+    def sft_gang(self):
+        """Start SFT on a gang of ``resources.num_nodes`` nodes."""
+        self.next(self.sft_nodes, num_parallel=self.num_nodes)
+
+    @retry(times=1)
+    @parallel
+    @step
+    def sft_nodes(self):
+        """One node of the SFT gang (torchrun on each; every node resumes from the last checkpoint on retry)."""
+        from steps.pipeline import current_gang, train_sft
+
+        gang = current_gang(self.cfg.resources.master_port)  # this node's place, from current.parallel
+        self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff, gang=gang)
+        self.next(self.sft_gang_join)
+
+    @step
+    def sft_gang_join(self, inputs):
+        """Node 0's summary: the gang's global rank 0 wrote the model and the metrics."""
+        from steps.pipeline import gang_summary
+
+        self.sft_summary = gang_summary([i.sft_summary for i in inputs], inputs[0].cfg.sft.enabled, "sft")
+        self.merge_artifacts(inputs, exclude=["sft_summary"])
         self.next(self.sft)
 
     @card(type="blank", id="training")
     @retry(times=1)
     @step
     def sft(self):
-        """Supervised fine-tuning (resumes from its last checkpoint on retry)."""
+        """Supervised fine-tuning (resumes from its last checkpoint on retry); after a gang, its model."""
         from steps.cards import training_card
         from steps.pipeline import train_sft
 
-        self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root)
+        if self.layout == "one_node":
+            self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff)
         current.card.extend(training_card(self.sft_summary, "sft"))
         self.next(self.preference, foreach="variants")
 
@@ -90,7 +123,45 @@ class PrefFlow(FlowSpec):
 
         self.plan = self.input
         self.variant = self.plan.variant.as_dict()  # plain, for the report
-        self.train_summary = train_variant(self.plan, self.data_dir, self.output_root, self.sft_summary)
+        self.route = "gang" if self.layout == "gang" and self.plan.loss != "sft" else "one_node"
+        if self.route == "one_node":
+            self.train_summary = train_variant(
+                self.plan, self.data_dir, self.output_root, self.sft_summary, self.handoff
+            )
+            current.card.extend(training_card(self.train_summary, self.plan.name))
+        self.next({"one_node": self.evaluate, "gang": self.preference_gang}, condition="route")
+
+    @step
+    def preference_gang(self):
+        """Start this variant's preference run on a gang of ``resources.num_nodes`` nodes."""
+        self.next(self.preference_nodes, num_parallel=self.num_nodes)
+
+    @retry(times=1)
+    @parallel
+    @step
+    def preference_nodes(self):
+        """One node of this variant's gang."""
+        from steps.pipeline import current_gang, train_variant
+
+        self.train_summary = train_variant(
+            self.plan,
+            self.data_dir,
+            self.output_root,
+            self.sft_summary,
+            self.handoff,
+            gang=current_gang(self.plan.config.resources.master_port),
+        )
+        self.next(self.preference_gang_join)
+
+    @card(type="blank", id="training")
+    @step
+    def preference_gang_join(self, inputs):
+        """Node 0's summary (global rank 0 wrote the model)."""
+        from steps.cards import training_card
+        from steps.pipeline import gang_summary
+
+        self.train_summary = gang_summary([i.train_summary for i in inputs], True, inputs[0].plan.name)
+        self.merge_artifacts(inputs, exclude=["train_summary"])
         current.card.extend(training_card(self.train_summary, self.plan.name))
         self.next(self.evaluate)
 
@@ -103,7 +174,7 @@ class PrefFlow(FlowSpec):
         from steps.pipeline import evaluate_variant
 
         self.result = evaluate_variant(
-            self.plan, self.train_summary, self.reference_outputs_path, self.output_root, self.data_dir
+            self.plan, self.train_summary, self.reference_outputs_path, self.output_root, self.data_dir, self.handoff
         )
         current.card.extend(evaluation_card(self.result))
         self.next(self.join)
@@ -116,11 +187,25 @@ class PrefFlow(FlowSpec):
         from steps.pipeline import collect_results
 
         self.merge_artifacts(
-            inputs, include=["cfg", "losses", "data_stats", "eval_set_info", "sft_summary", "output_root", "data_dir"]
+            inputs,
+            include=[
+                "cfg",
+                "losses",
+                "data_stats",
+                "eval_set_info",
+                "sft_summary",
+                "output_root",
+                "data_dir",
+                "handoff",
+            ],
         )
         self.run_config = self.cfg.to_dict()
         self.results = collect_results(
-            [i.result for i in inputs], [i.train_summary for i in inputs], self.cfg.evaluation
+            [i.result for i in inputs],
+            [i.train_summary for i in inputs],
+            self.cfg.evaluation,
+            self.handoff,
+            self.output_root,
         )
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))
         self.next(self.report)
@@ -142,6 +227,13 @@ class PrefFlow(FlowSpec):
         from steps.pipeline import print_results
 
         print_results(self.results, current.flow_name, current.run_id)
+
+
+def _datastore(flow: FlowSpec) -> tuple[str, str]:
+    """The datastore this run keeps its artifacts in (type, root): handed-off files go beside them. Step code sees
+    it only through the task's own datastore object."""
+    task_datastore = flow._datastore
+    return task_datastore.TYPE, task_datastore._storage_impl.datastore_root
 
 
 if __name__ == "__main__":

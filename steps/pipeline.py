@@ -5,18 +5,24 @@ Steps take the typed config planned in ``start`` and return plain dicts; model w
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
 from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, load_plan
 from steps.config.loading import METAFLOW_SOURCE
 from steps.locks import file_lock
+from steps.model_store import ModelStore, open_store
+from steps.model_store import handoff_location as _handoff_location
 from steps.report.table import run_results_table
+from steps.train.gang import Gang, current_gang, gang_summary
+
+__all__ = ["current_gang", "gang_summary"]  # the flow's gang steps call them from here
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +90,33 @@ def plan_run(
     return plan, output_root
 
 
-def prepare_data(cfg: RunConfig, output_root: str) -> tuple[str, dict]:
+def handoff_location(cfg: RunConfig, output_root: str, flow_name: str, ds_type: str, ds_root: str) -> dict | None:
+    """start: where this run hands files between steps (None: ``resources.model_store`` resolves to shared)."""
+    return _handoff_location(cfg.resources.handoff(), output_root, flow_name, ds_type, ds_root)
+
+
+def begin_step(handoff: dict | None, output_root: str, gang: Gang | None = None) -> ModelStore | None:
+    """Every step's first call: logging, and the run's store (None: shared filesystem; see model_store.open_store)."""
+    _setup_logging()
+    return open_store(handoff, output_root, gang.node_index if gang else 0)
+
+
+def prepare_data(cfg: RunConfig, output_root: str, handoff: dict | None = None) -> tuple[str, dict]:
     """The data section's input, in its format, -> SFT examples and preference pairs under the run's data dir."""
     from steps.data import prepare_data as prepare
 
-    _setup_logging()
+    store = begin_step(handoff, output_root)
     out = Path(output_root) / "data"
     prepared = prepare(cfg.data, out)
     logger.info("prepared %s data from %s in %s", cfg.data.format, cfg.data.input, out)
+    if store is not None:
+        store.push(out)
     return str(out), prepared.stats
 
 
-def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | None]:
+def reference_outputs(cfg: RunConfig, output_root: str, handoff: dict | None = None) -> tuple[dict, str | None]:
     """The eval set plus reference outputs written to a JSON file; (eval set info, path)."""
-    _setup_logging()
+    store = begin_step(handoff, output_root)
     e = cfg.evaluation
     if not e.enabled:
         return {"enabled": False}, None
@@ -111,6 +130,8 @@ def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | Non
             eval_set, cfg.model.base, generation=e.generation, dtype=e.dtype, backend=e.backend
         )
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
+    if store is not None:
+        store.push(path)
     info = {
         "enabled": True,
         "name": eval_set.name,
@@ -124,40 +145,57 @@ def reference_outputs(cfg: RunConfig, output_root: str) -> tuple[dict, str | Non
     return info, str(path)
 
 
-def train_sft(cfg: RunConfig, data_dir: str, output_root: str) -> dict | None:
-    from steps.train.launch import launch
+def train_sft(
+    cfg: RunConfig, data_dir: str, output_root: str, handoff: dict | None = None, gang: Gang | None = None
+) -> dict | None:
+    """SFT on this node (or this node's share of a gang); the summary where global rank 0 ran, else None."""
+    from steps.train.launch import train_node
 
-    _setup_logging()
     if not cfg.sft.enabled:
         return None
-    with cpu_heavy_section(cfg, "sft"):
-        return launch(cfg, "sft", data_dir, str(Path(output_root) / "sft"), nproc_per_node=cfg.resources.nproc_per_node)
+    node = _on_this_node(cfg, "sft", output_root, handoff, gang)
+    return train_node(cfg, "sft", "sft", data_dir, output_root, None, *node)
 
 
-def train_variant(plan: VariantPlan, data_dir: str, output_root: str, sft_summary: dict | None) -> dict | None:
+def train_variant(
+    plan: VariantPlan,
+    data_dir: str,
+    output_root: str,
+    sft_summary: dict | None,
+    handoff: dict | None = None,
+    gang: Gang | None = None,
+) -> dict | None:
     """One foreach branch: the ``sft`` variant carries the SFT model; the others train their resolved config."""
-    from steps.train.launch import launch
+    from steps.train.launch import train_node
 
-    _setup_logging()
     if plan.loss == "sft":
         return sft_summary
-    cfg = plan.config
-    with cpu_heavy_section(cfg, plan.name):
-        return launch(
-            cfg,
-            plan.loss,
-            data_dir,
-            str(Path(output_root) / plan.name),
-            sft_model_dir=sft_summary["model_dir"] if sft_summary else None,
-            nproc_per_node=cfg.resources.nproc_per_node,
-        )
+    sft_model = sft_summary["model_dir"] if sft_summary else None
+    node = _on_this_node(plan.config, plan.name, output_root, handoff, gang)
+    return train_node(plan.config, plan.loss, plan.name, data_dir, output_root, sft_model, *node)
+
+
+def _on_this_node(
+    cfg: RunConfig, name: str, output_root: str, handoff: dict | None, gang: Gang | None
+) -> tuple[ModelStore | None, Gang | None, Callable[[], contextlib.AbstractContextManager[None]]]:
+    """What steps/train/launch.py:train_node needs besides the job: the store, the gang (None for one node) and
+    this machine's heavy-step turn (node 0 takes it)."""
+    gang = gang if gang is not None and gang.num_nodes > 1 else None
+    return begin_step(handoff, output_root, gang), gang, functools.partial(cpu_heavy_section, cfg, name)
 
 
 def evaluate_variant(
-    plan: VariantPlan, train_summary: dict, reference_path: str | None, output_root: str, data_dir: str | None = None
+    plan: VariantPlan,
+    train_summary: dict,
+    reference_path: str | None,
+    output_root: str,
+    data_dir: str | None = None,
+    handoff: dict | None = None,
 ) -> dict:
     """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: plain values."""
-    _setup_logging()
+    store = begin_step(handoff, output_root)
+    if store is not None:  # the model card is rewritten in the model directory even without evaluation
+        store.ensure_all(train_summary["model_dir"])
     e = plan.config.evaluation
     base = {
         "variant": plan.name,
@@ -171,6 +209,8 @@ def evaluate_variant(
     from steps.evaluate import evaluate_model, load_eval_set
     from steps.io import read_json, read_jsonl
 
+    if store is not None:  # the held-out accuracy scores the training reference model too
+        store.ensure_all(reference_path, data_dir, train_summary.get("reference"))
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
     heldout = read_jsonl(dev_pairs) if e.heldout_preference and dev_pairs and dev_pairs.is_file() else None
@@ -197,6 +237,8 @@ def evaluate_variant(
             backend=e.backend,
         )
     result = {**base, "evaluated": True, **metrics}
+    if store is not None:
+        store.push(Path(output_root) / "eval" / plan.name)  # the join reads the annotations
     from steps.train.recipes import make_tracker
 
     with make_tracker(plan.config, Path(output_root) / plan.name) as tracker:
@@ -226,9 +268,18 @@ def publish_variant(plan: VariantPlan, train_summary: dict, result: dict, output
     return {**result, "hub": {k: v for k, v in upload.items() if k != "files"} | {"n_files": len(upload["files"])}}
 
 
-def collect_results(results: list[dict], summaries: list[dict], evaluation: EvaluationConfig) -> list[dict]:
+def collect_results(
+    results: list[dict],
+    summaries: list[dict],
+    evaluation: EvaluationConfig,
+    handoff: dict | None = None,
+    output_root: str | None = None,
+) -> list[dict]:
     """The join: one row per model with its training facts and, where a baseline row exists, the paired
     difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
+    store = begin_step(handoff, output_root) if output_root else None
+    if store is not None:
+        store.ensure_all(*(r["files"]["annotations"] for r in results if r.get("evaluated")))
     rows = []
     for res, summ in zip(results, summaries):
         rows.append(

@@ -3,7 +3,7 @@
 ``create --only-json`` still uploads the code package, so the test serves S3 from a local moto
 server. It checks what a scheduler would act on: the cron from ``deployment.schedule_cron``
 (and no schedule without one), the flow parameters, the GPU limits from ``resources``, the
-``@project`` names, and that flows/report.py is triggered by the pipeline's end.
+``@project`` names, that flows/report.py is triggered by the pipeline's end, and num_nodes: 2 (a JobSet gang).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def test_kubernetes_image_goes_to_the_heavy_steps_only(s3_endpoint, tmp_path):
     containers = _container_templates(template)
     assert {name for name, c in containers.items() if c["image"] == image} == set(GPU_STEPS)
     assert containers["sft"]["resources"]["limits"]["nvidia.com/gpu"] == str(TRAIN_GPU)
+    assert not any("persistentVolumeClaim" in v for t in template["spec"]["templates"] for v in t.get("volumes", []))
 
 
 def test_no_cron_means_no_schedule(s3_endpoint, tmp_path):
@@ -240,3 +242,74 @@ def test_steps_library_imports_from_the_unpacked_code_package(s3_endpoint, pipel
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in proc.stdout.split():
         assert Path(line).resolve().is_relative_to(code_dir.resolve()), line
+
+
+#: The gang's output volume: a PVC mounted at output_dir on every step that reads or writes it.
+CLAIM, MOUNT = "prefflow-runs", "/mnt/prefflow"
+GANG_NODES, GANG_RANKS = 2, TRAIN_GPU
+
+
+@pytest.fixture(scope="module")
+def gang_template(s3_endpoint, tmp_path_factory) -> dict:
+    """``num_nodes: 2`` on Kubernetes with GPUs and a PVC as output_dir."""
+    tmp = tmp_path_factory.mktemp("deploy_gang")
+    config = write_config(
+        tmp / "gang.yaml",
+        None,
+        kubernetes=True,
+        num_nodes=GANG_NODES,
+        nproc_per_node=GANG_RANKS,
+        persistent_volume_claim=CLAIM,
+        output_dir=MOUNT,
+    )
+    return compile_argo(PIPELINE, config, s3_endpoint["endpoint"], tmp)
+
+
+def _jobset(template: dict, name: str) -> dict:
+    """The JobSet manifest Argo creates for a @parallel step (its run-time ``{{...}}`` values quoted to parse)."""
+    (found,) = [t for t in template["spec"]["templates"] if t["name"] == name]
+    text = re.sub(
+        r"^(\s*[\w-]+: )(\{\{.*\}\})\s*$", lambda m: m.group(1) + json.dumps(m.group(2)), found["resource"]["manifest"],
+        flags=re.M,
+    )  # fmt: skip
+    return {"resource": found["resource"], "retry": found.get("retryStrategy"), "manifest": yaml.safe_load(text)}
+
+
+@pytest.mark.parametrize("step", ["sft-nodes", "preference-nodes"])
+def test_a_gang_compiles_to_a_jobset_of_num_nodes_pods_with_gpus_shm_and_the_volume(gang_template, step):
+    jobset = _jobset(gang_template, step)
+    manifest = jobset["manifest"]
+    assert manifest["kind"] == "JobSet" and jobset["resource"]["action"] == "create"
+    assert manifest["metadata"]["labels"]["prefflow/num-nodes"] == str(GANG_NODES)
+    replicated = {job["name"]: job for job in manifest["spec"]["replicatedJobs"]}
+    assert set(replicated) == {"control", "worker"}
+    assert replicated["control"]["replicas"] == 1  # node 0; the workers are num_parallel - 1, sized at run time
+    assert replicated["worker"]["replicas"] == "{{=asInt(inputs.parameters.workerCount)}}"
+    (gang_step,) = [t for t in gang_template["spec"]["templates"] if t["name"] == f"{step.split('-')[0]}-gang"]
+    assert gang_step["container"]["resources"].get("limits") in ({}, None)  # the gang's start asks for no GPU
+    for name, job in replicated.items():
+        pod = job["template"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(GANG_RANKS), name
+        assert container["resources"]["requests"]["cpu"] == "4.0", name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        shm = [n for n, path in mounts.items() if path == "/dev/shm"]
+        assert len(shm) == 1, name
+        # a quarter of the 16000 MB pod memory, in RAM: NCCL's intra-node buffers
+        assert volumes[shm[0]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4000Mi"}, name
+        assert volumes[CLAIM]["persistentVolumeClaim"] == {"claimName": CLAIM} and mounts[CLAIM] == MOUNT, name
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MF_MASTER_PORT"] == "29500" and "control-0-0" in env["MF_MASTER_ADDR"], name
+        assert env["MF_WORLD_SIZE"] == "{{inputs.parameters.num-parallel}}", name
+    assert jobset["retry"]["limit"] == 1  # @retry(times=1) restarts the whole JobSet
+
+
+def test_with_a_gang_the_volume_is_on_output_steps_and_gpus_only_on_nodes_and_evaluate(gang_template):
+    containers = _container_templates(gang_template)
+    with_gpu = {name for name, c in containers.items() if (c["resources"].get("limits") or {}).get("nvidia.com/gpu")}
+    assert with_gpu == {"evaluate", "reference-outputs"}  # sft and preference only pass the gang's model on
+    with_volume = {
+        name for name, c in containers.items() if any(m["name"] == CLAIM for m in c.get("volumeMounts") or [])
+    }
+    assert with_volume == {"prepare-data", "reference-outputs", "sft", "preference", "evaluate", "join"}

@@ -190,16 +190,32 @@ class StepResources:
     cpu: int = 2
     memory: int = 8000  # MB
     gpu: int = 0
+    # MB of /dev/shm on Kubernetes (NCCL's intra-node transport lives there); None: a quarter of memory with GPUs
+    shared_memory: int | None = None
 
     def check(self) -> None:
         for name, least in (("cpu", 1), ("memory", 1), ("gpu", 0)):
             value = getattr(self, name)
             _require(value >= least, name, f"got {value!r}; must be >= {least}")
+        if self.shared_memory is not None:
+            _require(
+                1 <= self.shared_memory <= self.memory,
+                "shared_memory",
+                f"got {self.shared_memory!r}; must be >= 1 and at most memory ({self.memory} MB): /dev/shm counts "
+                "against the pod's memory",
+            )
+
+    def shared_memory_mb(self) -> int | None:
+        """What the Kubernetes pod gets as /dev/shm: the setting, else a quarter of memory when it has GPUs."""
+        if self.shared_memory is not None:
+            return self.shared_memory
+        return max(1, self.memory // 4) if self.gpu else None
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What each heavy step asks the scheduler for (flows/mutators.py adds @resources; local runs ignore it)."""
+    """What each heavy step asks the scheduler for (flows/mutators.py adds @resources; local runs ignore it), how
+    many nodes train one model, and how steps hand each other files."""
 
     train: StepResources = field(default_factory=StepResources)
     evaluate: StepResources = field(default_factory=StepResources)
@@ -207,6 +223,14 @@ class ResourcesConfig:
     kubernetes: bool = False  # send the heavy steps to Kubernetes (flows/mutators.py)
     image: str | None = None
     nproc_per_node: int = 1
+    # > 1: sft and preference train as a Metaflow @parallel gang of this many nodes (torchrun on each, HSDP for fsdp)
+    num_nodes: int = 1
+    master_port: int = 29500  # the gang's rendezvous on node 0 (the next port too) on Kubernetes
+    # how files reach later steps: "shared" (output_dir is one filesystem for every step and node), "datastore"
+    # (pushed to Metaflow's datastore and pulled where needed: pods that share nothing), "auto" (datastore on
+    # Kubernetes unless a persistent_volume_claim is output_dir, else shared)
+    model_store: Literal["auto", "shared", "datastore"] = "auto"
+    persistent_volume_claim: str | None = None  # Kubernetes: a PVC mounted at output_dir (absolute) on every step
     serialize_cpu_steps: bool = True  # without a GPU, one heavy step at a time (parallel branches thrash cores)
     # with GPUs (local runs, not Kubernetes): steps that use them take turns on the machine, never share them
     serialize_gpu_steps: bool = True
@@ -214,12 +238,43 @@ class ResourcesConfig:
     process_group_timeout_s: int = 1800
 
     def check(self) -> None:
-        _require(self.nproc_per_node >= 1, "nproc_per_node", f"got {self.nproc_per_node!r}; must be >= 1")
+        for name in ("nproc_per_node", "num_nodes"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"got {value!r}; must be >= 1")
+        _require(
+            1024 <= self.master_port <= 65534,
+            "master_port",
+            f"got {self.master_port!r}; must be in 1024..65534 (the next port is used too)",
+        )
         _require(
             self.process_group_timeout_s >= 1,
             "process_group_timeout_s",
             f"got {self.process_group_timeout_s!r}; must be >= 1 (seconds)",
         )
+        if self.persistent_volume_claim is not None:
+            _require(
+                self.kubernetes,
+                "persistent_volume_claim",
+                "mounts on Kubernetes pods only: set resources.kubernetes: true (or remove it)",
+            )
+            _require(
+                self.output_dir.startswith("/"),
+                "output_dir",
+                f"got {self.output_dir!r}; with persistent_volume_claim the claim is mounted at output_dir, which "
+                "must be an absolute path (e.g. /mnt/prefflow)",
+            )
+        _require(
+            not (self.kubernetes and self.model_store == "shared" and self.persistent_volume_claim is None),
+            "model_store",
+            "shared on Kubernetes needs a volume every pod mounts: set persistent_volume_claim, or use "
+            "model_store: datastore (or auto)",
+        )
+
+    def handoff(self) -> Literal["shared", "datastore"]:
+        """``model_store`` resolved: auto is the datastore on Kubernetes without a shared volume, else shared."""
+        if self.model_store != "auto":
+            return self.model_store
+        return "datastore" if self.kubernetes and self.persistent_volume_claim is None else "shared"
 
 
 @dataclass(frozen=True)

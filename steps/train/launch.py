@@ -1,32 +1,55 @@
-"""Run a training job on one process, or on N processes of this node through torchrun (DDP/FSDP-style).
-
-``python -m steps.train.launch`` is the per-rank entry point; the config crosses that boundary as JSON, once."""
+"""Run a training job on one process, on N processes of this node through torchrun, or on every node of a Metaflow
+@parallel gang (one torchrun per node, one rendezvous). ``python -m steps.train.launch`` is the per-rank entry point;
+the config crosses that boundary as JSON, once."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import subprocess
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steps.config import RunConfig, config_from_dict, config_to_dict, for_loss
 from steps.io import read_json, write_json
+from steps.model_store import ModelStore, node_root
+from steps.train.checkpoint_sync import CheckpointSync
+from steps.train.gang import Gang, GangCoordinator, run_node, torchrun_node_args, visible_devices_for
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "launch_config.json"
 SUMMARY_FILE = "launch_summary.json"
+#: Test and debug switch: this global rank SIGKILLs itself right after the first checkpoint it writes (a node dying
+#: mid-training, for the kill-and-resume tests).
+KILL_ENV = "PREFFLOW_KILL_RANK_AFTER_CHECKPOINT"
+
+
+@dataclass
+class NodeRun:
+    """How this process takes part: its gang (None: a single node), the gang's coordinator, and the checkpoint
+    sync with the datastore (None: checkpoints stay on a disk every node and retry sees)."""
+
+    gang: Gang | None = None
+    coordinator: GangCoordinator | None = None
+    sync: CheckpointSync | None = None
 
 
 def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None) -> dict:
+    from steps.train import parallel
     from steps.train.recipes import run_preference, run_sft
 
     if kind == "sft":
-        return run_sft(cfg, Path(data_dir), Path(out_dir)).as_dict()
-    return run_preference(cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir).as_dict()
+        summary = run_sft(cfg, Path(data_dir), Path(out_dir)).as_dict()
+    else:
+        summary = run_preference(cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir).as_dict()
+    return {**summary, "layout": parallel.last_layout()}
 
 
 def write_launch_config(cfg: RunConfig, path: Path) -> Path:
@@ -39,6 +62,40 @@ def read_launch_config(path: str | Path) -> RunConfig:
     return config_from_dict(doc["config"], doc["source"])
 
 
+def train_node(
+    cfg: RunConfig,
+    kind: str,
+    name: str,
+    data_dir: str,
+    output_root: str,
+    sft_model_dir: str | None,
+    store: ModelStore | None,
+    gang: Gang | None,
+    heavy_turn: Callable[[], contextlib.AbstractContextManager[None]],
+) -> dict | None:
+    """A flow step's training into ``output_root/name``: inputs pulled first when nodes share no disk (``store``),
+    checkpoints synced with the datastore while it trains, the model pushed after. Node 0 (or the only node) takes
+    this machine's ``heavy_turn``, picks the checkpoint to resume from and tells the other nodes, which wait for it."""
+    out_dir = Path(output_root) / name
+    on_other_node = gang is not None and not gang.is_main
+    local_out = node_root(output_root, gang.node_index) / name if gang and on_other_node and store else out_dir
+    coordinator = GangCoordinator(gang, cfg.resources.process_group_timeout_s) if gang else None
+    with heavy_turn() if not on_other_node else contextlib.nullcontext():
+        plan = coordinator.wait_plan() if coordinator is not None and on_other_node else None
+        sync = None
+        if store is not None:
+            store.ensure_all(data_dir, sft_model_dir)
+            sync = CheckpointSync(store, local_out, out_dir, gang, coordinator)
+            plan = sync.prepare(plan)
+        if coordinator is not None and not on_other_node:
+            coordinator.publish_plan(plan or {})
+        node = NodeRun(gang, coordinator, sync)
+        summary = launch(cfg, kind, data_dir, str(local_out), sft_model_dir, cfg.resources.nproc_per_node, node)
+    if summary is not None and store is not None:
+        store.push(Path(summary["model_dir"]))
+    return summary
+
+
 def launch(
     config: RunConfig | Mapping,
     kind: str,
@@ -46,36 +103,77 @@ def launch(
     out_dir: str,
     sft_model_dir: str | None = None,
     nproc_per_node: int = 1,
-) -> dict:
-    """Train ``kind`` ("sft" or a loss name); returns the run summary dict.
+    node: NodeRun | None = None,
+) -> dict | None:
+    """Train ``kind`` ("sft" or a loss name); returns the run summary dict (on a gang: node 0's; None elsewhere).
 
     ``config``: the RunConfig planned for this variant (preference resolved for ``kind``), or a plain mapping,
-    which is typed and resolved here.
+    which is typed and resolved here. ``node``: this node's gang and checkpoint sync (None: one node, local disk).
     """
     if isinstance(config, RunConfig):
         cfg = config
     else:
         cfg = config_from_dict(config, str(config.get("name", "config")))
         cfg = cfg if kind == "sft" else for_loss(cfg, kind)
-    if nproc_per_node <= 1:
-        return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
-    return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node)
+    node = node or NodeRun()
+    if (node.gang is None or node.gang.num_nodes == 1) and nproc_per_node <= 1:
+        with _syncing(node.sync):
+            return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
+    return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node, node)
+
+
+@contextlib.contextmanager
+def _syncing(sync: CheckpointSync | None, every_s: float = 1.0) -> Iterator[None]:
+    """Checkpoint uploads beside in-process training (a thread; torch releases the GIL in its kernels)."""
+    if sync is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            sync.poll()
+
+    thread = threading.Thread(target=loop, name="checkpoint-sync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sync.flush()
 
 
 def launch_torchrun(
-    cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None, nproc_per_node: int
-) -> dict:
+    cfg: RunConfig,
+    kind: str,
+    data_dir: str,
+    out_dir: str,
+    sft_model_dir: str | None,
+    nproc_per_node: int,
+    node: NodeRun | None = None,
+) -> dict | None:
     """``nproc_per_node`` ranks of this node under torchrun (one rank too: a real process group of one, so
-    DDP/FSDP2 and every collective run, e.g. on NCCL for the GPU check); returns rank 0's summary."""
+    DDP/FSDP2 and every collective run, e.g. on NCCL for the GPU check); on a gang this node's share of the job,
+    joined to node 0's rendezvous. Returns rank 0's summary where rank 0 ran (this node), else None."""
+    node = node or NodeRun()
+    gang = node.gang if node.gang is not None and node.gang.num_nodes > 1 else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_launch_config(cfg, out / CONFIG_FILE)
+    timeout = cfg.resources.process_group_timeout_s
+    where = ["--standalone", f"--nproc_per_node={nproc_per_node}"]
+    env = dict(os.environ)
+    if gang is not None:
+        where = torchrun_node_args(gang, nproc_per_node, timeout)
+        devices = visible_devices_for(gang, nproc_per_node, _cuda_device_count())
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc_per_node}",
+        *where,
         "-m",
         "steps.train.launch",
         "--config-json",
@@ -87,9 +185,28 @@ def launch_torchrun(
         "--out-dir",
         out_dir,
     ] + (["--sft-model-dir", sft_model_dir] if sft_model_dir else [])
-    logger.info("launching %d ranks: %s", nproc_per_node, " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    if gang is None or gang.is_main:
+        (out / SUMMARY_FILE).unlink(missing_ok=True)  # a previous attempt's
+    label = f"node {gang.node_index} of {gang.num_nodes}: " if gang else ""
+    logger.info("%slaunching %d ranks: %s", label, nproc_per_node, " ".join(cmd))
+    sync = node.sync
+    run_node(
+        cmd,
+        env,
+        gang,
+        node.coordinator if gang else None,
+        on_poll=sync.poll if sync else None,
+        on_exit=sync.flush if sync else None,
+    )
+    if gang is not None and not gang.is_main:
+        return None  # global rank 0 ran on node 0 (on a shared disk its summary is visible here too)
     return read_json(out / SUMMARY_FILE)
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def init_process_group(timeout_s: float) -> str:
@@ -120,12 +237,34 @@ def main(argv: list[str] | None = None) -> None:
     cfg = read_launch_config(args.config_json)
     backend = init_process_group(cfg.resources.process_group_timeout_s)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    _arm_kill_switch(dist.get_rank())
     try:
         summary = _run_here(cfg, args.kind, args.data_dir, args.out_dir, args.sft_model_dir)
         if dist.get_rank() == 0:
             write_json(Path(args.out_dir) / SUMMARY_FILE, summary)
     finally:
         dist.destroy_process_group()
+
+
+def _arm_kill_switch(rank: int) -> None:
+    """``PREFFLOW_KILL_RANK_AFTER_CHECKPOINT=<rank>``: that rank dies by SIGKILL once its first checkpoint is
+    complete on every rank (the checkpoint writer's last barrier has passed), as a node lost mid-training would."""
+    target = os.environ.get(KILL_ENV, "")
+    if not target or int(target) != rank:
+        return
+    from steps.train import checkpoints
+
+    save = checkpoints.save_checkpoint
+
+    # the loop calls checkpoints.save_checkpoint through the module, so replacing the attribute reaches it
+    def save_then_die(*args: Any, **kwargs: Any) -> Any:
+        path = save(*args, **kwargs)
+        logger.error("%s=%d: rank %d kills itself (SIGKILL) after writing %s", KILL_ENV, rank, rank, path)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    checkpoints.save_checkpoint = save_then_die
 
 
 if __name__ == "__main__":

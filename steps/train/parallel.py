@@ -1,5 +1,5 @@
-"""How training spreads one model over the ranks of a torchrun job: torch's own DDP or FSDP2, never by hand.
-Every mode trains the root :class:`LogProbModel` (keys ``lm.<HF key>``, so checkpoints move between modes);
+"""How training spreads one model over the ranks of a torchrun job (one node or a gang): DDP, or FSDP2 (HSDP across
+nodes). Every mode trains the root :class:`LogProbModel` (keys ``lm.<HF key>``, so checkpoints move between modes);
 gradients are summed over ranks, since the loop divides each loss by the step's global denominator."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,10 @@ from steps.train.precision import Precision
 logger = logging.getLogger(__name__)
 
 ROOT_PREFIX = "lm."
+MESH_DIMS = ("replicate", "shard")  # HSDP: replicas across nodes, shards within a node
+
+#: How :func:`prepare` last spread a model in this process (the launcher reports it with the run summary).
+_LAYOUT: dict[str, Any] = {}
 
 
 class LogProbModel(torch.nn.Module):
@@ -90,13 +95,38 @@ def decoder_layers(lm: Any) -> list[torch.nn.Module]:
     return found
 
 
+def node_layout(world_size: int | None = None) -> tuple[int, int]:
+    """(nodes, ranks per node) of this job: torchrun's ``LOCAL_WORLD_SIZE`` per node (every node starts the same
+    number); without it (ranks started by hand) one node holds every rank."""
+    world = collectives.world()[1] if world_size is None else world_size
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local < 1 or world % local:
+        raise ValueError(f"world size {world} is not a multiple of LOCAL_WORLD_SIZE {local} (ranks per node)")
+    return world // local, local
+
+
+def fsdp_mesh_shape(nodes: int, per_node: int) -> tuple[int, ...]:
+    """FSDP2's device mesh: 1-D over the ranks of one node; on a gang, 2-D (nodes, ranks per node) = HSDP,
+    weights sharded within a node (fast links) and replicated across nodes (one all-reduce of shards per step)."""
+    return (per_node,) if nodes == 1 else (nodes, per_node)
+
+
+def last_layout() -> dict[str, Any]:
+    """What :func:`prepare` built last in this process: parallelism, world size, nodes and the FSDP2 mesh."""
+    return dict(_LAYOUT)
+
+
 def prepare(lm: Any, parallelism: str, precision: Precision) -> Any:
     """The module to train: the bare root without a process group; DDP or FSDP2 around it with one (any size)."""
     root = LogProbModel(lm)
+    _LAYOUT.clear()
     if not collectives.is_distributed():
+        _LAYOUT.update(parallelism="none", world_size=1, nodes=1)
         return root
+    nodes, per_node = node_layout()
+    _LAYOUT.update(parallelism=parallelism, world_size=nodes * per_node, nodes=nodes)
     if parallelism == "fsdp":
-        return _shard(root, precision)
+        return _shard(root, precision, fsdp_mesh_shape(nodes, per_node))
     return _replicate(root)
 
 
@@ -119,14 +149,17 @@ def _replicate(root: LogProbModel) -> Any:
     return ddp
 
 
-def _shard(root: LogProbModel, precision: Precision) -> Any:
+def _shard(root: LogProbModel, precision: Precision, shape: tuple[int, ...]) -> Any:
     """FSDP2 ``fully_shard`` per decoder layer plus the root (embeddings, final norm, lm_head): weights, gradients
-    and AdamW state split over the ranks; compute in ``precision.compute``, gradients reduced in fp32."""
+    and AdamW state split over the mesh's shard dimension; compute in ``precision.compute``, gradients reduced in
+    fp32 and summed over every rank (HSDP: reduce-scatter within a node, then all-reduce across nodes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     device = device_of(root)
-    mesh = init_device_mesh(device.type, (collectives.world()[1],))
+    names = MESH_DIMS if len(shape) == 2 else ("shard",)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    _LAYOUT.update(mesh=list(shape), mesh_dims=list(names))
     policy = MixedPrecisionPolicy(
         param_dtype=precision.compute if precision.mixed else None, reduce_dtype=torch.float32
     )
@@ -139,7 +172,13 @@ def _shard(root: LogProbModel, precision: Precision) -> Any:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     logger.info(
-        "FSDP2: %d decoder layers + root over %d ranks (%s, %s)", len(layers), mesh.size(), device, precision.describe()
+        "FSDP2%s: %d decoder layers + root over %d ranks, mesh %s (%s, %s)",
+        " (HSDP)" if len(shape) == 2 else "",
+        len(layers),
+        mesh.size(),
+        dict(zip(names, shape)),
+        device,
+        precision.describe(),
     )
     return sharded
 

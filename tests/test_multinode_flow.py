@@ -1,0 +1,170 @@
+"""Real flow runs with ``resources.num_nodes: 2`` (local @parallel gangs, gloo on CPU): SFT and DPO gangs match one
+process within 1e-5 (DDP; HSDP 2 x 1); with the datastore handoff and every step's local output wiped, a killed rank
+fails the gang, @retry resumes every node from the last checkpoint and ``resume`` finishes with the same weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.test_flow import _env as flow_env
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+name: tiny_gang
+data: {input: embedded, max_trees: 14, dev_fraction: 0.2}
+model: {base: tiny, dtype: float32}
+sft: {lr: 1.0e-3, max_num_tokens: 1024, max_batch_examples: 2, max_seq_len: 256, overlength: truncate,
+      max_steps: 3, warmup_steps: 0, checkpoint_every_steps: 1}
+preference: {criterion: dpo, criterion_config: {beta: 0.1}, lr: 1.0e-3, max_num_tokens: 1024, max_batch_examples: 4,
+             max_seq_len: 256, overlength: truncate, max_steps: 2}
+evaluation: {enabled: false}
+resources: {output_dir: OUTPUT_DIR, process_group_timeout_s: 120}
+"""
+#: Every rank takes grad_accum micro-batches per step: 2 nodes x 1 rank x 1 = 1 process x 2.
+GANG = "resources.num_nodes=2 resources.nproc_per_node=1"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict:
+    """test_flow's environment, plus the venv's interpreter first on PATH: a gang's worker tasks are started as
+    ``python flow.py step ...``."""
+    return {
+        **flow_env(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    }
+
+
+def _config(tmp_path: Path, text: str = CONFIG) -> Path:
+    path = tmp_path / "tiny_gang.yaml"
+    path.write_text(text.replace("OUTPUT_DIR", str(tmp_path / "runs")))
+    return path
+
+
+def _run(tmp_path: Path, settings: str, env: dict | None = None, resume: bool = False):
+    from metaflow import Runner
+
+    config = {} if resume else {"config": [("config", str(_config(tmp_path)))]}  # resume keeps the run's own
+    runner = Runner(
+        str(REPO / "flows" / "pipeline.py"), show_output=False, env=env or _env(tmp_path), cwd=str(REPO), **config
+    )
+    ctx = runner.resume() if resume else runner.run(loss="dpo", set=settings)
+    with ctx as running:
+        return running.status, running.run, running.stdout + running.stderr
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tokenizer):
+    """SFT in one process with grad_accum 2 on the same prepared data: the global batch the gangs must match."""
+    from steps.config import config_from_dict
+    from steps.data import prepare_data
+    from steps.train.launch import launch
+
+    tmp = tmp_path_factory.mktemp("one_process")
+    raw = yaml.safe_load(_config(tmp).read_text())
+    raw["sft"]["grad_accum"] = raw["preference"]["grad_accum"] = 2
+    prepare_data(config_from_dict(raw).data, tmp / "data")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    sft = launch(raw, "sft", str(tmp / "data"), str(tmp / "sft"))
+
+    def dpo(sft_model_dir: str) -> dict:
+        """DPO in one process from the gang's own SFT model (the same start)."""
+        out = tmp / f"dpo-{abs(hash(sft_model_dir))}"
+        return launch(raw, "dpo", str(tmp / "data"), str(out), sft_model_dir=sft_model_dir)
+
+    return {"sft": sft, "dpo": dpo}
+
+
+def _assert_same_training(gang: dict, one: dict, gang_model_dir: Path | None = None) -> None:
+    assert gang["steps"] == one["steps"] and len(gang["history"]) == gang["steps"]
+    for a, b in zip(gang["history"], one["history"]):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    x = load_file(Path(gang_model_dir or gang["model_dir"]) / "model.safetensors")
+    y = load_file(Path(one["model_dir"]) / "model.safetensors")
+    assert set(x) == set(y)
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=0, msg=key)
+
+
+def _gang_tasks(run, step: str) -> list[str]:
+    return sorted(t.id for t in run[step])
+
+
+def test_ddp_gangs_of_two_nodes_train_like_one_process(tmp_path, one_process):
+    status, run, log = _run(tmp_path, GANG)
+    assert status == "successful", log[-6000:]
+    from metaflow import namespace
+
+    namespace(None)
+    assert {"sft_gang", "sft_nodes", "sft_gang_join", "preference_gang"} <= {s.id for s in run.steps()}
+    sft_tasks = _gang_tasks(run, "sft_nodes")
+    assert len(sft_tasks) == 2 and sft_tasks[1] == f"{sft_tasks[0]}_node_1"  # control task + 1 worker
+    assert len(_gang_tasks(run, "preference_nodes")) == 2  # dpo's gang (the sft variant has nothing to train)
+    sft = run["sft"].task.data.sft_summary
+    assert sft["layout"] == {"parallelism": "ddp", "world_size": 2, "nodes": 2}
+    _assert_same_training(sft, one_process["sft"])
+    dpo = run["preference_gang_join"].task.data.train_summary
+    assert dpo["kind"] == "dpo" and dpo["reference"] == sft["model_dir"]
+    _assert_same_training(dpo, one_process["dpo"](sft["model_dir"]))
+    rows = {r["variant"]: r for r in run["join"].task.data.results}
+    assert set(rows) == {"sft", "dpo"} and rows["dpo"]["model_dir"] == dpo["model_dir"]
+
+
+def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_process):
+    """fsdp on 2 nodes x 1 rank = HSDP (replicate 2, shard 1); models, checkpoints and every file a step reads
+    come from the local datastore, since each step (and gang node) starts from an empty local output root. Rank 1
+    dies after its first checkpoint in each attempt: the gang fails naming node 1, @retry resumes every node from
+    step 1, dies again after step 2; ``resume`` (new run, same output root) finishes from step 2."""
+    settings = f"{GANG} sft.parallelism=fsdp preference.parallelism=fsdp resources.model_store=datastore"
+    settings += " evaluation.enabled=true evaluation.max_instructions=2 evaluation.max_new_tokens=4"
+    settings += " evaluation.judge_model=tiny evaluation.batch_size=2 evaluation.heldout_max_pairs=2"
+    killing = _env(tmp_path, PREFFLOW_WIPE_LOCAL_OUTPUT="1", PREFFLOW_KILL_RANK_AFTER_CHECKPOINT="1")
+    status, failed, log = _run(tmp_path, settings, killing)
+    assert status == "failed"
+    assert "gang failed: node 1 of 2 failed: torchrun exited with code" in log, log[-6000:]
+    assert "rank 1 kills itself (SIGKILL) after writing" in log
+    from metaflow import namespace
+
+    namespace(None)
+    assert [t.current_attempt for t in failed["sft_nodes"]] == [1, 1]  # both nodes retried together
+    from metaflow import Task
+
+    control = min(failed["sft_nodes"], key=lambda t: len(t.id))  # a local gang's nodes all log to the control task
+    for attempt, start in ((0, "the start"), (1, "step 1")):
+        task = Task(control.pathspec, attempt=attempt)
+        logged = task.stdout + task.stderr
+        for node in (0, 1):  # @retry resumed every node from the checkpoint both had uploaded
+            assert f"checkpoint sync (node {node}): resuming from {start}," in logged, (attempt, node)
+
+    status, run, log = _run(tmp_path, settings, _env(tmp_path, PREFFLOW_WIPE_LOCAL_OUTPUT="1"), resume=True)
+    assert status == "successful", log[-6000:]
+    assert run.id != failed.id and len(_gang_tasks(run, "sft_nodes")) == 2
+    sft = run["sft"].task.data.sft_summary
+    assert sft["resumed_from"].endswith("step_0000002")  # so the retry resumed from step 1 and wrote step 2
+    assert sft["layout"] == {"parallelism": "fsdp", "world_size": 2, "nodes": 2, "mesh": [2, 1],
+                             "mesh_dims": ["replicate", "shard"]}  # fmt: skip
+    runs_root = Path(sft["model_dir"]).parents[1]
+    assert not (runs_root / "sft").exists()  # wiped by the later steps: only the datastore has it
+    from steps.model_store import ModelStore
+
+    store = ModelStore.from_dict(run["start"].task.data.handoff)
+    here = tmp_path / "from_datastore"
+    store.pull(here / "sft", store.key_for(sft["model_dir"]))  # downloaded and verified against its manifest
+    _assert_same_training(sft, one_process["sft"], here / "sft")
+    dpo = run["preference_gang_join"].task.data.train_summary
+    store.pull(here / "dpo", store.key_for(dpo["model_dir"]))
+    _assert_same_training(dpo, one_process["dpo"](str(here / "sft")), here / "dpo")
+    rows = {r["variant"]: r for r in run["join"].task.data.results}
+    assert all(r["evaluated"] and r["n_total"] == 2 for r in rows.values())  # models and eval files came back
+    assert rows["dpo"]["paired_vs"]["paired_n"] == 2  # the join read both annotations from the datastore
+    shutil.rmtree(here)
