@@ -128,8 +128,16 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    done = 0
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            done += 1
+    except BaseException:
+        for tmp, _ in staged[done:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
     for parent in sorted({path.parent for _, path in staged}):
         fsync_dir(parent)
     return [path for _, path in staged]
@@ -269,10 +277,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def discard_dir(path: str | os.PathLike) -> None:
-    """Rename ``path`` out of the way (one step: nothing half-deleted keeps its name), then delete it."""
+def _trash_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.discard-{os.getpid()}-{time.time_ns()}")
+
+
+def discard_dir(path: str | os.PathLike, named_after: str | os.PathLike | None = None) -> None:
+    """Rename ``path`` out of the way (one step: nothing half-deleted keeps its name), then delete it. The trash
+    is ``.<name>.discard-*`` of ``named_after`` (default ``path``), which :func:`remove_leftovers` finds."""
     path = Path(path)
-    trash = path.with_name(f".{path.name}.discard-{os.getpid()}-{time.time_ns()}")
+    trash = _trash_name(Path(named_after) if named_after is not None else path)
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -301,9 +314,9 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         if _exchange(tmp, final):
-            discard_dir(tmp)  # tmp now holds the previous version
+            discard_dir(tmp, named_after=final)  # tmp now holds the previous version
         else:
-            aside = final.with_name(f".{final.name}.discard-{os.getpid()}-{time.time_ns()}")
+            aside = _trash_name(final)
             os.rename(final, aside)
             os.rename(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)
