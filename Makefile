@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LOSS ?= dpo
 
-.PHONY: setup model run test report bench gpu-check clean
+.PHONY: setup model run test lint report bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: model
 
 test: model
 	$(BIN)/python -m pytest -q
+
+# ruff (lint, then formatting) and mypy, with the versions pinned in the dev extra; .pre-commit-config.yaml runs the same.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 report: setup
 	$(BIN)/python -m steps.report

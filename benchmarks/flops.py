@@ -8,7 +8,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 # What is counted (model FLOPs, PaLM's MFU convention: a property of the model and the tokens, not of an
 # implementation, so both sides are charged the same for the same sequences):
@@ -50,7 +54,7 @@ class ModelShape:
         return asdict(self)
 
 
-def model_shape(model) -> ModelShape:
+def model_shape(model: PreTrainedModel) -> ModelShape:
     """The :class:`ModelShape` of a causal LM (a peft wrapper included), read from its modules and config."""
     import torch
 
@@ -68,7 +72,7 @@ def model_shape(model) -> ModelShape:
     )
 
 
-def gemm_shapes(model) -> list[list[int]]:
+def gemm_shapes(model: torch.nn.Module) -> list[list[int]]:
     """``[in_features, out_features, count]`` for each distinct nn.Linear shape (what the CPU probe times)."""
     import torch
 

@@ -197,6 +197,8 @@ def process_group(profile: dict[str, Any], work: Path) -> dict[str, Any]:
         }  # fmt: skip
         cfg = for_loss(config_from_dict(raw, "gpu_check"), "dpo")
         summary = launch_torchrun(cfg, "dpo", str(data), str(out), None, nproc_per_node=1)
+        if summary is None:  # launch_torchrun returns rank 0's summary only where rank 0 ran (always, on one node)
+            raise RuntimeError("launch_torchrun returned no summary from rank 0")
         summaries[parallelism] = {
             k: summary.get(k) for k in ("steps", "resumed_from", "precision", "world_size", "final_train", "final_dev")
         }

@@ -6,10 +6,12 @@ Threads and the malloc preset go into *both* children's environment (malloc alon
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+    from benchmarks.spec import WorkerSpec
 
 # Tuned glibc malloc: keep freed memory in the heap (no trim, big top pad) and serve blocks up to 32 MiB (the
 # largest mmap threshold glibc accepts) from it, so activations are not mmapped, page-faulted and zeroed anew
@@ -52,7 +54,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def device_name(device) -> str:
+def device_name(device: torch.device) -> str:
     """``torch.cuda.get_device_name`` on GPU, "CPU <model name>" on CPU."""
     import torch
 
@@ -69,7 +71,7 @@ def device_name(device) -> str:
     return f"CPU {model or platform.processor() or platform.machine()}".strip()
 
 
-def synchronize(device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so a timer reads the real step time (no-op on CPU)."""
     import torch
 
@@ -89,7 +91,7 @@ def vm_hwm_mb() -> float | None:
     return None
 
 
-def cuda_peak_mb(device) -> float | None:
+def cuda_peak_mb(device: torch.device) -> float | None:
     """The CUDA caching allocator's peak in MiB (None on CPU)."""
     import torch
 
@@ -98,7 +100,7 @@ def cuda_peak_mb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def load_side(spec) -> tuple:
+def load_side(spec: WorkerSpec) -> tuple[torch.device, Any, Any, float, int, int]:
     """What both training sides start from: device, tokenizer, the fp32 SDPA model, its load time,
     the step count and how many synthetic examples cover it."""
     import time

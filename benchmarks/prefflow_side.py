@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import flops, hardware, synthetic
 from benchmarks.spec import (
@@ -19,13 +21,17 @@ from benchmarks.spec import (
     OptimSettings,
     SideResult,
     WorkerSpec,
+    lora_settings,
     loss_name,
 )
+
+if TYPE_CHECKING:
+    from steps.train.batching import TokenBatch
 
 logger = logging.getLogger(__name__)
 
 
-def batch_lengths(batch) -> list[int]:
+def batch_lengths(batch: TokenBatch) -> list[int]:
     """Real tokens of each logical row of a collated batch (a shared-prompt row is two sequences)."""
     if "pair_lengths" in batch.extra:
         return [n for p, c, r in batch.extra["pair_lengths"].tolist() for n in (p + c, p + r)]
@@ -36,7 +42,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     """Train ``spec.steps + spec.warmup_steps`` steps through ``steps.train.loop.train``; report the measured ones."""
     import torch
 
-    from steps.config import PreferenceConfig, SFTConfig
+    from steps.config import LoraConfig, PreferenceConfig, SFTConfig
     from steps.losses import build_loss, requires_reference
     from steps.train.batching import tokenize_pairs, tokenize_sft
     from steps.train.loop import train
@@ -47,7 +53,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     device, tokenizer, model, load_s, total_steps, n_examples = hardware.load_side(spec)
     base_shape = flops.model_shape(model)
 
-    common = dict(
+    common: dict[str, Any] = dict(
         betas=opt.betas,
         weight_decay=opt.weight_decay,
         max_grad_norm=opt.max_grad_norm,
@@ -65,8 +71,10 @@ def run_training(spec: WorkerSpec) -> SideResult:
     )
     t0 = time.perf_counter()
     precompute_s, needs_reference = None, False
+    cfg: PreferenceConfig | SFTConfig
+    objective: PreferenceObjective | SFTObjective
     if spec.task in PREFERENCE_TASKS:
-        cfg = PreferenceConfig(lr=opt.lr, **common, **({"lora": LORA} if spec.task in LORA_TASKS else {}))
+        cfg = PreferenceConfig(lr=opt.lr, **common, lora=LORA if spec.task in LORA_TASKS else LoraConfig())
         rows = synthetic.preference_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
         examples, stats = tokenize_pairs(rows, tokenizer, spec.max_len, "drop")
         loss_fn = build_loss(loss_name(spec.task), **LOSS_PARAMS[loss_name(spec.task)])
@@ -84,8 +92,8 @@ def run_training(spec: WorkerSpec) -> SideResult:
     else:
         cfg = SFTConfig(lr=opt.sft_lr, **common)
         rows = synthetic.sft_rows(tokenizer, n_examples, spec.max_len, spec.data_seed)
-        examples, stats = tokenize_sft(rows, tokenizer, spec.max_len, "drop")
-        objective = SFTObjective(examples, [], tokenizer.pad_token_id, cfg)
+        sft_examples, stats = tokenize_sft(rows, tokenizer, spec.max_len, "drop")
+        objective = SFTObjective(sft_examples, [], tokenizer.pad_token_id, cfg)
         setup_s = time.perf_counter() - t0
     if stats.dropped_overlength or stats.truncated:
         raise RuntimeError(f"synthetic data did not fit max_len {spec.max_len}: {stats.as_dict()}")
@@ -97,7 +105,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     collate_s = time.perf_counter() - t0
     torch.manual_seed(opt.seed)
     with tempfile.TemporaryDirectory(prefix="prefflow-bench-") as out_dir:
-        result = train(model, tokenizer, objective, cfg, out_dir, resume=False, desc=f"bench-{spec.task}")
+        result = train(model, tokenizer, objective, cfg, Path(out_dir), resume=False, desc=f"bench-{spec.task}")
     history = result.history
     if len(history) != total_steps:
         raise RuntimeError(f"expected {total_steps} steps, the loop ran {len(history)}")
@@ -110,20 +118,14 @@ def run_training(spec: WorkerSpec) -> SideResult:
         flops.model_shape(model), base_shape if needs_reference else None, step_lengths[spec.warmup_steps :]
     )
     params = sum(p.numel() for p in model.parameters())
-    settings = {
+    settings: dict[str, Any] = {
         "batching": f"length-bucketed, {spec.batch_size} examples/step",
         "reference": "precomputed" if precompute_s is not None else "none",
         "collate_s": round(collate_s, 3),
         "dtype": "fp32" + (" + bf16 autocast" if device.type == "cuda" else ""),
     }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {
-            "r": LORA.r,
-            "alpha": LORA.alpha,
-            "dropout": LORA.dropout,
-            "target_modules": list(LORA.target_modules),
-            "via": "preference.lora (peft)",
-        }
+        settings["lora"] = lora_settings("preference.lora (peft)")
     settings["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return SideResult(
         side="prefflow",

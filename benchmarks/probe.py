@@ -11,9 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import flops, hardware
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,9 @@ class PeakResult:
     seconds: float = 0.0
 
 
-def _training_gemms(x, w, dy, y, dx, dw) -> None:
+def _training_gemms(
+    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor
+) -> None:
     """The three GEMMs a trained Linear runs per step: forward, input gradient, weight gradient."""
     import torch
 

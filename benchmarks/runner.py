@@ -145,7 +145,7 @@ class Row:
         return row
 
 
-def _round(value, digits: int = 1):
+def _round(value: float | None, digits: int = 1) -> float | int | None:
     if value is None:
         return None
     return round(float(value), digits) if digits else round(float(value))
@@ -381,11 +381,11 @@ def _giga(value: float | None) -> float | None:
     return None if value is None else value / 1e9
 
 
-def _fmt(value, digits: int = 1) -> str:
+def _fmt(value: float | None, digits: int = 1) -> str:
     if value is None:
         return "-"
     return f"{value:,.{digits}f}"
 
 
-def _pct(value) -> str:
+def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"

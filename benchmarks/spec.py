@@ -20,6 +20,17 @@ TASKS = TRAIN_TASKS + ("generate",)
 LORA = LoraConfig(enabled=True)
 
 
+def lora_settings(via: str) -> dict[str, Any]:
+    """The LoRA settings both sides train with, as their results record them (``via``: how the side applied it)."""
+    return {
+        "r": LORA.r,
+        "alpha": LORA.alpha,
+        "dropout": LORA.dropout,
+        "target_modules": list(LORA.target_modules),
+        "via": via,
+    }
+
+
 def loss_name(task: str) -> str:
     """The registered loss a preference task trains with ("dpo_lora" -> "dpo")."""
     return task.removesuffix("_lora")

@@ -6,9 +6,12 @@ Seeded English words, cut with the real tokenizer to fit ``max_len - margin`` so
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an have not but they which one "
@@ -62,7 +65,7 @@ def _question(rng: random.Random, n_words: int) -> str:
     return f"{rng.choice(QUESTION_STARTS)} {_sentence_text(rng, max(1, n_words))[:-1]}?"
 
 
-def _fit_words(text: str, max_tokens: int, count) -> str:
+def _fit_words(text: str, max_tokens: int, count: Callable[[str], int]) -> str:
     """Drop trailing words until ``count(text) <= max_tokens`` (at least one word stays)."""
     words = text.split(" ")
     while len(words) > 1 and count(" ".join(words)) > max_tokens:
@@ -72,7 +75,11 @@ def _fit_words(text: str, max_tokens: int, count) -> str:
 
 
 def preference_rows(
-    tokenizer, n: int, max_len: int = 256, seed: int = 0, profile: LengthProfile = LengthProfile()
+    tokenizer: PreTrainedTokenizerBase,
+    n: int,
+    max_len: int = 256,
+    seed: int = 0,
+    profile: LengthProfile = LengthProfile(),
 ) -> list[dict[str, Any]]:
     """``n`` rows ``{"id", "prompt": [user message], "chosen": str, "rejected": str}`` that fit ``max_len``."""
     from steps.chat import encode_prompt_response
@@ -103,7 +110,7 @@ def preference_rows(
     return rows
 
 
-def sft_rows(tokenizer, n: int, max_len: int = 256, seed: int = 0) -> list[dict[str, Any]]:
+def sft_rows(tokenizer: PreTrainedTokenizerBase, n: int, max_len: int = 256, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` rows ``{"id", "prompt", "response"}``: the chosen side of :func:`preference_rows`."""
     return [
         {"id": r["id"], "prompt": r["prompt"], "response": r["chosen"]}

@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import flops, hardware, synthetic
-from benchmarks.spec import LORA, LORA_TASKS, LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec, loss_name
+from benchmarks.spec import LORA_TASKS, LOSS_PARAMS, OptimSettings, SideResult, WorkerSpec, lora_settings, loss_name
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,8 @@ def _step_timer(device):
     return StepTimer()
 
 
-def _trainer_and_config(task: str):
+def _trainer_and_config(task: str) -> tuple[Any, Any, str]:
+    """TRL's trainer class, its config class and the name the results record, for a benchmark task."""
     task = loss_name(task)
     if task == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -107,17 +111,18 @@ def _loss_args(task: str) -> dict[str, Any]:
     return {}
 
 
-def _peft_config(task: str):
+def _peft_config(task: str) -> PeftLoraConfig | None:
     """PrefFlow's LoRA settings as a peft.LoraConfig (None: full fine-tuning)."""
     if task not in LORA_TASKS:
         return None
     import peft
 
+    lora = lora_settings("peft_config")  # exactly what the results record
     return peft.LoraConfig(
-        r=LORA.r,
-        lora_alpha=LORA.alpha,
-        lora_dropout=LORA.dropout,
-        target_modules=list(LORA.target_modules),
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
         task_type="CAUSAL_LM",
     )
 
@@ -149,6 +154,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
             row["length"] = len(p) + max(len(encode_prompt_response(tokenizer, row["prompt"], r)[1]) for r in responses)
     dataset = Dataset.from_list(rows)
 
+    trainer_cls: Any  # chosen at run time, so the subclass below has a dynamic base
     trainer_cls, config_cls, name = _trainer_and_config(spec.task)
     precompute_s: list[float] = []
 
@@ -235,13 +241,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
     }
     if spec.task in LORA_TASKS:
-        settings["lora"] = {
-            "r": LORA.r,
-            "alpha": LORA.alpha,
-            "dropout": LORA.dropout,
-            "target_modules": list(LORA.target_modules),
-            "via": "peft_config",
-        }
+        settings["lora"] = lora_settings("peft_config")
     return SideResult(
         side="baseline",
         task=spec.task,

@@ -1,13 +1,15 @@
 """Flow mutators for both flows: ship the ``steps`` library, and add the decorators the run config asks for
 (@project, @schedule, @trigger; @resources on the heavy steps, @kubernetes when enabled) at deploy time."""
 
+from typing import Any
+
 from metaflow import FlowMutator
 
 #: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for; other steps get defaults.
 STEP_ROLES = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
 
 
-def _config_mapping(mutable_flow) -> dict:
+def _config_mapping(mutable_flow: Any) -> dict:
     for name, value in mutable_flow.configs:
         if name == "config":
             return value.to_dict() if value is not None else {}

@@ -1,8 +1,6 @@
-"""One exclusive file lock (POSIX ``flock``) for every "one process at a time" section of the pipeline.
-
-Used for building a model cache entry once, for letting one CPU-heavy step run at a time on a laptop,
-and for writing the report while another run may be writing it too.
-"""
+"""One exclusive file lock (POSIX ``flock``) for every "one process at a time" section of the pipeline: building
+a model cache entry once, letting one CPU-heavy step run at a time on a laptop, and writing the report while
+another run may be writing it too."""
 
 from __future__ import annotations
 

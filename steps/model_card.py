@@ -7,11 +7,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from steps.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from typing import NotRequired, TypedDict, Unpack
+
+    class CardInputs(TypedDict):
+        """The keywords of :func:`render_model_card`, which :func:`write_model_card` passes through."""
+
+        summary: Mapping[str, Any]
+        run_config: Mapping[str, Any]
+        eval_result: Mapping[str, Any] | None
+        pathspec: NotRequired[str | None]
+        name: NotRequired[str | None]
+
 
 logger = logging.getLogger(__name__)
 
@@ -335,22 +348,12 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def write_model_card(
-    model_dir: str | Path,
-    *,
-    summary: Mapping[str, Any],
-    run_config: Mapping[str, Any],
-    eval_result: Mapping[str, Any] | None,
-    pathspec: str | None = None,
-    name: str | None = None,
-) -> Path:
+def write_model_card(model_dir: str | Path, **card: Unpack[CardInputs]) -> Path:
     """Write ``model_dir/README.md`` atomically (again after evaluation, to add the results); returns its path."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelCardError(f"{model_dir}: not a saved model directory (no config.json); pass the model_dir of a run")
-    text = render_model_card(
-        summary=summary, run_config=run_config, eval_result=eval_result, pathspec=pathspec, name=name
-    )
-    path = atomic_write_text(model_dir / CARD_FILE, text)
-    logger.info("wrote model card %s (%s)", path, "with eval results" if eval_result else "no eval results")
+    path = atomic_write_text(model_dir / CARD_FILE, render_model_card(**card))
+    evaluated = "with eval results" if card["eval_result"] else "no eval results"
+    logger.info("wrote model card %s (%s)", path, evaluated)
     return path

@@ -342,7 +342,7 @@ def test_alpaca_eval_judge_plumbing_with_a_local_completion_function(tmp_path):
 def test_make_local_judge(name, options, spec, max_chars):
     judge = make_judge(name, device="cpu", **options)
     assert isinstance(judge, LocalLogprobJudge)
-    assert judge.model_spec == spec and judge.judge_max_chars == max_chars
+    assert judge.judge_model == spec and judge.judge_max_chars == max_chars
     assert judge.metadata()["judge_max_chars"] == max_chars and judge.metadata()["judge"] == f"local_logprob:{spec}"
 
 

@@ -1,6 +1,6 @@
 """Run configuration: YAML parsed once into typed sections, checked by one layer, planned per variant in start.
-Modules: schema (sections, rules), convert (YAML <-> dataclasses), loading, overrides (``--set``), sweeps,
-plan (variants), preflight (the command-line check before Metaflow starts)."""
+Modules: schema (sections, rules), training (sft, preference), convert (YAML <-> dataclasses), loading, overrides
+(``--set``), sweeps, plan (variants), preflight (the command-line check before Metaflow starts)."""
 
 from steps.config.convert import ConfigError
 from steps.config.convert import to_dict as config_to_dict
@@ -21,17 +21,13 @@ from steps.config.schema import (
     DataConfig,
     DeploymentConfig,
     EvaluationConfig,
-    LoraConfig,
     ModelConfig,
-    PreferenceConfig,
     ResourcesConfig,
     RunConfig,
-    SFTConfig,
     StepResources,
-    TrainConfig,
-    resolve_preference,
 )
 from steps.config.sweeps import Sweep, read_sweep
+from steps.config.training import LoraConfig, PreferenceConfig, SFTConfig, TrainConfig, resolve_preference
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

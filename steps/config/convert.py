@@ -49,6 +49,12 @@ class ConfigError(ValueError):
 _NOTED: set[str] = set()
 
 
+def require(cond: bool, key: str, message: str) -> None:
+    """Raise a ConfigError at ``key`` (relative to the section being checked) unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError("", key, message)
+
+
 def note(key: str, message: str) -> None:
     """Log a one-line note about config key ``key`` (accepted, but worth knowing), once per process."""
     line = " ".join((f"{key}: {message}" if key else message).split())

@@ -275,7 +275,7 @@ NOT_APPLICABLE = {
     "optimizer_config.capturable": "a torch AdamW implementation switch",
     "optimizer_config.differentiable": "a torch AdamW implementation switch",
     "optimizer_config.impl": "PrefFlow picks fused AdamW on GPU",
-    "optimizer_config.use_fp32": "PrefFlow's optimizer state follows the master weights (model.dtype)",
+    "optimizer_config.use_fp32": "AdamW state is kept in model.master_dtype (float32 by default)",
     "lr_scheduler_config._type_": "names fairseq2's scheduler config class (lr_scheduler says which)",
     "gang.": "process-group settings; torchrun and torch.distributed defaults are used",
     "common.": "fairseq2 runtime settings (metric recorders, profilers, torch flags, asset paths)",

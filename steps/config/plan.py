@@ -10,8 +10,9 @@ from typing import Any
 from steps.config.convert import ConfigError, did_you_mean
 from steps.config.loading import config_from_dict
 from steps.config.overrides import parse_overrides
-from steps.config.schema import RunConfig, resolve_preference
+from steps.config.schema import RunConfig
 from steps.config.sweeps import read_sweep
+from steps.config.training import resolve_preference
 
 SFT = "sft"
 

@@ -1,44 +1,22 @@
-"""The run config's sections as typed dataclasses, each with its own rules (``check``): one validation layer.
-
-The converter (steps.config.convert) types YAML values and runs ``check``; errors come out at dotted keys."""
+"""The run config's sections as typed dataclasses, each with its own rules (``check``): one validation layer (the
+training sections are in steps.config.training). The converter (steps.config.convert) types YAML values and runs
+``check``; errors come out at dotted keys."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from steps.config.convert import (
-    INTERNAL,
-    TYPE_TAGGED,
-    ConfigError,
-    build,
-    checked,
-    construct,
-    convert_fields,
-    did_you_mean,
-    to_dict,
-)
-from steps.config.fairseq2_names import criterion_fields, loss_class_of
-from steps.config.overrides import set_path
-from steps.evaluate.settings import GenerationSettings
+from steps.config.convert import INTERNAL, ConfigError, to_dict
+from steps.config.convert import require as _require
+from steps.config.training import PreferenceConfig, SFTConfig
+from steps.evaluate.settings import JUDGE_OPTIONS, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
-#: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
-MAX_LR_RISE = 1000.0
-#: More epochs than any run needs; the loop plans every epoch's batches, so 10**30 would never start.
-MAX_EPOCHS = 100_000
 #: Metaflow's rule for @project names.
 PROJECT_NAME = re.compile(r"^[a-z0-9_]+$")
-
-
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError("", key, message)
 
 
 @dataclass(frozen=True)
@@ -116,203 +94,6 @@ class ModelConfig:
             "float32 compute with master_dtype bfloat16 computes more precisely than the weights are kept; "
             "use dtype: bfloat16 (or master_dtype: float32)",
         )
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation knobs shared by SFT and preference training (torchtune-style: all knobs here)."""
-
-    lr: float = 5.5e-6
-    final_lr: float | None = None  # the schedule's end value; None = 0.1 * lr; above lr, the lr rises (fairseq2 too)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    # steps after warmup from lr to final_lr; null: the run's own steps. fairseq2's cycle_len (null there: its
-    # max_num_steps - warmup), so a run that ends earlier stops part-way down the cosine; a cosine restarts after it
-    schedule_cycle_steps: int | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    max_grad_norm: float | None = 1.0
-    max_num_tokens: int = 8192  # token budget per micro-batch (padded tokens)
-    max_batch_examples: int | None = None  # also cap examples per micro-batch (fixed batch sizes, benchmarks)
-    max_seq_len: int = 8192
-    overlength: Literal["drop", "truncate"] = "drop"
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    max_examples: int | None = None  # use the first N training examples (after the seeded shuffle)
-    seed: int = 1814
-    mask_source_tokens: bool = True
-    checkpoint_every_steps: int | None = None  # extra mid-epoch checkpoints (resume granularity)
-    keep_checkpoints: int = 1
-    dev_every_epoch: bool = True
-    # with several ranks: "ddp" replicates the model; "fsdp" shards weights, grads and AdamW state (FSDP2)
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-    def check(self) -> None:
-        _require(self.lr > 0, "lr", f"got {self.lr!r}; must be > 0")
-        if self.final_lr is not None:
-            _require(
-                0 <= self.final_lr <= MAX_LR_RISE * self.lr,
-                "final_lr",
-                f"got {self.final_lr!r}; must be >= 0 and at most {MAX_LR_RISE:g} x lr ({self.lr:g}), or null",
-            )
-        _require(
-            self.epochs <= MAX_EPOCHS, "epochs", f"got {self.epochs!r}; must be <= {MAX_EPOCHS} (max_steps ends runs)"
-        )
-        for name, least in (
-            ("epochs", 1),
-            ("grad_accum", 1),
-            ("warmup_steps", 0),
-            ("max_seq_len", 8),
-            ("keep_checkpoints", 1),
-        ):
-            value = getattr(self, name)
-            _require(value >= least, name, f"got {value!r}; must be >= {least}")
-        _require(
-            self.max_num_tokens >= self.max_seq_len,
-            "max_num_tokens",
-            f"got {self.max_num_tokens!r}; must be >= max_seq_len ({self.max_seq_len}) so every kept example "
-            "fits a batch",
-        )
-        _require(self.weight_decay >= 0, "weight_decay", f"got {self.weight_decay!r}; must be >= 0")
-        for i, beta in enumerate(self.betas):
-            _require(0 <= beta < 1, f"betas[{i}]", f"got {beta!r}; must be in [0, 1)")
-        if self.max_grad_norm is not None:
-            _require(self.max_grad_norm > 0, "max_grad_norm", f"got {self.max_grad_norm!r}; must be > 0 or null")
-        for name in (
-            "max_steps",
-            "max_examples",
-            "max_batch_examples",
-            "checkpoint_every_steps",
-            "schedule_cycle_steps",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                _require(value >= 1, name, f"got {value!r}; must be >= 1 or null")
-        _require(
-            not (self.parallelism == "fsdp" and self.lora.enabled),
-            "parallelism",
-            "fsdp shards full fine-tuning; with lora.enabled use parallelism: ddp (adapters are small)",
-        )
-
-    def notes(self) -> list[tuple[str, str]]:
-        """Accepted settings worth a word in the log (fairseq2 runs them too)."""
-        if self.final_lr is not None and self.final_lr > self.lr and self.schedule != "constant":
-            return [("final_lr", f"{self.final_lr:g} is above lr {self.lr:g}: the learning rate rises over the run")]
-        return []
-
-
-@dataclass(frozen=True)
-class SFTConfig(TrainConfig):
-    enabled: bool = True
-    init: str = "base"  # "base" or a model spec
-
-
-@dataclass(frozen=True)
-class PreferenceConfig(TrainConfig):
-    criterion: str = "dpo"
-    # the loss's config dataclass; YAML gives fairseq2's mapping (optionally with _type_), typed on construction
-    criterion_config: Any = field(default=None, metadata=TYPE_TAGGED)
-    init: str = "auto"  # "auto" | "sft" | "base" | a model spec. auto: reference-based losses from SFT, else base
-    reference: str = "auto"  # "auto" | "sft" | "base" | "none" | a model spec. auto: the init model
-    reference_mode: Literal["precompute", "live"] = "precompute"
-    lr: float = 1e-6
-    final_lr: float | None = None
-    # Per-loss overrides for fan-out runs (`--loss dpo,orpo`): {orpo: {lr: 8.0e-6, init: base, criterion_config: {...}}}
-    per_loss: dict[str, dict] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        config, section = loss_config(self.criterion, self.criterion_config, "preference.criterion_config")
-        object.__setattr__(self, "criterion_config", config)
-        for name, (fairseq2_field, value) in section.items():
-            _require(
-                getattr(self, name) in ("auto", value),
-                f"criterion_config.{fairseq2_field}",
-                f"sets {name} to {value!r}, but {name} is {getattr(self, name)!r}: give only one of them",
-            )
-            object.__setattr__(self, name, value)
-
-    def check(self) -> None:
-        super().check()
-        for name in ("init", "reference"):
-            _require(getattr(self, name) != "", name, "must not be empty")
-        from steps import losses
-
-        names = losses.registered_losses()
-        for loss in self.per_loss:
-            _require(
-                loss in names,
-                f"per_loss.{loss}",
-                f"unknown loss{did_you_mean(loss, names)}; registered: {', '.join(names)}",
-            )
-            construct(functools.partial(resolve_preference, self, loss), f"per_loss.{loss}")
-
-
-def loss_config(criterion: str, raw: Any, label: str = "criterion_config") -> tuple[Any, dict[str, tuple[str, Any]]]:
-    """fairseq2's ``criterion_config`` (a mapping, optionally with ``_type_``) as the loss's config dataclass, and
-    the preference-section keys its fairseq2-only fields set ({key: (fairseq2 field, value)})."""
-    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
-        cls = loss_class_of(criterion)
-        _require(
-            isinstance(raw, cls),
-            "criterion_config",
-            f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} "
-            f"({cls.__module__}.{cls.__qualname__})",
-        )
-        return raw, {}
-    parts = criterion_fields(criterion, raw, label)
-    return build(parts.cls, parts.fields, "criterion_config"), parts.section
-
-
-def resolve_preference(
-    section: PreferenceConfig, loss: str, overrides: Mapping[str, Any] | None = None
-) -> PreferenceConfig:
-    """The preference section for one loss: the section, then ``per_loss[loss]``, then dotted ``overrides``.
-
-    When the loss is not the section's criterion, its ``criterion_config`` belongs to another loss and does not
-    apply; the loss's defaults do, unless per_loss or the overrides give fields. Errors are relative to the section.
-    """
-    merged = copy.deepcopy(dict(section.per_loss.get(loss) or {}))
-    for dotted, value in (overrides or {}).items():
-        set_path(merged, dotted, value)
-    _require("per_loss" not in merged, "per_loss", "per_loss cannot be nested")
-    _require(
-        merged.pop("criterion", loss) == loss, "criterion", "per_loss entries and sweeps cannot change the criterion"
-    )
-    cc_raw = merged.pop("criterion_config", None)
-    fresh = loss != section.criterion
-    where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
-    parts = criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
-    for name, (fairseq2_field, value) in parts.section.items():
-        _require(
-            merged.setdefault(name, value) == value,
-            f"criterion_config.{fairseq2_field}",
-            f"sets {name} to {value!r}, but {name} is {merged[name]!r}: give only one of them",
-        )
-    kwargs = convert_fields(PreferenceConfig, merged)
-    cc: Any
-    if fresh:
-        cc = build(parts.cls, parts.fields, "criterion_config")
-    elif parts.fields:
-        base = section.criterion_config
-        changes = convert_fields(type(base), parts.fields, "criterion_config")
-        cc = construct(lambda: dataclasses.replace(base, **changes), "criterion_config")
-    else:
-        cc = section.criterion_config  # the same object: no rebuild on the way to the loss
-    resolved = construct(
-        lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={}, **kwargs), ""
-    )
-    return checked(resolved, label=where)
 
 
 @dataclass(frozen=True)
@@ -400,16 +181,8 @@ class EvaluationConfig:
         _require(self.paired_resamples >= 100, "paired_resamples", f"got {self.paired_resamples!r}; must be >= 100")
 
     def judge_options(self) -> dict[str, Any]:
-        """The judge knobs as make_judge / evaluate_model take them (one place that spells them)."""
-        return {
-            "judge_model": self.judge_model,
-            "judge_max_chars": self.judge_max_chars,
-            "judge_base_url": self.judge_base_url,
-            "judge_api_key_env": self.judge_api_key_env,
-            "judge_max_requests": self.judge_max_requests,
-            "judge_timeout_s": self.judge_timeout_s,
-            "judge_concurrency": self.judge_concurrency,
-        }
+        """The judge knobs as make_judge / evaluate_model take them (``steps.evaluate.settings.JudgeOptions``)."""
+        return {name: getattr(self, name) for name in JUDGE_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,27 @@ class PreparedData:
     output_dir: Path
     paths: dict[str, Path]
     stats: dict[str, Any]
+
+    @classmethod
+    def write_stats(cls, output_dir: Path, paths: dict[str, Path], stats: dict[str, Any]) -> PreparedData:
+        """List the written files under ``stats["outputs"]`` and write ``stats.json`` beside them."""
+        stats["outputs"] = {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {
+            "stats": "stats.json"
+        }
+        paths["stats"] = write_json(output_dir / "stats.json", stats)
+        return cls(output_dir=output_dir, paths=paths, stats=stats)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What ``prepare_oasst`` was asked for besides the message filters (``settings`` in stats.json, in order)."""
+
+    pair_strategy: str
+    sft_rank: int | None
+    dev_fraction: float
+    seed: int
+    max_trees: int | None
+    split: str
 
 
 def _normalise_choice(values: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -142,21 +163,11 @@ def prepare_oasst(
         require_review=require_review,
         include_synthetic=include_synthetic,
     )
+    settings = _Settings(pair_strategy, sft_rank, dev_fraction, seed, max_trees, split)
     spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
     try:
         with read_oasst(input, split=split) as index:
-            return _prepare(
-                index,
-                Path(output_dir),
-                filters,
-                spools,
-                pair_strategy=pair_strategy,
-                sft_rank=sft_rank,
-                dev_fraction=dev_fraction,
-                seed=seed,
-                max_trees=max_trees,
-                split=split,
-            )
+            return _prepare(index, Path(output_dir), filters, spools, settings)
     finally:
         for spool in spools.values():
             spool.close()
@@ -167,15 +178,10 @@ def _prepare(
     output_dir: Path,
     filters: MessageFilters,
     spools: dict[str, RoutedSpool],
-    *,
-    pair_strategy: str,
-    sft_rank: int | None,
-    dev_fraction: float,
-    seed: int,
-    max_trees: int | None,
-    split: str,
+    settings: _Settings,
 ) -> PreparedData:
-    forest = build_forest(index, filters, max_trees=max_trees, seed=seed)
+    pair_strategy, sft_rank = settings.pair_strategy, settings.sft_rank
+    forest = build_forest(index, filters, max_trees=settings.max_trees, seed=settings.seed)
     counts: Counter = Counter()
     pair_counts = Counter(dict.fromkeys(PAIR_STRATEGIES, 0))
     usable_trees: set[str] = set()
@@ -204,7 +210,7 @@ def _prepare(
             "%s: %d SFT examples, %d %s pairs: one of the outputs is empty", index.source, n_sft, n_pairs, pair_strategy
         )
 
-    tree_split = split_trees(usable_trees, dev_fraction=dev_fraction, seed=seed)
+    tree_split = split_trees(usable_trees, dev_fraction=settings.dev_fraction, seed=settings.seed)
     dev_roots = {p for p, root in enumerate(forest.roots) if forest.tree_id[root] in tree_split.dev}
     paths, sizes = write_split_files(output_dir, spools, lambda p: "dev" if p in dev_roots else "train")
     split_sizes: dict[str, dict[str, int]] = {"trees": {"train": len(tree_split.train), "dev": len(tree_split.dev)}}
@@ -212,15 +218,7 @@ def _prepare(
 
     stats: dict[str, Any] = {
         **_read_stats(index),
-        "settings": {
-            **filters.describe(),
-            "pair_strategy": pair_strategy,
-            "sft_rank": sft_rank,
-            "dev_fraction": dev_fraction,
-            "seed": seed,
-            "max_trees": max_trees,
-            "split": split,
-        },
+        "settings": {**filters.describe(), **asdict(settings)},
         "messages_kept": forest.kept,
         "dropped": {reason: forest.dropped.get(reason, 0) for reason in DROP_REASONS},
         "problem_examples": forest.problem_examples,
@@ -236,9 +234,8 @@ def _prepare(
             "duplicate_pairs_removed": {s: counts.get(f"duplicate_pairs_removed.{s}", 0) for s in PAIR_STRATEGIES},
         },
         "split_sizes": split_sizes,
-        "outputs": {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {"stats": "stats.json"},
     }
-    paths["stats"] = write_json(output_dir / "stats.json", stats)
+    prepared = PreparedData.write_stats(output_dir, paths, stats)
     logger.info(
         "%s -> %s: %d SFT examples, %d %s pairs (train/dev trees %d/%d)",
         index.source,
@@ -249,7 +246,7 @@ def _prepare(
         split_sizes["trees"]["train"],
         split_sizes["trees"]["dev"],
     )
-    return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
+    return prepared
 
 
 def _split_list_args(values: list[str] | None) -> list[str] | None:
@@ -284,16 +281,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument(
         "--lang",
+        dest="langs",
         action="append",
         metavar="LANG",
         help="language(s) to keep; repeatable or comma list; 'all' keeps every language (default: en)",
     )
-    parser.add_argument("--pairs", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write")
+    parser.add_argument(
+        "--pairs", dest="pair_strategy", default="best_vs_rest", choices=PAIR_STRATEGIES, help="pair strategy to write"
+    )
     parser.add_argument(
         "--sft-rank", default=0, type=_sft_rank_arg, help="rank of replies used for SFT, or 'all' (default 0)"
     )
     parser.add_argument(
         "--tree-state",
+        dest="tree_states",
         action="append",
         metavar="STATE",
         help="tree states to keep; repeatable or comma list; 'all' (default: ready_for_export)",
@@ -336,26 +337,13 @@ def format_summary(prepared: PreparedData) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    options = vars(build_arg_parser().parse_args(argv))  # every option is stored under prepare_oasst's keyword
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    langs = _split_list_args(args.lang)
-    tree_states = _split_list_args(args.tree_state)
+    for key, default in (("langs", ("en",)), ("tree_states", ("ready_for_export",))):
+        values = _split_list_args(options[key])
+        options[key] = default if values is None else values
     try:
-        prepared = prepare_oasst(
-            args.input,
-            args.output_dir,
-            langs=("en",) if langs is None else langs,
-            pair_strategy=args.pairs,
-            sft_rank=args.sft_rank,
-            tree_states=("ready_for_export",) if tree_states is None else tree_states,
-            include_synthetic=args.include_synthetic,
-            include_deleted=args.include_deleted,
-            require_review=args.require_review,
-            dev_fraction=args.dev_fraction,
-            seed=args.seed,
-            max_trees=args.max_trees,
-            split=args.split,
-        )
+        prepared = prepare_oasst(**options)
     except OasstDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -92,9 +92,9 @@ def _field(tag: bytes, text: str) -> bytes:
     return tag + len(data).to_bytes(8, "little") + data
 
 
-def _rank_counts(counts: Counter, ranked: list[_Node]) -> None:
+def _rank_counts(counts: Counter, ranks: list[int]) -> None:
     counts["ranked_groups"] += 1
-    ranks = sorted(m.rank for m in ranked)
+    ranks = sorted(ranks)
     distinct = sorted(set(ranks))
     if len(distinct) < len(ranks):
         counts["ranked_groups_with_ties"] += 1
@@ -132,7 +132,8 @@ def iter_examples(
         tree_id = forest.tree_id[root]
         records = index.read_records(forest.members(root))
         nodes = {
-            i: _Node(i, index.ids[i], index.role[i], index.rank[i], date, text) for i, (date, text) in records.items()
+            i: _Node(i, index.message_id(i), index.role[i], index.rank[i], date, text)
+            for i, (date, text) in records.items()
         }
         # (node, chat history above it, history alternates?, digest state of the history)
         stack: list[tuple[_Node, list[ChatMessage], bool, Any]] = [
@@ -188,7 +189,7 @@ def _group_pairs(
         counts["unranked_beside_ranked"] += unranked
     if len(ranked) < 2:
         return
-    _rank_counts(counts, ranked)
+    _rank_counts(counts, [m.rank for m in ranked if m.rank is not None])
     if not alternating:
         counts["pair_groups_skipped_non_alternating"] += 1
         return

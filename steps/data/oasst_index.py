@@ -101,6 +101,7 @@ class MessageIndex:
         i = len(self.ids)
         payload = b""
         if not message.problem:
+            assert message.text is not None, "parse_message flags a message without text as a problem"
             try:
                 payload = (message.created_date or "").encode("utf-8")
                 date_len = len(payload)
@@ -112,13 +113,15 @@ class MessageIndex:
             drop = READ_DROPS.index(message.problem) + 1
             self._note(message.problem, message, message.problem_detail)
         else:
+            message_id = message.message_id
+            assert message_id is not None, "parse_message flags a message without an id as a problem"
             self.languages[message.lang or "unknown"] += 1
-            first = self._first.get(message.message_id)
+            first = self._first.get(message_id)
             if first is not None:
                 drop = 3
                 self._note("duplicate_id", message, f"first seen at index {first}")
             else:
-                self._first[message.message_id] = i
+                self._first[message_id] = i
         if self.format != "trees" and message.message_tree_id is not None:
             self._tree_ids.add(message.message_tree_id)
 
@@ -136,7 +139,7 @@ class MessageIndex:
 
         self.ids.append(message.message_id)
         self.parent.append(parent)
-        self.role.append(ROLE_CODES.get(message.role, 0))
+        self.role.append(ROLE_CODES.get(message.role or "", 0))
         self.rank.append(message.rank)
         self.lang.append(self._code(message.lang))
         self.tree_state.append(self._code(message.tree_state))
@@ -192,6 +195,13 @@ class MessageIndex:
                 out[i] = (block[at:split].decode("utf-8"), block[split : split + self.text_len[i]].decode("utf-8"))
             start = end
         return out
+
+    def message_id(self, i: int) -> str:
+        """The id of message ``i``; only messages dropped while reading lack one, and nothing asks for theirs."""
+        message_id = self.ids[i]
+        if message_id is None:
+            raise ValueError(f"{self.location(i)}: the message was dropped while reading and has no usable id")
+        return message_id
 
     def text_of(self, i: int) -> str | None:
         """One message's text (``None`` if it was dropped while reading); for reports and tests."""

@@ -10,13 +10,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 from steps.data.jsonl_lines import MAX_LISTED_PROBLEMS, is_array_start, is_parquet, open_lines, parse_line
 from steps.data.oasst_index import MessageIndex
 from steps.data.records import DataError
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -122,41 +124,32 @@ def parse_message(
     required = ("message_id", "role", "text") if structural else ("message_id", "parent_id", "role", "text")
     missing = [key for key in required if key not in raw]
     problems: list[str] = []
+
+    def checked(value_and_problem: tuple[_T, str | None]) -> _T:
+        value, problem = value_and_problem
+        if problem:
+            problems.append(problem)
+        return value
+
     message_id = raw.get("message_id")
     if "message_id" in raw and (not isinstance(message_id, str) or not message_id):
         problems.append(f"message_id must be a non-empty string, got {message_id!r}")
         message_id = None
-    parent_id, err = _optional_str(raw.get("parent_id"), "parent_id")
-    if err:
-        problems.append(err)
+    parent_id = checked(_optional_str(raw.get("parent_id"), "parent_id"))
     role = raw.get("role")
     if "role" in raw and role not in ROLES:
         problems.append(f"role must be one of {ROLES}, got {role!r}")
     text = raw.get("text")
     if "text" in raw and (not isinstance(text, str) or not text.strip()):
         problems.append("text must be a non-empty string")
-    lang, err = _optional_str(raw.get("lang"), "lang")
-    if err:
-        problems.append(err)
-    review_result, err = _optional_bool(raw.get("review_result"), "review_result")
-    if err:
-        problems.append(err)
-    deleted, err = _optional_bool(raw.get("deleted"), "deleted")
-    if err:
-        problems.append(err)
-    synthetic, err = _optional_bool(raw.get("synthetic"), "synthetic")
-    if err:
-        problems.append(err)
-    rank, err = _optional_rank(raw.get("rank"))
-    if err:
-        problems.append(err)
+    lang = checked(_optional_str(raw.get("lang"), "lang"))
+    review_result = checked(_optional_bool(raw.get("review_result"), "review_result"))
+    deleted = checked(_optional_bool(raw.get("deleted"), "deleted"))
+    synthetic = checked(_optional_bool(raw.get("synthetic"), "synthetic"))
+    rank = checked(_optional_rank(raw.get("rank")))
     if not structural:
-        tree_state, err = _optional_str(raw.get("tree_state"), "tree_state")
-        if err:
-            problems.append(err)
-        message_tree_id, err = _optional_str(raw.get("message_tree_id"), "message_tree_id")
-        if err:
-            problems.append(err)
+        tree_state = checked(_optional_str(raw.get("tree_state"), "tree_state"))
+        message_tree_id = checked(_optional_str(raw.get("message_tree_id"), "message_tree_id"))
     created = raw.get("created_date")
     message = OasstMessage(
         index=index,

@@ -203,7 +203,7 @@ def build_forest(
             child[fill[parent[i]]] = i
             fill[parent[i]] += 1
     del fill
-    tree_id = {r: index.root_tree_id.get(r) or index.ids[r] for r in roots}
+    tree_id = {r: index.root_tree_id.get(r) or index.message_id(r) for r in roots}
     forest = ConversationForest(index, reason, counts, child, roots, tree_id, 0, dropped, examples)
 
     if max_trees is not None and len(roots) > max_trees:

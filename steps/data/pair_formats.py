@@ -156,7 +156,7 @@ def read_preference(row: dict[str, Any]) -> PairRecord:
         raise BadRow("invalid_field", "chosen and rejected must both be strings or both be message lists")
     if chosen == rejected:
         raise BadRow("identical_responses", "chosen and rejected are the same: no preference to learn")
-    if isinstance(chosen, str):
+    if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
             text, c, r = _split_common_text(chosen, rejected)
             return PairRecord(

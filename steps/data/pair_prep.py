@@ -21,7 +21,6 @@ from steps.data.records import sft_row as chat_sft_row
 from steps.data.sources import iter_rows, resolve
 from steps.data.splits import split_trees
 from steps.data.spool import RoutedSpool, dumps_line
-from steps.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +82,20 @@ def _prompt_hash(prompt: list[ChatMessage]) -> Any:
     return digest
 
 
+#: How each kind of row is de-duplicated: (``seen`` set of content digests, ``seen`` set of ids, prefix of derived
+#: ids (None: the format's name), the detail of a repeated content, what an id belongs to).
+_UNIQUE: dict[str, tuple[str, str, str | None, str, str]] = {
+    "pair": ("pair", "pair_id", None, "same prompt, chosen and rejected as an earlier row", "pair"),
+    "instruction": (
+        "instruction_sft",
+        "sft_id",
+        "sft",
+        "same prompt and response as an earlier instruction row",
+        "instruction row",
+    ),
+}
+
+
 class _Collector:
     """Checks, de-duplicates and spools rows; remembers one position per prompt group."""
 
@@ -125,21 +138,32 @@ class _Collector:
         else:
             self._add_pair(where, record)
 
-    def _add_pair(self, where: str, record: PairRecord) -> None:
+    def _admit(
+        self, where: str, record: PairRecord | SftRecord, content: bytes, kind: str
+    ) -> tuple[str, str, Any] | None:
+        """``(id, group, prompt hash)`` of a row whose content and id are both new for its kind; None (and the
+        drop counted) for a repeat. Derived ids and groups are the content's and the prompt's digests."""
+        contents, ids, prefix, repeated, owner = _UNIQUE[kind]
         prompt_hash = _prompt_hash(record.prompt)
         key = prompt_hash.copy()
-        key.update(_field(b"c", record.chosen) + _field(b"x", record.rejected))
+        key.update(content)
         digest = key.digest()
-        if digest in self.seen["pair"]:
-            self.bad(where, "duplicate_pair", "same prompt, chosen and rejected as an earlier row")
+        if digest in self.seen[contents]:
+            self.bad(where, "duplicate_pair", repeated)
+            return None
+        example_id = record.id or f"{prefix or self.fmt}-{digest.hex()[:16]}"
+        if example_id in self.seen[ids]:
+            self.bad(where, "duplicate_id", f"id {example_id!r} was used by an earlier {owner}")
+            return None
+        self.seen[contents].add(digest)
+        self.seen[ids].add(example_id)
+        return example_id, record.group or f"prompt-{prompt_hash.hexdigest()[:16]}", prompt_hash
+
+    def _add_pair(self, where: str, record: PairRecord) -> None:
+        admitted = self._admit(where, record, _field(b"c", record.chosen) + _field(b"x", record.rejected), "pair")
+        if admitted is None:
             return
-        pair_id = record.id or f"{self.fmt}-{digest.hex()[:16]}"
-        if pair_id in self.seen["pair_id"]:
-            self.bad(where, "duplicate_id", f"id {pair_id!r} was used by an earlier pair")
-            return
-        self.seen["pair"].add(digest)
-        self.seen["pair_id"].add(pair_id)
-        group = record.group or f"prompt-{prompt_hash.hexdigest()[:16]}"
+        pair_id, group, prompt_hash = admitted
         position = self._position(group)
         pair = _Pair(
             pair_id,
@@ -165,21 +189,12 @@ class _Collector:
             )
 
     def _add_instruction(self, where: str, record: SftRecord) -> None:
-        prompt_hash = _prompt_hash(record.prompt)
-        key = prompt_hash.copy()
-        key.update(_field(b"r", record.response))
-        digest = key.digest()
-        if digest in self.seen["instruction_sft"]:
-            self.bad(where, "duplicate_pair", "same prompt and response as an earlier instruction row")
-            return
-        sft_id = record.id or f"sft-{digest.hex()[:16]}"
-        if sft_id in self.seen["sft_id"]:
-            self.bad(where, "duplicate_id", f"id {sft_id!r} was used by an earlier instruction row")
-            return
-        self.seen["instruction_sft"].add(digest)
-        self.seen["sft_id"].add(sft_id)
-        group = record.group or f"prompt-{prompt_hash.hexdigest()[:16]}"
-        self._spool_sft("instruction_sft", self._position(group), _Sft(sft_id, group, record.prompt, record.response))
+        admitted = self._admit(where, record, _field(b"r", record.response), "instruction")
+        if admitted is not None:
+            sft_id, group, _ = admitted
+            self._spool_sft(
+                "instruction_sft", self._position(group), _Sft(sft_id, group, record.prompt, record.response)
+            )
 
     def _spool_sft(self, name: str, position: int, example: _Sft) -> None:
         chat = chat_sft_row(example.id, "prompt_id", example.group, example.prompt, example.response)
@@ -287,9 +302,8 @@ def _write(
         "pairs": len(pairs),
         "reference_scores": {"pairs_with": c.with_reference, "pairs_without": len(pairs) - c.with_reference},
         "split_sizes": {"groups": {"train": len(tree_split.train), "dev": len(tree_split.dev)}, **sizes},
-        "outputs": {key: str(path.relative_to(output_dir)) for key, path in paths.items()} | {"stats": "stats.json"},
     }
-    paths["stats"] = write_json(output_dir / "stats.json", stats)
+    prepared = PreparedData.write_stats(output_dir, paths, stats)
     logger.info(
         "%s (%s) -> %s: %d rows read, %d pairs, %d SFT examples, %d dropped",
         source.spec,
@@ -300,4 +314,4 @@ def _write(
         len(sft),
         sum(c.dropped.values()),
     )
-    return PreparedData(output_dir=output_dir, paths=paths, stats=stats)
+    return prepared

@@ -14,12 +14,12 @@ from typing import Any
 from steps.evaluate.agreement import judge_agreement, record_agreement, registry_path
 from steps.evaluate.annotate import annotate
 from steps.evaluate.eval_sets import ALPACA_EVAL_SIZE, ALPACA_EVAL_SOURCES, load_eval_set
-from steps.evaluate.generation import BACKENDS, answer_eval_set
+from steps.evaluate.generation import BACKENDS, ModelRun, answer_eval_set
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
 from steps.evaluate.paired import PAIRED_RESAMPLES, PAIRED_SEED, paired_comparison
 from steps.evaluate.scoring import score
 from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
-from steps.evaluate.settings import GenerationSettings
+from steps.evaluate.settings import JUDGE_OPTIONS, GenerationSettings
 from steps.io import read_json, read_jsonl, write_json
 from steps.models import DEFAULT_MODEL
 
@@ -66,23 +66,10 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    generation = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    generation = GenerationSettings.from_config(args)  # the flags are named like the settings
     eval_set = load_eval_set(args.eval_set, max_instructions=args.max_instructions)
-    records, info = answer_eval_set(
-        args.model,
-        eval_set,
-        args.generator or args.model,
-        generation,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    run = ModelRun(backend=args.backend, device=args.device, dtype=args.dtype)
+    records, info = answer_eval_set(args.model, eval_set, args.generator or args.model, generation, run)
     write_json(args.output, records)
     return {
         "output": str(args.output),
@@ -95,17 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _judge_from_args(args: argparse.Namespace) -> Judge:
-    judge = make_judge(
-        args.judge,
-        judge_model=args.judge_model,
-        judge_max_chars=args.judge_max_chars,
-        device=args.device,
-        judge_base_url=args.judge_base_url,
-        judge_api_key_env=args.judge_api_key_env,
-        judge_max_requests=args.judge_max_requests,
-        judge_timeout_s=args.judge_timeout_s,
-        judge_concurrency=args.judge_concurrency,
-    )
+    judge = make_judge(args.judge, device=args.device, **{name: getattr(args, name) for name in JUDGE_OPTIONS})
     judge.check()
     return judge
 
@@ -133,7 +110,7 @@ def _cmd_agreement(args: argparse.Namespace) -> dict[str, Any]:
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default; required flags say so, and a help text may spell out a default in words."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required:
             return f"{action.help} (required)"
         if "(default: " in (action.help or ""):

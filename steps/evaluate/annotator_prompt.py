@@ -1,5 +1,6 @@
 """alpaca_eval's annotator pieces, read from the installed package: annotator configs, the prompt template,
-the seeded output swap and the weighted log-prob rule that turns "m"/"M" probabilities into a preference."""
+the seeded output swap and the weighted log-prob rule that turns "m"/"M" probabilities into a preference, and
+the base of the judges that apply them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from steps.evaluate.judge_base import Judge
 
 OFFICIAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 #: The seed alpaca_eval's PairwiseAnnotator passes to its output-order switch (its ``seed`` default, 0);
@@ -169,3 +172,44 @@ def preference_from_top_logprobs(
         return 2.0
     log_total = peak + math.log(sum(math.exp(lp - peak) for lp in denominator))
     return 2.0 - math.exp(numerator - log_total)
+
+
+class AnnotatorPromptJudge(Judge):
+    """A judge shown alpaca_eval's annotator prompt: its template, its seeded output swap and its weighted rule.
+
+    ``judge_model`` is what judges: a model spec for a local judge, the served model's name for a served one.
+    """
+
+    def __init__(self, judge_model: str, annotator_config: str, switch_seed: int) -> None:
+        self.judge_model = judge_model
+        self.annotator_config = annotator_config
+        self.switch_seed = switch_seed
+        self._template: AnnotatorTemplate | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.judge_model}"
+
+    @property
+    def template(self) -> AnnotatorTemplate:
+        if self._template is None:
+            self._template = load_annotator_template(self.annotator_config)
+        return self._template
+
+    def messages(self, instruction: str, output_1: str, output_2: str) -> list[dict[str, str]]:
+        """The system/user chat messages of the filled-in template for a pair, in the order given."""
+        return annotator_messages(format_annotator_prompt(self.template.template, instruction, output_1, output_2))
+
+    def switches(self, pairs: Sequence[dict[str, str]]) -> list[bool]:
+        """Per pair, whether the judge is shown output_2 first (alpaca_eval's coin, seeded by the instruction)."""
+        return switch_decisions([p["instruction"] for p in pairs], seed=self.switch_seed)
+
+    def preference(self, logprobs: dict[str, float], switched: bool) -> float:
+        """The preference for the pair as given (1: output_1 wins), from log-probs of the order as presented."""
+        presented = preference_from_top_logprobs(
+            logprobs, self.template.numerator_token, self.template.denominator_tokens
+        )
+        return 3.0 - presented if switched else presented
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "annotator_config": self.annotator_config}

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from steps.evaluate.kv_cache import LiveBatch, left_pad
+from steps.evaluate.kv_cache import LiveBatch, attention_layers, left_pad
 from steps.evaluate.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ class ContinuousBatchDecoder:
     def __init__(
         self, model: PreTrainedModel, settings: GenerationSettings, *, stop_ids: Sequence[int], pad_id: int
     ) -> None:
-        if not supports_continuous_batching(model):
+        cache_kwarg = cache_argument_name(model)
+        if cache_kwarg is None or not supports_continuous_batching(model):
             raise DecodingError(
                 f"{type(model).__name__} cannot be decoded with continuous batching (needs a "
                 f"decoder-only model with plain full-attention DynamicCache layers); use "
@@ -172,7 +173,7 @@ class ContinuousBatchDecoder:
         self.model = model
         self.settings = settings
         self.device = next(model.parameters()).device
-        self.cache_kwarg = cache_argument_name(model)
+        self.cache_kwarg = cache_kwarg
         self.keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.pad_id = int(pad_id)
@@ -238,9 +239,9 @@ class ContinuousBatchDecoder:
             # padded columns hold whatever the model computed for pad tokens (NaN where a fully masked row's
             # softmax was 0/0): zero them so a masked column can never leak NaN into an attention sum
             pad = (real == 0)[:, None, :, None]
-            for layer in cache.layers:
-                layer.keys = layer.keys.masked_fill(pad, 0.0)
-                layer.values = layer.values.masked_fill(pad, 0.0)
+            for layer, keys, values in attention_layers(cache):
+                layer.keys = keys.masked_fill(pad, 0.0)
+                layer.values = values.masked_fill(pad, 0.0)
         batch = LiveBatch(slack)
         batch.cache = cache
         batch.prompt_index = list(indices)

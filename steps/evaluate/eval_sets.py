@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps.io import read_json
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_EVAL_SET = Path(__file__).with_name("embedded_eval_set.json")
@@ -64,7 +66,7 @@ def load_eval_set(spec: str, max_instructions: int | None = None) -> EvalSet:
         name, source = "alpaca_eval", f"hf://{ALPACA_EVAL_HUB_ID}/{ALPACA_EVAL_HUB_CONFIG}"
         records = _validate(records, source, REQUIRED_FIELDS)
     elif spec == "embedded":
-        records = _validate(_read_json_list(EMBEDDED_EVAL_SET), str(EMBEDDED_EVAL_SET), ("instruction",))
+        records = _validate(_read_json(EMBEDDED_EVAL_SET), str(EMBEDDED_EVAL_SET), ("instruction",))
         for record in records:
             record.setdefault("output", None)
             record.setdefault("generator", None)
@@ -77,7 +79,7 @@ def load_eval_set(spec: str, max_instructions: int | None = None) -> EvalSet:
                 f"eval set {spec!r} is neither 'alpaca_eval', 'embedded' nor an existing JSON file; "
                 f"give a path to a JSON list of records with fields {', '.join(REQUIRED_FIELDS)}"
             )
-        records = _validate(_read_json_list(path), str(path), REQUIRED_FIELDS)
+        records = _validate(_read_json(path), str(path), REQUIRED_FIELDS)
         name, source = path.stem, str(path)
 
     n_available = len(records)
@@ -131,19 +133,17 @@ def _records_from_hub() -> list[dict[str, Any]]:
     return [dict(row) for row in data]
 
 
-def _read_json_list(path: Path) -> list[Any]:
+def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        return read_json(path)
     except json.JSONDecodeError as exc:
         raise EvalSetError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    if not isinstance(data, list):
-        raise EvalSetError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
-def _validate(records: list[Any], source: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Every record is an object with every required field (``instruction`` a non-empty string)."""
+def _validate(records: Any, source: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A non-empty list of objects, each with every required field (``instruction`` a non-empty string)."""
+    if not isinstance(records, list):
+        raise EvalSetError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
         raise EvalSetError(f"{source}: the eval set is empty")
     out = []

@@ -8,19 +8,23 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steps.evaluate.agreement import recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.eval_sets import EvalSet
-from steps.evaluate.generation import answer_eval_set
+from steps.evaluate.generation import ModelRun, answer_eval_set
 from steps.evaluate.judge_cost import judge_cost, judge_usage
-from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, make_judge
+from steps.evaluate.judges import DEFAULT_JUDGE, make_judge
 from steps.evaluate.preference_metrics import DEFAULT_BETA, heldout_preference_metrics
 from steps.evaluate.scoring import score
 from steps.evaluate.settings import GenerationSettings
 from steps.io import read_json, write_json
-from steps.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from steps.evaluate.settings import JudgeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +60,8 @@ def reference_outputs_for(
             }
             for r in eval_set.records
         ]
-    records, info = answer_eval_set(
-        starting_model_spec,
-        eval_set,
-        f"reference:{starting_model_spec}",
-        generation,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        model=model,
-        tokenizer=tokenizer,
-        show_progress=show_progress,
-    )
+    run = ModelRun(backend, device, dtype, model, tokenizer, show_progress)
+    records, info = answer_eval_set(starting_model_spec, eval_set, f"reference:{starting_model_spec}", generation, run)
     logger.info(
         "generated %d reference outputs with %s (%s, %.2f prompts/s)",
         len(records),
@@ -87,8 +81,6 @@ def evaluate_model(
     out_dir: str | Path,
     generation: GenerationSettings,
     judge: str = DEFAULT_JUDGE,
-    judge_model: str = DEFAULT_MODEL,
-    judge_max_chars: int = DEFAULT_JUDGE_MAX_CHARS,
     lc_assets_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     backend: str = "auto",
@@ -97,17 +89,13 @@ def evaluate_model(
     model: Any = None,
     tokenizer: Any = None,
     show_progress: bool = True,
-    judge_base_url: str | None = None,
-    judge_api_key_env: str | None = None,
-    judge_max_requests: int | None = None,
-    judge_timeout_s: float | None = None,
-    judge_concurrency: int | None = None,
     heldout_pairs: Sequence[dict[str, Any]] | None = None,
     heldout_reference: str | None = None,
     heldout_beta: float = DEFAULT_BETA,
     heldout_max_pairs: int | None = None,
     heldout_max_seq_len: int = 2048,
     agreement_registry: str | Path | None = None,
+    **judge_options: Unpack[JudgeOptions],
 ) -> dict[str, Any]:
     """Generate with ``model_spec`` (or the loaded ``model``), judge against ``reference_outputs``, score; write
     the files to ``out_dir`` and return the metrics plus what produced them.
@@ -118,25 +106,14 @@ def evaluate_model(
     also carries ``heldout_preference`` (judge-free accuracies; reward metrics against ``heldout_reference``).
     Every result carries the judge's recorded agreement (``judge_agreement``, None if never measured), its
     tokens (``judge_tokens``) and estimated cost (``judge_cost_usd``, None for local or unpriced judges).
+    ``judge_options`` go to ``make_judge`` with ``judge``, ``device``, ``dtype`` and ``show_progress``.
     """
     out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
         raise AnnotationInputError(
             f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions of eval set {eval_set.name}"
         )
-    pairwise_judge = make_judge(
-        judge,
-        judge_model=judge_model,
-        judge_max_chars=judge_max_chars,
-        device=device,
-        dtype=dtype,
-        show_progress=show_progress,
-        judge_base_url=judge_base_url,
-        judge_api_key_env=judge_api_key_env,
-        judge_max_requests=judge_max_requests,
-        judge_timeout_s=judge_timeout_s,
-        judge_concurrency=judge_concurrency,
-    )
+    pairwise_judge = make_judge(judge, device=device, dtype=dtype, show_progress=show_progress, **judge_options)
     pairwise_judge.check()
 
     settings = generation.record()
@@ -158,18 +135,10 @@ def evaluate_model(
                 "reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs), outputs_path
             )
     if model_outputs is None:
-        model_outputs, generation_info = answer_eval_set(
-            model_spec,
-            eval_set,
-            generator,
-            generation,
-            backend=backend,
-            device=device,
-            dtype=dtype,
-            model=model,
-            tokenizer=tokenizer,
-            show_progress=show_progress,
-        )
+        # the ModelRun is a temporary: nothing may hold the policy once `model` is dropped before judging
+        run = ModelRun(backend, device, dtype, model, tokenizer, show_progress)
+        model_outputs, generation_info = answer_eval_set(model_spec, eval_set, generator, generation, run)
+        del run
         write_json(outputs_path, model_outputs)
         write_json(generation_path, {**generation_record, "info": generation_info})
         logger.info("wrote %s", outputs_path)

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "BACKENDS",
     "GenerationError",
     "GenerationSettings",
+    "ModelRun",
     "answer_eval_set",
     "encode_instruction",
     "generate_outputs",
@@ -116,9 +118,10 @@ def generate_outputs(
         raise GenerationError(f"datasets has {len(datasets)} entries for {len(instructions)} instructions", "datasets")
 
     chosen = resolve_backend(backend, model)
+    vllm_path = _vllm_model_path(model) if chosen == "vllm" else None  # resolve_backend checked there is one
     started = time.monotonic()
-    if chosen == "vllm":
-        outputs = _generate_vllm(_vllm_model_path(model), tokenizer, instructions, generation, dtype)
+    if vllm_path is not None:
+        outputs = _generate_vllm(vllm_path, tokenizer, instructions, generation, dtype)
     else:
         if isinstance(model, (str, Path)):
             model = load_model(str(model))
@@ -141,25 +144,33 @@ def generate_outputs(
     return records
 
 
+@dataclass(frozen=True)
+class ModelRun:
+    """How a model answers: backend, device and dtype, and the model and tokenizer when already loaded (else the
+    spec is loaded). Make one per call: it holds the model, which must be freed before a judge model loads."""
+
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    model: Any = None
+    tokenizer: Any = None
+    show_progress: bool = True
+
+
 def answer_eval_set(
-    model_spec: str,
-    eval_set: EvalSet,
-    generator: str,
-    generation: GenerationSettings,
-    *,
-    backend: str = "auto",
-    device: str = "auto",
-    dtype: str = "float32",
-    model: Any = None,
-    tokenizer: Any = None,
-    show_progress: bool = True,
+    model_spec: str, eval_set: EvalSet, generator: str, generation: GenerationSettings, run: ModelRun = ModelRun()
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``model`` is given), and how
-    they were made (backend, seconds, prompts per second)."""
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_spec)
-    chosen = resolve_backend(backend, model if model is not None else model_spec)
+    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``run.model`` is given), and
+    how they were made (backend, seconds, prompts per second)."""
+    tokenizer = run.tokenizer if run.tokenizer is not None else load_tokenizer(model_spec)
+    chosen = resolve_backend(run.backend, run.model if run.model is not None else model_spec)
+    model = run.model
     if model is None:
-        model = model_spec if chosen == "vllm" else load_model(model_spec, dtype=dtype, device=resolve_device(device))
+        model = (
+            model_spec
+            if chosen == "vllm"
+            else load_model(model_spec, dtype=run.dtype, device=resolve_device(run.device))
+        )
     started = time.monotonic()
     records = generate_outputs(
         model,
@@ -169,8 +180,8 @@ def answer_eval_set(
         generation=generation,
         datasets=[r.get("dataset") for r in eval_set.records],
         backend=chosen,
-        show_progress=show_progress,
-        dtype=dtype,
+        show_progress=run.show_progress,
+        dtype=run.dtype,
     )
     elapsed = time.monotonic() - started
     info = {"backend": chosen, "seconds": elapsed, "prompts_per_second": len(records) / elapsed if elapsed else None}
@@ -183,35 +194,50 @@ def encode_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str) -> 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+@dataclass(frozen=True)
+class _Prompts:
+    """Prompt token ids to answer, the order to admit them in, the ids that end an answer and the pad id."""
+
+    ids: list[list[int]]
+    order: list[int]
+    stops: tuple[int, ...]
+    pad_id: int
+
+
 def _generate_hf(
-    model, tokenizer, instructions: list[str], generation: GenerationSettings, *, show_progress: bool
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: list[str],
+    generation: GenerationSettings,
+    *,
+    show_progress: bool,
 ) -> list[str]:
     """Continuous batching where the model allows it, else static ``model.generate`` batches."""
     from steps.evaluate.decoding import supports_continuous_batching
 
-    prompts = [encode_instruction(tokenizer, text) for text in instructions]
+    ids = [encode_instruction(tokenizer, text) for text in instructions]
     # longest prompts first: prompts admitted together have similar lengths, so their joint prefill pads little
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    stops, pad_id = tuple(stop_token_ids(tokenizer)), _pad_id(tokenizer)
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    prompts = _Prompts(ids, order, tuple(stop_token_ids(tokenizer)), _pad_id(tokenizer))
     was_training = model.training
     model.eval()
-    progress = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not show_progress)
+    progress = tqdm(total=len(ids), desc="generate", unit="prompt", disable=not show_progress)
     try:
         if supports_continuous_batching(model):
-            generated = _decode_continuous(model, prompts, order, generation, stops, pad_id, progress)
+            generated = _decode_continuous(model, prompts, generation, progress)
         else:
             logger.info(
                 "%s has no plain KV cache for continuous batching: using model.generate on static batches",
                 type(model).__name__,
             )
-            generated = _generate_static(model, prompts, order, generation, stops, pad_id, progress)
+            generated = _generate_static(model, prompts, generation, progress)
     finally:
         progress.close()
         model.train(was_training)
     return [decode_response(tokenizer, ids).strip() for ids in generated]
 
 
-def _pad_id(tokenizer) -> int:
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Filler for left padding (always masked out): the pad token, else eos, else 0."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -220,13 +246,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _decode_continuous(
-    model,
-    prompts: list[list[int]],
-    order: list[int],
-    generation: GenerationSettings,
-    stops: tuple[int, ...],
-    pad_id: int,
-    progress,
+    model: PreTrainedModel, prompts: _Prompts, generation: GenerationSettings, progress: tqdm
 ) -> list[list[int]]:
     """Generated ids per prompt from :class:`~steps.evaluate.decoding.ContinuousBatchDecoder`, one progress tick
     per finished answer, and a log line saying what the loop did."""
@@ -239,8 +259,8 @@ def _decode_continuous(
             "temperature, top_p, max_new_tokens and the stop tokens count, as with vLLM)",
             ignored,
         )
-    decoder = ContinuousBatchDecoder(model, generation, stop_ids=stops, pad_id=pad_id)
-    generated, stats = decoder.run(prompts, order, on_finished=lambda _index: progress.update(1))
+    decoder = ContinuousBatchDecoder(model, generation, stop_ids=prompts.stops, pad_id=prompts.pad_id)
+    generated, stats = decoder.run(prompts.ids, prompts.order, on_finished=lambda _index: progress.update(1))
     sampling = f"sampling T={generation.temperature} top_p={generation.top_p}" if generation.do_sample else "greedy"
     logger.info(
         "continuous batching (batch %d, %s): %d prompts, %d prefill calls (%d prompt tokens), "
@@ -261,16 +281,11 @@ def _decode_continuous(
     return generated
 
 
-def _generate_static(
-    model,
-    prompts: list[list[int]],
-    order: list[int],
-    generation: GenerationSettings,
-    stops: tuple[int, ...],
-    pad_id: int,
-    progress,
-) -> list[list[int]]:
-    """``model.generate`` on left-padded batches of ``batch_size`` consecutive prompts in ``order``."""
+def _generate_static(model: Any, prompts: _Prompts, generation: GenerationSettings, progress: tqdm) -> list[list[int]]:
+    """``model.generate`` on left-padded batches of ``batch_size`` consecutive prompts in ``order``.
+
+    ``model`` is anything with ``generate`` (``PreTrainedModel`` itself does not declare it: ``GenerationMixin`` does).
+    """
     import torch
 
     from steps.evaluate.kv_cache import left_pad
@@ -281,10 +296,10 @@ def _generate_static(
         if generation.do_sample
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
-    generated: list[list[int]] = [[] for _ in prompts]
-    for batch_index, start in enumerate(range(0, len(order), generation.batch_size)):
-        members = order[start : start + generation.batch_size]
-        input_ids, attention_mask = left_pad([prompts[i] for i in members], pad_id)
+    generated: list[list[int]] = [[] for _ in prompts.ids]
+    for batch_index, start in enumerate(range(0, len(prompts.order), generation.batch_size)):
+        members = prompts.order[start : start + generation.batch_size]
+        input_ids, attention_mask = left_pad([prompts.ids[i] for i in members], prompts.pad_id)
         width = input_ids.shape[1]
         torch.manual_seed(generation.seed + batch_index)
         with torch.inference_mode():
@@ -292,8 +307,8 @@ def _generate_static(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=generation.max_new_tokens,
-                eos_token_id=list(stops),
-                pad_token_id=pad_id,
+                eos_token_id=list(prompts.stops),
+                pad_token_id=prompts.pad_id,
                 use_cache=True,
                 **sampling,
             )

@@ -1,32 +1,23 @@
-"""Pairwise judges in alpaca_eval's format: ``local_logprob`` (a local causal LM shown the official AlpacaEval 2
-prompt, scored from its "m"/"M" next-token probabilities) and ``alpaca_eval:<config>`` (alpaca_eval's own
-PairwiseAnnotator); preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
+"""Pairwise judges in alpaca_eval's format, made by name in ``make_judge``: ``local_logprob`` (here: a local causal LM
+shown the official AlpacaEval 2 prompt, scored from its "m"/"M" next-token probabilities), ``openai_compatible`` and
+``alpaca_eval:<config>``; preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from steps.chat import render_prompt
+from steps.evaluate.alpaca_eval_judge import AlpacaEvalJudge
 from steps.evaluate.annotator_prompt import (
     ALPACA_EVAL_SWITCH_SEED,
     OFFICIAL_ANNOTATOR,
-    AnnotatorTemplate,
+    AnnotatorPromptJudge,
     JudgeError,
-    annotator_messages,
-    format_annotator_prompt,
-    load_annotator_template,
-    preference_from_top_logprobs,
-    read_annotator_configs,
-    resolve_annotator_config,
-    switch_decisions,
 )
 from steps.evaluate.generation import resolve_device
 from steps.evaluate.judge_base import Judge
@@ -55,18 +46,9 @@ DEFAULT_JUDGE = "local_logprob"
 DEFAULT_JUDGE_MAX_CHARS = 1500
 #: Models too small to judge anything: their numbers test the mechanism only.
 WEAK_JUDGE_SPECS = ("embedded:smollm2-135m-instruct", "tiny")
-#: Environment variables each alpaca_eval completion function needs (any one of them), and its package.
-COMPLETION_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "openai_completions": (("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"), "openai"),
-    "anthropic_completions": (("ANTHROPIC_API_KEY",), "anthropic"),
-    "cohere_completions": (("COHERE_API_KEY",), "cohere"),
-    "bedrock_anthropic_completions": ((), "boto3"),
-    "vllm_local_completions": ((), "vllm"),
-    "huggingface_local_completions": ((), "transformers"),
-}
 
 
-class LocalLogprobJudge(Judge):
+class LocalLogprobJudge(AnnotatorPromptJudge):
     """A local causal LM scoring "m" vs "M" after alpaca_eval's official annotator prompt.
 
     The prompt is alpaca_eval's template filled by its ``make_prompts``, split into system/user messages as
@@ -94,14 +76,12 @@ class LocalLogprobJudge(Judge):
     ):
         if isinstance(judge_max_chars, bool) or not isinstance(judge_max_chars, int) or judge_max_chars < 1:
             raise JudgeError(f"judge_max_chars must be an integer >= 1, got {judge_max_chars!r}")
-        self.model_spec = model_spec or DEFAULT_MODEL
-        self.annotator_config = annotator_config
+        super().__init__(model_spec or DEFAULT_MODEL, annotator_config, switch_seed)
         self.judge_max_chars = judge_max_chars
         self.device, self.dtype = resolve_device(device), dtype
-        self.seed, self.switch_seed = seed, switch_seed
+        self.seed = seed
         self.show_progress = show_progress
         self._model, self._tokenizer = model, tokenizer
-        self._template: AnnotatorTemplate | None = None
         self._identifier_ids: dict[str, int] | None = None
         self._prefix_ids: list[int] | None = None
         self._scorer: PrefixCachedScorer | None = None
@@ -109,14 +89,10 @@ class LocalLogprobJudge(Judge):
         self.seconds_judging = 0.0
 
     @property
-    def label(self) -> str:
-        return f"local_logprob:{self.model_spec}"
-
-    @property
     def cache_identity(self) -> str:
         # ``max_output_chars=`` is the knob's former name, kept verbatim so caches written before the rename to
         # ``judge_max_chars`` stay valid: the same string means the same judgement
-        seed = f"|seed={self.seed}" if self.model_spec.startswith("tiny") else ""
+        seed = f"|seed={self.seed}" if self.judge_model.startswith("tiny") else ""
         return (
             f"{self.label}|template={self.annotator_config}|max_output_chars={self.judge_max_chars}"
             f"|switch_seed={self.switch_seed}{seed}"
@@ -124,7 +100,7 @@ class LocalLogprobJudge(Judge):
 
     @property
     def weak_judge(self) -> bool:
-        return self.model_spec in WEAK_JUDGE_SPECS or self.model_spec.startswith("tiny")
+        return self.judge_model in WEAK_JUDGE_SPECS or self.judge_model.startswith("tiny")
 
     @property
     def forward_passes(self) -> int:
@@ -134,7 +110,6 @@ class LocalLogprobJudge(Judge):
     def metadata(self) -> dict[str, Any]:
         return {
             **super().metadata(),
-            "annotator_config": self.annotator_config,
             "judge_max_chars": self.judge_max_chars,
             "note": ("weak judge: checks the mechanism, not a quality signal" if self.weak_judge else ""),
         }
@@ -142,21 +117,15 @@ class LocalLogprobJudge(Judge):
     # -- setup --------------------------------------------------------------------------------------------------
 
     @property
-    def template(self) -> AnnotatorTemplate:
-        if self._template is None:
-            self._template = load_annotator_template(self.annotator_config)
-        return self._template
-
-    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_spec)
+            self._tokenizer = load_tokenizer(self.judge_model)
         return self._tokenizer
 
     @property
     def model(self) -> PreTrainedModel:
         if self._model is None:
-            self._model = load_model(self.model_spec, dtype=self.dtype, device=self.device, seed=self.seed)
+            self._model = load_model(self.judge_model, dtype=self.dtype, device=self.device, seed=self.seed)
         return self._model
 
     def check(self) -> None:
@@ -165,8 +134,7 @@ class LocalLogprobJudge(Judge):
 
     def render(self, instruction: str, output_1: str, output_2: str) -> str:
         """The full judge prompt text for a pair as presented (after any swap and cut)."""
-        text = format_annotator_prompt(self.template.template, instruction, output_1, output_2)
-        return render_prompt(self.tokenizer, annotator_messages(text))
+        return render_prompt(self.tokenizer, self.messages(instruction, output_1, output_2))
 
     def identifier_ids(self) -> dict[str, int]:
         """Token id of each output identifier as the first token of the judge's answer."""
@@ -179,13 +147,13 @@ class LocalLogprobJudge(Judge):
                 with_answer = self._encode(prompt + token)
                 if len(with_answer) != len(base) + 1 or with_answer[: len(base)] != base:
                     raise JudgeError(
-                        f"judge tokenizer of {self.model_spec!r} does not answer {token!r} with a single token after "
+                        f"judge tokenizer of {self.judge_model!r} does not answer {token!r} with a single token after "
                         f"the prompt; the local log-prob judge needs single-token identifiers"
                     )
                 ids[token] = with_answer[-1]
             if len(set(ids.values())) != len(ids):
                 raise JudgeError(
-                    f"judge tokenizer of {self.model_spec!r} maps identifiers {list(ids)} to the same token ids {ids}"
+                    f"judge tokenizer of {self.judge_model!r} maps identifiers {list(ids)} to the same token ids {ids}"
                 )
             self._identifier_ids = ids
         return self._identifier_ids
@@ -229,10 +197,7 @@ class LocalLogprobJudge(Judge):
         cut_first, cut_second = first[: self.judge_max_chars], second[: self.judge_max_chars]
         prompt_ids = self._encode(self.render(instruction, cut_first, cut_second))
         identifier, top5 = self.identifier_logprobs(prompt_ids)
-        presented = preference_from_top_logprobs(
-            identifier, self.template.numerator_token, self.template.denominator_tokens
-        )
-        preference = 3.0 - presented if switched else presented
+        preference = self.preference(identifier, switched)
         elapsed = time.monotonic() - started
         self.judgements += 1
         self.seconds_judging += elapsed
@@ -253,13 +218,13 @@ class LocalLogprobJudge(Judge):
         }
 
     def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-        switched = switch_decisions([p["instruction"] for p in pairs], seed=self.switch_seed)
+        switched = self.switches(pairs)
         model = self.model
         was_training = model.training
         model.eval()
         try:
             for index in tqdm(
-                range(len(pairs)), desc=f"judge {self.model_spec}", unit="judgement", disable=not self.show_progress
+                range(len(pairs)), desc=f"judge {self.judge_model}", unit="judgement", disable=not self.show_progress
             ):
                 pair = pairs[index]
                 on_result(
@@ -267,95 +232,6 @@ class LocalLogprobJudge(Judge):
                 )
         finally:
             model.train(was_training)
-
-
-def _credential_present(variable: str) -> bool:
-    """An API key variable is set, or (for a client config path) the config file it names exists.
-
-    alpaca_eval also reads an OpenAI client config from its default location when the variable is unset.
-    """
-    if variable == "OPENAI_CLIENT_CONFIG_PATH":
-        from alpaca_eval import constants
-
-        path = os.environ.get(variable) or str(constants.OPENAI_CLIENT_CONFIG_PATH)
-        return Path(path).is_file()
-    return bool(os.environ.get(variable))
-
-
-class AlpacaEvalJudge(Judge):
-    """alpaca_eval's PairwiseAnnotator with one of its annotator configs (API judges need their key)."""
-
-    name = "alpaca_eval"
-
-    def __init__(self, config: str = OFFICIAL_ANNOTATOR, chunk_size: int = 8, **annotator_kwargs: Any):
-        self.config = config
-        self.config_path = resolve_annotator_config(config)
-        self.chunk_size = chunk_size
-        self.annotator_kwargs = annotator_kwargs
-
-    @property
-    def label(self) -> str:
-        return f"alpaca_eval:{self.config}"
-
-    @property
-    def price_model(self) -> str | None:
-        """The model of the config's first annotator (what alpaca_eval bills), None for local completions."""
-        for settings in read_annotator_configs(self.config_path).values():
-            if settings.get("fn_completions") in ("vllm_local_completions", "huggingface_local_completions"):
-                return None
-            model_name = (settings.get("completions_kwargs") or {}).get("model_name")
-            if model_name:
-                return str(model_name)
-        return None
-
-    def required_environment(self) -> list[tuple[str, tuple[str, ...], str | None]]:
-        """(annotator, env vars of which one must be set, package) per annotator in the config."""
-        needs = []
-        for name, settings in read_annotator_configs(self.config_path).items():
-            fn = settings.get("fn_completions")
-            if isinstance(fn, str) and fn in COMPLETION_REQUIREMENTS:
-                env, package = COMPLETION_REQUIREMENTS[fn]
-                needs.append((name, env, package))
-        return needs
-
-    def check(self) -> None:
-        """Keys (presence only: never read into logs or results) and packages each annotator needs."""
-        for name, env, package in self.required_environment():
-            if env and not any(_credential_present(var) for var in env):
-                raise JudgeError(
-                    f"judge {self.label} (annotator {name!r}) calls an API and needs {env[0]} in the environment "
-                    f"(or {', '.join(env[1:])}); none is set. Export it before the run, or use the offline judge "
-                    f"'local_logprob'."
-                    if len(env) > 1
-                    else f"judge {self.label} (annotator {name!r}) needs {env[0]} in the environment; it is not set"
-                )
-            if package and importlib.util.find_spec(package) is None:
-                raise JudgeError(
-                    f"judge {self.label} (annotator {name!r}) needs the package {package!r}, which is not installed"
-                )
-
-    def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-        from alpaca_eval.annotators import PairwiseAnnotator
-
-        self.check()
-        annotator = PairwiseAnnotator(annotators_config=self.config_path, caching_path=None, **self.annotator_kwargs)
-        for start in range(0, len(pairs), self.chunk_size):
-            chunk = [
-                dict(instruction=p["instruction"], output_1=p["output_1"], output_2=p["output_2"])
-                for p in pairs[start : start + self.chunk_size]
-            ]
-            started = time.monotonic()
-            results = annotator.annotate_pairs(chunk)
-            by_key = {(r["instruction"], r["output_1"], r["output_2"]): r for r in results}
-            elapsed = (time.monotonic() - started) / max(len(chunk), 1)
-            for offset, pair in enumerate(chunk):
-                found = by_key.get((pair["instruction"], pair["output_1"], pair["output_2"]))
-                if found is None:
-                    logger.warning("alpaca_eval returned no annotation for pair %d", start + offset)
-                    continue
-                result = {k: v for k, v in found.items() if k not in ("instruction", "output_1", "output_2")}
-                result.setdefault("time_per_example", elapsed)
-                on_result(start + offset, result)
 
 
 def make_judge(

@@ -4,6 +4,7 @@ rows can leave and join between steps and a step writes its new column in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return input_ids, mask
 
 
+def attention_layers(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+    """``(layer, keys, values)`` for every layer of a filled cache: all this loop holds are full-attention
+    ``DynamicLayer`` s (``decoding.supports_continuous_batching`` checks the model), each written at least once."""
+    out = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise TypeError(f"the decode cache holds an unfilled or non-attention layer ({type(layer).__name__})")
+        out.append((layer, layer.keys, layer.values))
+    return out
+
+
 class SlackLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare columns on the right.
 
@@ -31,6 +43,9 @@ class SlackLayer(DynamicLayer):
     zeros for left padding. Only this loop builds them; ``update``, ``batch_select_indices`` and ``crop`` keep
     the buffers and the views consistent.
     """
+
+    keys: torch.Tensor  # always set here (DynamicLayer allows None before its first update)
+    values: torch.Tensor
 
     def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], slack: int) -> None:
         """One layer holding every part's rows, each right aligned to the widest part, zeros on the left."""
@@ -57,7 +72,9 @@ class SlackLayer(DynamicLayer):
         self.keys = self.key_buffer[..., :length, :]
         self.values = self.value_buffer[..., :length, :]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:  # out of spare columns: move to bigger buffers (rare)
             spare = max(self.slack, key_states.shape[-2])
@@ -99,7 +116,7 @@ class LiveBatch:
 
     @property
     def width(self) -> int:
-        return self.cache.layers[0].keys.shape[-2] if self.cache is not None else 0
+        return attention_layers(self.cache)[0][1].shape[-2] if self.cache is not None else 0
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in ``rows`` and the leading columns that are then padding for all rows."""
@@ -108,31 +125,31 @@ class LiveBatch:
         for name in ("prompt_index", "cached", "last_token", "generators"):
             values = getattr(self, name)
             setattr(self, name, [values[r] for r in rows])
-        if not rows:
+        if not rows or self.cache is None:
             self.cache = None
             return
         width, needed = self.width, max(self.cached)
-        index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
-        for layer in self.cache.layers:
+        layers = attention_layers(self.cache)
+        index = torch.tensor(rows, dtype=torch.long, device=layers[0][1].device)
+        for layer, keys, values in layers:
             if isinstance(layer, SlackLayer):
                 layer.select(index, width - needed)
             else:  # a plain DynamicLayer (rows that finished right after prefill, before any merge)
-                layer.keys = layer.keys[index, :, width - needed :, :]
-                layer.values = layer.values[index, :, width - needed :, :]
+                layer.keys = keys[index, :, width - needed :, :]
+                layer.values = values[index, :, width - needed :, :]
 
     def merge(self, other: LiveBatch) -> None:
         """Append ``other``'s rows, left padding the narrower cache so both end at the same column."""
         if other.cache is None:
             return
+        theirs = attention_layers(other.cache)
         if self.cache is None:
             self.cache = other.cache
-            self.cache.layers = [
-                SlackLayer([(theirs.keys, theirs.values)], self.slack) for theirs in other.cache.layers
-            ]
+            self.cache.layers = [SlackLayer([(keys, values)], self.slack) for _, keys, values in theirs]
         else:
             self.cache.layers = [
-                SlackLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], self.slack)
-                for mine, theirs in zip(self.cache.layers, other.cache.layers)
+                SlackLayer([(my_keys, my_values), (keys, values)], self.slack)
+                for (_, my_keys, my_values), (_, keys, values) in zip(attention_layers(self.cache), theirs)
             ]
         for name in ("prompt_index", "cached", "last_token", "generators"):
             getattr(self, name).extend(getattr(other, name))

@@ -22,16 +22,10 @@ from tqdm.auto import tqdm
 from steps.evaluate.annotator_prompt import (
     ALPACA_EVAL_SWITCH_SEED,
     OFFICIAL_ANNOTATOR,
-    AnnotatorTemplate,
+    AnnotatorPromptJudge,
     JudgeError,
-    annotator_messages,
-    format_annotator_prompt,
-    load_annotator_template,
-    preference_from_top_logprobs,
     read_annotator_configs,
-    switch_decisions,
 )
-from steps.evaluate.judge_base import Judge
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +54,7 @@ def request_settings(annotator_config: str = OFFICIAL_ANNOTATOR) -> dict[str, An
     return {k: kwargs[k] for k in REQUEST_KEYS}
 
 
-class ServedJudge(Judge):
+class ServedJudge(AnnotatorPromptJudge):
     """The weighted AlpacaEval annotator against ``base_url``'s ``/chat/completions`` serving ``model``.
 
     Each pair is one request: alpaca_eval's prompt as system/user messages, outputs swapped by its seeded coin,
@@ -104,22 +98,17 @@ class ServedJudge(Judge):
                 raise JudgeError(f"{field} must be an integer >= {low}, got {value!r}")
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
             raise JudgeError(f"judge_timeout_s must be a number > 0, got {timeout_s!r}")
-        self.model, self.base_url = model, str(base_url).rstrip("/")
+        super().__init__(model, annotator_config, switch_seed)
+        self.base_url = str(base_url).rstrip("/")
         self.api_key_env = api_key_env or None
-        self.annotator_config = annotator_config
         self.max_requests, self.timeout_s, self.max_retries = max_requests, float(timeout_s), max_retries
         self.backoff_s, self.max_backoff_s, self.concurrency = backoff_s, max_backoff_s, concurrency
-        self.switch_seed, self.show_progress = switch_seed, show_progress
-        self._template: AnnotatorTemplate | None = None
+        self.show_progress = show_progress
         self._settings: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._budget: int | None = max_requests
         self.requests_made = 0
         self.retries = 0
-
-    @property
-    def label(self) -> str:
-        return f"openai_compatible:{self.model}"
 
     @property
     def cache_identity(self) -> str:
@@ -132,13 +121,7 @@ class ServedJudge(Judge):
 
     @property
     def price_model(self) -> str | None:
-        return self.model
-
-    @property
-    def template(self) -> AnnotatorTemplate:
-        if self._template is None:
-            self._template = load_annotator_template(self.annotator_config)
-        return self._template
+        return self.judge_model
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -149,8 +132,7 @@ class ServedJudge(Judge):
     def metadata(self) -> dict[str, Any]:
         return {
             **super().metadata(),
-            "annotator_config": self.annotator_config,
-            "judge_model": self.model,
+            "judge_model": self.judge_model,
             "judge_base_url": self.base_url,
             "judge_api_key_env": self.api_key_env,
             "judge_requests_made": self.requests_made,
@@ -236,8 +218,9 @@ class ServedJudge(Judge):
         """One judgement in alpaca_eval's annotation fields; ``switched`` shows output_2 first."""
         started = time.monotonic()
         first, second = (output_2, output_1) if switched else (output_1, output_2)
-        messages = annotator_messages(format_annotator_prompt(self.template.template, instruction, first, second))
-        reply = self.post({"model": self.model, "messages": messages, **self.settings})
+        reply = self.post(
+            {"model": self.judge_model, "messages": self.messages(instruction, first, second), **self.settings}
+        )
         try:
             choice = reply["choices"][0]
             content = (choice.get("logprobs") or {}).get("content") or []
@@ -252,12 +235,9 @@ class ServedJudge(Judge):
         logprobs: dict[str, float] = {}
         for item in top:
             logprobs.setdefault(item["token"], float(item["logprob"]))
-        presented = preference_from_top_logprobs(
-            logprobs, self.template.numerator_token, self.template.denominator_tokens
-        )
         usage = reply.get("usage") or {}
         return {
-            "preference": 3.0 - presented if switched else presented,
+            "preference": self.preference(logprobs, switched),
             "raw_completion": {
                 "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in top],
                 "text": (choice.get("message") or {}).get("content"),
@@ -279,8 +259,10 @@ class ServedJudge(Judge):
         if self.max_requests is None:
             with self._lock:
                 self._budget = 2 * len(pairs) + 10
-        switched = switch_decisions([p["instruction"] for p in pairs], seed=self.switch_seed)
-        progress = tqdm(total=len(pairs), desc=f"judge {self.model}", unit="judgement", disable=not self.show_progress)
+        switched = self.switches(pairs)
+        progress = tqdm(
+            total=len(pairs), desc=f"judge {self.judge_model}", unit="judgement", disable=not self.show_progress
+        )
         pending: dict[Future, int] = {}
 
         def hand_over(futures: set[Future]) -> None:

@@ -1,10 +1,11 @@
-"""How answers are generated: one settings object from the run config to the decoder, validated once."""
+"""How answers are generated and judged: the settings that travel from the run config to the decoder (validated
+once) and to the judge."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 
 class GenerationError(ValueError):
@@ -49,12 +50,29 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, section: object) -> GenerationSettings:
-        """The settings named like this class's fields, read from ``section`` (e.g. the config's ``evaluation``)."""
+        """The settings named like this class's fields, read from ``section`` (the config's ``evaluation``, or the
+        parsed flags of ``python -m steps.evaluate generate``)."""
         return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
     def record(self) -> dict[str, Any]:
         """The settings as written next to generated outputs (``do_sample`` spelled out for readers)."""
         return {**asdict(self), "do_sample": self.do_sample}
+
+
+class JudgeOptions(TypedDict, total=False):
+    """The judge knobs that the run config, the CLI and ``evaluate_model`` hand to ``make_judge`` as keywords."""
+
+    judge_model: str | None
+    judge_max_chars: int | None
+    judge_base_url: str | None
+    judge_api_key_env: str | None
+    judge_max_requests: int | None
+    judge_timeout_s: float | None
+    judge_concurrency: int | None
+
+
+#: The keys of :class:`JudgeOptions` in order; the config's ``evaluation`` section has a field of each name.
+JUDGE_OPTIONS: tuple[str, ...] = tuple(JudgeOptions.__annotations__)
 
 
 def _finite(value: object) -> bool:

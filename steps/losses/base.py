@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 
 class UnknownLossError(ValueError):
@@ -68,12 +69,17 @@ class Fairseq2Names:
         return (*self.section_fields, *self.no_effect)
 
 
+#: The name a PreferencePairs field has as an argument of ``PreferenceLoss.__call__`` (what input errors say).
+_ARGUMENT_NAMES = {"chosen_logps": "policy_chosen_logps", "rejected_logps": "policy_rejected_logps"}
+
+
 @dataclass(frozen=True)
 class PreferencePairs:
-    """One batch of B preference pairs, validated and in (at least) fp32.
+    """One batch of B preference pairs, validated and in (at least) fp32 once constructed.
 
     ``chosen_logps``/``rejected_logps`` are summed response log-probs S(y); ``*_lengths`` are the token
-    counts |y| the sums ran over; ``reference_*`` are the reference model's sums R(y) or None.
+    counts |y| the sums ran over; ``reference_*`` are the reference model's sums R(y) or None. Construction checks
+    shapes, dtypes and lengths (no device sync but one) and casts; errors name ``PreferenceLoss``'s arguments.
     """
 
     chosen_logps: torch.Tensor
@@ -83,29 +89,13 @@ class PreferencePairs:
     reference_chosen_logps: torch.Tensor | None = None
     reference_rejected_logps: torch.Tensor | None = None
 
-    @classmethod
-    def from_tensors(
-        cls,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        chosen_lengths: torch.Tensor,
-        rejected_lengths: torch.Tensor,
-        reference_chosen_logps: torch.Tensor | None = None,
-        reference_rejected_logps: torch.Tensor | None = None,
-    ) -> PreferencePairs:
-        """Check shapes, dtypes and lengths (no device sync but one) and cast; errors name the argument."""
-        named = {
-            "policy_chosen_logps": policy_chosen_logps,
-            "policy_rejected_logps": policy_rejected_logps,
-            "chosen_lengths": chosen_lengths,
-            "rejected_lengths": rejected_lengths,
-            "reference_chosen_logps": reference_chosen_logps,
-            "reference_rejected_logps": reference_rejected_logps,
-        }
-        if (reference_chosen_logps is None) != (reference_rejected_logps is None):
-            missing = "reference_chosen_logps" if reference_chosen_logps is None else "reference_rejected_logps"
+    def __post_init__(self) -> None:
+        named = {_ARGUMENT_NAMES.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        if (self.reference_chosen_logps is None) != (self.reference_rejected_logps is None):
+            missing = "reference_chosen_logps" if self.reference_chosen_logps is None else "reference_rejected_logps"
             raise LossInputError(f"{missing} is None but its partner is not: pass both reference sums or neither")
-        batch_size = policy_chosen_logps.shape[0] if isinstance(policy_chosen_logps, torch.Tensor) else None
+        chosen_logps = self.chosen_logps
+        batch_size = chosen_logps.shape[0] if isinstance(chosen_logps, torch.Tensor) else None
         for name, value in named.items():
             if value is None:
                 continue
@@ -123,28 +113,18 @@ class PreferencePairs:
                 raise LossInputError(f"{name} must be a float tensor of summed log-probs, got dtype {value.dtype}")
         if batch_size == 0:
             raise LossInputError("the batch is empty (B = 0): a preference loss needs at least one pair")
+        chosen_lengths, rejected_lengths = self.chosen_lengths, self.rejected_lengths
         if bool((torch.minimum(chosen_lengths, rejected_lengths) <= 0).any()):
             bad = "chosen_lengths" if bool((chosen_lengths <= 0).any()) else "rejected_lengths"
             raise LossInputError(
                 f"{bad} must be > 0 for every pair (token count of the response, end token "
                 f"included); got {(chosen_lengths if bad == 'chosen_lengths' else rejected_lengths).tolist()}"
             )
-        chosen = _as_compute_dtype(policy_chosen_logps)
-
-        def cast(tensor: torch.Tensor) -> torch.Tensor:
-            return _as_compute_dtype(tensor).to(chosen.dtype)
-
-        def cast_optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else cast(tensor)
-
-        return cls(
-            chosen,
-            cast(policy_rejected_logps),
-            cast(chosen_lengths),
-            cast(rejected_lengths),
-            cast_optional(reference_chosen_logps),
-            cast_optional(reference_rejected_logps),
-        )
+        dtype = _as_compute_dtype(chosen_logps).dtype
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, _as_compute_dtype(value).to(dtype))  # frozen: set once, here
 
     @property
     def batch_size(self) -> int:
@@ -223,6 +203,27 @@ class LossOutput:
         return dict(zip(values, numbers))
 
 
+def with_nll(per_pair: torch.Tensor, pairs: PreferencePairs, nll_scale: float) -> torch.Tensor:
+    """``per_pair`` plus ``nll_scale`` times the chosen response's per-token NLL (the term several losses add)."""
+    return per_pair + nll_scale * pairs.chosen_nll if nll_scale > 0.0 else per_pair
+
+
+def logistic_loss(
+    pairs: PreferencePairs,
+    rewards_chosen: torch.Tensor,
+    rewards_rejected: torch.Tensor,
+    *,
+    margin: float = 0.0,
+    nll_scale: float = 0.0,
+) -> LossOutput:
+    """ℓ = −log σ(z) + nll_scale·NLL for z = r_w − r_l − margin, with z reported as the ``logits`` metric."""
+    logits = rewards_chosen - rewards_rejected
+    if margin:
+        logits = logits - margin
+    per_pair = with_nll(-F.logsigmoid(logits), pairs, nll_scale)
+    return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+
+
 class PreferenceLoss:
     """A registered loss: subclasses set ``config_class`` (a dataclass) and ``requires_reference`` and write
     ``compute(pairs) -> LossOutput``. Calling the instance validates the inputs and returns that output."""
@@ -251,7 +252,7 @@ class PreferenceLoss:
         reference_chosen_logps: torch.Tensor | None = None,
         reference_rejected_logps: torch.Tensor | None = None,
     ) -> LossOutput:
-        pairs = PreferencePairs.from_tensors(
+        pairs = PreferencePairs(
             policy_chosen_logps,
             policy_rejected_logps,
             chosen_lengths,

@@ -4,9 +4,7 @@ summed log-probs plus a behaviour-cloning NLL term on the chosen response."""
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch.nn.functional as F
-
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -41,10 +39,5 @@ class CPOLoss(PreferenceLoss):
 
     def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: CPOConfig = self.config
-        rewards_chosen = config.beta * pairs.chosen_logps
-        rewards_rejected = config.beta * pairs.rejected_logps
-        logits = rewards_chosen - rewards_rejected
-        per_pair = -F.logsigmoid(logits)
-        if config.nll_scale > 0.0:
-            per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+        beta = config.beta
+        return logistic_loss(pairs, beta * pairs.chosen_logps, beta * pairs.rejected_logps, nll_scale=config.nll_scale)

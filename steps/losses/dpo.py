@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch.nn.functional as F
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, with_nll
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_bool, check_real
 
@@ -74,6 +74,5 @@ class DPOLoss(PreferenceLoss):
         per_pair = -(1.0 - smoothing) * F.logsigmoid(logits)
         if smoothing > 0.0:
             per_pair = per_pair - smoothing * F.logsigmoid(-logits)
-        if config.nll_scale > 0.0:
-            per_pair = per_pair + config.nll_scale * pairs.chosen_nll
+        per_pair = with_nll(per_pair, pairs, config.nll_scale)
         return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, with_nll
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -65,7 +65,5 @@ class ORPOLoss(PreferenceLoss):
         rejected = pairs.rejected_mean_logps
         ratio = log_odds(chosen) - log_odds(rejected)
         odds_ratio_loss = -F.logsigmoid(ratio)
-        per_pair = config.orpo_lambda * odds_ratio_loss
-        if config.nll_scale > 0.0:
-            per_pair = per_pair + config.nll_scale * pairs.chosen_nll
+        per_pair = with_nll(config.orpo_lambda * odds_ratio_loss, pairs, config.nll_scale)
         return LossOutput(per_pair, chosen, rejected, {"log_odds": ratio, "odds_ratio_loss": odds_ratio_loss})

@@ -3,9 +3,7 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch.nn.functional as F
-
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs
+from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -45,10 +43,11 @@ class SimPOLoss(PreferenceLoss):
 
     def compute(self, pairs: PreferencePairs) -> LossOutput:
         config: SimPOConfig = self.config
-        rewards_chosen = config.beta * pairs.chosen_mean_logps
-        rewards_rejected = config.beta * pairs.rejected_mean_logps
-        logits = rewards_chosen - rewards_rejected - config.gamma
-        per_pair = -F.logsigmoid(logits)
-        if config.nll_scale > 0.0:
-            per_pair = per_pair + config.nll_scale * pairs.chosen_nll
-        return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
+        beta = config.beta
+        return logistic_loss(
+            pairs,
+            beta * pairs.chosen_mean_logps,
+            beta * pairs.rejected_mean_logps,
+            margin=config.gamma,
+            nll_scale=config.nll_scale,
+        )

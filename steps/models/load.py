@@ -1,17 +1,22 @@
-"""``load_model``: any spec to a model on a device in a dtype, with every dropout probability set to zero.
+"""``load_model``: any spec to a model on a device in a dtype (or its linear layers in 4 bits), dropout zero.
 
-The recipe trains without dropout; dropout in the policy but not the reference inflates the initial DPO loss.
+Dropout in the policy but not the reference inflates the initial DPO loss; adapter directories load over their base.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps.models.embedded import ensure_embedded_model
 from steps.models.gguf_files import load_gguf_model
-from steps.models.specs import DEFAULT_MODEL, hub_errors, resolve_model_spec
+from steps.models.specs import DEFAULT_MODEL, ModelSpecError, hub_errors, resolve_model_spec
 from steps.models.tiny import tiny_model
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: each Metaflow step is a fresh process
@@ -28,6 +33,23 @@ _DTYPES = {
     "float16": "float16",
     "fp16": "float16",
 }
+
+#: What marks a directory as a LoRA adapter (peft's file); its ``base_model_name_or_path`` is the base's spec.
+ADAPTER_CONFIG = "adapter_config.json"
+#: An adapter over an adapter directory over ... : more levels than this is a loop.
+MAX_ADAPTER_DEPTH = 8
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """4-bit loading was asked for where it cannot run (no CUDA GPU, no bitsandbytes, a model built in memory)."""
+
+
+@dataclass(frozen=True)
+class FourBit:
+    """Load the base's linear layers in 4 bits through bitsandbytes (QLoRA); they compute in ``compute_dtype``."""
+
+    quant_type: str = "nf4"  # "nf4" or "fp4"
+    compute_dtype: Any = "bfloat16"  # a dtype name or a torch.dtype
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -80,26 +102,108 @@ def zero_dropout_modules(model: torch.nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """A directory holding a LoRA adapter (``adapter_config.json``) rather than full weights."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The model spec an adapter directory was trained on (``base_model_name_or_path`` in its adapter_config.json)."""
+    config_path = Path(path).expanduser() / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"{config_path}: cannot read the adapter's config ({exc})") from exc
+    if not isinstance(base, str) or not base.strip():
+        raise ModelSpecError(
+            f"{config_path}: base_model_name_or_path is empty, so the adapter's base model is unknown; set it to the "
+            "spec of the model the adapter was trained on (a Hub id, a directory, embedded:<name>, tiny)"
+        )
+    return base
+
+
+def four_bit_problem(device: str | torch.device) -> str | None:
+    """Why 4-bit loading cannot run on ``device`` here (None: it can): bitsandbytes 4-bit needs a CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "4-bit loading (bitsandbytes) needs a CUDA GPU and this machine has none"
+    if str(device) != "auto" and torch.device(device).type != "cuda":
+        return f"4-bit loading (bitsandbytes) needs a CUDA GPU; the model is placed on {device}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "4-bit loading needs the bitsandbytes package, which is not installed (pip install bitsandbytes)"
+    return None
+
+
+def four_bit_kwargs(four_bit: FourBit, device: str | torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that quantize the linear layers on ``device`` (the output layer stays whole)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if four_bit.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"4-bit quant_type {four_bit.quant_type!r}; use nf4 or fp4")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=four_bit.quant_type,
+        bnb_4bit_compute_dtype=torch_dtype(four_bit.compute_dtype),
+    )
+    target = torch.device("cuda" if str(device) == "auto" else device)
+    return {"quantization_config": config, "device_map": {"": target}}
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str | None = None,
+    four_bit: FourBit | None = None,
+    merge_adapter: bool | None = None,
 ) -> PreTrainedModel:
     """The model named by ``spec`` on ``device`` in ``dtype`` (``auto``: :func:`resolve_dtype`), dropout 0.
 
     Returned in eval mode (as ``from_pretrained`` does); with dropout at 0 train/eval mode computes the same,
     so trainers may call ``.train()`` freely. ``seed`` only matters for ``tiny`` (its random init); the
-    global torch RNG is left as it was.
+    global torch RNG is left as it was. ``four_bit``: the linear layers in 4 bits (CUDA and bitsandbytes only;
+    the other weights in ``dtype``). An adapter directory loads its base the same way, then the adapter; it is
+    merged into a plain model unless ``merge_adapter`` is false or the base is in 4 bits (a peft model then).
     """
+    if four_bit is not None:
+        problem = four_bit_problem(device)
+        if problem is not None:
+            raise QuantizationUnavailableError(f"cannot load {spec!r} in 4 bits: {problem}")
+    resolved = torch_dtype(dtype if not isinstance(dtype, str) else resolve_dtype(dtype, device))
+    return _load(spec, _LoadRequest(resolved, device, seed, attn_implementation, four_bit, merge_adapter), depth=0)
+
+
+@dataclass(frozen=True)
+class _LoadRequest:
+    """How load_model was asked to load (an adapter's base is loaded the same way)."""
+
+    dtype: torch.dtype
+    device: str | torch.device
+    seed: int
+    attn_implementation: str | None
+    four_bit: FourBit | None
+    merge_adapter: bool | None
+
+
+def _load(spec: str, request: _LoadRequest, depth: int) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype_ = torch_dtype(dtype if not isinstance(dtype, str) else resolve_dtype(dtype, device))
+    dtype_, device, four_bit = request.dtype, request.device, request.four_bit
+    attn_implementation = request.attn_implementation
     source = resolve_model_spec(spec)
+    if source.kind == "local" and is_adapter_dir(source.path):
+        return _load_adapter(source.path, request, depth)
     started = time.monotonic()
+    if four_bit is not None and source.kind in ("tiny", "gguf"):
+        raise QuantizationUnavailableError(
+            f"cannot load {spec!r} in 4 bits: a {source.kind} model is built in memory, and bitsandbytes quantizes "
+            "while from_pretrained loads; save it with save_pretrained and pass that directory"
+        )
     if source.kind == "tiny":
-        model = tiny_model(source, seed, attn_implementation)
+        model = tiny_model(source, request.seed, attn_implementation)
     elif source.kind == "gguf":
         model = load_gguf_model(source.path, config_overrides=zero_dropout_config)
         if attn_implementation is not None:
@@ -110,11 +214,14 @@ def load_model(
             config = AutoConfig.from_pretrained(location)
             zero_dropout_config(config)
             kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            if four_bit is not None:
+                kwargs.update(four_bit_kwargs(four_bit, device))
             model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype_, **kwargs)
     zero_dropout_config(model.config)
     zero_dropout_modules(model)
-    moved: Any = model  # PreTrainedModel.to is a decorated method mypy cannot call
-    model = moved.to(device=device, dtype=dtype_)
+    if four_bit is None:  # a quantized model is placed by from_pretrained and cannot change dtype
+        moved: Any = model  # PreTrainedModel.to is a decorated method mypy cannot call
+        model = moved.to(device=device, dtype=dtype_)
     summary = model_summary(model)
     logger.info(
         "loaded %s (%s): %s parameters, %s on %s in %.1f s",
@@ -123,6 +230,46 @@ def load_model(
         f"{summary['parameters']:,}",
         summary["dtype"],
         summary["device"],
+        time.monotonic() - started,
+    )
+    return model
+
+
+def _load_adapter(path: Path, request: _LoadRequest, depth: int) -> Any:
+    """The base an adapter directory points at (loaded as asked), then the adapter: merged, or a peft model."""
+    dtype, device, four_bit, merge_adapter = request.dtype, request.device, request.four_bit, request.merge_adapter
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ImportError(f"{path} is a LoRA adapter directory: loading it needs peft (pip install peft)") from exc
+    if depth >= MAX_ADAPTER_DEPTH:
+        raise ModelSpecError(f"{path}: more than {MAX_ADAPTER_DEPTH} adapters over adapters; is there a loop?")
+    merge = four_bit is None if merge_adapter is None else merge_adapter
+    if merge and four_bit is not None:
+        raise ValueError(f"{path}: an adapter cannot be merged into a 4-bit base; pass merge_adapter=False")
+    base_spec = adapter_base(path)
+    base_source = resolve_model_spec(base_spec)
+    if four_bit is not None and base_source.kind == "local" and is_adapter_dir(base_source.path):
+        raise QuantizationUnavailableError(
+            f"{path} is an adapter over another adapter ({base_spec}), which cannot be merged into a 4-bit base; "
+            "load it without 4 bits, or train from a merged model"
+        )
+    started = time.monotonic()
+    # an adapter over an adapter directory: that one is merged into its own base first
+    base = _load(base_spec, dataclasses.replace(request, merge_adapter=None), depth + 1)
+    model: Any = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    zero_dropout_modules(model)  # lora_dropout
+    if merge:
+        model = model.merge_and_unload().to(device=device, dtype=dtype)
+        # the merged model is not its base: nothing may take the base's path for it (vLLM, model cards)
+        model.name_or_path = model.config._name_or_path = str(path)
+    else:
+        model = model.to(device=device) if four_bit is None else model
+    logger.info(
+        "adapter %s applied over %s (%s) in %.1f s",
+        path,
+        base_spec,
+        "merged" if merge else "kept separate",
         time.monotonic() - started,
     )
     return model

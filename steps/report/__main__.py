@@ -6,14 +6,17 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from steps.report.generate import generate_report
 from steps.report.records import ReportError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option but ``--quiet`` is stored under the name of the ``generate_report`` keyword it sets."""
     p = argparse.ArgumentParser(prog="python -m steps.report", description=__doc__)
-    p.add_argument("--flow", default="PrefFlow", help="flow name (default: PrefFlow)")
+    repeatable: dict[str, Any] = {"action": "append", "default": []}
+    p.add_argument("--flow", dest="flow_name", metavar="FLOW", default="PrefFlow", help="flow name (default: PrefFlow)")
     p.add_argument(
         "--out-dir",
         default=None,
@@ -21,10 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tag",
-        action="append",
-        default=[],
+        dest="tags",
         metavar="TAG",
         help="only runs carrying this tag (repeat: runs carrying all of them)",
+        **repeatable,
     )
     p.add_argument(
         "--namespace",
@@ -34,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", type=int, default=None, metavar="N", help="only the newest N matching runs")
     p.add_argument(
         "--include-run",
-        action="append",
-        default=[],
+        dest="include_runs",
         metavar="FLOW/RUN_ID",
         help="also include this run even if it has not finished (repeatable)",
+        **repeatable,
     )
     p.add_argument(
         "--datastore-root",
@@ -50,22 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    options = vars(build_parser().parse_args(argv))
+    quiet = options.pop("quiet")
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        paths = generate_report(
-            flow_name=args.flow,
-            out_dir=args.out_dir,
-            tags=args.tag,
-            namespace=args.namespace,
-            latest=args.latest,
-            include_runs=args.include_run,
-            datastore_root=args.datastore_root,
-        )
+        paths = generate_report(**options)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

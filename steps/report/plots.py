@@ -8,7 +8,7 @@ import io
 from typing import Any
 
 from steps.report.records import RunRecord
-from steps.report.table import ResultRow, loss_display, variant_order
+from steps.report.rows import ResultRow, loss_display, variant_order
 
 #: (history key, panel title) of the preference panels, in order.
 PREFERENCE_PANELS = [
@@ -19,7 +19,7 @@ PREFERENCE_PANELS = [
 DPI = 100
 
 
-def _pyplot():
+def _pyplot() -> Any:  # matplotlib.pyplot, imported on first use and on the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from steps.data.records import ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,11 @@ class SFTExample:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the one training sequence (LengthStats.tokens sums them)."""
+        return self.length
 
 
 @dataclass
@@ -40,10 +48,18 @@ class PairExample:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
     @property
+    def tokens(self) -> int:
+        """Tokens of the two training sequences, prompt + chosen and prompt + rejected (LengthStats.tokens)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
     def sort_length(self) -> int:
         """What length bucketing sorts on: the shared-prompt row (prompt once, then both responses),
         the layout ``collate_pairs`` picks for most batches."""
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+_Example = TypeVar("_Example", SFTExample, PairExample)
 
 
 @dataclass
@@ -70,60 +86,67 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[l
     return prompt, [r[:room] for r in responses]
 
 
-def tokenize_sft(
-    rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
-) -> tuple[list[SFTExample], LengthStats]:
+def _tokenize(
+    rows: Sequence[dict],
+    tokenizer: Any,
+    max_seq_len: int,
+    overlength: Literal["drop", "truncate"],
+    texts: Callable[[dict], tuple[list[ChatMessage], list[str]]],
+    build: Callable[[str, dict, list[int], list[list[int]]], _Example],
+) -> tuple[list[_Example], LengthStats]:
+    """Encode each row's prompt and responses (``texts``), fit them to ``max_seq_len`` as ``overlength`` says
+    (counted in the stats), and ``build(id, row, prompt_ids, response_ids)`` an example of what is kept."""
     from steps.chat import encode_prompt_response
-    from steps.data.records import sft_messages
 
-    out: list[SFTExample] = []
+    out: list[_Example] = []
     stats = LengthStats()
     for row in rows:
-        prompt, response = sft_messages(row)
-        p, r = encode_prompt_response(tokenizer, prompt, response)
-        if len(p) + len(r) > max_seq_len:
+        prompt, responses = texts(row)
+        encoded = [encode_prompt_response(tokenizer, prompt, response) for response in responses]
+        prompt_ids, ids = encoded[0][0], [response_ids for _, response_ids in encoded]
+        if len(prompt_ids) + max(len(r) for r in ids) > max_seq_len:
             if overlength == "drop":
                 stats.dropped_overlength += 1
                 continue
-            p, (r,) = _fit(p, [r], max_seq_len)
+            prompt_ids, ids = _fit(prompt_ids, ids, max_seq_len)
             stats.truncated += 1
-        ex = SFTExample(str(row.get("id", len(out))), p, r)
+        example = build(str(row.get("id", len(out))), row, prompt_ids, ids)
         stats.kept += 1
-        stats.tokens += ex.length
-        out.append(ex)
+        stats.tokens += example.tokens
+        out.append(example)
     return out, stats
+
+
+def tokenize_sft(
+    rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
+) -> tuple[list[SFTExample], LengthStats]:
+    from steps.data.records import sft_messages
+
+    def texts(row: dict) -> tuple[list[ChatMessage], list[str]]:
+        prompt, response = sft_messages(row)
+        return prompt, [response]
+
+    def build(example_id: str, row: dict, prompt_ids: list[int], ids: list[list[int]]) -> SFTExample:
+        return SFTExample(example_id, prompt_ids, ids[0])
+
+    return _tokenize(rows, tokenizer, max_seq_len, overlength, texts, build)
 
 
 def tokenize_pairs(
     rows: Sequence[dict], tokenizer: Any, max_seq_len: int, overlength: Literal["drop", "truncate"] = "drop"
 ) -> tuple[list[PairExample], LengthStats]:
-    from steps.chat import encode_prompt_response
     from steps.data.records import pair_messages
 
-    out: list[PairExample] = []
-    stats = LengthStats()
-    for row in rows:
+    def texts(row: dict) -> tuple[list[ChatMessage], list[str]]:
         prompt, chosen, rejected = pair_messages(row)
-        p, c = encode_prompt_response(tokenizer, prompt, chosen)
-        _, r = encode_prompt_response(tokenizer, prompt, rejected)
-        if len(p) + max(len(c), len(r)) > max_seq_len:
-            if overlength == "drop":
-                stats.dropped_overlength += 1
-                continue
-            p, (c, r) = _fit(p, [c, r], max_seq_len)
-            stats.truncated += 1
-        ex = PairExample(
-            str(row.get("id", len(out))),
-            p,
-            c,
-            r,
-            row.get("reference_score_chosen"),
-            row.get("reference_score_rejected"),
-        )
-        stats.kept += 1
-        stats.tokens += len(p) * 2 + len(c) + len(r)
-        out.append(ex)
-    return out, stats
+        return prompt, [chosen, rejected]
+
+    def build(example_id: str, row: dict, prompt_ids: list[int], ids: list[list[int]]) -> PairExample:
+        chosen_ids, rejected_ids = ids
+        reference = row.get("reference_score_chosen"), row.get("reference_score_rejected")
+        return PairExample(example_id, prompt_ids, chosen_ids, rejected_ids, *reference)
+
+    return _tokenize(rows, tokenizer, max_seq_len, overlength, texts, build)
 
 
 def make_batches(

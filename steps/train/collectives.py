@@ -97,7 +97,8 @@ def ddp_sum_hook() -> Callable[[Any, Any], Any]:
     """DDP communication hook (state = the rank's device): SUM the gradient bucket (DDP's default divides by the
     world size, which the loss normalisation already accounts for), through the same placement check."""
 
-    def hook(rank_device, bucket):  # DDP accepts no string annotations here (it compares them to GradBucket)
+    def hook(rank_device, bucket):  # a type comment: DDP compares real annotations to GradBucket, never strings
+        # type: (torch.device, torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]
         work = all_reduce_sum(bucket.buffer(), rank_device, "DDP gradient bucket", async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 

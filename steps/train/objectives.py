@@ -135,9 +135,14 @@ class PreferenceObjective(_Batched):
         loss_fn: Any,
         needs_reference: bool,
         reference_model: Any = None,
+        *,
+        reference_from_policy: bool = False,
     ):
+        """``reference_model``: a live reference; ``reference_from_policy``: the reference is the policy being
+        trained with its LoRA adapters disabled (the frozen base it started from, no second model)."""
         super().__init__(train, dev, pad_id, cfg)
         self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, reference_model
+        self.reference_from_policy = reference_from_policy
         self.name = getattr(loss_fn, "name", "preference")
 
     def _collate(self, examples: Sequence[PairExample]) -> TokenBatch:
@@ -146,21 +151,29 @@ class PreferenceObjective(_Batched):
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
         return float(sum(mb.extra["num_pairs"] for mb in micro_batches))
 
-    def _reference(self, batch: TokenBatch, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def reference_logprobs(self, model: Any, batch: TokenBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reference sums for the chosen and the rejected rows of ``batch`` (None, None: a reference-free loss).
+
+        From the batch when precomputed, else from the live reference, else (``reference_from_policy``) from
+        ``model``, the policy being trained, with its adapters disabled."""
         if not self.needs_reference:
             return None, None
+        n = batch.extra["num_pairs"]
         if "reference_chosen" in batch.extra:
             return batch.extra["reference_chosen"].float(), batch.extra["reference_rejected"].float()
-        if self.reference_model is None:
+        if self.reference_from_policy:
+            ref = adapters_disabled_logprobs(model, batch)
+        elif self.reference_model is None:
             raise RuntimeError("this loss needs reference log-probs: precompute them or pass a live reference model")
-        with torch.no_grad():
-            ref, _ = sequence_logprobs(self.reference_model, batch)
+        else:
+            with torch.no_grad():
+                ref, _ = sequence_logprobs(self.reference_model, batch)
         return ref[:n], ref[n:]
 
     def _loss(self, model: Any, batch: TokenBatch) -> tuple[Any, int]:
         n = batch.extra["num_pairs"]
+        ref_c, ref_r = self.reference_logprobs(model, batch)  # first: the policy's graph is built with adapters on
         sums, counts = sequence_logprobs(model, batch)
-        ref_c, ref_r = self._reference(batch, n)
         return self.loss_fn(
             sums[:n], sums[n:], counts[:n], counts[n:], reference_chosen_logps=ref_c, reference_rejected_logps=ref_r
         ), n
@@ -182,6 +195,19 @@ class PreferenceObjective(_Batched):
     def _dev_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         pairs = totals.pop("pairs")
         return {f"dev_{k}": v / pairs for k, v in totals.items()} | {"dev_pairs": pairs}
+
+
+def adapters_disabled_logprobs(model: Any, batch: TokenBatch) -> torch.Tensor:
+    """Per-row log-prob sums of ``model`` (a peft policy, or the training root around one) with its adapters
+    disabled, without autograd: the frozen base's numbers from the weights already in memory."""
+    lm = parallel.unwrap(model)
+    if not hasattr(lm, "disable_adapter"):
+        raise RuntimeError(
+            f"reference_from_policy needs a policy with LoRA adapters (peft); got {type(lm).__name__}: "
+            "enable lora, or give a reference model"
+        )
+    with torch.no_grad(), lm.disable_adapter():
+        return sequence_logprobs(lm, batch)[0]
 
 
 def precompute_reference(

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from steps.config import PreferenceConfig, RunConfig, TrainConfig, config_to_dict
+from steps.config import LoraConfig, PreferenceConfig, RunConfig, TrainConfig, config_to_dict
 from steps.io import read_jsonl, write_json
 from steps.model_card import write_model_card
 from steps.tracking import Tracker
-from steps.train import checkpoints, collectives
+from steps.train import adapters, checkpoints, collectives
+from steps.train.adapters import apply_lora
 from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
-from steps.train.loop import TrainResult, train
+from steps.train.loop import Objective, TrainResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
 from steps.train.precision import Precision, resolve_precision
 
@@ -67,14 +68,25 @@ def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
     return resolve_precision(cfg.model.dtype, cfg.model.master_dtype, device)
 
 
-def load_for_training(spec: str, cfg: RunConfig, device: torch.device, precision: Precision | None = None) -> Any:
-    """The policy in the master dtype (weights the optimizer updates); compute happens in the compute dtype."""
+def load_for_training(
+    spec: str, cfg: RunConfig, device: torch.device, precision: Precision | None = None, lora: LoraConfig | None = None
+) -> Any:
+    """The policy in the master dtype (weights the optimizer updates); compute happens in the compute dtype.
+
+    With ``lora.load_in_4bit`` (QLoRA) the linear layers are loaded in 4 bits and prepared for adapter training."""
     from steps.models import load_model
 
     precision = precision or run_precision(cfg, device)
+    four_bit = adapters.four_bit_of(lora, precision)
     model = load_model(
-        spec, dtype=precision.master, device=str(device), attn_implementation=cfg.model.attn_implementation
+        spec,
+        dtype=precision.master,
+        device=str(device),
+        attn_implementation=cfg.model.attn_implementation,
+        four_bit=four_bit,
     )
+    if four_bit is not None:
+        return adapters.prepare_four_bit(model, cfg.model.gradient_checkpointing)
     if cfg.model.gradient_checkpointing:
         # non-reentrant: DDP's reducer and FSDP2 both work with it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -82,33 +94,20 @@ def load_for_training(spec: str, cfg: RunConfig, device: torch.device, precision
     return model
 
 
-def load_reference(spec: str, cfg: RunConfig, device: torch.device, precision: Precision) -> Any:
-    """A frozen reference model in the compute dtype (it only runs forwards)."""
+def load_reference(
+    spec: str, cfg: RunConfig, device: torch.device, precision: Precision, lora: LoraConfig | None = None
+) -> Any:
+    """A frozen reference model in the compute dtype (it only runs forwards); in 4 bits when the policy's base is."""
     from steps.models import load_model
 
     model = load_model(
-        spec, dtype=precision.compute, device=str(device), attn_implementation=cfg.model.attn_implementation
+        spec,
+        dtype=precision.compute,
+        device=str(device),
+        attn_implementation=cfg.model.attn_implementation,
+        four_bit=adapters.four_bit_of(lora, precision),
     )
     return model.eval().requires_grad_(False)
-
-
-def apply_lora(model: Any, train_cfg: TrainConfig) -> Any:
-    if not train_cfg.lora.enabled:
-        return model
-    try:
-        import peft
-    except ImportError as exc:
-        raise ImportError("lora.enabled needs the 'peft' package: pip install peft") from exc
-    lora = train_cfg.lora
-    torch.manual_seed(train_cfg.seed)  # adapter init is random: make it a function of the config seed
-    pc = peft.LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, pc)
 
 
 def _select(rows: list[dict], limit: int | None) -> list[dict]:
@@ -129,6 +128,33 @@ def make_tracker(cfg: RunConfig, out_dir: Path) -> Tracker:
     )
 
 
+def _train_tracked(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    objective: Objective,
+    section: TrainConfig,
+    out_dir: Path,
+    *,
+    desc: str,
+    precision: Precision,
+    stop_after_steps: int | None,
+) -> TrainResult:
+    """``train`` with the run's experiment tracker open around it."""
+    with make_tracker(cfg, out_dir) as tracker:
+        return train(
+            model,
+            tokenizer,
+            objective,
+            section,
+            out_dir,
+            stop_after_steps=stop_after_steps,
+            desc=desc,
+            precision=precision,
+            tracker=tracker,
+        )
+
+
 def _finish(
     kind: str,
     tokenizer: Any,
@@ -140,9 +166,14 @@ def _finish(
     data_stats: dict,
     cfg_section: TrainConfig,
     run_config: RunConfig,
+    adapter_over: str,
 ) -> RunSummary:
+    """Hand the model on (merged, or ``lora.hand_on: adapter``: the adapter over ``adapter_over``) and summarise."""
     rank, _ = collectives.world()
-    final_dir = checkpoints.export_model(result.model, tokenizer, out_dir / "final")
+    if cfg_section.lora.enabled and cfg_section.lora.hand_on == "adapter":
+        final_dir = adapters.export_adapter(result.model, tokenizer, out_dir / "final", adapter_over)
+    else:
+        final_dir = checkpoints.export_model(result.model, tokenizer, out_dir / "final")
     summary = RunSummary(
         kind=kind,
         model_dir=str(final_dir),
@@ -186,6 +217,7 @@ def run_sft(
     s = cfg.sft
     spec = init_spec or (cfg.model.base if s.init == "base" else s.init)
     device = pick_device()
+    adapters.check_four_bit("sft", s.lora, device)
     precision = run_precision(cfg, device)
     tokenizer = load_tokenizer(spec)
     train_rows = _select(read_jsonl(data_dir / "sft.train.jsonl"), s.max_examples)
@@ -193,23 +225,16 @@ def run_sft(
     logger.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
     train_ex, train_stats = tokenize_sft(train_rows, tokenizer, s.max_seq_len, s.overlength)
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
-    model = apply_lora(load_for_training(spec, cfg, device, precision), s)
+    loaded = load_for_training(spec, cfg, device, precision, s.lora)
+    adapter_over = adapters.hand_on_base(spec, loaded) if s.lora.enabled else spec
+    model = apply_lora(loaded, s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    with make_tracker(cfg, out_dir) as tracker:
-        result = train(
-            model,
-            tokenizer,
-            objective,
-            s,
-            out_dir,
-            stop_after_steps=stop_after_steps,
-            desc="sft",
-            precision=precision,
-            tracker=tracker,
-        )
+    result = _train_tracked(
+        cfg, model, tokenizer, objective, s, out_dir, desc="sft", precision=precision, stop_after_steps=stop_after_steps
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
-    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg)
+    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg, adapter_over)
 
 
 def resolve_init_and_reference(
@@ -269,6 +294,7 @@ def run_preference(
         )
     init_spec, ref_spec = resolve_init_and_reference(cfg, loss, p, sft_model_dir)
     device = pick_device()
+    adapters.check_four_bit("preference", p.lora, device)
     precision = run_precision(cfg, device)
     tokenizer = load_tokenizer(init_spec)
     train_rows = _select(read_jsonl(data_dir / "preference.train.jsonl"), p.max_examples)
@@ -286,14 +312,19 @@ def run_preference(
     train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
     dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
     loss_fn = losses.build_loss(loss, p.criterion_config)
-    model = load_for_training(init_spec, cfg, device, precision)
+    model = load_for_training(init_spec, cfg, device, precision, p.lora)
+    adapter_over = adapters.hand_on_base(init_spec, model) if p.lora.enabled else init_spec
 
     live_reference = None
+    reference_from_policy = False
     if ref_spec is not None:
         have_scores = all(x.reference_chosen is not None for x in train_pairs + dev_pairs)
         already_resumable = checkpoints.latest_checkpoint(out_dir / "checkpoints") is not None
-        if p.reference_mode == "live":
-            live_reference = load_reference(ref_spec, cfg, device, precision)
+        if p.reference_mode == "live" and adapters.reference_is_policy_base(p.lora, init_spec, ref_spec, model):
+            reference_from_policy = True  # the policy with its adapters disabled: no second model in memory
+            logger.info("%s: live reference = the policy with its adapters disabled (%s)", loss, ref_spec)
+        elif p.reference_mode == "live":
+            live_reference = load_reference(ref_spec, cfg, device, precision, p.lora)
         elif not have_scores:
             ref_cache = out_dir / "reference_logps.json"
             _load_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
@@ -301,7 +332,7 @@ def run_preference(
                 if ref_spec == init_spec and not already_resumable:
                     ref_model = model  # the policy before its first update *is* the reference
                 else:
-                    ref_model = load_reference(ref_spec, cfg, device, precision)
+                    ref_model = load_reference(ref_spec, cfg, device, precision, p.lora)
                 t0 = time.perf_counter()
                 precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p, precision=precision)
                 logger.info(
@@ -317,27 +348,25 @@ def run_preference(
                     del ref_model
     model = apply_lora(model, p)
     objective = PreferenceObjective(
-        train_pairs, dev_pairs, tokenizer.pad_token_id, p, loss_fn, ref_spec is not None, live_reference
+        train_pairs,
+        dev_pairs,
+        tokenizer.pad_token_id,
+        p,
+        loss_fn,
+        ref_spec is not None,
+        live_reference,
+        reference_from_policy=reference_from_policy,
     )
-    with make_tracker(cfg, out_dir) as tracker:
-        result = train(
-            model,
-            tokenizer,
-            objective,
-            p,
-            out_dir,
-            stop_after_steps=stop_after_steps,
-            desc=loss,
-            precision=precision,
-            tracker=tracker,
-        )
+    result = _train_tracked(
+        cfg, model, tokenizer, objective, p, out_dir, desc=loss, precision=precision, stop_after_steps=stop_after_steps
+    )
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
         if init_spec == sft_model_dir
         else (f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
     )
-    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p, cfg)
+    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p, cfg, adapter_over)
 
 
 def _load_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:

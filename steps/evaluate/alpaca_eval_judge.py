@@ -1,0 +1,121 @@
+"""``alpaca_eval:<config>``: alpaca_eval's own PairwiseAnnotator with one of its annotator configs, after checking
+that the API keys and packages its completion functions need are there (presence only: keys are never read)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from steps.evaluate.annotator_prompt import (
+    OFFICIAL_ANNOTATOR,
+    JudgeError,
+    read_annotator_configs,
+    resolve_annotator_config,
+)
+from steps.evaluate.judge_base import Judge
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables each alpaca_eval completion function needs (any one of them), and its package.
+COMPLETION_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "openai_completions": (("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"), "openai"),
+    "anthropic_completions": (("ANTHROPIC_API_KEY",), "anthropic"),
+    "cohere_completions": (("COHERE_API_KEY",), "cohere"),
+    "bedrock_anthropic_completions": ((), "boto3"),
+    "vllm_local_completions": ((), "vllm"),
+    "huggingface_local_completions": ((), "transformers"),
+}
+
+
+def _credential_present(variable: str) -> bool:
+    """An API key variable is set, or (for a client config path) the config file it names exists.
+
+    alpaca_eval also reads an OpenAI client config from its default location when the variable is unset.
+    """
+    if variable == "OPENAI_CLIENT_CONFIG_PATH":
+        from alpaca_eval import constants
+
+        path = os.environ.get(variable) or str(constants.OPENAI_CLIENT_CONFIG_PATH)
+        return Path(path).is_file()
+    return bool(os.environ.get(variable))
+
+
+class AlpacaEvalJudge(Judge):
+    """alpaca_eval's PairwiseAnnotator with one of its annotator configs (API judges need their key)."""
+
+    name = "alpaca_eval"
+
+    def __init__(self, config: str = OFFICIAL_ANNOTATOR, chunk_size: int = 8, **annotator_kwargs: Any):
+        self.config = config
+        self.config_path = resolve_annotator_config(config)
+        self.chunk_size = chunk_size
+        self.annotator_kwargs = annotator_kwargs
+
+    @property
+    def label(self) -> str:
+        return f"alpaca_eval:{self.config}"
+
+    @property
+    def price_model(self) -> str | None:
+        """The model of the config's first annotator (what alpaca_eval bills), None for local completions."""
+        for settings in read_annotator_configs(self.config_path).values():
+            if settings.get("fn_completions") in ("vllm_local_completions", "huggingface_local_completions"):
+                return None
+            model_name = (settings.get("completions_kwargs") or {}).get("model_name")
+            if model_name:
+                return str(model_name)
+        return None
+
+    def required_environment(self) -> list[tuple[str, tuple[str, ...], str | None]]:
+        """(annotator, env vars of which one must be set, package) per annotator in the config."""
+        needs = []
+        for name, settings in read_annotator_configs(self.config_path).items():
+            fn = settings.get("fn_completions")
+            if isinstance(fn, str) and fn in COMPLETION_REQUIREMENTS:
+                env, package = COMPLETION_REQUIREMENTS[fn]
+                needs.append((name, env, package))
+        return needs
+
+    def check(self) -> None:
+        """Keys (presence only: never read into logs or results) and packages each annotator needs."""
+        for name, env, package in self.required_environment():
+            if env and not any(_credential_present(var) for var in env):
+                raise JudgeError(
+                    f"judge {self.label} (annotator {name!r}) calls an API and needs {env[0]} in the environment "
+                    f"(or {', '.join(env[1:])}); none is set. Export it before the run, or use the offline judge "
+                    f"'local_logprob'."
+                    if len(env) > 1
+                    else f"judge {self.label} (annotator {name!r}) needs {env[0]} in the environment; it is not set"
+                )
+            if package and importlib.util.find_spec(package) is None:
+                raise JudgeError(
+                    f"judge {self.label} (annotator {name!r}) needs the package {package!r}, which is not installed"
+                )
+
+    def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
+        from alpaca_eval.annotators import PairwiseAnnotator
+
+        self.check()
+        annotator = PairwiseAnnotator(annotators_config=self.config_path, caching_path=None, **self.annotator_kwargs)
+        for start in range(0, len(pairs), self.chunk_size):
+            chunk = [
+                dict(instruction=p["instruction"], output_1=p["output_1"], output_2=p["output_2"])
+                for p in pairs[start : start + self.chunk_size]
+            ]
+            started = time.monotonic()
+            results = annotator.annotate_pairs(chunk)
+            by_key = {(r["instruction"], r["output_1"], r["output_2"]): r for r in results}
+            elapsed = (time.monotonic() - started) / max(len(chunk), 1)
+            for offset, pair in enumerate(chunk):
+                found = by_key.get((pair["instruction"], pair["output_1"], pair["output_2"]))
+                if found is None:
+                    logger.warning("alpaca_eval returned no annotation for pair %d", start + offset)
+                    continue
+                result = {k: v for k, v in found.items() if k not in ("instruction", "output_1", "output_2")}
+                result.setdefault("time_per_example", elapsed)
+                on_result(start + offset, result)
