@@ -394,6 +394,19 @@ def test_judge_cache_appends_killed_mid_line_lose_only_that_line(tmp_path):
     INTERRUPTED["killed:judge_cache"] = kills
 
 
+def fail_fsync(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """The ``at``-th ``os.fsync`` from now raises ENOSPC (a disk that fills up mid-write); the others run."""
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="steps/data/spool.py RoutedSpool.route exits its AtomicFiles by hand: when one fails to commit (ENOSPC at "
@@ -401,15 +414,7 @@ def test_judge_cache_appends_killed_mid_line_lose_only_that_line(tmp_path):
 )
 def test_data_prep_failure_leaves_no_temp_files(tmp_path, monkeypatch):
     _data(tmp_path, 1)
-    real_fsync, calls = os.fsync, {"n": 0}
-
-    def fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_fsync(monkeypatch, 1)
     with pytest.raises(OSError):
         _data(tmp_path, 2)
     assert leftovers(tmp_path) == []

@@ -5,7 +5,6 @@ every earlier row in place."""
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from steps.report import Selection, render_report, write_report
+from tests.test_reliability_atomic import fail_fsync
 from tests.test_report import make_record, table_cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +101,7 @@ def test_a_failed_regeneration_removes_no_earlier_row(tmp_path, monkeypatch):
     earlier = versions()["two"]
     write_report(earlier, Selection(), out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_fsync, calls = os.fsync, {"n": 0}
-
-    def fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_fsync(monkeypatch, 5)
     rerun = [make_record("1700000000000003", day=5, lc=None, wr=None)]  # e.g. a latest-1 report of a new run
     with pytest.raises(OSError, match="No space left"):
         write_report(rerun, Selection(latest=1), out)
