@@ -77,6 +77,7 @@ def plan_run(
     _setup_logging()
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # Metaflow's ConfigValue
     plan = load_plan(data, METAFLOW_SOURCE, set_arg, loss_arg, sweep_path)
+    check_output_locations(plan.config)
     hub = plan.config.push_to_hub
     if hub.repo_id is not None:  # a missing token or clashing repo ids fail now, not after hours of training
         from steps.hub import check_publish
@@ -99,6 +100,22 @@ def begin_step(handoff: dict | None, output_root: str, gang: Gang | None = None)
     """Every step's first call: logging, and the run's store (None: shared filesystem; see model_store.open_store)."""
     _setup_logging()
     return open_store(handoff, output_root, gang.node_index if gang else 0)
+
+
+#: The report directory holds a few small files: it needs far less room than the output root.
+REPORT_MIN_FREE_BYTES = 16 << 20
+
+
+def check_output_locations(cfg: RunConfig) -> None:
+    """start, before any work: ``resources.output_dir`` and the report directory exist (or can be created), take a
+    file, and have free space (``$PREFFLOW_MIN_FREE_MB``, default 1024 MiB, for the output dir; 16 MiB for the
+    report); else one clear :class:`steps.io.OutputLocationError` and nothing written, earlier outputs untouched."""
+    from steps.io import check_output_location
+    from steps.report.generate import REPORT_DIR_ENV, default_report_dir
+
+    check_output_location(cfg.resources.output_dir, "resources.output_dir")
+    where = f"the report directory (${REPORT_DIR_ENV}, else ./reports)"
+    check_output_location(default_report_dir(), where, min_free=REPORT_MIN_FREE_BYTES)
 
 
 def prepare_data(cfg: RunConfig, output_root: str, handoff: dict | None = None) -> tuple[str, dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.evaluate.judge_base import Judge
+from steps.io import append_jsonl, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,11 @@ class AnnotationInputError(ValueError):
 
 
 class AnnotationCache:
-    """Append-only JSONL of judgements for one judge; one line per judgement, flushed as it is made.
+    """Append-only JSONL of judgements for one judge; one line per judgement, fsynced as it is made.
 
-    Keyed by sha256 of (judge identity, instruction, output_1, output_2). A line cut short by a crash is
-    skipped on load (that one judgement is simply made again).
+    Keyed by sha256 of (judge identity, instruction, output_1, output_2). Lines are appended under a file lock
+    (parallel evaluate steps share the file) in one write each; a line torn by a kill is closed off by the next
+    append and skipped on load (that one judgement is simply made again).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, judge_identity: str):
@@ -36,17 +38,14 @@ class AnnotationCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, dict[str, Any]] = {}
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        self._entries[row["key"]] = row["result"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        logger.warning(
-                            "%s:%d: unreadable cache line skipped (an interrupted write?)", self.path, lineno
-                        )
+            bad = 0
+            for row in iter_jsonl(self.path, skip_bad_lines=True):
+                if isinstance(row.get("key"), str) and isinstance(row.get("result"), dict):
+                    self._entries[row["key"]] = row["result"]
+                else:
+                    bad += 1
+            if bad:
+                logger.warning("%s: %d cache line(s) without a key and a result skipped", self.path, bad)
             logger.info("annotation cache %s: %d judgements", self.path, len(self._entries))
 
     def key(self, instruction: str, output_1: str, output_2: str) -> str:
@@ -57,11 +56,7 @@ class AnnotationCache:
         return self._entries.get(key)
 
     def put(self, key: str, result: dict[str, Any]) -> None:
-        line = json.dumps({"key": key, "result": result}, ensure_ascii=False, default=str)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_jsonl(self.path, {"key": key, "result": result}, lock=True)
         self._entries[key] = result
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from steps.io import read_json, write_json
+from steps.io import publish_dir, read_json, write_json
 from steps.locks import file_lock
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,9 @@ def materialize_cached_dir(
             problem = cache_problem(tmp)
             if problem is not None:
                 raise RuntimeError(f"freshly built cache entry failed verification: {problem}")
-            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the entry is a normal shared cache directory
-            os.replace(tmp, target)
+            # mkdtemp makes the directory owner-only and some writers (safetensors) make 0600 files: the entry
+            # follows the umask like any directory the user creates; fsynced, then renamed into place
+            publish_dir(tmp, target)
             logger.info("built %s in %.1f s", target, time.monotonic() - started)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Write the report directory (results.md/.csv/.json, README.md, plots, config snapshots), rebuilt each time.
-Rendered in memory, then written under ``.report.lock`` with one atomic replace per changed file, so
-concurrent jobs each leave a whole, consistent set; stale managed files are removed."""
+Rendered in memory, then, under ``.report.lock``, every changed file is staged and fsynced before any is replaced
+(a full disk replaces nothing), so concurrent jobs never tear a file; stale managed files go last."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from steps.io import atomic_write_bytes
+from steps.io import atomic_write_files
 from steps.locks import file_lock
 from steps.report.plots import training_curves_png, win_rate_bars_png
 from steps.report.records import RunRecord, Selection, client_scope, select_runs
@@ -173,13 +173,17 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
 
 
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> tuple[int, int]:
-    written = removed = 0
+    """Changed files all staged first (an error while writing, ENOSPC included, replaces none), then renamed;
+    only then are stale managed files removed, so a failed write never takes rows away."""
+    changed = {}
     for rel, data in sorted(files.items()):
         path = out_dir / rel
-        if path.is_file() and path.read_bytes() == data:
-            continue
-        atomic_write_bytes(path, data)
-        written += 1
+        if not (path.is_file() and path.read_bytes() == data):
+            changed[path] = data
+    # the tables last: a reader that sees the new results.* also finds the snapshots and plots they link to
+    order = sorted(changed, key=lambda p: (p.parent == out_dir and p.name.startswith("results."), str(p)))
+    atomic_write_files({p: changed[p] for p in order})
+    written, removed = len(changed), 0
     for sub, suffix in MANAGED_DIRS.items():
         folder = out_dir / sub
         if not folder.is_dir():

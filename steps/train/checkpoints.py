@@ -1,6 +1,6 @@
 """Trainer checkpoints through ``torch.distributed.checkpoint`` (every rank writes and reads only its shard) and
-the Hugging Face export a later step loads. A checkpoint is written under a temp name and renamed when complete,
-with a ``COMPLETE`` marker written last, so a kill mid-save never leaves a checkpoint that resume trusts."""
+the Hugging Face export a later step loads. Checkpoints and model directories are written under a temp name, marked
+``COMPLETE`` last and published by one rename (steps.io), so a kill mid-save never leaves one that resume trusts."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps.io import atomic_write_bytes, atomic_write_text
+from steps.io import atomic_write_bytes, atomic_write_text, discard_dir, publish_dir, remove_leftovers
 from steps.train import collectives, parallel
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ def is_lora(model: Any) -> bool:
 def save_model_dir(
     model: Any, tokenizer: Any, path: Path, merge_lora: bool = True, weights: dict | None = None
 ) -> Path:
-    """Write a reloadable Hugging Face model directory atomically (a LoRA model merged into a plain one).
+    """Write a reloadable Hugging Face model directory atomically (a LoRA model merged into a plain one): a
+    previous ``path`` stays whole until the new one replaces it in one step; modes follow the umask.
 
     ``weights``: the full state dict gathered from a sharded model to write instead of its own parameters."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)  # temp directories of a save that was killed (one writer per model directory)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if is_lora(model) and merge_lora:
         to_save = copy.deepcopy(model).merge_and_unload()
@@ -59,10 +61,7 @@ def save_model_dir(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / COMPLETE, json.dumps({"time": time.time()}))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return publish_dir(tmp, path)
 
 
 def export_model(model: Any, tokenizer: Any, path: Path) -> Path:
@@ -142,8 +141,10 @@ def save_checkpoint(
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".step_{step:07d}.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for leftover in list(ckpt_root.glob(".step_*")):  # temp or discarded checkpoints of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
     collectives.barrier(device)
     with _quiet_single_process():
         dcp.save(_trainer_state(model, optimizer), checkpoint_id=str(tmp / STATE_DIR))
@@ -154,11 +155,9 @@ def save_checkpoint(
     collectives.barrier(device)
     if rank == 0:
         atomic_write_text(tmp / COMPLETE, json.dumps({"step": step, "time": time.time(), "world_size": world_size}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_dir(old)  # renamed first: a kill mid-delete never leaves a step_* that looks complete
         logger.info("checkpoint written: %s (%d rank shards)", final, world_size)
     collectives.barrier(device)
     return final
