@@ -314,6 +314,7 @@ def collect_results(
 
 def _add_paired(rows: list[dict], evaluation: EvaluationConfig) -> None:
     from steps.evaluate.paired import paired_comparison
+    from steps.evaluate.scoring import AnnotationsError
     from steps.io import read_json
 
     name = evaluation.paired_baseline
@@ -322,12 +323,17 @@ def _add_paired(rows: list[dict], evaluation: EvaluationConfig) -> None:
         row["paired_vs"] = {"baseline": name, "is_baseline": True} if row is base else None
         if base is None or row is base or not row.get("evaluated"):
             continue
-        paired = paired_comparison(
-            read_json(row["files"]["annotations"]),
-            read_json(base["files"]["annotations"]),
-            seed=evaluation.paired_seed,
-            resamples=evaluation.paired_resamples,
-        )
+        try:
+            paired = paired_comparison(
+                read_json(row["files"]["annotations"]),
+                read_json(base["files"]["annotations"]),
+                seed=evaluation.paired_seed,
+                resamples=evaluation.paired_resamples,
+            )
+        except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
+            logger.warning("%s: no paired comparison with %s: %s", row.get("variant"), name, exc)
+            row["paired_vs"] = {"baseline": name, "unavailable": str(exc)}
+            continue
         row["paired_vs"] = {"baseline": name, **paired}
 
 

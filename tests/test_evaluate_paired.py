@@ -118,3 +118,34 @@ def test_score_cli_adds_paired_fields(shared_dir):
     low, high = result["paired_ci95"]
     assert low < expected < high and result["paired_distinguishable"] is (low > 0 or high < 0)
     assert result["win_rate"] - 4.797493939167703 == pytest.approx(0, abs=1e-4)
+
+
+def _annotation_file(path, preferences):
+    from steps.io import write_json
+
+    rows = [
+        {"instruction": f"q{i}", "output_1": f"ref{i}", "output_2": f"ans{i}", "preference": p}
+        for i, p in enumerate(preferences)
+    ]
+    write_json(path, rows)
+    return str(path)
+
+
+def test_the_join_shows_na_when_no_instruction_has_a_judgement_in_both(tmp_path):
+    """A judge that returned no usable preference (all missing) must not fail the join: the row's paired cell is
+    n/a with the reason, and a row with judgements still gets its difference (2,2,1 vs 1,1,1: +66.67)."""
+    from steps.config import EvaluationConfig
+    from steps.pipeline import _add_paired
+    from steps.report.rows import _paired
+
+    def row(variant, preferences):
+        path = _annotation_file(tmp_path / f"{variant}.json", preferences)
+        return {"variant": variant, "evaluated": True, "files": {"annotations": path}}
+
+    rows = [row("sft", [1.0, 1.0, 1.0]), row("dpo", [None, None, None]), row("simpo", [2.0, 2.0, 1.0])]
+    _add_paired(rows, EvaluationConfig(paired_resamples=200))
+    sft, dpo, simpo = rows
+    assert sft["paired_vs"] == {"baseline": "sft", "is_baseline": True}
+    assert "no shared instruction has a judgement in both" in dpo["paired_vs"]["unavailable"]
+    assert _paired(dpo)["paired_delta_wr"] is None
+    assert simpo["paired_vs"]["paired_delta_wr"] == pytest.approx(200 / 3)
