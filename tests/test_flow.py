@@ -44,7 +44,6 @@ def _env(tmp_path: Path) -> dict:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
-        "METAFLOW_CARD_LOCALROOT": str(tmp_path / "mf" / "mf.cards"),  # else cards land in the checkout
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
         "MPLBACKEND": "Agg",
