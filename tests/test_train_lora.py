@@ -428,16 +428,9 @@ def test_dpo_with_lora_runs_through_the_flow_as_the_readme_shows(tmp_path, token
     from metaflow import Runner, namespace
 
     (tmp_path / "lora_dpo.yaml").write_text(README_LORA_YAML)
-    env = {
-        "USERNAME": "prefflow-test",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "PREFFLOW_REPORT_DIR": str(tmp_path / "reports"),
-    }
+    from tests.test_flow import _env
+
+    env = _env(tmp_path)
     with Runner(
         str(REPO / "flows" / "pipeline.py"),
         show_output=False,
