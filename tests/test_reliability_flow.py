@@ -415,9 +415,17 @@ def test_resume_after_kills_in_sft_preference_and_evaluate(resumed_run, concurre
     assert run["start"].task.data.output_root == str(root)
     after_sft = run_of(r["tmp"] / "mf", next_run[by_step["sft"]["run_id"]])
     assert after_sft["sft"].task.data.sft_summary["resumed_from"] == str(root / "sft" / "checkpoints" / mid)
-    after_pref = run_of(r["tmp"] / "mf", next_run[by_step["preference"]["run_id"]])
-    pref = next(t for t in after_pref["preference"].tasks() if t.successful and t.data.variant["name"] == "dpo")
-    assert pref.data.train_summary["resumed_from"] == str(root / "dpo" / "checkpoints" / mid)
+    # the dpo task finishes in the first later run not killed while it trained (an evaluate kill can land while
+    # the dpo step still trains), resumed from the newest checkpoint there was when the run before it was killed
+    pref, before = None, None
+    for stage in stages[stages.index(by_step["preference"]) :]:
+        tasks = run_of(r["tmp"] / "mf", next_run[stage["run_id"]])["preference"].tasks()
+        pref = next((t for t in tasks if t.successful and t.data.variant["name"] == "dpo"), None)
+        if pref is not None:
+            before = stage
+            break
+    assert pref is not None and before is not None, [(s["step"], s["dpo"]) for s in stages]
+    assert pref.data.train_summary["resumed_from"] == str(root / "dpo" / "checkpoints" / before["dpo"][-1])
     # finished steps were cloned, not redone: Metaflow says so, and the files they wrote were not touched again
     produced = {"sft": root / "sft" / "final", "preference": root / "dpo" / "final"}
     for stage in stages:

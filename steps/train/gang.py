@@ -222,7 +222,7 @@ def run_node(
     """Run this node's torchrun; ``on_poll`` every ``poll_s`` (checkpoint uploads), ``on_exit`` once it ends.
 
     A gang node stops its torchrun as soon as another node reports a failure and raises
-    :class:`GangFailedError` naming the first failed node; its own failure is reported to the others first."""
+    :class:`GangFailedError` naming every node that failed so far; its own failure is reported to the others first."""
     where = f"node {gang.node_index} of {gang.num_nodes}" if gang else "this node"
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     try:
