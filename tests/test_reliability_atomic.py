@@ -422,11 +422,6 @@ def fail_fsync(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steps/data/spool.py RoutedSpool.route exits its AtomicFiles by hand: when one fails to commit (ENOSPC at "
-    "fsync), the others are never exited and their temp files stay; entering them on a contextlib.ExitStack fixes it",
-)
 def test_data_prep_failure_leaves_no_temp_files(tmp_path, monkeypatch):
     _data(tmp_path, 1)
     fail_fsync(monkeypatch, 1)

@@ -5,6 +5,7 @@ Final files are written like ``steps.io`` writes (temp file in the same director
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -71,25 +72,21 @@ class RoutedSpool:
         return len(self.groups)
 
     def route(self, side_of: Callable[[int], str], targets: Sequence[dict[str, Path]]) -> dict[str, int]:
-        """Copy every spooled line to ``targets[rendering][side]`` in spool order; rows per side."""
+        """Copy every spooled line to ``targets[rendering][side]`` in spool order; rows per side.
+
+        Every target is open on one ExitStack: if one fails to commit (ENOSPC at fsync), the others still exit
+        and remove their temp files."""
         sizes = dict.fromkeys(targets[0], 0)
-        for rendering, fh in enumerate(self.files):
-            fh.flush()
-            fh.seek(0)
-            opened = {side: AtomicFile(path) for side, path in targets[rendering].items()}
-            handles = {side: f.__enter__() for side, f in opened.items()}
-            try:
+        with contextlib.ExitStack() as stack:
+            for rendering, fh in enumerate(self.files):
+                fh.flush()
+                fh.seek(0)
+                handles = {side: stack.enter_context(AtomicFile(path)) for side, path in targets[rendering].items()}
                 for group, line in zip(self.groups, fh):
                     side = side_of(group)
                     handles[side].write(line)
                     if rendering == 0:
                         sizes[side] += 1
-            except BaseException as exc:
-                for f in opened.values():
-                    f.__exit__(type(exc), exc, None)
-                raise
-            for f in opened.values():
-                f.__exit__(None, None, None)
         return sizes
 
     def close(self) -> None:
