@@ -27,7 +27,7 @@ import yaml
 from steps.report import ReportError, RunRecord, Selection, generate_report, render_report, write_report
 from steps.report.plots import training_curves_png, training_panels, win_rate_bars_png
 from steps.report.records import client_scope
-from steps.report.table import COLUMNS, build_rows, markdown_table
+from steps.report.table import COLUMNS, build_rows, markdown_table, results_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTED = ["LC WR", "WR", "Loss Function", "Training Config", "Epoch", "Model Initialization"]
@@ -225,6 +225,19 @@ def test_uncertainty_paired_heldout_agreement_and_cost_cells():
     assert simpo[7] == "0.62 (per token 0.50; reward 0.88, margin 0.314)"
     assert simpo[9] == "16/30 (53%; majority 97%; κ 0.07) vs weighted_alpaca_eval_gpt4_turbo"
     assert simpo[10] == "1.2M / $12.06" and orpo[10] == "4k / local"
+
+
+def test_n_says_how_many_judgements_parsed_of_those_evaluated():
+    """alpaca_eval's n_total counts only judgements that parsed as a preference; the rest are not in WR."""
+    record = make_record()
+    sft, dpo = sorted(record.results, key=lambda r: r["variant"] != "sft")
+    sft.update(n_total=15, n_instructions=16)  # one judgement of 16 did not parse
+    dpo.update(n_instructions=805)  # all judged: the plain count
+    rows = table_cells(markdown_table(build_rows([record])))[2:]
+    column = COLUMNS.index("n")
+    assert [row[column] for row in rows] == ["15 of 16 judged", "805"]
+    exported = list(csv.DictReader(io.StringIO(results_csv(build_rows([record])))))
+    assert [(r["n"], r["n_instructions"]) for r in exported] == [("15", "16"), ("805", "805")]
 
 
 def test_missing_keys_print_na_and_pipes_are_escaped():

@@ -65,6 +65,7 @@ class ResultRow:
     judge_agreement_text: str | None = None
     judge_tokens: int | None = None
     judge_cost_usd: float | None = None
+    n_instructions: int | None = None  # evaluated; ``n`` counts those whose judgement parsed as a preference
 
     @property
     def pathspec(self) -> str:
@@ -204,6 +205,7 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
                 reference=result.get("reference_generator"),
                 lc_method=result.get("lc_method"),
                 n=_int(result.get("n_total")),
+                n_instructions=_int(result.get("n_instructions")),
                 avg_length=_number(result.get("avg_length")),
                 evaluated=evaluated,
                 model_dir=result.get("model_dir"),

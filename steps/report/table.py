@@ -119,6 +119,13 @@ def cost_text(row: ResultRow) -> str:
     return f"{amount} / {'local' if (row.judge or '').startswith('local') else 'unpriced'}"
 
 
+def n_text(row: ResultRow) -> str:
+    """``24``; ``23 of 24 judged`` when some judgements did not parse (WR and LC count only the judged ones)."""
+    if row.n is not None and row.n_instructions is not None and row.n < row.n_instructions:
+        return f"{row.n} of {row.n_instructions} judged"
+    return _cell(row.n)
+
+
 def lc_reasons(rows: list[ResultRow]) -> list[str]:
     """The distinct reasons LC is not shown, in order of first appearance: the table's footnotes."""
     return list(dict.fromkeys(r.lc_unavailable_reason for r in rows if r.lc_unavailable_reason))
@@ -146,7 +153,7 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str]) -> list[str]:
         _cell(row.eval_set),
         _cell(row.reference),
         _cell(row.lc_method),
-        _cell(row.n),
+        n_text(row),
         _cell(row.date),
         f"`{row.pathspec}`",
     ]
@@ -269,6 +276,7 @@ EXPORT_FIELDS = [
     "judge_agreement_text",
     "judge_tokens",
     "judge_cost_usd",
+    "n_instructions",
 ]
 
 
