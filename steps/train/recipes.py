@@ -138,7 +138,6 @@ def _train_tracked(
     *,
     desc: str,
     precision: Precision,
-    stop_after_steps: int | None,
 ) -> TrainResult:
     """``train`` with the run's experiment tracker open around it."""
     with make_tracker(cfg, out_dir) as tracker:
@@ -148,7 +147,6 @@ def _train_tracked(
             objective,
             section,
             out_dir,
-            stop_after_steps=stop_after_steps,
             desc=desc,
             precision=precision,
             tracker=tracker,
@@ -202,20 +200,13 @@ def _finish(
     return summary
 
 
-def run_sft(
-    cfg: RunConfig,
-    data_dir: Path,
-    out_dir: Path,
-    *,
-    init_spec: str | None = None,
-    stop_after_steps: int | None = None,
-) -> RunSummary:
+def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> RunSummary:
     """Supervised fine-tuning on ``data_dir/sft.{train,dev}.jsonl``; the model lands in ``out_dir/final``."""
     from steps.models import load_tokenizer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     s = cfg.sft
-    spec = init_spec or (cfg.model.base if s.init == "base" else s.init)
+    spec = cfg.model.base if s.init == "base" else s.init
     device = pick_device()
     adapters.check_four_bit("sft", s.lora, device)
     precision = run_precision(cfg, device)
@@ -229,9 +220,7 @@ def run_sft(
     adapter_over = adapters.hand_on_base(spec, loaded) if s.lora.enabled else spec
     model = apply_lora(loaded, s)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    result = _train_tracked(
-        cfg, model, tokenizer, objective, s, out_dir, desc="sft", precision=precision, stop_after_steps=stop_after_steps
-    )
+    result = _train_tracked(cfg, model, tokenizer, objective, s, out_dir, desc="sft", precision=precision)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
     return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg, adapter_over)
@@ -270,13 +259,7 @@ def resolve_init_and_reference(
 
 
 def run_preference(
-    cfg: RunConfig,
-    loss: str,
-    data_dir: Path,
-    out_dir: Path,
-    *,
-    sft_model_dir: str | None = None,
-    stop_after_steps: int | None = None,
+    cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *, sft_model_dir: str | None = None
 ) -> RunSummary:
     """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``.
 
@@ -357,9 +340,7 @@ def run_preference(
         live_reference,
         reference_from_policy=reference_from_policy,
     )
-    result = _train_tracked(
-        cfg, model, tokenizer, objective, p, out_dir, desc=loss, precision=precision, stop_after_steps=stop_after_steps
-    )
+    result = _train_tracked(cfg, model, tokenizer, objective, p, out_dir, desc=loss, precision=precision)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
