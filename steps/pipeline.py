@@ -137,15 +137,13 @@ def reference_outputs(cfg: RunConfig, output_root: str, handoff: dict | None = N
     e = cfg.evaluation
     if not e.enabled:
         return {"enabled": False}, None
-    from steps.evaluate import load_eval_set, make_judge, reference_outputs_for
+    from steps.evaluate import ModelRun, load_eval_set, make_judge, reference_outputs_for
     from steps.io import write_json
 
     make_judge(e.judge, device="cpu", **e.judge_options()).check()  # API keys and servers before any work
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     with cpu_heavy_section(cfg, "reference outputs"):
-        refs = reference_outputs_for(
-            eval_set, cfg.model.base, generation=e.generation, dtype=e.dtype, backend=e.backend
-        )
+        refs = reference_outputs_for(eval_set, cfg.model.base, e.generation, ModelRun(e.backend, dtype=e.dtype))
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
     if store is not None:
         store.push(path)
@@ -223,7 +221,7 @@ def evaluate_variant(
     }
     if not e.enabled or reference_path is None:
         return publish_variant(plan, train_summary, {**base, "evaluated": False}, output_root)
-    from steps.evaluate import evaluate_model, load_eval_set
+    from steps.evaluate import ModelRun, evaluate_model, load_eval_set
     from steps.io import read_json, read_jsonl
 
     if store is not None:  # the held-out accuracy scores the training reference model too
@@ -250,8 +248,7 @@ def evaluate_variant(
             heldout_max_pairs=e.heldout_max_pairs,
             heldout_max_seq_len=int(training.get("max_seq_len", 2048)),
             agreement_registry=e.agreement_registry,
-            dtype=e.dtype,  # auto: bf16 on a CUDA GPU, fp32 on CPU
-            backend=e.backend,
+            run=ModelRun(e.backend, dtype=e.dtype),  # dtype auto: bf16 on a CUDA GPU, fp32 on CPU
         )
     result = {**base, "evaluated": True, **metrics}
     if store is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from steps.evaluate import GenerationSettings, evaluate_model, reference_outputs_for
+from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, reference_outputs_for
 from steps.evaluate.eval_sets import load_eval_set
 
 GENERATION = GenerationSettings(max_new_tokens=6, batch_size=4)
@@ -13,9 +13,8 @@ GENERATION = GenerationSettings(max_new_tokens=6, batch_size=4)
 def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
     eval_set = load_eval_set("embedded", max_instructions=6)
     policy = tiny_model_factory(seed=1)
-    refs = reference_outputs_for(
-        eval_set, "tiny", GENERATION, model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False
-    )
+    reference_run = ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False)
+    refs = reference_outputs_for(eval_set, "tiny", GENERATION, reference_run)
     assert [r["generator"] for r in refs] == ["reference:tiny"] * 6
     assert [r["instruction"] for r in refs] == eval_set.instructions
 
@@ -27,9 +26,7 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
         judge_model="tiny",
         judge_max_chars=300,
         cache_dir=tmp_path / "cache",
-        model=policy,
-        tokenizer=tokenizer,
-        show_progress=False,
+        run=ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
         agreement_registry=tmp_path / "registry.json",
     )
     result = evaluate_model("tiny", eval_set, refs, **kwargs)
@@ -103,9 +100,8 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
 
     eval_set = load_eval_set("embedded")
     generation = GenerationSettings(max_new_tokens=4, batch_size=8)
-    refs = reference_outputs_for(
-        eval_set, "tiny", generation, model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False
-    )
+    reference_run = ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False)
+    refs = reference_outputs_for(eval_set, "tiny", generation, reference_run)
     registry = tmp_path / "registry.json"
     official = tmp_path / "official.json"
     official.write_text("[]")
@@ -124,9 +120,7 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
         generation=generation,
         judge="local_logprob:tiny",
         judge_max_chars=300,
-        model=tiny_model_factory(seed=0),
-        tokenizer=tokenizer,
-        show_progress=False,
+        run=ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False),
         agreement_registry=registry,
         heldout_pairs=pairs,
         heldout_reference="tiny",

@@ -270,7 +270,7 @@ def test_official_judge_needs_openai_key(monkeypatch):
 
 
 def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, tokenizer, tmp_path):
-    from steps.evaluate import evaluate_model
+    from steps.evaluate import ModelRun, evaluate_model
     from steps.evaluate.eval_sets import load_eval_set
 
     for var in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
@@ -288,8 +288,7 @@ def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, to
             out_dir=tmp_path,
             generation=GenerationSettings(),
             judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
-            model=model,
-            tokenizer=tokenizer,
+            run=ModelRun(model=model, tokenizer=tokenizer),
         )
     assert calls["n"] == 0 and not (tmp_path / "model_outputs.json").exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.evaluate import GenerationSettings, evaluate_model, load_eval_set, reference_outputs_for
+from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, load_eval_set, reference_outputs_for
 from steps.report import RunRecord, Selection, write_report
 from tests.test_report import table_cells
 
@@ -79,7 +79,7 @@ def _strict_json(text: str):
 def test_degenerate_model_evaluates_and_reports_honestly(case, specs, tmp_path):
     model, decoding, judge, n = CASES[case]
     eval_set = _eval_set(case, n, tmp_path)
-    reference = reference_outputs_for(eval_set, "tiny", SAMPLED, show_progress=False)
+    reference = reference_outputs_for(eval_set, "tiny", SAMPLED, ModelRun(show_progress=False))
     result = evaluate_model(
         specs[model],
         eval_set,
@@ -90,7 +90,7 @@ def test_degenerate_model_evaluates_and_reports_honestly(case, specs, tmp_path):
         judge="local_logprob",
         judge_model=specs[judge],
         cache_dir=tmp_path / "judge_cache",
-        show_progress=False,
+        run=ModelRun(show_progress=False),
         agreement_registry=tmp_path / "none.json",
     )
     outputs = json.loads((tmp_path / "eval" / "model_outputs.json").read_text())

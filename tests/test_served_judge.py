@@ -291,7 +291,7 @@ def test_killed_judging_never_resends_a_judged_pair(server, tmp_path):
 def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_server_model, tmp_path):
     """A priced model name behind the local server: cost from the server's usage, checked against the prompt
     lengths recomputed from the requests the server received."""
-    from steps.evaluate import GenerationSettings, evaluate_model, load_eval_set
+    from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, load_eval_set
 
     _, tokenizer = tiny_server_model
     eval_set = load_eval_set("embedded", max_instructions=3)
@@ -311,7 +311,7 @@ def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_
         judge_base_url=server.url,
         judge_api_key_env=KEY_ENV,
         judge_concurrency=2,
-        show_progress=False,
+        run=ModelRun(show_progress=False),
         agreement_registry=tmp_path / "none.json",
     )
     prompts = [

@@ -8,7 +8,7 @@ from steps.evaluate.annotate import AnnotationInputError, annotate, pair_outputs
 from steps.evaluate.annotator_prompt import OFFICIAL_ANNOTATOR, JudgeError
 from steps.evaluate.eval_sets import EvalSet, EvalSetError, load_eval_set
 from steps.evaluate.evaluation import evaluate_model, reference_outputs_for
-from steps.evaluate.generation import generate_outputs
+from steps.evaluate.generation import ModelRun, generate_outputs
 from steps.evaluate.judge_cost import judge_cost, judge_usage
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, ServedJudge, make_judge
 from steps.evaluate.paired import paired_comparison
@@ -30,6 +30,7 @@ __all__ = [
     "GenerationSettings",
     "Judge",
     "JudgeError",
+    "ModelRun",
     "ServedJudge",
     "annotate",
     "evaluate_model",

@@ -38,15 +38,10 @@ def reference_outputs_for(
     eval_set: EvalSet,
     starting_model_spec: str,
     generation: GenerationSettings,
-    *,
-    device: str = "auto",
-    dtype: str = "float32",
-    backend: str = "auto",
-    model: Any = None,
-    tokenizer: Any = None,
-    show_progress: bool = True,
+    run: ModelRun = ModelRun(),
 ) -> list[dict[str, Any]]:
-    """The eval set's own reference outputs when it has them, else the starting model's answers.
+    """The eval set's own reference outputs when it has them, else the starting model's answers (made as ``run``
+    says: backend, device, dtype, a loaded model).
 
     Generated references are named ``reference:<spec>`` so no result can pass them off as AlpacaEval's.
     """
@@ -60,7 +55,6 @@ def reference_outputs_for(
             }
             for r in eval_set.records
         ]
-    run = ModelRun(backend, device, dtype, model, tokenizer, show_progress)
     records, info = answer_eval_set(starting_model_spec, eval_set, f"reference:{starting_model_spec}", generation, run)
     logger.info(
         "generated %d reference outputs with %s (%s, %.2f prompts/s)",
@@ -83,12 +77,7 @@ def evaluate_model(
     judge: str = DEFAULT_JUDGE,
     lc_assets_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    backend: str = "auto",
-    device: str = "auto",
-    dtype: str = "float32",
-    model: Any = None,
-    tokenizer: Any = None,
-    show_progress: bool = True,
+    run: ModelRun = ModelRun(),
     heldout_pairs: Sequence[dict[str, Any]] | None = None,
     heldout_reference: str | None = None,
     heldout_beta: float = DEFAULT_BETA,
@@ -97,8 +86,8 @@ def evaluate_model(
     agreement_registry: str | Path | None = None,
     **judge_options: Unpack[JudgeOptions],
 ) -> dict[str, Any]:
-    """Generate with ``model_spec`` (or the loaded ``model``), judge against ``reference_outputs``, score; write
-    the files to ``out_dir`` and return the metrics plus what produced them.
+    """Generate with ``model_spec`` (or ``run.model``, on ``run``'s backend, device and dtype), judge against
+    ``reference_outputs``, score; write the files to ``out_dir`` and return the metrics plus what produced them.
 
     The judge is made and checked first, so a missing API key fails before any generation. Outputs already in
     ``out_dir`` from the same model, instructions and settings are reused (a retried step does not generate
@@ -106,14 +95,16 @@ def evaluate_model(
     also carries ``heldout_preference`` (judge-free accuracies; reward metrics against ``heldout_reference``).
     Every result carries the judge's recorded agreement (``judge_agreement``, None if never measured), its
     tokens (``judge_tokens``) and estimated cost (``judge_cost_usd``, None for local or unpriced judges).
-    ``judge_options`` go to ``make_judge`` with ``judge``, ``device``, ``dtype`` and ``show_progress``.
+    ``judge_options`` go to ``make_judge`` with ``judge`` and ``run``'s device, dtype and show_progress.
     """
     out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
         raise AnnotationInputError(
             f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions of eval set {eval_set.name}"
         )
-    pairwise_judge = make_judge(judge, device=device, dtype=dtype, show_progress=show_progress, **judge_options)
+    pairwise_judge = make_judge(
+        judge, device=run.device, dtype=run.dtype, show_progress=run.show_progress, **judge_options
+    )
     pairwise_judge.check()
 
     settings = generation.record()
@@ -135,10 +126,8 @@ def evaluate_model(
                 "reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs), outputs_path
             )
     if model_outputs is None:
-        # the ModelRun is a temporary: nothing may hold the policy once `model` is dropped before judging
-        run = ModelRun(backend, device, dtype, model, tokenizer, show_progress)
+        # a model loaded for generation is freed on return; one passed in run.model is the caller's to free
         model_outputs, generation_info = answer_eval_set(model_spec, eval_set, generator, generation, run)
-        del run
         write_json(outputs_path, model_outputs)
         write_json(generation_path, {**generation_record, "info": generation_info})
         logger.info("wrote %s", outputs_path)
@@ -149,16 +138,15 @@ def evaluate_model(
             heldout_pairs,
             reference_spec=heldout_reference,
             beta=heldout_beta,
-            device=device,
-            dtype=dtype,
+            device=run.device,
+            dtype=run.dtype,
             max_seq_len=heldout_max_seq_len,
             max_pairs=heldout_max_pairs,
-            model=model,
-            tokenizer=tokenizer,
-            show_progress=show_progress,
+            model=run.model,
+            tokenizer=run.tokenizer,
+            show_progress=run.show_progress,
         )
-    model = None  # free the policy before the judge model loads
-    gc.collect()
+    gc.collect()  # what generation and the held-out metrics loaded goes before the judge model loads
 
     annotations = annotate(model_outputs, reference_outputs, pairwise_judge, cache_dir=cache_dir)
     write_json(out_dir / ANNOTATIONS_FILE, annotations)
