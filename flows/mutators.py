@@ -2,9 +2,12 @@
 (@project, @schedule, @trigger; @resources on the heavy steps, @kubernetes when enabled: shared memory for NCCL,
 the output volume, the gang's rendezvous port) at deploy time."""
 
+from collections.abc import Callable
 from typing import Any
 
-from metaflow import FlowMutator
+from metaflow import Config, FlowMutator
+
+from steps.config import DEFAULT_CONFIG_PATH
 
 #: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for with one node.
 STEP_ROLES = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
@@ -14,6 +17,12 @@ GANG_STEPS = ("sft_nodes", "preference_nodes")
 OUTPUT_STEPS = {"prepare_data", "reference_outputs", "sft", "sft_nodes", "preference", "preference_nodes"}
 OUTPUT_STEPS |= {"evaluate", "join"}
 NODES_LABEL = "prefflow/num-nodes"
+
+
+def run_config_option(parser: Callable[[str], Any], help: str) -> Config:
+    """``--config config FILE``, the same option on both flows: one name (the mutators and ``config_expr`` read
+    it) and one default, configs/default.yaml."""
+    return Config("config", default=str(DEFAULT_CONFIG_PATH), parser=parser, help=help)
 
 
 def step_roles(num_nodes: int) -> dict[str, str]:

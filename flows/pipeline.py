@@ -4,10 +4,10 @@ Each step is a few lines calling ``steps/``; resources and deployment decorators
 
 import sys
 
-from metaflow import Config, FlowSpec, Parameter, card, current, parallel, retry, step
-from mutators import deployment_from_config, package_steps_library
+from metaflow import FlowSpec, Parameter, card, current, parallel, retry, step
+from mutators import deployment_from_config, package_steps_library, run_config_option
 
-from steps.config import DEFAULT_CONFIG_PATH, parse_config_text
+from steps.config import parse_config_text
 
 
 @package_steps_library
@@ -15,12 +15,7 @@ from steps.config import DEFAULT_CONFIG_PATH, parse_config_text
 class PrefFlow(FlowSpec):
     """Align a language model with preference data and score it with AlpacaEval 2."""
 
-    config = Config(
-        "config",
-        default=str(DEFAULT_CONFIG_PATH),
-        parser=parse_config_text,
-        help="run config YAML (see configs/); validated before any work",
-    )
+    config = run_config_option(parse_config_text, "run config YAML (see configs/); validated before any work")
     loss = Parameter(
         "loss",
         type=str,

@@ -2,10 +2,10 @@
 ``python flows/report.py run [--latest 5]``. Deployed with PrefFlow's config (same ``@project``), it reads only
 that project branch's runs; on a remote worker the card is the durable copy of the report."""
 
-from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, project, step, trigger_on_finish
-from mutators import package_steps_library
+from metaflow import FlowSpec, Parameter, card, config_expr, current, project, step, trigger_on_finish
+from mutators import package_steps_library, run_config_option
 
-from steps.config import DEFAULT_CONFIG_PATH, parse_deployment_text
+from steps.config import parse_deployment_text
 
 PIPELINE_FLOW = "PrefFlow"
 
@@ -16,11 +16,8 @@ PIPELINE_FLOW = "PrefFlow"
 class PrefFlowReport(FlowSpec):
     """Results table and plots from Metaflow's records of PrefFlow."""
 
-    config = Config(
-        "config",
-        default=str(DEFAULT_CONFIG_PATH),
-        parser=parse_deployment_text,
-        help="the run config PrefFlow was deployed with (only its deployment section is read)",
+    config = run_config_option(
+        parse_deployment_text, "the run config PrefFlow was deployed with (only its deployment section is read)"
     )
     latest = Parameter("latest", type=int, default=0, help="only the newest N successful runs (0: all)")
     out_dir = Parameter(
