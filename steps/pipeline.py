@@ -316,14 +316,15 @@ def _add_paired(rows: list[dict], evaluation: EvaluationConfig) -> None:
 
     name = evaluation.paired_baseline
     base = next((r for r in rows if r.get("variant") == name and r.get("evaluated")), None)
+    base_annotations = read_json(base["files"]["annotations"]) if base is not None else None  # read once
     for row in rows:
         row["paired_vs"] = {"baseline": name, "is_baseline": True} if row is base else None
-        if base is None or row is base or not row.get("evaluated"):
+        if base_annotations is None or row is base or not row.get("evaluated"):
             continue
         try:
             paired = paired_comparison(
                 read_json(row["files"]["annotations"]),
-                read_json(base["files"]["annotations"]),
+                base_annotations,
                 seed=evaluation.paired_seed,
                 resamples=evaluation.paired_resamples,
             )

@@ -40,6 +40,10 @@ class NodeRun:
     coordinator: GangCoordinator | None = None
     sync: CheckpointSync | None = None
 
+    def __post_init__(self) -> None:
+        if self.gang is not None and self.gang.num_nodes == 1:  # a gang of one node is a single node
+            self.gang, self.coordinator = None, None
+
 
 def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None) -> dict:
     from steps.train import parallel
@@ -116,7 +120,7 @@ def launch(
         cfg = config_from_dict(config, str(config.get("name", "config")))
         cfg = cfg if kind == "sft" else for_loss(cfg, kind)
     node = node or NodeRun()
-    if (node.gang is None or node.gang.num_nodes == 1) and nproc_per_node <= 1:
+    if node.gang is None and nproc_per_node <= 1:
         with _syncing(node.sync):
             return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
     return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node, node)
@@ -157,7 +161,7 @@ def launch_torchrun(
     DDP/FSDP2 and every collective run, e.g. on NCCL for the GPU check); on a gang this node's share of the job,
     joined to node 0's rendezvous. Returns rank 0's summary where rank 0 ran (this node), else None."""
     node = node or NodeRun()
-    gang = node.gang if node.gang is not None and node.gang.num_nodes > 1 else None
+    gang = node.gang
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_launch_config(cfg, out / CONFIG_FILE)
