@@ -159,15 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in _sections(profile, device, Path(tmp)).items():
             if name not in skip:
                 report[name] = _timed(name, fn)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    failed = [n for n in SECTIONS if n in report and not (report[n]["ok"] and report[n].get("passed", True))]
-    report["ok"] = not failed
-    report["failed"] = failed
-    text = json.dumps(report, default=str)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+                _conclude(report, started, args.out)  # what is done so far survives a kill
+    text = _conclude(report, started, args.out)
     print(text)
-    return 0 if not failed else 1
+    return 0 if report["ok"] else 1
+
+
+def _conclude(report: dict[str, Any], started: float, out: str | None) -> str:
+    """Total time, ``ok`` and the failed sections; the JSON text, also written (atomically) to ``out``."""
+    from steps.io import atomic_write_text
+
+    failed = [n for n in SECTIONS if n in report and not (report[n]["ok"] and report[n].get("passed", True))]
+    report.update(seconds=round(time.perf_counter() - started, 1), ok=not failed, failed=failed)
+    text = json.dumps(report, default=str)
+    if out:
+        atomic_write_text(out, text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def generation(profile: dict[str, Any], device: Any, work: Path) -> dict[str, An
     tokenizer = load_tokenizer(spec)
     dtype = resolve_dtype("auto", device)
     model = load_model(spec, dtype=dtype, device=str(device))
-    prompts = [encode_instruction(tokenizer, text) for text in synthetic.instructions(gen["prompts"])]
+    prompts = [encode_instruction(tokenizer, text) for text in synthetic.repeated_instructions(gen["prompts"])]
     settings = GenerationSettings(max_new_tokens=gen["tokens"], temperature=0.0, batch_size=gen["batch"])
     decoder = ContinuousBatchDecoder(model, settings, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
     decoder.run(prompts[:1])  # warm-up (kernels, allocator)

@@ -223,7 +223,7 @@ def test_throughput_and_generation_sections_report_rates(dry_run):
     from steps.models import load_tokenizer
 
     tokenizer = load_tokenizer(gen["model"])
-    prompts = synthetic.instructions(gen["prompts"])
+    prompts = synthetic.repeated_instructions(gen["prompts"])
     assert gen["hf"]["prompt_tokens"] == sum(len(encode_instruction(tokenizer, p)) for p in prompts)
     assert gen["prompts"] <= gen["hf"]["generated_tokens"] <= gen["prompts"] * gen["max_new_tokens"]
     assert gen["hf"]["tokens_per_s"] == pytest.approx(gen["hf"]["generated_tokens"] / gen["hf"]["seconds"])
