@@ -36,20 +36,23 @@ def loss_name(task: str) -> str:
     return task.removesuffix("_lora")
 
 
-# ~1B Llama (Llama-3.2-1B shapes with the SmolLM2 vocabulary), randomly initialised: a GPU-sized model
-# that needs no download.
-ONE_B_CONFIG = {
-    "hidden_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 8192,
-    "max_position_embeddings": 4096,
+# ~1B Llama: Llama 3.2 1B's config in the repository (configs/models/llama3.2-1b), randomly initialised, with the
+# repository's tokenizer: a GPU-sized model that needs no download and no model cache. "1b-tiny" is the same config
+# narrowed to CPU size (the GPU check's dry run).
+ONE_B_TINY_OVERRIDES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_hidden_layers": 2,
+    "vocab_size": 1536,
 }
 MODELS = {
     "tiny": "tiny",
     "default": "embedded:smollm2-135m-instruct",
-    "1b": "tiny:" + json.dumps(ONE_B_CONFIG, separators=(",", ":")),
+    "1b": "random:llama3.2-1b",
+    "1b-tiny": "random:llama3.2-1b:" + json.dumps(ONE_B_TINY_OVERRIDES, separators=(",", ":"), sort_keys=True),
 }
 
 # Loss hyperparameters, identical on both sides (PrefFlow names -> TRL names in benchmarks.trl_side).

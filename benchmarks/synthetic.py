@@ -134,13 +134,25 @@ def conversational(rows: Sequence[dict[str, Any]], kind: str) -> list[dict[str, 
     raise SyntheticDataError(f"unknown kind {kind!r}; use 'preference' or 'sft'")
 
 
-def instructions(n: int) -> list[str]:
-    """The first ``n`` instructions of PrefFlow's embedded evaluation set (real prompts, fixed order)."""
+def _all_instructions() -> list[str]:
     import json
     from importlib import resources
 
     items = json.loads(resources.files("steps.evaluate").joinpath("embedded_eval_set.json").read_text("utf-8"))
-    texts = [item["instruction"] for item in items]
+    return [item["instruction"] for item in items]
+
+
+def instructions(n: int) -> list[str]:
+    """The first ``n`` instructions of PrefFlow's embedded evaluation set (real prompts, fixed order)."""
+    texts = _all_instructions()
     if not 1 <= n <= len(texts):
         raise SyntheticDataError(f"the embedded eval set has {len(texts)} instructions; asked for {n}")
     return texts[:n]
+
+
+def repeated_instructions(n: int) -> list[str]:
+    """``n`` prompts: the embedded evaluation set's instructions in order, from the start again after the last."""
+    if n < 1:
+        raise SyntheticDataError(f"asked for {n} instructions; need at least 1")
+    texts = _all_instructions()
+    return [texts[i % len(texts)] for i in range(n)]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from steps.models.embedded import ensure_embedded_model
 from steps.models.gguf_files import load_gguf_model
+from steps.models.random_init import random_model
 from steps.models.specs import DEFAULT_MODEL, ModelSpecError, hub_errors, resolve_model_spec
 from steps.models.tiny import tiny_model
 
@@ -163,7 +164,7 @@ def load_model(
     """The model named by ``spec`` on ``device`` in ``dtype`` (``auto``: :func:`resolve_dtype`), dropout 0.
 
     Returned in eval mode (as ``from_pretrained`` does); with dropout at 0 train/eval mode computes the same,
-    so trainers may call ``.train()`` freely. ``seed`` only matters for ``tiny`` (its random init); the
+    so trainers may call ``.train()`` freely. ``seed`` only matters for ``tiny``/``random:`` (random init); the
     global torch RNG is left as it was. ``four_bit``: the linear layers in 4 bits (CUDA and bitsandbytes only;
     the other weights in ``dtype``). An adapter directory loads its base the same way, then the adapter; it is
     merged into a plain model unless ``merge_adapter`` is false or the base is in 4 bits (a peft model then).
@@ -197,13 +198,15 @@ def _load(spec: str, request: _LoadRequest, depth: int) -> Any:
     if source.kind == "local" and is_adapter_dir(source.path):
         return _load_adapter(source.path, request, depth)
     started = time.monotonic()
-    if four_bit is not None and source.kind in ("tiny", "gguf"):
+    if four_bit is not None and source.kind in ("tiny", "random", "gguf"):
         raise QuantizationUnavailableError(
             f"cannot load {spec!r} in 4 bits: a {source.kind} model is built in memory, and bitsandbytes quantizes "
             "while from_pretrained loads; save it with save_pretrained and pass that directory"
         )
     if source.kind == "tiny":
         model = tiny_model(source, request.seed, attn_implementation)
+    elif source.kind == "random":
+        model = random_model(source, request.seed, attn_implementation)
     elif source.kind == "gguf":
         model = load_gguf_model(source.path, config_overrides=zero_dropout_config)
         if attn_implementation is not None:

@@ -1,4 +1,5 @@
-"""Model spec strings (``embedded:<name>``, ``tiny[:{json}]``, a directory, a ``.gguf`` path, a Hub id).
+"""Model spec strings (``embedded:<name>``, ``tiny[:{json}]``, ``random:<dir>[:{json}]``, a directory, a ``.gguf``
+path, a Hub id).
 
 Decides what a spec names without loading anything; bad specs fail here with a message that names the fix.
 """
@@ -17,7 +18,10 @@ from typing import Any
 DEFAULT_EMBEDDED = "smollm2-135m-instruct"
 DEFAULT_MODEL = f"embedded:{DEFAULT_EMBEDDED}"
 WHEEL_ENV_VAR = "PREFFLOW_SMOLLM2_WHEEL"
-SPEC_KINDS = ("embedded", "hub", "local", "gguf", "tiny")
+SPEC_KINDS = ("embedded", "hub", "local", "gguf", "tiny", "random")
+#: ``random:<name>`` without a path looks here: the repository's random-init model configs (see its README.md).
+RANDOM_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+RANDOM_CONFIG_FILE = "config.json"
 
 
 class ModelSpecError(ValueError):
@@ -50,7 +54,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved spec: ``kind`` is one of SPEC_KINDS; ``location`` is a name, path, Hub id or JSON overrides."""
+    """A resolved spec: ``kind`` is one of SPEC_KINDS; ``location`` is a name, path or Hub id; ``tiny_overrides``:
+    the config fields a ``tiny:{json}`` or ``random:<dir>:{json}`` spec overrides."""
 
     kind: str
     location: str
@@ -75,21 +80,53 @@ def embedded_model(name: str) -> EmbeddedModel:
         ) from None
 
 
-def _tiny_overrides(spec: str) -> tuple[tuple[str, Any], ...]:
-    if spec == "tiny":
-        return ()
-    text = spec.split(":", 1)[1]
+def _json_overrides(spec: str, text: str, after: str) -> tuple[tuple[str, Any], ...]:
+    """``text`` (what follows ``after`` in ``spec``) as sorted (LlamaConfig field, value) pairs."""
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelSpecError(
-            f"model spec {spec!r}: the text after 'tiny:' must be a JSON object of LlamaConfig overrides ({exc.msg})"
+            f"model spec {spec!r}: the text after {after!r} must be a JSON object of LlamaConfig overrides ({exc.msg})"
         ) from exc
     if not isinstance(overrides, dict):
         raise ModelSpecError(
-            f"model spec {spec!r}: the text after 'tiny:' must be a JSON object, e.g. tiny:{{\"num_hidden_layers\": 1}}"
+            f"model spec {spec!r}: the text after {after!r} must be a JSON object, "
+            f'e.g. {after}{{"num_hidden_layers": 1}}'
         )
     return tuple(sorted(overrides.items()))
+
+
+def _tiny_overrides(spec: str) -> tuple[tuple[str, Any], ...]:
+    if spec == "tiny":
+        return ()
+    return _json_overrides(spec, spec.split(":", 1)[1], "tiny:")
+
+
+def _random_source(spec: str) -> ModelSource:
+    """``random:<dir>[:{json}]``: a directory holding a config.json (a path, or a name under RANDOM_CONFIGS_DIR)."""
+    text = spec.split(":", 1)[1]
+    where, brace, rest = text.partition(":{")
+    overrides = _json_overrides(spec, brace[1:] + rest, f"random:{where}:") if brace else ()
+    if not where:
+        raise ModelSpecError(
+            f"model spec {spec!r}: name a directory holding a config.json after 'random:', e.g. "
+            f"'random:llama3.2-1b' (under {RANDOM_CONFIGS_DIR}) or 'random:/path/to/dir'"
+        )
+    path = Path(where).expanduser()
+    if not path.is_dir() and "/" not in where and (RANDOM_CONFIGS_DIR / where).is_dir():
+        path = RANDOM_CONFIGS_DIR / where
+    if not path.is_dir():
+        known = sorted(p.parent.name for p in RANDOM_CONFIGS_DIR.glob(f"*/{RANDOM_CONFIG_FILE}"))
+        raise ModelSpecError(
+            f"model spec {spec!r}: {where!r} is not a directory (resolved to {path.resolve()}); pass a directory "
+            f"holding a {RANDOM_CONFIG_FILE}, or one of the repository's configs: {', '.join(known) or 'none found'}"
+        )
+    if not (path / RANDOM_CONFIG_FILE).is_file():
+        raise ModelSpecError(
+            f"model spec {spec!r}: {path.resolve()} has no {RANDOM_CONFIG_FILE}; a random-init model directory holds "
+            "the LlamaConfig fields and a 'prefflow' block naming its tokenizer (see configs/models/README.md)"
+        )
+    return ModelSource("random", str(path.resolve()), overrides)
 
 
 def resolve_model_spec(spec: str) -> ModelSource:
@@ -97,7 +134,7 @@ def resolve_model_spec(spec: str) -> ModelSource:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(
             f"model spec must be a non-empty string, got {spec!r}; "
-            f"use e.g. {DEFAULT_MODEL!r}, 'tiny', a directory, a .gguf path or a Hub id"
+            f"use e.g. {DEFAULT_MODEL!r}, 'tiny', 'random:<config dir>', a directory, a .gguf path or a Hub id"
         )
     spec = spec.strip()
     if spec.startswith("embedded:"):
@@ -106,6 +143,8 @@ def resolve_model_spec(spec: str) -> ModelSource:
         return ModelSource("embedded", name)
     if spec == "tiny" or spec.startswith("tiny:"):
         return ModelSource("tiny", "tiny", _tiny_overrides(spec))
+    if spec.startswith("random:"):
+        return _random_source(spec)
     path = Path(spec).expanduser()
     looks_local = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf")
     if path.is_dir():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from steps.chat import end_of_turn_token_id, has_token
 from steps.models.embedded import ensure_embedded_model
 from steps.models.gguf_files import load_gguf_tokenizer
+from steps.models.random_init import random_tokenizer_dir
 from steps.models.specs import (
     DEFAULT_EMBEDDED,
     DEFAULT_MODEL,
@@ -74,7 +75,8 @@ def _from_pretrained_tokenizer(location: str, spec: str, is_hub: bool) -> PreTra
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``spec`` (``tiny`` uses the embedded default's), with a usable pad token."""
+    """The tokenizer of ``spec`` (``tiny`` uses the embedded default's; ``random:<dir>`` the one its config names),
+    with a usable pad token."""
     source = resolve_model_spec(spec)
     started = time.monotonic()
     if source.kind in ("embedded", "tiny"):
@@ -82,6 +84,8 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
         tokenizer = _from_pretrained_tokenizer(str(ensure_embedded_model(name)), spec, is_hub=False)
     elif source.kind == "gguf":
         tokenizer = load_gguf_tokenizer(source.path)
+    elif source.kind == "random":
+        tokenizer = _from_pretrained_tokenizer(str(random_tokenizer_dir(source)), spec, is_hub=False)
     else:
         tokenizer = _from_pretrained_tokenizer(source.location, spec, is_hub=source.kind == "hub")
     ensure_pad_token(tokenizer)
