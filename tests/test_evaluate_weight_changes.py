@@ -105,7 +105,7 @@ def test_untouched_model_and_models_without_weight_files(tmp_path, tokenizer):
 
     in_memory = weight_change(str(init), "tiny", "bfloat16", show_progress=False)
     assert in_memory.changed is None and in_memory.share is None
-    assert in_memory.note.startswith("not measured: tiny is built in memory")
+    assert in_memory.note == "not measured: tiny is a tiny model built in memory: there are no weight files to compare"
     missing = weight_change(str(tmp_path / "nowhere"), str(init), "bfloat16", show_progress=False)
     assert missing.changed is None and "does not exist" in missing.note
 

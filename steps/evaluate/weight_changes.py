@@ -83,7 +83,7 @@ def weights_dir(spec: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS))
-    raise WeightsUnavailable(f"{spec} is built in memory ({source.kind}): there are no weight files to compare with")
+    raise WeightsUnavailable(f"{spec} is a {source.kind} model built in memory: there are no weight files to compare")
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
