@@ -25,9 +25,8 @@ from typing import IO, Any
 
 from steps.evaluate.settings import GenerationError
 
-logger = logging.getLogger(__name__)
-
 MODULE = "steps.evaluate.generation_worker"
+logger = logging.getLogger(MODULE)  # not __main__ in the child
 JOB_FILE = "job.json"
 OUTPUT_FILE = "output.json"
 #: How much of the child's stderr a failure message quotes.
