@@ -143,7 +143,8 @@ def reference_outputs(cfg: RunConfig, output_root: str, handoff: dict | None = N
     make_judge(e.judge, device="cpu", **e.judge_options()).check()  # API keys and servers before any work
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     with cpu_heavy_section(cfg, "reference outputs"):
-        refs = reference_outputs_for(eval_set, cfg.model.base, e.generation, ModelRun(e.backend, dtype=e.dtype))
+        run = ModelRun(e.backend, dtype=e.dtype, engine=e.engine)
+        refs = reference_outputs_for(eval_set, cfg.model.base, e.generation, run)
     path = write_json(Path(output_root) / "eval" / "reference_outputs.json", refs)
     if store is not None:
         store.push(path)
@@ -224,8 +225,9 @@ def evaluate_variant(
     from steps.evaluate import ModelRun, evaluate_model, load_eval_set
     from steps.io import read_json, read_jsonl
 
+    init_model = train_summary.get("init") if e.weight_change_check else None  # compared with the scored model
     if store is not None:  # the held-out accuracy scores the training reference model too
-        store.ensure_all(reference_path, data_dir, train_summary.get("reference"))
+        store.ensure_all(reference_path, data_dir, train_summary.get("reference"), init_model)
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
     dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
     heldout = read_jsonl(dev_pairs) if e.heldout_preference and dev_pairs and dev_pairs.is_file() else None
@@ -248,7 +250,8 @@ def evaluate_variant(
             heldout_max_pairs=e.heldout_max_pairs,
             heldout_max_seq_len=int(training.get("max_seq_len", 2048)),
             agreement_registry=e.agreement_registry,
-            run=ModelRun(e.backend, dtype=e.dtype),  # dtype auto: bf16 on a CUDA GPU, fp32 on CPU
+            init_model=init_model,
+            run=ModelRun(e.backend, dtype=e.dtype, engine=e.engine),  # dtype auto: bf16 on a CUDA GPU, fp32 on CPU
         )
     result = {**base, "evaluated": True, **metrics}
     if store is not None:

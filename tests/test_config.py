@@ -29,7 +29,7 @@ from steps.config import (
     preflight,
     read_sweep,
 )
-from steps.evaluate.settings import GenerationSettings
+from steps.evaluate.settings import EngineSettings, GenerationSettings
 from steps.losses.cpo import CPOConfig
 from steps.losses.dpo import DPOConfig
 from steps.losses.orpo import ORPOConfig
@@ -131,7 +131,9 @@ def test_recipe_model_and_evaluation():
         "float32",
         True,
     )
-    assert (cfg.evaluation.dtype, cfg.resources.process_group_timeout_s) == ("bfloat16", 3600)
+    # evaluation in fp32: DPO's lr 1e-8 update is below bf16's resolution (it would score the SFT model)
+    assert (cfg.evaluation.dtype, cfg.resources.process_group_timeout_s) == ("float32", 3600)
+    assert (cfg.evaluation.engine.gpu_memory_utilization, cfg.evaluation.engine.max_model_len) == (0.85, None)
     assert (cfg.resources.nproc_per_node, cfg.resources.train.gpu) == (8, 8)
     assert cfg.evaluation.judge == "alpaca_eval:weighted_alpaca_eval_gpt4_turbo" and cfg.data.input == (
         "OpenAssistant/oasst2"
@@ -247,6 +249,11 @@ def test_negative_beta_names_key(tmp_path):
         ("evaluation:\n  batch_size: 0\n", "evaluation.batch_size"),
         ("evaluation:\n  max_new_tokens: 0\n", "evaluation.max_new_tokens"),
         ("evaluation:\n  max_instructions: 0\n", "evaluation.max_instructions"),
+        ("evaluation:\n  gpu_memory_utilization: 0\n", "evaluation.gpu_memory_utilization"),
+        ("evaluation:\n  gpu_memory_utilization: 1.2\n", "evaluation.gpu_memory_utilization"),
+        ("evaluation:\n  max_model_len: 1\n", "evaluation.max_model_len"),
+        ("evaluation:\n  generation_process: thread\n", "evaluation.generation_process"),
+        ("evaluation:\n  generation_timeout_s: 0\n", "evaluation.generation_timeout_s"),
         ("resources:\n  train: {gpu: -1}\n", "resources.train.gpu"),
         ("sft:\n  final_lr: -1.0e-6\n", "sft.final_lr"),
         ("sft:\n  schedule_cycle_steps: 0\n", "sft.schedule_cycle_steps"),
@@ -289,6 +296,17 @@ def test_generation_settings_are_built_once_from_the_flat_keys(tmp_path):
         load_config(write(tmp_path, "evaluation:\n  generation: {seed: 1}\n"))
     assert err.value.key == "evaluation.generation"
     assert EvaluationConfig().generation == GenerationSettings()  # the same defaults in both places
+
+
+def test_engine_settings_are_built_once_from_the_flat_keys(tmp_path):
+    text = "evaluation:\n  gpu_memory_utilization: 1\n  max_model_len: 4096\n  generation_process: subprocess\n"
+    cfg = load_config(write(tmp_path, text + "  generation_timeout_s: 60\n"))
+    assert cfg.evaluation.engine == EngineSettings(
+        gpu_memory_utilization=1.0, max_model_len=4096, process="subprocess", timeout_s=60.0
+    )
+    assert "engine" not in config_to_dict(cfg)["evaluation"]
+    assert EvaluationConfig().engine == EngineSettings()  # the same defaults in both places
+    assert EngineSettings().gpu_memory_utilization == 0.85 and EvaluationConfig().weight_change_check
 
 
 def test_yaml11_exponent_string_is_a_float(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from steps.config.convert import INTERNAL, ConfigError, to_dict
 from steps.config.convert import require as _require
 from steps.config.training import PreferenceConfig, SFTConfig
-from steps.evaluate.settings import JUDGE_OPTIONS, GenerationSettings
+from steps.evaluate.settings import JUDGE_OPTIONS, EngineSettings, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
 #: Metaflow's rule for @project names.
@@ -124,10 +124,25 @@ class EvaluationConfig:
     seed: int = 1814
     batch_size: int = 16
     lc_assets_dir: str | None = None
-    # weights dtype of the generating model (HF backend); auto: bf16 on a CUDA GPU that supports it, else fp32
+    # weights dtype of the generating model and held-out scoring; auto: bf16 on a CUDA GPU that supports it (and
+    # for vLLM), else fp32. bf16 can round a small update away: each row records whether the scored model still
+    # differs from its init in this dtype (weight_change_check)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed and a GPU is present, else HF
+    # vLLM: the share of the GPU's memory the engine may take (weights, activations, KV cache), in (0, 1]
+    gpu_memory_utilization: float = 0.85
+    # vLLM: the longest prompt + answer it plans for; null: the eval set's longest prompt + max_new_tokens rounded
+    # up to a multiple of 256, at most the model's max_position_embeddings
+    max_model_len: int | None = None
+    # where answers are generated: auto = vLLM in a subprocess (its GPU memory is free again before held-out
+    # scoring loads models), HF in the step's own process; subprocess / in_process force one for both backends
+    generation_process: Literal["auto", "subprocess", "in_process"] = "auto"
+    generation_timeout_s: float = 21600.0  # a generation subprocess still running after this is killed
+    # record the share of weight entries that differ from the init model in the evaluation dtype (reads both
+    # models' safetensors tensor by tensor; a Hub init is fetched unless cached)
+    weight_change_check: bool = True
     generation: GenerationSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
+    engine: EngineSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -139,6 +154,16 @@ class EvaluationConfig:
                 top_p=self.top_p,
                 seed=self.seed,
                 batch_size=self.batch_size,
+            ),
+        )
+        object.__setattr__(
+            self,
+            "engine",
+            EngineSettings(
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                max_model_len=self.max_model_len,
+                process=self.generation_process,
+                timeout_s=self.generation_timeout_s,
             ),
         )
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 from steps.evaluate.agreement import recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.eval_sets import EvalSet
-from steps.evaluate.generation import ModelRun, answer_eval_set
+from steps.evaluate.generation import ModelRun, answer_eval_set, generation_dtype, resolve_backend
 from steps.evaluate.judge_cost import judge_cost, judge_usage
 from steps.evaluate.judges import DEFAULT_JUDGE, make_judge
 from steps.evaluate.preference_metrics import DEFAULT_BETA, heldout_preference_metrics
 from steps.evaluate.scoring import score
 from steps.evaluate.settings import GenerationSettings
+from steps.evaluate.weight_changes import weight_change
 from steps.io import read_json, write_json
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def evaluate_model(
     heldout_max_pairs: int | None = None,
     heldout_max_seq_len: int = 2048,
     agreement_registry: str | Path | None = None,
+    init_model: str | None = None,
     **judge_options: Unpack[JudgeOptions],
 ) -> dict[str, Any]:
     """Generate with ``model_spec`` (or ``run.model``, on ``run``'s backend, device and dtype), judge against
@@ -96,6 +98,8 @@ def evaluate_model(
     Every result carries the judge's recorded agreement (``judge_agreement``, None if never measured), its
     tokens (``judge_tokens``) and estimated cost (``judge_cost_usd``, None for local or unpriced judges).
     ``judge_options`` go to ``make_judge`` with ``judge`` and ``run``'s device, dtype and show_progress.
+    With ``init_model`` (the spec training started from) the result carries ``weight_change``: the share of
+    weight entries that differ from it in the dtype the answers are generated in, and why where none does.
     """
     out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
@@ -106,6 +110,10 @@ def evaluate_model(
         judge, device=run.device, dtype=run.dtype, show_progress=run.show_progress, **judge_options
     )
     pairwise_judge.check()
+    changes = None
+    if init_model is not None:  # the model as it will be scored: in the dtype generation runs in
+        dtype = generation_dtype(run, resolve_backend(run.backend, run.model if run.model is not None else model_spec))
+        changes = weight_change(model_spec, init_model, dtype, show_progress=run.show_progress).record()
 
     settings = generation.record()
     generation_record = {
@@ -173,6 +181,7 @@ def evaluate_model(
         "judge_price": price,
         "judge_cost_note": cost_note,
         "heldout_preference": heldout,
+        "weight_change": changes,
         "eval_set": eval_set.name,
         "eval_set_source": eval_set.source,
         "subset": eval_set.subset,
@@ -187,12 +196,15 @@ def evaluate_model(
     }
     write_json(out_dir / METRICS_FILE, result)
     logger.info(
-        "wrote %s: WR %s, LC %s (%s), judge %s%s",
+        "wrote %s: WR %s, LC %s (%s), judge %s%s%s",
         out_dir / METRICS_FILE,
         result["win_rate"],
         result["length_controlled_winrate"],
         result["lc_unavailable_reason"] or result["lc_method"],
         result["judge"],
         " [weak judge: mechanism check only]" if result["weak_judge"] else "",
+        f" [scores of a model equal to its init in {changes['dtype']}: {changes['note']}]"
+        if changes is not None and changes["changed"] == 0
+        else "",
     )
     return json.loads(json.dumps(result, default=str))

@@ -1,5 +1,8 @@
 """Answer instructions with a model, producing alpaca_eval's ``model_outputs.json`` records, with the chat
-rendering and end-of-turn token of training; Hugging Face (continuous batching, else ``model.generate``) or vLLM."""
+rendering and end-of-turn token of training; Hugging Face (continuous batching, else ``model.generate``) or vLLM.
+
+This process tokenizes the prompts and decodes the answers; the answers' token ids come from the backend here or,
+for vLLM by default, from a subprocess (steps/evaluate/generation_worker.py) whose GPU memory is free when it ends."""
 
 from __future__ import annotations
 
@@ -7,15 +10,23 @@ import importlib.util
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from steps.chat import decode_response, render_prompt, stop_token_ids
-from steps.evaluate.settings import GenerationError, GenerationSettings
-from steps.models import load_model, load_tokenizer
+from steps.evaluate.generation_worker import GenerationJob, job_token_ids, run_job_in_subprocess
+from steps.evaluate.settings import EngineSettings, GenerationError, GenerationSettings
+from steps.evaluate.vllm_engine import (
+    engine_max_model_len,
+    model_position_limit,
+    vllm_dtype,
+    vllm_engine_args,
+    vllm_sampling_args,
+)
+from steps.models import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,12 +37,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "EngineSettings",
     "GenerationError",
     "GenerationSettings",
     "ModelRun",
     "answer_eval_set",
+    "answer_instructions",
     "encode_instruction",
     "generate_outputs",
+    "generation_dtype",
+    "generation_job",
+    "hf_token_ids",
+    "prompt_batch",
     "resolve_backend",
     "resolve_device",
     "vllm_available",
@@ -67,19 +84,19 @@ def resolve_backend(backend: str, model: Any) -> str:
             raise GenerationError(
                 "backend='vllm' but vllm is not installed; install vllm or use backend='hf'", "backend"
             )
-        if _vllm_model_path(model) is None:
+        if _model_location(model) is None:
             raise GenerationError(
                 "backend='vllm' needs a model directory or Hub id, not an in-memory model "
                 "without a name_or_path on disk",
                 "backend",
             )
         return "vllm"
-    if backend == "auto" and vllm_available() and _vllm_model_path(model) is not None:
+    if backend == "auto" and vllm_available() and _model_location(model) is not None:
         return "vllm"
     return "hf"
 
 
-def _vllm_model_path(model: Any) -> str | None:
+def _model_location(model: Any) -> str | None:
     """What vLLM can load: a string path/Hub id, or an HF model's ``name_or_path`` when that is a directory."""
     if isinstance(model, (str, Path)):
         return str(model)
@@ -103,11 +120,56 @@ def generate_outputs(
 ) -> list[dict[str, Any]]:
     """One ``{"instruction", "output", "generator"[, "dataset"]}`` record per instruction, in input order.
 
-    ``model`` may be a loaded Hugging Face model or (for vLLM) a path / Hub id. The HF backend admits the longest
-    prompts first and returns outputs in the caller's order: greedy output equals decoding each prompt alone;
-    sampled output repeats for a given seed and instruction list (each prompt has its own seeded generator). The
-    ``model.generate`` fallback seeds static batch ``k`` with ``seed + k``.
+    ``model`` may be a loaded Hugging Face model or a spec / directory (vLLM: a directory or Hub id). The HF backend
+    admits the longest prompts first and returns outputs in the caller's order: greedy output equals decoding each
+    prompt alone; sampled output repeats for a given seed and instruction list (each prompt has its own seeded
+    generator). The ``model.generate`` fallback seeds static batch ``k`` with ``seed + k``. vLLM runs in a
+    subprocess with one engine seed (see :func:`answer_instructions` for the engine settings).
     """
+    loaded = not isinstance(model, (str, Path))
+    run = ModelRun(
+        backend, dtype=dtype, model=model if loaded else None, tokenizer=tokenizer, show_progress=show_progress
+    )
+    records, _ = answer_instructions(
+        None if loaded else str(model), instructions, generator, generation, run, datasets=datasets
+    )
+    return records
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """How a model answers: backend, device and dtype, the model and tokenizer when already loaded (else the spec
+    is loaded), and the engine settings (vLLM's GPU share and context, which process generates). Make one per call:
+    it holds the model, which must be freed before a judge model loads."""
+
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    model: Any = None
+    tokenizer: Any = None
+    show_progress: bool = True
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+def answer_eval_set(
+    model_spec: str, eval_set: EvalSet, generator: str, generation: GenerationSettings, run: ModelRun = ModelRun()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``run.model`` is given), and
+    how they were made (backend, dtype, process, seconds, prompts per second; vLLM's engine settings)."""
+    datasets = [r.get("dataset") for r in eval_set.records]
+    return answer_instructions(model_spec, eval_set.instructions, generator, generation, run, datasets=datasets)
+
+
+def answer_instructions(
+    model_spec: str | None,
+    instructions: Sequence[str],
+    generator: str,
+    generation: GenerationSettings,
+    run: ModelRun,
+    datasets: Sequence[str | None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Records for ``instructions`` and how they were made. The parent tokenizes and decodes; the answers' token
+    ids come from vLLM or the HF decoder, in this process or (``run.engine.in_subprocess``) in a child process."""
     if not isinstance(generation, GenerationSettings):
         raise GenerationError(f"generation must be a GenerationSettings, got {type(generation).__name__}", "generation")
     instructions = list(instructions)
@@ -116,24 +178,33 @@ def generate_outputs(
             raise GenerationError(f"instruction {index} must be a non-empty string, got {text!r}", "instructions")
     if datasets is not None and len(datasets) != len(instructions):
         raise GenerationError(f"datasets has {len(datasets)} entries for {len(instructions)} instructions", "datasets")
-
-    chosen = resolve_backend(backend, model)
-    vllm_path = _vllm_model_path(model) if chosen == "vllm" else None  # resolve_backend checked there is one
+    if model_spec is None and run.model is None:
+        raise GenerationError("give a model spec or a loaded model (ModelRun.model)", "model")
+    tokenizer = run.tokenizer if run.tokenizer is not None else load_tokenizer(str(model_spec))
+    chosen = resolve_backend(run.backend, run.model if run.model is not None else model_spec)
+    prompts = prompt_batch(
+        [encode_instruction(tokenizer, text) for text in instructions], stop_token_ids(tokenizer), _pad_id(tokenizer)
+    )
     started = time.monotonic()
-    if vllm_path is not None:
-        outputs = _generate_vllm(vllm_path, tokenizer, instructions, generation, dtype)
-    else:
-        if isinstance(model, (str, Path)):
-            model = load_model(str(model))
-        outputs = _generate_hf(model, tokenizer, instructions, generation, show_progress=show_progress)
+    token_ids, info = _answer_token_ids(model_spec, chosen, prompts, generation, run)
     elapsed = time.monotonic() - started
+    outputs = [decode_response(tokenizer, ids).strip() for ids in token_ids]
+    info = {
+        "backend": chosen,
+        "dtype": generation_dtype(run, chosen),
+        **info,
+        "seconds": elapsed,
+        "prompts_per_second": len(outputs) / elapsed if elapsed else None,
+    }
     logger.info(
-        "generated %d outputs with %s (%s) in %.1f s (%.2f prompts/s)",
+        "generated %d outputs with %s (%s, %s, %s) in %.1f s (%.2f prompts/s)",
         len(outputs),
         generator,
         chosen,
+        info["dtype"],
+        info["process"],
         elapsed,
-        len(outputs) / elapsed if elapsed > 0 else float("inf"),
+        info["prompts_per_second"] or float("inf"),
     )
     records = []
     for index, (instruction, output) in enumerate(zip(instructions, outputs)):
@@ -141,51 +212,77 @@ def generate_outputs(
         if datasets is not None and datasets[index] is not None:
             record["dataset"] = datasets[index]
         records.append(record)
-    return records
-
-
-@dataclass(frozen=True)
-class ModelRun:
-    """How a model answers: backend, device and dtype, and the model and tokenizer when already loaded (else the
-    spec is loaded). Make one per call: it holds the model, which must be freed before a judge model loads."""
-
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "float32"
-    model: Any = None
-    tokenizer: Any = None
-    show_progress: bool = True
-
-
-def answer_eval_set(
-    model_spec: str, eval_set: EvalSet, generator: str, generation: GenerationSettings, run: ModelRun = ModelRun()
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Outputs for every instruction of the eval set (loading ``model_spec`` unless ``run.model`` is given), and
-    how they were made (backend, seconds, prompts per second)."""
-    tokenizer = run.tokenizer if run.tokenizer is not None else load_tokenizer(model_spec)
-    chosen = resolve_backend(run.backend, run.model if run.model is not None else model_spec)
-    model = run.model
-    if model is None:
-        model = (
-            model_spec
-            if chosen == "vllm"
-            else load_model(model_spec, dtype=run.dtype, device=resolve_device(run.device))
-        )
-    started = time.monotonic()
-    records = generate_outputs(
-        model,
-        tokenizer,
-        eval_set.instructions,
-        generator=generator,
-        generation=generation,
-        datasets=[r.get("dataset") for r in eval_set.records],
-        backend=chosen,
-        show_progress=run.show_progress,
-        dtype=run.dtype,
-    )
-    elapsed = time.monotonic() - started
-    info = {"backend": chosen, "seconds": elapsed, "prompts_per_second": len(records) / elapsed if elapsed else None}
     return records, info
+
+
+def generation_dtype(run: ModelRun, backend: str) -> str:
+    """The dtype the answers are computed in: a loaded model's own, vLLM's (``auto`` = bfloat16), or what
+    ``load_model`` resolves ``run.dtype`` to on ``run.device`` (``auto``: bfloat16 on a CUDA GPU, else float32)."""
+    from steps.models.load import resolve_dtype, torch_dtype
+
+    if run.model is not None and backend == "hf":
+        return str(next(run.model.parameters()).dtype).removeprefix("torch.")
+    if backend == "vllm":
+        return vllm_dtype(run.dtype)
+    return str(torch_dtype(resolve_dtype(run.dtype, resolve_device(run.device)))).removeprefix("torch.")
+
+
+def _answer_token_ids(
+    model_spec: str | None, backend: str, prompts: _Prompts, generation: GenerationSettings, run: ModelRun
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """Generated ids per prompt, on ``backend``, here or in a subprocess as ``run.engine`` says."""
+    in_child = run.engine.in_subprocess(backend)
+    if backend == "hf" and run.model is not None and not in_child:
+        ids = hf_token_ids(run.model, prompts, generation, show_progress=run.show_progress)
+        return ids, {"process": "in_process"}
+    job, info = generation_job(model_spec, backend, prompts, generation, run)
+    if in_child:
+        ids, ran = run_job_in_subprocess(job, run.engine.timeout_s)
+        return ids, {**info, **ran}
+    return job_token_ids(job), {**info, "process": "in_process"}
+
+
+def generation_job(
+    model_spec: str | None, backend: str, prompts: _Prompts, generation: GenerationSettings, run: ModelRun
+) -> tuple[GenerationJob, dict[str, Any]]:
+    """The token-level job for ``backend`` (vLLM: with its engine and sampling keywords, ``max_model_len`` sized
+    to these prompts) and what the generation record keeps of the engine settings."""
+    if backend == "vllm":
+        location = _model_location(run.model if run.model is not None else model_spec)
+    elif run.model is not None:
+        raise GenerationError(
+            "generation_process subprocess loads the model from its spec in the child: pass the model spec, not "
+            "a loaded model (or use generation_process in_process)",
+            "generation_process",
+        )
+    else:
+        location = model_spec
+    job = GenerationJob(
+        backend=backend,
+        model=str(location),
+        prompts=prompts.ids,
+        stops=list(prompts.stops),
+        pad_id=prompts.pad_id,
+        generation=asdict(generation),
+        device=run.device,
+        dtype=run.dtype,
+        show_progress=run.show_progress,
+    )
+    if backend != "vllm":
+        return job, {}
+    engine = run.engine
+    position_limit = model_position_limit(job.model)
+    max_model_len = engine_max_model_len(
+        [len(ids) for ids in job.prompts], generation.max_new_tokens, position_limit, engine.max_model_len
+    )
+    engine_args = vllm_engine_args(job.model, job.dtype, generation, engine, max_model_len)
+    info = {
+        "max_model_len": max_model_len,
+        "model_max_position_embeddings": position_limit,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "engine_seed": engine_args["seed"],
+    }
+    return replace(job, vllm_engine=engine_args, vllm_sampling=vllm_sampling_args(generation, job.stops)), info
 
 
 def encode_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
@@ -204,37 +301,35 @@ class _Prompts:
     pad_id: int
 
 
-def _generate_hf(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    instructions: list[str],
-    generation: GenerationSettings,
-    *,
-    show_progress: bool,
-) -> list[str]:
-    """Continuous batching where the model allows it, else static ``model.generate`` batches."""
+def prompt_batch(ids: Sequence[Sequence[int]], stops: Sequence[int], pad_id: int) -> _Prompts:
+    """Prompts with their admission order: longest first, so prompts admitted together have similar lengths and
+    their joint prefill pads little."""
+    prompts = [[int(token) for token in prompt] for prompt in ids]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    return _Prompts(prompts, order, tuple(int(token) for token in stops), int(pad_id))
+
+
+def hf_token_ids(
+    model: PreTrainedModel, prompts: _Prompts, generation: GenerationSettings, *, show_progress: bool
+) -> list[list[int]]:
+    """Generated ids per prompt: continuous batching where the model allows it, else static ``model.generate``
+    batches."""
     from steps.evaluate.decoding import supports_continuous_batching
 
-    ids = [encode_instruction(tokenizer, text) for text in instructions]
-    # longest prompts first: prompts admitted together have similar lengths, so their joint prefill pads little
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
-    prompts = _Prompts(ids, order, tuple(stop_token_ids(tokenizer)), _pad_id(tokenizer))
     was_training = model.training
     model.eval()
-    progress = tqdm(total=len(ids), desc="generate", unit="prompt", disable=not show_progress)
+    progress = tqdm(total=len(prompts.ids), desc="generate", unit="prompt", disable=not show_progress)
     try:
         if supports_continuous_batching(model):
-            generated = _decode_continuous(model, prompts, generation, progress)
-        else:
-            logger.info(
-                "%s has no plain KV cache for continuous batching: using model.generate on static batches",
-                type(model).__name__,
-            )
-            generated = _generate_static(model, prompts, generation, progress)
+            return _decode_continuous(model, prompts, generation, progress)
+        logger.info(
+            "%s has no plain KV cache for continuous batching: using model.generate on static batches",
+            type(model).__name__,
+        )
+        return _generate_static(model, prompts, generation, progress)
     finally:
         progress.close()
         model.train(was_training)
-    return [decode_response(tokenizer, ids).strip() for ids in generated]
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -316,30 +411,3 @@ def _generate_static(model: Any, prompts: _Prompts, generation: GenerationSettin
             generated[i] = output[row, width:].tolist()
         progress.update(len(members))
     return generated
-
-
-def _generate_vllm(
-    model_path: str, tokenizer: Any, instructions: list[str], generation: GenerationSettings, dtype: str = "auto"
-) -> list[str]:
-    """vLLM on the same prompt ids (passed as token ids so no second BOS is added) and the same stop tokens.
-
-    ``auto`` is bf16: the exported models are fp32, for which vLLM's own ``auto`` picks fp16 (overflow-prone)."""
-    from vllm import LLM, SamplingParams
-
-    prompts = [{"prompt_token_ids": encode_instruction(tokenizer, text)} for text in instructions]
-    params = SamplingParams(
-        temperature=generation.temperature if generation.do_sample else 0.0,
-        top_p=generation.top_p if generation.do_sample else 1.0,
-        max_tokens=generation.max_new_tokens,
-        seed=generation.seed,
-        stop_token_ids=stop_token_ids(tokenizer),
-    )
-    logger.info("vLLM: loading %s", model_path)
-    llm = LLM(
-        model=model_path, tokenizer=model_path, seed=generation.seed, dtype="bfloat16" if dtype == "auto" else dtype
-    )
-    try:
-        results = llm.generate(prompts, params)
-    finally:
-        del llm
-    return [result.outputs[0].text.strip() for result in results]

@@ -59,6 +59,56 @@ class GenerationSettings:
         return {**asdict(self), "do_sample": self.do_sample}
 
 
+#: Where answers are generated: ``auto`` runs vLLM in a subprocess (its GPU memory is back before held-out scoring
+#: loads models here) and the HF backend in this process; ``subprocess`` / ``in_process`` force one for both.
+GENERATION_PROCESSES = ("auto", "subprocess", "in_process")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the generating engine runs, as opposed to what it samples (:class:`GenerationSettings`).
+
+    ``gpu_memory_utilization``: the share of the GPU's memory vLLM may take (weights, activations, KV cache).
+    ``max_model_len``: the longest sequence (prompt + answer) vLLM reserves for; None = the eval set's longest
+    prompt + ``max_new_tokens``, rounded up (see ``steps.evaluate.vllm_engine``). ``process``: one of
+    :data:`GENERATION_PROCESSES`. ``timeout_s``: how long a generation subprocess may run before it is killed.
+    """
+
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    process: str = "auto"
+    timeout_s: float = 21600.0
+
+    def __post_init__(self) -> None:
+        if not _finite(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
+            raise GenerationError(
+                f"gpu_memory_utilization must be in (0, 1] (the share of the GPU's memory vLLM may take), "
+                f"got {self.gpu_memory_utilization!r}",
+                "gpu_memory_utilization",
+            )
+        if self.max_model_len is not None and (
+            isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise GenerationError(
+                f"max_model_len must be an integer >= 2 or null (computed from the eval set), got "
+                f"{self.max_model_len!r}",
+                "max_model_len",
+            )
+        if self.process not in GENERATION_PROCESSES:
+            raise GenerationError(
+                f"generation_process must be one of {', '.join(GENERATION_PROCESSES)}, got {self.process!r}",
+                "generation_process",
+            )
+        if not _finite(self.timeout_s) or self.timeout_s <= 0:
+            raise GenerationError(
+                f"generation_timeout_s must be a number of seconds > 0, got {self.timeout_s!r}", "generation_timeout_s"
+            )
+
+    def in_subprocess(self, backend: str) -> bool:
+        """Whether ``backend`` (``hf`` or ``vllm``, already resolved) generates in a subprocess."""
+        return self.process == "subprocess" or (self.process == "auto" and backend == "vllm")
+
+
 class JudgeOptions(TypedDict, total=False):
     """The judge knobs that the run config, the CLI and ``evaluate_model`` hand to ``make_judge`` as keywords."""
 

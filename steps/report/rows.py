@@ -66,6 +66,9 @@ class ResultRow:
     judge_tokens: int | None = None
     judge_cost_usd: float | None = None
     n_instructions: int | None = None  # evaluated; ``n`` counts those whose judgement parsed as a preference
+    eval_dtype: str | None = None  # the dtype the answers were generated in
+    weights_changed_share: float | None = None  # share of weight entries that differ from the init in eval_dtype
+    weights_unchanged_reason: str | None = None  # where none differs: the scores are the init's, and why
 
     @property
     def pathspec(self) -> str:
@@ -176,6 +179,23 @@ def _heldout(result: dict) -> dict:
     }
 
 
+def _weights(result: dict) -> dict:
+    """The dtype answers were generated in, the share of weights that differ from the init in it, and (where none
+    does) a sentence saying the scores are the init's and why."""
+    change = result.get("weight_change")
+    change = change if isinstance(change, dict) else {}
+    generation = result.get("generation")
+    dtype = change.get("dtype") or (generation.get("dtype") if isinstance(generation, dict) else None)
+    reason = None
+    if change.get("changed") == 0 and change.get("note"):
+        reason = f"the scored model equals its initialization in {dtype}: {change['note']}"
+    return {
+        "eval_dtype": dtype if isinstance(dtype, str) else None,
+        "weights_changed_share": _number(change.get("share")),
+        "weights_unchanged_reason": reason,
+    }
+
+
 def rows_for_run(record: RunRecord) -> list[ResultRow]:
     """The run's results as rows, SFT first."""
     rows = []
@@ -214,6 +234,7 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
                 lc_unavailable_reason=result.get("lc_unavailable_reason"),
                 **_paired(result),
                 **_heldout(result),
+                **_weights(result),
                 judge_agreement=_number(agreement.get("agreement")) if agreement else None,
                 judge_agreement_text=agreement_text(agreement),
                 judge_tokens=_int(tokens.get("total")),

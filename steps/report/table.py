@@ -43,6 +43,7 @@ __all__ = [
     "run_results_table",
     "safe_name",
     "snapshot_name",
+    "unchanged_reasons",
 ]
 
 #: Column headers of the Markdown table, in order.
@@ -131,16 +132,28 @@ def lc_reasons(rows: list[ResultRow]) -> list[str]:
     return list(dict.fromkeys(r.lc_unavailable_reason for r in rows if r.lc_unavailable_reason))
 
 
-def _row_cells(row: ResultRow, links: bool, reasons: list[str]) -> list[str]:
+def unchanged_reasons(rows: list[ResultRow]) -> list[str]:
+    """The distinct reasons a scored model equals its init in the evaluation dtype: footnotes [a], [b], ..."""
+    return list(dict.fromkeys(r.weights_unchanged_reason for r in rows if r.weights_unchanged_reason))
+
+
+def _letter(index: int) -> str:
+    return chr(ord("a") + index) if index < 26 else str(index + 1)
+
+
+def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[str]) -> list[str]:
     config = _cell(row.training_config)
     if links:
         config = f"[{config}]({row.config_snapshot})"
     lc = fmt_with_error(row.lc_winrate, row.lc_standard_error)
     if row.lc_winrate is None and row.lc_unavailable_reason in reasons:
         lc = f"{MISSING} [{reasons.index(row.lc_unavailable_reason) + 1}]"
+    wr = fmt_with_error(row.winrate, row.standard_error)
+    if row.weights_unchanged_reason in unchanged:
+        wr += f" [{_letter(unchanged.index(row.weights_unchanged_reason))}]"
     return [
         lc,
-        fmt_with_error(row.winrate, row.standard_error),
+        wr,
         _cell(row.loss_function),
         config,
         _cell(row.epoch),
@@ -161,10 +174,12 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str]) -> list[str]:
 
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
-    reasons = lc_reasons(rows)
+    reasons, unchanged = lc_reasons(rows), unchanged_reasons(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_row_cells(row, links, reasons)) + " |" for row in rows]
-    lines += [""] + [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)] if reasons else []
+    lines += ["| " + " | ".join(_row_cells(row, links, reasons, unchanged)) + " |" for row in rows]
+    footnotes = [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)]
+    footnotes += [f"[{_letter(i)}] LC WR / WR: {reason}" for i, reason in enumerate(unchanged)]
+    lines += [""] + footnotes if footnotes else []
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +292,9 @@ EXPORT_FIELDS = [
     "judge_tokens",
     "judge_cost_usd",
     "n_instructions",
+    "eval_dtype",
+    "weights_changed_share",
+    "weights_unchanged_reason",
 ]
 
 
