@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
+from steps.train.attention import CHOSEN, PADDING, PROMPT, REJECTED
+
 if TYPE_CHECKING:
     from steps.data.records import ChatMessage
 
@@ -280,8 +282,9 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
     The prompt is computed once. Chosen tokens see the prompt and the chosen tokens before them; rejected
     tokens see the prompt and the rejected tokens before them (never the chosen ones), and both responses
     take position ids that continue from the prompt, so every hidden state equals the one the separate
-    rows would give. ``extra`` carries the 4-D boolean mask ([N, 1, L, L], True = may attend), the
-    position ids, and the scored (flat hidden index, target token, output row) triples: the first
+    rows would give. ``extra`` carries what the mask is made of, not the mask: per-token segment ids
+    ([N, L] int8, :mod:`steps.train.attention` turns them into the mask the model takes, on its device),
+    the position ids, and the scored (flat hidden index, target token, output row) triples: the first
     rejected token is predicted from the last prompt position, not from the chosen tokens before it.
     Output rows 0..N-1 are the chosen responses, N..2N-1 the rejected ones, as in the separate layout.
     """
@@ -291,7 +294,7 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
     attn = torch.zeros((n, width), dtype=torch.long)
     target = torch.zeros((n, width), dtype=torch.bool)
     positions = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), 3, dtype=torch.int8)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    segment = torch.full((n, width), PADDING, dtype=torch.int8)
     index: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
@@ -312,7 +315,7 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
         positions[i, :np_] = torch.arange(np_)
         positions[i, np_ : np_ + nc] = torch.arange(np_, np_ + nc)
         positions[i, np_ + nc : total] = torch.arange(np_, np_ + nr)
-        segment[i, :np_], segment[i, np_ : np_ + nc], segment[i, np_ + nc : total] = 0, 1, 2
+        segment[i, :np_], segment[i, np_ : np_ + nc], segment[i, np_ + nc : total] = PROMPT, CHOSEN, REJECTED
         base = i * width
         if not mask_source_tokens and np_ > 1:  # prompt tokens count for both responses
             target[i, 1:np_] = True
@@ -327,13 +330,9 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
         target[i, np_ + skip : np_ + nc] = True
         target[i, np_ + nc + skip : total] = True
 
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    allowed = causal[None] & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
-    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
     batch = TokenBatch(ids, attn, target)
     batch.extra.update(
-        attention_4d=allowed[:, None],
+        segment_ids=segment,
         position_ids=positions,
         score_index=torch.cat(index),
         score_targets=torch.cat(targets),
@@ -351,7 +350,8 @@ def collate_shared_prompt(examples: Sequence[PairExample], pad_id: int, mask_sou
 
 def separate_layout(batch: TokenBatch) -> TokenBatch:
     """The one-row-per-response batch holding the same pairs as a shared-prompt batch (for attention
-    implementations that take no 4-D mask). Reference scores and ``num_pairs`` are carried over."""
+    implementations that take no custom mask: flash-attention & co.). Reference scores and ``num_pairs`` are
+    carried over."""
     if "pair_lengths" not in batch.extra:
         return batch
     ids = batch.input_ids.cpu()

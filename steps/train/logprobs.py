@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from steps.train.attention import FLEX, attn_implementation, block_mask, mask_for, padded_row_segments
 from steps.train.batching import TokenBatch, separate_layout
 
 # No separate log-softmax copy either, and the cross-entropy gradient is formed in place. For small models the
@@ -29,7 +30,10 @@ from steps.train.batching import TokenBatch, separate_layout
 # Batches built by ``collate_pairs(..., share_prompt=True)`` hold each pair's prompt once, followed by the
 # chosen and the rejected response (each response attends to the prompt and to itself only, with its own
 # position ids). They carry explicit (hidden row, target token, output row) triples; everything else works
-# the same, and the returned sums are still one per logical row (chosen rows, then rejected rows).
+# the same, and the returned sums are still one per logical row (chosen rows, then rejected rows). Their
+# attention mask is built here, on the model's device, from per-token segment ids (steps/train/attention.py):
+# a FlexAttention block mask for flex attention, a dense one for SDPA and eager; padded rows under flex
+# attention get a block mask too.
 
 CHUNK_ROWS = 1024  # rows per logits tile
 KEEP_LIMIT_BYTES = 2 * 2**30  # recompute tiles in backward when kept probabilities would exceed this
@@ -175,17 +179,12 @@ def token_logprobs(
     return TokenLogProbs.apply(hidden, weight, bias, targets, rows, recompute or not needs_grad, dtype)
 
 
-def _tree_mask(body: Any, allowed: torch.Tensor) -> torch.Tensor | None:
-    """The shared-prompt mask in the form the model's attention takes, or None if it takes no 4-D mask."""
-    impl = getattr(getattr(body, "config", None), "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
-        return allowed  # boolean, True = may attend
-    if impl == "eager":  # additive
-        dtype = next(body.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min
-        )
-    return None  # flash-attention & co.: fall back to one row per response
+def _padding_mask(body: Any, batch: TokenBatch) -> Any:
+    """The mask for right-padded rows: a block mask for flex attention (built on the batch's device); the 2-D
+    padding mask for everything else (transformers then skips the mask where no row is padded)."""
+    if attn_implementation(body) == FLEX:
+        return block_mask(padded_row_segments(batch.attention_mask))
+    return batch.attention_mask
 
 
 def sequence_logprobs(
@@ -199,11 +198,14 @@ def sequence_logprobs(
     body, head = _decoder_and_head(model)
     tree_mask = None
     if "score_index" in batch.extra:
-        tree_mask = _tree_mask(body, batch.extra["attention_4d"])
+        dtype = next(body.parameters()).dtype
+        tree_mask = mask_for(attn_implementation(body), batch.extra["segment_ids"], dtype)
         if tree_mask is None:
             batch = separate_layout(batch)
     if tree_mask is None:
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=batch.input_ids, attention_mask=_padding_mask(body, batch), use_cache=False
+        ).last_hidden_state
         # token t is predicted from position t-1
         mask = batch.target_mask[:, 1:]
         rows, cols = mask.nonzero(as_tuple=True)

@@ -17,6 +17,7 @@ from steps.model_card import write_model_card
 from steps.tracking import Tracker
 from steps.train import adapters, checkpoints, collectives
 from steps.train.adapters import apply_lora
+from steps.train.attention import preferred_attn_implementation
 from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
 from steps.train.loop import Objective, TrainResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
@@ -82,7 +83,7 @@ def load_for_training(
         spec,
         dtype=precision.master,
         device=str(device),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=cfg.model.attn_implementation or preferred_attn_implementation(device),
         four_bit=four_bit,
     )
     if four_bit is not None:
@@ -104,7 +105,7 @@ def load_reference(
         spec,
         dtype=precision.compute,
         device=str(device),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=cfg.model.attn_implementation or preferred_attn_implementation(device),
         four_bit=adapters.four_bit_of(lora, precision),
     )
     return model.eval().requires_grad_(False)
