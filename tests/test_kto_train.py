@@ -233,6 +233,28 @@ def test_live_reference_gives_the_precomputed_numbers(tokenizer, tiny_model_fact
     assert live.evaluate(policy) == pytest.approx(pre.evaluate(policy), abs=1e-6)
 
 
+def test_lora_policy_with_adapters_off_is_the_reference(tokenizer, tiny_model_factory, kto_data, tmp_path):
+    """reference_from_policy: after LoRA training moved the adapters, the adapters-off scores are the base's."""
+    pytest.importorskip("peft")
+    from steps.config import LoraConfig
+    from steps.train.adapters import apply_lora
+
+    train_ex, dev_ex = kto_data
+    cfg = PreferenceConfig(
+        lr=1e-2, max_num_tokens=400, max_steps=2, seed=3, lora=LoraConfig(enabled=True, r=4, alpha=8)
+    )
+    loss = build_loss("kto", beta=0.5)
+    policy = apply_lora(tiny_model_factory(seed=6), cfg)
+    live = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, reference_from_policy=True)
+    result = train(policy, tokenizer, live, cfg, tmp_path, desc="kto-lora")
+    assert result.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # adapters start at zero: policy = base
+    pre = UnpairedObjective(copy.deepcopy(train_ex), copy.deepcopy(dev_ex), tokenizer.pad_token_id, cfg, loss)
+    pre.precompute_reference(tiny_model_factory(seed=6))  # the untouched base
+    trained = live.evaluate(result.model)
+    assert trained["dev_loss"] != pytest.approx(0.5, abs=1e-4)  # the adapters moved
+    assert trained == pytest.approx(pre.evaluate(result.model), abs=1e-5)
+
+
 def test_plan_is_fixed_across_epochs_and_the_cache_round_trips(tokenizer, kto_data):
     train_ex, _ = kto_data
     cfg = PreferenceConfig(max_num_tokens=400, seed=3)
