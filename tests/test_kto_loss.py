@@ -218,3 +218,22 @@ def test_config_defaults_and_checks():
         with pytest.raises(LossConfigError) as info:
             build_loss("kto", **fields)
         assert info.value.field == field
+
+
+def test_the_config_layer_plans_kto_runs_and_sweeps(tmp_path):
+    from steps.config import config_from_dict
+    from steps.config.plan import plan_variants
+    from steps.losses.kto import KTOConfig
+
+    cfg = config_from_dict({"preference": {"per_loss": {"kto": {"criterion_config": {"undesirable_weight": 1.5}}}}})
+    plan = plan_variants(cfg, "dpo,kto")
+    assert plan.losses == ["dpo", "kto"]
+    kto = next(v for v in plan.variants if v.variant.loss == "kto").config.preference
+    assert kto.criterion == "kto" and kto.criterion_config == KTOConfig(undesirable_weight=1.5)
+    sweep = tmp_path / "kto.yaml"
+    sweep.write_text(
+        "loss: kto\ngrid:\n  criterion_config.desirable_weight: [1.0, 1.33]\n  criterion_config.beta: [0.1]\n"
+    )
+    points = [v for v in plan_variants(cfg, "", str(sweep)).variants if v.variant.loss == "kto"]
+    assert [v.variant.name for v in points] == ["kto-desirable_weight1-beta0.1", "kto-desirable_weight1.33-beta0.1"]
+    assert points[1].config.preference.criterion_config == KTOConfig(desirable_weight=1.33, undesirable_weight=1.5)
