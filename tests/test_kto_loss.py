@@ -237,3 +237,23 @@ def test_the_config_layer_plans_kto_runs_and_sweeps(tmp_path):
     points = [v for v in plan_variants(cfg, "", str(sweep)).variants if v.variant.loss == "kto"]
     assert [v.variant.name for v in points] == ["kto-desirable_weight1-beta0.1", "kto-desirable_weight1.33-beta0.1"]
     assert points[1].config.preference.criterion_config == KTOConfig(desirable_weight=1.33, undesirable_weight=1.5)
+
+
+def test_a_loss_must_declare_a_known_data_kind(monkeypatch):
+    from dataclasses import dataclass
+
+    from steps.losses import PreferenceLoss, register_loss, registry
+
+    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
+
+    @dataclass
+    class Config:
+        beta: float = 0.1
+
+    class Triples(PreferenceLoss):
+        config_class = Config
+        data_kind = "triples"
+
+    with pytest.raises(TypeError, match=r"data_kind = 'triples'; must be one of \('pairs', 'unpaired'\)"):
+        register_loss("tmp-triples")(Triples)
+    assert "tmp-triples" not in registered_losses()
