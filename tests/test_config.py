@@ -518,7 +518,7 @@ PREFLIGHT_CASES = {
         ["preference.criterion_config", "expected a mapping of DPOConfig fields"],
     ),
     "set not a number": (GOOD, ["--set", "sft.lr=abc"], ["--set: sft.lr: got 'abc'; expected a number"]),
-    "unknown loss": (GOOD, ["--loss", "dpo,kto"], ["--loss: kto: unknown loss", "simpo"]),
+    "unknown loss": (GOOD, ["--loss", "dpo,bco"], ["--loss: bco: unknown loss", "simpo"]),
     "non-UTF-8": (
         GOOD.encode() + "# caf\u00e9\n".encode("latin-1"),
         [],

@@ -104,10 +104,12 @@ def check_written(out: Path, stats: dict, group_key: str) -> None:
     assert [r["id"] for r in fairseq2["train"]] == [r["id"] for r in pairs["train"]]
 
 
-def run_cases(name: str, strategy, check, tmp_path_factory, record_property) -> None:
+def run_cases(name: str, strategy, check, tmp_path_factory, record_property, cases: int | None = None) -> None:
+    """Run ``check`` on hypothesis cases (``cases``, else CASES for the name's prefix) and record how many ran."""
+    cases = cases or CASES[name.split(":")[0]]
     tried = 0
 
-    @settings(FUZZ, max_examples=CASES[name.split(":")[0]])
+    @settings(FUZZ, max_examples=cases)
     @given(strategy)
     def case(example) -> None:
         nonlocal tried
@@ -118,7 +120,7 @@ def run_cases(name: str, strategy, check, tmp_path_factory, record_property) -> 
     case()
     print(f"\n{name}: {tried} hypothesis cases tried")
     record_property(f"fuzz_cases:{name}", tried)
-    assert tried >= CASES[name.split(":")[0]] // 2
+    assert tried >= cases // 2
 
 
 # ------------------------------------------------------------------ OpenAssistant flat rows

@@ -215,7 +215,7 @@ def test_model_names(name, hf_id):
     "recipe,key,expected",
     [
         ({"criterion": "dpo", "criterion_config": {"betta": 0.1}}, "criterion_config.betta", "did you mean 'beta'"),
-        ({"criterion": "kto"}, "criterion", "dpo, simpo, orpo, cpo"),
+        ({"criterion": "bco"}, "criterion", "dpo, simpo, orpo, cpo"),
         ({"model": "checkpoint_step_1", "criterion": "simpo"}, "model", "pass the instruction_finetune recipe"),
         ({"optimizer": "sgd", "criterion": "simpo"}, "optimizer", "AdamW only"),
         ({"gradient_accumulation": "four"}, "gradient_accumulation", "expected an integer"),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from steps.config.convert import INTERNAL, ConfigError, to_dict
 from steps.config.convert import require as _require
 from steps.config.training import PreferenceConfig, SFTConfig
+from steps.data.oasst_feedback import OasstFeedbackRule
 from steps.evaluate.settings import JUDGE_OPTIONS, EngineSettings, GenerationSettings
 from steps.models import DEFAULT_MODEL
 
@@ -23,7 +24,7 @@ PROJECT_NAME = re.compile(r"^[a-z0-9_]+$")
 class DataConfig:
     """Data preparation (see steps.data.prepare.prepare_data): one reader per format, the same files out."""
 
-    format: Literal["oasst", "preference", "hh_rlhf", "ultrafeedback", "fairseq2"] = "oasst"
+    format: Literal["oasst", "preference", "hh_rlhf", "ultrafeedback", "fairseq2", "unpaired"] = "oasst"
     input: str = "embedded"  # "embedded" (oasst only), a Hub id, a JSONL(.gz)/Parquet file, or a directory
     split: str | None = None  # None: the format's training split (train; train_prefs for UltraFeedback)
     langs: list[str] = field(default_factory=lambda: ["en"])
@@ -36,6 +37,8 @@ class DataConfig:
     dev_fraction: float = 0.1
     seed: int = 333
     max_trees: int | None = None
+    # how OpenAssistant replies become KTO examples (kto.{train,dev}.jsonl): steps.data.oasst_feedback
+    oasst_feedback: OasstFeedbackRule = field(default_factory=OasstFeedbackRule)
 
     #: settings that only OpenAssistant trees have
     OASST_ONLY = (
@@ -47,6 +50,7 @@ class DataConfig:
         "include_deleted",
         "require_review",
         "max_trees",
+        "oasst_feedback",
     )
 
     def check(self) -> None:

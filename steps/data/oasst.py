@@ -130,6 +130,7 @@ def prepare_oasst(
     seed: int = 333,
     max_trees: int | None = None,
     split: str = "train",
+    feedback: Any = None,
 ) -> PreparedData:
     """Prepare OpenAssistant data for SFT and preference training, writing atomically::
 
@@ -139,14 +140,18 @@ def prepare_oasst(
                                                           "chosen_rank", "rejected_rank"}   (TRL conversational)
         OUTPUT_DIR/fairseq2/sft.{train,dev}.jsonl        {"id", "src", "tgt"}
         OUTPUT_DIR/fairseq2/preference.{train,dev}.jsonl {"id", "src", "tgt_chosen", "tgt_rejected"}
+        OUTPUT_DIR/kto.{train,dev}.jsonl                 {"id", "tree_id", "prompt": [messages],
+                                                          "completion": [assistant message], "label", ...}
         OUTPUT_DIR/stats.json                            counts of everything read, kept, dropped and written
 
     ``input``: ``"embedded"`` (the small original sample shipped here), a local file, or a Hub dataset id read with
     ``datasets.load_dataset(input, split=split)``. ``langs`` / ``tree_states``: ``None``, empty or ``"all"`` keep
     everything. ``sft_rank``: rank of the replies used for SFT (``None`` = every assistant reply, ranked or not).
     ``max_trees``: keep a seeded subset of that many trees. Only ``pair_strategy`` is written; ``stats.json`` counts
-    pairs for all of them. The train/dev split is by tree (``splits``). Memory holds the tree index, not the texts
-    (see ``oasst_index``). Raises ``OasstDataError`` when nothing usable is left, naming the input and the filters.
+    pairs for all of them. ``feedback``: how replies become KTO examples (an ``oasst_feedback.OasstFeedbackRule``,
+    a mapping of its fields, or None: quality labels). The train/dev split is by tree (``splits``). Memory holds the
+    tree index, not the texts (see ``oasst_index``). Raises ``OasstDataError`` when nothing usable is left, naming
+    the input and the filters.
     """
     if pair_strategy not in PAIR_STRATEGIES:
         raise OasstDataError(f"pair_strategy {pair_strategy!r} is unknown; choose one of {PAIR_STRATEGIES}")
@@ -164,10 +169,13 @@ def prepare_oasst(
         include_synthetic=include_synthetic,
     )
     settings = _Settings(pair_strategy, sft_rank, dev_fraction, seed, max_trees, split)
+    from steps.data.oasst_feedback import OasstFeedbackRule
+
+    feedback_rule = OasstFeedbackRule.of(feedback)
     spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
     try:
         with read_oasst(input, split=split) as index:
-            return _prepare(index, Path(output_dir), filters, spools, settings)
+            return _prepare(index, Path(output_dir), filters, spools, settings, feedback_rule)
     finally:
         for spool in spools.values():
             spool.close()
@@ -179,7 +187,10 @@ def _prepare(
     filters: MessageFilters,
     spools: dict[str, RoutedSpool],
     settings: _Settings,
+    feedback: Any,
 ) -> PreparedData:
+    from steps.data.unpaired_prep import tree_sides, write_oasst_kto
+
     pair_strategy, sft_rank = settings.pair_strategy, settings.sft_rank
     forest = build_forest(index, filters, max_trees=settings.max_trees, seed=settings.seed)
     counts: Counter = Counter()
@@ -215,6 +226,8 @@ def _prepare(
     paths, sizes = write_split_files(output_dir, spools, lambda p: "dev" if p in dev_roots else "train")
     split_sizes: dict[str, dict[str, int]] = {"trees": {"train": len(tree_split.train), "dev": len(tree_split.dev)}}
     split_sizes.update(sizes)
+    kto = write_oasst_kto(forest, output_dir, tree_sides(tree_split, settings.seed), feedback)
+    paths.update(kto.paths)
 
     stats: dict[str, Any] = {
         **_read_stats(index),
@@ -234,6 +247,7 @@ def _prepare(
             "duplicate_pairs_removed": {s: counts.get(f"duplicate_pairs_removed.{s}", 0) for s in PAIR_STRATEGIES},
         },
         "split_sizes": split_sizes,
+        "kto": kto.stats,
     }
     prepared = PreparedData.write_stats(output_dir, paths, stats)
     logger.info(

@@ -66,6 +66,11 @@ class MessageIndex:
         self._tree_ids: set[str] = set()
         self._spool = tempfile.TemporaryFile(prefix="prefflow-oasst-", suffix=".texts")  # noqa: SIM115 (closed by close())
         self._spool_size = 0
+        # labels and emojis (compact JSON) in a spool of their own: 12 bytes per message in memory
+        self.feedback_offset = array("q")
+        self.feedback_len = array("i")
+        self._feedback = tempfile.TemporaryFile(prefix="prefflow-oasst-", suffix=".feedback")  # noqa: SIM115
+        self._feedback_size = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,6 +83,7 @@ class MessageIndex:
 
     def close(self) -> None:
         self._spool.close()
+        self._feedback.close()
 
     def _code(self, value: str | None) -> int:
         code = self._codes.get(value)
@@ -160,6 +166,12 @@ class MessageIndex:
             self.date_len.append(date_len)
             self.text_len.append(len(payload) - date_len)
             self._spool_size += len(payload)
+        feedback = message.feedback if not drop else None
+        self.feedback_offset.append(self._feedback_size if feedback else -1)
+        self.feedback_len.append(len(feedback) if feedback else 0)
+        if feedback:
+            self._feedback.write(feedback)
+            self._feedback_size += len(feedback)
 
     def finish(self) -> MessageIndex:
         """Resolve forward parent references and free the id table; the index is read-only afterwards."""
@@ -173,6 +185,7 @@ class MessageIndex:
             self.trees_read = len(self._tree_ids)
         self._tree_ids.clear()
         self._spool.flush()
+        self._feedback.flush()
         return self
 
     def read_records(self, indices: list[int]) -> dict[int, tuple[str, str]]:
@@ -195,6 +208,15 @@ class MessageIndex:
                 out[i] = (block[at:split].decode("utf-8"), block[split : split + self.text_len[i]].decode("utf-8"))
             start = end
         return out
+
+    def feedback_of(self, indices: list[int]) -> dict[int, bytes]:
+        """``{index: compact labels/emojis JSON}`` of the messages among ``indices`` that have feedback."""
+        fd = self._feedback.fileno()
+        return {
+            i: os.pread(fd, self.feedback_len[i], self.feedback_offset[i])
+            for i in indices
+            if self.feedback_offset[i] >= 0
+        }
 
     def message_id(self, i: int) -> str:
         """The id of message ``i``; only messages dropped while reading lack one, and nothing asks for theirs."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from steps.data.jsonl_lines import MAX_LISTED_PROBLEMS, is_array_start, is_parquet, open_lines, parse_line
+from steps.data.oasst_feedback import encode_feedback
 from steps.data.oasst_index import MessageIndex
 from steps.data.records import DataError
 
@@ -75,6 +76,8 @@ class OasstMessage:
     problem: str | None = None
     """``missing_key`` or ``invalid_field`` when the message cannot be used; ``problem_detail`` says which."""
     problem_detail: str | None = None
+    feedback: bytes | None = None
+    """Its ``labels`` and ``emojis``, compacted (``oasst_feedback.encode_feedback``); never a reason to drop it."""
 
 
 def _optional_bool(value: Any, name: str) -> tuple[bool | None, str | None]:
@@ -167,6 +170,7 @@ def parse_message(
         message_tree_id=message_tree_id,
         created_date=str(created) if created is not None else None,
         location=location,
+        feedback=encode_feedback(raw.get("labels"), raw.get("emojis")),
     )
     if missing:
         message.problem, message.problem_detail = "missing_key", f"missing {', '.join(missing)}"

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from steps.data.oasst import PreparedData, format_summary, prepare_oasst
+from steps.data.oasst_feedback import OasstFeedbackRule
 from steps.data.pair_prep import PAIR_FORMATS, prepare_pairs
 from steps.data.records import DataError
+from steps.data.unpaired_prep import kto_from_pair_files, prepare_unpaired, with_kto
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("oasst", *PAIR_FORMATS)
+FORMATS = ("oasst", *PAIR_FORMATS, "unpaired")
 OASST_ONLY = {
     "langs": ["en"],
     "pair_strategy": "best_vs_rest",
@@ -28,6 +30,7 @@ OASST_ONLY = {
     "include_deleted": False,
     "require_review": True,
     "max_trees": None,
+    "oasst_feedback": OasstFeedbackRule(),
 }
 """Fields that only OpenAssistant trees have, with their defaults (a non-default value with another format is an
 error: it would be silently ignored otherwise)."""
@@ -45,16 +48,23 @@ def _as_tuple(values: Any) -> tuple[str, ...] | None:
     return tuple(values) or None
 
 
+def _comparable(name: str, value: Any) -> Any:
+    """A data-section value in the form of its OASST_ONLY default (lists for tuples, the rule for a mapping)."""
+    if name == "oasst_feedback":
+        return OasstFeedbackRule.of(value)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def prepare_data(section: Any, out_dir: str | Path) -> PreparedData:
     """Prepare ``section`` (the config's ``data`` section: a dataclass, any object with those attributes, or a
     dict) into ``out_dir``: ``sft.{train,dev}.jsonl``, ``preference.{train,dev}.jsonl`` (TRL conversational),
-    ``fairseq2/...`` and ``stats.json``.
+    ``kto.{train,dev}.jsonl`` (TRL unpaired: always, see ``unpaired_prep``), ``fairseq2/...`` and ``stats.json``.
 
-    Fields: ``format`` (``oasst`` default, ``preference``, ``hh_rlhf``, ``ultrafeedback``, ``fairseq2``), ``input``,
-    ``split`` (``None``: the format's training split), ``dev_fraction``, ``seed``, and for ``oasst`` only
-    ``langs``, ``pair_strategy``, ``sft_rank``, ``tree_states``, ``include_synthetic``, ``include_deleted``,
-    ``require_review``, ``max_trees``. Raises ``DataError`` naming the field for an unknown format or an oasst-only
-    field set with another format.
+    Fields: ``format`` (``oasst`` default, ``preference``, ``hh_rlhf``, ``ultrafeedback``, ``fairseq2``,
+    ``unpaired``), ``input``, ``split`` (``None``: the format's training split), ``dev_fraction``, ``seed``, and for
+    ``oasst`` only ``langs``, ``pair_strategy``, ``sft_rank``, ``tree_states``, ``include_synthetic``,
+    ``include_deleted``, ``require_review``, ``max_trees``, ``oasst_feedback`` (how replies become KTO examples).
+    Raises ``DataError`` naming the field for an unknown format or an oasst-only field set with another format.
     """
     fmt = _get(section, "format", "oasst")
     if fmt not in FORMATS:
@@ -79,10 +89,11 @@ def prepare_data(section: Any, out_dir: str | Path) -> PreparedData:
             seed=seed,
             max_trees=_get(section, "max_trees", None),
             split=split or "train",
+            feedback=_get(section, "oasst_feedback", None),
         )
     for name, default in OASST_ONLY.items():
         value = _get(section, name, default)
-        if (list(value) if isinstance(value, (list, tuple)) else value) != default:
+        if _comparable(name, value) != default:
             raise DataError(
                 f"data.{name} = {value!r} applies to data.format 'oasst' only (format is {fmt!r}); "
                 f"remove it or set data.format: oasst"
@@ -92,7 +103,10 @@ def prepare_data(section: Any, out_dir: str | Path) -> PreparedData:
             f"data.input 'embedded' is the OpenAssistant sample; data.format {fmt!r} needs a Hub id, "
             "a JSONL/Parquet file or a directory"
         )
-    return prepare_pairs(source, out_dir, format=fmt, split=split, dev_fraction=dev_fraction, seed=seed)
+    if fmt == "unpaired":
+        return prepare_unpaired(source, out_dir, split=split, dev_fraction=dev_fraction, seed=seed)
+    prepared = prepare_pairs(source, out_dir, format=fmt, split=split, dev_fraction=dev_fraction, seed=seed)
+    return with_kto(prepared, kto_from_pair_files(prepared.output_dir, "prompt_id"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

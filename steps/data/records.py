@@ -1,6 +1,7 @@
 """The row layouts PrefFlow writes, and the one reader the trainer uses for them.
 
 Pair rows follow TRL's conversational preference layout; :func:`pair_messages` also reads the older string layout.
+KTO rows follow TRL's conversational unpaired layout (``prompt``, ``completion``, ``label``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ def sft_messages(row: dict[str, Any]) -> tuple[list[ChatMessage], str]:
     """``(prompt messages, response text)`` of an SFT row: ``response`` (PrefFlow) or TRL's ``completion``."""
     key = "response" if "response" in row else "completion"
     return _prompt(row), _completion_text(row, key)
+
+
+def unpaired_messages(row: dict[str, Any]) -> tuple[list[ChatMessage], str, bool]:
+    """``(prompt messages, completion text, desirable?)`` of a KTO row (TRL's unpaired layout, conversational or
+    with strings)."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise RecordError(f"row {row.get('id', '?')}: 'label' must be true (desirable) or false, got {label!r:.40}")
+    return _prompt(row), _completion_text(row, "completion"), label
+
+
+def kto_row(
+    id: str, group_key: str, group_id: str, prompt: Sequence[ChatMessage], completion: str, label: bool, **extra: Any
+) -> dict[str, Any]:
+    """A KTO row in TRL's conversational unpaired layout; ``extra`` (source, feedback) follows in the order given."""
+    return {
+        "id": id,
+        group_key: group_id,
+        "prompt": list(prompt),
+        "completion": assistant_turn(completion),
+        "label": label,
+        **extra,
+    }
 
 
 def pair_row(

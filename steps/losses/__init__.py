@@ -1,8 +1,10 @@
-"""Preference losses by name: DPO, SimPO, ORPO, CPO, IPO, hinge (SLiC), and whatever else registers itself.
+"""Preference losses by name: DPO, SimPO, ORPO, CPO, IPO, hinge (SLiC), KTO (unpaired feedback: ``data_kind``),
+and whatever else registers itself.
 Every module here is imported, so a file with ``@register_loss("name")`` dropped into ``steps/losses/`` makes
 ``build_loss("name")`` work: ``out = build_loss("dpo", beta=0.1)(chosen, rejected, ...); out.loss.backward()``."""
 
 from steps.losses.base import (
+    DATA_KINDS,
     Fairseq2Names,
     LossConfigError,
     LossInputError,
@@ -15,6 +17,7 @@ from steps.losses.base import (
 from steps.losses.registry import (
     DuplicateLossError,
     build_loss,
+    data_kind,
     fairseq2_names,
     import_loss_modules,
     loss_class,
@@ -23,10 +26,12 @@ from steps.losses.registry import (
     registered_losses,
     requires_reference,
 )
+from steps.losses.unpaired import UnpairedExamples, UnpairedLoss, UnpairedLossOutput
 
 import_loss_modules(__name__)
 
 __all__ = [
+    "DATA_KINDS",
     "DuplicateLossError",
     "Fairseq2Names",
     "LossConfigError",
@@ -36,7 +41,11 @@ __all__ = [
     "PreferenceLoss",
     "PreferencePairs",
     "UnknownLossError",
+    "UnpairedExamples",
+    "UnpairedLoss",
+    "UnpairedLossOutput",
     "build_loss",
+    "data_kind",
     "fairseq2_names",
     "import_loss_modules",
     "loss_class",

@@ -224,12 +224,19 @@ def logistic_loss(
     return LossOutput(per_pair, rewards_chosen, rewards_rejected, {"logits": logits})
 
 
+#: What a loss trains on: ``pairs`` (chosen/rejected responses to one prompt: every loss but the ones below) or
+#: ``unpaired`` (one response per example with a desirable/undesirable label, e.g. KTO: steps.losses.unpaired).
+DATA_KINDS = ("pairs", "unpaired")
+
+
 class PreferenceLoss:
     """A registered loss: subclasses set ``config_class`` (a dataclass) and ``requires_reference`` and write
-    ``compute(pairs) -> LossOutput``. Calling the instance validates the inputs and returns that output."""
+    ``compute(pairs) -> LossOutput``. Calling the instance validates the inputs and returns that output.
+    ``data_kind`` (one of DATA_KINDS) says which examples the trainer must feed it."""
 
     config_class: ClassVar[type]
     requires_reference: ClassVar[bool] = False
+    data_kind: ClassVar[str] = "pairs"
     name: str = "<unregistered>"
 
     def __init__(self, config: Any) -> None:

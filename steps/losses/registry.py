@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from steps.losses.base import Fairseq2Names, LossConfigError, PreferenceLoss, UnknownLossError
+from steps.losses.base import DATA_KINDS, Fairseq2Names, LossConfigError, PreferenceLoss, UnknownLossError
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _LOSSES: dict[str, type[PreferenceLoss]] = {}
@@ -41,6 +41,10 @@ def register_loss(name: str) -> Callable[[L], L]:
             raise TypeError(
                 f"@register_loss({name!r}): every field of {cls.config_class.__name__} needs a default; "
                 f"missing for {no_default}"
+            )
+        if cls.data_kind not in DATA_KINDS:
+            raise TypeError(
+                f"@register_loss({name!r}): {cls.__name__}.data_kind = {cls.data_kind!r}; must be one of {DATA_KINDS}"
             )
         existing = _LOSSES.get(name)
         if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -74,6 +78,11 @@ def loss_class(name: str) -> type[PreferenceLoss]:
 def requires_reference(name: str) -> bool:
     """Whether the trainer must provide reference log-probs for this loss."""
     return loss_class(name).requires_reference
+
+
+def data_kind(name: str) -> str:
+    """What the loss trains on: ``"pairs"`` (preference pairs) or ``"unpaired"`` (labelled single responses)."""
+    return loss_class(name).data_kind
 
 
 def fairseq2_names(name: str) -> Fairseq2Names | None:
