@@ -9,6 +9,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -383,8 +384,8 @@ def test_a_local_node_whose_task_exited_fails_the_gang_at_once_naming_the_wrong_
     assert re.match(r"gang: node 1 of 2 never joined \(waited \d s of 60\): its task ", message), message
     assert message.split("): its task ", 1)[1].startswith(
         "PrefFlow/3/sft_nodes/7_node_1 exited before joining (its error is in this step's log above); Metaflow starts "
-        f"a local gang's other nodes as `python` from PATH, which is {other / 'python'}, not this interpreter "
-        f"({sys.executable}): activate this environment"
+        f"a local gang's other nodes as `python` from PATH: that is {other / 'python'}, not this interpreter "
+        f"({sys.executable}); activate its environment"
     ), message
 
 
@@ -412,19 +413,24 @@ def test_a_local_node_whose_task_dies_after_joining_stops_the_gang(tmp_path):
     )
 
 
-def test_a_local_node_still_starting_at_the_timeout_is_named_so(tmp_path):
+def test_a_local_node_still_starting_at_the_timeout_is_named_and_ended(tmp_path):
+    """Node 1's task is alive but never joins (stopped: a hung start): node 0 gives up at its join timeout and ends
+    that task, which would otherwise outlive the gang and hold the step's log open."""
     from steps.train.gang import GangCoordinator
 
-    worker = _flow_task("9_node_1", "import time; time.sleep(60)")
+    worker = _flow_task("9_node_1", "import time; time.sleep(120)")
     try:
+        os.kill(worker.pid, signal.SIGSTOP)
         gang = Gang(2, 0, "127.0.0.1", local_port("test-slow", tmp_path), control_task="PrefFlow/4/sft_nodes/9")
         with pytest.raises(GangFailedError, match=r"^gang: node 1 of 2 never joined \(waited [23] s of 2\): its task "
-                           r"PrefFlow/4/sft_nodes/9_node_1 is still starting \(a busy machine\? raise "
-                           r"resources.gang_join_timeout_s\)$"):  # fmt: skip
+                           r"PrefFlow/4/sft_nodes/9_node_1 was still starting; node 0 ended it \(a busy machine\? "
+                           r"raise resources.gang_join_timeout_s\)$"):  # fmt: skip
             GangCoordinator(gang, 30, join_timeout_s=2).publish_plan({})
+        assert worker.wait(timeout=5) == -signal.SIGTERM  # ended by node 0 (SIGTERM and SIGCONT), not by the test
     finally:
-        worker.kill()
-        worker.wait(timeout=30)
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=30)
 
 
 def test_a_gangs_python_is_this_interpreter_where_its_directory_has_one(tmp_path):
@@ -444,8 +450,8 @@ def test_a_gangs_python_is_this_interpreter_where_its_directory_has_one(tmp_path
         "PATH": str(tmp_path / "empty")
     }
     assert worker_python_problem(environ) == (
-        "Metaflow starts a local gang's other nodes as `python` from PATH, which is not there, not this interpreter "
-        f"({sys.executable}): activate this environment (e.g. `source .venv/bin/activate`) or put a directory whose "
+        "Metaflow starts a local gang's other nodes as `python` from PATH, which has none (this interpreter is "
+        f"{sys.executable}); activate its environment (e.g. `source .venv/bin/activate`) or put a directory whose "
         f"`python` is {sys.executable} first on PATH"
     )
 
@@ -471,7 +477,7 @@ def test_the_preflight_stops_a_local_gang_whose_nodes_would_not_run_this_python(
     if stops:
         assert err.count("\n") == 1 and err.startswith(
             "error: resources.num_nodes: is 2: Metaflow starts a local gang's other nodes as `python` from PATH, "
-            "which is not there"
+            "which has none (this interpreter is"
         ), err
 
 

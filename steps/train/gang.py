@@ -6,6 +6,7 @@ leaving the others hanging. Metaflow's local runtime starts a gang's other nodes
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -173,14 +174,22 @@ class GangCoordinator:
         """Node 0: wait until every other node has joined, at most ``join_timeout_s`` after this store started;
         raise :class:`GangFailedError` naming each missing node and why, as soon as the why is known (a local
         node's task process has exited) or the time is up."""
+        told = False
         while True:
             missing = self._call("checking who joined", self._not_joined)
-            if not missing:
-                return
             waited = time.monotonic() - self.started
+            if not missing:
+                logger.info(
+                    "gang: all %d nodes joined, %.1f s after node 0's store started", self.gang.num_nodes, waited
+                )
+                return
+            if not told:
+                logger.info("gang: node 0 waits up to %g s for node(s) %s to join", self.join_timeout_s, missing)
+                told = True
             gone = {i: why for i in missing if (why := self._exited(i))}
             if gone or waited >= self.join_timeout_s:
                 why_not = {i: gone.get(i) or self._still_missing(i) for i in missing}
+                self._end_local_tasks(missing)
                 raise GangFailedError("gang: " + "; ".join(self._never_joined(i, why_not[i], waited) for i in why_not))
             time.sleep(poll_s)
 
@@ -196,8 +205,9 @@ class GangCoordinator:
         runtime starts it from node 0's task) has exited; None while it runs, or where this process cannot tell."""
         if not self.gang.is_main or self.gang.control_task is None:
             return None
-        task = f"{self.gang.control_task}_node_{node}"
-        return task if task_processes(task.rsplit("/", 1)[-1]) == [] else None
+        return (
+            f"{self.gang.control_task}_node_{node}" if task_processes(f"{self._task_id()}_node_{node}") == [] else None
+        )
 
     def _exited(self, node: int) -> str | None:
         """Why node ``node`` cannot join any more, where node 0 can see it (its local task has exited)."""
@@ -209,11 +219,20 @@ class GangCoordinator:
             f"; {problem}" if problem else ""
         )
 
+    def _end_local_tasks(self, nodes: list[int]) -> None:
+        """Node 0 of a local gang giving up: end these nodes' task processes (its children), which would otherwise
+        wait for a store that is gone, and hold the step's log (so the step's end and its @retry) open."""
+        if self.gang.is_main and self.gang.control_task is not None:
+            end_processes([p for i in nodes for p in task_processes(f"{self._task_id()}_node_{i}") or []])
+
+    def _task_id(self) -> str:
+        return str(self.gang.control_task).rsplit("/", 1)[-1]
+
     def _still_missing(self, node: int) -> str:
         if self.gang.control_task is not None:
             return (
-                f"its task {self.gang.control_task}_node_{node} is still starting (a busy machine? raise "
-                "resources.gang_join_timeout_s)"
+                f"its task {self.gang.control_task}_node_{node} was still starting; node 0 ended it (a busy machine? "
+                "raise resources.gang_join_timeout_s)"
             )
         if self.gang.on_one_machine:
             return "it did not reach this machine's gang store (see its log; raise resources.gang_join_timeout_s)"
@@ -359,28 +378,52 @@ def run_node(
 
 def task_processes(task_id: str) -> list[int] | None:
     """Live child processes of this one whose command line names Metaflow task ``task_id`` (a local gang's node
-    k: ``python flow.py step ... --task-id <id>``); None where /proc cannot tell (not Linux). An exited child that
-    Metaflow has not reaped yet is a zombie: not alive."""
-    proc = "/proc"
-    if not os.path.isdir(proc):
+    k: ``python flow.py step ... --task-id <id>``); None where /proc cannot tell (not Linux)."""
+    if not os.path.isdir("/proc"):
         return None
     me, wanted, found = os.getpid(), task_id.encode(), []
-    for name in os.listdir(proc):
-        if not name.isdigit():
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        state = _state_and_parent(int(name))
+        if state is None or state[1] != me or state[0] == "Z":
             continue
         try:
-            with open(f"{proc}/{name}/stat", "rb") as f:
-                stat = f.read()
-            state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]  # the name in parentheses may hold spaces
-            if int(ppid) != me or state == b"Z":
-                continue
-            with open(f"{proc}/{name}/cmdline", "rb") as f:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to read
+        except OSError:
+            continue  # gone meanwhile
         if wanted in argv:
             found.append(int(name))
     return found
+
+
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter (Z: exited, not yet reaped) and parent pid from /proc; None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]  # the name in parentheses may hold spaces
+        return state.decode(), int(ppid)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    state = _state_and_parent(pid)
+    return state is not None and state[0] != "Z"
+
+
+def end_processes(pids: Sequence[int], grace_s: float = 10.0) -> None:
+    """SIGTERM (with SIGCONT, for a stopped one) to each process, SIGKILL to those still alive after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in filter(_alive, pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _prefix_of(python: str) -> str | None:
@@ -432,9 +475,11 @@ def worker_python_problem(environ: Mapping[str, str], executable: str = sys.exec
     found = shutil.which(WORKER_PYTHON, path=environ.get("PATH", ""))
     if runs_same_python(found, executable):
         return None
+    if found:
+        what = f": that is {found}, not this interpreter ({executable})"
+    else:
+        what = f", which has none (this interpreter is {executable})"
     return (
-        f"Metaflow starts a local gang's other nodes as `{WORKER_PYTHON}` from PATH, which "
-        f"{f'is {found}' if found else 'is not there'}, not this interpreter ({executable}): activate this "
-        f"environment (e.g. `source .venv/bin/activate`) or put a directory whose `{WORKER_PYTHON}` is {executable} "
-        "first on PATH"
+        f"Metaflow starts a local gang's other nodes as `{WORKER_PYTHON}` from PATH{what}; activate its environment "
+        f"(e.g. `source .venv/bin/activate`) or put a directory whose `{WORKER_PYTHON}` is {executable} first on PATH"
     )
