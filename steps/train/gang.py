@@ -229,10 +229,12 @@ class GangCoordinator:
         return str(self.gang.control_task).rsplit("/", 1)[-1]
 
     def _still_missing(self, node: int) -> str:
+        """Why node ``node`` has not joined, as far as node 0 knows (its local task, if any, is ended next)."""
         if self.gang.control_task is not None:
+            ended = "; node 0 ended it" if task_processes(f"{self._task_id()}_node_{node}") else ""
             return (
-                f"its task {self.gang.control_task}_node_{node} was still starting; node 0 ended it (a busy machine? "
-                "raise resources.gang_join_timeout_s)"
+                f"its task {self.gang.control_task}_node_{node} was still starting{ended} (a busy machine? raise "
+                "resources.gang_join_timeout_s)"
             )
         if self.gang.on_one_machine:
             return "it did not reach this machine's gang store (see its log; raise resources.gang_join_timeout_s)"
