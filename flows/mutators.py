@@ -1,6 +1,7 @@
 """Flow mutators for both flows: ship the ``steps`` library, and add the decorators the run config asks for
-(@project, @schedule, @trigger; @resources on the heavy steps, @kubernetes when enabled: shared memory for NCCL,
-the output volume, the gang's rendezvous port) at deploy time."""
+(@project, @schedule, @trigger; @resources on the heavy steps, @environment with ``resources.env`` (NCCL and fabric
+settings) on them, @kubernetes when enabled: shared memory for NCCL, the output volume, the gang's rendezvous port)
+at deploy time."""
 
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +93,8 @@ class deployment_from_config(FlowMutator):
                 if need.shared_memory_mb():  # /dev/shm for NCCL (and any scheduler that reads @resources)
                     asked["shared_memory"] = need.shared_memory_mb()
                 step.add_decorator("resources", deco_kwargs=asked)
+            if name in roles and resources.env:  # local tasks (and their torchrun) and pods alike
+                step.add_decorator("environment", deco_kwargs={"vars": resources.env_vars()})
             on_volume = bool(resources.persistent_volume_claim) and name in OUTPUT_STEPS
             if resources.kubernetes and (need is not None or on_volume or name in GANG_STEPS):
                 step.add_decorator("kubernetes", deco_kwargs=kubernetes_kwargs(resources, name, need))

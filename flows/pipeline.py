@@ -232,9 +232,15 @@ def _datastore(flow: FlowSpec) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
+    import os
+
     from steps.config import ensure_user_name, preflight
+    from steps.train.gang import put_own_python_first
 
     ensure_user_name()
+    # Metaflow's local runtime starts a gang's other nodes as `python flow.py step ...` from PATH: make that this
+    # interpreter where its directory has one (the preflight stops a local gang with one line where it cannot)
+    put_own_python_first(os.environ)
     if code := preflight(sys.argv[1:]):
         sys.exit(code)
     PrefFlow()

@@ -3,7 +3,8 @@
 ``create --only-json`` still uploads the code package, so the test serves S3 from a local moto
 server. It checks what a scheduler would act on: the cron from ``deployment.schedule_cron``
 (and no schedule without one), the flow parameters, the GPU limits from ``resources``, the
-``@project`` names, that flows/report.py is triggered by the pipeline's end, and num_nodes: 2 (a JobSet gang).
+``@project`` names, that flows/report.py is triggered by the pipeline's end, and num_nodes: 2 (a JobSet gang) with
+``resources.env`` (NCCL and EFA settings) in its pods' environment.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ def test_steps_library_imports_from_the_unpacked_code_package(s3_endpoint, pipel
 #: The gang's output volume: a PVC mounted at output_dir on every step that reads or writes it.
 CLAIM, MOUNT = "prefflow-runs", "/mnt/prefflow"
 GANG_NODES, GANG_RANKS = 2, TRAIN_GPU
+#: resources.env of the gang config (AWS EFA): what every training pod's environment must carry, as strings.
+NCCL_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": 1, "NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "INFO"}
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +264,7 @@ def gang_template(s3_endpoint, tmp_path_factory) -> dict:
         nproc_per_node=GANG_RANKS,
         persistent_volume_claim=CLAIM,
         output_dir=MOUNT,
+        env=NCCL_ENV,
     )
     return compile_argo(PIPELINE, config, s3_endpoint["endpoint"], tmp)
 
@@ -302,6 +306,7 @@ def test_a_gang_compiles_to_a_jobset_of_num_nodes_pods_with_gpus_shm_and_the_vol
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["MF_MASTER_PORT"] == "29500" and "control-0-0" in env["MF_MASTER_ADDR"], name
         assert env["MF_WORLD_SIZE"] == "{{inputs.parameters.num-parallel}}", name
+        assert {k: env.get(k) for k in NCCL_ENV} == {k: str(v) for k, v in NCCL_ENV.items()}, name
     assert jobset["retry"]["limit"] == 1  # @retry(times=1) restarts the whole JobSet
 
 
@@ -313,3 +318,13 @@ def test_with_a_gang_the_volume_is_on_output_steps_and_gpus_only_on_nodes_and_ev
         name for name, c in containers.items() if any(m["name"] == CLAIM for m in c.get("volumeMounts") or [])
     }
     assert with_volume == {"prepare-data", "reference-outputs", "sft", "preference", "evaluate", "join"}
+
+
+def test_nccl_settings_reach_the_heavy_steps_and_no_other(gang_template):
+    """resources.env goes to the pods that run GPU work (the gang's nodes through their JobSet, above; evaluation and
+    the reference outputs here) and nowhere else."""
+    containers = _container_templates(gang_template)
+    carrying = {name for name, c in containers.items() if {e["name"] for e in c.get("env") or []} >= set(NCCL_ENV)}
+    assert carrying == {"evaluate", "reference-outputs"}
+    env = {e["name"]: e.get("value") for e in containers["evaluate"]["env"]}
+    assert {k: env[k] for k in NCCL_ENV} == {k: str(v) for k, v in NCCL_ENV.items()}

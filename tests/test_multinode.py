@@ -8,6 +8,9 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,12 +135,49 @@ def test_model_store_auto_is_the_datastore_on_kubernetes_without_a_volume(resour
         ({"kubernetes": True, "model_store": "shared"}, "resources.model_store", "set persistent_volume_claim"),
         ({"train": {"memory": 1000, "shared_memory": 2000}}, "resources.train.shared_memory", "at most memory"),
         ({"master_port": 65535}, "resources.master_port", "the next port is used too"),
+        ({"gang_join_timeout_s": 0}, "resources.gang_join_timeout_s", "must be >= 1 (seconds) or null"),
+        ({"env": {"LD_PRELOAD": "/x.so"}}, "resources.env.LD_PRELOAD", "allowed: NCCL_*, TORCH_NCCL_*"),
+        ({"env": {"nccl_debug": "INFO"}}, "resources.env.nccl_debug", "upper-case letters"),
+        ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "resources.env.AWS_SECRET_ACCESS_KEY", "no secrets"),
+        ({"env": {"NCCL_API_TOKEN": "x"}}, "resources.env.NCCL_API_TOKEN", "no secrets"),
+        ({"env": {"NCCL_DEBUG": ["INFO"]}}, "resources.env.NCCL_DEBUG", "expected a string or an integer"),
     ],
 )
 def test_bad_scale_out_settings_name_the_key(resources, key, says):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"resources": resources})
     assert err.value.key == key and says in str(err.value)
+
+
+def test_env_takes_nccl_and_fabric_settings_as_strings():
+    env = {"NCCL_SOCKET_IFNAME": "eth0", "FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": 1, "NCCL_DEBUG": "INFO"}
+    env |= {"OFI_NCCL_DISABLE_GDR_REQUIRED_CHECK": 0, "TORCH_NCCL_ASYNC_ERROR_HANDLING": 3, "GLOO_SOCKET_IFNAME": "lo"}
+    resources = config_from_dict({"resources": {"env": env}}).resources
+    assert resources.env_vars() == {name: str(value) for name, value in env.items()}
+    assert resources.env_vars()["FI_EFA_USE_DEVICE_RDMA"] == "1"  # YAML's number, as the environment takes it
+    assert config_from_dict({}).resources.env_vars() == {}
+    overridden = config_from_dict({}, "cfg.yaml", {"resources.env.NCCL_IB_HCA": "mlx5_0,mlx5_1"}).resources
+    assert overridden.env_vars() == {"NCCL_IB_HCA": "mlx5_0,mlx5_1"}
+
+
+def test_torchruns_ranks_get_the_configs_env_over_the_callers(tmp_path, monkeypatch, capfd):
+    """resources.env reaches the ranks torchrun starts, over the caller's own value: gloo is told to use an interface
+    this machine lacks (the caller says lo, which works), so the rank's process group fails naming it."""
+    from steps.train.launch import launch_torchrun
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = config_from_dict({"model": {"base": "tiny"}, "resources": {"env": {"GLOO_SOCKET_IFNAME": "nonexistent0"}}})
+    with pytest.raises(GangFailedError, match="this node failed: torchrun exited with code 1"):
+        launch_torchrun(cfg, "sft", str(tmp_path / "data"), str(tmp_path / "out"), None, 1)
+    assert "Unable to find address for: nonexistent0" in capfd.readouterr().err
+
+
+def test_the_join_wait_is_short_on_one_machine_and_longer_across_machines():
+    assert config_from_dict({}).resources.join_timeout_s(across_machines=False) == 90
+    assert config_from_dict({}).resources.join_timeout_s(across_machines=True) == 600
+    set_to = config_from_dict({"resources": {"gang_join_timeout_s": 30}}).resources
+    assert set_to.join_timeout_s(False) == set_to.join_timeout_s(True) == 30
 
 
 def test_shared_memory_defaults_to_a_quarter_of_memory_with_gpus_only():
@@ -291,6 +331,154 @@ def test_a_node_waiting_for_node_0_learns_at_once_that_it_died(tmp_path):
     proc.join(timeout=60)
     assert time.monotonic() - started < 30
     assert "lost the gang's store on node 0 while waiting for node 0's start plan" in (tmp_path / "out").read_text()
+
+
+def test_node_0_names_the_node_that_never_joins_when_the_wait_is_up(tmp_path):
+    """A gang of 3 on a real store: node 1 joins, node 2 never comes; node 0 fails at its join timeout naming node 2
+    only; with every node there the plan reaches them."""
+    from steps.train.gang import GangCoordinator
+
+    port = local_port("test-join", tmp_path)
+    main = GangCoordinator(Gang(3, 0, "127.0.0.1", port), 30, join_timeout_s=3)
+    GangCoordinator(Gang(3, 1, "127.0.0.1", port), 30)  # joins at once (a client in this process)
+    started = time.monotonic()
+    with pytest.raises(GangFailedError) as err:
+        main.publish_plan({"resume_from": None})
+    took = time.monotonic() - started
+    assert re.fullmatch(
+        r"gang: node 2 of 3 never joined \(waited [34] s of 3\): it did not reach this machine's gang store \(see "
+        r"its log; raise resources.gang_join_timeout_s\)",
+        str(err.value),
+    ), str(err.value)
+    assert 2.5 < took < 10
+    third = GangCoordinator(Gang(3, 2, "127.0.0.1", port), 30)
+    main.publish_plan({"resume_from": "step_1"})
+    assert third.wait_plan(timeout_s=5) == {"resume_from": "step_1"}
+
+
+def _flow_task(task_id: str, code: str) -> subprocess.Popen:
+    """A child process of this one whose command line names a Metaflow task id, as Metaflow's local runtime starts
+    a gang's node k (``python flow.py step ... --task-id <control>_node_<k>``)."""
+    return subprocess.Popen([sys.executable, "-c", code, "step", "train", "--task-id", task_id])
+
+
+def test_a_local_node_whose_task_exited_fails_the_gang_at_once_naming_the_wrong_python(tmp_path, monkeypatch):
+    """Node 1's task died at start (as at ``import metaflow`` under another interpreter): node 0 says so within
+    seconds, not at its join timeout, and names the `python` on PATH that is not this interpreter."""
+    from steps.train.gang import GangCoordinator
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "python").symlink_to(os.path.realpath(sys.executable))  # the venv's base interpreter: not the venv
+    monkeypatch.setenv("PATH", str(other))
+    worker = _flow_task("7_node_1", "import sys; sys.exit(1)")
+    try:
+        gang = Gang(2, 0, "127.0.0.1", local_port("test-exited", tmp_path), control_task="PrefFlow/3/sft_nodes/7")
+        started = time.monotonic()
+        with pytest.raises(GangFailedError) as err:
+            GangCoordinator(gang, 30, join_timeout_s=60).publish_plan({})
+        assert time.monotonic() - started < 10
+    finally:
+        worker.wait(timeout=30)
+    message = str(err.value)
+    assert re.match(r"gang: node 1 of 2 never joined \(waited \d s of 60\): its task ", message), message
+    assert message.split("): its task ", 1)[1].startswith(
+        "PrefFlow/3/sft_nodes/7_node_1 exited before joining (its error is in this step's log above); Metaflow starts "
+        f"a local gang's other nodes as `python` from PATH: that is {other / 'python'}, not this interpreter "
+        f"({sys.executable}); activate its environment"
+    ), message
+
+
+def test_a_local_node_whose_task_dies_after_joining_stops_the_gang(tmp_path):
+    """Node 1's task joins, then its process ends without reporting (as when killed): node 0's run_node stops its
+    own job (2 minutes long) within seconds, naming node 1's task, instead of waiting for torchrun's rendezvous."""
+    from steps.train.gang import GangCoordinator, run_node
+
+    port = local_port("test-vanished", tmp_path)
+    joins = f"from steps.train.gang import Gang, GangCoordinator; GangCoordinator(Gang(2, 1, '127.0.0.1', {port}), 30)"
+    worker = _flow_task("8_node_1", joins)
+    try:
+        coordinator = GangCoordinator(Gang(2, 0, "127.0.0.1", port, control_task="PrefFlow/5/sft_nodes/8"), 30, 60)
+        coordinator.publish_plan({})
+        started = time.monotonic()
+        with pytest.raises(GangFailedError) as err:
+            run_node([sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ), coordinator.gang,
+                     coordinator, poll_s=0.2)  # fmt: skip
+        assert time.monotonic() - started < 30
+    finally:
+        worker.wait(timeout=60)
+    assert str(err.value) == (
+        "gang failed: node 1 of 2 failed: its task PrefFlow/5/sft_nodes/8_node_1 exited without reporting (its error "
+        "is in this step's log)"
+    )
+
+
+def test_a_local_node_still_starting_at_the_timeout_is_named_and_ended(tmp_path):
+    """Node 1's task is alive but never joins (stopped: a hung start): node 0 gives up at its join timeout and ends
+    that task, which would otherwise outlive the gang and hold the step's log open."""
+    from steps.train.gang import GangCoordinator
+
+    worker = _flow_task("9_node_1", "import time; time.sleep(120)")
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        gang = Gang(2, 0, "127.0.0.1", local_port("test-slow", tmp_path), control_task="PrefFlow/4/sft_nodes/9")
+        with pytest.raises(GangFailedError, match=r"^gang: node 1 of 2 never joined \(waited [23] s of 2\): its task "
+                           r"PrefFlow/4/sft_nodes/9_node_1 was still starting; node 0 ended it \(a busy machine\? "
+                           r"raise resources.gang_join_timeout_s\)$"):  # fmt: skip
+            GangCoordinator(gang, 30, join_timeout_s=2).publish_plan({})
+        assert worker.wait(timeout=5) == -signal.SIGTERM  # ended by node 0 (SIGTERM and SIGCONT), not by the test
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=30)
+
+
+def test_a_gangs_python_is_this_interpreter_where_its_directory_has_one(tmp_path):
+    from steps.train.gang import put_own_python_first, worker_python_problem
+
+    venv_bin = os.path.dirname(sys.executable)
+    environ = {"PATH": "/usr/bin:/bin"}
+    assert put_own_python_first(environ) is True
+    assert environ["PATH"] == f"{venv_bin}:/usr/bin:/bin"
+    assert put_own_python_first(environ) is True and environ["PATH"] == f"{venv_bin}:/usr/bin:/bin"  # once
+    assert worker_python_problem(environ) is None
+    lone = tmp_path / "lone"  # an interpreter whose directory has no `python`: PATH stays, the problem is named
+    lone.mkdir()
+    (lone / "python3").symlink_to(sys.executable)
+    environ = {"PATH": str(tmp_path / "empty")}
+    assert put_own_python_first(environ, str(lone / "python3")) is False and environ == {
+        "PATH": str(tmp_path / "empty")
+    }
+    assert worker_python_problem(environ) == (
+        "Metaflow starts a local gang's other nodes as `python` from PATH, which has none (this interpreter is "
+        f"{sys.executable}); activate its environment (e.g. `source .venv/bin/activate`) or put a directory whose "
+        f"`python` is {sys.executable} first on PATH"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "stops"),
+    [
+        (["run", "--set", "resources.num_nodes=2"], True),
+        (["run", "--set", "resources.num_nodes=1"], False),
+        (["run", "--set", "resources.num_nodes=2 resources.kubernetes=true"], False),
+        (["--with", "kubernetes", "run", "--set", "resources.num_nodes=2"], False),
+        (["argo-workflows", "create", "--set", "resources.num_nodes=2"], False),
+    ],
+)
+def test_the_preflight_stops_a_local_gang_whose_nodes_would_not_run_this_python(
+    argv, stops, tmp_path, monkeypatch, capsys
+):
+    from steps.config import preflight
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `python` at all
+    assert preflight(argv) == (2 if stops else 0)
+    err = capsys.readouterr().err
+    if stops:
+        assert err.count("\n") == 1 and err.startswith(
+            "error: resources.num_nodes: is 2: Metaflow starts a local gang's other nodes as `python` from PATH, "
+            "which has none (this interpreter is"
+        ), err
 
 
 def _hsdp_node(node_index: int, port: int, data_dir: str, root: str, raw: dict) -> None:

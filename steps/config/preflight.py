@@ -14,10 +14,13 @@ from pathlib import Path
 from steps.config.convert import ConfigError
 from steps.config.convert import logger as _notes_logger
 from steps.config.loading import DEFAULT_CONFIG_PATH, parse_yaml_text, read_config_text
-from steps.config.plan import load_plan
+from steps.config.plan import RunPlan, load_plan
+from steps.train.gang import worker_python_problem
 
 #: Commands that start or deploy work; others (``step`` in task subprocesses, ``logs``, ``dump``...) are skipped.
 WORK_COMMANDS = {"run", "resume", "show", "check", "spin", "argo-workflows", "step-functions", "airflow"}
+#: Commands that run the flow's tasks on this machine (a local gang's other nodes among them).
+LOCAL_RUN_COMMANDS = {"run", "resume"}
 #: Metaflow's top-level options that take a value (``--config`` and ``--config-value`` take two).
 VALUE_OPTIONS = {
     "--metadata",
@@ -49,6 +52,7 @@ class CommandLine:
     config_text: str | None = None  # from --config-value config TEXT
     parameters: dict[str, str] = field(default_factory=dict)
     internal: bool = False  # a task subprocess or --help: nothing to check
+    decorators: list[str] = field(default_factory=list)  # --with SPEC
 
 
 def read_command_line(argv: Sequence[str]) -> CommandLine:
@@ -76,6 +80,8 @@ def read_command_line(argv: Sequence[str]) -> CommandLine:
                 i += 3
                 continue
             if arg in VALUE_OPTIONS:
+                if arg == "--with" and i + 1 < len(args):
+                    line.decorators.append(args[i + 1])
                 i += 2
                 continue
             if not arg.startswith("-"):
@@ -92,11 +98,12 @@ def read_command_line(argv: Sequence[str]) -> CommandLine:
     return line
 
 
-def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> None:
-    """Raise ConfigError for what ``start`` would reject: the config, ``--set``, ``--loss`` and ``--sweep``."""
+def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> RunPlan | None:
+    """Raise ConfigError for what ``start`` would reject: the config, ``--set``, ``--loss`` and ``--sweep``, and
+    for a local gang whose other nodes would not run this interpreter. The plan (None: nothing to check)."""
     line = read_command_line(argv)
     if line.internal or line.command not in WORK_COMMANDS:
-        return
+        return None
     if line.config_text is not None:
         source = "--config-value config"
         data = parse_yaml_text(line.config_text, source)
@@ -104,7 +111,21 @@ def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT
         source = str(line.config_file or default_config)
         data = parse_yaml_text(read_config_text(source), source)
     p = line.parameters
-    load_plan(data, source, p.get("set", ""), p.get("loss", ""), p.get("sweep", ""))
+    plan = load_plan(data, source, p.get("set", ""), p.get("loss", ""), p.get("sweep", ""))
+    problem = local_gang_problem(line, plan)
+    if problem:
+        raise ConfigError("", "resources.num_nodes", f"is {plan.config.resources.num_nodes}: {problem}")
+    return plan
+
+
+def local_gang_problem(line: CommandLine, plan: RunPlan) -> str | None:
+    """Why this command's gang steps would hang on this machine: Metaflow starts a local gang's other nodes as
+    ``python`` from PATH (the flow's entry puts its own interpreter's directory first where it can)."""
+    resources = plan.config.resources
+    on_pods = resources.kubernetes or any(spec.split(":")[0] == "kubernetes" for spec in line.decorators)
+    if line.command not in LOCAL_RUN_COMMANDS or resources.num_nodes < 2 or on_pods:
+        return None
+    return worker_python_problem(os.environ)
 
 
 class _HeldNotes(logging.Handler):

@@ -15,9 +15,21 @@ from steps.config.training import PreferenceConfig, SFTConfig
 from steps.data.oasst_feedback import OasstFeedbackRule
 from steps.evaluate.settings import JUDGE_OPTIONS, EngineSettings, GenerationSettings
 from steps.models import DEFAULT_MODEL
+from steps.train.gang import JOIN_ACROSS_MACHINES_S, JOIN_ON_ONE_MACHINE_S
 
 #: Metaflow's rule for @project names.
 PROJECT_NAME = re.compile(r"^[a-z0-9_]+$")
+#: ``resources.env`` names: NCCL and torch's NCCL/distributed settings, libfabric (AWS EFA: FI_*, the aws-ofi-nccl
+#: plugin's OFI_NCCL_*, RDMAV_FORK_SAFE), UCX, gloo, and CUDA_DEVICE_MAX_CONNECTIONS.
+ENV_NAME_RULE = (
+    "NCCL_*, TORCH_NCCL_*, TORCH_DISTRIBUTED_DEBUG, FI_*, OFI_NCCL_*, RDMAV_*, UCX_*, GLOO_*, "
+    "CUDA_DEVICE_MAX_CONNECTIONS (upper-case letters, digits, underscores)"
+)
+ENV_NAME = re.compile(
+    r"(NCCL|TORCH_NCCL|FI|OFI_NCCL|RDMAV|UCX|GLOO)_[A-Z0-9_]+|TORCH_DISTRIBUTED_DEBUG|CUDA_DEVICE_MAX_CONNECTIONS"
+)
+#: Refused in ``resources.env`` even under an allowed prefix: it is written into the deployed workflow in clear.
+SECRET_WORDS = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL")
 
 
 @dataclass(frozen=True)
@@ -265,6 +277,13 @@ class ResourcesConfig:
     serialize_gpu_steps: bool = True
     # how long a rank waits in a collective (checkpoint writes of big models included) before the job fails
     process_group_timeout_s: int = 1800
+    # how long node 0 of a gang waits for every other node to join before the gang fails naming the missing node;
+    # null: 90 s when every node runs on this machine, 600 s across machines (pods may still pull their image)
+    gang_join_timeout_s: int | None = None
+    # environment of the training processes (the heavy steps' pods, torchrun's ranks): NCCL and fabric settings
+    # only, names matching ENV_NAME (e.g. NCCL_SOCKET_IFNAME: eth0, FI_PROVIDER: efa, NCCL_DEBUG: INFO); never
+    # secrets (those come from the cluster's secret store)
+    env: dict[str, str | int] = field(default_factory=dict)
 
     def check(self) -> None:
         for name in ("nproc_per_node", "num_nodes"):
@@ -280,6 +299,19 @@ class ResourcesConfig:
             "process_group_timeout_s",
             f"got {self.process_group_timeout_s!r}; must be >= 1 (seconds)",
         )
+        if self.gang_join_timeout_s is not None:
+            _require(
+                self.gang_join_timeout_s >= 1,
+                "gang_join_timeout_s",
+                f"got {self.gang_join_timeout_s!r}; must be >= 1 (seconds) or null",
+            )
+        for name in self.env:
+            _require(
+                ENV_NAME.fullmatch(name) is not None and not SECRET_WORDS.search(name),
+                f"env.{name}",
+                f"not a variable this section passes on; allowed: {ENV_NAME_RULE} (no secrets: those come from the "
+                "cluster's secret store)",
+            )
         if self.persistent_volume_claim is not None:
             _require(
                 self.kubernetes,
@@ -298,6 +330,16 @@ class ResourcesConfig:
             "shared on Kubernetes needs a volume every pod mounts: set persistent_volume_claim, or use "
             "model_store: datastore (or auto)",
         )
+
+    def join_timeout_s(self, across_machines: bool) -> int:
+        """``gang_join_timeout_s`` resolved for a gang on this machine or across machines."""
+        if self.gang_join_timeout_s is not None:
+            return self.gang_join_timeout_s
+        return JOIN_ACROSS_MACHINES_S if across_machines else JOIN_ON_ONE_MACHINE_S
+
+    def env_vars(self) -> dict[str, str]:
+        """``env`` as the environment takes it (YAML reads FI_EFA_USE_DEVICE_RDMA: 1 as a number)."""
+        return {name: str(value) for name, value in self.env.items()}
 
     def handoff(self) -> Literal["shared", "datastore"]:
         """``model_store`` resolved: auto is the datastore on Kubernetes without a shared volume, else shared."""

@@ -83,7 +83,12 @@ def train_node(
     out_dir = Path(output_root) / name
     on_other_node = gang is not None and not gang.is_main
     local_out = node_root(output_root, gang.node_index) / name if gang and on_other_node and store else out_dir
-    coordinator = GangCoordinator(gang, cfg.resources.process_group_timeout_s) if gang else None
+    resources = cfg.resources
+    coordinator = (
+        GangCoordinator(gang, resources.process_group_timeout_s, resources.join_timeout_s(not gang.on_one_machine))
+        if gang
+        else None
+    )
     with heavy_turn() if not on_other_node else contextlib.nullcontext():
         plan = coordinator.wait_plan() if coordinator is not None and on_other_node else None
         sync = None
@@ -167,7 +172,7 @@ def launch_torchrun(
     config_path = write_launch_config(cfg, out / CONFIG_FILE)
     timeout = cfg.resources.process_group_timeout_s
     where = ["--standalone", f"--nproc_per_node={nproc_per_node}"]
-    env = dict(os.environ)
+    env = {**os.environ, **cfg.resources.env_vars()}  # resources.env: NCCL and fabric settings, as on the pods
     if gang is not None:
         where = torchrun_node_args(gang, nproc_per_node, timeout)
         devices = visible_devices_for(gang, nproc_per_node, _cuda_device_count())
