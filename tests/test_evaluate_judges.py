@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from steps.evaluate.annotate import AnnotationInputError, annotate
-from steps.evaluate.annotator_prompt import preference_from_top_logprobs, switch_decisions
 from steps.evaluate.judges import JudgeError, LocalLogprobJudge, make_judge
+from steps.evaluate.judges.annotator_prompt import preference_from_top_logprobs, switch_decisions
 from steps.evaluate.settings import GenerationSettings
 
 PAIRS = [

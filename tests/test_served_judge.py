@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from steps.evaluate.annotate import AnnotationCache, annotate, pair_outputs
-from steps.evaluate.annotator_prompt import JudgeError
-from steps.evaluate.judges import LocalLogprobJudge, make_judge
+from steps.evaluate.judges import JudgeError, LocalLogprobJudge, make_judge
 from tests.served_judge_server import ChatCompletionsServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

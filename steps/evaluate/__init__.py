@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from steps.evaluate.agreement import judge_agreement, record_agreement, recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate, pair_outputs
-from steps.evaluate.annotator_prompt import OFFICIAL_ANNOTATOR, JudgeError
 from steps.evaluate.eval_sets import EvalSet, EvalSetError, load_eval_set
 from steps.evaluate.evaluation import evaluate_model, reference_outputs_for
 from steps.evaluate.generation import ModelRun, generate_outputs
 from steps.evaluate.judge_cost import judge_cost, judge_usage
-from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, ServedJudge, make_judge
+from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, JudgeError, ServedJudge, make_judge
+from steps.evaluate.judges.annotator_prompt import OFFICIAL_ANNOTATOR
 from steps.evaluate.paired import paired_comparison
 from steps.evaluate.preference_metrics import heldout_preference_metrics
 from steps.evaluate.scoring import MIN_INSTRUCTIONS_FOR_LC, score

@@ -15,10 +15,16 @@ from steps.evaluate.agreement import judge_agreement, record_agreement, registry
 from steps.evaluate.annotate import annotate
 from steps.evaluate.eval_sets import ALPACA_EVAL_SIZE, ALPACA_EVAL_SOURCES, load_eval_set
 from steps.evaluate.generation import BACKENDS, ModelRun, answer_eval_set
-from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, make_judge
+from steps.evaluate.judges import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_JUDGE,
+    DEFAULT_JUDGE_MAX_CHARS,
+    DEFAULT_TIMEOUT_S,
+    Judge,
+    make_judge,
+)
 from steps.evaluate.paired import PAIRED_RESAMPLES, PAIRED_SEED, paired_comparison
 from steps.evaluate.scoring import score
-from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 from steps.evaluate.settings import JUDGE_OPTIONS, GenerationSettings
 from steps.io import read_json, read_jsonl, write_json
 from steps.models import DEFAULT_MODEL

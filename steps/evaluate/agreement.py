@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.evaluate.annotate import annotate
-from steps.evaluate.judge_base import Judge
+from steps.evaluate.judges.base import Judge
 from steps.io import write_json
 from steps.locks import file_lock
 from steps.models.cache import cache_dir

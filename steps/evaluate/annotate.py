@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steps.evaluate.judge_base import Judge
+from steps.evaluate.judges.base import Judge
 from steps.io import append_jsonl, iter_jsonl
 
 logger = logging.getLogger(__name__)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from steps.losses.base import DATA_KINDS, Fairseq2Names, LossConfigError, PreferenceLoss, UnknownLossError
+from steps.registries import check_name, claim_name
 
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _LOSSES: dict[str, type[PreferenceLoss]] = {}
 
 L = TypeVar("L", bound=type[PreferenceLoss])
@@ -23,8 +22,7 @@ class DuplicateLossError(ValueError):
 
 def register_loss(name: str) -> Callable[[L], L]:
     """Class decorator: register ``cls`` under ``name``; its ``config_class`` must be a dataclass with defaults."""
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
-        raise ValueError(f"loss name {name!r} must be lower-case letters, digits, '_' or '-', starting with a letter")
+    check_name("loss", name)
 
     def decorate(cls: L) -> L:
         if not (isinstance(cls, type) and issubclass(cls, PreferenceLoss)):
@@ -46,14 +44,8 @@ def register_loss(name: str) -> Callable[[L], L]:
             raise TypeError(
                 f"@register_loss({name!r}): {cls.__name__}.data_kind = {cls.data_kind!r}; must be one of {DATA_KINDS}"
             )
-        existing = _LOSSES.get(name)
-        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise DuplicateLossError(
-                f"loss name {name!r} is already registered by {existing.__module__}."
-                f"{existing.__qualname__}; {cls.__module__}.{cls.__qualname__} must use another name"
-            )
+        claim_name(_LOSSES, "loss", name, cls, DuplicateLossError)
         cls.name = name
-        _LOSSES[name] = cls
         return cls
 
     return decorate

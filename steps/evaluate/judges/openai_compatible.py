@@ -1,6 +1,7 @@
-"""``openai_compatible``: alpaca_eval's weighted annotator (its template, seeded swap and log-prob rule) sent to any
-OpenAI-compatible chat-completions server (vLLM, OpenAI), with retries, a request budget, and the key read from the
-environment at request time only (never stored, logged or cached)."""
+"""``openai_compatible[:<served model>]``: alpaca_eval's weighted annotator (its template, seeded swap and log-prob
+rule) sent to any OpenAI-compatible chat-completions server (vLLM, OpenAI), with retries, a request budget, and the
+key read from the environment at request time only (never stored, logged or cached). Owns the served judge's
+defaults."""
 
 from __future__ import annotations
 
@@ -19,19 +20,26 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from steps.evaluate.annotator_prompt import (
-    ALPACA_EVAL_SWITCH_SEED,
+from steps.evaluate.judges.annotator_prompt import (
     OFFICIAL_ANNOTATOR,
     AnnotatorPromptJudge,
-    JudgeError,
+    AnnotatorProtocol,
     read_annotator_configs,
+    resolve_annotator_config,
 )
+from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.registry import register_judge
+from steps.models import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
+#: Seconds to wait for each reply before retrying.
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_RETRIES = 6
+#: Requests in flight at once.
 DEFAULT_CONCURRENCY = 4
+#: Retry tuning a caller may set (attributes of the judge; ``make_judge`` keywords).
+RETRY_SETTINGS = ("max_retries", "backoff_s", "max_backoff_s")
 #: Retried statuses: request timeout, conflict, rate limit, and every 5xx.
 RETRY_STATUSES = frozenset({408, 409, 429})
 #: The official annotator's request settings; read from its config, these are what it must say.
@@ -40,8 +48,6 @@ REQUEST_KEYS = ("max_tokens", "temperature", "logprobs", "top_logprobs")
 
 def request_settings(annotator_config: str = OFFICIAL_ANNOTATOR) -> dict[str, Any]:
     """``max_tokens``, ``temperature``, ``logprobs`` and ``top_logprobs`` from the annotator's alpaca_eval config."""
-    from steps.evaluate.annotator_prompt import resolve_annotator_config
-
     path = resolve_annotator_config(annotator_config)
     (settings,) = read_annotator_configs(path).values()
     kwargs = settings.get("completions_kwargs") or {}
@@ -54,17 +60,23 @@ def request_settings(annotator_config: str = OFFICIAL_ANNOTATOR) -> dict[str, An
     return {k: kwargs[k] for k in REQUEST_KEYS}
 
 
+@register_judge("openai_compatible")
 class ServedJudge(AnnotatorPromptJudge):
     """The weighted AlpacaEval annotator against ``base_url``'s ``/chat/completions`` serving ``model``.
 
     Each pair is one request: alpaca_eval's prompt as system/user messages, outputs swapped by its seeded coin,
     ``max_tokens`` 1, ``temperature`` 1 and ``top_logprobs`` 5 as the official config says; the preference is
     alpaca_eval's rule on the returned top log-probs. 429, 5xx, timeouts and dropped connections are retried with
-    exponential backoff (``Retry-After`` honoured); every HTTP attempt counts against ``max_requests`` (None: twice
-    the pairs of each call, plus 10). Results reach ``on_result`` one by one, so the annotation cache keeps each.
+    exponential backoff (``Retry-After`` honoured) up to ``max_retries`` times; every HTTP attempt counts against
+    ``max_requests`` (None: twice the pairs of each call, plus 10). Results reach ``on_result`` one by one, so the
+    annotation cache keeps each.
     """
 
-    name = "openai_compatible"
+    argument = "served model"
+    usage = ("'openai_compatible' (a served model, e.g. vLLM)",)
+    max_retries: int = DEFAULT_MAX_RETRIES
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
 
     def __init__(
         self,
@@ -72,14 +84,10 @@ class ServedJudge(AnnotatorPromptJudge):
         base_url: str | None,
         *,
         api_key_env: str | None = None,
-        annotator_config: str = OFFICIAL_ANNOTATOR,
         max_requests: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
         concurrency: int = DEFAULT_CONCURRENCY,
-        switch_seed: int = ALPACA_EVAL_SWITCH_SEED,
+        protocol: AnnotatorProtocol | None = None,
         show_progress: bool = True,
     ):
         if not isinstance(model, str) or not model:
@@ -89,26 +97,53 @@ class ServedJudge(AnnotatorPromptJudge):
                 f"judge 'openai_compatible' needs evaluation.judge_base_url, an http(s) URL such as "
                 f"http://localhost:8000/v1, got {base_url!r}"
             )
-        for field, value, low in (
-            ("judge_max_requests", max_requests, 1),
-            ("judge_concurrency", concurrency, 1),
-            ("max_retries", max_retries, 0),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise JudgeError(f"{field} must be an integer >= {low}, got {value!r}")
+        for field, value in (("judge_max_requests", max_requests), ("judge_concurrency", concurrency)):
+            _check_count(field, value, 1)
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
             raise JudgeError(f"judge_timeout_s must be a number > 0, got {timeout_s!r}")
-        super().__init__(model, annotator_config, switch_seed)
+        super().__init__(model, protocol or AnnotatorProtocol())
         self.base_url = str(base_url).rstrip("/")
         self.api_key_env = api_key_env or None
-        self.max_requests, self.timeout_s, self.max_retries = max_requests, float(timeout_s), max_retries
-        self.backoff_s, self.max_backoff_s, self.concurrency = backoff_s, max_backoff_s, concurrency
+        self.max_requests, self.timeout_s, self.concurrency = max_requests, float(timeout_s), concurrency
         self.show_progress = show_progress
         self._settings: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._budget: int | None = max_requests
         self.requests_made = 0
         self.retries = 0
+
+    @classmethod
+    def from_options(cls, argument: str | None, options: JudgeSettings) -> Judge:
+        """The served model's name after ``openai_compatible:`` wins over ``judge_model``; keywords beyond the
+        evaluation knobs: ``annotator_config``, ``switch_seed`` and the retry tuning (:data:`RETRY_SETTINGS`)."""
+        served = argument if argument is not None else options.judge_model
+        if not served or served == DEFAULT_MODEL or served.startswith(("embedded:", "tiny")):
+            raise JudgeError(
+                f"judge 'openai_compatible' needs the name the server serves its model under "
+                f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}"
+            )
+        extra = dict(options.extra)
+        protocol = AnnotatorProtocol(**{k: extra.pop(k) for k in ("annotator_config", "switch_seed") if k in extra})
+        retry = {k: extra.pop(k) for k in RETRY_SETTINGS if k in extra}
+        if extra:
+            raise JudgeError(
+                f"options {sorted(extra)} are not for judge 'openai_compatible'; beyond the evaluation.judge_* "
+                f"knobs it takes annotator_config, switch_seed, {', '.join(RETRY_SETTINGS)}"
+            )
+        _check_count("max_retries", retry.get("max_retries"), 0)
+        judge = cls(
+            served,
+            options.judge_base_url,
+            api_key_env=options.judge_api_key_env,
+            max_requests=options.judge_max_requests,
+            timeout_s=DEFAULT_TIMEOUT_S if options.judge_timeout_s is None else options.judge_timeout_s,
+            concurrency=DEFAULT_CONCURRENCY if options.judge_concurrency is None else options.judge_concurrency,
+            protocol=protocol,
+            show_progress=options.show_progress,
+        )
+        for name, value in retry.items():
+            setattr(judge, name, value)
+        return judge
 
     @property
     def cache_identity(self) -> str:
@@ -294,3 +329,9 @@ class ServedJudge(AnnotatorPromptJudge):
                 raise
             finally:
                 progress.close()
+
+
+def _check_count(field: str, value: int | None, low: int) -> None:
+    """``value`` (None allowed) must be an integer >= ``low``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise JudgeError(f"{field} must be an integer >= {low}, got {value!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from steps.evaluate.judge_base import Judge
+from steps.evaluate.judges.base import Judge, JudgeError
 
 OFFICIAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 #: The seed alpaca_eval's PairwiseAnnotator passes to its output-order switch (its ``seed`` default, 0);
@@ -20,8 +20,13 @@ OFFICIAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 ALPACA_EVAL_SWITCH_SEED = 0
 
 
-class JudgeError(ValueError):
-    """A judge that cannot be made or cannot run (unknown name, missing key or package, bad template)."""
+@dataclass(frozen=True)
+class AnnotatorProtocol:
+    """Which alpaca_eval log-prob annotator a judge imitates (its template and identifier tokens) and the seed of
+    its output-order coin: together with the judge model, what decides a judgement."""
+
+    annotator_config: str = OFFICIAL_ANNOTATOR
+    switch_seed: int = ALPACA_EVAL_SWITCH_SEED
 
 
 def evaluators_configs_dir() -> Path:
@@ -180,10 +185,10 @@ class AnnotatorPromptJudge(Judge):
     ``judge_model`` is what judges: a model spec for a local judge, the served model's name for a served one.
     """
 
-    def __init__(self, judge_model: str, annotator_config: str, switch_seed: int) -> None:
+    def __init__(self, judge_model: str, protocol: AnnotatorProtocol) -> None:
         self.judge_model = judge_model
-        self.annotator_config = annotator_config
-        self.switch_seed = switch_seed
+        self.annotator_config = protocol.annotator_config
+        self.switch_seed = protocol.switch_seed
         self._template: AnnotatorTemplate | None = None
 
     @property

@@ -1,10 +1,8 @@
-"""Pairwise judges in alpaca_eval's format, made by name in ``make_judge``: ``local_logprob`` (here: a local causal LM
-shown the official AlpacaEval 2 prompt, scored from its "m"/"M" next-token probabilities), ``openai_compatible`` and
-``alpaca_eval:<config>``; preference in [1, 2], 1 = output_1 (reference) wins, 2 = output_2 (model) wins."""
+"""``local_logprob[:<model spec>]``: a local causal LM shown alpaca_eval's official AlpacaEval 2 annotator prompt,
+scored from its "m"/"M" next-token probabilities. Owns the local judge's defaults."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,42 +10,23 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from steps.chat import render_prompt
-from steps.evaluate.alpaca_eval_judge import AlpacaEvalJudge
-from steps.evaluate.annotator_prompt import (
-    ALPACA_EVAL_SWITCH_SEED,
-    OFFICIAL_ANNOTATOR,
-    AnnotatorPromptJudge,
-    JudgeError,
-)
 from steps.evaluate.generation import resolve_device
-from steps.evaluate.judge_base import Judge
-from steps.evaluate.prefix_scoring import PrefixCachedScorer
-from steps.evaluate.served_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ServedJudge
+from steps.evaluate.judges.annotator_prompt import AnnotatorPromptJudge, AnnotatorProtocol
+from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.prefix_scoring import PrefixCachedScorer
+from steps.evaluate.judges.registry import register_judge
 from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DEFAULT_JUDGE",
-    "DEFAULT_JUDGE_MAX_CHARS",
-    "AlpacaEvalJudge",
-    "Judge",
-    "JudgeError",
-    "LocalLogprobJudge",
-    "ServedJudge",
-    "make_judge",
-]
-
-DEFAULT_JUDGE = "local_logprob"
 #: Each output is cut to this many characters before the local judge sees it (the prompt must fit a small model).
 DEFAULT_JUDGE_MAX_CHARS = 1500
 #: Models too small to judge anything: their numbers test the mechanism only.
 WEAK_JUDGE_SPECS = ("embedded:smollm2-135m-instruct", "tiny")
 
 
+@register_judge("local_logprob")
 class LocalLogprobJudge(AnnotatorPromptJudge):
     """A local causal LM scoring "m" vs "M" after alpaca_eval's official annotator prompt.
 
@@ -58,7 +37,10 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
     fixed start is run once and its KV cache reused for every judgement.
     """
 
-    name = "local_logprob"
+    argument = "model spec"
+    usage = ("'local_logprob' (offline)", "'local_logprob:<model spec>'")
+    #: The init seed of a randomly initialised judge model (``tiny``); part of such a judge's cache identity.
+    seed = 0
 
     def __init__(
         self,
@@ -66,20 +48,17 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
         *,
         model: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        annotator_config: str = OFFICIAL_ANNOTATOR,
         judge_max_chars: int = DEFAULT_JUDGE_MAX_CHARS,
         device: str = "auto",
         dtype: str = "float32",
-        seed: int = 0,
-        switch_seed: int = ALPACA_EVAL_SWITCH_SEED,
+        protocol: AnnotatorProtocol | None = None,
         show_progress: bool = True,
     ):
         if isinstance(judge_max_chars, bool) or not isinstance(judge_max_chars, int) or judge_max_chars < 1:
             raise JudgeError(f"judge_max_chars must be an integer >= 1, got {judge_max_chars!r}")
-        super().__init__(model_spec or DEFAULT_MODEL, annotator_config, switch_seed)
+        super().__init__(model_spec or DEFAULT_MODEL, protocol or AnnotatorProtocol())
         self.judge_max_chars = judge_max_chars
         self.device, self.dtype = resolve_device(device), dtype
-        self.seed = seed
         self.show_progress = show_progress
         self._model, self._tokenizer = model, tokenizer
         self._identifier_ids: dict[str, int] | None = None
@@ -87,6 +66,24 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
         self._scorer: PrefixCachedScorer | None = None
         self.judgements = 0
         self.seconds_judging = 0.0
+
+    @classmethod
+    def from_options(cls, argument: str | None, options: JudgeSettings) -> Judge:
+        """The model spec after ``local_logprob:`` wins over ``judge_model``; outputs cut at ``judge_max_chars``."""
+        if options.extra:
+            raise JudgeError(
+                f"options {sorted(options.extra)} are for 'alpaca_eval:' judges; the local judge "
+                f"takes judge_model, judge_max_chars, device, dtype, model and tokenizer"
+            )
+        return cls(
+            argument if argument is not None else options.judge_model,
+            model=options.model,
+            tokenizer=options.tokenizer,
+            judge_max_chars=DEFAULT_JUDGE_MAX_CHARS if options.judge_max_chars is None else options.judge_max_chars,
+            device=options.device,
+            dtype=options.dtype,
+            show_progress=options.show_progress,
+        )
 
     @property
     def cache_identity(self) -> str:
@@ -232,74 +229,3 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
                 )
         finally:
             model.train(was_training)
-
-
-def make_judge(
-    name: str = DEFAULT_JUDGE,
-    *,
-    judge_model: str | None = None,
-    judge_max_chars: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    show_progress: bool = True,
-    judge_base_url: str | None = None,
-    judge_api_key_env: str | None = None,
-    judge_max_requests: int | None = None,
-    judge_timeout_s: float | None = None,
-    judge_concurrency: int | None = None,
-    **alpaca_eval_kwargs: Any,
-) -> Judge:
-    """``local_logprob[:<model spec>]``, ``openai_compatible[:<served model>]`` or ``alpaca_eval:<config>``.
-
-    The local judge runs ``judge_model`` (a spec; a spec in the name wins; default the embedded model), or the
-    loaded ``model`` and ``tokenizer``, on outputs cut at ``judge_max_chars`` (default 1500). The served judge
-    sends the official weighted prompt to ``judge_base_url`` for the model named ``judge_model`` (or in the name),
-    with the key from the environment variable ``judge_api_key_env``. Options of one kind are ignored by the
-    others; ``alpaca_eval_kwargs`` go to alpaca_eval's annotator.
-    """
-    if name == "local_logprob" or name.startswith("local_logprob:"):
-        if alpaca_eval_kwargs:
-            raise JudgeError(
-                f"options {sorted(alpaca_eval_kwargs)} are for 'alpaca_eval:' judges; the local judge "
-                f"takes judge_model, judge_max_chars, device, dtype, model and tokenizer"
-            )
-        spec = name.split(":", 1)[1] if ":" in name else judge_model
-        max_chars = DEFAULT_JUDGE_MAX_CHARS if judge_max_chars is None else judge_max_chars
-        return LocalLogprobJudge(
-            spec,
-            model=model,
-            tokenizer=tokenizer,
-            judge_max_chars=max_chars,
-            device=device,
-            dtype=dtype,
-            show_progress=show_progress,
-        )
-    if name == "openai_compatible" or name.startswith("openai_compatible:"):
-        served = name.split(":", 1)[1] if ":" in name else judge_model
-        if not served or served == DEFAULT_MODEL or served.startswith(("embedded:", "tiny")):
-            raise JudgeError(
-                f"judge 'openai_compatible' needs the name the server serves its model under "
-                f"(evaluation.judge_model, e.g. meta-llama/Llama-3.1-70B-Instruct), got {served!r}"
-            )
-        return ServedJudge(
-            served,
-            judge_base_url,
-            api_key_env=judge_api_key_env,
-            max_requests=judge_max_requests,
-            timeout_s=DEFAULT_TIMEOUT_S if judge_timeout_s is None else judge_timeout_s,
-            concurrency=DEFAULT_CONCURRENCY if judge_concurrency is None else judge_concurrency,
-            show_progress=show_progress,
-            **alpaca_eval_kwargs,
-        )
-    if name.startswith("alpaca_eval:"):
-        config = name.split(":", 1)[1]
-        if not config:
-            raise JudgeError(f"judge 'alpaca_eval:' needs an annotator config, e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}'")
-        return AlpacaEvalJudge(config, **alpaca_eval_kwargs)
-    raise JudgeError(
-        f"unknown judge {name!r}; use 'local_logprob' (offline), 'local_logprob:<model spec>', "
-        f"'openai_compatible' (a served model, e.g. vLLM) or 'alpaca_eval:<annotator config>' "
-        f"(e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')"
-    )

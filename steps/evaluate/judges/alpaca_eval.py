@@ -11,13 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from steps.evaluate.annotator_prompt import (
-    OFFICIAL_ANNOTATOR,
-    JudgeError,
-    read_annotator_configs,
-    resolve_annotator_config,
-)
-from steps.evaluate.judge_base import Judge
+from steps.evaluate.judges.annotator_prompt import OFFICIAL_ANNOTATOR, read_annotator_configs, resolve_annotator_config
+from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.registry import register_judge
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +41,26 @@ def _credential_present(variable: str) -> bool:
     return bool(os.environ.get(variable))
 
 
+@register_judge("alpaca_eval")
 class AlpacaEvalJudge(Judge):
     """alpaca_eval's PairwiseAnnotator with one of its annotator configs (API judges need their key)."""
 
-    name = "alpaca_eval"
+    argument = "annotator config"
+    argument_required = True
+    usage = (f"'alpaca_eval:<annotator config>' (e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}')",)
 
     def __init__(self, config: str = OFFICIAL_ANNOTATOR, chunk_size: int = 8, **annotator_kwargs: Any):
         self.config = config
         self.config_path = resolve_annotator_config(config)
         self.chunk_size = chunk_size
         self.annotator_kwargs = annotator_kwargs
+
+    @classmethod
+    def from_options(cls, argument: str | None, options: JudgeSettings) -> Judge:
+        """The config after ``alpaca_eval:``; only the keywords beyond the evaluation knobs reach the annotator."""
+        if not argument:
+            raise JudgeError(f"judge 'alpaca_eval:' needs an annotator config, e.g. 'alpaca_eval:{OFFICIAL_ANNOTATOR}'")
+        return cls(argument, **options.extra)
 
     @property
     def label(self) -> str:
