@@ -209,11 +209,9 @@ class PrefFlow(FlowSpec):
     @step
     def report(self):
         """Regenerate the results report from Metaflow's records, this run included (its end has not run yet)."""
-        from steps.report import report_card, report_for_current_run
+        from steps.report import report_in_step
 
-        paths = report_for_current_run()
-        current.card.extend(report_card(paths, f"{current.flow_name}/{current.run_id}"))
-        self.report_files = paths.to_dict()
+        self.report_files = report_in_step()
         self.next(self.end)
 
     @step

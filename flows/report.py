@@ -31,18 +31,11 @@ class PrefFlowReport(FlowSpec):
     @step
     def start(self):
         """Regenerate the report; the run that triggered this one is always included."""
-        from steps.report import report_card, report_for_current_run
+        from steps.report import report_in_step
 
         trigger = current.get("trigger")
         triggering = trigger.run.pathspec if trigger is not None and trigger.run is not None else None
-        paths = report_for_current_run(
-            flow_name=PIPELINE_FLOW,
-            out_dir=self.out_dir or None,
-            include_runs=[triggering] if triggering else None,
-            latest=self.latest or None,
-        )
-        current.card.extend(report_card(paths, triggering or (paths.runs[-1] if paths.runs else None)))
-        self.report_files = paths.to_dict()
+        self.report_files = report_in_step(PIPELINE_FLOW, self.out_dir or None, triggering, self.latest or None)
         self.next(self.end)
 
     @step

@@ -1,8 +1,15 @@
-"""Metaflow card components for the training, evaluation and results steps (plots and tables: steps/report)."""
+"""Metaflow card components, every one the flows show: the training, evaluation, results and report steps' cards
+(their plots and tables come from steps/report). The README.md written into each model directory (a Hugging Face
+model card, shipped with the model) is another product: steps/model_card.py."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steps.report.generate import ReportPaths
 
 
 def training_card(summary: dict | None, variant: str) -> list:
@@ -81,3 +88,23 @@ def results_card(results: list[dict], flow: str, run_id: str, created_at: dateti
     from steps.report.table import run_results_table
 
     return [Markdown("## Results\n\n" + run_results_table(results, flow, run_id, created_at))]
+
+
+def report_card(paths: ReportPaths, run_pathspec: str | None = None) -> list:
+    """The report step's card: the results table, the LC WR / WR bars and ``run_pathspec``'s training curves."""
+    from metaflow.cards import Image, Markdown
+
+    n_runs = len(paths.runs)
+    table = paths.card_markdown or "_No rows._"
+    parts: list = [
+        Markdown(
+            f"## Results report\n\n{n_runs} run{'s' if n_runs != 1 else ''}, {paths.n_rows} models; "
+            f"full report with config snapshots in `{paths.readme}`.\n\n" + table
+        )
+    ]
+    if paths.win_rates_png and Path(paths.win_rates_png).is_file():
+        parts.append(Image(Path(paths.win_rates_png).read_bytes(), label="LC WR and WR across runs (± 1 s.e.)"))
+    training = paths.training_pngs.get(run_pathspec) if run_pathspec else None
+    if training and Path(training).is_file():
+        parts.append(Image(Path(training).read_bytes(), label=f"training curves of {run_pathspec}"))
+    return parts

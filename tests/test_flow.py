@@ -78,7 +78,7 @@ def finished_run(tmp_path_factory, tokenizer):
 
 
 def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
-    run, stdout, _ = finished_run
+    run, stdout, tmp_path = finished_run
     from metaflow import namespace
 
     namespace(None)
@@ -127,6 +127,12 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     join = run["join"].task.data
     assert isinstance(join.run_config, dict) and join.run_config["preference"]["criterion_config"]["beta"] == 0.1
     assert all(isinstance(r, dict) for r in join.results)  # what the report reads stays plain
+    # the report step's results.json: model_dir relative to the run's output root, named as the config names it
+    report = json.loads((tmp_path / "reports" / "results.json").read_text())
+    assert [r["output_root"] for r in report["runs"]] == [str(tmp_path / "runs" / "PrefFlow" / run.id)]
+    relative = {name: str(Path(r["model_dir"]).relative_to(join.output_root)) for name, r in results.items()}
+    assert {row["variant"]: row["model_dir"] for row in report["rows"]} == relative
+    assert relative["sft"] == str(Path("sft", "final"))
 
 
 def test_metrics_reach_the_trackers(finished_run):

@@ -282,6 +282,31 @@ def test_csv_and_json_exports_carry_standard_errors():
     assert doc["runs"][0]["pathspec"] == "PrefFlow/1700000000000001"
 
 
+def test_paths_are_relative_to_the_runs_output_root():
+    """model_dir as the run's output root sees it, and the root as the run's config names it: a report made on one
+    machine reads the same on any other; a path outside the root (or a run recorded without one) stays as it was."""
+    machine = "/scratch/alice/work/runs/PrefFlow/1700000000000001"
+    record = make_record(extra_result={"variant": "orpo", "model_dir": "/elsewhere/orpo/final", "evaluated": False})
+    for result in record.results:
+        for key in set(result) & {"model_dir", "init"}:
+            result[key] = result[key].replace("/runs/PrefFlow/1700000000000001", machine)
+    dpo_init = next(r["init"] for r in record.results if r["variant"] == "dpo")
+    record.output_root, record.run_config = machine, {"resources": {"output_dir": "runs"}}
+    unresolved = make_record(run_id="1700000000000002", day=4)
+    files, _ = render_report([record, unresolved], Selection())
+    doc = json.loads(files["results.json"])
+    assert [(r["variant"], r["model_dir"]) for r in doc["rows"]] == [
+        ("sft", "sft/model"),
+        ("dpo", "dpo/model"),
+        ("orpo", "/elsewhere/orpo/final"),
+        ("sft", "/runs/PrefFlow/1700000000000002/sft/model"),
+        ("dpo", "/runs/PrefFlow/1700000000000002/dpo/model"),
+    ]
+    assert [r["output_root"] for r in doc["runs"]] == ["runs/PrefFlow/1700000000000001", None]
+    assert dpo_init == f"{machine}/sft/model" and doc["rows"][1]["model_initialization"].startswith("SFT (from ")
+    assert machine not in files["results.json"].decode() + files["results.csv"].decode()
+
+
 def test_config_snapshot_is_the_runs_training_config():
     files, _ = render_report([make_record()], Selection())
     snap = yaml.safe_load(files["configs/PrefFlow-1700000000000001-dpo.yaml"])
@@ -402,11 +427,9 @@ class PrefFlow(FlowSpec):
     @card(type="blank", id="report")
     @step
     def report(self):
-        from steps.report import report_card, report_for_current_run
+        from steps.report import report_in_step
 
-        paths = report_for_current_run()
-        current.card.extend(report_card(paths, "%s/%s" % (current.flow_name, current.run_id)))
-        self.report_files = paths.to_dict()
+        self.report_files = report_in_step()
         self.next(self.end)
 
     @step

@@ -1,9 +1,16 @@
 """Results report from Metaflow's own records: tables, plots, config snapshots (``python -m steps.report``).
 
-``generate_report(tags=[...], latest=5)`` writes results.md/.csv/.json, README.md, plots/ and configs/."""
+``generate_report(tags=[...], latest=5)`` writes results.md/.csv/.json, README.md, plots/ and configs/; the flows'
+report steps call ``report_in_step``; both end in ``write_report``. Its card components are in steps.cards."""
 
-from steps.report.card import report_card, report_for_current_run
-from steps.report.generate import ReportPaths, default_report_dir, generate_report, render_report, write_report
+from steps.report.generate import (
+    ReportPaths,
+    default_report_dir,
+    generate_report,
+    render_report,
+    report_in_step,
+    write_report,
+)
 from steps.report.records import ReportError, RunRecord, Selection
 
 __all__ = [
@@ -14,7 +21,6 @@ __all__ = [
     "default_report_dir",
     "generate_report",
     "render_report",
-    "report_card",
-    "report_for_current_run",
+    "report_in_step",
     "write_report",
 ]

@@ -1,6 +1,11 @@
 """Write the report directory (results.md/.csv/.json, README.md, plots, config snapshots), rebuilt each time.
 Rendered in memory, then, under ``.report.lock``, every changed file is staged and fsynced before any is replaced
-(a full disk replaces nothing), so concurrent jobs never tear a file; stale managed files go last."""
+(a full disk replaces nothing), so concurrent jobs never tear a file; stale managed files go last.
+
+One writer, :func:`write_report`, behind every entry point; they differ only in which runs they read:
+``python -m steps.report`` (:func:`generate_report`, the command line's filters), the pipeline's ``report`` step
+and flows/report.py (:func:`report_in_step`: the running flow's project branch, the current or triggering run
+included, then the step's card)."""
 
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ from steps.report.records import RunRecord, Selection, client_scope, select_runs
 from steps.report.table import (
     ResultRow,
     build_rows,
+    generated_from,
+    markdown_page,
     markdown_table,
-    notes,
+    notes_section,
     results_csv,
     results_json,
     results_markdown,
     safe_name,
     snapshot_name,
+    table_or_none,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,14 +113,14 @@ def readme_markdown(
     parts = [
         "# PrefFlow results report",
         "",
-        f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}. "
+        f"{generated_from(selection)}. "
         "Do not edit: regenerating replaces this file. Tables only: [results.md](results.md), "
         "[results.csv](results.csv), [results.json](results.json).",
         "",
         "## Results",
         "",
+        table_or_none(rows),
     ]
-    parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
     if win_rates:
         parts += [
             "## LC WR and WR across runs",
@@ -139,10 +147,7 @@ def readme_markdown(
                     f"![training curves of {record.pathspec}]({training[record.pathspec]})",
                     "",
                 ]
-    caveats = notes(rows)
-    if caveats:
-        parts += ["## Notes", ""] + [f"- {c}" for c in caveats] + [""]
-    return "\n".join(parts).rstrip("\n") + "\n"
+    return markdown_page(parts + notes_section(rows))
 
 
 def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[str, bytes], dict]:
@@ -254,3 +259,40 @@ def generate_report(
     with client_scope(namespace, datastore_root):
         records = select_runs(selection, include)
     return write_report(records, selection, default_report_dir() if out_dir is None else out_dir)
+
+
+def report_in_step(
+    flow_name: str | None = None,
+    out_dir: str | Path | None = None,
+    triggering_run: str | None = None,
+    latest: int | None = None,
+) -> dict:
+    """The report step of flows/pipeline.py and of flows/report.py: regenerate the report from inside a running
+    step, add it to the step's card, and return where its files are (``ReportPaths.to_dict()``, the step's
+    ``report_files`` artifact).
+
+    ``flow_name`` None (the pipeline): the running flow, its current run included although its ``end`` has not
+    run, and the card shows that run's training curves. ``flow_name`` given (the report flow): that flow's runs plus
+    ``triggering_run``, whose curves the card shows (else the newest run's). Under ``@project`` only runs of the same
+    project branch are read, so a production report never mixes in personal or test deployments.
+    """
+    from metaflow import current
+
+    from steps.cards import report_card
+
+    tags = []
+    if current.get("project_name"):
+        tags = [f"project:{current.get('project_name')}", f"project_branch:{current.get('branch_name')}"]
+    this_run = f"{current.flow_name}/{current.run_id}"
+    include = [this_run] if flow_name is None else [triggering_run] if triggering_run else []
+    paths = generate_report(
+        flow_name=flow_name or str(current.flow_name),
+        out_dir=out_dir,
+        tags=tags,
+        namespace=None,
+        latest=latest,
+        include_runs=include,
+    )
+    card_run = this_run if flow_name is None else triggering_run or (paths.runs[-1] if paths.runs else None)
+    current.card.extend(report_card(paths, card_run))  # type: ignore[attr-defined]  # set by @card at run time
+    return paths.to_dict()

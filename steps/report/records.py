@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,27 @@ class RunRecord:
     results: list[dict]  # join: one dict per evaluated model
     run_config: dict = field(default_factory=dict)
     train_summaries: dict[str, dict] = field(default_factory=dict)  # variant -> train_summary
+    # where the run wrote its files on the machine that ran it (join.output_root); the report states the paths
+    # under it relative to it, so that a report made on one machine reads the same anywhere
+    output_root: str | None = None
 
     @property
     def pathspec(self) -> str:
         return f"{self.flow}/{self.run_id}"
+
+    @property
+    def output_root_name(self) -> str | None:
+        """The output root as the run's config names it (``resources.output_dir/flow/run_id``, relative to the
+        directory the run started in unless output_dir is absolute); None where the config does not say."""
+        output_dir = (self.run_config.get("resources") or {}).get("output_dir")
+        return str(PurePosixPath(output_dir, self.flow, self.run_id)) if isinstance(output_dir, str) else None
+
+    def relative_path(self, path: Any) -> Any:
+        """``path`` relative to the run's output root when it lies under it; anything else as it is."""
+        if not isinstance(path, str) or not self.output_root or not os.path.isabs(path):
+            return path
+        relative = os.path.relpath(path, self.output_root)
+        return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
     @property
     def date(self) -> str:
@@ -166,6 +184,7 @@ def read_run(run: Any) -> RunRecord | None:
         results=[dict(r) for r in (_artifact(join_task, "results") or [])],
         run_config=dict(_artifact(join_task, "run_config") or {}),
         train_summaries=summaries,
+        output_root=_artifact(join_task, "output_root"),
     )
     logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
     return record

@@ -48,7 +48,7 @@ class ResultRow:
     n: int | None
     avg_length: float | None
     evaluated: bool
-    model_dir: str | None
+    model_dir: str | None  # relative to the run's output root (RunRecord.output_root_name) when under it
     train_steps: int | None
     tags: list[str]
     lc_unavailable_reason: str | None = None
@@ -228,7 +228,7 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
                 n_instructions=_int(result.get("n_instructions")),
                 avg_length=_number(result.get("avg_length")),
                 evaluated=evaluated,
-                model_dir=result.get("model_dir"),
+                model_dir=record.relative_path(result.get("model_dir")),
                 train_steps=_int(result.get("train_steps")),
                 tags=list(record.tags),
                 lc_unavailable_reason=result.get("lc_unavailable_reason"),

@@ -233,24 +233,43 @@ def notes(rows: list[ResultRow]) -> list[str]:
     return out
 
 
+def generated_from(selection: Selection) -> str:
+    """The opening words of every report page: what made it and which runs it covers."""
+    return f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}"
+
+
+def table_or_none(rows: list[ResultRow]) -> str:
+    """The linked table, or a line saying that no run matched."""
+    return markdown_table(rows) if rows else "_No successful runs match this selection._\n"
+
+
+def notes_section(rows: list[ResultRow]) -> list[str]:
+    """``## Notes`` with the caveats the rows need, as lines; none where there is nothing to say."""
+    caveats = notes(rows)
+    return ["## Notes", "", *(f"- {c}" for c in caveats), ""] if caveats else []
+
+
+def markdown_page(parts: list[str]) -> str:
+    """Lines joined into one page ending in exactly one newline."""
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
 def results_markdown(rows: list[ResultRow], selection: Selection, n_runs: int) -> str:
     """``results.md``: a header saying what is covered, the table, and its caveats. No wall-clock time."""
     parts = [
         "# PrefFlow results",
         "",
-        f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}; "
+        f"{generated_from(selection)}; "
         f"{n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} model{'s' if len(rows) != 1 else ''}. "
         "Do not edit: regenerating replaces this file.",
         "",
         "LC WR / WR: AlpacaEval 2 length-controlled and raw win rate (%) against the reference; "
         "Training Config links to the exact config snapshot of the run.",
         "",
+        table_or_none(rows),
+        *notes_section(rows),
     ]
-    parts.append(markdown_table(rows) if rows else "_No successful runs match this selection._\n")
-    caveats = notes(rows)
-    if caveats:
-        parts += ["## Notes", ""] + [f"- {c}" for c in caveats] + [""]
-    return "\n".join(parts).rstrip("\n") + "\n"
+    return markdown_page(parts)
 
 
 #: CSV/JSON field order: the table's columns first, then the extras.
@@ -326,6 +345,7 @@ def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Sel
         "runs": [
             {
                 "pathspec": r.pathspec,
+                "output_root": r.output_root_name,  # the rows' model_dir are relative to it
                 "created_at": r.created_at.isoformat(),
                 "successful": r.successful,
                 "tags": r.tags,
