@@ -287,7 +287,7 @@ def run_benchmarks(
             "seconds": round(time.monotonic() - task_started, 2),
         }
         raw_results[spec.task] = raw
-        sample_rows.extend(row for name, rows in samples.items() for row in compact_samples(name, rows))
+        sample_rows.extend(row for name, rows in samples.items() for row in compact_samples(spec.task, name, rows))
         logger.info("benchmark %s: %s %s", spec.task, entries[spec.task]["metric"], format_score(entries[spec.task]))
     summary = {
         "model": model_spec,
@@ -337,15 +337,21 @@ def fetch_benchmarks(benchmarks: Sequence[Any]) -> list[str]:
     return [spec.task for spec in specs]
 
 
-def parse_cli_benchmarks(text: str, limit: int | None, task_dir: str | None) -> list[BenchmarkSpec]:
-    """``ifeval,mmlu:5`` -> specs (``:N`` sets num_fewshot), each with ``limit`` and ``task_dir``."""
+def parse_cli_benchmarks(args: argparse.Namespace) -> list[BenchmarkSpec]:
+    """``--benchmarks ifeval,mmlu:5`` -> specs (``:N`` sets num_fewshot), each with the other flags' settings."""
     specs = []
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in args.benchmarks.split(",")):
         if not item:
             continue
         name, _, shots = item.partition(":")
         specs.append(
-            BenchmarkSpec(task=name, num_fewshot=int(shots) if shots else None, limit=limit, task_dir=task_dir)
+            BenchmarkSpec(
+                task=name,
+                num_fewshot=int(shots) if shots else None,
+                limit=args.limit,
+                chat_template=args.chat_template,
+                task_dir=args.task_dir,
+            )
         )
     return specs
 
@@ -361,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="directory for lm_eval_results.json, samples and benchmarks.json")
     run.add_argument("--limit", type=int, default=None, help="first N documents per task (smoke runs)")
     run.add_argument("--task-dir", default=None, help="directory of local task YAML files")
+    run.add_argument(
+        "--no-chat-template", dest="chat_template", action="store_false", help="plain prompts, no chat template"
+    )
     run.add_argument("--device", default="auto")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     defaults = GenerationSettings()
@@ -378,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fetch_benchmarks(args.tasks)
             return 0
         settings = GenerationSettings.from_config(args)
-        specs = parse_cli_benchmarks(args.benchmarks, args.limit, args.task_dir)
+        specs = parse_cli_benchmarks(args)
         summary = run_benchmarks(args.model, specs, settings, args.out, ModelRun(device=args.device, dtype=args.dtype))
     except (HarnessUnavailableError, BenchmarkError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

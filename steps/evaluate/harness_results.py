@@ -125,14 +125,16 @@ def summarize_benchmark(
     }
 
 
-def compact_samples(task: str, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per-document lines for ``lm_eval_samples.jsonl``: the answer (or choice log-likelihoods), target, metric
-    values and hashes; lm_eval's full few-shot prompts are left out (mmlu's would be tens of MB)."""
+def compact_samples(benchmark: str, task: str, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-document lines for ``lm_eval_samples.jsonl`` (``task`` is a leaf of the listed ``benchmark``): the answer
+    (or choice log-likelihoods), target, metric values and hashes; lm_eval's full few-shot prompts are left out
+    (mmlu's would be tens of MB)."""
     rows = []
     for sample in samples:
         metric_names = sample.get("metrics", [])
         rows.append(
             {
+                "benchmark": benchmark,
                 "task": task,
                 "doc_id": sample.get("doc_id"),
                 "filter": sample.get("filter"),
