@@ -313,3 +313,25 @@ def test_cli_runs_a_limited_smoke_benchmark(task_dir, tmp_path, capsys, expected
     cell = f"{100 * p:.1f} ± {100 * math.sqrt(p * (1 - p) / 3):.1f}"
     assert json.loads(capsys.readouterr().out) == {"toy_mc": cell}
     assert read_json(tmp_path / SUMMARY_FILE)["benchmarks"]["toy_mc"]["n"] == 4
+
+
+def test_the_default_model_through_its_chat_template_scores_as_plain_forward_passes(task_dir, tmp_path):
+    """SmolLM2-135M-Instruct, prompts in its chat template. lm_eval moves the prompt's trailing newline (the end of
+    the assistant header) into every choice, so its log-likelihoods exceed ours by log P(newline | header): the
+    same constant for all choices of a question, and the accuracy is the same. Four questions: on 2 busy cores a
+    135M forward pass takes seconds."""
+    from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    model, tok = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+    spec = BenchmarkSpec("toy_mc", limit=4, task_dir=str(task_dir))
+    summary = run_benchmarks(DEFAULT_MODEL, [spec], GREEDY, tmp_path, ModelRun(model=model, tokenizer=tok))
+    rows = read_jsonl(tmp_path / SAMPLES_FILE)
+    correct = []
+    assert len(rows) == 4
+    for row, (question, choices, answer) in zip(rows, QUESTIONS):
+        prompt = render_prompt(tok, [{"role": "user", "content": question}])
+        ours = choice_logprobs(model, tok, prompt, choices, delimiter="")
+        offsets = [ll - mine for (ll, _), mine in zip(row["response"], ours)]
+        assert max(offsets) - min(offsets) < 2e-3 and max(offsets) < 0
+        correct.append(float(max(range(len(choices)), key=ours.__getitem__) == answer))
+    assert summary["benchmarks"]["toy_mc"]["value"] == pytest.approx(sum(correct) / len(correct), abs=1e-12)
