@@ -22,6 +22,7 @@ from steps.evaluate.harness import (
     SUMMARY_FILE,
     BenchmarkError,
     check_nltk_data,
+    fetch_benchmarks,
     load_benchmark,
     main,
     run_benchmarks,
@@ -303,6 +304,14 @@ def test_ifeval_needs_nltk_punkt_tab_before_anything_runs(tmp_path, monkeypatch)
     (tmp_path / "tokenizers" / "punkt_tab").mkdir(parents=True)
     check_nltk_data(BenchmarkSpec("ifeval"), ["ifeval"])
     check_nltk_data(BenchmarkSpec("toy_mc"), ["toy_mc"])  # other tasks need none
+
+
+def test_fetch_loads_the_data_while_online_and_refuses_offline(task_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "toy_mc"]) == 2
+    assert "fetch needs the Hub: unset HF_HUB_OFFLINE" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the local JSON data needs no network either way
+    assert fetch_benchmarks([{"task": "toy_mc", "task_dir": str(task_dir)}]) == ["toy_mc"]
 
 
 def test_cli_runs_a_limited_smoke_benchmark(task_dir, tmp_path, capsys, expected):

@@ -30,7 +30,7 @@ from steps.evaluate.benchmark_specs import BenchmarkSpec, parse_benchmarks
 from steps.evaluate.generation import ModelRun, resolve_device
 from steps.evaluate.harness_results import compact_samples, format_score, summarize_benchmark
 from steps.evaluate.settings import GenerationSettings
-from steps.io import write_json, write_jsonl
+from steps.io import atomic_write_files, jsonl_line
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -229,6 +229,10 @@ def _chat_template_sha(tokenizer: Any) -> str | None:
     return hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str) else None
 
 
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+
+
 def _evaluate_one(lm: Any, manager: TaskManager, spec: BenchmarkSpec, top: list[Any], torch_seed: int) -> dict:
     """One spec through ``simple_evaluate`` (its own n-shot and limit); lm_eval's results dict, samples included."""
     from lm_eval import simple_evaluate
@@ -306,10 +310,13 @@ def run_benchmarks(
         "files": {"results": RESULTS_FILE, "samples": SAMPLES_FILE, "summary": SUMMARY_FILE},
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RESULTS_FILE, raw_results)
-    write_jsonl(out / SAMPLES_FILE, sample_rows)
-    write_json(out / SUMMARY_FILE, summary)
+    atomic_write_files(  # staged together: a failure leaves none of the three replaced
+        {
+            out / RESULTS_FILE: _json_bytes(raw_results),
+            out / SAMPLES_FILE: b"".join(jsonl_line(row) for row in sample_rows),
+            out / SUMMARY_FILE: _json_bytes(summary),
+        }
+    )
     logger.info("wrote %s, %s (%d lines), %s", out / RESULTS_FILE, out / SAMPLES_FILE, len(sample_rows), SUMMARY_FILE)
     return summary
 
