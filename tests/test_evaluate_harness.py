@@ -301,6 +301,8 @@ def test_ifeval_needs_nltk_punkt_tab_before_anything_runs(tmp_path, monkeypatch)
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     with pytest.raises(BenchmarkError, match=r"python -m nltk.downloader punkt_tab"):
         check_nltk_data(BenchmarkSpec("ifeval"), ["ifeval"])
+    with pytest.raises(BenchmarkError, match=r"'leaderboard'.*punkt_tab"):
+        check_nltk_data(BenchmarkSpec("leaderboard"), ["leaderboard_bbh_navigate", "leaderboard_ifeval"])
     (tmp_path / "tokenizers" / "punkt_tab").mkdir(parents=True)
     check_nltk_data(BenchmarkSpec("ifeval"), ["ifeval"])
     check_nltk_data(BenchmarkSpec("toy_mc"), ["toy_mc"])  # other tasks need none

@@ -46,8 +46,14 @@ INSTALL_HINT = "pip install -e '.[benchmarks]' (lm_eval with its Hugging Face an
 LM_EVAL_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "fewshot_random_seed": 1234}
 #: lm_eval's default; means (acc, exact_match) get the closed-form standard error, not a bootstrap.
 BOOTSTRAP_ITERS = 100000
-#: NLTK data that tasks load at scoring time (after all generation): checked before the model loads.
+#: NLTK data that tasks load at scoring time (after all generation), by a part of the task name: checked before the
+#: model loads. IFEval's verifiers (ifeval, leaderboard_ifeval, ...) split sentences with punkt_tab.
 NLTK_DATA = {"ifeval": ("tokenizers/punkt_tab", "punkt_tab")}
+
+
+def nltk_needs(leaf_names: Iterable[str]) -> set[tuple[str, str]]:
+    """(resource, package) pairs of NLTK data that ``leaf_names`` score with."""
+    return {need for name in leaf_names for part, need in NLTK_DATA.items() if part in name}
 
 
 class HarnessUnavailableError(RuntimeError):
@@ -140,7 +146,7 @@ def load_benchmark(manager: TaskManager, spec: BenchmarkSpec) -> list[Any]:
 
 def check_nltk_data(spec: BenchmarkSpec, leaf_names: Iterable[str]) -> None:
     """Scoring-time NLTK data (IFEval's sentence splitter) present, else BenchmarkError saying how to get it."""
-    needed = {NLTK_DATA[n] for n in leaf_names if n in NLTK_DATA}
+    needed = nltk_needs(leaf_names)
     if not needed:
         return
     import nltk
@@ -333,7 +339,7 @@ def fetch_benchmarks(benchmarks: Sequence[Any]) -> list[str]:
     manager = task_manager(specs)
     for spec in specs:
         leaves = list(_load_tasks(manager, spec)["tasks"])
-        packages = sorted({NLTK_DATA[name][1] for name in leaves if name in NLTK_DATA})
+        packages = sorted(package for _, package in nltk_needs(leaves))
         if packages:
             import nltk
 
