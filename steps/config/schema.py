@@ -13,6 +13,7 @@ from steps.config.convert import INTERNAL, ConfigError, to_dict
 from steps.config.convert import require as _require
 from steps.config.training import PreferenceConfig, SFTConfig
 from steps.data.oasst_feedback import OasstFeedbackRule
+from steps.evaluate.benchmark_specs import parse_benchmarks
 from steps.evaluate.judges import DEFAULT_CONCURRENCY, DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, DEFAULT_TIMEOUT_S
 from steps.evaluate.settings import JUDGE_OPTIONS, EngineSettings, GenerationSettings
 from steps.models import DEFAULT_MODEL
@@ -159,6 +160,10 @@ class EvaluationConfig:
     # record the share of weight entries that differ from the init model in the evaluation dtype (reads both
     # models' safetensors tensor by tensor; a Hub init is fetched unless cached)
     weight_change_check: bool = True
+    # lm-evaluation-harness tasks run on every evaluated model beside AlpacaEval (the `benchmarks` extra), with
+    # the generation settings and dtype above: names (ifeval) or mappings {task, num_fewshot, limit, metric,
+    # chat_template, generation, task_dir}; checked by steps.evaluate.benchmark_specs.parse_benchmarks
+    benchmarks: list[Any] = field(default_factory=list)
     generation: GenerationSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
     engine: EngineSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
 
@@ -222,6 +227,7 @@ class EvaluationConfig:
         _require(self.judge_timeout_s > 0, "judge_timeout_s", f"got {self.judge_timeout_s!r}; must be > 0")
         _require(self.judge_concurrency >= 1, "judge_concurrency", f"got {self.judge_concurrency!r}; must be >= 1")
         _require(self.paired_resamples >= 100, "paired_resamples", f"got {self.paired_resamples!r}; must be >= 100")
+        parse_benchmarks(self.benchmarks)
 
     def judge_options(self) -> dict[str, Any]:
         """The judge knobs as make_judge / evaluate_model take them (``steps.evaluate.settings.JudgeOptions``)."""
