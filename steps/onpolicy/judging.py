@@ -85,7 +85,6 @@ def judge_round(
     """
     round_dir = Path(round_dir)
     samples = read_samples(round_dir)
-    groups = group_answers(samples)
     rm_spec = cfg.reward_model_spec
     judge = None
     if rm_spec is None:
@@ -107,6 +106,7 @@ def judge_round(
         logger.info("round %s: reusing the scores in %s (same samples and judge)", samples.meta["round"], round_dir)
         return found
     started = time.monotonic()
+    groups = group_answers(samples)
     if judge is not None:
         answer_scores, judgements, record = _pairwise(groups, judge, Path(cache_dir or round_dir / JUDGE_CACHE_DIR))
         del judge
