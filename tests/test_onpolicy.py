@@ -403,19 +403,32 @@ def test_local_pairwise_judge_round_is_cached_and_resumable(tmp_path, sampled_ro
     assert judged.meta["judge_prompt_tokens"] == token_total
 
     # written once: a retried round reuses the scores; without them, every judgement comes from the cache
-    def no_judge(*args, **kwargs):
-        raise AssertionError("judged again")
-
     from steps.evaluate import judges
 
-    judge_pairs = judges.LocalLogprobJudge.judge_pairs
-    monkeypatch.setattr(judges.LocalLogprobJudge, "judge_pairs", no_judge)
+    make_judge = judges.make_judge
+
+    def judge_that_refuses(*args, **kwargs):
+        judge = make_judge(*args, **kwargs)
+
+        def no_judging(*args, **kwargs):
+            raise AssertionError("judged again")
+
+        judge.judge_pairs = no_judging
+        return judge
+
+    monkeypatch.setattr(judges, "make_judge", judge_that_refuses)
     assert judging.judge_round(where, cfg, judge_options=options, run=QUIET).reused
     (where / "judging.json").unlink()
     rejudged = judging.judge_round(where, cfg, judge_options=options, run=QUIET)
     assert (rejudged.meta["judgements_cached"], rejudged.meta["judgements_new"]) == (judged.meta["judgements"], 0)
-    assert rejudged.scores == judged.scores
-    monkeypatch.setattr(judges.LocalLogprobJudge, "judge_pairs", judge_pairs)
+    assert rejudged.scores == judged.scores and rejudged.meta["judge_requests"] == 0
+    (where / "judging.json").unlink()
+    (where / "judge_cache").rename(where / "other_cache")
+    with pytest.raises(AssertionError, match="judged again"):  # the refusal is real: an empty cache must judge
+        judging.judge_round(where, cfg, judge_options=options, run=QUIET)
+    (where / "other_cache").rename(where / "judge_cache")
+    monkeypatch.setattr(judges, "make_judge", make_judge)
+    judging.judge_round(where, cfg, judge_options=options, run=QUIET)
 
     pairs = build_pairs(where, cfg)
     stats = read_json(where / "round_stats.json")
