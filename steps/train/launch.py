@@ -58,7 +58,7 @@ def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_
         summary = run_sft(cfg, Path(data_dir), Path(out_dir)).as_dict()
     else:
         summary = run_preference(cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir).as_dict()
-    return {**summary, "layout": parallel.last_layout()}
+    return {**summary, "layout": parallel.last_layout(), "load_memory": parallel.last_load_memory()}
 
 
 def write_launch_config(cfg: RunConfig, path: Path) -> Path:
