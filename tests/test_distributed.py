@@ -79,6 +79,7 @@ def _run(
     grad_accum: int = PER_RANK_ACCUM,
     nan_rank: int | None = None,
     local_world_size: int | None = None,
+    cached_on_rank0: bool = False,
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if local_world_size is not None:  # ranks per node: 1 of 2 makes two "nodes", so FSDP2 builds an HSDP mesh
@@ -117,7 +118,11 @@ def _run(
         checkpoint_every_steps=1,
     )
     model = load_model("tiny", seed=4)
-    precompute_reference(model, pairs, tok.pad_token_id, cfg)
+    if cached_on_rank0:  # rank 0 found scores (its node's cache file), rank 1 none: the trainer scores on both
+        for i, pair in enumerate(pairs if rank == 0 else []):
+            pair.reference_chosen, pair.reference_rejected = -1.0 - i, -2.0 - i
+    else:
+        precompute_reference(model, pairs, tok.pad_token_id, cfg)
     nan_at = PER_RANK_ACCUM + 1 if nan_rank == rank else None  # this rank's first micro-batch of step 2
     obj = CountingObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, nan_at=nan_at)
     record: dict = {"reference": [[p.reference_chosen, p.reference_rejected] for p in pairs]}
@@ -137,6 +142,7 @@ def _run(
     except TrainingDivergedError as exc:
         record["error"] = str(exc)
     finally:
+        record["reference_after"] = [[p.reference_chosen, p.reference_rejected] for p in pairs]
         record["micro_steps"] = obj.calls
         record["grads"] = obj.grads
         record["replica_all_reduces"] = replica_all_reduces.count
@@ -252,6 +258,20 @@ def test_sharded_checkpoints_resume_exactly_also_in_one_process(tmp_path, single
     _run(0, 1, "", str(elsewhere), grad_accum=WORLD * PER_RANK_ACCUM)
     _assert_same_steps(single, elsewhere)
     _assert_same_weights(single, elsewhere)
+
+
+def test_scores_missing_on_one_rank_only_are_scored_by_every_rank_together(tmp_path, single):
+    """A node that does not see rank 0's reference cache: the ranks agree to score (one tiny all-reduce) instead of
+    one rank entering the collective scoring pass alone and the job hanging."""
+    out = _spawn(tmp_path, "half-cached", parallelism="fsdp", cached_on_rank0=True)
+    rank0, rank1 = (_record(out, r) for r in range(WORLD))
+    assert rank0["reference_after"] == [[-1.0 - i, -2.0 - i] for i in range(len(rank0["reference_after"]))]
+    scored = rank1["reference_after"]
+    assert all(c is not None and r is not None and c < 0 and r < 0 for c, r in scored)
+    # rank 1's scores are the policy's own, in the training layout: what one process computes ahead, within fp32
+    for (c, r), (c1, r1) in zip(scored, _record(single)["reference"]):
+        assert c == pytest.approx(c1, abs=1e-4) and r == pytest.approx(r1, abs=1e-4)
+    assert [len(_record(out, r)["history"]) for r in range(WORLD)] == [2, 2]
 
 
 def test_non_finite_loss_on_one_rank_stops_both_with_the_error(tmp_path):

@@ -65,7 +65,7 @@ def _load_and_compare(rank: int, init_file: str, out_dir: str, spec: str, parall
         record["tied"] = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
         record["plain_tied"] = plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
         record["model_mib"] = sum(t.numel() * t.element_size() for t in plain.parameters()) / 2**20
-        if spec == "tiny":  # LoRA keeps loading on every rank, and says so
+        if parallelism == "ddp":  # LoRA keeps loading on every rank, and says so
             lora_lm, lora_pending = read_model(spec, cfg, device, precision, LoraConfig(enabled=True))
             record["lora_pending"] = lora_pending is not None
             record["lora_meta"] = any(p.is_meta for p in lora_lm.parameters())
@@ -109,7 +109,12 @@ def test_fsdp_ranks_get_rank0s_weights_exactly_and_rank1_holds_about_its_shard(t
 
 
 def test_ddp_ranks_get_rank0s_weights_exactly_with_ties_and_buffers_and_lora_loads_everywhere(tmp_path):
-    for rank, record in enumerate(_spawn(tmp_path, "tiny", "ddp")):
+    """From a model directory, as the DPO step loads the SFT step's export."""
+    from steps.models import load_model
+    from steps.train.checkpoints import save_model_dir
+
+    export = save_model_dir(load_model("tiny", seed=3), None, tmp_path / "sft-final")
+    for rank, record in enumerate(_spawn(tmp_path, str(export), "ddp")):
         assert record["meta_before_prepare"], rank
         assert record["mismatched"] == [], (rank, record["mismatched"][:5])
         assert record["tied"] and record["plain_tied"], rank  # to_empty unties; the load ties again

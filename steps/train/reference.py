@@ -47,6 +47,14 @@ def has_pending(pairs: Iterable[PairExample]) -> bool:
     return any(p.reference_chosen is None or p.reference_rejected is None for p in pairs)
 
 
+def pending_anywhere(pairs: Iterable[PairExample], device: torch.device) -> bool:
+    """Whether any rank lacks a score (a node that does not see rank 0's cache file): then every rank scores, since
+    scoring is collective (FSDP2 gathers weights in each forward; the scores are summed over ranks)."""
+    flag = torch.tensor([1.0 if has_pending(pairs) else 0.0], device=device)
+    collectives.all_reduce_sum(flag, device, "reference pending")
+    return bool(flag.item() > 0)
+
+
 def cache_key(spec: str, precision: Precision) -> dict[str, str]:
     """What cached scores must match to be reused: the reference and the numerics they were computed in."""
     return {"reference": spec, "precision": precision.describe()}
@@ -122,11 +130,11 @@ def score_pending(objective: Any, root: Any, precision: Precision, source: Refer
     """Score every pair of ``objective`` (train and dev) whose reference log-probs are missing, with the reference
     ``source`` names, in the training layout of ``root``; every rank ends with every score. Collective."""
     pairs = list(objective.train) + list(objective.dev)
-    if not has_pending(pairs):
+    device = parallel.device_of(root)
+    if not pending_anywhere(pairs, device):
         return
     started = time.perf_counter()
     rank, world_size = collectives.world()
-    device = parallel.device_of(root)
     scorer = source.load() if source.load is not None else parallel.root_of(root)
     if scorer is None:
         raise TypeError(f"reference scoring needs the training root, got {type(root).__name__}")
