@@ -161,13 +161,13 @@ def test_round_trip_of_the_fairseq2_files_prefflow_writes(tmp_path):
 
 class ReferenceForwards:
     """Counts forward passes of model modules (decoder body or full causal LM, any ``PreTrainedModel``) made inside
-    ``precompute_reference``, the trainer's reference path."""
+    ``steps.train.reference.score_pending``, the trainer's reference path (called only when scores are missing)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import steps.train.recipes as recipes
+        import steps.train.reference as reference
 
         self.forwards, self.calls, self._inside = 0, 0, False
-        real = recipes.precompute_reference
+        real = reference.score_pending
 
         def counted(*args, **kwargs):
             self.calls += 1
@@ -177,7 +177,7 @@ class ReferenceForwards:
             finally:
                 self._inside = False
 
-        monkeypatch.setattr(recipes, "precompute_reference", counted)
+        monkeypatch.setattr(reference, "score_pending", counted)
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:

@@ -23,18 +23,50 @@ WORLD = 2
 
 
 class CountingObjective(PreferenceObjective):
-    """The real DPO objective; counts the forwards this rank trains and can poison one of them (``nan_at``)."""
+    """The real DPO objective; counts the forwards this rank trains and can poison one of them (``nan_at``). Before
+    each forward it notes what the gradients left by the step's earlier backwards look like (``grads``)."""
 
     def __init__(self, *args, nan_at: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls, self.nan_at = 0, nan_at
+        self.calls, self.nan_at, self.grads = 0, nan_at, []
 
     def micro_step(self, model, batch, denominator):
         self.calls += 1
+        self.grads.append(gradient_state(model))
         loss, metrics = super().micro_step(model, batch, denominator)
         if self.calls == self.nan_at:
             loss = loss * float("nan")
         return loss, metrics
+
+
+def gradient_state(model) -> str:
+    """'none' (no gradient yet), 'sharded' (every gradient a DTensor holding just this rank's shard of its
+    parameter), or 'whole' (plain tensors of the parameters' full size)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [(p, p.grad) for p in model.parameters() if p.requires_grad]
+    if all(g is None for _, g in grads):
+        return "none"
+    local = [(p.to_local(), g) for p, g in grads if isinstance(p, DTensor) and isinstance(g, DTensor)]
+    if len(local) == len(grads) and all(g.to_local().shape == p.shape for p, g in local):
+        return "sharded"
+    return "whole"
+
+
+class GroupAllReduces:
+    """Counts all-reduces over a sub-group (FSDP2's HSDP all-reduce across replicas; the trainer's own collectives
+    use the default group)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.count, real = 0, dist.all_reduce
+
+        def counting(tensor, *args, group=None, **kwargs):
+            self.count += group is not None
+            return real(tensor, *args, group=group, **kwargs)
+
+        dist.all_reduce = counting
 
 
 def _run(
@@ -46,8 +78,13 @@ def _run(
     stop_after_steps: int | None = None,
     grad_accum: int = PER_RANK_ACCUM,
     nan_rank: int | None = None,
+    local_world_size: int | None = None,
+    cached_on_rank0: bool = False,
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if local_world_size is not None:  # ranks per node: 1 of 2 makes two "nodes", so FSDP2 builds an HSDP mesh
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    replica_all_reduces = GroupAllReduces()
     torch.set_num_threads(1)
     if world_size > 1:
         import torch.distributed as dist
@@ -62,7 +99,7 @@ def _run(
     from steps.config import PreferenceConfig
     from steps.losses import build_loss
     from steps.models import load_model, load_tokenizer
-    from steps.train import checkpoints, collectives
+    from steps.train import checkpoints, collectives, parallel
     from steps.train.loop import TrainingDivergedError, train
     from steps.train.objectives import precompute_reference
 
@@ -81,7 +118,11 @@ def _run(
         checkpoint_every_steps=1,
     )
     model = load_model("tiny", seed=4)
-    precompute_reference(model, pairs, tok.pad_token_id, cfg)
+    if cached_on_rank0:  # rank 0 found scores (its node's cache file), rank 1 none: the trainer scores on both
+        for i, pair in enumerate(pairs if rank == 0 else []):
+            pair.reference_chosen, pair.reference_rejected = -1.0 - i, -2.0 - i
+    else:
+        precompute_reference(model, pairs, tok.pad_token_id, cfg)
     nan_at = PER_RANK_ACCUM + 1 if nan_rank == rank else None  # this rank's first micro-batch of step 2
     obj = CountingObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, nan_at=nan_at)
     record: dict = {"reference": [[p.reference_chosen, p.reference_rejected] for p in pairs]}
@@ -91,6 +132,7 @@ def _run(
 
         sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
         record["sharded"] = all(sharded) and bool(sharded)
+        record["layout"] = parallel.last_layout()
         checkpoints.export_model(result.model, None, out / "final")
         record["history"] = [
             {k: h[k] for k in ("loss", "reward_accuracy", "tokens", "grad_norm")} for h in result.history
@@ -100,7 +142,10 @@ def _run(
     except TrainingDivergedError as exc:
         record["error"] = str(exc)
     finally:
+        record["reference_after"] = [[p.reference_chosen, p.reference_rejected] for p in pairs]
         record["micro_steps"] = obj.calls
+        record["grads"] = obj.grads
+        record["replica_all_reduces"] = replica_all_reduces.count
         record["collectives"] = [[what, dev, n] for (what, dev), n in collectives.CALLS.items()]
         (out / f"rank{rank}.json").write_text(json.dumps(record))
         if world_size > 1:
@@ -164,6 +209,10 @@ def test_two_gloo_processes_match_one(tmp_path, single, parallelism):
     assert [r["sharded"] for r in ranks] == [parallelism == "fsdp"] * WORLD
     # per-rank grad_accum and no dummy forwards: rank r ran its 3 of step 1 and 1 of the tail, nothing more
     assert [r["micro_steps"] for r in ranks] == [PER_RANK_ACCUM + 1] * WORLD
+    # between the micro-batches of a step: DDP accumulates whole gradients locally (no_sync); FSDP2 reduce-scatters
+    # every micro-batch, so a rank only ever holds its shard of the gradients, never an unsharded fp32 copy
+    between = "sharded" if parallelism == "fsdp" else "whole"
+    assert [r["grads"] for r in ranks] == [["none", between, between, "none"]] * WORLD
     assert _record(single)["micro_steps"] == WORLD * PER_RANK_ACCUM + WORLD
     # every collective the trainer issued went through the placement check on the rank's device (cpu here)
     for r in ranks:
@@ -172,6 +221,19 @@ def test_two_gloo_processes_match_one(tmp_path, single, parallelism):
         assert calls[("step denominator", "cpu")] == calls[("step metrics", "cpu")] == 2
         assert calls[("reference log-probs", "cpu")] == 1
         assert (("DDP gradient bucket", "cpu") in calls) == (parallelism == "ddp")
+
+
+def test_hsdp_all_reduces_across_replicas_once_per_step_and_matches_one_process(tmp_path, single):
+    """Two ranks as two nodes of one rank (LOCAL_WORLD_SIZE=1): FSDP2 builds the HSDP mesh (2 replicas x 1 shard);
+    each micro-batch reduce-scatters, the all-reduce across replicas waits for the step's last micro-batch."""
+    double = _spawn(tmp_path, "hsdp", parallelism="fsdp", local_world_size=1)
+    _assert_same_steps(single, double)
+    _assert_same_weights(single, double)
+    for rank in range(WORLD):
+        record = _record(double, rank)
+        assert record["layout"]["mesh"] == [2, 1] and record["layout"]["mesh_dims"] == ["replicate", "shard"]
+        # 2 steps x 3 FSDP2 groups (2 decoder layers + the root): once per step, not once per micro-batch (4 x 3)
+        assert record["replica_all_reduces"] == 2 * 3, record["replica_all_reduces"]
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
@@ -196,6 +258,20 @@ def test_sharded_checkpoints_resume_exactly_also_in_one_process(tmp_path, single
     _run(0, 1, "", str(elsewhere), grad_accum=WORLD * PER_RANK_ACCUM)
     _assert_same_steps(single, elsewhere)
     _assert_same_weights(single, elsewhere)
+
+
+def test_scores_missing_on_one_rank_only_are_scored_by_every_rank_together(tmp_path, single):
+    """A node that does not see rank 0's reference cache: the ranks agree to score (one tiny all-reduce) instead of
+    one rank entering the collective scoring pass alone and the job hanging."""
+    out = _spawn(tmp_path, "half-cached", parallelism="fsdp", cached_on_rank0=True)
+    rank0, rank1 = (_record(out, r) for r in range(WORLD))
+    assert rank0["reference_after"] == [[-1.0 - i, -2.0 - i] for i in range(len(rank0["reference_after"]))]
+    scored = rank1["reference_after"]
+    assert all(c is not None and r is not None and c < 0 and r < 0 for c, r in scored)
+    # rank 1's scores are the policy's own, in the training layout: what one process computes ahead, within fp32
+    for (c, r), (c1, r1) in zip(scored, _record(single)["reference"]):
+        assert c == pytest.approx(c1, abs=1e-4) and r == pytest.approx(r1, abs=1e-4)
+    assert [len(_record(out, r)["history"]) for r in range(WORLD)] == [2, 2]
 
 
 def test_non_finite_loss_on_one_rank_stops_both_with_the_error(tmp_path):

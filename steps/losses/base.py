@@ -182,8 +182,9 @@ class LossOutput:
     def loss(self) -> torch.Tensor:
         return self.per_pair.mean()
 
-    @functools.cached_property
-    def metrics(self) -> dict[str, float]:
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """The batch means of :attr:`metrics` as 0-d tensors on the loss's device (no host sync: a trainer sums
+        them over micro-batches and reads them once per step)."""
         with torch.no_grad():
             chosen, rejected = self.rewards_chosen.detach(), self.rewards_rejected.detach()
             values = {
@@ -199,8 +200,13 @@ class LossOutput:
                 if name in values:
                     raise RuntimeError(f"extra metric {name!r} clashes with a common metric name")
                 values[name] = value.detach().to(chosen.dtype).mean()
-            numbers = torch.stack([v.to(chosen.dtype) for v in values.values()]).tolist()
-        return dict(zip(values, numbers))
+            return {k: v.to(chosen.dtype) for k, v in values.items()}
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, float]:
+        tensors = self.metric_tensors()
+        numbers = torch.stack(list(tensors.values())).tolist() if tensors else []
+        return dict(zip(tensors, numbers))
 
 
 def with_nll(per_pair: torch.Tensor, pairs: PreferencePairs, nll_scale: float) -> torch.Tensor:

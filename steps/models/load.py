@@ -5,6 +5,7 @@ Dropout in the policy but not the reference inflates the initial DPO loss; adapt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -291,3 +292,56 @@ def model_summary(model: torch.nn.Module) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", type(model).__name__),
         "vocab_size": getattr(config, "vocab_size", None),
     }
+
+
+@dataclass
+class Blueprint:
+    """What another process needs to build the same model without reading its weights: the class, the configs and
+    the buffers (rotary tables and the like are computed, not stored, so they travel as they are)."""
+
+    cls: type
+    config: Any
+    generation_config: Any
+    buffers: dict[str, torch.Tensor]
+    dtype: torch.dtype
+
+
+def blueprint_of(model: torch.nn.Module) -> Blueprint:
+    """The blueprint of a loaded model (its buffers copied to the CPU)."""
+    param = next(model.parameters())
+    return Blueprint(
+        cls=type(model),
+        config=copy.deepcopy(getattr(model, "config", None)),
+        generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
+        buffers={name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers()},
+        dtype=param.dtype,
+    )
+
+
+def build_empty(blueprint: Blueprint) -> Any:
+    """The blueprint's model with every parameter on the meta device (no memory, no init), tied embeddings tied,
+    dropout 0, eval mode; buffers real, as computed at construction (callers restore ``blueprint.buffers`` once
+    the parameters are materialised). Weights arrive later (torch.distributed.checkpoint's set_model_state_dict)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = blueprint.cls(blueprint.config)
+    model = model.to(dtype=blueprint.dtype)
+    if blueprint.generation_config is not None:
+        model.generation_config = copy.deepcopy(blueprint.generation_config)
+    model.tie_weights()  # init_empty_weights builds the output embedding apart from the input one
+    zero_dropout_config(model.config)
+    zero_dropout_modules(model)
+    return model.eval()
+
+
+def restore_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Put ``buffers`` (name -> tensor, as :func:`blueprint_of` copied them) back on ``model``'s modules, on the
+    device of the buffer they replace (``to_empty`` leaves buffers uninitialised)."""
+    for name, value in buffers.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = owner._buffers.get(attr)
+        if current is None:
+            raise KeyError(f"{type(model).__name__}: no buffer {name!r} to restore (the blueprint is another model's)")
+        owner._buffers[attr] = value.to(device=current.device, copy=True)

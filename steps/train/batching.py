@@ -206,12 +206,22 @@ class TokenBatch:
             return int(self.extra["num_tokens"])
         return int(self.attention_mask.sum())
 
-    def to(self, device: Any) -> TokenBatch:
+    def to(self, device: Any, non_blocking: bool = False) -> TokenBatch:
+        """The batch on ``device``; ``non_blocking`` copies from pinned memory (:meth:`pin_memory`) without waiting."""
         return TokenBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.target_mask.to(device),
-            {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()},
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.attention_mask.to(device, non_blocking=non_blocking),
+            self.target_mask.to(device, non_blocking=non_blocking),
+            {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in self.extra.items()},
+        )
+
+    def pin_memory(self) -> TokenBatch:
+        """The batch in page-locked host memory, so that a CUDA copy runs asynchronously (``to(..., non_blocking)``)."""
+        return TokenBatch(
+            self.input_ids.pin_memory(),
+            self.attention_mask.pin_memory(),
+            self.target_mask.pin_memory(),
+            {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in self.extra.items()},
         )
 
 

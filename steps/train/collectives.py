@@ -79,6 +79,31 @@ def all_reduce_sum(tensor: torch.Tensor, rank_device: torch.device | str, what: 
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
 
 
+def broadcast_object(obj: Any, rank_device: torch.device | str, what: str) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; for small things such as a model's config); ``obj`` as given
+    without a process group. Under NCCL the bytes travel through the rank's own GPU (the current device)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return obj
+    CALLS[(what, _normalise(rank_device).type)] += 1
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any, rank_device: torch.device | str, what: str) -> list[Any]:
+    """Every rank's ``obj`` in rank order (small records, e.g. per-rank memory figures); ``[obj]`` alone."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [obj]
+    CALLS[(what, _normalise(rank_device).type)] += 1
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(rank_device: torch.device | str) -> None:
     """Wait for every rank; under NCCL on the rank's own GPU (so it never guesses device 0)."""
     import torch.distributed as dist

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "launch_config.json"
 SUMMARY_FILE = "launch_summary.json"
+#: The CUDA caching allocator's settings for training unless the user gave their own: expandable segments keep
+#: varying sequence lengths from fragmenting GPU memory (PyTorch's advice; torchtitan sets it too).
+ALLOC_CONF = "expandable_segments:True"
+#: Its environment variable: the newer name (torch >= 2.9, read first), and the one every supported torch reads.
+ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 #: Test and debug switch: this global rank SIGKILLs itself right after the first checkpoint it writes (a node dying
 #: mid-training, for the kill-and-resume tests).
 KILL_ENV = "PREFFLOW_KILL_RANK_AFTER_CHECKPOINT"
@@ -53,7 +58,7 @@ def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_
         summary = run_sft(cfg, Path(data_dir), Path(out_dir)).as_dict()
     else:
         summary = run_preference(cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir).as_dict()
-    return {**summary, "layout": parallel.last_layout()}
+    return {**summary, "layout": parallel.last_layout(), "load_memory": parallel.last_load_memory()}
 
 
 def write_launch_config(cfg: RunConfig, path: Path) -> Path:
@@ -126,6 +131,7 @@ def launch(
         cfg = cfg if kind == "sft" else for_loss(cfg, kind)
     node = node or NodeRun()
     if node.gang is None and nproc_per_node <= 1:
+        configure_allocator_here()
         with _syncing(node.sync):
             return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
     return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node, node)
@@ -173,6 +179,7 @@ def launch_torchrun(
     timeout = cfg.resources.process_group_timeout_s
     where = ["--standalone", f"--nproc_per_node={nproc_per_node}"]
     env = {**os.environ, **cfg.resources.env_vars()}  # resources.env: NCCL and fabric settings, as on the pods
+    allocator_env(env)
     if gang is not None:
         where = torchrun_node_args(gang, nproc_per_node, timeout)
         devices = visible_devices_for(gang, nproc_per_node, _cuda_device_count())
@@ -218,6 +225,17 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def process_group_options(cuda: bool, local_rank: int) -> tuple[str, dict[str, Any]]:
+    """(backend, keyword arguments) of ``init_process_group``: NCCL bound to the rank's GPU (``device_id``: the
+    communicator is created on that device up front, and no collective or barrier guesses a device) on CUDA; gloo
+    with nothing more on CPU."""
+    if not cuda:
+        return "gloo", {}
+    import torch
+
+    return "nccl", {"device_id": torch.device("cuda", local_rank)}
+
+
 def init_process_group(timeout_s: float) -> str:
     """NCCL on GPUs (every collective tensor lives on the rank's GPU), gloo on CPU; returns the backend."""
     import datetime
@@ -225,11 +243,32 @@ def init_process_group(timeout_s: float) -> str:
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend, options = process_group_options(torch.cuda.is_available(), local_rank)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
     return backend
+
+
+def allocator_env(env: MutableMapping[str, str]) -> bool:
+    """Put :data:`ALLOC_CONF` into ``env`` unless the user set either of its names; returns whether it did."""
+    if any(name in env for name in ALLOC_CONF_NAMES):
+        return False
+    env[ALLOC_CONF_NAMES[1]] = ALLOC_CONF
+    return True
+
+
+def configure_allocator_here() -> None:
+    """:func:`allocator_env` for this process, which only takes effect before CUDA initialises here (said if late)."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        allocator_env(os.environ)
+    elif not any(name in os.environ for name in ALLOC_CONF_NAMES):
+        logger.warning(
+            "CUDA is already initialised in this process: %s=%s not applied", ALLOC_CONF_NAMES[1], ALLOC_CONF
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s: %(message)s")
     cfg = read_launch_config(args.config_json)
+    configure_allocator_here()  # ranks started by another launcher than launch_torchrun
     backend = init_process_group(cfg.resources.process_group_timeout_s)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     _arm_kill_switch(dist.get_rank())

@@ -22,7 +22,8 @@ from steps.tracking import Tracker
 from steps.train import checkpoints, collectives, parallel
 from steps.train.batching import TokenBatch
 from steps.train.dealing import plan_epoch, rank_share
-from steps.train.precision import Precision, default_precision
+from steps.train.precision import Precision, default_precision, enable_tf32
+from steps.train.prefetch import StepPrefetcher
 from steps.train.schedule import lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,14 @@ class Objective(Protocol):
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
         """This rank's share of the step's loss denominator (the loop sums it over ranks)."""
 
-    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scaled loss to backpropagate and metric sums (already weighted by this micro-batch's share)."""
+    def micro_step(
+        self, model: Any, batch: TokenBatch, denominator: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Scaled loss to backpropagate and metric sums (already weighted by this micro-batch's share), as 0-d
+        tensors on the device: the loop reads them once per step."""
+
+    def before_training(self, model: Any, precision: Precision) -> None:
+        """Once the model is wrapped, before step 1 and before a checkpoint is restored (reference scoring)."""
 
     def evaluate(self, model: Any) -> dict[str, float]: ...
 
@@ -95,44 +102,41 @@ def optimizer_step(
     step: int,
     precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's ``micro_batches`` (at least one; gradient accumulation).
+    """One optimizer step over this rank's ``micro_batches`` (at least one, on the host; gradient accumulation).
 
     Each micro-batch loss is divided by the step's global denominator (one tiny all-reduce first) and gradients
-    are summed over ranks, so W ranks x A micro-batches give the update of 1 process x W*A. A non-finite loss on
-    any rank is folded into the step's metrics all-reduce: every rank raises TrainingDivergedError together.
+    are summed over ranks, so W ranks x A micro-batches give the update of 1 process x W*A. Metrics and non-finite
+    flags stay on the device until the step's one metrics all-reduce and read: a non-finite loss on any rank makes
+    every rank raise TrainingDivergedError together.
     """
     if not micro_batches:
         raise ValueError("optimizer_step needs at least one micro-batch on every rank")
     device = parallel.device_of(model)
-    rank, world_size = collectives.world()
+    world_size = collectives.world()[1]
     precision = precision or default_precision(model)
-    denominator_t = torch.tensor([objective.step_denominator(micro_batches)], dtype=torch.float64, device=device)
-    collectives.all_reduce_sum(denominator_t, device, "step denominator")
-    denominator = float(denominator_t.item())
-    totals: dict[str, float] = {"tokens": 0.0}
-    bad: list[int] = []
-    for i, mb in enumerate(micro_batches):
-        mb = mb.to(device)
+    tokens = float(sum(mb.num_tokens for mb in micro_batches))  # counted on the host copies: no device read
+    head = torch.tensor([objective.step_denominator(micro_batches), tokens], dtype=torch.float64, device=device)
+    collectives.all_reduce_sum(head, device, "step denominator")
+    denominator, all_tokens = head.tolist()
+    sums: dict[str, torch.Tensor] = {}
+    nonfinite = torch.zeros(len(micro_batches), dtype=torch.float64, device=device)
+    for i, host_batch in enumerate(micro_batches):
+        mb = host_batch.to(device, non_blocking=device.type == "cuda")
         with parallel.gradient_sync(model, i == len(micro_batches) - 1):
             with parallel.compute_context(model, precision):
                 loss, metrics = objective.micro_step(model, mb, denominator)
-            if not bool(torch.isfinite(loss.detach())):
-                bad.append(i)
+            nonfinite[i] = (~torch.isfinite(loss.detach())).to(torch.float64)
             loss.backward()  # even when non-finite: the other ranks are in this backward's reduction
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v
-        totals["tokens"] += mb.num_tokens
-    keys = sorted(totals)
-    flags = [0.0] * world_size
-    flags[rank] = float(len(bad))
-    vector = torch.tensor([totals[k] for k in keys] + flags, dtype=torch.float64, device=device)
-    collectives.all_reduce_sum(vector, device, "step metrics")
-    values = vector.tolist()
-    totals = dict(zip(keys, values[: len(keys)]))
-    bad_ranks = [r for r, n in enumerate(values[len(keys) :]) if n > 0]
+            value = torch.as_tensor(v, device=device).detach().to(torch.float64)
+            sums[k] = sums[k] + value if k in sums else value
+    totals = _reduce_step_metrics(sums, nonfinite, device)
+    bad_ranks = [r for r in range(world_size) if totals.pop(f"nonfinite@{r}") > 0]
+    first_bad = int(totals.pop("first_nonfinite_here"))
+    totals["tokens"] = all_tokens
     if bad_ranks:
         optimizer.zero_grad(set_to_none=True)
-        where = f", micro-batch {bad[0]} here" if bad else ""
+        where = f", micro-batch {first_bad} here" if first_bad < len(micro_batches) else ""
         raise TrainingDivergedError(
             f"non-finite loss at optimizer step {step + 1} on rank(s) {bad_ranks} of {world_size}{where}"
         )
@@ -141,13 +145,31 @@ def optimizer_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    if not torch.isfinite(grad_norm):
+    norm = float(grad_norm)
+    if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"non-finite gradient norm at optimizer step {step + 1}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    totals["grad_norm"] = float(grad_norm)
+    totals["grad_norm"] = norm
     return totals
+
+
+def _reduce_step_metrics(sums: dict[str, torch.Tensor], nonfinite: torch.Tensor, device: torch.device) -> dict:
+    """Sum the step's metrics and every rank's non-finite count over the ranks (one all-reduce) and read them, with
+    this rank's first non-finite micro-batch, in one transfer. Keys ``nonfinite@<rank>``, ``first_nonfinite_here``
+    (the micro-batch count when there is none) come back beside the metrics."""
+    rank, world_size = collectives.world()
+    keys = sorted(sums)
+    flags = torch.zeros(world_size, dtype=torch.float64, device=device)
+    flags[rank] = nonfinite.sum()
+    vector = torch.cat([torch.stack([sums[k] for k in keys]), flags]) if keys else flags
+    collectives.all_reduce_sum(vector, device, "step metrics")
+    order = torch.arange(len(nonfinite), dtype=torch.float64, device=device)
+    first = torch.where(nonfinite > 0, order, torch.full_like(order, float(len(nonfinite)))).min()
+    values = torch.cat([vector, first.view(1)]).tolist()
+    names = keys + [f"nonfinite@{r}" for r in range(world_size)] + ["first_nonfinite_here"]
+    return dict(zip(names, values))
 
 
 def plan_total_steps(objective: Objective, cfg: TrainConfig, world_size: int, lockstep: bool) -> int:
@@ -188,6 +210,8 @@ def train(
     precision = precision or default_precision(parallel.unwrap(model))
     root = model if parallel.is_root(model) else parallel.prepare(model, cfg.parallelism, precision)
     root.train()
+    device = parallel.device_of(root)
+    enable_tf32(device)
     lockstep = parallel.is_sharded(root)
     eval_model = parallel.root_of(root)  # DDP's module: evaluation runs no reducer
 
@@ -197,6 +221,7 @@ def train(
             f"{desc}: no training steps (check the data and max_seq_len/overlength; every one of the "
             f"{world_size} ranks needs at least one micro-batch per step)"
         )
+    objective.before_training(root, precision)  # the initial weights: before a checkpoint replaces them
     optimizer = make_optimizer(root, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
@@ -235,72 +260,75 @@ def train(
                 len(plan.dropped),
                 ", or not a multiple of the ranks under fsdp" if lockstep else "",
             )
-        for s, indices in enumerate(plan.steps):
-            step_t0 = time.perf_counter()
-            mine = [objective.collate_train(batches[i]) for i in rank_share(indices, rank, world_size)]
-            try:
-                totals = optimizer_step(root, optimizer, objective, mine, cfg.max_grad_norm, step, precision)
-            except TrainingDivergedError as exc:
-                bar.close()
-                raise TrainingDivergedError(
-                    f"{desc}: {exc} (epoch {epoch}); last good checkpoint: "
-                    f"{last_good or 'none'}; try a lower lr or check the data"
-                ) from exc
-            del mine
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            dt = time.perf_counter() - step_t0
-            trained_tokens += int(totals["tokens"])
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "lr": lr,
-                "step_time_s": round(dt, 4),
-                "tokens_per_s": totals["tokens"] / dt,
-                **totals,
-            }
-            history.append(record)
-            if is_main:
-                _append_metrics(metrics_path, record)
-                if tracker is not None:
-                    tracker.log(record, step, prefix="train")
-            bar.set_postfix(
-                loss=f"{totals.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
-            bar.update(1)
-            end_of_epoch = s == len(plan.steps) - 1
-            done = step >= total_steps
-            progress = {
-                "step": step,
-                "epoch": epoch + 1 if end_of_epoch else epoch,
-                "batch_offset": 0 if end_of_epoch else indices[-1] + 1,
-            }
-            if end_of_epoch and cfg.dev_every_epoch:
-                dev = {"step": step, "epoch": epoch, **_evaluate(objective, eval_model, precision)}
-                dev_history.append(dev)
+        with _collate_ahead(objective, batches, plan.steps, device) as ahead:
+            for s, indices in enumerate(plan.steps):
+                step_t0 = time.perf_counter()
+                mine = ahead.get()
+                try:
+                    totals = optimizer_step(root, optimizer, objective, mine, cfg.max_grad_norm, step, precision)
+                except TrainingDivergedError as exc:
+                    bar.close()
+                    raise TrainingDivergedError(
+                        f"{desc}: {exc} (epoch {epoch}); last good checkpoint: "
+                        f"{last_good or 'none'}; try a lower lr or check the data"
+                    ) from exc
+                del mine
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                dt = time.perf_counter() - step_t0
+                trained_tokens += int(totals["tokens"])
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "step_time_s": round(dt, 4),
+                    "tokens_per_s": totals["tokens"] / dt,
+                    **totals,
+                }
+                history.append(record)
                 if is_main:
-                    _append_metrics(metrics_path, {"split": "dev", **dev})
+                    _append_metrics(metrics_path, record)
                     if tracker is not None:
-                        tracker.log(dev, step, prefix="dev")
-                logger.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
-                root.train()
-            periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
-            if end_of_epoch or periodic or done:
-                last_good = checkpoints.save_checkpoint(
-                    ckpt_root,
-                    step,
-                    root,
-                    optimizer,
-                    scheduler,
-                    {**progress, "history": history, "dev_history": dev_history},
-                    cfg.keep_checkpoints,
+                        tracker.log(record, step, prefix="train")
+                bar.set_postfix(
+                    loss=f"{totals.get('loss', float('nan')):.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
                 )
-            if stop_after_steps is not None and step >= stop_after_steps:
-                bar.close()
-                raise KeyboardInterrupt(f"{desc}: stopped after step {step} (stop_after_steps)")
-            if done:
-                break
+                bar.update(1)
+                end_of_epoch = s == len(plan.steps) - 1
+                done = step >= total_steps
+                progress = {
+                    "step": step,
+                    "epoch": epoch + 1 if end_of_epoch else epoch,
+                    "batch_offset": 0 if end_of_epoch else indices[-1] + 1,
+                }
+                if end_of_epoch and cfg.dev_every_epoch:
+                    dev = {"step": step, "epoch": epoch, **_evaluate(objective, eval_model, precision)}
+                    dev_history.append(dev)
+                    if is_main:
+                        _append_metrics(metrics_path, {"split": "dev", **dev})
+                        if tracker is not None:
+                            tracker.log(dev, step, prefix="dev")
+                    logger.info("%s dev after epoch %d: %s", desc, epoch, _fmt(dev))
+                    root.train()
+                periodic = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
+                if end_of_epoch or periodic or done:
+                    last_good = checkpoints.save_checkpoint(
+                        ckpt_root,
+                        step,
+                        root,
+                        optimizer,
+                        scheduler,
+                        {**progress, "history": history, "dev_history": dev_history},
+                        cfg.keep_checkpoints,
+                    )
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    bar.close()
+                    raise KeyboardInterrupt(f"{desc}: stopped after step {step} (stop_after_steps)")
+                if done:
+                    break
     bar.close()
     if not dev_history or dev_history[-1]["step"] != step:
         dev = {"step": step, "epoch": cfg.epochs - 1, **_evaluate(objective, eval_model, precision)}
@@ -331,6 +359,19 @@ def train(
         extra={"dropped_micro_batches": dropped, "precision": precision.describe(), "world_size": world_size},
         model=root,
     )
+
+
+def _collate_ahead(
+    objective: Objective, batches: list[list[int]], steps: list[list[int]], device: Any
+) -> StepPrefetcher:
+    """This rank's micro-batches of each of ``steps`` (indices into ``batches``), collated ahead on a thread and
+    pinned for a non-blocking copy when the device is a GPU."""
+    rank, world_size = collectives.world()
+
+    def collate_step(s: int) -> list[TokenBatch]:
+        return [objective.collate_train(batches[i]) for i in rank_share(steps[s], rank, world_size)]
+
+    return StepPrefetcher(collate_step, len(steps), pin=torch.device(device).type == "cuda")
 
 
 def _evaluate(objective: Objective, model: Any, precision: Precision) -> dict[str, float]:

@@ -1,10 +1,10 @@
 """What is optimised: token-level NLL for SFT, a registered pairwise loss for preference training. Micro-batches
 are planned as index lists (identical on every rank) and collated on demand, so a rank builds only its share;
-dev evaluation and the reference precompute are dealt over the ranks and summed."""
+dev evaluation and the reference scoring are dealt over the ranks and summed. A micro-batch's metrics stay on the
+device (0-d tensors): the loop sums them and reads them once per step."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -12,11 +12,15 @@ from typing import Any
 import torch
 
 from steps.config import TrainConfig
-from steps.train import collectives, parallel
+from steps.train import collectives, parallel, reference
 from steps.train.batching import PairExample, SFTExample, TokenBatch, collate_pairs, collate_sft, make_batches
 from steps.train.dealing import deal, deal_marked
 from steps.train.logprobs import sequence_logprobs
 from steps.train.precision import Precision
+from steps.train.reference import ReferenceSource
+
+#: What ``micro_step`` returns besides the loss: metric sums, 0-d tensors on the device (or plain floats).
+Metrics = dict[str, torch.Tensor | float]
 
 
 class _Batched:
@@ -53,6 +57,13 @@ class _Batched:
     def collate_train(self, indices: list[int]) -> TokenBatch:
         return self._collate([self.train[i] for i in indices])
 
+    def collate_dev(self, indices: list[int]) -> TokenBatch:
+        return self._collate([self.dev[i] for i in indices])
+
+    def before_training(self, model: Any, precision: Precision) -> None:
+        """Called by the loop on every rank once the model is wrapped, before step 1 and before a checkpoint is
+        restored (nothing to do here; preference objectives score their missing reference log-probs)."""
+
     def epoch_batches(self, epoch: int) -> list[TokenBatch]:
         """Every micro-batch of ``epoch`` collated (for tools such as the benchmark; the loop collates lazily)."""
         return [self.collate_train(b) for b in self.epoch_plan(epoch)]
@@ -87,7 +98,7 @@ class _Batched:
         totals: dict[str, float] = {}
         with torch.no_grad():
             for indices, counts in deal_marked(self.dev_plan(), rank, world_size, lockstep=True):
-                batch = self._collate([self.dev[i] for i in indices]).to(device)
+                batch = self.collate_dev(indices).to(device)
                 for k, v in self._dev_totals(model, batch).items():
                     totals[k] = totals.get(k, 0.0) + (v if counts else 0.0)
         keys = sorted(totals)
@@ -107,10 +118,10 @@ class SFTObjective(_Batched):
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
         return float(sum(int(mb.target_mask[:, 1:].sum()) for mb in micro_batches))
 
-    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, Metrics]:
         sums, counts = sequence_logprobs(model, batch)
         loss = -sums.sum() / denominator
-        return loss, {"loss": float(loss.detach()), "target_tokens": float(counts.sum())}
+        return loss, {"loss": loss.detach(), "target_tokens": counts.sum()}
 
     def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
         sums, counts = sequence_logprobs(model, batch)
@@ -137,13 +148,24 @@ class PreferenceObjective(_Batched):
         reference_model: Any = None,
         *,
         reference_from_policy: bool = False,
+        reference_source: ReferenceSource | None = None,
     ):
-        """``reference_model``: a live reference; ``reference_from_policy``: the reference is the policy being
-        trained with its LoRA adapters disabled (the frozen base it started from, no second model)."""
+        """``reference_model``: a live reference (a root from ``parallel.prepare_frozen``, laid out like the policy);
+        ``reference_from_policy``: the reference is the policy being trained with its LoRA adapters disabled (the
+        frozen base it started from, no second model). Otherwise pairs without reference scores are scored before
+        step 1 (:meth:`before_training`) from ``reference_source`` (default: the policy before its first update)."""
         super().__init__(train, dev, pad_id, cfg)
         self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, reference_model
         self.reference_from_policy = reference_from_policy
+        live = reference_model is not None or reference_from_policy
+        self.reference_source = None if live or not needs_reference else (reference_source or ReferenceSource())
         self.name = getattr(loss_fn, "name", "preference")
+
+    def before_training(self, model: Any, precision: Precision) -> None:
+        """Score the pairs that lack reference log-probs, through ``model`` (the wrapped policy) or the separate
+        reference, in the first epoch's layout (``steps.train.reference``)."""
+        if self.reference_source is not None:
+            reference.score_pending(self, model, precision, self.reference_source)
 
     def _collate(self, examples: Sequence[PairExample]) -> TokenBatch:
         return collate_pairs(examples, self.pad_id, self.cfg.mask_source_tokens)
@@ -164,7 +186,9 @@ class PreferenceObjective(_Batched):
         if self.reference_from_policy:
             ref = adapters_disabled_logprobs(model, batch)
         elif self.reference_model is None:
-            raise RuntimeError("this loss needs reference log-probs: precompute them or pass a live reference model")
+            raise RuntimeError(
+                "this loss needs reference log-probs: train() scores them before step 1, or pass a live reference model"
+            )
         else:
             with torch.no_grad():
                 ref, _ = sequence_logprobs(self.reference_model, batch)
@@ -178,12 +202,12 @@ class PreferenceObjective(_Batched):
             sums[:n], sums[n:], counts[:n], counts[n:], reference_chosen_logps=ref_c, reference_rejected_logps=ref_r
         ), n
 
-    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, Metrics]:
         out, n = self._loss(model, batch)
         share = n / denominator
         loss = out.per_pair.sum() / denominator
-        metrics = {k: float(v) * share for k, v in out.metrics.items() if k != "loss"}
-        metrics["loss"] = float(loss.detach())
+        metrics: Metrics = {k: v * share for k, v in out.metric_tensors().items() if k != "loss"}
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
@@ -199,15 +223,17 @@ class PreferenceObjective(_Batched):
 
 def adapters_disabled_logprobs(model: Any, batch: TokenBatch) -> torch.Tensor:
     """Per-row log-prob sums of ``model`` (a peft policy, or the training root around one) with its adapters
-    disabled, without autograd: the frozen base's numbers from the weights already in memory."""
+    disabled, without autograd: the frozen base's numbers from the weights already in memory, through the same
+    root (and so the same hooks) as the policy's own forward (DDP's module: no reducer for a no-grad pass)."""
     lm = parallel.unwrap(model)
     if not hasattr(lm, "disable_adapter"):
         raise RuntimeError(
             f"reference_from_policy needs a policy with LoRA adapters (peft); got {type(lm).__name__}: "
             "enable lora, or give a reference model"
         )
+    scorer = parallel.root_of(model) or lm
     with torch.no_grad(), lm.disable_adapter():
-        return sequence_logprobs(lm, batch)[0]
+        return sequence_logprobs(scorer, batch)[0]
 
 
 def precompute_reference(
@@ -218,33 +244,29 @@ def precompute_reference(
     desc: str = "reference log-probs",
     precision: Precision | None = None,
 ) -> None:
-    """Fill ``reference_chosen/rejected`` once, in a no-grad pass, so the reference model need not stay resident.
+    """Fill ``reference_chosen/rejected`` of ``pairs`` ahead of training with any ``model`` (tools and notebooks;
+    the trainer itself scores missing ones in its own layout, ``PreferenceObjective.before_training``).
 
-    The batches are planned alike on every rank and dealt round-robin; each rank scores its own and one
-    all-reduce (on the device) gives every rank every score: the same numbers as one process computes.
-    ``precision``: compute under its autocast (the run's compute dtype)."""
-    from tqdm.auto import tqdm
-
+    Batches are planned alike on every rank (sorted by length, not shuffled) and dealt round-robin; one all-reduce
+    gives every rank every score. ``precision``: compute in its compute context."""
     todo = [i for i, p in enumerate(pairs) if p.reference_chosen is None or p.reference_rejected is None]
     if not todo:
         return
     device = parallel.device_of(model)
     rank, world_size = collectives.world()
-    was_training = model.training
-    model.eval()
     subset = [pairs[i] for i in todo]
     batches = make_batches(
         subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False, max_examples=cfg.max_batch_examples
     )
     scores = torch.zeros((len(subset), 2), dtype=torch.float64, device=device)
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        for b in tqdm(deal(batches, rank, world_size), desc=desc, unit="batch", disable=rank != 0):
-            mb = collate_pairs([subset[i] for i in b], pad_id, cfg.mask_source_tokens).to(device)
-            sums, _ = sequence_logprobs(model, mb)
-            index = torch.tensor(b, dtype=torch.long, device=device)
-            scores[index, 0] = sums[: len(b)].double()
-            scores[index, 1] = sums[len(b) :].double()
+    was_training = model.training
+    model.eval()
+
+    def collate(indices: list[int]) -> TokenBatch:
+        return collate_pairs([subset[i] for i in indices], pad_id, cfg.mask_source_tokens)
+
+    with reference.autocast_or_nothing(model, precision):
+        reference.score_batches(model, [(b, True) for b in deal(batches, rank, world_size)], collate, scores, desc)
     collectives.all_reduce_sum(scores, device, "reference log-probs")
     for ex, (c, r) in zip(subset, scores.tolist()):
         ex.reference_chosen, ex.reference_rejected = c, r

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from steps.train import collectives
+from steps.train import collectives, torch_floor, weights
 from steps.train.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,9 @@ MESH_DIMS = ("replicate", "shard")  # HSDP: replicas across nodes, shards within
 
 #: How :func:`prepare` last spread a model in this process (the launcher reports it with the run summary).
 _LAYOUT: dict[str, Any] = {}
+#: Every rank's host-memory record of the last load from rank 0 (:func:`steps.train.weights.memory_record`) in this
+#: process, of the policy and of a reference ("policy", "reference"); the launcher reports it with the run summary.
+_LOAD_MEMORY: dict[str, list[dict]] = {}
 
 
 class LogProbModel(torch.nn.Module):
@@ -116,18 +119,66 @@ def last_layout() -> dict[str, Any]:
     return dict(_LAYOUT)
 
 
-def prepare(lm: Any, parallelism: str, precision: Precision) -> Any:
-    """The module to train: the bare root without a process group; DDP or FSDP2 around it with one (any size)."""
+def last_load_memory() -> dict[str, list[dict]]:
+    """Per-rank host RSS over the last rank-0 loads of the policy and of a reference (see :data:`_LOAD_MEMORY`)."""
+    return {k: list(v) for k, v in _LOAD_MEMORY.items()}
+
+
+def rank_device() -> torch.device:
+    """This rank's compute device: its GPU (the launcher made it current from LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def prepare(lm: Any, parallelism: str, precision: Precision, pending: weights.PendingWeights | None = None) -> Any:
+    """The module to train: the bare root without a process group; DDP or FSDP2 around it with one (any size).
+
+    ``pending``: ``lm`` was built on the meta device (:func:`steps.train.weights.read_on_rank0`); it is spread first,
+    then materialised on the rank's device and given rank 0's weights."""
     root = LogProbModel(lm)
     _LAYOUT.clear()
+    _LOAD_MEMORY.clear()
     if not collectives.is_distributed():
+        if pending is not None:
+            raise RuntimeError("weights pending from rank 0 need a process group")
         _LAYOUT.update(parallelism="none", world_size=1, nodes=1)
         return root
+    torch_floor.check_torch()
     nodes, per_node = node_layout()
     _LAYOUT.update(parallelism=parallelism, world_size=nodes * per_node, nodes=nodes)
+    spread = _spread(root, parallelism, precision, pending, "policy")
+    return spread if parallelism == "fsdp" else _replicate(spread)
+
+
+def prepare_frozen(
+    lm: Any, parallelism: str, precision: Precision, pending: weights.PendingWeights | None = None
+) -> Any:
+    """A reference model laid out like the policy :func:`prepare` gives: the same root, under FSDP2 sharded over the
+    same mesh with the same mixed-precision policy (so it computes exactly as the policy does), without gradients
+    and without DDP (nothing to reduce); the bare root without a process group."""
+    lm.requires_grad_(False).eval()
+    root = LogProbModel(lm).eval()
+    if not collectives.is_distributed():
+        if pending is not None:
+            raise RuntimeError("weights pending from rank 0 need a process group")
+        return root
+    return _spread(root, parallelism, precision, pending, "reference")
+
+
+def _spread(
+    root: LogProbModel, parallelism: str, precision: Precision, pending: weights.PendingWeights | None, record_as: str
+) -> Any:
+    """FSDP2-shard ``root`` (``parallelism: fsdp``), then give it its pending weights (if any); every rank's host
+    memory record of that load goes into :func:`last_load_memory` under ``record_as`` (``policy``: trainable)."""
+    device = pending.device if pending is not None else device_of(root)
+    spread: Any = root
     if parallelism == "fsdp":
-        return _shard(root, precision, fsdp_mesh_shape(nodes, per_node))
-    return _replicate(root)
+        spread = _shard(root, precision, fsdp_mesh_shape(*node_layout()), device, frozen=record_as != "policy")
+    if pending is not None:
+        record = weights.materialise(spread, root.lm, pending, ROOT_PREFIX, sharded=parallelism == "fsdp")
+        _LOAD_MEMORY[record_as] = collectives.all_gather_object(record, device, "load memory records")
+    return spread
 
 
 def _replicate(root: LogProbModel) -> Any:
@@ -149,14 +200,15 @@ def _replicate(root: LogProbModel) -> Any:
     return ddp
 
 
-def _shard(root: LogProbModel, precision: Precision, shape: tuple[int, ...]) -> Any:
+def _shard(
+    root: LogProbModel, precision: Precision, shape: tuple[int, ...], device: torch.device, frozen: bool = False
+) -> Any:
     """FSDP2 ``fully_shard`` per decoder layer plus the root (embeddings, final norm, lm_head): weights, gradients
     and AdamW state split over the mesh's shard dimension; compute in ``precision.compute``, gradients reduced in
     fp32 and summed over every rank (HSDP: reduce-scatter within a node, then all-reduce across nodes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    device = device_of(root)
     names = MESH_DIMS if len(shape) == 2 else ("shard",)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     _LAYOUT.update(mesh=list(shape), mesh_dims=list(names))
@@ -166,7 +218,8 @@ def _shard(root: LogProbModel, precision: Precision, shape: tuple[int, ...]) -> 
     layers = decoder_layers(root.lm)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    sharded = fully_shard(root, mesh=mesh, mp_policy=policy)
+    # the root's own weights stay gathered after a forward until the backward, except in a frozen model (none comes)
+    sharded = fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -183,6 +236,18 @@ def _shard(root: LogProbModel, precision: Precision, shape: tuple[int, ...]) -> 
     return sharded
 
 
+def reshard(model: Any) -> None:
+    """Free the weights FSDP2 gathered for no-grad forwards. The root keeps its own gathered after a forward, for the
+    backward that follows in training; after scoring no backward follows, and until resharded they stay in memory and
+    ``model.parameters()`` yields the gathered tensors instead of the sharded ones (an optimizer built then would
+    hold the wrong tensors). Nothing to do for other layouts."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules() if is_sharded(model) else ():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def compute_context(model: Any, precision: Precision) -> contextlib.AbstractContextManager[Any]:
     """Autocast for single device and DDP; nothing under FSDP2 (its policy casts the gathered weights)."""
     return contextlib.nullcontext() if is_sharded(model) else precision.autocast()
@@ -190,13 +255,15 @@ def compute_context(model: Any, precision: Precision) -> contextlib.AbstractCont
 
 @contextlib.contextmanager
 def gradient_sync(model: Any, enabled: bool) -> Iterator[None]:
-    """Reduce gradients in this backward (a step's last micro-batch) or accumulate locally (DDP ``no_sync``)."""
+    """``enabled`` on a step's last micro-batch. DDP accumulates locally before it (``no_sync``). FSDP2 reduce-scatters
+    every micro-batch, so a rank only ever keeps its shard of the gradients (never a whole unsharded fp32 gradient);
+    under HSDP only the all-reduce across nodes waits for the last micro-batch (a 1-D mesh has none to skip)."""
     if is_ddp(model) and not enabled:
         with model.no_sync():
             yield
         return
     if is_sharded(model):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_all_reduce(enabled)
     yield
 
 

@@ -81,3 +81,17 @@ def default_precision(model: Any) -> Precision:
     if device.type == "cuda" and param.dtype == torch.float32 and torch.cuda.is_bf16_supported():
         compute = torch.bfloat16
     return Precision(compute, param.dtype, device.type)
+
+
+def enable_tf32(device: Any) -> bool:
+    """fp32 matmuls on TF32 tensor cores when training on a CUDA device (what remains fp32 under bf16 autocast,
+    and every matmul of an fp32-compute run), as torchtitan does; nothing elsewhere (the setting is process-wide and
+    a CPU run keeps full fp32). Returns whether it was set."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    if torch.get_float32_matmul_precision() != "high":
+        torch.set_float32_matmul_precision("high")
+        logger.info("fp32 matmuls on CUDA use TF32 (torch.set_float32_matmul_precision('high'))")
+    return True

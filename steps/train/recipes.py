@@ -3,8 +3,8 @@ Plain functions (the flow's sft and preference steps call them; so can a noteboo
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,14 @@ from steps.config import LoraConfig, PreferenceConfig, RunConfig, TrainConfig, c
 from steps.io import read_jsonl, write_json
 from steps.model_card import write_model_card
 from steps.tracking import Tracker
-from steps.train import adapters, checkpoints, collectives
+from steps.train import adapters, checkpoints, collectives, parallel, reference, weights
 from steps.train.adapters import apply_lora
 from steps.train.attention import preferred_attn_implementation
-from steps.train.batching import PairExample, tokenize_pairs, tokenize_sft
+from steps.train.batching import tokenize_pairs, tokenize_sft
 from steps.train.loop import Objective, TrainResult, train
-from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+from steps.train.objectives import PreferenceObjective, SFTObjective
 from steps.train.precision import Precision, resolve_precision
+from steps.train.reference import ReferenceSource
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ class RunSummary:
 
 def pick_device() -> torch.device:
     """This rank's GPU (torchrun's launcher set it from LOCAL_RANK), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return parallel.rank_device()
 
 
 def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
@@ -69,46 +68,53 @@ def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
     return resolve_precision(cfg.model.dtype, cfg.model.master_dtype, device)
 
 
-def load_for_training(
-    spec: str, cfg: RunConfig, device: torch.device, precision: Precision | None = None, lora: LoraConfig | None = None
-) -> Any:
-    """The policy in the master dtype (weights the optimizer updates); compute happens in the compute dtype.
-
-    With ``lora.load_in_4bit`` (QLoRA) the linear layers are loaded in 4 bits and prepared for adapter training."""
+def read_model(
+    spec: str, cfg: RunConfig, device: torch.device, precision: Precision, lora: LoraConfig | None
+) -> tuple[Any, weights.PendingWeights | None]:
+    """``spec`` in the master dtype, and its weights still to come when they are: under a process group (full
+    fine-tuning) only global rank 0 reads it and every rank gets the model on the meta device, materialised by
+    ``parallel.prepare`` / ``prepare_frozen``; alone, or with LoRA/QLoRA, it is loaded here onto ``device``."""
     from steps.models import load_model
 
-    precision = precision or run_precision(cfg, device)
-    four_bit = adapters.four_bit_of(lora, precision)
+    lora_on = lora is not None and lora.enabled
+    if collectives.is_distributed() and not lora_on:
+        return weights.read_on_rank0(spec, precision.master, device, attn_implementation=cfg.model.attn_implementation)
+    if collectives.is_distributed():
+        logger.info("LoRA: every rank loads %s itself (rank-0 loading covers full fine-tuning)", spec)
     model = load_model(
         spec,
         dtype=precision.master,
         device=str(device),
         attn_implementation=cfg.model.attn_implementation or preferred_attn_implementation(device),
-        four_bit=four_bit,
+        four_bit=adapters.four_bit_of(lora, precision),
     )
-    if four_bit is not None:
-        return adapters.prepare_four_bit(model, cfg.model.gradient_checkpointing)
+    return model, None
+
+
+def load_for_training(
+    spec: str, cfg: RunConfig, device: torch.device, precision: Precision | None = None, lora: LoraConfig | None = None
+) -> tuple[Any, weights.PendingWeights | None]:
+    """The policy in the master dtype (weights the optimizer updates; compute happens in the compute dtype) and its
+    pending weights (:func:`read_model`); ``parallel.prepare`` takes both.
+
+    With ``lora.load_in_4bit`` (QLoRA) the linear layers are loaded in 4 bits and prepared for adapter training."""
+    precision = precision or run_precision(cfg, device)
+    model, pending = read_model(spec, cfg, device, precision, lora)
+    if adapters.four_bit_of(lora, precision) is not None:
+        return adapters.prepare_four_bit(model, cfg.model.gradient_checkpointing), pending
     if cfg.model.gradient_checkpointing:
         # non-reentrant: DDP's reducer and FSDP2 both work with it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model
+    return model, pending
 
 
-def load_reference(
-    spec: str, cfg: RunConfig, device: torch.device, precision: Precision, lora: LoraConfig | None = None
-) -> Any:
-    """A frozen reference model in the compute dtype (it only runs forwards); in 4 bits when the policy's base is."""
-    from steps.models import load_model
-
-    model = load_model(
-        spec,
-        dtype=precision.compute,
-        device=str(device),
-        attn_implementation=cfg.model.attn_implementation or preferred_attn_implementation(device),
-        four_bit=adapters.four_bit_of(lora, precision),
-    )
-    return model.eval().requires_grad_(False)
+def load_reference(spec: str, cfg: RunConfig, device: torch.device, precision: Precision, section: TrainConfig) -> Any:
+    """A frozen reference laid out like the policy (``parallel.prepare_frozen``): the master dtype and the same
+    compute path (autocast, or FSDP2 sharding with the same mixed-precision policy), so it scores exactly as the
+    policy does at the same weights; its base in 4 bits when the policy's is."""
+    model, pending = read_model(spec, cfg, device, precision, section.lora)
+    return parallel.prepare_frozen(model, section.parallelism, precision, pending)
 
 
 def _select(rows: list[dict], limit: int | None) -> list[dict]:
@@ -217,11 +223,11 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> RunSummary:
     logger.info("SFT: read %d train / %d dev examples from %s", len(train_rows), len(dev_rows), data_dir)
     train_ex, train_stats = tokenize_sft(train_rows, tokenizer, s.max_seq_len, s.overlength)
     dev_ex, dev_stats = tokenize_sft(dev_rows, tokenizer, s.max_seq_len, s.overlength)
-    loaded = load_for_training(spec, cfg, device, precision, s.lora)
+    loaded, pending = load_for_training(spec, cfg, device, precision, s.lora)
     adapter_over = adapters.hand_on_base(spec, loaded) if s.lora.enabled else spec
-    model = apply_lora(loaded, s)
+    root = parallel.prepare(apply_lora(loaded, s), s.parallelism, precision, pending)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    result = _train_tracked(cfg, model, tokenizer, objective, s, out_dir, desc="sft", precision=precision)
+    result = _train_tracked(cfg, root, tokenizer, objective, s, out_dir, desc="sft", precision=precision)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = f"base: {spec}" if s.init == "base" else spec
     return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg, adapter_over)
@@ -296,41 +302,26 @@ def run_preference(
     train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
     dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
     loss_fn = losses.build_loss(loss, p.criterion_config)
-    model = load_for_training(init_spec, cfg, device, precision, p.lora)
-    adapter_over = adapters.hand_on_base(init_spec, model) if p.lora.enabled else init_spec
-
-    live_reference = None
-    reference_from_policy = False
-    if ref_spec is not None:
-        have_scores = all(x.reference_chosen is not None for x in train_pairs + dev_pairs)
-        already_resumable = checkpoints.latest_checkpoint(out_dir / "checkpoints") is not None
-        if p.reference_mode == "live" and adapters.reference_is_policy_base(p.lora, init_spec, ref_spec, model):
-            reference_from_policy = True  # the policy with its adapters disabled: no second model in memory
-            logger.info("%s: live reference = the policy with its adapters disabled (%s)", loss, ref_spec)
-        elif p.reference_mode == "live":
-            live_reference = load_reference(ref_spec, cfg, device, precision, p.lora)
-        elif not have_scores:
-            ref_cache = out_dir / "reference_logps.json"
-            _load_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
-            if any(x.reference_chosen is None for x in train_pairs + dev_pairs):
-                if ref_spec == init_spec and not already_resumable:
-                    ref_model = model  # the policy before its first update *is* the reference
-                else:
-                    ref_model = load_reference(ref_spec, cfg, device, precision, p.lora)
-                t0 = time.perf_counter()
-                precompute_reference(ref_model, train_pairs + dev_pairs, tokenizer.pad_token_id, p, precision=precision)
-                logger.info(
-                    "reference log-probs for %d pairs in %.1fs (%s, %d ranks)",
-                    len(train_pairs) + len(dev_pairs),
-                    time.perf_counter() - t0,
-                    precision.describe(),
-                    collectives.world()[1],
-                )
-                if collectives.world()[0] == 0:
-                    _save_reference_cache(ref_cache, ref_spec, train_pairs + dev_pairs)
-                if ref_model is not model:
-                    del ref_model
-    model = apply_lora(model, p)
+    loaded, pending = load_for_training(init_spec, cfg, device, precision, p.lora)
+    adapter_over = adapters.hand_on_base(init_spec, loaded) if p.lora.enabled else init_spec
+    from_policy = (
+        ref_spec is not None
+        and p.reference_mode == "live"
+        and adapters.reference_is_policy_base(p.lora, init_spec, ref_spec, loaded)
+    )
+    root = parallel.prepare(apply_lora(loaded, p), p.parallelism, precision, pending)
+    del loaded, pending
+    live_reference, source = None, None
+    if ref_spec is not None and from_policy:  # the policy with its adapters disabled: no second model in memory
+        logger.info("%s: live reference = the policy with its adapters disabled (%s)", loss, ref_spec)
+    elif ref_spec is not None and p.reference_mode == "live":
+        live_reference = load_reference(ref_spec, cfg, device, precision, p)
+    elif ref_spec is not None:
+        source = _reference_source(cfg, p, ref_spec, init_spec, out_dir, device, precision)
+        if reference.has_pending(train_pairs + dev_pairs):  # scores in the data win over a cache
+            reference.read_cache(
+                out_dir / reference.CACHE_FILE, reference.cache_key(ref_spec, precision), train_pairs + dev_pairs
+            )
     objective = PreferenceObjective(
         train_pairs,
         dev_pairs,
@@ -339,9 +330,10 @@ def run_preference(
         loss_fn,
         ref_spec is not None,
         live_reference,
-        reference_from_policy=reference_from_policy,
+        reference_from_policy=from_policy,
+        reference_source=source,
     )
-    result = _train_tracked(cfg, model, tokenizer, objective, p, out_dir, desc=loss, precision=precision)
+    result = _train_tracked(cfg, root, tokenizer, objective, p, out_dir, desc=loss, precision=precision)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = (
         "SFT checkpoint"
@@ -351,23 +343,19 @@ def run_preference(
     return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p, cfg, adapter_over)
 
 
-def _load_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:
-    from steps.io import read_json
-
-    if not path.exists():
-        return
-    cached = read_json(path)
-    if cached.get("reference") != ref_spec:
-        return
-    scores = cached["scores"]
-    for x in pairs:
-        if x.id in scores:
-            x.reference_chosen, x.reference_rejected = scores[x.id]
-
-
-def _save_reference_cache(path: Path, ref_spec: str, pairs: list[PairExample]) -> None:
-    write_json(
-        path,
-        {"reference": ref_spec, "scores": {x.id: [x.reference_chosen, x.reference_rejected] for x in pairs}},
-        indent=None,
-    )
+def _reference_source(
+    cfg: RunConfig,
+    p: PreferenceConfig,
+    ref_spec: str,
+    init_spec: str,
+    out_dir: Path,
+    device: torch.device,
+    precision: Precision,
+) -> ReferenceSource:
+    """Where missing reference scores come from: the policy itself before its first update when the reference is
+    its init model (the trainer scores before it restores a checkpoint, so a resumed run still scores the initial
+    weights), else the reference model, loaded when it is needed and laid out like the policy."""
+    cache = out_dir / reference.CACHE_FILE
+    if ref_spec == init_spec:
+        return ReferenceSource(ref_spec, cache)
+    return ReferenceSource(ref_spec, cache, functools.partial(load_reference, ref_spec, cfg, device, precision, p))
