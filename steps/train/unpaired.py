@@ -381,6 +381,12 @@ class UnpairedObjective:
         kl = kl_from_sums(self._step.reduce_kl(kl_row_sums(policy_kl, ref_kl), sums.device)) if sync else None
         return self.loss_fn.unpaired(sums, labels, ref, policy_kl, ref_kl, kl=kl)
 
+    def before_training(self, model: Any, precision: Precision) -> None:
+        """Called by the loop once the model is wrapped, before step 1 and before a checkpoint is restored: rows
+        still without reference sums (and no live reference) are scored now, from the policy's initial weights."""
+        if self.reference_model is None and not self.reference_from_policy:
+            self.precompute_reference(model, precision)
+
     # ------------------------------------------------------------------ reference precompute
 
     def precompute_reference(self, model: Any, precision: Precision | None = None, desc: str = "reference") -> int:
