@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from steps.evaluate.annotate import AnnotationCache
-from steps.evaluate.annotator_prompt import JudgeError
 from steps.evaluate.generation import ModelRun
+from steps.evaluate.judges import JudgeError
 from steps.onpolicy.config import OnPolicyConfig
 from steps.onpolicy.judging import group_answers, judge_round
 from steps.onpolicy.pairwise import comparisons

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.evaluate.annotate import AnnotationCache, annotate
-from steps.evaluate.judge_base import Judge
+from steps.evaluate.judges import Judge
 
 
 @dataclass
