@@ -42,13 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "flows" / "pipeline.py"
 
 
-@pytest.fixture(autouse=True)
-def no_handed_plan(monkeypatch):
-    """The preflight hands its plan to start through the environment: each test starts without one, leaves none."""
-    monkeypatch.setenv(PLAN_VARIABLE, "")
-    monkeypatch.delenv(PLAN_VARIABLE)
-
-
 def write(tmp_path: Path, text: str | bytes, name: str = "run.yaml") -> Path:
     p = tmp_path / name
     if isinstance(text, bytes):
