@@ -305,6 +305,8 @@ def test_a_lone_preference_recipe_without_the_sft_model_leaves_one_key_to_fill(s
     }
     assert (conversion.config["preference"]["init"], conversion.config["preference"]["reference"]) == ("base", "base")
     assert "#   to fill: " in conversion.yaml()
+    why = {n.key: n.message for n in conversion.notes if n.kind == "not applicable"}
+    assert "--sft-model DIR" in why["resume_checkpoint_dir"]  # where the checkpoint to export lives
     out = tmp_path / "dpo_only.yaml"
     out.write_text(conversion.yaml())
     with pytest.raises(ConfigError) as err:

@@ -417,9 +417,17 @@ def _data(read: Sequence[Recipe], conv: _Converter) -> dict[str, Any]:
     return out
 
 
+#: Why a lone preference recipe's SFT checkpoint directory is not read (with an SFT recipe: NOT_APPLICABLE's note).
+LONE_CHECKPOINT_DIR = (
+    "the fairseq2 checkpoint directory of the earlier SFT run: PrefFlow loads Hugging Face directories; export the "
+    "checkpoint and pass that directory as --sft-model DIR"
+)
+
+
 def _leftovers(recipe: Recipe, conv: _Converter) -> None:
     for key in recipe.left():
-        why = not_applicable(key) or not_applicable(recipe.key(key))
+        lone = key == "resume_checkpoint_dir" and not conv.has_sft
+        why = LONE_CHECKPOINT_DIR if lone else not_applicable(key) or not_applicable(recipe.key(key))
         if why is not None:
             conv.note(recipe, key, "not applicable", why)
         else:
