@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, load_plan
+from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, plan_for_start
 from steps.config.loading import METAFLOW_SOURCE
 from steps.locks import file_lock
 from steps.model_store import ModelStore, open_store
@@ -76,7 +76,7 @@ def plan_run(
     """start: the typed config (``--set`` applied), the losses and one resolved config per variant; the output root."""
     _setup_logging()
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # Metaflow's ConfigValue
-    plan = load_plan(data, METAFLOW_SOURCE, set_arg, loss_arg, sweep_path)
+    plan = plan_for_start(data, METAFLOW_SOURCE, set_arg, loss_arg, sweep_path)
     check_output_locations(plan.config)
     hub = plan.config.push_to_hub
     if hub.repo_id is not None:  # a missing token or clashing repo ids fail now, not after hours of training

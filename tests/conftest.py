@@ -51,3 +51,11 @@ def tiny_model_factory():
         return load_model("tiny", seed=seed)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def no_handed_plan(monkeypatch):
+    """A passing preflight of ``run`` hands its plan to start through the environment (steps.config.checked_plan):
+    each test starts without one and leaves none behind for later tests or the flows they start."""
+    monkeypatch.setenv("PREFFLOW_CHECKED_PLAN", "")
+    monkeypatch.delenv("PREFFLOW_CHECKED_PLAN")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.knob_hops import CONFIG as KNOB_HOPS_CONFIG
 from steps.config import (
     ConfigError,
     EvaluationConfig,
@@ -25,10 +26,12 @@ from steps.config import (
     parse_config_text,
     parse_losses,
     parse_overrides,
+    plan_for_start,
     plan_variants,
     preflight,
     read_sweep,
 )
+from steps.config.checked_plan import PLAN_VARIABLE
 from steps.evaluate.settings import EngineSettings, GenerationSettings
 from steps.losses.cpo import CPOConfig
 from steps.losses.dpo import DPOConfig
@@ -234,11 +237,6 @@ def test_negative_beta_names_key(tmp_path):
         ("data:\n  pair_strategy: best_vs_all\n", "data.pair_strategy"),
         ("deployment:\n  schedule_cron: '0 3 * * *'\n", "deployment.schedule_cron"),
         ("deployment:\n  project: My-Team\n", "deployment.project"),
-        ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
-        (
-            "preference:\n  per_loss:\n    orpo: {criterion_config: {orpo_lambda: -1}}\n",
-            "preference.per_loss.orpo.criterion_config.orpo_lambda",
-        ),
         ("preference:\n  per_loss:\n    orpoo: {lr: 1.0e-6}\n", "preference.per_loss.orpoo"),
         ("preference:\n  criterion_config: [1, 2]\n", "preference.criterion_config"),
         ("preference:\n  criterion_config: {beta: {deep: 1}}\n", "preference.criterion_config.beta"),
@@ -279,6 +277,38 @@ def test_out_of_range_and_wrong_types(tmp_path, text, key):
         load_config(write(tmp_path, text))
     assert err.value.key == key, str(err.value)
     assert str(err.value).startswith(f"{tmp_path / 'run.yaml'}: {key}: ")
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("preference:\n  per_loss:\n    orpo: {lr: 0}\n", "preference.per_loss.orpo.lr"),
+        (
+            "preference:\n  per_loss:\n    orpo: {criterion_config: {orpo_lambda: -1}}\n",
+            "preference.per_loss.orpo.criterion_config.orpo_lambda",
+        ),
+        ("preference:\n  per_loss:\n    orpo: {per_loss: {}}\n", "preference.per_loss.orpo.per_loss"),
+    ],
+)
+def test_per_loss_entries_are_resolved_once_when_the_run_is_planned(tmp_path, text, key, monkeypatch):
+    """Typing the config leaves per_loss as written (the loss names are checked); planning resolves every entry
+    once, whether or not --loss runs it, and each variant trains the resolution made then."""
+    from steps.config import plan as config_plan
+
+    path = write(tmp_path, text)
+    load_config(path)  # typed: per_loss not resolved yet
+    with pytest.raises(ConfigError) as err:
+        load_plan(yaml.safe_load(text), str(path), loss_arg="dpo")
+    assert err.value.key == key and str(err.value).startswith(f"{path}: {key}: "), str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_plan(yaml.safe_load(text), str(path), set_arg="sft.epochs=2", loss_arg="dpo")
+    assert err.value.source == str(path)  # an override elsewhere does not take the blame
+    resolved = []
+    real = config_plan.resolve_preference
+    monkeypatch.setattr(config_plan, "resolve_preference", lambda *a, **k: resolved.append(a[1]) or real(*a, **k))
+    plan = load_plan(yaml.safe_load(GOOD), "default.yaml", loss_arg="dpo,orpo,cpo,simpo")
+    assert sorted(resolved) == ["cpo", "dpo", "orpo", "simpo"]  # each loss once: per_loss's and --loss's
+    assert [v.config.preference.lr for v in plan.variants[1:]] == [5e-6, 8e-6, 5e-6, 5e-6]
 
 
 def test_generation_settings_are_built_once_from_the_flat_keys(tmp_path):
@@ -393,40 +423,27 @@ def test_simpo_sweep_file_expands_to_the_paper_grid(tmp_path):
         plan_variants(cfg, "", str(typo))
 
 
-def test_launch_config_crosses_the_torchrun_boundary_once(tmp_path):
+def test_launch_config_crosses_the_torchrun_boundary_as_the_planned_objects(tmp_path, monkeypatch):
+    """Ranks read the typed, checked config as it was planned: no typing, no check, no per_loss resolution."""
+    from steps.config import convert
     from steps.train.launch import read_launch_config, write_launch_config
 
     cfg = for_loss(load_config(REPO / "configs/default.yaml"), "orpo")
-    back = read_launch_config(write_launch_config(cfg, tmp_path / "launch.json"))
-    assert back == cfg and back.source == cfg.source
-    assert (
-        json.loads((tmp_path / "launch.json").read_text())["config"]["preference"]["criterion_config"]["_type_"]
-        == "steps.losses.orpo.ORPOConfig"
-    )
+    path = write_launch_config(cfg, tmp_path / "launch_config.pkl")
+    typed = []
+    monkeypatch.setattr(convert, "build", lambda *a, **k: typed.append(a[0]))
+    monkeypatch.setattr(convert, "checked", lambda *a, **k: typed.append(a[0]))
+    back = read_launch_config(path)
+    assert back == cfg and back.source == cfg.source and not typed
+    assert back.preference.criterion_config == ORPOConfig() and back.preference.lr == 8e-6
+    with pytest.raises(TypeError, match="not the RunConfig"):
+        read_launch_config(write_launch_config(cfg.preference, tmp_path / "other.pkl"))  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- YAML to the loss
 
-HOP_CONFIG = """
-name: hops
-data: {input: embedded, max_trees: 14, dev_fraction: 0.2}
-model: {base: tiny, dtype: float32}
-sft: {enabled: false}
-preference:
-  criterion: dpo
-  criterion_config: {beta: 0.37}
-  init: base
-  lr: 1.0e-3
-  max_num_tokens: 1024
-  max_seq_len: 256
-  overlength: truncate
-  max_steps: 1
-  max_examples: 4
-  per_loss:
-    orpo: {lr: 2.0e-3}
-evaluation: {enabled: false}
-resources: {output_dir: OUTPUT_DIR}
-"""
+#: The run the knob-hop benchmark traces (benchmarks/knob_hops.py): tiny model, beta 0.37, one DPO step.
+HOP_CONFIG = KNOB_HOPS_CONFIG
 
 
 def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monkeypatch):
@@ -454,7 +471,7 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
     text = HOP_CONFIG.replace("OUTPUT_DIR", str(tmp_path / "runs"))
     hops.append("YAML text -> mapping")
     config_value = parse_config_text(text)
-    assert config_value == yaml.safe_load(text)  # the parser checks, and hands on the mapping as written
+    assert config_value == yaml.safe_load(text)  # the parser only loads: the mapping as written
     config_value = json.loads(json.dumps(config_value))  # Metaflow keeps Config values as JSON
     stage[0] = "start"
     plan, output_root = plan_run(config_value, "dpo", "", "", "PrefFlow", "1")
@@ -469,11 +486,7 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
     assert summary["steps"] == 1 and summary["config"]["criterion_config"]["beta"] == 0.37
     assert not [h for h in hops if "preference step" in h], hops  # the step trains the planned object as is
     assert len(hops) <= 4, hops
-    assert hops == [
-        "YAML text -> mapping",
-        "mapping -> DPOConfig (Metaflow Config parser)",
-        "mapping -> DPOConfig (start)",
-    ]
+    assert hops == ["YAML text -> mapping", "mapping -> DPOConfig (start)"]  # start without the preflight's plan
 
 
 # ----------------------------------------------------------------------------- the command-line preflight
@@ -600,11 +613,45 @@ def test_show_works_without_a_user_name(tmp_path):
     assert "Step start" in proc.stdout + proc.stderr and "Unknown user" not in proc.stderr
 
 
-def test_metaflow_parser_names_the_config_not_argv(monkeypatch):
+def test_metaflow_parser_only_loads_and_start_checks_once_naming_the_config(monkeypatch):
+    """The parser hands on the mapping as written (a YAML error still fails there); without the preflight's plan
+    (Argo, a pod, ``step``) start's one check names the config, not argv."""
     monkeypatch.setattr(sys, "argv", ["pytest", "--config", "config", "somewhere-else.yaml"])
+    monkeypatch.delenv(PLAN_VARIABLE, raising=False)
+    assert parse_config_text("sft:\n  lr: 0\n") == {"sft": {"lr": 0}}
     with pytest.raises(ConfigError) as err:
-        parse_config_text("sft:\n  lr: 0\n")
+        parse_config_text("sft: [lr: 0\n")
+    assert err.value.source == "config" and "not valid YAML" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        plan_for_start({"sft": {"lr": 0}}, "config")
     assert (err.value.source, err.value.key) == ("config", "sft.lr")
+
+
+def test_start_takes_the_preflights_plan_for_the_same_inputs_and_types_it_otherwise(tmp_path, monkeypatch, caplog):
+    """A normal command-line run types its config once: the preflight's plan reaches start through the environment
+    (what Metaflow's local runtime passes its tasks); other inputs, or no preflight, are typed in start, once."""
+    from steps.config import loading
+
+    typed: list[str] = []
+    real_build = loading.build
+    monkeypatch.setattr(loading, "build", lambda cls, *a, **k: typed.append(cls.__name__) or real_build(cls, *a, **k))
+    path = write(tmp_path, GOOD)
+    assert preflight(["--config", "config", str(path), "run", "--loss", "dpo,orpo"]) == 0
+    assert typed == ["RunConfig"] and os.environ[PLAN_VARIABLE]
+    data = json.loads(json.dumps(yaml.safe_load(GOOD)))  # the Config value Metaflow hands start
+    with caplog.at_level("INFO"):
+        plan = plan_for_start(data, "config", "", "dpo,orpo", "")
+    assert typed == ["RunConfig"] and "not typed again" in caplog.text  # the preflight's plan, as it checked it
+    assert [v.name for v in plan.variants] == ["sft", "dpo", "orpo"] and plan.config.source == str(path)
+    assert plan == load_plan(data, "config", "", "dpo,orpo")  # what start would have made
+    typed.clear()
+    plan_for_start(data, "config", "", "dpo", "")  # another --loss
+    plan_for_start({**data, "sft": {**data["sft"], "epochs": 2}}, "config", "", "dpo,orpo", "")  # another config
+    assert typed == ["RunConfig", "RunConfig"]
+    monkeypatch.setenv(PLAN_VARIABLE, "not a plan")
+    assert plan_for_start(data, "config", "", "dpo,orpo", "") == plan  # a damaged value: start plans
+    monkeypatch.delenv(PLAN_VARIABLE)
+    assert preflight(["--config", "config", str(path), "show"]) == 0 and PLAN_VARIABLE not in os.environ
 
 
 def test_typed_config_is_a_dataclass_tree():

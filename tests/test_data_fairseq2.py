@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from steps.config import DataConfig
 from steps.data import DataError, pair_messages, prepare_data, prepare_oasst, sft_messages
 from steps.data.fairseq2_format import SrcFormatError, parse_src, render_llama3_prompt
 
@@ -95,7 +96,7 @@ def test_directory_manifest_and_glob(tmp_path):
         [{"src": src(("user", "Say hi.")), "tgt": "Hi!"}, {"src": "Plain prompt", "tgt": "Plain answer"}],
     )
     (tmp_path / "d/notes.txt").write_text("not data", encoding="utf-8")
-    globbed = prepare_data({"format": "fairseq2", "input": str(tmp_path / "d")}, tmp_path / "out")
+    globbed = prepare_data(DataConfig(format="fairseq2", input=str(tmp_path / "d")), tmp_path / "out")
     assert globbed.stats["pairs"] == 6 and globbed.stats["sft_examples"] == 2
     assert globbed.stats["sft_source"].startswith("instruction rows")
     assert {p["id"] for p in read_rows(tmp_path / "out", "preference")} == {f"p{i}" for i in range(6)}
@@ -105,14 +106,14 @@ def test_directory_manifest_and_glob(tmp_path):
     ]
 
     (tmp_path / "d/MANIFEST").write_text("part-a.jsonl\t3\nnested/part-b.jsonl\t1.5\n", encoding="utf-8")
-    listed = prepare_data({"format": "fairseq2", "input": str(tmp_path / "d")}, tmp_path / "out2")
+    listed = prepare_data(DataConfig(format="fairseq2", input=str(tmp_path / "d")), tmp_path / "out2")
     # fairseq2 sorts the MANIFEST lines before reading them
     assert [Path(f).name for f in listed.stats["source"]["files"]] == ["part-b.jsonl", "part-a.jsonl"]
     assert listed.stats["source"]["weights"] == [1.5, 3.0]
     assert listed.stats["pairs"] == 6 and listed.stats["sft_examples"] == 6  # no instruction file listed: derived
     (tmp_path / "d/MANIFEST").write_text("part-a.jsonl 3\n", encoding="utf-8")
     with pytest.raises(DataError, match="path<TAB>weight"):
-        prepare_data({"format": "fairseq2", "input": str(tmp_path / "d")}, tmp_path / "out3")
+        prepare_data(DataConfig(format="fairseq2", input=str(tmp_path / "d")), tmp_path / "out3")
 
 
 def test_bad_rows_are_counted(tmp_path):
@@ -132,7 +133,7 @@ def test_bad_rows_are_counted(tmp_path):
         {"src": 3, "tgt": "x"},  # invalid_field
     ]
     stats = prepare_data(
-        {"format": "fairseq2", "input": str(write_jsonl(tmp_path / "in.jsonl", rows))}, tmp_path / "out"
+        DataConfig(format="fairseq2", input=str(write_jsonl(tmp_path / "in.jsonl", rows))), tmp_path / "out"
     ).stats
     assert {k: v for k, v in stats["dropped"].items() if v} == {
         "unparsable_src": 1,
@@ -151,7 +152,7 @@ def test_round_trip_of_the_fairseq2_files_prefflow_writes(tmp_path):
         (json.dumps([dict(m, content=m["content"].strip()) for m in p]), c.strip(), r.strip())
         for p, c, r in map(pair_messages, read_rows(tmp_path / "oasst", "preference"))
     }
-    back = prepare_data({"format": "fairseq2", "input": str(tmp_path / "oasst/fairseq2")}, tmp_path / "back")
+    back = prepare_data(DataConfig(format="fairseq2", input=str(tmp_path / "oasst/fairseq2")), tmp_path / "back")
     read_back = {(json.dumps(p), c, r) for p, c, r in map(pair_messages, read_rows(tmp_path / "back", "preference"))}
     assert read_back == written and len(written) == prepared.stats["pairs"]["best_vs_rest"]
     assert back.stats["sft_examples"] == prepared.stats["sft_examples"]
@@ -196,7 +197,8 @@ def _train(tmp_path: Path, name: str, rows: list[dict], monkeypatch: pytest.Monk
 
     write_jsonl(tmp_path / name / "input/part.jsonl", rows)
     prepared = prepare_data(
-        {"format": "fairseq2", "input": str(tmp_path / name / "input"), "dev_fraction": 0.2}, tmp_path / name / "data"
+        DataConfig(format="fairseq2", input=str(tmp_path / name / "input"), dev_fraction=0.2),
+        tmp_path / name / "data",
     )
     cfg = config_from_dict(
         {

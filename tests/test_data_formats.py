@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from steps.config import DataConfig
 from steps.data import DataError, pair_messages, prepare_data, sft_messages
 from steps.data.pair_formats import hh_turns
 
@@ -100,7 +101,8 @@ def check_trl_conversational(rows: list[dict]) -> None:
 def test_trl_layouts_map_to_prompt_chosen_rejected(tmp_path, layout):
     row, (prompt, chosen, rejected) = TRL_ROWS[layout]
     prepared = prepare_data(
-        {"format": "preference", "input": str(write_jsonl(tmp_path / "in.jsonl", [row]))}, tmp_path / "out"
+        DataConfig(format="preference", input=str(write_jsonl(tmp_path / "in.jsonl", [row]))),
+        tmp_path / "out",
     )
     pairs = read_rows(tmp_path / "out", "preference")
     assert len(pairs) == 1 and prepared.stats["layouts"] == {layout: 1}
@@ -125,7 +127,7 @@ def test_hh_rlhf_transcripts_share_a_prefix(tmp_path):
         {"chosen": HH_CHOSEN},  # missing_field
     ]
     path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, *bad])
-    stats = prepare_data({"format": "hh_rlhf", "input": str(path)}, tmp_path / "out").stats
+    stats = prepare_data(DataConfig(format="hh_rlhf", input=str(path)), tmp_path / "out").stats
     pairs = read_rows(tmp_path / "out", "preference")
     check_trl_conversational(pairs)
     assert [pair_messages(p) for p in pairs] == [
@@ -149,7 +151,8 @@ def test_ultrafeedback_binarized_keeps_scores_and_prompt_id(tmp_path):
     ]
     rows.append(dict(rows[0], rejected=[rows[0]["chosen"][0], {"role": "user", "content": "?"}]))  # not assistant
     stats = prepare_data(
-        {"format": "ultrafeedback", "input": str(write_jsonl(tmp_path / "uf.jsonl", rows))}, tmp_path / "out"
+        DataConfig(format="ultrafeedback", input=str(write_jsonl(tmp_path / "uf.jsonl", rows))),
+        tmp_path / "out",
     ).stats
     pairs = sorted(read_rows(tmp_path / "out", "preference"), key=lambda p: p["prompt_id"])
     check_trl_conversational(pairs)
@@ -166,9 +169,10 @@ def test_parquet_input_reads_like_jsonl(tmp_path):
 
     rows = [ultrafeedback_row(f"Question {i}?", f"Answer {i}.", f"Wrong {i}.", f"p{i}") for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "uf.parquet")
-    a = prepare_data({"format": "ultrafeedback", "input": str(tmp_path / "uf.parquet")}, tmp_path / "a")
+    a = prepare_data(DataConfig(format="ultrafeedback", input=str(tmp_path / "uf.parquet")), tmp_path / "a")
     b = prepare_data(
-        {"format": "ultrafeedback", "input": str(write_jsonl(tmp_path / "uf.jsonl", rows))}, tmp_path / "b"
+        DataConfig(format="ultrafeedback", input=str(write_jsonl(tmp_path / "uf.jsonl", rows))),
+        tmp_path / "b",
     )
     for name in ("preference.train.jsonl", "preference.dev.jsonl", "sft.train.jsonl", "fairseq2/sft.dev.jsonl"):
         assert (a.output_dir / name).read_bytes() == (b.output_dir / name).read_bytes(), name
@@ -182,7 +186,14 @@ def test_sft_once_per_distinct_prompt_and_chosen_and_split_by_prompt(tmp_path):
             rows.append({"prompt": prompt, "chosen": f"Topic {i} is interesting.", "rejected": bad})
     rows.append(dict(rows[0]))  # an exact duplicate pair
     first = prepare_data(
-        {"format": "preference", "input": str(write_jsonl(tmp_path / "a.jsonl", rows)), "dev_fraction": 0.2, "seed": 5},
+        DataConfig(
+            **{
+                "format": "preference",
+                "input": str(write_jsonl(tmp_path / "a.jsonl", rows)),
+                "dev_fraction": 0.2,
+                "seed": 5,
+            }
+        ),
         tmp_path / "a",
     )
     assert first.stats["pairs"] == 90 and first.stats["sft_examples"] == 30
@@ -190,12 +201,14 @@ def test_sft_once_per_distinct_prompt_and_chosen_and_split_by_prompt(tmp_path):
     shuffled = rows[:]
     random.Random(3).shuffle(shuffled)
     second = prepare_data(
-        {
-            "format": "preference",
-            "input": str(write_jsonl(tmp_path / "b.jsonl", shuffled)),
-            "dev_fraction": 0.2,
-            "seed": 5,
-        },
+        DataConfig(
+            **{
+                "format": "preference",
+                "input": str(write_jsonl(tmp_path / "b.jsonl", shuffled)),
+                "dev_fraction": 0.2,
+                "seed": 5,
+            }
+        ),
         tmp_path / "b",
     )
     for out in (tmp_path / "a", tmp_path / "b"):
@@ -229,7 +242,7 @@ def test_bad_rows_and_lines_are_counted_with_reasons(tmp_path):
         },  # invalid_reference_score
     ]
     path = write_jsonl(tmp_path / "in.jsonl", rows, ("{not json", "[1, 2]", "7", '{"text": "\\ud800"}'))
-    stats = prepare_data({"format": "preference", "input": str(path)}, tmp_path / "out").stats
+    stats = prepare_data(DataConfig(format="preference", input=str(path)), tmp_path / "out").stats
     assert {k: v for k, v in stats["dropped"].items() if v} == {
         "missing_field": 1,
         "invalid_field": 1,
@@ -250,21 +263,21 @@ def test_bad_rows_and_lines_are_counted_with_reasons(tmp_path):
 
 def test_errors_name_the_input_and_the_fix(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        prepare_data({"format": "preference", "input": str(tmp_path / "missing.jsonl")}, tmp_path / "out")
+        prepare_data(DataConfig(format="preference", input=str(tmp_path / "missing.jsonl")), tmp_path / "out")
     only_bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}] * 3)
     with pytest.raises(DataError, match=r"bad.jsonl: no usable rows .*'missing_field': 3"):
-        prepare_data({"format": "preference", "input": str(only_bad)}, tmp_path / "out")
+        prepare_data(DataConfig(format="preference", input=str(only_bad)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match=r"data.format 'csv' is unknown"):
-        prepare_data({"format": "csv", "input": str(only_bad)}, tmp_path / "out")
+        prepare_data(DataConfig(format="csv", input=str(only_bad)), tmp_path / "out")
     with pytest.raises(DataError, match=r"data.langs .* applies to data.format 'oasst' only"):
-        prepare_data({"format": "hh_rlhf", "input": str(only_bad), "langs": ["de"]}, tmp_path / "out")
+        prepare_data(DataConfig(format="hh_rlhf", input=str(only_bad), langs=["de"]), tmp_path / "out")
     with pytest.raises(DataError, match="embedded"):
-        prepare_data({"format": "hh_rlhf", "input": "embedded"}, tmp_path / "out")
+        prepare_data(DataConfig(format="hh_rlhf", input="embedded"), tmp_path / "out")
     array_file = tmp_path / "array.json"
     array_file.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}]\n', encoding="utf-8")
     with pytest.raises(DataError, match="JSON array"):
-        prepare_data({"format": "preference", "input": str(array_file)}, tmp_path / "out")
+        prepare_data(DataConfig(format="preference", input=str(array_file)), tmp_path / "out")
 
 
 def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
@@ -281,7 +294,7 @@ def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
         "seed": 9,
         "split": None,
     }
-    a = prepare_data(section, tmp_path / "a")
+    a = prepare_data(DataConfig(**section), tmp_path / "a")
     b = prepare_oasst("embedded", tmp_path / "b", pair_strategy="best_vs_worst", dev_fraction=0.2, seed=9)
     assert a.stats == b.stats
     for name in a.stats["outputs"].values():
@@ -326,7 +339,8 @@ def test_dpo_trains_on_each_format(tmp_path, fmt):
     from steps.train.recipes import run_preference
 
     prepared = prepare_data(
-        {"format": fmt, "input": str(_format_fixture(fmt, tmp_path)), "dev_fraction": 0.2}, tmp_path / "data"
+        DataConfig(format=fmt, input=str(_format_fixture(fmt, tmp_path)), dev_fraction=0.2),
+        tmp_path / "data",
     )
     assert prepared.stats["pairs"] == 10 and prepared.stats["split_sizes"]["preference"] == {"train": 8, "dev": 2}
     expected = {

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from steps.config import DataConfig
 from steps.data import DataError, OasstDataError, pair_messages, prepare_data, prepare_oasst
 
 CASES = {"oasst_rows": 120, "oasst_trees": 100, "pairs": 60}
@@ -354,7 +355,7 @@ def check_pairs(tmp: Path, example) -> None:
     not_objects = len(rows) - len(objects)
     _, n_bad, array_first = write_lines(tmp / "in.jsonl", rows, bad)
     try:
-        stats = prepare_data({"format": fmt, "input": str(tmp / "in.jsonl")}, tmp / "out").stats
+        stats = prepare_data(DataConfig(format=fmt, input=str(tmp / "in.jsonl")), tmp / "out").stats
     except DataError as exc:
         assert ("JSON array" in str(exc)) if array_first else ("no usable rows" in str(exc)), exc
         return

@@ -286,6 +286,7 @@ def test_non_finite_loss_on_one_rank_stops_both_with_the_error(tmp_path):
 
 def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tokenizer):
     """The flow's path: steps.train.launch starts torchrun; 2 FSDP2 ranks write the same final model as 1 process."""
+    from steps.config import config_from_dict, for_loss
     from steps.io import write_jsonl
     from steps.train.launch import launch
 
@@ -312,8 +313,20 @@ def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tok
         }
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    one = launch(raw(WORLD * PER_RANK_ACCUM), "dpo", str(data_dir), str(tmp_path / "one"), nproc_per_node=1)
-    two = launch(raw(PER_RANK_ACCUM), "dpo", str(data_dir), str(tmp_path / "two"), nproc_per_node=WORLD)
+    one = launch(
+        for_loss(config_from_dict(raw(WORLD * PER_RANK_ACCUM)), "dpo"),
+        "dpo",
+        str(data_dir),
+        str(tmp_path / "one"),
+        nproc_per_node=1,
+    )
+    two = launch(
+        for_loss(config_from_dict(raw(PER_RANK_ACCUM)), "dpo"),
+        "dpo",
+        str(data_dir),
+        str(tmp_path / "two"),
+        nproc_per_node=WORLD,
+    )
     assert one["steps"] == two["steps"] == 2
     assert two["final_train"]["loss"] == pytest.approx(one["final_train"]["loss"], abs=1e-5)
     a, b = (load_file(Path(s["model_dir"]) / "model.safetensors") for s in (one, two))

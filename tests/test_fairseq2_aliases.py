@@ -1,6 +1,7 @@
 """fairseq2's loss snippets load verbatim: every ``criterion_config._type_`` of the guide's loss sections and example
 configs (2024) and of fairseq2's 2025 recipes is an alias of a PrefFlow loss config; fairseq2-only fields map or
-are noted; misspellings still fail."""
+are noted; misspellings still fail. All of it is translated once, when the config is loaded: the typed config holds
+PrefFlow's plain form and the loss modules know nothing of fairseq2."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from steps.config import ConfigError, for_loss, load_config
 from steps.config import convert as config_convert
-from steps.losses import fairseq2_names, loss_for_type
+from steps.config.fairseq2_losses import FAIRSEQ2_LOSSES, loss_for_type, plain_config
 from steps.losses.cpo import CPOConfig
 from steps.losses.dpo import DPOConfig
 from steps.losses.orpo import ORPOConfig
@@ -255,5 +256,34 @@ def test_registry_finds_the_loss_a_type_names(type_path, loss):
 
 
 def test_losses_without_a_fairseq2_counterpart_have_no_names():
-    assert fairseq2_names("ipo") is None and fairseq2_names("hinge") is None
-    assert fairseq2_names("dpo").section_fields == {"reference_model": "reference"}
+    assert "ipo" not in FAIRSEQ2_LOSSES and "hinge" not in FAIRSEQ2_LOSSES and "kto" not in FAIRSEQ2_LOSSES
+    assert FAIRSEQ2_LOSSES["dpo"].section_fields == {"reference_model": "reference"}
+
+
+def test_the_fairseq2_shape_is_translated_once_at_load_into_the_plain_form():
+    """What the typed config sees: the loss's own fields (fairseq2's defaults filled) and the section's reference."""
+    data = {
+        "preference": {
+            "criterion": "dpo",
+            "criterion_config": {"_type_": f"{PF}.dpo.DpoConfig", "reference_model": "llama3_8b", "beta": 0.5},
+            "per_loss": {"cpo": {"criterion_config": {"_type_": f"{PF25}.CpoFinetuneConfig", "nll_scale": 0}}},
+        }
+    }
+    plain = plain_config(data)["preference"]
+    assert plain["criterion_config"] == {"beta": 0.5, "nll_scale": 0.0, "length_normalization": False}
+    assert plain["reference"] == "meta-llama/Meta-Llama-3-8B"
+    assert plain["per_loss"] == {"cpo": {"criterion_config": {"nll_scale": 0, "beta": 1.0}}}
+    assert data["preference"]["criterion_config"]["_type_"] == f"{PF}.dpo.DpoConfig"  # the input is left as it was
+    ordinary = {"preference": {"criterion": "ipo", "criterion_config": {"beta": 0.2}}, "sft": {"lr": 1.0e-5}}
+    assert plain_config(ordinary) == ordinary  # a plain section stays as it is
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "cpo", "ipo", "hinge", "kto"])
+def test_loss_configs_know_nothing_of_fairseq2(name):
+    import inspect
+
+    from steps.losses import loss_class
+
+    config_class = loss_class(name).config_class
+    assert not hasattr(config_class, "fairseq2")
+    assert "fairseq2" not in inspect.getsource(inspect.getmodule(config_class)).lower()

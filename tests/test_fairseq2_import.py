@@ -216,7 +216,6 @@ def test_model_names(name, hf_id):
     [
         ({"criterion": "dpo", "criterion_config": {"betta": 0.1}}, "criterion_config.betta", "did you mean 'beta'"),
         ({"criterion": "bco"}, "criterion", "dpo, simpo, orpo, cpo"),
-        ({"model": "checkpoint_step_1", "criterion": "simpo"}, "model", "pass the instruction_finetune recipe"),
         ({"optimizer": "sgd", "criterion": "simpo"}, "optimizer", "AdamW only"),
         ({"gradient_accumulation": "four"}, "gradient_accumulation", "expected an integer"),
         ({"model": "gpt5"}, "model", "no known Hugging Face id"),
@@ -256,3 +255,94 @@ def test_command_line_writes_a_config_the_flow_accepts(shared_dir, tmp_path):
         f"error: {bad}: criterion_config.gama: unknown key; allowed keys: beta, nll_scale, label_smoothing, "
         "length_normalization, reference_model, reference_dtype, reference_tensor_parallel_size"
     )
+
+
+# ----------------------------------------------------------------------------- a preference recipe alone
+
+
+@pytest.fixture(scope="module")
+def sft_model_dir(tmp_path_factory, tokenizer):
+    """A saved Hugging Face directory standing for fairseq2's SFT checkpoint exported to Hugging Face format."""
+    from tests.model_dirs import saved_tiny
+
+    return saved_tiny(tmp_path_factory.mktemp("sft_export") / "checkpoint_step_240_hf", "tiny", tokenizer)
+
+
+def test_a_lone_preference_recipe_starts_from_the_sft_model_given(shared_dir, sft_model_dir, tmp_path):
+    """The guide's dpo_config.yaml (model and reference_model: checkpoint_step_240) without its SFT recipe: the
+    checkpoint's Hugging Face export is model.base, the DPO run's init and reference; no SFT is trained."""
+    from steps.train.recipes import resolve_init_and_reference
+
+    conversion = convert_files([shared_dir / "fairseq2/dpo_config.yaml"], sft_model=str(sft_model_dir))
+    out = tmp_path / "dpo_only.yaml"
+    out.write_text(conversion.yaml())
+    cfg = load_config(out)
+    assert cfg.model.base == str(sft_model_dir.resolve()) and not cfg.sft.enabled
+    assert (cfg.preference.init, cfg.preference.reference) == ("base", "base")
+    plan = plan_variants(cfg, "dpo")
+    assert [v.name for v in plan.variants] == ["dpo"]
+    dpo = plan.variants[0].config
+    assert dpo.preference.criterion_config == DPOConfig(beta=0.5, nll_scale=1.0)
+    assert (dpo.preference.lr, dpo.preference.final_lr, dpo.preference.seed) == (1e-8, 5e-9, 666)
+    # the training step starts from the directory and scores it as the reference
+    assert resolve_init_and_reference(dpo, "dpo", dpo.preference, None) == (cfg.model.base, cfg.model.base)
+    notes = {n.key: n for n in conversion.notes}
+    assert notes["model"].kind == "changed" and "--sft-model" in notes["model"].message
+    assert "the model.base of this run" in notes["criterion_config"].message
+    assert not [n for n in conversion.notes if n.kind in ("unknown", "to fill")]
+
+
+def test_a_lone_preference_recipe_without_the_sft_model_leaves_one_key_to_fill(shared_dir, tmp_path):
+    """Without --sft-model the import still writes the whole config, says what to fill, and the flow's preflight
+    refuses it with one line naming the key and --sft-model until model.base is a model PrefFlow can load."""
+    from steps.config import preflight
+
+    conversion = convert_files([shared_dir / "fairseq2/dpo_config.yaml"])
+    (fill,) = [n for n in conversion.notes if n.kind == "to fill"]
+    assert fill.key == "model" and "--sft-model DIR" in fill.message and "checkpoint_step_240" in fill.message
+    assert conversion.config["model"]["base"] == "checkpoint_step_240" and conversion.config["sft"] == {
+        "enabled": False
+    }
+    assert (conversion.config["preference"]["init"], conversion.config["preference"]["reference"]) == ("base", "base")
+    assert "#   to fill: " in conversion.yaml()
+    why = {n.key: n.message for n in conversion.notes if n.kind == "not applicable"}
+    assert "--sft-model DIR" in why["resume_checkpoint_dir"]  # where the checkpoint to export lives
+    out = tmp_path / "dpo_only.yaml"
+    out.write_text(conversion.yaml())
+    with pytest.raises(ConfigError) as err:
+        load_config(out)
+    assert (err.value.source, err.value.key) == (str(out), "model.base") and "--sft-model DIR" in str(err.value)
+    assert preflight(["--config", "config", str(out), "run"]) == 2
+    filled = tmp_path / "filled.yaml"
+    filled.write_text(conversion.yaml().replace("base: checkpoint_step_240", "base: my-org/llama-3.1-8b-sft"))
+    assert load_config(filled).model.base == "my-org/llama-3.1-8b-sft"
+
+
+@pytest.mark.parametrize(
+    "files,model,expected",
+    [
+        (["sft_config.yaml", "dpo_config.yaml"], "DIR", "the SFT model is trained from"),
+        (["dpo_config.yaml"], "missing", "not a Hugging Face model directory"),
+        (["orpo"], "DIR", "starts from 'llama3_1_8b', not a checkpoint"),
+    ],
+)
+def test_sft_model_is_refused_where_it_cannot_be_the_start(shared_dir, sft_model_dir, tmp_path, files, model, expected):
+    recipes = [(f, yaml.safe_load((shared_dir / "fairseq2" / f).read_text())) for f in files if f != "orpo"]
+    if files == ["orpo"]:
+        recipes = [("orpo.yaml", {"criterion": "orpo", "model": "llama3_1_8b"})]
+    given = str(sft_model_dir) if model == "DIR" else str(tmp_path / model)
+    with pytest.raises(ConfigError) as err:
+        convert_recipes(recipes, sft_model=given)
+    assert (err.value.source, err.value.key) == ("--sft-model", given) and expected in str(err.value)
+
+
+def test_command_line_imports_a_lone_preference_recipe_with_its_sft_model(shared_dir, sft_model_dir, tmp_path):
+    out = tmp_path / "dpo_only.yaml"
+    recipe = str(shared_dir / "fairseq2/dpo_config.yaml")
+    proc = _cli("from-fairseq2", recipe, "--sft-model", str(sft_model_dir), "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(line.startswith(f"changed: {recipe}: model: 'checkpoint_step_240'") for line in proc.stderr.splitlines())
+    assert load_config(out).model.base == str(sft_model_dir.resolve())
+    from steps.config import preflight
+
+    assert preflight(["--config", "config", str(out), "show"]) == 0  # the flow's preflight accepts it

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import strategies as st
 
+from steps.config import DataConfig
 from steps.data import DataError, OasstDataError, prepare_data, prepare_oasst
 from steps.data.records import pair_messages, unpaired_messages
 from tests import test_data_fuzz as fuzz
@@ -203,7 +204,7 @@ def check_unpaired(tmp: Path, example) -> None:
     objects = [r for r in rows if isinstance(r, dict)]
     _, n_bad, array_first = write_lines(tmp / "in.jsonl", rows, bad)
     try:
-        stats = prepare_data({"format": "unpaired", "input": str(tmp / "in.jsonl")}, tmp / "out").stats
+        stats = prepare_data(DataConfig(format="unpaired", input=str(tmp / "in.jsonl")), tmp / "out").stats
     except DataError as exc:
         assert ("JSON array" in str(exc)) if array_first else ("no usable rows" in str(exc)), exc
         return
@@ -238,7 +239,7 @@ def check_pairs_kto(tmp: Path, example) -> None:
     fmt, rows = example
     _, _, array_first = write_lines(tmp / "in.jsonl", rows, [])
     try:
-        stats = prepare_data({"format": fmt, "input": str(tmp / "in.jsonl")}, tmp / "out").stats
+        stats = prepare_data(DataConfig(format=fmt, input=str(tmp / "in.jsonl")), tmp / "out").stats
     except DataError as exc:
         assert ("JSON array" in str(exc)) if array_first else ("no usable rows" in str(exc)), exc
         return

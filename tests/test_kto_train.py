@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steps.config import PreferenceConfig
+from steps.config import DataConfig, PreferenceConfig
 from steps.losses import build_loss
 from steps.train.batching import collate, make_batches
 from steps.train.logprobs import sequence_logprobs
@@ -200,7 +200,7 @@ def test_prepared_data_to_training(tokenizer, tiny_model_factory, tmp_path):
     """The whole chain on the embedded OpenAssistant sample: prepare_data's KTO files, read, tokenised, trained."""
     from steps.data import prepare_data
 
-    stats = prepare_data({"input": "embedded"}, tmp_path / "data").stats["kto"]
+    stats = prepare_data(DataConfig(input="embedded"), tmp_path / "data").stats["kto"]
     cfg = PreferenceConfig(lr=1e-3, max_num_tokens=1024, max_seq_len=512, max_steps=3, max_examples=40, seed=2)
     train_ex, dev_ex, lengths = read_unpaired(tmp_path / "data", tokenizer, cfg)
     assert len(train_ex) + lengths["train"]["dropped_overlength"] == min(40, stats["split_sizes"]["train"])

@@ -451,12 +451,12 @@ FAIRSEQ2_DEFAULTS = {
 
 
 @pytest.mark.parametrize("name", sorted(FAIRSEQ2_DEFAULTS))
-def test_fairseq2_names_live_with_each_loss(name):
-    from steps.losses import fairseq2_names
+def test_fairseq2_names_live_in_one_table_at_the_config_edge(name):
+    from steps.config.fairseq2_losses import FAIRSEQ2_LOSSES
 
-    names = fairseq2_names(name)
+    names = FAIRSEQ2_LOSSES[name]
     config_class = loss_class(name).config_class
-    assert names is config_class.fairseq2  # the loss's own module says how fairseq2 spells it
+    assert not hasattr(config_class, "fairseq2")  # the loss's own module knows nothing of fairseq2
     assert dict(names.defaults) == FAIRSEQ2_DEFAULTS[name]
     fields = {f.name for f in dataclasses.fields(config_class)}
     assert set(names.defaults) <= fields and not (set(names.fields) & fields)
@@ -464,9 +464,9 @@ def test_fairseq2_names_live_with_each_loss(name):
 
 
 def test_fairseq2_type_names_need_the_fairseq2_package():
-    from steps.losses import fairseq2_names
+    from steps.config.fairseq2_losses import FAIRSEQ2_LOSSES
 
-    names = fairseq2_names("dpo")
+    names = FAIRSEQ2_LOSSES["dpo"]
     assert names.names_type("fairseq2.recipes.lm.preference_finetune.dpo.DpoConfig")
     assert names.names_type("fairseq2.recipes.lm.DpoFinetuneConfig") and names.names_type("DpoConfig")
     assert not names.names_type("fairseq2x.DpoConfig") and not names.names_type("mypkg.DpoConfig")

@@ -485,6 +485,7 @@ def _hsdp_node(node_index: int, port: int, data_dir: str, root: str, raw: dict) 
     import logging
 
     logging.basicConfig(level=logging.INFO)
+    from steps.config import config_from_dict, for_loss
     from steps.train.checkpoint_sync import CheckpointSync
     from steps.train.gang import GangCoordinator
     from steps.train.launch import NodeRun, launch
@@ -499,7 +500,14 @@ def _hsdp_node(node_index: int, port: int, data_dir: str, root: str, raw: dict) 
         coordinator.publish_plan(sync.prepare())
     else:
         sync.prepare(coordinator.wait_plan())
-    summary = launch(raw, "dpo", data_dir, str(local), nproc_per_node=2, node=NodeRun(gang, coordinator, sync))
+    summary = launch(
+        for_loss(config_from_dict(raw), "dpo"),
+        "dpo",
+        data_dir,
+        str(local),
+        nproc_per_node=2,
+        node=NodeRun(gang, coordinator, sync),
+    )
     Path(root, f"summary{node_index}.json").write_text(json.dumps(summary))
 
 
@@ -509,6 +517,7 @@ def test_two_nodes_of_two_ranks_train_hsdp_like_one_process(tmp_path, tokenizer)
     import torch
     from safetensors.torch import load_file
 
+    from steps.config import config_from_dict, for_loss
     from steps.io import write_jsonl
     from steps.train.launch import launch
     from tests.test_train import TOPICS_TRAIN, pair_rows
@@ -529,7 +538,7 @@ def test_two_nodes_of_two_ranks_train_hsdp_like_one_process(tmp_path, tokenizer)
         }
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    one = launch(raw(4), "dpo", str(data), str(tmp_path / "one"), nproc_per_node=1)
+    one = launch(for_loss(config_from_dict(raw(4)), "dpo"), "dpo", str(data), str(tmp_path / "one"), nproc_per_node=1)
     port = local_port("test-hsdp", tmp_path)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_hsdp_node, args=(i, port, str(data), str(tmp_path), raw(1))) for i in range(2)]

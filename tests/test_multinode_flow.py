@@ -71,7 +71,7 @@ def _run(tmp_path: Path, settings: str, env: dict | None = None, resume: bool = 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tokenizer):
     """SFT in one process with grad_accum 2 on the same prepared data: the global batch the gangs must match."""
-    from steps.config import config_from_dict
+    from steps.config import config_from_dict, for_loss
     from steps.data import prepare_data
     from steps.train.launch import launch
 
@@ -80,12 +80,14 @@ def one_process(tmp_path_factory, tokenizer):
     raw["sft"]["grad_accum"] = raw["preference"]["grad_accum"] = 2
     prepare_data(config_from_dict(raw).data, tmp / "data")
     os.environ["OMP_NUM_THREADS"] = "1"
-    sft = launch(raw, "sft", str(tmp / "data"), str(tmp / "sft"))
+    sft = launch(config_from_dict(raw), "sft", str(tmp / "data"), str(tmp / "sft"))
 
     def dpo(sft_model_dir: str) -> dict:
         """DPO in one process from the gang's own SFT model (the same start)."""
         out = tmp / f"dpo-{abs(hash(sft_model_dir))}"
-        return launch(raw, "dpo", str(tmp / "data"), str(out), sft_model_dir=sft_model_dir)
+        return launch(
+            for_loss(config_from_dict(raw), "dpo"), "dpo", str(tmp / "data"), str(out), sft_model_dir=sft_model_dir
+        )
 
     return {"sft": sft, "dpo": dpo}
 

@@ -53,14 +53,19 @@ STRONG_EVAL = {**WEAK_EVAL, "judge": "alpaca_eval:weighted_alpaca_eval_gpt4_turb
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real DPO run of the tiny model on the embedded data (2 optimizer steps), as the flow's step does it."""
-    from steps.config import config_from_dict
+    from steps.config import config_from_dict, for_loss
     from steps.data.oasst import prepare_oasst
     from steps.train.launch import launch
 
     root = tmp_path_factory.mktemp("publish")
     prepare_oasst("embedded", root / "data", max_trees=14, dev_fraction=0.2)
     os.environ["OMP_NUM_THREADS"] = "1"
-    summary = launch(RAW_CONFIG, "dpo", str(root / "data"), str(root / "runs" / PATHSPEC / "dpo"))
+    summary = launch(
+        for_loss(config_from_dict(RAW_CONFIG, "card_test"), "dpo"),
+        "dpo",
+        str(root / "data"),
+        str(root / "runs" / PATHSPEC / "dpo"),
+    )
     run_config = config_from_dict(RAW_CONFIG, "card_test").to_dict()
     rows = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines()]
     return {

@@ -1,7 +1,10 @@
-"""Run configuration: YAML parsed once into typed sections, checked by one layer, planned per variant in start.
+"""Run configuration: YAML typed once into sections, checked by one layer, planned per variant.
 Modules: schema (sections, rules), training (sft, preference), convert (YAML <-> dataclasses), loading, overrides
-(``--set``), sweeps, plan (variants), preflight (the command-line check before Metaflow starts)."""
+(``--set``), sweeps, plan (variants), preflight (the command-line check before Metaflow starts), checked_plan (its
+plan handed to ``start``), fairseq2_losses / fairseq2_names (fairseq2's spelling, translated at load) and the
+fairseq2 recipe import (``python -m steps.config from-fairseq2``)."""
 
+from steps.config.checked_plan import plan_for_start
 from steps.config.convert import ConfigError
 from steps.config.convert import to_dict as config_to_dict
 from steps.config.loading import (
@@ -59,6 +62,7 @@ __all__ = [
     "parse_losses",
     "parse_overrides",
     "parse_yaml_text",
+    "plan_for_start",
     "plan_variants",
     "preflight",
     "read_config_text",

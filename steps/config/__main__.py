@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="convert fairseq2 instruction_finetune / preference_finetune recipe configs",
         description="Convert fairseq2 recipe configs (2024 flat keys or 2025 _set_ sections) into one PrefFlow run "
         "config: a recipe without a criterion fills sft, the first with one fills preference, further ones "
-        "preference.per_loss.",
+        "preference.per_loss. A preference recipe alone whose model is the SFT checkpoint of an earlier run starts "
+        "from --sft-model DIR (that checkpoint as a Hugging Face directory).",
     )
     imp.add_argument("files", nargs="+", help="fairseq2 recipe YAML files")
     imp.add_argument("-o", "--output", help="write the PrefFlow config here (default: stdout)")
@@ -34,10 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"GPUs the fairseq2 run used; fairseq2's gradient_accumulation is per GPU (default: "
         f"{GUIDE_NPROC_PER_NODE}, the guide's node)",
     )
+    imp.add_argument(
+        "--sft-model",
+        metavar="DIR",
+        help="the Hugging Face directory of the SFT checkpoint a lone preference_finetune recipe starts from "
+        "(model: checkpoint_step_N): the run's model.base, its init and reference",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        conversion = convert_files(args.files, args.nproc_per_node)
+        conversion = convert_files(args.files, args.nproc_per_node, args.sft_model)
     except ConfigError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_BAD_INPUT

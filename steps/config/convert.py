@@ -4,6 +4,7 @@ Every error names the dotted key, the bad value and what is allowed (with a did-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -11,7 +12,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
@@ -45,7 +46,7 @@ class ConfigError(ValueError):
         return self if self.source else ConfigError(source, self.key, self.message)
 
 
-#: Notes already logged in this process: a run's config is parsed several times (parser, start, each branch).
+#: Notes already logged in this process (a section resolved for several losses repeats its notes).
 _NOTED: set[str] = set()
 
 
@@ -187,17 +188,21 @@ def convert_fields(cls: type, value: Any, key: str = "") -> dict[str, Any]:
             "", join_key(key, bad), f"unknown key{did_you_mean(bad, fields)}; allowed keys: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
-    return {name: convert_value(val, hints[name], join_key(key, name)) for name, val in value.items()}
+    out = {}
+    for name, val in value.items():  # a loop, not a comprehension: one call less between a YAML value and its type
+        out[name] = convert_value(val, hints[name], join_key(key, name))
+    return out
 
 
-def construct(factory: Callable[[], T], key: str) -> T:
-    """Run ``factory`` (a constructor or ``check``), putting ``key`` in front of the field any error names.
+@contextlib.contextmanager
+def errors_at(key: str) -> Iterator[None]:
+    """Errors of a constructor or ``check`` run inside, with ``key`` in front of the field they name.
 
     Config sections raise ConfigError relative to themselves; loss configs and GenerationSettings raise
     ValueErrors with a ``field`` attribute. Both come out as ConfigError at the full dotted key.
     """
     try:
-        return factory()
+        yield
     except ConfigError as exc:
         raise exc.within(key) from None
     except ValueError as exc:
@@ -205,6 +210,12 @@ def construct(factory: Callable[[], T], key: str) -> T:
         if field is None:
             raise
         raise ConfigError("", join_key(key, str(field)), str(exc)) from exc
+
+
+def construct(factory: Callable[[], T], key: str) -> T:
+    """``factory()`` (a constructor or ``check``) with its errors at ``key`` (see ``errors_at``)."""
+    with errors_at(key):
+        return factory()
 
 
 def checked(obj: T, key: str = "", label: str | None = None) -> T:
@@ -222,8 +233,11 @@ def checked(obj: T, key: str = "", label: str | None = None) -> T:
 
 def build(cls: type[T], value: Any, key: str = "", extra: Mapping[str, Any] | None = None) -> T:
     """A checked ``cls`` from a YAML mapping; ``extra`` sets internal fields."""
-    kwargs = {**convert_fields(cls, value, key), **(extra or {})}
-    return checked(construct(lambda: cls(**kwargs), key), key)
+    kwargs = convert_fields(cls, value, key)
+    kwargs.update(extra or {})
+    with errors_at(key):
+        obj = cls(**kwargs)
+    return checked(obj, key)
 
 
 def from_dict(cls: type[T], value: Any, source: str, key: str = "", extra: Mapping[str, Any] | None = None) -> T:

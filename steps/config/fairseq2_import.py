@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, TypeVar
 
 from steps.config.convert import ConfigError, convert_value, short
-from steps.config.fairseq2_names import SFT, model_spec, read_criterion_config, reference_spec
+from steps.config.fairseq2_losses import FAIRSEQ2_LOSSES, read_criterion_config
+from steps.config.fairseq2_names import SFT, model_spec, reference_spec
 from steps.config.fairseq2_recipes import (
     DEFAULTS,
     GUIDE_NPROC_PER_NODE,
@@ -26,6 +28,8 @@ from steps.config.loading import config_from_dict, parse_yaml_text, read_config_
 
 T = TypeVar("T")
 OPENASSISTANT2 = re.compile(r"(openassistant2|oasst2?)", re.IGNORECASE)
+#: What the import checks its config with where the user must still give model.base (never written).
+STAND_IN = "your-org/your-sft-model"
 
 
 def _located(recipe: Recipe, fn: Callable[..., T], *args: Any) -> T:
@@ -227,7 +231,7 @@ class _Converter:
         spec, what = _located(recipe, model_spec, recipe.take("model", DEFAULTS["model"]), recipe.key("model"))
         if not recipe.has("model"):
             self.note(recipe, "model", "changed", f"left out: fairseq2's default {DEFAULTS['model']!r}; {what}")
-        else:
+        elif spec != SFT or self.has_sft:  # a lone recipe's checkpoint is model.base: lone_preference_base said so
             self.note(recipe, "model", "changed" if spec == SFT else "mapped", what)
         return spec
 
@@ -235,9 +239,9 @@ class _Converter:
         from steps import losses
 
         criterion = str(recipe.take("criterion", DEFAULTS["criterion"]))
-        names = losses.fairseq2_names(criterion) if criterion in losses.registered_losses() else None
+        names = FAIRSEQ2_LOSSES.get(criterion) if criterion in losses.registered_losses() else None
         if names is None:
-            raise recipe.error("criterion", f"got {criterion!r}; fairseq2's criteria are dpo, simpo, orpo, cpo")
+            raise recipe.error("criterion", f"got {criterion!r}; fairseq2's criteria are {', '.join(FAIRSEQ2_LOSSES)}")
         raw = recipe.take("criterion_config") or {}
         if not isinstance(raw, Mapping):
             raise recipe.error("criterion_config", f"got {short(raw)}; expected a mapping")
@@ -258,6 +262,8 @@ class _Converter:
         if losses.requires_reference(criterion):
             field_name, value = parts.section.get("reference", ("reference_model", DEFAULTS["model"]))
             spec, what = _located(recipe, reference_spec, field_name, value, recipe.key("criterion_config"))
+            if spec == SFT and not self.has_sft:
+                what = f"{value!r} is the SFT checkpoint, the model.base of this run ('base')"
             if "reference" not in parts.section:
                 what = f"left out: fairseq2's default {DEFAULTS['model']!r}; {what}"
             self.note(recipe, "criterion_config", "changed", f"{field_name} -> reference: {what}")
@@ -265,15 +271,50 @@ class _Converter:
         return out
 
     def _relative(self, spec: str, recipe: Recipe, key: str) -> str:
+        """``spec`` as the preference section names it: the base model is ``base``; without an SFT recipe the SFT
+        checkpoint is the base model (``--sft-model``, or the name the user must replace)."""
         if spec == SFT and not self.has_sft:
-            raise recipe.error(key, "names fairseq2's SFT checkpoint: pass the instruction_finetune recipe too")
+            return "base"
         return "base" if spec == self.base else spec
 
+    def lone_preference_base(self, recipe: Recipe, sft_model: str | None) -> str:
+        """``model.base`` of a preference recipe imported without its instruction_finetune recipe: its model when
+        that is a model; when it names fairseq2's SFT checkpoint, ``sft_model`` (that checkpoint's Hugging Face
+        directory) or, without one, the checkpoint name, which the flow refuses until the user replaces it."""
+        name = recipe.values.get("model", DEFAULTS["model"])
+        spec = _located(recipe, model_spec, name, recipe.key("model"))[0]
+        if spec != SFT:
+            if sft_model is not None:
+                raise ConfigError("--sft-model", sft_model, f"{recipe.source} starts from {name!r}, not a checkpoint")
+            return spec
+        if sft_model is not None:
+            self.note(
+                recipe,
+                "model",
+                "changed",
+                f"{name!r} is the SFT checkpoint of an earlier fairseq2 run: model.base is its Hugging Face "
+                f"directory {sft_model} (--sft-model); sft.enabled false, preference init and reference: base",
+            )
+            return sft_model
+        self.note(
+            recipe,
+            "model",
+            "to fill",
+            f"{name!r} is the SFT checkpoint of an earlier fairseq2 run, which PrefFlow cannot load: replace "
+            f"model.base ({name}) with its Hugging Face directory, or import again with --sft-model DIR; the flow "
+            "refuses the config until then",
+        )
+        return str(name)
 
-def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GUIDE_NPROC_PER_NODE) -> Conversion:
+
+def convert_recipes(
+    recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GUIDE_NPROC_PER_NODE, sft_model: str | None = None
+) -> Conversion:
     """One PrefFlow run config from fairseq2 recipe mappings [(source, mapping)]: at most one instruction_finetune
     recipe (-> ``sft``) and any preference_finetune recipes (the first -> ``preference``, the others ->
-    ``preference.per_loss``). ConfigError (naming the file and key) when something cannot be converted."""
+    ``preference.per_loss``). Without an instruction_finetune recipe, a preference recipe whose model is fairseq2's
+    SFT checkpoint starts from ``sft_model`` (that checkpoint as a Hugging Face directory). ConfigError (naming the
+    file and key) when something cannot be converted."""
     if nproc_per_node < 1:
         raise ConfigError("--nproc-per-node", "", f"got {nproc_per_node}; must be >= 1")
     read = [read_recipe(source, data) for source, data in recipes]
@@ -283,6 +324,8 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
         raise ConfigError(sfts[1].source, "", f"a second instruction_finetune recipe (the first: {sfts[0].source})")
     if not read:
         raise ConfigError("from-fairseq2", "", "no recipe files given")
+    if sft_model is not None:
+        sft_model = hf_directory(sft_model, sfts[0].source if sfts else None)
     conv = _Converter(nproc_per_node)
     first = sfts[0] if sfts else prefs[0]
     conv.has_sft = bool(sfts)
@@ -291,7 +334,7 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
         if conv.base == SFT:
             raise first.error("model", "an instruction_finetune recipe must start from a model, not a checkpoint")
     else:
-        conv.base = _located(first, model_spec, first.values.get("model", DEFAULTS["model"]), first.key("model"))[0]
+        conv.base = conv.lone_preference_base(first, sft_model)
     config: dict[str, Any] = {"name": "from_fairseq2"}
     dtypes = {r.source: _dtype(r) for r in read}
     flags = [typed(r, "activation_checkpointing", bool, DEFAULTS["activation_checkpointing"]) for r in read]
@@ -327,7 +370,23 @@ def convert_recipes(recipes: Sequence[tuple[str, Any]], nproc_per_node: int = GU
     noted = {(n.source, n.key) for n in conv.notes}
     mapped = {r.source: [r.key(k) for k in r.values if (r.source, r.key(k)) not in noted] for r in read}
     sources = [f"{r.source} ({r.kind}, {r.generation} form)" for r in read]
-    return Conversion(_checked(config), conv.notes, sources, mapped)
+    to_fill = any(n.kind == "to fill" for n in conv.notes)
+    return Conversion(_checked(config, to_fill), conv.notes, sources, mapped)
+
+
+def hf_directory(path: str, sft_recipe: str | None) -> str:
+    """``--sft-model``: a Hugging Face model directory (absolute), for a run without an instruction_finetune recipe."""
+    if sft_recipe is not None:
+        raise ConfigError("--sft-model", path, f"the SFT model is trained from {sft_recipe} here: leave one out")
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file():
+        raise ConfigError(
+            "--sft-model",
+            path,
+            "not a Hugging Face model directory (no config.json): give the directory save_pretrained wrote "
+            "(export a fairseq2 checkpoint to Hugging Face format first)",
+        )
+    return str(directory.resolve())
 
 
 def _data(read: Sequence[Recipe], conv: _Converter) -> dict[str, Any]:
@@ -358,9 +417,17 @@ def _data(read: Sequence[Recipe], conv: _Converter) -> dict[str, Any]:
     return out
 
 
+#: Why a lone preference recipe's SFT checkpoint directory is not read (with an SFT recipe: NOT_APPLICABLE's note).
+LONE_CHECKPOINT_DIR = (
+    "the fairseq2 checkpoint directory of the earlier SFT run: PrefFlow loads Hugging Face directories; export the "
+    "checkpoint and pass that directory as --sft-model DIR"
+)
+
+
 def _leftovers(recipe: Recipe, conv: _Converter) -> None:
     for key in recipe.left():
-        why = not_applicable(key) or not_applicable(recipe.key(key))
+        lone = key == "resume_checkpoint_dir" and not conv.has_sft
+        why = LONE_CHECKPOINT_DIR if lone else not_applicable(key) or not_applicable(recipe.key(key))
         if why is not None:
             conv.note(recipe, key, "not applicable", why)
         else:
@@ -373,12 +440,14 @@ def _leftovers(recipe: Recipe, conv: _Converter) -> None:
         recipe.take(key)
 
 
-def _checked(config: dict) -> dict:
-    """``config`` after PrefFlow's own validation: the run config and every loss's resolved section."""
+def _checked(config: dict, to_fill: bool = False) -> dict:
+    """``config`` after PrefFlow's own validation: the run config and every loss's resolved section (``to_fill``:
+    with a stand-in for the model.base the user must give)."""
     from steps.config.plan import plan_variants
 
     source = "from-fairseq2 (the converted config)"
-    cfg = config_from_dict(config, source)
+    checked = {**config, "model": {**config["model"], "base": STAND_IN}} if to_fill else config
+    cfg = config_from_dict(checked, source)
     losses = [cfg.preference.criterion, *cfg.preference.per_loss] if "preference" in config else []
     try:
         plan_variants(cfg, ",".join(losses) or "sft")
@@ -387,7 +456,9 @@ def _checked(config: dict) -> dict:
     return config
 
 
-def convert_files(paths: Sequence[str | PathLike], nproc_per_node: int = GUIDE_NPROC_PER_NODE) -> Conversion:
+def convert_files(
+    paths: Sequence[str | PathLike], nproc_per_node: int = GUIDE_NPROC_PER_NODE, sft_model: str | None = None
+) -> Conversion:
     """``convert_recipes`` for YAML files."""
     recipes = [(str(p), parse_yaml_text(read_config_text(p), str(p))) for p in paths]
-    return convert_recipes(recipes, nproc_per_node)
+    return convert_recipes(recipes, nproc_per_node, sft_model)

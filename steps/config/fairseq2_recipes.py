@@ -61,8 +61,8 @@ SECTIONS_2025 = ("model", "dataset", "tokenizer", "gang", "trainer", "criterion"
 
 @dataclass(frozen=True)
 class Note:
-    """What the import did with one key: ``mapped``, ``changed`` (mapped; the meaning differs), ``not applicable``
-    or ``unknown``."""
+    """What the import did with one key: ``mapped``, ``changed`` (mapped; the meaning differs), ``not applicable``,
+    ``unknown`` or ``to fill`` (the user must still give a value: the flow refuses the config until then)."""
 
     source: str
     key: str

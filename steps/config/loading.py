@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from steps.config.convert import ConfigError, from_dict, to_dict
+from steps.config.convert import ConfigError, build, from_dict, to_dict
+from steps.config.fairseq2_losses import plain_config
 from steps.config.overrides import apply_overrides, blame_overrides
 from steps.config.schema import SECTIONS, RunConfig
 
@@ -59,13 +60,17 @@ def parse_yaml_text(text: str, source: str = "<config>") -> dict:
 
 
 def config_from_dict(data: Mapping, source: str = "<dict>", overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """The typed, checked run config from a YAML mapping plus ``--set`` overrides (errors blame the override)."""
+    """The typed, checked run config from a YAML mapping plus ``--set`` overrides (errors blame the override).
+
+    fairseq2's shape of the preference section is translated to PrefFlow's here, before typing
+    (steps.config.fairseq2_losses); nothing after this sees fairseq2's names.
+    """
     overrides = overrides or {}
-    data = apply_overrides(data, overrides)
     try:
-        return from_dict(RunConfig, data, source, extra={"source": source})
+        data = plain_config(apply_overrides(data, overrides))
+        return build(RunConfig, data, extra={"source": source})
     except ConfigError as exc:
-        raise blame_overrides(exc, overrides) from None
+        raise blame_overrides(exc.located(source), overrides) from None
 
 
 def load_config(path: str | PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -77,14 +82,18 @@ def load_section(data: Mapping, name: str, source: str = METAFLOW_SOURCE) -> Any
     """One typed section of a config mapping (defaults filled in), without typing the rest."""
     if name not in SECTIONS:
         raise KeyError(f"no config section {name!r}; sections: {', '.join(SECTIONS)}")
+    if name == "preference":
+        data = plain_config(data)
     return from_dict(typing.get_type_hints(RunConfig)[name], data.get(name), source, name)
 
 
 def parse_config_text(text: str) -> dict:
-    """Metaflow ``Config`` parser of flows/pipeline.py: the mapping as written, after checking all of it."""
-    data = parse_yaml_text(text, METAFLOW_SOURCE)
-    config_from_dict(data, METAFLOW_SOURCE)
-    return data
+    """Metaflow ``Config`` parser of flows/pipeline.py: the mapping as written, YAML syntax checked and nothing else.
+
+    The command-line preflight checks the whole config before Metaflow starts; a run started without it (Argo,
+    Kubernetes, ``step``) is checked once, in ``start`` (steps.config.checked_plan).
+    """
+    return parse_yaml_text(text, METAFLOW_SOURCE)
 
 
 def parse_deployment_text(text: str) -> dict:

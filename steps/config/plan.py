@@ -9,7 +9,7 @@ from typing import Any
 
 from steps.config.convert import ConfigError, did_you_mean
 from steps.config.loading import config_from_dict
-from steps.config.overrides import parse_overrides
+from steps.config.overrides import blame_overrides, parse_overrides
 from steps.config.schema import RunConfig
 from steps.config.sweeps import read_sweep
 from steps.config.training import resolve_preference
@@ -85,13 +85,25 @@ def for_loss(cfg: RunConfig, loss: str, overrides: Mapping[str, Any] | None = No
         raise exc.within("preference").located(cfg.source) from None
 
 
+def _per_loss(cfg: RunConfig) -> dict[str, RunConfig]:
+    """Every ``per_loss`` entry resolved, once: the runs that train it take it from here; errors name the entry."""
+    resolved = {}
+    for loss in cfg.preference.per_loss:
+        try:
+            resolved[loss] = dataclasses.replace(cfg, preference=resolve_preference(cfg.preference, loss))
+        except ConfigError as exc:
+            raise exc.within(f"preference.per_loss.{loss}").located(cfg.source) from None
+    return resolved
+
+
 def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> RunPlan:
     """The variants a run trains: SFT (when enabled), each ``--loss``, each sweep point; each one resolved."""
+    per_loss = _per_loss(cfg)
     losses = parse_losses(loss_arg, cfg) if (loss_arg or not sweep_path) else []
     if losses and not cfg.sft.enabled and cfg.preference.init == SFT:
         raise ConfigError(cfg.source, "preference.init", "is 'sft' but sft.enabled is false")
     plans = [VariantPlan(Variant(SFT, SFT), cfg)] if cfg.sft.enabled else []
-    plans += [VariantPlan(Variant(name, name), for_loss(cfg, name)) for name in losses]
+    plans += [VariantPlan(Variant(name, name), per_loss.get(name) or for_loss(cfg, name)) for name in losses]
     for plan in plans[1 if cfg.sft.enabled else 0 :]:
         for key in ("init", "reference"):
             if not cfg.sft.enabled and getattr(plan.config.preference, key) == SFT:
@@ -112,5 +124,11 @@ def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> R
 
 
 def load_plan(data: Mapping, source: str, set_arg: str = "", loss_arg: str = "", sweep_path: str = "") -> RunPlan:
-    """The whole check of a run, from the config mapping and the flow's parameters (start and the preflight)."""
-    return plan_variants(config_from_dict(data, source, parse_overrides(set_arg)), loss_arg, sweep_path)
+    """The whole check of a run, from the config mapping and the flow's parameters (the preflight, or ``start``
+    when the preflight did not run): the config typed once, then planned."""
+    overrides = parse_overrides(set_arg)
+    cfg = config_from_dict(data, source, overrides)
+    try:
+        return plan_variants(cfg, loss_arg, sweep_path)
+    except ConfigError as exc:
+        raise blame_overrides(exc, overrides) from None

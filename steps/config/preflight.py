@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steps.config.checked_plan import hand_to_start
 from steps.config.convert import ConfigError
 from steps.config.convert import logger as _notes_logger
 from steps.config.loading import DEFAULT_CONFIG_PATH, parse_yaml_text, read_config_text
@@ -98,9 +99,19 @@ def read_command_line(argv: Sequence[str]) -> CommandLine:
     return line
 
 
-def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> RunPlan | None:
+@dataclass
+class Checked:
+    """What the preflight checked: the plan, and the config mapping and parameters it was made from."""
+
+    plan: RunPlan
+    data: dict
+    parameters: dict[str, str]
+    command: str
+
+
+def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> Checked | None:
     """Raise ConfigError for what ``start`` would reject: the config, ``--set``, ``--loss`` and ``--sweep``, and
-    for a local gang whose other nodes would not run this interpreter. The plan (None: nothing to check)."""
+    for a local gang whose other nodes would not run this interpreter. What was checked (None: nothing to check)."""
     line = read_command_line(argv)
     if line.internal or line.command not in WORK_COMMANDS:
         return None
@@ -115,7 +126,7 @@ def check_command_line(argv: Sequence[str], default_config: str | Path = DEFAULT
     problem = local_gang_problem(line, plan)
     if problem:
         raise ConfigError("", "resources.num_nodes", f"is {plan.config.resources.num_nodes}: {problem}")
-    return plan
+    return Checked(plan, data, dict(p), str(line.command))
 
 
 def local_gang_problem(line: CommandLine, plan: RunPlan) -> str | None:
@@ -140,13 +151,13 @@ class _HeldNotes(logging.Handler):
 
 
 def preflight(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_PATH) -> int:
-    """0 when the command line may start (config notes are logged then); else prints one ``error: FILE: KEY: ...``
-    line and returns 2."""
+    """0 when the command line may start (config notes are logged then, and the checked plan is handed to
+    ``start``: steps.config.checked_plan); else prints one ``error: FILE: KEY: ...`` line and returns 2."""
     notes, held = logging.getLogger(NOTES_LOGGER), _HeldNotes()
     propagate, notes.propagate = notes.propagate, False
     notes.addHandler(held)
     try:
-        check_command_line(argv, default_config)
+        checked = check_command_line(argv, default_config)
     except ConfigError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -155,6 +166,8 @@ def preflight(argv: Sequence[str], default_config: str | Path = DEFAULT_CONFIG_P
         notes.propagate = propagate
     for record in held.records:
         notes.handle(record)
+    if checked is not None and checked.command in LOCAL_RUN_COMMANDS:  # start takes it instead of typing again
+        hand_to_start(checked.plan, checked.data, checked.parameters)
     return 0
 
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from steps.config.convert import TYPE_TAGGED, build, checked, construct, convert_fields, did_you_mean
+from steps.config.convert import (
+    TYPE_TAGGED,
+    ConfigError,
+    build,
+    checked,
+    construct,
+    convert_fields,
+    did_you_mean,
+    short,
+)
 from steps.config.convert import require as _require
-from steps.config.fairseq2_names import criterion_fields, loss_class_of
 from steps.config.overrides import set_path
 
 #: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
@@ -152,26 +159,28 @@ class SFTConfig(TrainConfig):
 @dataclass(frozen=True)
 class PreferenceConfig(TrainConfig):
     criterion: str = "dpo"
-    # the loss's config dataclass; YAML gives fairseq2's mapping (optionally with _type_), typed on construction
+    # the loss's config dataclass, typed on construction from a mapping of its fields (fairseq2's shape, with
+    # _type_ and its own fields, is translated to that mapping when the config is loaded: steps.config.fairseq2_losses)
     criterion_config: Any = field(default=None, metadata=TYPE_TAGGED)
     init: str = "auto"  # "auto" | "sft" | "base" | a model spec. auto: reference-based losses from SFT, else base
     reference: str = "auto"  # "auto" | "sft" | "base" | "none" | a model spec. auto: the init model
     reference_mode: Literal["precompute", "live"] = "precompute"
     lr: float = 1e-6
     final_lr: float | None = None
-    # Per-loss overrides for fan-out runs (`--loss dpo,orpo`): {orpo: {lr: 8.0e-6, init: base, criterion_config: {...}}}
+    # Per-loss overrides for fan-out runs (`--loss dpo,orpo`): {orpo: {lr: 8.0e-6, init: base, criterion_config: {..}}},
+    # each resolved once, when the run is planned (steps.config.plan)
     per_loss: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        config, section = loss_config(self.criterion, self.criterion_config, "preference.criterion_config")
-        object.__setattr__(self, "criterion_config", config)
-        for name, (fairseq2_field, value) in section.items():
+        cls, raw = loss_class_of(self.criterion), self.criterion_config
+        if not isinstance(raw, cls):
             _require(
-                getattr(self, name) in ("auto", value),
-                f"criterion_config.{fairseq2_field}",
-                f"sets {name} to {value!r}, but {name} is {getattr(self, name)!r}: give only one of them",
+                not (dataclasses.is_dataclass(raw) and not isinstance(raw, type)),
+                "criterion_config",
+                f"is a {type(raw).__qualname__}, which does not match criterion {self.criterion!r} "
+                f"({cls.__module__}.{cls.__qualname__})",
             )
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, "criterion_config", build(cls, loss_fields(cls, raw), "criterion_config"))
 
     def check(self) -> None:
         super().check()
@@ -186,23 +195,30 @@ class PreferenceConfig(TrainConfig):
                 f"per_loss.{loss}",
                 f"unknown loss{did_you_mean(loss, names)}; registered: {', '.join(names)}",
             )
-            construct(functools.partial(resolve_preference, self, loss), f"per_loss.{loss}")
 
 
-def loss_config(criterion: str, raw: Any, label: str = "criterion_config") -> tuple[Any, dict[str, tuple[str, Any]]]:
-    """fairseq2's ``criterion_config`` (a mapping, optionally with ``_type_``) as the loss's config dataclass, and
-    the preference-section keys its fairseq2-only fields set ({key: (fairseq2 field, value)})."""
-    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
-        cls = loss_class_of(criterion)
-        _require(
-            isinstance(raw, cls),
-            "criterion_config",
-            f"is a {type(raw).__qualname__}, which does not match criterion {criterion!r} "
-            f"({cls.__module__}.{cls.__qualname__})",
+def loss_class_of(criterion: str) -> type:
+    """The config class of a registered criterion; ConfigError at ``criterion`` otherwise."""
+    from steps import losses
+
+    names = losses.registered_losses()
+    if criterion not in names:
+        raise ConfigError(
+            "",
+            "criterion",
+            f"unknown criterion {criterion!r}{did_you_mean(criterion, names)}; registered: {', '.join(names)}",
         )
-        return raw, {}
-    parts = criterion_fields(criterion, raw, label)
-    return build(parts.cls, parts.fields, "criterion_config"), parts.section
+    return losses.loss_class(criterion).config_class
+
+
+def loss_fields(cls: type, raw: Any) -> Mapping[str, Any]:
+    """``criterion_config`` as a mapping of ``cls`` fields (null: none); ConfigError otherwise."""
+    _require(
+        raw is None or isinstance(raw, Mapping),
+        "criterion_config",
+        f"got {short(raw)}; expected a mapping of {cls.__name__} fields",
+    )
+    return raw or {}
 
 
 def resolve_preference(
@@ -220,27 +236,20 @@ def resolve_preference(
     _require(
         merged.pop("criterion", loss) == loss, "criterion", "per_loss entries and sweeps cannot change the criterion"
     )
-    cc_raw = merged.pop("criterion_config", None)
-    fresh = loss != section.criterion
-    where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
-    parts = criterion_fields(loss, cc_raw, f"{where}.criterion_config", defaults=fresh)
-    for name, (fairseq2_field, value) in parts.section.items():
-        _require(
-            merged.setdefault(name, value) == value,
-            f"criterion_config.{fairseq2_field}",
-            f"sets {name} to {value!r}, but {name} is {merged[name]!r}: give only one of them",
-        )
+    cls = loss_class_of(loss)
+    fields = loss_fields(cls, merged.pop("criterion_config", None))
     kwargs = convert_fields(PreferenceConfig, merged)
     cc: Any
-    if fresh:
-        cc = build(parts.cls, parts.fields, "criterion_config")
-    elif parts.fields:
+    if loss != section.criterion:
+        cc = build(cls, fields, "criterion_config")
+    elif fields:
         base = section.criterion_config
-        changes = convert_fields(type(base), parts.fields, "criterion_config")
+        changes = convert_fields(cls, fields, "criterion_config")
         cc = construct(lambda: dataclasses.replace(base, **changes), "criterion_config")
     else:
         cc = section.criterion_config  # the same object: no rebuild on the way to the loss
     resolved = construct(
         lambda: dataclasses.replace(section, criterion=loss, criterion_config=cc, per_loss={}, **kwargs), ""
     )
+    where = f"preference.per_loss.{loss}" if loss in section.per_loss else "preference"
     return checked(resolved, label=where)

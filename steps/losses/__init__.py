@@ -5,7 +5,6 @@ Every module here is imported, so a file with ``@register_loss("name")`` dropped
 
 from steps.losses.base import (
     DATA_KINDS,
-    Fairseq2Names,
     LossConfigError,
     LossInputError,
     LossOutput,
@@ -18,10 +17,8 @@ from steps.losses.registry import (
     DuplicateLossError,
     build_loss,
     data_kind,
-    fairseq2_names,
     import_loss_modules,
     loss_class,
-    loss_for_type,
     register_loss,
     registered_losses,
     requires_reference,
@@ -33,7 +30,6 @@ import_loss_modules(__name__)
 __all__ = [
     "DATA_KINDS",
     "DuplicateLossError",
-    "Fairseq2Names",
     "LossConfigError",
     "LossInputError",
     "LossOutput",
@@ -46,10 +42,8 @@ __all__ = [
     "UnpairedLossOutput",
     "build_loss",
     "data_kind",
-    "fairseq2_names",
     "import_loss_modules",
     "loss_class",
-    "loss_for_type",
     "register_loss",
     "registered_losses",
     "requires_reference",

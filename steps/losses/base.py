@@ -1,11 +1,10 @@
-"""Shared pieces of every preference loss: the validated batch, the output, the base class, the errors, and
-how fairseq2 spells a loss config. A loss only writes the maths (``compute``); input checks, fp32, metrics and
+"""Shared pieces of every preference loss: the validated batch, the output, the base class and the errors. A loss
+only writes the maths (``compute``); input checks, fp32, metrics and
 the mean over pairs live here once, so every loss behaves the same for the trainer."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -38,35 +37,6 @@ def _as_compute_dtype(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float32, torch.float64):
         return tensor
     return tensor.to(torch.float32)
-
-
-@dataclass(frozen=True)
-class Fairseq2Names:
-    """How fairseq2 spells a loss config, so its recipes load unchanged (a loss config's ``fairseq2`` attribute).
-
-    ``class_names``: fairseq2's config classes for this loss in both recipe generations (2024 ``DpoConfig``,
-    2025 ``DpoFinetuneConfig``, ...); a ``criterion_config._type_`` naming one (bare or under ``fairseq2.``) is
-    an alias of this config. ``defaults``: fairseq2's values for fields such a mapping leaves out (fairseq2's
-    meaning wins). ``section_fields``: fairseq2 fields that set a preference-section key here (``reference_model``
-    -> ``reference``). ``changed``: fields that map but act differently here, and how. ``no_effect``: fairseq2-only
-    fields, accepted with a note saying why they do nothing here.
-    """
-
-    class_names: tuple[str, ...]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    section_fields: Mapping[str, str] = field(default_factory=dict)
-    changed: Mapping[str, str] = field(default_factory=dict)
-    no_effect: Mapping[str, str] = field(default_factory=dict)
-
-    def names_type(self, type_path: str) -> bool:
-        """Whether ``type_path`` (``fairseq2.<module>.<Class>`` or a bare class name) is one of these classes."""
-        module, _, name = type_path.rpartition(".")
-        return name in self.class_names and (not module or module == "fairseq2" or module.startswith("fairseq2."))
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """Every fairseq2-only field name this loss accepts besides its own config fields."""
-        return (*self.section_fields, *self.no_effect)
 
 
 #: The name a PreferencePairs field has as an argument of ``PreferenceLoss.__call__`` (what input errors say).

@@ -2,25 +2,18 @@
 summed log-probs plus a behaviour-cloning NLL term on the chosen response."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
 
 @dataclass(frozen=True)
 class CPOConfig:
-    """beta: scale of the summed log-prob difference; nll_scale: weight of the chosen per-token NLL.
-    (fairseq2's CPO defaults to beta 1.0; this project's default is 0.1.)"""
+    """beta: scale of the summed log-prob difference; nll_scale: weight of the chosen per-token NLL."""
 
     beta: float = 0.1
     nll_scale: float = 1.0
-
-    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
-        class_names=("CpoConfig", "CPOConfig", "CpoFinetuneConfig"),
-        defaults={"beta": 1.0, "nll_scale": 1.0},
-    )
 
     def __post_init__(self) -> None:
         check_real(self, "beta", minimum=0.0, min_inclusive=False)

@@ -2,11 +2,10 @@
 label smoothing of Mitchell (2023, "A note on DPO with noisy preferences") and an optional NLL term."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch.nn.functional as F
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, with_nll
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs, with_nll
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_bool, check_real
 
@@ -21,18 +20,6 @@ class DPOConfig:
     nll_scale: float = 0.0
     label_smoothing: float = 0.0
     length_normalization: bool = False
-
-    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
-        class_names=("DpoConfig", "DpoFinetuneConfig"),
-        defaults={"beta": 0.1, "nll_scale": 0.0, "length_normalization": False},
-        section_fields={"reference_model": "reference"},
-        no_effect={
-            "reference_dtype": "the reference model is loaded in model.dtype; PrefFlow scores it once before "
-            "training by default (reference_mode: precompute), so its precision costs no training memory",
-            "reference_tensor_parallel_size": "PrefFlow has no tensor parallelism; the reference is scored "
-            "data-parallel over the ranks (precompute) or replicated on each (live)",
-        },
-    )
 
     def __post_init__(self) -> None:
         check_real(self, "beta", minimum=0.0, min_inclusive=False, hint="inverse temperature, 0.1 is usual")

@@ -1,14 +1,13 @@
 """ORPO: Monolithic Preference Optimization without Reference Model (Hong et al. 2024, arXiv:2403.07691):
-SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs. fairseq2's implementation computed the
-odds-ratio term but never multiplied it by lambda; here ``orpo_lambda`` is applied."""
+SFT NLL plus λ times an odds-ratio penalty on per-token mean log-probs (λ is ``orpo_lambda``, applied as in the
+paper)."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, with_nll
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs, with_nll
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -28,19 +27,10 @@ def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ORPOConfig:
     """orpo_lambda: weight λ of the odds-ratio term; nll_scale: weight of the chosen per-token NLL (the SFT
-    term). (fairseq2's default lambda is 1.0 and was not applied; this project's default is 0.1.)"""
+    term)."""
 
     orpo_lambda: float = 0.1
     nll_scale: float = 1.0
-
-    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
-        class_names=("OrpoConfig", "ORPOConfig", "OrpoFinetuneConfig"),
-        defaults={"orpo_lambda": 1.0, "nll_scale": 1.0},
-        changed={
-            "orpo_lambda": "applied here; fairseq2 computed the odds-ratio term but never multiplied it by "
-            "orpo_lambda, so its runs trained with an effective lambda of 1.0 whatever the config said",
-        },
-    )
 
     def __post_init__(self) -> None:
         check_real(self, "orpo_lambda", minimum=0.0, hint="weight of the odds-ratio term; the paper uses 0.1")

@@ -8,7 +8,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from steps.losses.base import DATA_KINDS, Fairseq2Names, LossConfigError, PreferenceLoss, UnknownLossError
+from steps.losses.base import DATA_KINDS, LossConfigError, PreferenceLoss, UnknownLossError
 from steps.registries import check_name, claim_name
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {}
@@ -75,23 +75,6 @@ def requires_reference(name: str) -> bool:
 def data_kind(name: str) -> str:
     """What the loss trains on: ``"pairs"`` (preference pairs) or ``"unpaired"`` (labelled single responses)."""
     return loss_class(name).data_kind
-
-
-def fairseq2_names(name: str) -> Fairseq2Names | None:
-    """How fairseq2 spells the config of loss ``name`` (its config class's ``fairseq2`` attribute), if it has one."""
-    names = getattr(loss_class(name).config_class, "fairseq2", None)
-    return names if isinstance(names, Fairseq2Names) else None
-
-
-def loss_for_type(type_path: str) -> str | None:
-    """The registered loss whose config ``type_path`` names (its own class path or a fairseq2 alias), if any."""
-    for name, cls in sorted(_LOSSES.items()):
-        config_class = cls.config_class
-        names = fairseq2_names(name)
-        own = (f"{config_class.__module__}.{config_class.__qualname__}", config_class.__qualname__)
-        if type_path in own or (names is not None and names.names_type(type_path)):
-            return name
-    return None
 
 
 def build_loss(name: str, config: Any = None, **fields: Any) -> PreferenceLoss:

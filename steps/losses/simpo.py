@@ -1,9 +1,8 @@
 """SimPO: Simple Preference Optimization with a reference-free reward (Meng et al. 2024, arXiv:2405.14734)."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from steps.losses.base import Fairseq2Names, LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
+from steps.losses.base import LossOutput, PreferenceLoss, PreferencePairs, logistic_loss
 from steps.losses.registry import register_loss
 from steps.losses.validation import check_real
 
@@ -17,12 +16,6 @@ class SimPOConfig:
     beta: float = 1.0
     gamma: float = 0.5
     nll_scale: float = 0.0
-
-    # fairseq2's gamma is the same margin γ (its logits are β·ΔA − γ): the values carry over as they are
-    fairseq2: ClassVar[Fairseq2Names] = Fairseq2Names(
-        class_names=("SimPOConfig", "SimPOFinetuneConfig"),
-        defaults={"beta": 1.0, "gamma": 0.5, "nll_scale": 0.0},
-    )
 
     def __post_init__(self) -> None:
         check_real(self, "beta", minimum=0.0, min_inclusive=False, hint="reward scale; the paper uses 2 to 10")

@@ -8,23 +8,24 @@ import argparse
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steps.config import RunConfig, config_from_dict, config_to_dict, for_loss
-from steps.io import read_json, write_json
+from steps.config import RunConfig
+from steps.io import atomic_write_bytes, read_json, write_json
 from steps.model_store import ModelStore, node_root
 from steps.train.checkpoint_sync import CheckpointSync
 from steps.train.gang import Gang, GangCoordinator, run_node, torchrun_node_args, visible_devices_for
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "launch_config.json"
+CONFIG_FILE = "launch_config.pkl"
 SUMMARY_FILE = "launch_summary.json"
 #: The CUDA caching allocator's settings for training unless the user gave their own: expandable segments keep
 #: varying sequence lengths from fragmenting GPU memory (PyTorch's advice; torchtitan sets it too).
@@ -62,13 +63,16 @@ def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_
 
 
 def write_launch_config(cfg: RunConfig, path: Path) -> Path:
-    """The config for the ranks: plain JSON (torchrun starts fresh interpreters)."""
-    return write_json(path, {"source": cfg.source, "config": config_to_dict(cfg)})
+    """The planned config for the ranks, pickled: torchrun starts fresh interpreters, which take the checked
+    dataclasses as they are instead of typing and checking the config again."""
+    return atomic_write_bytes(path, pickle.dumps(cfg))
 
 
 def read_launch_config(path: str | Path) -> RunConfig:
-    doc = read_json(path)
-    return config_from_dict(doc["config"], doc["source"])
+    cfg = pickle.loads(Path(path).read_bytes())
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"{path} holds a {type(cfg).__name__}, not the RunConfig write_launch_config writes")
+    return cfg
 
 
 def train_node(
@@ -111,7 +115,7 @@ def train_node(
 
 
 def launch(
-    config: RunConfig | Mapping,
+    cfg: RunConfig,
     kind: str,
     data_dir: str,
     out_dir: str,
@@ -121,14 +125,9 @@ def launch(
 ) -> dict | None:
     """Train ``kind`` ("sft" or a loss name); returns the run summary dict (on a gang: node 0's; None elsewhere).
 
-    ``config``: the RunConfig planned for this variant (preference resolved for ``kind``), or a plain mapping,
-    which is typed and resolved here. ``node``: this node's gang and checkpoint sync (None: one node, local disk).
+    ``cfg``: the RunConfig planned for this variant (preference resolved for ``kind``: steps.config.for_loss).
+    ``node``: this node's gang and checkpoint sync (None: one node, local disk).
     """
-    if isinstance(config, RunConfig):
-        cfg = config
-    else:
-        cfg = config_from_dict(config, str(config.get("name", "config")))
-        cfg = cfg if kind == "sft" else for_loss(cfg, kind)
     node = node or NodeRun()
     if node.gang is None and nproc_per_node <= 1:
         configure_allocator_here()
@@ -192,7 +191,7 @@ def launch_torchrun(
         *where,
         "-m",
         "steps.train.launch",
-        "--config-json",
+        "--config-file",
         str(config_path),
         "--kind",
         kind,
@@ -275,14 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config-json", required=True)
+    ap.add_argument("--config-file", required=True)
     ap.add_argument("--kind", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--sft-model-dir")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s: %(message)s")
-    cfg = read_launch_config(args.config_json)
+    cfg = read_launch_config(args.config_file)
     configure_allocator_here()  # ranks started by another launcher than launch_torchrun
     backend = init_process_group(cfg.resources.process_group_timeout_s)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
