@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from steps.config import ConfigError, config_from_dict
+from steps.config.schema import DataConfig
 from steps.data import DataError, prepare_data, prepare_oasst
 from steps.data.oasst_feedback import OasstFeedbackRule, encode_feedback
 from steps.data.records import RecordError, unpaired_messages
@@ -334,7 +335,7 @@ def unpaired_lines() -> list[str]:
 def test_unpaired_rows_are_read_counted_and_split(tmp_path):
     path = tmp_path / "kto.jsonl"
     path.write_text("\n".join(unpaired_lines()) + "\n", encoding="utf-8")
-    prepared = prepare_data({"format": "unpaired", "input": str(path), "dev_fraction": 0.5}, tmp_path / "out")
+    prepared = prepare_data(DataConfig(format="unpaired", input=str(path), dev_fraction=0.5), tmp_path / "out")
     stats = prepared.stats
     assert stats["malformed_lines"]["count"] == 1 and stats["rows_read"] == 13 and stats["rows_kept"] == 5
     assert {k: v for k, v in stats["dropped"].items() if v} == {
@@ -371,12 +372,12 @@ def test_unpaired_parquet_and_nothing_usable(tmp_path):
 
     table = pa.table({"prompt": ["A?", "B?", "C?"], "completion": ["a", "b", ""], "label": [True, False, True]})
     pq.write_table(table, tmp_path / "rows.parquet")
-    stats = prepare_data({"format": "unpaired", "input": str(tmp_path / "rows.parquet")}, tmp_path / "out").stats
+    stats = prepare_data(DataConfig(format="unpaired", input=str(tmp_path / "rows.parquet")), tmp_path / "out").stats
     assert stats["rows_kept"] == 2 and stats["dropped"]["empty_response"] == 1
     assert (stats["kto"]["desirable"], stats["kto"]["undesirable"]) == (1, 1)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "A?", "completion": "a", "label": 1}])
     with pytest.raises(DataError, match="label"):
-        prepare_data({"format": "unpaired", "input": str(bad)}, tmp_path / "out2")
+        prepare_data(DataConfig(format="unpaired", input=str(bad)), tmp_path / "out2")
 
 
 # ---------------------------------------------------------------- pair formats -> KTO
@@ -390,7 +391,7 @@ def test_every_pair_format_gets_kto_files(tmp_path):
         {"prompt": "Sea?", "chosen": "Dry.", "rejected": "Wet."},  # both replies already seen, other labels
     ]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    prepared = prepare_data({"format": "preference", "input": str(path), "dev_fraction": 0.5}, tmp_path / "out")
+    prepared = prepare_data(DataConfig(format="preference", input=str(path), dev_fraction=0.5), tmp_path / "out")
     kto = prepared.stats["kto"]
     assert (kto["desirable"], kto["undesirable"], kto["duplicates_removed"], kto["conflicting_labels"]) == (3, 4, 1, 2)
     written = kto_rows(tmp_path / "out")
@@ -439,4 +440,6 @@ def test_config_takes_the_rule_and_names_bad_fields(tmp_path):
     with pytest.raises(ConfigError, match="oasst_feedback"):
         config_from_dict({"data": {"format": "preference", "input": "x.jsonl", "oasst_feedback": {"rule": "emoji"}}})
     with pytest.raises(DataError, match="oasst_feedback"):
-        prepare_data({"format": "preference", "input": "x.jsonl", "oasst_feedback": {"rule": "emoji"}}, tmp_path)
+        prepare_data(
+            DataConfig(format="preference", input="x.jsonl", oasst_feedback=OasstFeedbackRule(rule="emoji")), tmp_path
+        )
