@@ -155,7 +155,11 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
     assert agreement is not None and agreement["agreement"] == 0.5 and agreement["limit"] == 2
     # the held-out metrics are the evaluate step's (steps.pipeline.heldout_metrics), written into metrics.json
     held = heldout_preference_metrics(
-        "tiny", pairs, HeldoutScoring(max_seq_len=256, overlength="truncate", beta=0.1), run, reference="tiny"
+        "tiny",
+        pairs,
+        HeldoutScoring(max_seq_len=256, overlength="truncate", mask_source_tokens=True, beta=0.1),
+        run,
+        reference="tiny",
     )
     assert held.n_pairs == 3 and held.reference == "tiny" and held.preference_accuracy is not None
     assert 0 <= held.preference_accuracy <= 1

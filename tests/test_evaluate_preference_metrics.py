@@ -68,7 +68,7 @@ def test_metrics_match_independent_logprobs(models, tokenizer):
     result = heldout_preference_metrics(
         "tiny",
         ROWS,
-        HeldoutScoring(max_seq_len=2048, overlength="truncate", beta=beta, max_num_tokens=300),
+        HeldoutScoring(max_seq_len=2048, overlength="truncate", mask_source_tokens=True, beta=beta, max_num_tokens=300),
         ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
         reference="tiny:ref",
         reference_model=reference,
@@ -106,7 +106,9 @@ def test_metrics_match_independent_logprobs(models, tokenizer):
 def test_without_reference_only_preference_accuracy(models, tokenizer):
     policy, _ = models
     run = ModelRun(model=policy, tokenizer=tokenizer, show_progress=False)
-    result = heldout_preference_metrics("tiny", ROWS[:3], HeldoutScoring(max_seq_len=2048, overlength="drop"), run)
+    result = heldout_preference_metrics(
+        "tiny", ROWS[:3], HeldoutScoring(max_seq_len=2048, overlength="drop", mask_source_tokens=True), run
+    )
     assert result.reward_accuracy is None and result.reward_margin_mean is None and result.beta is None
     expected = [
         (
@@ -118,7 +120,11 @@ def test_without_reference_only_preference_accuracy(models, tokenizer):
     assert result.preference_accuracy == pytest.approx(sum(c > r for c, r in expected) / 3)
     # a reference but no beta (a loss without one): accuracies only, and the result says no reference was used
     unscaled = heldout_preference_metrics(
-        "tiny", ROWS[:3], HeldoutScoring(max_seq_len=2048, overlength="drop"), run, reference="tiny:ref"
+        "tiny",
+        ROWS[:3],
+        HeldoutScoring(max_seq_len=2048, overlength="drop", mask_source_tokens=True),
+        run,
+        reference="tiny:ref",
     )
     assert unscaled.reference is None and unscaled.reward_accuracy is None
     assert unscaled.preference_accuracy == result.preference_accuracy
@@ -127,7 +133,7 @@ def test_without_reference_only_preference_accuracy(models, tokenizer):
 def test_loads_by_spec_and_counts_dropped_pairs(tokenizer):
     """By spec (loads tiny itself); pairs longer than max_seq_len are dropped and counted, as training does."""
     long_row = dict(ROWS[0], id="long", rejected="word " * 200)
-    drop = HeldoutScoring(max_seq_len=96, overlength="drop")
+    drop = HeldoutScoring(max_seq_len=96, overlength="drop", mask_source_tokens=True)
     cpu = ModelRun(device="cpu", show_progress=False)
     result = heldout_preference_metrics("tiny", [long_row, ROWS[1]], drop, cpu)
     assert result.n_rows == 2 and result.n_pairs == 1 and result.n_dropped_overlength == 1
@@ -142,15 +148,18 @@ def test_loads_by_spec_and_counts_dropped_pairs(tokenizer):
 
 
 def test_bad_rows_name_the_row(tokenizer):
-    scoring, run = HeldoutScoring(max_seq_len=256, overlength="drop"), ModelRun(tokenizer=tokenizer)
+    scoring, run = (
+        HeldoutScoring(max_seq_len=256, overlength="drop", mask_source_tokens=True),
+        ModelRun(tokenizer=tokenizer),
+    )
     with pytest.raises(PreferenceDataError, match="preference row 1 needs 'prompt', 'chosen' and 'rejected'"):
         heldout_preference_metrics("tiny", [ROWS[0], {"prompt": []}], scoring, run)
     with pytest.raises(PreferenceDataError, match="preference row 0: 'chosen' must be a string"):
         heldout_preference_metrics("tiny", [dict(ROWS[0], chosen=3)], scoring, run)
     with pytest.raises(ValueError, match="beta must be a number > 0"):
-        HeldoutScoring(max_seq_len=256, overlength="drop", beta=0.0)
+        HeldoutScoring(max_seq_len=256, overlength="drop", mask_source_tokens=True, beta=0.0)
     with pytest.raises(ValueError, match="overlength must be 'drop' or 'truncate'"):
-        HeldoutScoring(max_seq_len=256, overlength="cut")  # type: ignore[arg-type]
+        HeldoutScoring(max_seq_len=256, overlength="cut", mask_source_tokens=True)  # type: ignore[arg-type]
 
 
 def test_scoring_follows_the_variants_own_training_section():

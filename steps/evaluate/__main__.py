@@ -184,9 +184,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-prompt sampling generators")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vllm with a GPU and vllm, else hf")
-    p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
-    p.add_argument("--dtype", default="float32", help="weights dtype of the HF backend")
+    run = ModelRun()  # how a model answers unless told otherwise: ModelRun owns the defaults
+    p.add_argument("--backend", choices=BACKENDS, default=run.backend, help="auto: vllm with a GPU and vllm, else hf")
+    p.add_argument("--device", default=run.device, help="auto: cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", default=run.dtype, help="weights dtype of the HF backend")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -262,7 +263,7 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
         help="the local judge cuts each output to this many characters",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="reuse and keep judgements here (default: no cache)")
-    p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
+    p.add_argument("--device", default=ModelRun.device, help="auto: cuda when a GPU is present, else cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

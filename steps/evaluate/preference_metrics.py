@@ -75,7 +75,7 @@ class HeldoutScoring:
 
     max_seq_len: int
     overlength: Literal["drop", "truncate"]
-    mask_source_tokens: bool = True
+    mask_source_tokens: bool
     beta: float | None = None
     max_pairs: int | None = None
     max_num_tokens: int = HELDOUT_MAX_NUM_TOKENS
