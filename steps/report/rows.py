@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps.evaluate.results import AlpacaEvalResult, VariantResult
+from steps.evaluate.results import AlpacaEvalResult, PairedVs, VariantResult
 from steps.report.records import RunRecord
 
 LOSS_DISPLAY = {
@@ -188,16 +188,25 @@ def _judge_cells(agreement: Any, total_tokens: Any, cost_usd: Any) -> dict:
     }
 
 
-def _paired_cells(baseline: Any, is_baseline: bool, comparison: Mapping) -> dict:
-    """The paired difference from the baseline row, from ``paired_comparison``'s numbers (none: n/a)."""
-    ci = comparison.get("paired_ci95")
+def _paired_cells(baseline: Any, is_baseline: bool, delta: Any, ci: Any, distinguishable: Any) -> dict:
+    """The paired difference in WR from the baseline row and its interval (none: n/a)."""
     return {
         "paired_baseline": baseline,
-        "paired_delta_wr": _number(comparison.get("paired_delta_wr")),
+        "paired_delta_wr": _number(delta),
         "paired_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
-        "paired_distinguishable": comparison.get("distinguishable"),
+        "paired_distinguishable": distinguishable,
         "paired_is_baseline": is_baseline,
     }
+
+
+def _typed_paired_cells(paired: PairedVs | None) -> dict:
+    if paired is None:
+        return _paired_cells(None, False, None, None, None)
+    numbers = paired.comparison  # steps.evaluate.paired.paired_comparison's
+    if numbers is None:
+        return _paired_cells(paired.baseline, paired.is_baseline, None, None, None)
+    delta, ci, distinguishable = numbers["paired_delta_wr"], numbers["paired_ci95"], numbers["distinguishable"]
+    return _paired_cells(paired.baseline, paired.is_baseline, delta, ci, distinguishable)
 
 
 def _run_cells(record: RunRecord, variant: str, model_dir: Any, init: Any, training_config: Any) -> dict:
@@ -260,11 +269,7 @@ def typed_result_row(record: RunRecord, result: VariantResult) -> ResultRow:
         epoch=_int(trained.epoch),
         evaluated=trained.evaluated,
         train_steps=_int(result.train_steps),
-        **(
-            _paired_cells(paired.baseline, paired.is_baseline, paired.comparison or {})
-            if paired is not None
-            else _paired_cells(None, False, {})
-        ),
+        **_typed_paired_cells(paired),
         heldout_accuracy=_number(heldout.preference_accuracy) if heldout else None,
         heldout_accuracy_normalized=_number(heldout.preference_accuracy_normalized) if heldout else None,
         heldout_reward_accuracy=_number(heldout.reward_accuracy) if heldout else None,
@@ -298,7 +303,13 @@ def legacy_result_row(record: RunRecord, result: Mapping) -> ResultRow:
         evaluated=bool(result.get("evaluated", "win_rate" in result)),
         train_steps=_int(result.get("train_steps")),
         lc_unavailable_reason=result.get("lc_unavailable_reason"),
-        **_paired_cells(paired.get("baseline"), bool(paired.get("is_baseline")), paired),
+        **_paired_cells(
+            paired.get("baseline"),
+            bool(paired.get("is_baseline")),
+            paired.get("paired_delta_wr"),
+            paired.get("paired_ci95"),
+            paired.get("distinguishable"),
+        ),
         heldout_accuracy=_number(heldout.get("preference_accuracy")),
         heldout_accuracy_normalized=_number(heldout.get("preference_accuracy_normalized")),
         heldout_reward_accuracy=_number(heldout.get("reward_accuracy")),
