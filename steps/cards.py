@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from steps.evaluate import EvalResult, VariantResult
     from steps.report.generate import ReportPaths
 
 
@@ -41,47 +42,40 @@ def training_card(summary: dict | None, variant: str) -> list:
     return parts
 
 
-def evaluation_card(result: dict) -> list:
+#: The evaluate step's card: these metrics.json fields of the result, in this order.
+EVALUATION_CARD_FIELDS = (
+    "win_rate",
+    "standard_error",
+    "length_controlled_winrate",
+    "lc_standard_error",
+    "lc_unavailable_reason",
+    "n_total",
+    "avg_length",
+    "lc_method",
+    "judge",
+    "eval_set",
+    "reference_generator",
+    "judge_agreement",
+    "judge_tokens",
+    "judge_cost_usd",
+    "heldout_preference",
+)
+
+
+def evaluation_card(result: EvalResult) -> list:
+    """The evaluate step's card: the variant's AlpacaEval 2 numbers, what produced them and its held-out metrics."""
     from metaflow.cards import Markdown, Table
 
-    if not result.get("evaluated"):
-        return [Markdown(f"Evaluation disabled for {result['variant']}.")]
-    keys = [
-        "win_rate",
-        "standard_error",
-        "length_controlled_winrate",
-        "lc_standard_error",
-        "lc_unavailable_reason",
-        "n_total",
-        "avg_length",
-        "lc_method",
-        "judge",
-        "eval_set",
-        "reference_generator",
-        "judge_agreement",
-        "judge_tokens",
-        "judge_cost_usd",
-        "heldout_preference",
+    if not result.evaluated:
+        return [Markdown(f"Evaluation disabled for {result.variant}.")]
+    metrics = result.metrics()
+    return [
+        Markdown(f"## AlpacaEval 2: {result.variant}"),
+        Table([[k, str(metrics[k])] for k in EVALUATION_CARD_FIELDS], headers=["field", "value"]),
     ]
-    parts: list = [
-        Markdown(f"## AlpacaEval 2: {result['variant']}"),
-        Table([[k, str(result.get(k))] for k in keys], headers=["field", "value"]),
-    ]
-    samples = result.get("samples") or []
-    if samples:
-        parts.append(
-            Table(
-                [
-                    [s["instruction"][:200], s["reference"][:300], s["output"][:300], f"{s['preference']:.2f}"]
-                    for s in samples
-                ],
-                headers=["instruction", "reference", "model", "preference"],
-            )
-        )
-    return parts
 
 
-def results_card(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> list:
+def results_card(results: list[VariantResult], flow: str, run_id: str, created_at: datetime | None = None) -> list:
     """The report's results table for this run."""
     from metaflow.cards import Markdown
 

@@ -16,12 +16,14 @@ from steps.io import atomic_write_text
 if TYPE_CHECKING:
     from typing import NotRequired, TypedDict, Unpack
 
+    from steps.evaluate import AlpacaEvalResult
+
     class CardInputs(TypedDict):
         """The keywords of :func:`render_model_card`, which :func:`write_model_card` passes through."""
 
         summary: Mapping[str, Any]
         run_config: Mapping[str, Any]
-        eval_result: Mapping[str, Any] | None
+        eval_result: AlpacaEvalResult | None
         pathspec: NotRequired[str | None]
         name: NotRequired[str | None]
 
@@ -37,11 +39,10 @@ EMBEDDED_NOTES = {
 }
 #: Training-record keys that describe the step, not the model.
 _BOOKKEEPING = {"step", "epoch", "step_time_s", "tokens", "split"}
-#: alpaca_eval.metrics rows as (label, value key, standard-error key).
+#: alpaca_eval.metrics rows as (label, WinRates field, its standard error's field).
 _EVAL_ROWS = [
     ("LC win rate", "length_controlled_winrate", "lc_standard_error"),
     ("win rate", "win_rate", "standard_error"),
-    ("wins / losses / draws against the reference", None, None),
     ("average output length (characters)", "avg_length", None),
 ]
 
@@ -88,7 +89,7 @@ def _require_summary(summary: Mapping[str, Any]) -> None:
 
 
 def card_metadata(
-    summary: Mapping[str, Any], run_config: Mapping[str, Any], eval_result: Mapping[str, Any] | None
+    summary: Mapping[str, Any], run_config: Mapping[str, Any], eval_result: AlpacaEvalResult | None
 ) -> dict[str, Any]:
     """The YAML front matter: base_model, library_name, tags, datasets, pipeline_tag (and model-index results
     only from a judge that is not marked weak: a smoke-test judge's numbers do not belong in a results table)."""
@@ -109,33 +110,36 @@ def card_metadata(
         meta["datasets"] = datasets
     if data.get("langs"):
         meta["language"] = list(data["langs"])
-    if eval_result and eval_result.get("evaluated", True) and not eval_result.get("weak_judge", True):
-        metrics = [
-            {"type": key, "name": label, "value": eval_result[key]}
-            for label, key, _ in _EVAL_ROWS
-            if key in ("length_controlled_winrate", "win_rate") and eval_result.get(key) is not None
-        ]
-        if metrics:
-            meta["model-index"] = [
-                {
-                    "name": f"prefflow-{kind}",
-                    "results": [
-                        {
-                            "task": {"type": "text-generation", "name": "Text Generation"},
-                            "dataset": {
-                                "name": f"AlpacaEval 2 ({eval_result.get('eval_set', '?')})",
-                                "type": "alpaca_eval",
-                            },
-                            "metrics": metrics,
-                            "source": {
-                                "name": f"judge {eval_result.get('judge', '?')}",
-                                "url": "https://github.com/tatsu-lab/alpaca_eval",
-                            },
-                        }
-                    ],
-                }
-            ]
+    if eval_result is not None and not eval_result.judge.weak and (index := _model_index(kind, eval_result)):
+        meta["model-index"] = index
     return meta
+
+
+def _model_index(kind: str, eval_result: AlpacaEvalResult) -> list[dict[str, Any]]:
+    """The Hub's model-index entry of the LC WR and WR (none where neither exists)."""
+    metrics = [
+        {"type": key, "name": label, "value": getattr(eval_result.scores, key)}
+        for label, key, _ in _EVAL_ROWS
+        if key in ("length_controlled_winrate", "win_rate") and getattr(eval_result.scores, key) is not None
+    ]
+    if not metrics:
+        return []
+    return [
+        {
+            "name": f"prefflow-{kind}",
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "Text Generation"},
+                    "dataset": {"name": f"AlpacaEval 2 ({eval_result.eval_set})", "type": "alpaca_eval"},
+                    "metrics": metrics,
+                    "source": {
+                        "name": f"judge {eval_result.judge.label}",
+                        "url": "https://github.com/tatsu-lab/alpaca_eval",
+                    },
+                }
+            ],
+        }
+    ]
 
 
 def _how_it_was_made(summary: Mapping[str, Any], run_config: Mapping[str, Any], pathspec: str | None) -> list[str]:
@@ -227,34 +231,32 @@ def _training_metrics(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _eval_results(eval_result: Mapping[str, Any] | None) -> list[str]:
+def _eval_results(eval_result: AlpacaEvalResult | None) -> list[str]:
     lines = ["## Evaluation (AlpacaEval 2)", ""]
-    if not eval_result or not eval_result.get("evaluated", True):
+    if eval_result is None:
         return [*lines, "Not evaluated in this run (`evaluation.enabled: false` or no reference outputs).", ""]
-    r = eval_result
+    r, scores = eval_result, eval_result.scores
     lines += ["| metric | value |", "|---|---|"]
-    for label, key, se_key in _EVAL_ROWS:
-        if key is None:
-            counts = [r.get(k) for k in ("n_wins", "n_wins_base", "n_draws")]
-            if any(c is not None for c in counts):
-                lines.append(f"| {label} | {' / '.join(fmt(c) for c in counts)} |")
-            continue
-        if key in r:
-            se = f" ± {fmt(r[se_key])}" if se_key and r.get(se_key) is not None else ""
-            why = f" ({r['lc_unavailable_reason']})" if r[key] is None and r.get("lc_unavailable_reason") else ""
-            lines.append(f"| {label} | {fmt(r[key])}{se}{why} |")
+    for label, key, se_key in _EVAL_ROWS[:2]:
+        value, se = getattr(scores, key), getattr(scores, se_key) if se_key else None
+        error = f" ± {fmt(se)}" if se is not None else ""
+        why = f" ({scores.lc_unavailable_reason})" if value is None and scores.lc_unavailable_reason else ""
+        lines.append(f"| {label} | {fmt(value)}{error}{why} |")
+    counts = " / ".join(fmt(c) for c in (scores.n_wins, scores.n_wins_base, scores.n_draws))
+    lines.append(f"| wins / losses / draws against the reference | {counts} |")
+    lines.append(f"| {_EVAL_ROWS[2][0]} | {fmt(scores.avg_length)} |")
     lines += [
         "",
-        f"- **Eval set**: `{r.get('eval_set', '?')}`, {r.get('n_instructions', r.get('n_total', '?'))} instructions"
-        + (" (a subset: not comparable with the AlpacaEval leaderboard)" if r.get("subset") else ""),
-        f"- **Reference outputs**: `{r.get('reference_generator', '?')}`",
-        f"- **Judge**: `{r.get('judge', '?')}`",
-        f"- **LC method**: {r.get('lc_method', '?')}",
+        f"- **Eval set**: `{r.eval_set}`, {r.n_instructions} instructions"
+        + (" (a subset: not comparable with the AlpacaEval leaderboard)" if r.subset else ""),
+        f"- **Reference outputs**: `{r.reference_generator}`",
+        f"- **Judge**: `{r.judge.label}`",
+        f"- **LC method**: {scores.lc_method}",
         "",
     ]
-    if r.get("weak_judge", True):
+    if r.judge.weak:
         lines.append(
-            f"> **Caveat: weak judge.** `{r.get('judge', '?')}` is a small local judge; it checks that the evaluation "
+            f"> **Caveat: weak judge.** `{r.judge.label}` is a small local judge; it checks that the evaluation "
             "mechanism works, not model quality (the 135M judge agreed with GPT-4-Turbo at chance level). Do not "
             "read these numbers as a quality signal or compare them with published AlpacaEval results."
         )
@@ -305,7 +307,7 @@ def render_model_card(
     *,
     summary: Mapping[str, Any],
     run_config: Mapping[str, Any],
-    eval_result: Mapping[str, Any] | None,
+    eval_result: AlpacaEvalResult | None,
     pathspec: str | None = None,
     name: str | None = None,
 ) -> str:

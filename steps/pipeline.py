@@ -1,11 +1,14 @@
 """The work behind each step of flows/pipeline.py as plain functions (testable without Metaflow).
 
-Steps take the typed config planned in ``start`` and return plain dicts; model weights travel as directories."""
+Steps take the typed config planned in ``start``; evaluation results are typed (steps/evaluate/results.py), training
+summaries plain dicts; model weights travel as directories."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import gc
 import logging
 import os
 import sys
@@ -13,14 +16,19 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from steps.config import EvaluationConfig, RunConfig, RunPlan, VariantPlan, plan_for_start
+from steps.config import EvaluationConfig, RunConfig, RunPlan, TrainConfig, VariantPlan, plan_for_start
 from steps.config.loading import METAFLOW_SOURCE
+from steps.config.plan import SFT
 from steps.locks import file_lock
 from steps.model_store import ModelStore, open_store
 from steps.model_store import handoff_location as _handoff_location
 from steps.report.table import run_results_table
 from steps.train.gang import Gang, current_gang, gang_summary
+
+if TYPE_CHECKING:
+    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, VariantResult
 
 __all__ = ["current_gang", "gang_summary"]  # the flow's gang steps call them from here
 
@@ -207,64 +215,79 @@ def evaluate_variant(
     output_root: str,
     data_dir: str | None = None,
     handoff: dict | None = None,
-) -> dict:
-    """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: plain values."""
+) -> EvalResult:
+    """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: the step's
+    EvalResult (unevaluated where evaluation is off), after its model card is rewritten and any upload done."""
+    from steps.evaluate import EvalContext, EvalResult, ModelRun, evaluate_model, load_eval_set, write_metrics
+    from steps.io import read_json
+
     store = begin_step(handoff, output_root)
     if store is not None:  # the model card is rewritten in the model directory even without evaluation
         store.ensure_all(train_summary["model_dir"])
     e = plan.config.evaluation
-    base = {
-        "variant": plan.name,
-        "loss": plan.loss,
-        "model_dir": train_summary["model_dir"],
-        "init": train_summary["init_label"],
-        "epoch": train_summary["config"].get("epochs"),
-    }
+    trained = EvalResult(
+        variant=plan.name,
+        loss=plan.loss,
+        model_dir=train_summary["model_dir"],
+        init=train_summary["init_label"],
+        epoch=_training_section(plan).epochs,
+    )
     if not e.enabled or reference_path is None:
-        return publish_variant(plan, train_summary, {**base, "evaluated": False}, output_root)
-    from steps.evaluate import ModelRun, evaluate_model, load_eval_set
-    from steps.io import read_json, read_jsonl
-
-    init_model = train_summary.get("init") if e.weight_change_check else None  # compared with the scored model
+        return publish_variant(plan, train_summary, trained, output_root)
+    init_model = train_summary["init"] if e.weight_change_check else None  # compared with the scored model
+    reference = train_summary["reference"]
     if store is not None:  # the held-out accuracy scores the training reference model too
-        store.ensure_all(reference_path, data_dir, train_summary.get("reference"), init_model)
+        store.ensure_all(reference_path, data_dir, reference, init_model)
     eval_set = load_eval_set(e.eval_set, max_instructions=e.max_instructions)
-    dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
-    heldout = read_jsonl(dev_pairs) if e.heldout_preference and dev_pairs and dev_pairs.is_file() else None
-    training = train_summary.get("config") or {}
+    out_dir = Path(output_root) / "eval" / plan.name
+    context = EvalContext(
+        generator=f"prefflow-{plan.name}-{Path(output_root).name}",
+        out_dir=out_dir,
+        run=ModelRun(e.backend, dtype=e.dtype, engine=e.engine),  # dtype auto: bf16 on a CUDA GPU, fp32 on CPU
+        cache_dir=Path(output_root).parent / "judge_cache",
+        init_model=init_model,
+    )
     with cpu_heavy_section(plan.config, f"evaluate {plan.name}"):
-        metrics = evaluate_model(
-            train_summary["model_dir"],
-            eval_set,
-            read_json(reference_path),
-            generator=f"prefflow-{plan.name}-{Path(output_root).name}",
-            out_dir=Path(output_root) / "eval" / plan.name,
-            generation=e.generation,
-            judge=e.judge,
-            **e.judge_options(),
-            lc_assets_dir=e.lc_assets_dir,
-            cache_dir=Path(output_root).parent / "judge_cache",
-            heldout_pairs=heldout,
-            heldout_reference=train_summary.get("reference"),
-            heldout_beta=float((training.get("criterion_config") or {}).get("beta", 0.1)),
-            heldout_max_pairs=e.heldout_max_pairs,
-            heldout_max_seq_len=int(training.get("max_seq_len", 2048)),
-            agreement_registry=e.agreement_registry,
-            init_model=init_model,
-            run=ModelRun(e.backend, dtype=e.dtype, engine=e.engine),  # dtype auto: bf16 on a CUDA GPU, fp32 on CPU
-        )
-    result = {**base, "evaluated": True, **metrics}
+        evaluation = evaluate_model(trained.model_dir, eval_set, read_json(reference_path), e, context)
+        heldout = heldout_metrics(plan, trained.model_dir, reference, data_dir, context.run)
+    if heldout is not None:
+        write_metrics(evaluation, heldout)
+    result = dataclasses.replace(trained, alpaca_eval=evaluation, heldout=heldout)
     if store is not None:
-        store.push(Path(output_root) / "eval" / plan.name)  # the join reads the annotations
+        store.push(out_dir)  # the join reads the annotations
     from steps.train.recipes import make_tracker
 
     with make_tracker(plan.config, Path(output_root) / plan.name) as tracker:
-        tracker.log(metrics, step=0, prefix="eval")
+        tracker.log(result.metrics(), step=0, prefix="eval")
     return publish_variant(plan, train_summary, result, output_root)
 
 
-def publish_variant(plan: VariantPlan, train_summary: dict, result: dict, output_root: str) -> dict:
+def _training_section(plan: VariantPlan) -> TrainConfig:
+    """The typed training section the variant trained with: SFT's, or the preference section resolved for its loss."""
+    return plan.config.sft if plan.loss == SFT else plan.config.preference
+
+
+def heldout_metrics(
+    plan: VariantPlan, model_dir: str, reference: str | None, data_dir: str | None, run: ModelRun
+) -> HeldoutPreference | None:
+    """The model's judge-free accuracy on the dev preference pairs (with the training reference, reward metrics),
+    tokenised and scaled as its own training section says; None where ``evaluation.heldout_preference`` is off or
+    the run has no dev pairs."""
+    from steps.evaluate import HeldoutScoring, heldout_preference_metrics
+    from steps.io import read_jsonl
+
+    e = plan.config.evaluation
+    dev_pairs = Path(data_dir) / "preference.dev.jsonl" if data_dir else None
+    if not e.heldout_preference or dev_pairs is None or not dev_pairs.is_file():
+        return None
+    gc.collect()  # the judge model goes before the scored models load
+    scoring = HeldoutScoring.for_variant(_training_section(plan), e.heldout_max_pairs)
+    return heldout_preference_metrics(model_dir, read_jsonl(dev_pairs), scoring, run, reference=reference)
+
+
+def publish_variant(plan: VariantPlan, train_summary: dict, result: EvalResult, output_root: str) -> EvalResult:
     """Rewrite the model's card with this run and its eval results, then upload it when push_to_hub asks."""
+    from steps.evaluate import HubUpload
     from steps.hub import push_to_hub, repo_id_for
     from steps.model_card import write_model_card
 
@@ -275,79 +298,93 @@ def publish_variant(plan: VariantPlan, train_summary: dict, result: dict, output
         train_summary["model_dir"],
         summary=train_summary,
         run_config=plan.config.to_dict(),
-        eval_result=result if result.get("evaluated") else None,
+        eval_result=result.alpaca_eval,
         pathspec=f"{root.parent.name}/{root.name}",
         name=repo_id,
     )
     if repo_id is None:
         return result
     upload = push_to_hub(train_summary["model_dir"], repo_id, hub.private, dry_run=hub.dry_run)
-    return {**result, "hub": {k: v for k, v in upload.items() if k != "files"} | {"n_files": len(upload["files"])}}
+    return dataclasses.replace(result, hub=HubUpload.of(upload))
 
 
 def collect_results(
-    results: list[dict],
+    results: list[EvalResult],
     summaries: list[dict],
     evaluation: EvaluationConfig,
     handoff: dict | None = None,
     output_root: str | None = None,
-) -> list[dict]:
+) -> list[VariantResult]:
     """The join: one row per model with its training facts and, where a baseline row exists, the paired
     difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
+    from steps.evaluate import VariantResult
+
     store = begin_step(handoff, output_root) if output_root else None
     if store is not None:
-        store.ensure_all(*(r["files"]["annotations"] for r in results if r.get("evaluated")))
-    rows = []
-    for res, summ in zip(results, summaries):
-        rows.append(
-            {
-                **res,
-                "train_steps": summ["steps"],
-                "train_elapsed_s": summ["elapsed_s"],
-                "final_dev": summ["final_dev"],
-                "training_config": summ["config"],
-            }
+        store.ensure_all(*(r.alpaca_eval.files.annotations for r in results if r.alpaca_eval is not None))
+    rows = [
+        VariantResult(
+            evaluation=res,
+            train_steps=summ["steps"],
+            train_elapsed_s=summ["elapsed_s"],
+            final_dev=summ["final_dev"],
+            training_config=summ["config"],
         )
-    _add_paired(rows, evaluation)
-    return sorted(rows, key=lambda r: (r["loss"] != "sft", r["variant"]))
+        for res, summ in zip(results, summaries)
+    ]
+    rows = _add_paired(rows, evaluation)
+    return sorted(rows, key=lambda r: (r.evaluation.loss != SFT, r.variant))
 
 
-def _add_paired(rows: list[dict], evaluation: EvaluationConfig) -> None:
+def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list[VariantResult]:
+    """``rows`` with their paired comparison against ``evaluation.paired_baseline`` (where that row was evaluated)."""
+    from steps.evaluate import PairedVs
     from steps.evaluate.paired import paired_comparison
     from steps.evaluate.scoring import AnnotationsError
     from steps.io import read_json
 
     name = evaluation.paired_baseline
-    base = next((r for r in rows if r.get("variant") == name and r.get("evaluated")), None)
-    base_annotations = read_json(base["files"]["annotations"]) if base is not None else None  # read once
+    base = next((r for r in rows if r.variant == name and r.evaluation.alpaca_eval is not None), None)
+    if name is None or base is None or base.evaluation.alpaca_eval is None:
+        return rows
+    base_annotations = read_json(base.evaluation.alpaca_eval.files.annotations)  # read once
+    out = []
     for row in rows:
-        row["paired_vs"] = {"baseline": name, "is_baseline": True} if row is base else None
-        if base_annotations is None or row is base or not row.get("evaluated"):
-            continue
-        try:
-            paired = paired_comparison(
-                read_json(row["files"]["annotations"]),
-                base_annotations,
-                seed=evaluation.paired_seed,
-                resamples=evaluation.paired_resamples,
-            )
-        except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
-            logger.warning("%s: no paired comparison with %s: %s", row.get("variant"), name, exc)
-            row["paired_vs"] = {"baseline": name, "unavailable": str(exc)}
-            continue
-        row["paired_vs"] = {"baseline": name, **paired}
+        evaluated = row.evaluation.alpaca_eval
+        if row is base:
+            paired = PairedVs(name, is_baseline=True)
+        elif evaluated is None:
+            paired = None
+        else:
+            try:
+                comparison = paired_comparison(
+                    read_json(evaluated.files.annotations),
+                    base_annotations,
+                    seed=evaluation.paired_seed,
+                    resamples=evaluation.paired_resamples,
+                )
+                paired = PairedVs(name, comparison=comparison)
+            except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
+                logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
+                paired = PairedVs(name, unavailable=str(exc))
+        out.append(dataclasses.replace(row, paired_vs=paired))
+    return out
 
 
-def format_results_table(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> str:
+def format_results_table(
+    results: list[VariantResult], flow: str, run_id: str, created_at: datetime | None = None
+) -> str:
     """The report's results table (steps/report/table.py) for this run, before the run's records exist."""
     return run_results_table(results, flow, run_id, created_at)
 
 
-def print_results(results: list[dict], flow: str, run_id: str) -> None:
+def print_results(results: list[VariantResult], flow: str, run_id: str) -> None:
     print(format_results_table(results, flow, run_id))
     for r in results:
-        if r.get("evaluated"):
+        evaluated = r.evaluation.alpaca_eval
+        if evaluated is not None:
             print(
-                f"{r['variant']}: judge={r.get('judge')} eval_set={r.get('eval_set')} "
-                f"reference={r.get('reference_generator')} lc_method={r.get('lc_method')} n={r.get('n_total')}"
+                f"{r.variant}: judge={evaluated.judge.label} eval_set={evaluated.eval_set} "
+                f"reference={evaluated.reference_generator} lc_method={evaluated.scores.lc_method} "
+                f"n={evaluated.scores.n_total}"
             )

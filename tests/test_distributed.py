@@ -333,3 +333,82 @@ def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tok
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+DEV_TOPICS = TOPICS_TRAIN[:13]
+
+
+def _dev_metrics_run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Dev metrics (``PreferenceObjective.evaluate``: the shared pair scorer in lockstep, sums all-reduced) of an
+    FSDP2-sharded policy against a live sharded reference and against stored reference sums of the same model."""
+    torch.set_num_threads(1)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=90)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timeout
+        )
+    from steps.config import PreferenceConfig
+    from steps.losses import build_loss
+    from steps.models import load_model, load_tokenizer
+    from steps.train import parallel
+    from steps.train.objectives import precompute_reference
+    from steps.train.precision import resolve_precision
+
+    tok = load_tokenizer("tiny")
+    dev = pairs_from_rows(tok, pair_rows(DEV_TOPICS))  # 7 dev batches at 200 tokens: one rank repeats one
+    cfg = PreferenceConfig(max_num_tokens=200, parallelism="fsdp")
+    precision = resolve_precision("float32", "float32", torch.device("cpu"))
+    policy = parallel.prepare(load_model("tiny", seed=4), "fsdp", precision)
+    live = parallel.prepare_frozen(load_model("tiny", seed=5), "fsdp", precision)
+    loss = build_loss("dpo", beta=0.1)
+    record = {"plan": len(PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True).dev_plan())}
+    record["live"] = PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True, live).evaluate(policy)
+    precompute_reference(load_model("tiny", seed=5), dev, tok.pad_token_id, cfg)
+    record["stored"] = PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True).evaluate(policy)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_dev_metrics_of_two_sharded_ranks_are_one_process_s_and_the_loss_of_each_pair(tmp_path, tokenizer):
+    """Two FSDP2 ranks score their dealt dev batches in lockstep (the odd one repeated and discarded) and sum:
+    every rank gets one process's dev metrics, which are DPO's loss averaged over pairs scored one at a time."""
+    import math
+
+    from steps.models import load_model
+    from steps.train.logprobs import sequence_logprobs
+
+    _dev_metrics_run(0, 1, "", str(tmp_path / "one"))
+    one = _record(tmp_path / "one")
+    ctx = mp.get_context("spawn")
+    init = tmp_path / "init-dev"
+    procs = [ctx.Process(target=_dev_metrics_run, args=(r, WORLD, str(init), str(tmp_path / "two"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert one["plan"] % WORLD == 1  # the lockstep repeat is exercised
+    for rank in range(WORLD):
+        for source in ("live", "stored"):
+            two = _record(tmp_path / "two", rank)[source]
+            assert two.keys() == one[source].keys() and two == pytest.approx(one[source], abs=1e-5), (rank, source)
+    assert one["live"] == pytest.approx(one["stored"], abs=1e-5)
+    # independently: each pair in a batch of its own, DPO's loss by its formula
+    from steps.train.batching import collate_pairs
+
+    policy, reference = load_model("tiny", seed=4), load_model("tiny", seed=5)
+    losses = []
+    for pair in pairs_from_rows(tokenizer, pair_rows(DEV_TOPICS)):
+        batch = collate_pairs([pair], tokenizer.pad_token_id, share_prompt=False)
+        with torch.no_grad():
+            (c, r), (rc, rr) = (
+                sequence_logprobs(policy, batch)[0].tolist(),
+                sequence_logprobs(reference, batch)[0].tolist(),
+            )
+        losses.append(math.log1p(math.exp(-0.1 * ((c - rc) - (r - rr)))))
+    assert one["stored"]["dev_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert one["stored"]["dev_pairs"] == len(losses)

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, reference_outputs_for
+from steps.config import EvaluationConfig
+from steps.evaluate import (
+    EvalContext,
+    GenerationSettings,
+    HeldoutScoring,
+    ModelRun,
+    evaluate_model,
+    heldout_preference_metrics,
+    reference_outputs_for,
+    write_metrics,
+)
 from steps.evaluate.eval_sets import load_eval_set
 
 GENERATION = GenerationSettings(max_new_tokens=6, batch_size=4)
+#: metrics.json's keys, in order, for the local judge: alpaca_eval's metrics, then what produced them
+METRICS_JSON_KEYS = [
+    *("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate"),
+    *("avg_length", "lc_method", "lc_assets", "lc_approximate_assets", "length_controlled_winrate"),
+    *("lc_standard_error", "lc_unavailable_reason", "model", "generator", "judge", "weak_judge"),
+    *("annotator_config", "judge_max_chars", "note", "judge_agreement", "judge_tokens", "judge_cost_usd"),
+    *("judge_price", "judge_cost_note", "heldout_preference", "weight_change", "eval_set", "eval_set_source"),
+    *("subset", "n_instructions", "reference_generator", "generation", "files"),
+]
 
 
 def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
@@ -18,18 +38,22 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     assert [r["generator"] for r in refs] == ["reference:tiny"] * 6
     assert [r["instruction"] for r in refs] == eval_set.instructions
 
-    kwargs = dict(
-        generator="policy-tiny",
-        out_dir=tmp_path / "eval",
-        generation=GENERATION,
+    settings = EvaluationConfig(
+        max_new_tokens=6,
+        batch_size=4,
         judge="local_logprob",
         judge_model="tiny",
         judge_max_chars=300,
-        cache_dir=tmp_path / "cache",
-        run=ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
-        agreement_registry=tmp_path / "registry.json",
+        agreement_registry=str(tmp_path / "registry.json"),
     )
-    result = evaluate_model("tiny", eval_set, refs, **kwargs)
+    context = EvalContext(
+        generator="policy-tiny",
+        out_dir=tmp_path / "eval",
+        run=ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
+        cache_dir=tmp_path / "cache",
+    )
+    evaluated = evaluate_model("tiny", eval_set, refs, settings, context)
+    result = evaluated.metrics_json()
 
     files = {
         name: json.loads((tmp_path / "eval" / name).read_text())
@@ -39,7 +63,8 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     annotations = files["annotations.json"]
     assert len(annotations) == 6 and all(1 <= a["preference"] <= 2 for a in annotations)
     assert {a["generator_1"] for a in annotations} == {"reference:tiny"}
-    assert files["metrics.json"]["win_rate"] == result["win_rate"]
+    assert files["metrics.json"] == result and list(result) == METRICS_JSON_KEYS
+    assert result["win_rate"] == evaluated.scores.win_rate and result["judge"] == evaluated.judge.label
     expected_wr = 100 * sum(a["preference"] - 1 for a in annotations) / len(annotations)
     assert abs(result["win_rate"] - expected_wr) < 1e-9
     assert result["judge"] == "local_logprob:tiny" and result["weak_judge"] is True
@@ -76,12 +101,12 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     cached_lines = cache_file.read_text().count("\n")
     calls = {"n": 0}
     policy.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    again = evaluate_model("tiny", eval_set, refs, **kwargs)
+    again = evaluate_model("tiny", eval_set, refs, settings, context)
     assert calls["n"] == 0 and cache_file.read_text().count("\n") == cached_lines
-    assert again["win_rate"] == result["win_rate"]
+    assert again == evaluated  # the same outputs, judgements, scores and generation record
 
     # other settings are other outputs: the policy answers again
-    evaluate_model("tiny", eval_set, refs, **{**kwargs, "generation": GenerationSettings(max_new_tokens=3)})
+    evaluate_model("tiny", eval_set, refs, dataclasses.replace(settings, max_new_tokens=3), context)
     assert calls["n"] > 0
 
 
@@ -111,29 +136,36 @@ def test_new_user_tiny_run_does_not_crash(tiny_model_factory, tokenizer, tmp_pat
         {"prompt": [{"role": "user", "content": q}], "chosen": "Yes.", "rejected": "No, not at all."}
         for q in eval_set.instructions[:3]
     ]
-    result = evaluate_model(
-        "tiny",
-        eval_set,
-        refs,
-        generator="tiny-sft",
-        out_dir=tmp_path / "eval",
-        generation=generation,
+    settings = EvaluationConfig(
+        max_new_tokens=4,
+        batch_size=8,
         judge="local_logprob:tiny",
         judge_max_chars=300,
-        run=ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False),
-        agreement_registry=registry,
-        heldout_pairs=pairs,
-        heldout_reference="tiny",
+        agreement_registry=str(registry),
     )
-    assert result["n_total"] == 24 and 0 <= result["win_rate"] <= 100
-    assert result["length_controlled_winrate"] is None
-    assert result["lc_unavailable_reason"].startswith("24 judged instructions")
-    assert result["judge_agreement"]["agreement"] == 0.5 and result["judge_agreement"]["limit"] == 2
-    held = result["heldout_preference"]
-    assert held["n_pairs"] == 3 and held["reference"] == "tiny" and 0 <= held["preference_accuracy"] <= 1
+    run = ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False)
+    evaluated = evaluate_model(
+        "tiny", eval_set, refs, settings, EvalContext(generator="tiny-sft", out_dir=tmp_path / "eval", run=run)
+    )
+    scores = evaluated.scores
+    assert scores.n_total == 24 and scores.win_rate is not None and 0 <= scores.win_rate <= 100
+    assert scores.length_controlled_winrate is None
+    assert (scores.lc_unavailable_reason or "").startswith("24 judged instructions")
+    agreement = evaluated.judge.agreement
+    assert agreement is not None and agreement["agreement"] == 0.5 and agreement["limit"] == 2
+    # the held-out metrics are the evaluate step's (steps.pipeline.heldout_metrics), written into metrics.json
+    held = heldout_preference_metrics(
+        "tiny",
+        pairs,
+        HeldoutScoring(max_seq_len=256, overlength="truncate", mask_source_tokens=True, beta=0.1),
+        run,
+        reference="tiny",
+    )
+    assert held.n_pairs == 3 and held.reference == "tiny" and held.preference_accuracy is not None
+    assert 0 <= held.preference_accuracy <= 1
     # the policy is its own reference here (tiny, seed 0): every implicit reward margin is exactly 0
-    assert held["reward_margin_mean"] == 0.0 and held["reward_accuracy"] == 0.0
-    assert (
-        json.loads((tmp_path / "eval" / "metrics.json").read_text())["lc_unavailable_reason"]
-        == result["lc_unavailable_reason"]
-    )
+    assert held.reward_margin_mean == 0.0 and held.reward_accuracy == 0.0
+    write_metrics(evaluated, held)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["lc_unavailable_reason"] == scores.lc_unavailable_reason
+    assert written["heldout_preference"] == held.as_dict() and list(written) == METRICS_JSON_KEYS

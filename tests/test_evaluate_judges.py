@@ -11,7 +11,6 @@ import pytest
 from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.judges import JudgeError, LocalLogprobJudge, make_judge
 from steps.evaluate.judges.annotator_prompt import preference_from_top_logprobs, switch_decisions
-from steps.evaluate.settings import GenerationSettings
 
 PAIRS = [
     {"instruction": "What is the capital of France?", "output": "Paris.", "ref": "The capital of France is Paris."},
@@ -270,7 +269,8 @@ def test_official_judge_needs_openai_key(monkeypatch):
 
 
 def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, tokenizer, tmp_path):
-    from steps.evaluate import ModelRun, evaluate_model
+    from steps.config import EvaluationConfig
+    from steps.evaluate import EvalContext, ModelRun, evaluate_model
     from steps.evaluate.eval_sets import load_eval_set
 
     for var in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
@@ -279,17 +279,10 @@ def test_missing_key_fails_before_generation(monkeypatch, tiny_model_factory, to
     calls = _forward_counter(model)
     eval_set = load_eval_set("embedded", max_instructions=2)
     refs = [{"instruction": i, "output": "x", "generator": "ref"} for i in eval_set.instructions]
+    settings = EvaluationConfig(judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo")
+    context = EvalContext(generator="tiny", out_dir=tmp_path, run=ModelRun(model=model, tokenizer=tokenizer))
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        evaluate_model(
-            "tiny",
-            eval_set,
-            refs,
-            generator="tiny",
-            out_dir=tmp_path,
-            generation=GenerationSettings(),
-            judge="alpaca_eval:weighted_alpaca_eval_gpt4_turbo",
-            run=ModelRun(model=model, tokenizer=tokenizer),
-        )
+        evaluate_model("tiny", eval_set, refs, settings, context)
     assert calls["n"] == 0 and not (tmp_path / "model_outputs.json").exists()
 
 

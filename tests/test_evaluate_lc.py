@@ -3,6 +3,7 @@ real alpaca_eval fits on crafted annotations; and the one alpaca_eval internal t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -71,11 +72,11 @@ DEGENERATE = {
 def test_degenerate_annotations_give_na_with_reason(case):
     rows, reason = DEGENERATE[case]
     result = score(rows, alpaca_eval_order=False, use_hub=False)
-    assert result["length_controlled_winrate"] is None and result["lc_standard_error"] is None
-    assert reason in result["lc_unavailable_reason"], result["lc_unavailable_reason"]
+    assert result.length_controlled_winrate is None and result.lc_standard_error is None
+    assert reason in result.lc_unavailable_reason, result.lc_unavailable_reason
     expected_wr = _independent_wr([r["preference"] for r in rows])
-    assert (result["win_rate"] is None) if expected_wr is None else result["win_rate"] == pytest.approx(expected_wr)
-    json.dumps(result)
+    assert (result.win_rate is None) if expected_wr is None else result.win_rate == pytest.approx(expected_wr)
+    json.dumps(dataclasses.asdict(result))
 
 
 def test_same_length_answers_crash_raw_alpaca_eval():
@@ -96,9 +97,9 @@ def test_collapse_on_official_slice(shared_dir):
         rows = json.load(fh)[603:653]
     assert _raw_alpaca_eval_lc(rows) == 50.0
     result = score(rows, alpaca_eval_order=False, use_hub=False)
-    assert result["length_controlled_winrate"] is None
-    assert "shrank every coefficient to zero" in result["lc_unavailable_reason"]
-    assert result["win_rate"] == pytest.approx(_independent_wr([r["preference"] for r in rows]))
+    assert result.length_controlled_winrate is None
+    assert "shrank every coefficient to zero" in result.lc_unavailable_reason
+    assert result.win_rate == pytest.approx(_independent_wr([r["preference"] for r in rows]))
 
 
 def test_meaningful_fit_is_kept(shared_dir):
@@ -106,10 +107,10 @@ def test_meaningful_fit_is_kept(shared_dir):
     with open(shared_dir / "alpaca_eval" / "annotations" / "FuseChat-Llama-3.1-8B-Instruct.json") as fh:
         rows = json.load(fh)[:MIN_INSTRUCTIONS_FOR_LC]
     result = score(rows, alpaca_eval_order=False, use_hub=False)
-    assert result["lc_unavailable_reason"] is None
-    assert result["length_controlled_winrate"] == pytest.approx(_raw_alpaca_eval_lc(rows))
-    assert result["length_controlled_winrate"] != 50.0
-    assert score(rows[:-1], alpaca_eval_order=False, use_hub=False)["length_controlled_winrate"] is None
+    assert result.lc_unavailable_reason is None
+    assert result.length_controlled_winrate == pytest.approx(_raw_alpaca_eval_lc(rows))
+    assert result.length_controlled_winrate != 50.0
+    assert score(rows[:-1], alpaca_eval_order=False, use_hub=False).length_controlled_winrate is None
 
 
 def test_empty_answers_do_not_crash():
@@ -117,9 +118,9 @@ def test_empty_answers_do_not_crash():
     preferences = [1.0 + 0.02 * (i % 3) for i in range(60)]
     rows = _rows(preferences, output_2=[""] * 60)
     result = score(rows, alpaca_eval_order=False, use_hub=False)
-    assert result["win_rate"] == pytest.approx(_independent_wr(preferences))
-    assert (result["length_controlled_winrate"] is None) != (result["lc_unavailable_reason"] is None)
-    assert result["avg_length"] == 0
+    assert result.win_rate == pytest.approx(_independent_wr(preferences))
+    assert (result.length_controlled_winrate is None) != (result.lc_unavailable_reason is None)
+    assert result.avg_length == 0
 
 
 def test_glm_failure_becomes_a_reason(tmp_path):
@@ -134,20 +135,20 @@ def test_glm_failure_becomes_a_reason(tmp_path):
     (assets / "df_gamed.csv").write_text("model,index,instruction_difficulty,preference,output_1,output_2\n" + gamed)
     rows = _rows([1.1, 1.9, 1.3, 1.6] * 15)
     result = score(rows, lc_assets_dir=assets, alpaca_eval_order=True)
-    assert result["length_controlled_winrate"] is None
-    assert result["lc_unavailable_reason"].startswith(
+    assert result.length_controlled_winrate is None
+    assert result.lc_unavailable_reason.startswith(
         "alpaca_eval's GLM fit failed (ValueError: Transform function failed"
     )
-    assert result["win_rate"] == pytest.approx(_independent_wr([r["preference"] for r in rows]))
+    assert result.win_rate == pytest.approx(_independent_wr([r["preference"] for r in rows]))
 
 
 def test_no_difficulty_lc_has_no_fake_standard_error(shared_dir):
     with open(shared_dir / "alpaca_eval" / "annotations" / "vicuna-7b-v1.5.json") as fh:
         rows = json.load(fh)
     result = score(rows, use_hub=False)
-    assert result["length_controlled_winrate"] is not None and result["lc_standard_error"] is None
+    assert result.length_controlled_winrate is not None and result.lc_standard_error is None
     with_assets = score(rows, lc_assets_dir=shared_dir / "alpaca_eval" / "lc_assets_reconstructed")
-    assert with_assets["lc_standard_error"] > 0
+    assert (with_assets.lc_standard_error or 0) > 0
 
 
 # ---- the adapter's one reach into alpaca_eval -------------------------------------------------------------------

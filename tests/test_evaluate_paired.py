@@ -136,16 +136,22 @@ def test_the_join_shows_na_when_no_instruction_has_a_judgement_in_both(tmp_path)
     n/a with the reason, and a row with judgements still gets its difference (2,2,1 vs 1,1,1: +66.67)."""
     from steps.config import EvaluationConfig
     from steps.pipeline import _add_paired
-    from steps.report.rows import _paired
+    from steps.report.table import run_results_table
+    from tests.eval_results import alpaca_eval_result, variant_result
 
     def row(variant, preferences):
         path = _annotation_file(tmp_path / f"{variant}.json", preferences)
-        return {"variant": variant, "evaluated": True, "files": {"annotations": path}}
+        return variant_result(variant, alpaca_eval_result(annotations=path))
 
     rows = [row("sft", [1.0, 1.0, 1.0]), row("dpo", [None, None, None]), row("simpo", [2.0, 2.0, 1.0])]
-    _add_paired(rows, EvaluationConfig(paired_resamples=200))
-    sft, dpo, simpo = rows
-    assert sft["paired_vs"] == {"baseline": "sft", "is_baseline": True}
-    assert "no shared instruction has a judgement in both" in dpo["paired_vs"]["unavailable"]
-    assert _paired(dpo)["paired_delta_wr"] is None
-    assert simpo["paired_vs"]["paired_delta_wr"] == pytest.approx(200 / 3)
+    sft, dpo, simpo = _add_paired(rows, EvaluationConfig(paired_resamples=200))
+    assert sft.paired_vs is not None and sft.paired_vs.is_baseline and sft.paired_vs.baseline == "sft"
+    assert dpo.paired_vs is not None and dpo.paired_vs.comparison is None
+    assert "no shared instruction has a judgement in both" in (dpo.paired_vs.unavailable or "")
+    assert simpo.paired_vs is not None and simpo.paired_vs.comparison is not None
+    assert simpo.paired_vs.comparison["paired_delta_wr"] == pytest.approx(200 / 3)
+    cells = {
+        line.split(" | ")[2]: line.split(" | ")[6]
+        for line in run_results_table([sft, dpo, simpo], "F", "1").splitlines()[2:5]
+    }
+    assert cells["SFT"] == "— (baseline)" and cells["DPO"] == "n/a" and cells["SimPO"].startswith("+66.67 [")

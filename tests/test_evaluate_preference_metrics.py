@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from steps.evaluate.preference_metrics import PreferenceDataError, heldout_preference_metrics
+from steps.evaluate.generation import ModelRun
+from steps.evaluate.preference_metrics import HeldoutScoring, PreferenceDataError, heldout_preference_metrics
 
 ROWS = [
     {
@@ -67,13 +68,10 @@ def test_metrics_match_independent_logprobs(models, tokenizer):
     result = heldout_preference_metrics(
         "tiny",
         ROWS,
-        reference_spec="tiny:ref",
-        beta=beta,
-        model=policy,
+        HeldoutScoring(max_seq_len=2048, overlength="truncate", mask_source_tokens=True, beta=beta, max_num_tokens=300),
+        ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
+        reference="tiny:ref",
         reference_model=reference,
-        tokenizer=tokenizer,
-        max_num_tokens=300,
-        show_progress=False,
         return_per_pair=True,
     )
     expected = []
@@ -83,7 +81,7 @@ def test_metrics_match_independent_logprobs(models, tokenizer):
         rc, _ = _plain_logp(reference, tokenizer, row["prompt"], _text(row["chosen"]))
         rr, _ = _plain_logp(reference, tokenizer, row["prompt"], _text(row["rejected"]))
         expected.append((c, r, nc, nr, rc, rr))
-    per_pair = result["per_pair"]
+    per_pair = result.per_pair
     assert [p["id"] for p in per_pair] == [row["id"] for row in ROWS]
     for got, (c, r, nc, nr, rc, rr) in zip(per_pair, expected):
         assert got["chosen_logp"] == pytest.approx(c, abs=2e-4) and got["rejected_logp"] == pytest.approx(r, abs=2e-4)
@@ -95,20 +93,23 @@ def test_metrics_match_independent_logprobs(models, tokenizer):
     accuracy = sum(c > r for c, r, *_ in expected) / n
     normalized = sum(c / nc > r / nr for c, r, nc, nr, *_ in expected) / n
     margins = [beta * ((c - rc) - (r - rr)) for c, r, _, _, rc, rr in expected]
-    assert result["n_pairs"] == n and result["n_ties"] == 1  # row e: the same answer twice
-    assert result["preference_accuracy"] == pytest.approx(accuracy)
-    assert result["preference_accuracy_normalized"] == pytest.approx(normalized)
-    assert result["preference_accuracy_se"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / n))
-    assert result["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins if abs(m) > 1e-6) / n)
-    assert result["reward_margin_mean"] == pytest.approx(sum(margins) / n, abs=1e-4)
-    assert result["beta"] == beta and result["reference"] == "tiny:ref"
+    assert result.n_pairs == n and result.n_ties == 1  # row e: the same answer twice
+    assert result.preference_accuracy == pytest.approx(accuracy)
+    assert result.preference_accuracy_normalized == pytest.approx(normalized)
+    assert result.preference_accuracy_se == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / n))
+    assert result.reward_accuracy == pytest.approx(sum(m > 0 for m in margins if abs(m) > 1e-6) / n)
+    assert result.reward_margin_mean == pytest.approx(sum(margins) / n, abs=1e-4)
+    assert result.beta == beta and result.reference == "tiny:ref"
     assert 0 < accuracy < 1 and normalized != accuracy  # the rows tell the two scores apart
 
 
 def test_without_reference_only_preference_accuracy(models, tokenizer):
     policy, _ = models
-    result = heldout_preference_metrics("tiny", ROWS[:3], model=policy, tokenizer=tokenizer, show_progress=False)
-    assert result["reward_accuracy"] is None and result["reward_margin_mean"] is None and result["beta"] is None
+    run = ModelRun(model=policy, tokenizer=tokenizer, show_progress=False)
+    result = heldout_preference_metrics(
+        "tiny", ROWS[:3], HeldoutScoring(max_seq_len=2048, overlength="drop", mask_source_tokens=True), run
+    )
+    assert result.reward_accuracy is None and result.reward_margin_mean is None and result.beta is None
     expected = [
         (
             _plain_logp(policy, tokenizer, r["prompt"], r["chosen"])[0],
@@ -116,30 +117,58 @@ def test_without_reference_only_preference_accuracy(models, tokenizer):
         )
         for r in ROWS[:3]
     ]
-    assert result["preference_accuracy"] == pytest.approx(sum(c > r for c, r in expected) / 3)
+    assert result.preference_accuracy == pytest.approx(sum(c > r for c, r in expected) / 3)
+    # a reference but no beta (a loss without one): accuracies only, and the result says no reference was used
+    unscaled = heldout_preference_metrics(
+        "tiny",
+        ROWS[:3],
+        HeldoutScoring(max_seq_len=2048, overlength="drop", mask_source_tokens=True),
+        run,
+        reference="tiny:ref",
+    )
+    assert unscaled.reference is None and unscaled.reward_accuracy is None
+    assert unscaled.preference_accuracy == result.preference_accuracy
 
 
 def test_loads_by_spec_and_counts_dropped_pairs(tokenizer):
     """By spec (loads tiny itself); pairs longer than max_seq_len are dropped and counted, as training does."""
     long_row = dict(ROWS[0], id="long", rejected="word " * 200)
-    result = heldout_preference_metrics(
-        "tiny", [long_row, ROWS[1]], max_seq_len=96, overlength="drop", device="cpu", show_progress=False
-    )
-    assert result["n_rows"] == 2 and result["n_pairs"] == 1 and result["n_dropped_overlength"] == 1
+    drop = HeldoutScoring(max_seq_len=96, overlength="drop", mask_source_tokens=True)
+    cpu = ModelRun(device="cpu", show_progress=False)
+    result = heldout_preference_metrics("tiny", [long_row, ROWS[1]], drop, cpu)
+    assert result.n_rows == 2 and result.n_pairs == 1 and result.n_dropped_overlength == 1
     from steps.models import load_model
 
     policy = load_model("tiny", seed=0)
     c, _ = _plain_logp(policy, tokenizer, ROWS[1]["prompt"], ROWS[1]["chosen"])
     r, _ = _plain_logp(policy, tokenizer, ROWS[1]["prompt"], ROWS[1]["rejected"])
-    assert result["preference_accuracy"] == float(c > r)
-    empty = heldout_preference_metrics(
-        "tiny", [long_row], max_seq_len=96, overlength="drop", device="cpu", show_progress=False
-    )
-    assert empty["n_pairs"] == 0 and empty["preference_accuracy"] is None
+    assert result.preference_accuracy == float(c > r)
+    empty = heldout_preference_metrics("tiny", [long_row], drop, cpu)
+    assert empty.n_pairs == 0 and empty.preference_accuracy is None
 
 
 def test_bad_rows_name_the_row(tokenizer):
+    scoring, run = (
+        HeldoutScoring(max_seq_len=256, overlength="drop", mask_source_tokens=True),
+        ModelRun(tokenizer=tokenizer),
+    )
     with pytest.raises(PreferenceDataError, match="preference row 1 needs 'prompt', 'chosen' and 'rejected'"):
-        heldout_preference_metrics("tiny", [ROWS[0], {"prompt": []}], tokenizer=tokenizer)
+        heldout_preference_metrics("tiny", [ROWS[0], {"prompt": []}], scoring, run)
     with pytest.raises(PreferenceDataError, match="preference row 0: 'chosen' must be a string"):
-        heldout_preference_metrics("tiny", [dict(ROWS[0], chosen=3)], tokenizer=tokenizer)
+        heldout_preference_metrics("tiny", [dict(ROWS[0], chosen=3)], scoring, run)
+    with pytest.raises(ValueError, match="beta must be a number > 0"):
+        HeldoutScoring(max_seq_len=256, overlength="drop", mask_source_tokens=True, beta=0.0)
+    with pytest.raises(ValueError, match="overlength must be 'drop' or 'truncate'"):
+        HeldoutScoring(max_seq_len=256, overlength="cut", mask_source_tokens=True)  # type: ignore[arg-type]
+
+
+def test_scoring_follows_the_variants_own_training_section():
+    """Held-out pairs are cut as the variant trained (its max_seq_len, overlength, prompt masking) and rewards
+    scaled by its loss's beta; SFT has no loss config, so no beta (and no reward metrics)."""
+    from steps.config import PreferenceConfig, SFTConfig
+
+    dpo = PreferenceConfig(criterion="dpo", criterion_config={"beta": 0.25}, max_seq_len=384, overlength="truncate")
+    scoring = HeldoutScoring.for_variant(dpo, max_pairs=7)
+    assert (scoring.max_seq_len, scoring.overlength, scoring.beta, scoring.max_pairs) == (384, "truncate", 0.25, 7)
+    sft = HeldoutScoring.for_variant(SFTConfig(max_seq_len=512, mask_source_tokens=False), max_pairs=None)
+    assert (sft.max_seq_len, sft.overlength, sft.mask_source_tokens, sft.beta) == (512, "drop", False, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -31,17 +32,17 @@ def test_official_files_reproduce_leaderboard(shared_dir, model):
     assets = shared_dir / "alpaca_eval" / "lc_assets_reconstructed"
     result = score(annotations, lc_assets_dir=assets)
     wr, lc = OFFICIAL[model]
-    assert abs(result["win_rate"] - wr) < 1e-4
-    assert abs(result["length_controlled_winrate"] - lc) < 1.0
-    assert result["n_total"] == 805
-    assert result["lc_method"] == f"length_controlled_v1 (approximate assets: {assets})"
-    assert result["lc_approximate_assets"] is True
+    assert abs(result.win_rate - wr) < 1e-4
+    assert abs(result.length_controlled_winrate - lc) < 1.0
+    assert result.n_total == 805
+    assert result.lc_method == f"length_controlled_v1 (approximate assets: {assets})"
+    assert result.lc_approximate_assets is True
     # independent WR: mean(preference - 1) * 100 over all rows
     prefs = [float(r["preference"]) for r in annotations]
-    assert abs(result["win_rate"] - 100 * sum(p - 1 for p in prefs) / len(prefs)) < 1e-9
-    assert result["n_wins"] == sum(p > 1.5 for p in prefs)
-    assert result["avg_length"] == int(sum(len(r["output_2"]) for r in annotations) / len(annotations))
-    json.dumps(result)  # plain JSON types only
+    assert abs(result.win_rate - 100 * sum(p - 1 for p in prefs) / len(prefs)) < 1e-9
+    assert result.n_wins == sum(p > 1.5 for p in prefs)
+    assert result.avg_length == int(sum(len(r["output_2"]) for r in annotations) / len(annotations))
+    json.dumps(dataclasses.asdict(result))  # plain JSON types only
 
 
 def test_redirect_is_restored_after_scoring(shared_dir):
@@ -57,17 +58,17 @@ def test_redirect_is_restored_after_scoring(shared_dir):
 def test_subset_is_labelled(shared_dir):
     assets = shared_dir / "alpaca_eval" / "lc_assets_reconstructed"
     result = score(_annotations(shared_dir, "vicuna-7b-v1.5")[:100], lc_assets_dir=assets, subset=True)
-    assert result["lc_method"] == f"length_controlled_v1_subset (approximate assets: {assets})"
-    assert result["n_total"] == 100
-    assert math.isfinite(result["length_controlled_winrate"])
+    assert result.lc_method == f"length_controlled_v1_subset (approximate assets: {assets})"
+    assert result.n_total == 100
+    assert math.isfinite(result.length_controlled_winrate)
 
 
 def test_no_assets_gives_labelled_number(shared_dir):
     result = score(_annotations(shared_dir, "vicuna-7b-v1.5"), lc_assets_dir=None, use_hub=False)
-    assert result["lc_method"] == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
-    assert 0 < result["length_controlled_winrate"] < 100
-    assert result["lc_assets"] is None
-    assert abs(result["win_rate"] - OFFICIAL["vicuna-7b-v1.5"][0]) < 1e-4
+    assert result.lc_method == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
+    assert 0 < result.length_controlled_winrate < 100
+    assert result.lc_assets is None
+    assert abs(result.win_rate - OFFICIAL["vicuna-7b-v1.5"][0]) < 1e-4
 
 
 def test_other_instruction_sets_ignore_assets(shared_dir):
@@ -75,7 +76,7 @@ def test_other_instruction_sets_ignore_assets(shared_dir):
     result = score(
         rows, lc_assets_dir=shared_dir / "alpaca_eval" / "lc_assets_reconstructed", alpaca_eval_order=False, subset=True
     )
-    assert result["lc_method"] == "length_controlled_v1_subset_no_gamed_regularisation_no_instruction_difficulty"
+    assert result.lc_method == "length_controlled_v1_subset_no_gamed_regularisation_no_instruction_difficulty"
 
 
 def test_unmarked_assets_dir_not_called_approximate(shared_dir, tmp_path):
@@ -85,9 +86,9 @@ def test_unmarked_assets_dir_not_called_approximate(shared_dir, tmp_path):
     for name in ("df_gamed.csv", "instruction_difficulty.csv"):
         (assets / name).write_bytes((source / name).read_bytes())
     rows = _annotations(shared_dir, "alpaca-7b")
-    assert score(rows, lc_assets_dir=assets)["lc_method"] == f"length_controlled_v1 (assets: {assets})"
+    assert score(rows, lc_assets_dir=assets).lc_method == f"length_controlled_v1 (assets: {assets})"
     (assets / "APPROXIMATE").write_text("estimated from public leaderboard data\n")
-    assert score(rows, lc_assets_dir=assets)["lc_method"] == f"length_controlled_v1 (approximate assets: {assets})"
+    assert score(rows, lc_assets_dir=assets).lc_method == f"length_controlled_v1 (approximate assets: {assets})"
 
 
 def test_assets_dir_without_files_is_an_error(shared_dir, tmp_path):
@@ -108,13 +109,11 @@ def test_too_few_rows_for_lc():
         for i, p in enumerate([1.0, 2.0, 1.75])
     ]
     result = score(rows, alpaca_eval_order=False)
-    assert result["length_controlled_winrate"] is None and result["lc_standard_error"] is None
-    assert result["lc_unavailable_reason"].startswith(
-        "3 judged instructions; the length-controlled GLM needs at least 50"
-    )
-    assert result["lc_method"] == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
-    assert result["win_rate"] == pytest.approx(100 * (0 + 1 + 0.75) / 3)
-    assert result["n_draws"] == 0
+    assert result.length_controlled_winrate is None and result.lc_standard_error is None
+    assert result.lc_unavailable_reason.startswith("3 judged instructions; the length-controlled GLM needs at least 50")
+    assert result.lc_method == "length_controlled_v1_no_gamed_regularisation_no_instruction_difficulty"
+    assert result.win_rate == pytest.approx(100 * (0 + 1 + 0.75) / 3)
+    assert result.n_draws == 0
 
 
 def test_bad_annotations_name_the_record():

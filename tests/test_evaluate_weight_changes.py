@@ -4,6 +4,7 @@ report's footnote where the scored model is its init in that dtype."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -162,28 +163,22 @@ def test_evaluate_model_records_and_logs_a_model_that_is_its_init_in_the_eval_dt
     the step log and the run's results table."""
     import json
 
-    from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, load_eval_set
+    from steps.config import EvaluationConfig
+    from steps.evaluate import EvalContext, ModelRun, evaluate_model, load_eval_set
+    from tests.eval_results import variant_result
 
     model, init = _bf16_exact_init(tmp_path, tokenizer)
     scored = _save_updated(model, tmp_path / "dpo", tiny_update)
     tokenizer.save_pretrained(scored)
     eval_set = load_eval_set("embedded", max_instructions=4)
     refs = [{"instruction": q, "output": "Yes.", "generator": "ref"} for q in eval_set.instructions]
+    settings = EvaluationConfig(max_new_tokens=3, batch_size=4, judge="local_logprob:tiny", judge_max_chars=200)
     run = ModelRun("hf", device="cpu", dtype="bfloat16", show_progress=False)
+    context = EvalContext(generator="dpo", out_dir=tmp_path / "eval", run=run, init_model=str(init))
     with caplog.at_level(logging.INFO):
-        result = evaluate_model(
-            str(scored),
-            eval_set,
-            refs,
-            generator="dpo",
-            out_dir=tmp_path / "eval",
-            generation=GenerationSettings(max_new_tokens=3, batch_size=4),
-            judge="local_logprob:tiny",
-            judge_max_chars=200,
-            run=run,
-            init_model=str(init),
-        )
-    change = result["weight_change"]
+        result = evaluate_model(str(scored), eval_set, refs, settings, context)
+    assert result.weight_change is not None
+    change = result.weight_change.record()
     exp_fp32, total = _expected(scored, init, torch.float32)
     assert (change["dtype"], change["changed"], change["changed_stored"], change["total"]) == (
         "bfloat16",
@@ -191,9 +186,13 @@ def test_evaluate_model_records_and_logs_a_model_that_is_its_init_in_the_eval_dt
         exp_fp32,
         total,
     )
-    assert result["generation"]["dtype"] == "bfloat16"
+    assert result.generation["dtype"] == "bfloat16"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["weight_change"] == change
     assert "scores of a model equal to its init in bfloat16: the update is below bfloat16's resolution" in caplog.text
 
-    table = run_results_table([{**result, "variant": "dpo", "evaluated": True}], "PrefFlow", "8")
+    table = run_results_table([variant_result("dpo", result)], "PrefFlow", "8")
     assert " [a] | DPO |" in table and table.rstrip().endswith("evaluate in float32 (evaluation.dtype)")
+    skipped = evaluate_model(
+        str(scored), eval_set, refs, dataclasses.replace(settings, weight_change_check=False), context
+    )
+    assert skipped.weight_change is None  # evaluation.weight_change_check: false

@@ -81,6 +81,8 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     run, stdout, tmp_path = finished_run
     from metaflow import namespace
 
+    from steps.evaluate import EvalResult, PairedVs, VariantResult
+
     namespace(None)
     start = run["start"].task.data
     assert start.losses == ["dpo", "orpo"]
@@ -93,44 +95,58 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     data = run["prepare_data"].task.data
     assert data.data_stats["sft_examples"] > 0 and data.data_stats["pairs"]["best_vs_rest"] > 0
     assert Path(data.data_dir, "preference.train.jsonl").exists()
-    results = {r["variant"]: r for r in run["join"].task.data.results}
+    results = {r.variant: r for r in run["join"].task.data.results}
     assert set(results) == {"sft", "dpo", "orpo"}
-    assert results["dpo"]["init"] == "SFT checkpoint"
-    assert results["orpo"]["init"] == "base: tiny"  # the documented recipe: ORPO from the base model
-    assert results["orpo"]["training_config"]["criterion_config"]["orpo_lambda"] == 0.2
+    assert results["dpo"].evaluation.init == "SFT checkpoint"
+    assert results["orpo"].evaluation.init == "base: tiny"  # the documented recipe: ORPO from the base model
+    assert results["orpo"].training_config["criterion_config"]["orpo_lambda"] == 0.2
+    dev_pairs = len(Path(data.data_dir, "preference.dev.jsonl").read_text().splitlines())
     for r in results.values():
-        assert r["evaluated"] and 0.0 <= r["win_rate"] <= 100.0 and r["n_total"] == 3
-        assert r["lc_method"] and r["judge"].startswith("local_logprob")
+        evaluated, held_out = r.evaluation.alpaca_eval, r.evaluation.heldout
+        assert evaluated is not None and evaluated.scores.win_rate is not None
+        assert 0.0 <= evaluated.scores.win_rate <= 100.0 and evaluated.scores.n_total == 3
+        assert evaluated.scores.lc_method and evaluated.judge.label.startswith("local_logprob")
         # 3 instructions: LC is not shown, and says why
-        assert r["length_controlled_winrate"] is None and "at least 50" in r["lc_unavailable_reason"]
-        held_out = r["heldout_preference"]  # judge-free accuracy on the dev pairs
-        assert held_out["n_pairs"] == len(Path(data.data_dir, "preference.dev.jsonl").read_text().splitlines())
-        assert 0.0 <= held_out["preference_accuracy"] <= 1.0
-    assert results["sft"]["paired_vs"] == {"baseline": "sft", "is_baseline": True}
+        assert evaluated.scores.length_controlled_winrate is None
+        assert "at least 50" in (evaluated.scores.lc_unavailable_reason or "")
+        # judge-free accuracy on the dev pairs, cut at the variant's own max_seq_len, also in metrics.json
+        assert held_out is not None and held_out.n_pairs == dev_pairs and 0.0 <= held_out.preference_accuracy <= 1.0
+        assert held_out.max_seq_len == r.training_config["max_seq_len"]
+        assert json.loads(Path(evaluated.files.metrics).read_text())["heldout_preference"] == held_out.as_dict()
+    assert results["sft"].paired_vs == PairedVs("sft", is_baseline=True)
     for name in ("dpo", "orpo"):  # both compared with SFT on the same 3 instructions
-        paired = results[name]["paired_vs"]
-        assert paired["baseline"] == "sft" and paired["paired_n"] == 3
-        low, high = paired["paired_ci95"]
-        assert low <= paired["paired_delta_wr"] <= high
-    assert results["dpo"]["heldout_preference"]["reward_accuracy"] is not None  # DPO has a reference
+        paired = results[name].paired_vs
+        assert paired is not None and paired.baseline == "sft" and paired.comparison is not None
+        assert paired.comparison["paired_n"] == 3
+        low, high = paired.comparison["paired_ci95"]
+        assert low <= paired.comparison["paired_delta_wr"] <= high
+    dpo_heldout = results["dpo"].evaluation.heldout
+    assert dpo_heldout is not None and dpo_heldout.reward_accuracy is not None  # DPO has a reference
+    assert dpo_heldout.beta == 0.1  # its loss's beta
     # every model directory carries its card, with this run's eval results; only dpo was (dry-run) uploaded
     from steps.model_card import fmt
 
     for name, r in results.items():
-        card = Path(r["model_dir"], "README.md").read_text()
-        assert run.pathspec in card and f"| win rate | {fmt(r['win_rate'])} ± " in card, name
+        card = Path(r.evaluation.model_dir, "README.md").read_text()
+        scores = r.evaluation.alpaca_eval.scores
+        assert run.pathspec in card and f"| win rate | {fmt(scores.win_rate)} ± " in card, name
         assert "| LC win rate | n/a (" in card  # with the reason it is not shown
-    assert results["dpo"]["hub"]["repo_id"] == "prefflow-test/tiny-dpo" and results["dpo"]["hub"]["dry_run"]
-    assert "hub" not in results["orpo"]
+    hub = results["dpo"].evaluation.hub
+    assert hub is not None and hub.repo_id == "prefflow-test/tiny-dpo" and hub.dry_run
+    assert results["orpo"].evaluation.hub is None
     assert "| LC WR | WR | Loss Function | Training Config | Epoch | Model Initialization | Δ WR vs" in stdout
     assert "| ORPO | lr=0.001, orpo_lambda=0.2, nll_scale=1 |" in stdout  # the report's formatting
     join = run["join"].task.data
     assert isinstance(join.run_config, dict) and join.run_config["preference"]["criterion_config"]["beta"] == 0.1
-    assert all(isinstance(r, dict) for r in join.results)  # what the report reads stays plain
+    # typed results, read back with the Client API: the evaluate step's artifact is the join's row
+    assert all(isinstance(r, VariantResult) for r in join.results)
+    evaluate = {t.data.result.variant: t.data.result for t in run["evaluate"]}
+    assert all(isinstance(e, EvalResult) for e in evaluate.values())
+    assert evaluate == {name: r.evaluation for name, r in results.items()}
     # the report step's results.json: model_dir relative to the run's output root, named as the config names it
     report = json.loads((tmp_path / "reports" / "results.json").read_text())
     assert [r["output_root"] for r in report["runs"]] == [str(tmp_path / "runs" / "PrefFlow" / run.id)]
-    relative = {name: str(Path(r["model_dir"]).relative_to(join.output_root)) for name, r in results.items()}
+    relative = {name: str(Path(r.evaluation.model_dir).relative_to(join.output_root)) for name, r in results.items()}
     assert {row["variant"]: row["model_dir"] for row in report["rows"]} == relative
     assert relative["sft"] == str(Path("sft", "final"))
 
@@ -141,7 +157,7 @@ def test_metrics_reach_the_trackers(finished_run):
 
     run, _, _ = finished_run
     summary = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
-    result = next(r for r in run["join"].task.data.results if r["variant"] == "dpo")
+    result = next(r.evaluation.metrics() for r in run["join"].task.data.results if r.variant == "dpo")
     tracking = Path(summary["model_dir"]).parents[1] / "tracking"
     events = EventAccumulator(str(next((tracking / "tensorboard").glob("dpo*")))).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]

@@ -124,8 +124,8 @@ def test_ddp_gangs_of_two_nodes_train_like_one_process(tmp_path, one_process):
     dpo = run["preference_gang_join"].task.data.train_summary
     assert dpo["kind"] == "dpo" and dpo["reference"] == sft["model_dir"]
     _assert_same_training(dpo, one_process["dpo"](sft["model_dir"]))
-    rows = {r["variant"]: r for r in run["join"].task.data.results}
-    assert set(rows) == {"sft", "dpo"} and rows["dpo"]["model_dir"] == dpo["model_dir"]
+    rows = {r.variant: r for r in run["join"].task.data.results}
+    assert set(rows) == {"sft", "dpo"} and rows["dpo"].evaluation.model_dir == dpo["model_dir"]
 
 
 def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_process):
@@ -174,9 +174,10 @@ def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_pr
     dpo = run["preference_gang_join"].task.data.train_summary
     store.pull(here / "dpo", store.key_for(dpo["model_dir"]))
     _assert_same_training(dpo, one_process["dpo"](str(here / "sft")), here / "dpo")
-    rows = {r["variant"]: r for r in run["join"].task.data.results}
-    assert all(r["evaluated"] and r["n_total"] == 2 for r in rows.values())  # models and eval files came back
-    assert rows["dpo"]["paired_vs"]["paired_n"] == 2  # the join read both annotations from the datastore
+    rows = {r.variant: r.evaluation.alpaca_eval for r in run["join"].task.data.results}
+    assert all(r is not None and r.scores.n_total == 2 for r in rows.values())  # models and eval files came back
+    paired = run["join"].task.data.results[1].paired_vs  # dpo (sft first): the join read both annotations
+    assert paired is not None and paired.comparison is not None and paired.comparison["paired_n"] == 2
     shutil.rmtree(here)
 
 

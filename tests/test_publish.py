@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from steps.hub import PublishError, check_publish, push_to_hub, repo_id_for, upload_files
 from steps.model_card import ModelCardError, base_model_id, card_metadata, render_model_card, write_model_card
+from tests.eval_results import alpaca_eval_result
 
 PATHSPEC = "PrefFlow/1700000000000042"
 RAW_CONFIG = {
@@ -27,27 +29,23 @@ RAW_CONFIG = {
         "max_steps": 2,
     },
 }
-WEAK_EVAL = {  # the shape of steps.pipeline.evaluate_variant's result row
-    "variant": "dpo",
-    "evaluated": True,
-    "win_rate": 45.41,
-    "standard_error": 3.125,
-    "length_controlled_winrate": 46.79,
-    "lc_standard_error": 0.875,
-    "n_wins": 11,
-    "n_wins_base": 13,
-    "n_draws": 0,
-    "n_total": 24,
-    "avg_length": 180,
-    "lc_method": "length_controlled_v1 without instruction difficulty (subset of 24)",
-    "judge": "local_logprob:embedded:smollm2-135m-instruct",
-    "weak_judge": True,
-    "eval_set": "embedded",
-    "n_instructions": 24,
-    "subset": False,
-    "reference_generator": "embedded:smollm2-135m-instruct",
-}
-STRONG_EVAL = {**WEAK_EVAL, "judge": "alpaca_eval:weighted_alpaca_eval_gpt4_turbo", "weak_judge": False}
+# what steps.pipeline.evaluate_variant hands the card: the variant's AlpacaEval result
+WEAK_EVAL = dataclasses.replace(
+    alpaca_eval_result(
+        judge="local_logprob:embedded:smollm2-135m-instruct",
+        length_controlled_winrate=46.79,
+        lc_standard_error=0.875,
+        lc_method="length_controlled_v1 without instruction difficulty (subset of 24)",
+        lc_unavailable_reason=None,
+    ),
+    eval_set="embedded",
+    subset=False,
+    reference_generator="embedded:smollm2-135m-instruct",
+)
+STRONG_EVAL = dataclasses.replace(
+    WEAK_EVAL,
+    judge=dataclasses.replace(WEAK_EVAL.judge, label="alpaca_eval:weighted_alpaca_eval_gpt4_turbo", weak=False),
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +155,7 @@ def test_card_eval_results_with_the_weak_judge_caveat(trained):
 
 
 def test_card_eval_results_from_a_real_judge_go_into_the_model_index(trained):
-    card = card_of(trained, {**STRONG_EVAL, "subset": True})
+    card = card_of(trained, dataclasses.replace(STRONG_EVAL, subset=True))
     assert "**Caveat: weak judge.**" not in card and "depend on the judge" in card
     assert "(a subset: not comparable with the AlpacaEval leaderboard)" in card
     (entry,) = front_matter(card)["model-index"]
@@ -168,7 +166,6 @@ def test_card_eval_results_from_a_real_judge_go_into_the_model_index(trained):
 
 def test_card_without_evaluation_says_so(trained):
     assert "Not evaluated in this run" in card_of(trained, None)
-    assert "Not evaluated in this run" in card_of(trained, {"variant": "dpo", "evaluated": False})
 
 
 @pytest.mark.parametrize(

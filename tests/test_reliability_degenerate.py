@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, load_eval_set, reference_outputs_for
+from steps.config import EvaluationConfig
+from steps.evaluate import (
+    EvalContext,
+    GenerationSettings,
+    ModelRun,
+    evaluate_model,
+    load_eval_set,
+    reference_outputs_for,
+)
 from steps.report import RunRecord, Selection, write_report
+from tests.eval_results import variant_result
 from tests.test_report import table_cells
 
 GREEDY = GenerationSettings(max_new_tokens=4, temperature=0.0, batch_size=3)
@@ -80,19 +89,15 @@ def test_degenerate_model_evaluates_and_reports_honestly(case, specs, tmp_path):
     model, decoding, judge, n = CASES[case]
     eval_set = _eval_set(case, n, tmp_path)
     reference = reference_outputs_for(eval_set, "tiny", SAMPLED, ModelRun(show_progress=False))
-    result = evaluate_model(
-        specs[model],
-        eval_set,
-        reference,
-        generator=case,
-        out_dir=tmp_path / "eval",
-        generation=decoding,
+    settings = EvaluationConfig(
+        **{k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "batch_size")},
         judge="local_logprob",
         judge_model=specs[judge],
-        cache_dir=tmp_path / "judge_cache",
-        run=ModelRun(show_progress=False),
-        agreement_registry=tmp_path / "none.json",
+        agreement_registry=str(tmp_path / "none.json"),
     )
+    context = EvalContext(case, tmp_path / "eval", ModelRun(show_progress=False), cache_dir=tmp_path / "judge_cache")
+    evaluated = evaluate_model(specs[model], eval_set, reference, settings, context)
+    result = evaluated.metrics_json()
     outputs = json.loads((tmp_path / "eval" / "model_outputs.json").read_text())
     annotations = json.loads((tmp_path / "eval" / "annotations.json").read_text())
     prefs = [a["preference"] for a in annotations]
@@ -116,17 +121,7 @@ def test_degenerate_model_evaluates_and_reports_honestly(case, specs, tmp_path):
     assert result["length_controlled_winrate"] is None and "at least 50" in result["lc_unavailable_reason"]
     _strict_json((tmp_path / "eval" / "metrics.json").read_text())
 
-    row = {
-        **result,
-        "variant": "sft",
-        "loss": "sft",
-        "model_dir": specs[model],
-        "init": "base: tiny",
-        "epoch": 1,
-        "evaluated": True,
-        "train_steps": 2,
-        "training_config": {"lr": 1e-3, "epochs": 1},
-    }
+    row = variant_result("sft", evaluated, model_dir=specs[model], training_config={"lr": 1e-3, "epochs": 1})
     record = RunRecord(
         flow="PrefFlow",
         run_id="1800000000000001",

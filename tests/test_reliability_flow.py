@@ -359,11 +359,12 @@ def test_two_runs_at_once_finish_independently(concurrent_runs):
     for run_id, judge in zip(ids, ("openai_compatible:served-tiny", "local_logprob")):
         run = run_of(tmp / "mf", run_id)
         assert run.successful
-        results = {x["variant"]: x for x in run["join"].task.data.results}
+        results = {x.variant: x.evaluation for x in run["join"].task.data.results}
         assert set(results) == {"sft", "dpo"}
         for x in results.values():
-            assert x["judge"].startswith(judge) and x["n_total"] == N_EVAL
-            assert Path(x["model_dir"]).is_relative_to(tmp / "a" / "runs" / "PrefFlow" / run_id)
+            assert x.alpaca_eval is not None and x.alpaca_eval.judge.label.startswith(judge)
+            assert x.alpaca_eval.scores.n_total == N_EVAL
+            assert Path(x.model_dir).is_relative_to(tmp / "a" / "runs" / "PrefFlow" / run_id)
     rows = json.loads((tmp / "reports" / "results.json").read_text())["rows"]  # one whole report, both runs in it
     assert {row["run_id"] for row in rows} == set(ids)
     # same seed, same data: identical weights whether a run was alone, concurrent, or killed and retried
@@ -468,7 +469,7 @@ def test_killed_judging_resends_no_judged_pair(resumed_run):
     assert in_flight <= 1 and len(requests) <= n_pairs + in_flight
     assert len(set(requests)) == len(cached) <= n_pairs  # every pair judged once (sft and dpo may share some)
     results = run_of(r["tmp"] / "mf", r["final"])["join"].task.data.results
-    assert all(x["n_total"] == N_EVAL and x["evaluated"] for x in results)
+    assert all(x.evaluation.alpaca_eval and x.evaluation.alpaca_eval.scores.n_total == N_EVAL for x in results)
 
 
 def _blobs(where: Path) -> list[tuple[str, bytes]]:

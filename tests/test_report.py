@@ -385,6 +385,7 @@ class PrefFlow(FlowSpec):
 
     lc = Parameter("lc", type=float, default=40.0)
     fail_at_end = Parameter("fail_at_end", type=bool, default=False)
+    typed = Parameter("typed", type=bool, default=False)  # results as flows/pipeline.py stores them now, else as before
 
     @step
     def start(self):
@@ -415,13 +416,31 @@ class PrefFlow(FlowSpec):
                        "length_controlled_winrate": self.lc + offset, "lc_standard_error": 1.25, "n_total": 8,
                        "avg_length": 100, "lc_method": "length_controlled_v1_minimal", "judge": "test-judge",
                        "eval_set": "embedded", "reference_generator": "embedded:tiny"}
+        if self.typed:
+            from steps.evaluate.results import AlpacaEvalResult, EvalFiles, EvalResult, JudgeRecord, WinRates
+
+            r = self.result
+            scores = WinRates(r["win_rate"], 1.5, 4, 4, 0, 8, 50.0, 100, r["lc_method"], None, False,
+                              r["length_controlled_winrate"], 1.25, None)
+            tokens = {"prompt": 0, "completion": 0, "total": 0, "n_judgements": 0, "n_without_counts": 0}
+            judge = JudgeRecord("test-judge", False, {}, None, tokens, None, None, "unpriced")
+            evaluation = AlpacaEvalResult(r["model_dir"], "g", scores, judge, None, "embedded", "embedded", True, 8,
+                                          "embedded:tiny", {"dtype": "float32"}, EvalFiles("o", "a", "m"))
+            self.result = EvalResult(r["variant"], r["variant"], r["model_dir"], r["init"], 1, evaluation)
         self.next(self.join)
 
     @step
     def join(self, inputs):
         self.merge_artifacts(inputs, include=["run_config"])
-        self.results = sorted([dict(i.result, training_config={"lr": 5.0e-6, "criterion_config": {"beta": 0.1}})
-                               for i in inputs], key=lambda r: r["variant"] != "sft")
+        config = {"lr": 5.0e-6, "criterion_config": {"beta": 0.1}}
+        if self.typed:
+            from steps.evaluate.results import VariantResult
+
+            self.results = sorted([VariantResult(i.result, 5, 1.0, {}, config) for i in inputs],
+                                  key=lambda r: r.variant != "sft")
+        else:
+            self.results = sorted([dict(i.result, training_config=config) for i in inputs],
+                                  key=lambda r: r["variant"] != "sft")
         self.next(self.report)
 
     @card(type="blank", id="report")
@@ -445,7 +464,8 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def metaflow_runs(tmp_path_factory):
-    """Four runs: A (tag a, LC 40), B (tag b, LC 60), C (tag b, LC 70, fails in end), D (branch sweep, LC 50)."""
+    """Four runs: A (tag a, LC 40), B (tag b, LC 60), C (tag b, LC 70, fails in end), D (branch sweep, LC 50,
+    typed results as the pipeline stores them now; A-C store the plain dicts of earlier runs)."""
     from metaflow import Runner
 
     root = tmp_path_factory.mktemp("mf")
@@ -459,7 +479,7 @@ def metaflow_runs(tmp_path_factory):
         ("A", {"tags": ["a"], "lc": 40.0}, {}),
         ("B", {"tags": ["b"], "lc": 60.0}, {}),
         ("C", {"tags": ["b"], "lc": 70.0, "fail_at_end": True}, {}),
-        ("D", {"tags": ["c"], "lc": 50.0}, {"branch": "sweep"}),
+        ("D", {"tags": ["c"], "lc": 50.0, "typed": True}, {"branch": "sweep"}),
     ]
     for name, run_args, top_level in plan:
         env = dict(base_env, PREFFLOW_REPORT_DIR=str(root / f"step_report_{name}"))
@@ -502,10 +522,16 @@ def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
     assert set(paths.training_pngs) == {runs["A"], runs["B"], runs["D"]}
     from metaflow import Run
 
+    from steps.evaluate.results import EvalResult, VariantResult
     from steps.report.records import read_run
 
     with client_scope(None, metaflow_runs["ds"]):
         record = read_run(Run(runs["A"]))
+        typed = read_run(Run(runs["D"]))  # the Client API gives the typed artifacts back
+        evaluated = [t.data.result for t in Run(runs["D"])["evaluate"]]
+    assert all(isinstance(r, dict) for r in record.results) and all(isinstance(r, VariantResult) for r in typed.results)
+    assert sorted(e.variant for e in evaluated) == ["dpo", "sft"] and all(isinstance(e, EvalResult) for e in evaluated)
+    assert {e.variant: e for e in evaluated} == {r.variant: r.evaluation for r in typed.results}
     assert set(record.train_summaries) == {"sft", "dpo"}  # curve labels are variant names
     panels = [(title, [label for label, _ in series]) for _, title, series in training_panels(record)]
     assert panels[:2] == [("SFT loss", ["SFT"]), ("preference loss", ["DPO"])]
@@ -564,7 +590,8 @@ def test_client_scope_puts_back_the_callers_namespace_and_datastore(metaflow_run
         assert generate_report(out_dir=tmp_path / "r", datastore_root=ds).runs == [runs["A"], runs["B"], runs["D"]]
         assert (metaflow.get_metadata(), metaflow.get_namespace()) == before
         with client_scope("user:prefflow", ds):
-            assert Run(runs["D"])["join"].task["results"].data[0]["length_controlled_winrate"] == 50.0
+            sft = Run(runs["D"])["join"].task["results"].data[0].evaluation
+            assert sft.alpaca_eval.scores.length_controlled_winrate == 50.0
         with pytest.raises(ReportError, match="latest"):  # an error inside the scope restores too
             generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
         assert (metaflow.get_metadata(), metaflow.get_namespace()) == before

@@ -290,7 +290,8 @@ def test_killed_judging_never_resends_a_judged_pair(server, tmp_path):
 def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_server_model, tmp_path):
     """A priced model name behind the local server: cost from the server's usage, checked against the prompt
     lengths recomputed from the requests the server received."""
-    from steps.evaluate import GenerationSettings, ModelRun, evaluate_model, load_eval_set
+    from steps.config import EvaluationConfig
+    from steps.evaluate import EvalContext, ModelRun, evaluate_model, load_eval_set
 
     _, tokenizer = tiny_server_model
     eval_set = load_eval_set("embedded", max_instructions=3)
@@ -298,21 +299,18 @@ def test_evaluate_model_with_a_served_judge_counts_tokens_and_cost(server, tiny_
         {"instruction": q, "output": f"Reference answer {i}.", "generator": "ref"}
         for i, q in enumerate(eval_set.instructions)
     ]
-    result = evaluate_model(
-        "tiny",
-        eval_set,
-        refs,
-        generator="tiny",
-        out_dir=tmp_path / "eval",
-        generation=GenerationSettings(max_new_tokens=3, batch_size=3),
+    settings = EvaluationConfig(
+        max_new_tokens=3,
+        batch_size=3,
         judge="openai_compatible",
         judge_model="gpt-4o-mini-2024-07-18",
         judge_base_url=server.url,
         judge_api_key_env=KEY_ENV,
         judge_concurrency=2,
-        run=ModelRun(show_progress=False),
-        agreement_registry=tmp_path / "none.json",
+        agreement_registry=str(tmp_path / "none.json"),
     )
+    context = EvalContext(generator="tiny", out_dir=tmp_path / "eval", run=ModelRun(show_progress=False))
+    result = evaluate_model("tiny", eval_set, refs, settings, context).metrics_json()
     prompts = [
         len(
             tokenizer(

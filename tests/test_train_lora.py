@@ -453,9 +453,10 @@ def test_dpo_with_lora_runs_through_the_flow_as_the_readme_shows(tmp_path, token
     dpo = summaries["dpo"]
     assert dpo["reference"] == str(sft_dir) and dpo["steps"] == len(dpo["history"]) >= 2
     assert dpo["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters-disabled reference
-    results = {r["variant"]: r for r in run["join"].task.data.results}
+    results = {r.variant: r.evaluation for r in run["join"].task.data.results}
     assert set(results) == {"sft", "dpo"}
     for r in results.values():
-        assert r["evaluated"] and r["n_total"] == 3 and 0.0 <= r["win_rate"] <= 100.0
-        assert "| win rate |" in (Path(r["model_dir"]) / "README.md").read_text()
-    assert results["dpo"]["init"] == "SFT checkpoint"
+        scores = r.alpaca_eval.scores
+        assert scores.n_total == 3 and 0.0 <= scores.win_rate <= 100.0
+        assert "| win rate |" in (Path(r.model_dir) / "README.md").read_text()
+    assert results["dpo"].init == "SFT checkpoint"

@@ -107,19 +107,20 @@ def data_dir(tmp_path):
 
 
 class Scorings:
-    """Counts the micro-batches the trainer's reference pass scores (steps.train.reference.score_batches)."""
+    """Counts the micro-batches the trainer's reference pass scores (the shared scorer as steps.train.reference
+    calls it; dev metrics call it from steps.train.objectives and are not counted)."""
 
     def __init__(self, monkeypatch):
         import steps.train.reference as reference
 
         self.batches = 0
-        real = reference.score_batches
+        real = reference.score_pairs
 
-        def counted(model, work, *args, **kwargs):
-            self.batches += len(work)
-            return real(model, work, *args, **kwargs)
+        def counted(model, pairs, plan, *args, **kwargs):
+            self.batches += len(plan)
+            return real(model, pairs, plan, *args, **kwargs)
 
-        monkeypatch.setattr(reference, "score_batches", counted)
+        monkeypatch.setattr(reference, "score_pairs", counted)
 
 
 def test_a_resumed_run_reads_the_cache_or_scores_the_initial_weights_again(tmp_path, data_dir, monkeypatch):

@@ -6,13 +6,23 @@ from __future__ import annotations
 from steps.evaluate.agreement import judge_agreement, record_agreement, recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate, pair_outputs
 from steps.evaluate.eval_sets import EvalSet, EvalSetError, load_eval_set
-from steps.evaluate.evaluation import evaluate_model, reference_outputs_for
+from steps.evaluate.evaluation import EvalContext, evaluate_model, reference_outputs_for, write_metrics
 from steps.evaluate.generation import ModelRun, generate_outputs
 from steps.evaluate.judge_cost import judge_cost, judge_usage
 from steps.evaluate.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, Judge, JudgeError, ServedJudge, make_judge
 from steps.evaluate.judges.annotator_prompt import OFFICIAL_ANNOTATOR
 from steps.evaluate.paired import paired_comparison
-from steps.evaluate.preference_metrics import heldout_preference_metrics
+from steps.evaluate.preference_metrics import HeldoutScoring, heldout_preference_metrics
+from steps.evaluate.results import (
+    AlpacaEvalResult,
+    EvalResult,
+    HeldoutPreference,
+    HubUpload,
+    JudgeRecord,
+    PairedVs,
+    VariantResult,
+    WinRates,
+)
 from steps.evaluate.scoring import MIN_INSTRUCTIONS_FOR_LC, score
 from steps.evaluate.settings import GenerationError, GenerationSettings
 from steps.models import DEFAULT_MODEL
@@ -23,15 +33,25 @@ __all__ = [
     "DEFAULT_MODEL",
     "MIN_INSTRUCTIONS_FOR_LC",
     "OFFICIAL_ANNOTATOR",
+    "AlpacaEvalResult",
     "AnnotationInputError",
+    "EvalContext",
+    "EvalResult",
     "EvalSet",
     "EvalSetError",
     "GenerationError",
     "GenerationSettings",
+    "HeldoutPreference",
+    "HeldoutScoring",
+    "HubUpload",
     "Judge",
     "JudgeError",
+    "JudgeRecord",
     "ModelRun",
+    "PairedVs",
     "ServedJudge",
+    "VariantResult",
+    "WinRates",
     "annotate",
     "evaluate_model",
     "generate_outputs",
@@ -47,4 +67,5 @@ __all__ = [
     "recorded_agreement",
     "reference_outputs_for",
     "score",
+    "write_metrics",
 ]

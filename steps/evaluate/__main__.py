@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         use_hub=not args.no_hub,
         source=str(args.annotations),
     )
-    out = {"annotations": str(args.annotations), "alpaca_eval_order": order, **result}
+    out = {"annotations": str(args.annotations), "alpaca_eval_order": order, **asdict(result)}
     if args.baseline_annotations is not None:
         paired = paired_comparison(
             annotations,
@@ -134,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     def subcommand(name: str, helptext: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
 
-    p = subcommand("score", "WR and LC WR of an alpaca_eval annotations file")
+    _score_arguments(subcommand("score", "WR and LC WR of an alpaca_eval annotations file"))
+    _generate_arguments(subcommand("generate", "answer an eval set's instructions with a model"))
+    _annotate_arguments(subcommand("annotate", "judge model outputs against reference outputs"))
+    _agreement_arguments(subcommand("agreement", "agreement of a judge with official annotations"))
+    return parser
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", required=True, type=Path, help="alpaca_eval annotations (JSON list or JSONL)")
     p.add_argument(
         "--lc-assets",
@@ -163,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paired-seed", type=int, default=PAIRED_SEED, help="seed of the paired bootstrap")
     p.set_defaults(func=_cmd_score)
 
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
     defaults = GenerationSettings()
-    p = subcommand("generate", "answer an eval set's instructions with a model")
     p.add_argument("--model", required=True, help="model spec: 'embedded:...', 'tiny', a directory or a Hub id")
     p.add_argument("--eval-set", required=True, help="'alpaca_eval', 'embedded' or a JSON file")
     p.add_argument("--output", required=True, type=Path, help="where to write the model_outputs JSON")
@@ -175,83 +184,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-prompt sampling generators")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vllm with a GPU and vllm, else hf")
-    p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
-    p.add_argument("--dtype", default="float32", help="weights dtype of the HF backend")
+    run = ModelRun()  # how a model answers unless told otherwise: ModelRun owns the defaults
+    p.add_argument("--backend", choices=BACKENDS, default=run.backend, help="auto: vllm with a GPU and vllm, else hf")
+    p.add_argument("--device", default=run.device, help="auto: cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", default=run.dtype, help="weights dtype of the HF backend")
     p.set_defaults(func=_cmd_generate)
 
-    for name, helptext in (
-        ("annotate", "judge model outputs against reference outputs"),
-        ("agreement", "agreement of a judge with official annotations"),
-    ):
-        p = subcommand(name, helptext)
-        if name == "annotate":
-            p.add_argument("--model-outputs", required=True, type=Path, help="model outputs (output_2)")
-            p.add_argument("--reference-outputs", required=True, type=Path, help="reference outputs (output_1)")
-            p.add_argument("--output", required=True, type=Path, help="where to write the annotations JSON")
-        else:
-            p.add_argument("--annotations", required=True, type=Path, help="official alpaca_eval annotations")
-            p.add_argument("--limit", type=int, default=30, help="judge only the first LIMIT rows")
-            p.add_argument(
-                "--registry",
-                type=Path,
-                default=None,
-                help="agreement registry JSON to record the measurement in (default: the file "
-                "named by PREFFLOW_AGREEMENT_REGISTRY, else judge_agreement.json in the PrefFlow "
-                "cache)",
-            )
-            p.add_argument("--no-record", action="store_true", help="measure only; leave the registry as it is")
-        p.add_argument(
-            "--judge",
-            default=DEFAULT_JUDGE,
-            help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
-            "'alpaca_eval:<annotator config>'",
-        )
-        p.add_argument(
-            "--judge-model",
-            default=DEFAULT_MODEL,
-            help="model spec of the local judge, or the served model's name for openai_compatible",
-        )
-        p.add_argument(
-            "--judge-base-url",
-            default=None,
-            help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)",
-        )
-        p.add_argument(
-            "--judge-api-key-env",
-            default=None,
-            help="openai_compatible: name of the environment variable holding the API key (default: none, no key sent)",
-        )
-        p.add_argument(
-            "--judge-max-requests",
-            type=int,
-            default=None,
-            help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, plus 10)",
-        )
-        p.add_argument(
-            "--judge-timeout-s",
-            type=float,
-            default=DEFAULT_TIMEOUT_S,
-            help="openai_compatible: seconds to wait for each reply before retrying",
-        )
-        p.add_argument(
-            "--judge-concurrency",
-            type=int,
-            default=DEFAULT_CONCURRENCY,
-            help="openai_compatible: requests in flight at once",
-        )
-        p.add_argument(
-            "--judge-max-chars",
-            type=int,
-            default=DEFAULT_JUDGE_MAX_CHARS,
-            help="the local judge cuts each output to this many characters",
-        )
-        p.add_argument(
-            "--cache-dir", type=Path, default=None, help="reuse and keep judgements here (default: no cache)"
-        )
-        p.add_argument("--device", default="auto", help="auto: cuda when a GPU is present, else cpu")
-        p.set_defaults(func=_cmd_annotate if name == "annotate" else _cmd_agreement)
-    return parser
+
+def _annotate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-outputs", required=True, type=Path, help="model outputs (output_2)")
+    p.add_argument("--reference-outputs", required=True, type=Path, help="reference outputs (output_1)")
+    p.add_argument("--output", required=True, type=Path, help="where to write the annotations JSON")
+    _judge_arguments(p)
+    p.set_defaults(func=_cmd_annotate)
+
+
+def _agreement_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--annotations", required=True, type=Path, help="official alpaca_eval annotations")
+    p.add_argument("--limit", type=int, default=30, help="judge only the first LIMIT rows")
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="agreement registry JSON to record the measurement in (default: the file "
+        "named by PREFFLOW_AGREEMENT_REGISTRY, else judge_agreement.json in the PrefFlow "
+        "cache)",
+    )
+    p.add_argument("--no-record", action="store_true", help="measure only; leave the registry as it is")
+    _judge_arguments(p)
+    p.set_defaults(func=_cmd_agreement)
+
+
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    """The judge flags annotate and agreement share (named like the config's ``evaluation.judge_*`` knobs)."""
+    p.add_argument(
+        "--judge",
+        default=DEFAULT_JUDGE,
+        help="'local_logprob', 'local_logprob:<model spec>', 'openai_compatible' (a served model) or "
+        "'alpaca_eval:<annotator config>'",
+    )
+    p.add_argument(
+        "--judge-model",
+        default=DEFAULT_MODEL,
+        help="model spec of the local judge, or the served model's name for openai_compatible",
+    )
+    p.add_argument(
+        "--judge-base-url",
+        default=None,
+        help="openai_compatible: the server's API root, e.g. http://localhost:8000/v1 (default: none)",
+    )
+    p.add_argument(
+        "--judge-api-key-env",
+        default=None,
+        help="openai_compatible: name of the environment variable holding the API key (default: none, no key sent)",
+    )
+    p.add_argument(
+        "--judge-max-requests",
+        type=int,
+        default=None,
+        help="openai_compatible: most HTTP requests, retries included (default: twice the pairs, plus 10)",
+    )
+    p.add_argument(
+        "--judge-timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="openai_compatible: seconds to wait for each reply before retrying",
+    )
+    p.add_argument(
+        "--judge-concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="openai_compatible: requests in flight at once",
+    )
+    p.add_argument(
+        "--judge-max-chars",
+        type=int,
+        default=DEFAULT_JUDGE_MAX_CHARS,
+        help="the local judge cuts each output to this many characters",
+    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="reuse and keep judgements here (default: no cache)")
+    p.add_argument("--device", default=ModelRun.device, help="auto: cuda when a GPU is present, else cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

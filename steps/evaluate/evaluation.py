@@ -1,31 +1,27 @@
 """The flow's two calls: reference outputs for an eval set, and one model's evaluation against them (generate,
-judge, score, write ``model_outputs.json``, ``annotations.json`` and ``metrics.json``)."""
+judge, score, write ``model_outputs.json``, ``annotations.json`` and ``metrics.json``), typed
+(``steps.evaluate.results``)."""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps.evaluate.agreement import recorded_agreement
 from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.eval_sets import EvalSet
 from steps.evaluate.generation import ModelRun, answer_eval_set, generation_dtype, resolve_backend
-from steps.evaluate.judge_cost import judge_cost, judge_usage
-from steps.evaluate.judges import DEFAULT_JUDGE, make_judge
-from steps.evaluate.preference_metrics import DEFAULT_BETA, heldout_preference_metrics
+from steps.evaluate.judges import make_judge
+from steps.evaluate.results import AlpacaEvalResult, EvalFiles, HeldoutPreference, JudgeRecord
 from steps.evaluate.scoring import score
 from steps.evaluate.settings import GenerationSettings
-from steps.evaluate.weight_changes import weight_change
+from steps.evaluate.weight_changes import WeightChange, weight_change
 from steps.io import read_json, write_json
 
 if TYPE_CHECKING:
-    from typing import Unpack
-
-    from steps.evaluate.settings import JudgeOptions
+    from steps.config import EvaluationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,144 +63,135 @@ def reference_outputs_for(
     return records
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What one evaluation needs besides the run config's ``evaluation`` section: the name its outputs carry
+    (``generator``), where its files go (``out_dir``), where judgements are cached (``cache_dir``, None: no cache),
+    how the model runs (``run``: backend, device, dtype, a loaded model) and the spec training started from
+    (``init_model``: the weight-change check compares with it; None: no check)."""
+
+    generator: str
+    out_dir: Path
+    run: ModelRun = field(default_factory=ModelRun)
+    cache_dir: Path | None = None
+    init_model: str | None = None
+
+
 def evaluate_model(
     model_spec: str,
     eval_set: EvalSet,
     reference_outputs: list[dict[str, Any]],
-    *,
-    generator: str,
-    out_dir: str | Path,
-    generation: GenerationSettings,
-    judge: str = DEFAULT_JUDGE,
-    lc_assets_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    run: ModelRun = ModelRun(),
-    heldout_pairs: Sequence[dict[str, Any]] | None = None,
-    heldout_reference: str | None = None,
-    heldout_beta: float = DEFAULT_BETA,
-    heldout_max_pairs: int | None = None,
-    heldout_max_seq_len: int = 2048,
-    agreement_registry: str | Path | None = None,
-    init_model: str | None = None,
-    **judge_options: Unpack[JudgeOptions],
-) -> dict[str, Any]:
-    """Generate with ``model_spec`` (or ``run.model``, on ``run``'s backend, device and dtype), judge against
-    ``reference_outputs``, score; write the files to ``out_dir`` and return the metrics plus what produced them.
+    settings: EvaluationConfig,
+    context: EvalContext,
+) -> AlpacaEvalResult:
+    """Generate with ``model_spec`` (or ``context.run.model``), judge against ``reference_outputs``, score; write
+    ``model_outputs.json``, ``annotations.json`` and ``metrics.json`` to ``context.out_dir``.
 
-    The judge is made and checked first, so a missing API key fails before any generation. Outputs already in
-    ``out_dir`` from the same model, instructions and settings are reused (a retried step does not generate
-    again); judgements are reused through ``cache_dir``. With ``heldout_pairs`` (dev preference rows) the result
-    also carries ``heldout_preference`` (judge-free accuracies; reward metrics against ``heldout_reference``).
-    Every result carries the judge's recorded agreement (``judge_agreement``, None if never measured), its
-    tokens (``judge_tokens``) and estimated cost (``judge_cost_usd``, None for local or unpriced judges).
-    ``judge_options`` go to ``make_judge`` with ``judge`` and ``run``'s device, dtype and show_progress.
-    With ``init_model`` (the spec training started from) the result carries ``weight_change``: the share of
-    weight entries that differ from it in the dtype the answers are generated in, and why where none does.
+    ``settings`` (the run config's typed ``evaluation`` section) gives the generation settings, the judge and its
+    options, the LC assets, the agreement registry and whether to check weight changes. The judge is made and
+    checked first, so a missing API key fails before any generation. Outputs already in ``out_dir`` from the same
+    model, instructions and settings are reused (a retried step does not generate again); judgements are reused
+    through ``context.cache_dir``. With ``context.init_model`` the result says whether the scored model differs
+    from it in the dtype the answers are generated in. Held-out preference metrics are the caller's
+    (``steps.evaluate.preference_metrics``; :func:`write_metrics` adds them to metrics.json).
     """
-    out_dir = Path(out_dir)
     if len(reference_outputs) != len(eval_set):
         raise AnnotationInputError(
             f"{len(reference_outputs)} reference outputs for {len(eval_set)} instructions of eval set {eval_set.name}"
         )
-    pairwise_judge = make_judge(
-        judge, device=run.device, dtype=run.dtype, show_progress=run.show_progress, **judge_options
+    run = context.run
+    judge = make_judge(
+        settings.judge, device=run.device, dtype=run.dtype, show_progress=run.show_progress, **settings.judge_options()
     )
-    pairwise_judge.check()
+    judge.check()
     changes = None
-    if init_model is not None:  # the model as it will be scored: in the dtype generation runs in
-        dtype = generation_dtype(run, resolve_backend(run.backend, run.model if run.model is not None else model_spec))
-        changes = weight_change(model_spec, init_model, dtype, show_progress=run.show_progress).record()
+    if settings.weight_change_check and context.init_model is not None:
+        changes = _weight_change(model_spec, context.init_model, run)
+    model_outputs, generation = _model_outputs(model_spec, eval_set, settings.generation, context)
+    gc.collect()  # what generation loaded goes before the judge model loads
 
+    files = EvalFiles(*(str(context.out_dir / name) for name in (MODEL_OUTPUTS_FILE, ANNOTATIONS_FILE, METRICS_FILE)))
+    annotations = annotate(model_outputs, reference_outputs, judge, cache_dir=context.cache_dir)
+    write_json(files.annotations, annotations)
+    logger.info("wrote %s", files.annotations)
+    scores = score(
+        annotations,
+        lc_assets_dir=settings.lc_assets_dir,
+        subset=eval_set.subset,
+        alpaca_eval_order=eval_set.alpaca_eval_order,
+        source=files.annotations,
+    )
+    references = sorted({str(r.get("generator")) for r in reference_outputs})  # alpaca_eval records: may lack it
+    result = AlpacaEvalResult(
+        model=model_spec,
+        generator=context.generator,
+        scores=scores,
+        judge=JudgeRecord.of(judge, annotations, settings.agreement_registry),
+        weight_change=changes,
+        eval_set=eval_set.name,
+        eval_set_source=str(eval_set.source),
+        subset=eval_set.subset,
+        n_instructions=len(eval_set),
+        reference_generator=references[0] if len(references) == 1 else references,
+        generation=generation,
+        files=files,
+    )
+    write_metrics(result)
+    _log_result(result)
+    return result
+
+
+def write_metrics(result: AlpacaEvalResult, heldout: HeldoutPreference | None = None) -> Path:
+    """metrics.json of ``result`` (with the held-out metrics, when the caller computed them)."""
+    return write_json(result.files.metrics, result.metrics_json(heldout))
+
+
+def _weight_change(model_spec: str, init_model: str, run: ModelRun) -> WeightChange:
+    """The share of weights that differ from the init in the dtype generation runs in (the model as scored)."""
+    dtype = generation_dtype(run, resolve_backend(run.backend, run.model if run.model is not None else model_spec))
+    return weight_change(model_spec, init_model, dtype, show_progress=run.show_progress)
+
+
+def _model_outputs(
+    model_spec: str, eval_set: EvalSet, generation: GenerationSettings, context: EvalContext
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The model's outputs and how they were made (the settings, then backend, dtype and speed): reused from
+    ``out_dir`` when the same model answered the same instructions with the same settings, else generated."""
     settings = generation.record()
     generation_record = {
         "model": model_spec,
-        "generator": generator,
+        "generator": context.generator,
         "eval_set": eval_set.name,
         "instructions": eval_set.instructions,
         **settings,
     }
-    outputs_path, generation_path = out_dir / MODEL_OUTPUTS_FILE, out_dir / GENERATION_FILE
-    model_outputs: list[dict[str, Any]] | None = None
+    outputs_path, generation_path = context.out_dir / MODEL_OUTPUTS_FILE, context.out_dir / GENERATION_FILE
     if outputs_path.is_file() and generation_path.is_file():
         previous = read_json(generation_path)
-        if {k: previous.get(k) for k in generation_record} == generation_record:
-            model_outputs = read_json(outputs_path)
-            generation_info = previous.get("info", {})
+        if "info" in previous and {k: previous.get(k) for k in generation_record} == generation_record:
+            outputs = read_json(outputs_path)
             logger.info(
-                "reusing %d outputs from %s (same model, instructions and settings)", len(model_outputs), outputs_path
+                "reusing %d outputs from %s (same model, instructions and settings)", len(outputs), outputs_path
             )
-    if model_outputs is None:
-        # a model loaded for generation is freed on return; one passed in run.model is the caller's to free
-        model_outputs, generation_info = answer_eval_set(model_spec, eval_set, generator, generation, run)
-        write_json(outputs_path, model_outputs)
-        write_json(generation_path, {**generation_record, "info": generation_info})
-        logger.info("wrote %s", outputs_path)
-    heldout = None
-    if heldout_pairs is not None:
-        heldout = heldout_preference_metrics(
-            model_spec,
-            heldout_pairs,
-            reference_spec=heldout_reference,
-            beta=heldout_beta,
-            device=run.device,
-            dtype=run.dtype,
-            max_seq_len=heldout_max_seq_len,
-            max_pairs=heldout_max_pairs,
-            model=run.model,
-            tokenizer=run.tokenizer,
-            show_progress=run.show_progress,
-        )
-    gc.collect()  # what generation and the held-out metrics loaded goes before the judge model loads
+            return outputs, {**settings, **previous["info"]}
+    # a model loaded for generation is freed on return; one passed in run.model is the caller's to free
+    outputs, info = answer_eval_set(model_spec, eval_set, context.generator, generation, context.run)
+    write_json(outputs_path, outputs)
+    write_json(generation_path, {**generation_record, "info": info})
+    logger.info("wrote %s", outputs_path)
+    return outputs, {**settings, **info}
 
-    annotations = annotate(model_outputs, reference_outputs, pairwise_judge, cache_dir=cache_dir)
-    write_json(out_dir / ANNOTATIONS_FILE, annotations)
-    logger.info("wrote %s", out_dir / ANNOTATIONS_FILE)
 
-    metrics = score(
-        annotations,
-        lc_assets_dir=lc_assets_dir,
-        subset=eval_set.subset,
-        alpaca_eval_order=eval_set.alpaca_eval_order,
-        source=str(out_dir / ANNOTATIONS_FILE),
-    )
-    references = sorted({str(r.get("generator")) for r in reference_outputs})
-    tokens = judge_usage(annotations)
-    cost, price, cost_note = judge_cost(tokens, pairwise_judge.price_model)
-    result = {
-        **metrics,
-        "model": model_spec,
-        "generator": generator,
-        **pairwise_judge.metadata(),
-        "judge_agreement": recorded_agreement(pairwise_judge, agreement_registry),
-        "judge_tokens": tokens,
-        "judge_cost_usd": cost,
-        "judge_price": price,
-        "judge_cost_note": cost_note,
-        "heldout_preference": heldout,
-        "weight_change": changes,
-        "eval_set": eval_set.name,
-        "eval_set_source": eval_set.source,
-        "subset": eval_set.subset,
-        "n_instructions": len(eval_set),
-        "reference_generator": references[0] if len(references) == 1 else references,
-        "generation": {**settings, **generation_info},
-        "files": {
-            "model_outputs": str(outputs_path),
-            "annotations": str(out_dir / ANNOTATIONS_FILE),
-            "metrics": str(out_dir / METRICS_FILE),
-        },
-    }
-    write_json(out_dir / METRICS_FILE, result)
+def _log_result(result: AlpacaEvalResult) -> None:
+    scores, changes = result.scores, result.weight_change
+    unchanged = changes is not None and changes.changed == 0
     logger.info(
         "wrote %s: WR %s, LC %s (%s), judge %s%s%s",
-        out_dir / METRICS_FILE,
-        result["win_rate"],
-        result["length_controlled_winrate"],
-        result["lc_unavailable_reason"] or result["lc_method"],
-        result["judge"],
-        " [weak judge: mechanism check only]" if result["weak_judge"] else "",
-        f" [scores of a model equal to its init in {changes['dtype']}: {changes['note']}]"
-        if changes is not None and changes["changed"] == 0
-        else "",
+        result.files.metrics,
+        scores.win_rate,
+        scores.length_controlled_winrate,
+        scores.lc_unavailable_reason or scores.lc_method,
+        result.judge.label,
+        " [weak judge: mechanism check only]" if result.judge.weak else "",
+        f" [scores of a model equal to its init in {changes.dtype}: {changes.note}]" if changes and unchanged else "",
     )
-    return json.loads(json.dumps(result, default=str))

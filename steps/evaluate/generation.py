@@ -116,11 +116,11 @@ def generate_outputs(
     datasets: Sequence[str | None] | None = None,
     backend: str = "auto",
     show_progress: bool = True,
-    dtype: str = "auto",
 ) -> list[dict[str, Any]]:
     """One ``{"instruction", "output", "generator"[, "dataset"]}`` record per instruction, in input order.
 
-    ``model`` may be a loaded Hugging Face model or a spec / directory (vLLM: a directory or Hub id). The HF backend
+    ``model`` may be a loaded Hugging Face model or a spec / directory (vLLM: a directory or Hub id; loaded in the
+    dtype ``auto`` resolves to: :func:`answer_instructions` with a :class:`ModelRun` picks another). The HF backend
     admits the longest prompts first and returns outputs in the caller's order: greedy output equals decoding each
     prompt alone; sampled output repeats for a given seed and instruction list (each prompt has its own seeded
     generator). The ``model.generate`` fallback seeds static batch ``k`` with ``seed + k``. vLLM runs in a
@@ -128,7 +128,7 @@ def generate_outputs(
     """
     loaded = not isinstance(model, (str, Path))
     run = ModelRun(
-        backend, dtype=dtype, model=model if loaded else None, tokenizer=tokenizer, show_progress=show_progress
+        backend, dtype="auto", model=model if loaded else None, tokenizer=tokenizer, show_progress=show_progress
     )
     records, _ = answer_instructions(
         None if loaded else str(model), instructions, generator, generation, run, datasets=datasets

@@ -3,23 +3,28 @@ answer more probability than the rejected one, and (given a reference model) DPO
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tqdm.auto import tqdm
-
-from steps.evaluate.generation import resolve_device
+from steps.evaluate.generation import ModelRun, resolve_device
+from steps.evaluate.results import HeldoutPreference
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
+
+    from steps.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-#: DPO's default beta (the reference recipe's), used to scale implicit rewards when the caller gives none.
-DEFAULT_BETA = 0.1
+#: Padded tokens per held-out micro-batch. Scoring keeps no activations for a backward pass, so it packs more than
+#: training; batch composition moves bf16 sums slightly, so this stays fixed for comparable numbers across runs.
+HELDOUT_MAX_NUM_TOKENS = 8192
 
 
 class PreferenceDataError(ValueError):
@@ -61,40 +66,38 @@ def _normalised_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def pair_logprobs(
-    model: PreTrainedModel,
-    examples: Sequence[Any],
-    pad_id: int,
-    *,
-    max_num_tokens: int,
-    desc: str = "held-out pairs",
-    show_progress: bool = True,
-) -> list[tuple[float, float, int, int]]:
-    """(chosen sum, rejected sum, chosen tokens, rejected tokens) per PairExample, in order, with autograd off.
+@dataclass(frozen=True)
+class HeldoutScoring:
+    """How held-out pairs are tokenised and scored: as the trained variant's own training section says
+    (:meth:`for_variant`: ``max_seq_len``, ``overlength``, ``mask_source_tokens``, and ``beta``, the implicit
+    reward's scale, from its loss config when the loss has one), at most ``max_pairs`` of them, in micro-batches of
+    at most ``max_num_tokens`` padded tokens (no gradients here, so larger than training's usually are)."""
 
-    Summed over the response tokens plus the end-of-turn token, prompt masked: what training scores.
-    """
-    import torch
+    max_seq_len: int
+    overlength: Literal["drop", "truncate"]
+    mask_source_tokens: bool
+    beta: float | None = None
+    max_pairs: int | None = None
+    max_num_tokens: int = HELDOUT_MAX_NUM_TOKENS
 
-    from steps.train.batching import collate_pairs, make_batches
-    from steps.train.logprobs import sequence_logprobs
+    def __post_init__(self) -> None:
+        if self.overlength not in ("drop", "truncate"):
+            raise ValueError(f"overlength must be 'drop' or 'truncate', got {self.overlength!r}")
+        beta = self.beta
+        if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0):
+            raise ValueError(f"beta must be a number > 0 (or None: no reward metrics), got {beta!r}")
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[tuple[float, float, int, int] | None] = [None] * len(examples)
-    batches = make_batches(examples, max_num_tokens, 0, 0, rows_per_example=2, shuffle=False)
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not show_progress):
-                chunk = [examples[i] for i in batch]
-                sums, counts = sequence_logprobs(model, collate_pairs(chunk, pad_id).to(device))
-                n = len(chunk)
-                for j, i in enumerate(batch):
-                    out[i] = (float(sums[j]), float(sums[n + j]), int(counts[j]), int(counts[n + j]))
-    finally:
-        model.train(was_training)
-    return [x for x in out if x is not None]
+    @classmethod
+    def for_variant(cls, section: TrainConfig, max_pairs: int | None) -> HeldoutScoring:
+        """The scoring of a variant trained with ``section`` (its SFT or resolved preference section)."""
+        loss_config = getattr(section, "criterion_config", None)  # SFT has no loss config
+        return cls(
+            max_seq_len=section.max_seq_len,
+            overlength=section.overlength,
+            mask_source_tokens=section.mask_source_tokens,
+            beta=getattr(loss_config, "beta", None),  # the losses that take a reference all have one
+            max_pairs=max_pairs,
+        )
 
 
 def _accuracy(flags: list[bool]) -> tuple[float | None, float | None]:
@@ -108,144 +111,133 @@ def _accuracy(flags: list[bool]) -> tuple[float | None, float | None]:
 def heldout_preference_metrics(
     model_spec: str | None,
     pairs_rows: Sequence[dict[str, Any]],
+    scoring: HeldoutScoring,
+    run: ModelRun = ModelRun(),
     *,
-    reference_spec: str | None = None,
-    beta: float = DEFAULT_BETA,
-    device: str = "auto",
-    dtype: str = "float32",
-    max_seq_len: int = 2048,
-    max_num_tokens: int = 8192,
-    overlength: Literal["drop", "truncate"] = "truncate",
-    max_pairs: int | None = None,
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    reference: str | None = None,
     reference_model: PreTrainedModel | None = None,
-    show_progress: bool = True,
     return_per_pair: bool = False,
-) -> dict[str, Any]:
-    """Preference accuracy of ``model_spec`` (or ``model``) on held-out pairs, and with a reference, reward metrics.
-
-    ``preference_accuracy``: fraction of pairs with log p(chosen) > log p(rejected), summed over the response
-    tokens; ``preference_accuracy_normalized``: the same with per-token means (length-normalised, SimPO's score).
-    With ``reference_spec`` (or ``reference_model``): DPO's implicit reward ``beta * (log p - log p_ref)``,
-    ``reward_accuracy`` (chosen reward > rejected reward) and ``reward_margin_mean``. Ties count as wrong, as in
-    TRL's ``rewards/accuracies``. Tokenised, truncated or dropped exactly as training does
-    (``steps.train.batching``); accuracies come with binomial standard errors.
-    """
-    from steps.models import load_model, load_tokenizer
+) -> HeldoutPreference:
+    """Preference accuracy of ``model_spec`` (or ``run.model``, with ``run.tokenizer``) on held-out pairs, and with a
+    reference (``reference``, loaded like the policy in ``run``'s dtype and device, or ``reference_model``) and a
+    beta, DPO's implicit-reward metrics (see :class:`HeldoutPreference`). Ties count as wrong, as in TRL's
+    ``rewards/accuracies``. Tokenised, truncated or dropped as training does (``steps.train.batching``), scored by
+    training's pair scorer (``steps.train.pair_scores``)."""
+    from steps.models import load_tokenizer
     from steps.train.batching import tokenize_pairs
 
-    if overlength not in ("drop", "truncate"):
-        raise ValueError(f"overlength must be 'drop' or 'truncate', got {overlength!r}")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    if model is None and model_spec is None:
+    if run.model is None and model_spec is None:
         raise ValueError("give model_spec or a loaded model")
-    if tokenizer is None and model_spec is None:
+    if run.tokenizer is None and model_spec is None:
         raise ValueError("give model_spec or the loaded model's tokenizer")
-    rows = _normalised_rows(list(pairs_rows)[:max_pairs] if max_pairs is not None else list(pairs_rows))
-    device = resolve_device(device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_spec))
-    examples, stats = tokenize_pairs(rows, tokenizer, max_seq_len, overlength)
-    has_reference = reference_spec is not None or reference_model is not None
-    result: dict[str, Any] = {
-        "model": model_spec,
-        "reference": reference_spec if has_reference else None,
-        "beta": float(beta) if has_reference else None,
-        "n_rows": len(rows),
-        "n_pairs": len(examples),
-        "n_dropped_overlength": stats.dropped_overlength,
-        "n_truncated": stats.truncated,
-        "max_seq_len": max_seq_len,
-    }
+    rows = _normalised_rows(list(pairs_rows)[: scoring.max_pairs])
+    tokenizer = run.tokenizer if run.tokenizer is not None else load_tokenizer(str(model_spec))
+    examples, stats = tokenize_pairs(rows, tokenizer, scoring.max_seq_len, scoring.overlength)
+    has_reference = reference is not None or reference_model is not None
+    if has_reference and scoring.beta is None:
+        logger.warning("held-out pairs: a reference but no beta (the loss has none): no reward metrics")
+    with_reward = has_reference and scoring.beta is not None
+    counted = HeldoutPreference(
+        model=model_spec,
+        reference=reference if with_reward else None,
+        beta=float(scoring.beta) if with_reward and scoring.beta is not None else None,
+        n_rows=len(rows),
+        n_pairs=len(examples),
+        n_dropped_overlength=stats.dropped_overlength,
+        n_truncated=stats.truncated,
+        max_seq_len=scoring.max_seq_len,
+    )
     if not examples:
         logger.warning(
             "no held-out preference pair left to score (%d rows, %d dropped as over-long)",
             len(rows),
             stats.dropped_overlength,
         )
-        return {
-            **result,
-            "preference_accuracy": None,
-            "preference_accuracy_normalized": None,
-            "reward_accuracy": None,
-            "reward_margin_mean": None,
-        }
-
-    loaded = model is None
-    policy = model if model is not None else load_model(str(model_spec), dtype=dtype, device=device)
-    scores = pair_logprobs(
-        policy,
-        examples,
-        tokenizer.pad_token_id,
-        max_num_tokens=max_num_tokens,
-        desc=f"held-out pairs {model_spec or 'model'}",
-        show_progress=show_progress,
-    )
-    if loaded:
-        del policy
-        gc.collect()
+        return counted
+    score = functools.partial(_score, examples, scoring, tokenizer.pad_token_id, run)
+    scores = score(run.model, model_spec, f"held-out pairs {model_spec or 'model'}")
     reference_scores = None
-    if has_reference:
-        ref = (
-            reference_model
-            if reference_model is not None
-            else load_model(str(reference_spec), dtype=dtype, device=device)
-        )
-        reference_scores = pair_logprobs(
-            ref,
-            examples,
-            tokenizer.pad_token_id,
-            max_num_tokens=max_num_tokens,
-            desc=f"held-out pairs reference {reference_spec or ''}".strip(),
-            show_progress=show_progress,
-        )
-        del ref
-        gc.collect()
-
-    accuracy, accuracy_se = _accuracy([c > r for c, r, _, _ in scores])
-    normalized, normalized_se = _accuracy([c / max(nc, 1) > r / max(nr, 1) for c, r, nc, nr in scores])
-    result.update(
-        preference_accuracy=accuracy,
-        preference_accuracy_se=accuracy_se,
-        preference_accuracy_normalized=normalized,
-        preference_accuracy_normalized_se=normalized_se,
-        n_ties=sum(c == r for c, r, _, _ in scores),
-        logprob_margin_mean=math.fsum(c - r for c, r, _, _ in scores) / len(scores),
-    )
-    margins: list[float] = []
-    if reference_scores is not None:
-        margins = [beta * ((c - rc) - (r - rr)) for (c, r, _, _), (rc, rr, _, _) in zip(scores, reference_scores)]
-        reward_accuracy, reward_se = _accuracy([m > 0 for m in margins])
-        result.update(
-            reward_accuracy=reward_accuracy,
-            reward_accuracy_se=reward_se,
-            reward_margin_mean=math.fsum(margins) / len(margins),
-        )
-    else:
-        result.update(reward_accuracy=None, reward_accuracy_se=None, reward_margin_mean=None)
+    if with_reward:
+        reference_scores = score(reference_model, reference, f"held-out pairs reference {reference or ''}".strip())
+    result = dataclasses.replace(counted, **_metrics(scores, reference_scores, scoring.beta))
     if return_per_pair:
-        result["per_pair"] = [
-            {
-                "id": ex.id,
-                "chosen_logp": c,
-                "rejected_logp": r,
-                "chosen_tokens": nc,
-                "rejected_tokens": nr,
-                **(
-                    {"reference_chosen_logp": reference_scores[i][0], "reference_rejected_logp": reference_scores[i][1]}
-                    if reference_scores is not None
-                    else {}
-                ),
-            }
-            for i, (ex, (c, r, nc, nr)) in enumerate(zip(examples, scores))
-        ]
+        result = dataclasses.replace(result, per_pair=_per_pair(examples, scores, reference_scores))
     logger.info(
         "held-out preference accuracy of %s on %d pairs: %.3f (length-normalised %.3f)%s",
         model_spec,
         len(scores),
-        accuracy,
-        normalized,
-        f", reward accuracy {result['reward_accuracy']:.3f} vs {reference_spec}" if margins else "",
+        result.preference_accuracy,
+        result.preference_accuracy_normalized,
+        f", reward accuracy {result.reward_accuracy:.3f} vs {reference}" if reference_scores is not None else "",
     )
     return result
+
+
+#: (chosen sum, rejected sum, chosen tokens, rejected tokens) of one pair.
+PairScore = tuple[float, float, int, int]
+
+
+def _score(
+    examples: Sequence[Any],
+    scoring: HeldoutScoring,
+    pad_id: int,
+    run: ModelRun,
+    model: Any,
+    spec: str | None,
+    desc: str,
+) -> list[PairScore]:
+    """Each pair's sums and token counts by ``model`` (loaded from ``spec`` as ``run`` says, and freed, when None),
+    in length-sorted micro-batches of ``scoring.max_num_tokens``."""
+    from steps.models import load_model
+    from steps.train.batching import collate_pairs, make_batches
+    from steps.train.pair_scores import score_pairs
+
+    loaded = model is None
+    scorer = load_model(str(spec), dtype=run.dtype, device=resolve_device(run.device)) if loaded else model
+    batches = make_batches(examples, scoring.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False)
+
+    def collate(chunk: list[Any]) -> Any:
+        return collate_pairs(chunk, pad_id, scoring.mask_source_tokens)
+
+    sums = score_pairs(
+        scorer, examples, [(b, True) for b in batches], collate, desc=desc, show_progress=run.show_progress
+    )
+    if loaded:
+        del scorer
+        gc.collect()
+    return [(c, r, int(nc), int(nr)) for c, r, nc, nr in sums.tolist()]
+
+
+def _metrics(scores: list[PairScore], reference_scores: list[PairScore] | None, beta: float | None) -> dict[str, Any]:
+    """The accuracies and margins of :class:`HeldoutPreference` from the policy's (and the reference's) scores."""
+    accuracy, accuracy_se = _accuracy([c > r for c, r, _, _ in scores])
+    normalized, normalized_se = _accuracy([c / max(nc, 1) > r / max(nr, 1) for c, r, nc, nr in scores])
+    metrics: dict[str, Any] = {
+        "preference_accuracy": accuracy,
+        "preference_accuracy_se": accuracy_se,
+        "preference_accuracy_normalized": normalized,
+        "preference_accuracy_normalized_se": normalized_se,
+        "n_ties": sum(c == r for c, r, _, _ in scores),
+        "logprob_margin_mean": math.fsum(c - r for c, r, _, _ in scores) / len(scores),
+    }
+    if reference_scores is not None and beta is not None:
+        margins = [beta * ((c - rc) - (r - rr)) for (c, r, _, _), (rc, rr, _, _) in zip(scores, reference_scores)]
+        reward_accuracy, reward_se = _accuracy([m > 0 for m in margins])
+        metrics.update(
+            reward_accuracy=reward_accuracy,
+            reward_accuracy_se=reward_se,
+            reward_margin_mean=math.fsum(margins) / len(margins),
+        )
+    return metrics
+
+
+def _per_pair(
+    examples: Sequence[Any], scores: list[PairScore], reference_scores: list[PairScore] | None
+) -> list[dict[str, Any]]:
+    out = []
+    for i, (ex, (c, r, nc, nr)) in enumerate(zip(examples, scores)):
+        row = {"id": ex.id, "chosen_logp": c, "rejected_logp": r, "chosen_tokens": nc, "rejected_tokens": nr}
+        if reference_scores is not None:
+            row.update(reference_chosen_logp=reference_scores[i][0], reference_rejected_logp=reference_scores[i][1])
+        out.append(row)
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from steps.evaluate.lc_glm import (
     local_resolver,
     no_assets_resolver,
 )
+from steps.evaluate.results import WinRates
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def score(
     alpaca_eval_order: bool = True,
     use_hub: bool = True,
     source: str = "annotations",
-) -> dict[str, Any]:
+) -> WinRates:
     """WR, LC WR and counts for one model against one reference, with the LC method named in ``lc_method``.
 
     WR is ``alpaca_eval.metrics.get_winrate`` (reproduces the leaderboard exactly). LC is its
@@ -173,71 +175,91 @@ def score(
     the eval set, which the label records.
     """
     from alpaca_eval.metrics import get_winrate
-    from alpaca_eval.metrics.glm_winrate import GLM_INFO
 
     df = annotations_frame(annotations, source)
-    metrics: dict[str, Any] = dict(get_winrate(df))
-    metrics["avg_length"] = int(df["output_2"].astype(str).str.len().mean())  # as alpaca_eval's leaderboard
-
-    assets: str | None = None
-    approximate = False
-    resolver: Callable[[str], Any] | None = None
-    full_glm = False
-    if alpaca_eval_order:
-        if lc_assets_dir is not None:
-            directory = Path(lc_assets_dir)
-            if not (directory / GAMED_FILE).is_file():
-                raise LcAssetsError(
-                    f"LC assets directory {directory} has no {GAMED_FILE}; give a directory "
-                    f"with {GAMED_FILE} and {DIFFICULTY_FILE}, or none to score without them"
-                )
-            assets, approximate, full_glm = str(directory), is_approximate_assets(directory), True
-            resolver = local_resolver(directory)
-        elif use_hub and hub_assets_available():
-            assets, full_glm = "hub", True
-    elif lc_assets_dir is not None:
-        logger.warning(
-            "ignoring LC assets %s: the rows are not AlpacaEval's instructions in order, so the "
-            "per-instruction difficulty and gamed baselines do not apply",
-            lc_assets_dir,
-        )
-
-    metrics["lc_method"] = lc_method_label(
-        subset=subset,
-        gamed_regularisation=full_glm,
-        instruction_difficulty=full_glm,
-        assets=assets,
-        approximate=approximate,
-    )
-    metrics["lc_assets"] = assets
-    metrics["lc_approximate_assets"] = approximate
+    winrate = {k: _plain(v) for k, v in get_winrate(df).items()}
+    assets = _lc_assets(lc_assets_dir, alpaca_eval_order, use_hub)
     lc, lc_se, reason = None, None, lc_unavailable_reason(df)
     if reason is None:
-        if full_glm:
-            glm_info = GLM_INFO[LC_GLM_NAME]
-        else:
-            glm_info = {
-                "formula": NO_DIFFICULTY_FORMULA,
-                "regularize_to_baseline_lambda": None,
-                "kwargs": dict(GLM_INFO[LC_GLM_NAME]["kwargs"]),
-            }
-            resolver = no_assets_resolver(len(df))
-        lc, lc_se, reason = _fit(df, glm_info, resolver)
-        if not full_glm:
-            lc_se = None  # one prediction for every instruction: alpaca_eval's s.e. is 0 by construction
-    metrics["length_controlled_winrate"] = lc
-    metrics["lc_standard_error"] = lc_se
-    metrics["lc_unavailable_reason"] = reason
-
-    out = {k: _plain(v) for k, v in metrics.items()}
+        lc, lc_se, reason = _length_controlled(df, assets)
+    scores = WinRates(
+        win_rate=winrate["win_rate"],
+        standard_error=winrate["standard_error"],
+        n_wins=winrate["n_wins"],
+        n_wins_base=winrate["n_wins_base"],
+        n_draws=winrate["n_draws"],
+        n_total=winrate["n_total"],
+        discrete_win_rate=winrate["discrete_win_rate"],
+        avg_length=int(df["output_2"].astype(str).str.len().mean()),  # as alpaca_eval's leaderboard
+        lc_method=lc_method_label(
+            subset=subset,
+            gamed_regularisation=assets.full_glm,
+            instruction_difficulty=assets.full_glm,
+            assets=assets.name,
+            approximate=assets.approximate,
+        ),
+        lc_assets=assets.name,
+        lc_approximate_assets=assets.approximate,
+        length_controlled_winrate=_plain(lc),
+        lc_standard_error=_plain(lc_se),
+        lc_unavailable_reason=reason,
+    )
     logger.info(
         "scored %d annotations: WR %s, LC %s (%s)",
         len(df),
-        out["win_rate"],
-        out["length_controlled_winrate"],
-        reason or out["lc_method"],
+        scores.win_rate,
+        scores.length_controlled_winrate,
+        reason or scores.lc_method,
     )
-    return out
+    return scores
+
+
+@dataclass(frozen=True)
+class _LcAssets:
+    """Which LC computation applies: the full GLM (gamed baselines and instruction difficulty, from ``name``: a
+    directory, or "hub") or the GLM without them (``full_glm`` False); ``resolver`` finds a local directory's files."""
+
+    full_glm: bool = False
+    name: str | None = None
+    approximate: bool = False
+    resolver: Callable[[str], Any] | None = None
+
+
+def _lc_assets(lc_assets_dir: str | Path | None, alpaca_eval_order: bool, use_hub: bool) -> _LcAssets:
+    if not alpaca_eval_order:
+        if lc_assets_dir is not None:
+            logger.warning(
+                "ignoring LC assets %s: the rows are not AlpacaEval's instructions in order, so the "
+                "per-instruction difficulty and gamed baselines do not apply",
+                lc_assets_dir,
+            )
+        return _LcAssets()
+    if lc_assets_dir is not None:
+        directory = Path(lc_assets_dir)
+        if not (directory / GAMED_FILE).is_file():
+            raise LcAssetsError(
+                f"LC assets directory {directory} has no {GAMED_FILE}; give a directory "
+                f"with {GAMED_FILE} and {DIFFICULTY_FILE}, or none to score without them"
+            )
+        return _LcAssets(True, str(directory), is_approximate_assets(directory), local_resolver(directory))
+    if use_hub and hub_assets_available():
+        return _LcAssets(True, "hub")
+    return _LcAssets()
+
+
+def _length_controlled(df: Any, assets: _LcAssets) -> tuple[float | None, float | None, str | None]:
+    """(LC, s.e., None) from the GLM the assets allow, or (None, None, reason)."""
+    from alpaca_eval.metrics.glm_winrate import GLM_INFO
+
+    if assets.full_glm:
+        return _fit(df, GLM_INFO[LC_GLM_NAME], assets.resolver)
+    glm_info = {
+        "formula": NO_DIFFICULTY_FORMULA,
+        "regularize_to_baseline_lambda": None,
+        "kwargs": dict(GLM_INFO[LC_GLM_NAME]["kwargs"]),
+    }
+    lc, _, reason = _fit(df, glm_info, no_assets_resolver(len(df)))
+    return lc, None, reason  # one prediction for every instruction: alpaca_eval's s.e. is 0 by construction
 
 
 def _fit(

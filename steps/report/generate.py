@@ -32,7 +32,6 @@ from steps.report.table import (
     results_json,
     results_markdown,
     safe_name,
-    snapshot_name,
     table_or_none,
 )
 
@@ -87,17 +86,17 @@ def training_png_name(record: RunRecord) -> str:
     return f"plots/training-{safe_name(record.flow)}-{safe_name(record.run_id)}.png"
 
 
-def config_snapshot_yaml(record: RunRecord, result: dict) -> str:
+def config_snapshot_yaml(record: RunRecord, row: ResultRow) -> str:
     """The exact config a model was trained with: its resolved training section and the run's full config."""
     doc = {
         "flow": record.flow,
         "run_id": record.run_id,
-        "variant": result.get("variant"),
-        "training_config": result.get("training_config"),
+        "variant": row.variant,
+        "training_config": row.training_section,
         "run_config": record.run_config,
     }
     header = (
-        f"# Config snapshot of {record.pathspec}, variant {result.get('variant')}: written by steps.report "
+        f"# Config snapshot of {record.pathspec}, variant {row.variant}: written by steps.report "
         f"from the run's Metaflow artifacts (join.results[].training_config and join.run_config).\n"
     )
     return header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False)
@@ -154,10 +153,9 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
     """All report files as {relative path: bytes}, plus what ReportPaths needs. No I/O."""
     rows = build_rows(records)
     files: dict[str, bytes] = {}
-    for record in records:
-        for result in record.results:
-            name = f"configs/{snapshot_name(record, str(result.get('variant', '')))}"
-            files[name] = config_snapshot_yaml(record, result).encode("utf-8")
+    runs = {record.pathspec: record for record in records}
+    for row in rows:
+        files[row.config_snapshot] = config_snapshot_yaml(runs[row.pathspec], row).encode("utf-8")
     training: dict[str, str] = {}
     for record in records:
         png = training_curves_png(record)

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from steps.evaluate.results import VariantResult
+
 logger = logging.getLogger(__name__)
 
 #: Step names of flows/pipeline.py the report reads.
@@ -34,7 +36,8 @@ class RunRecord:
     tags: list[str]  # user tags, sorted
     system_tags: list[str]  # sorted
     successful: bool
-    results: list[dict]  # join: one dict per evaluated model
+    # join: one per model, typed (steps.evaluate.results.VariantResult), or a plain dict in runs made before that
+    results: list[Any]
     run_config: dict = field(default_factory=dict)
     train_summaries: dict[str, dict] = field(default_factory=dict)  # variant -> train_summary
     # where the run wrote its files on the machine that ran it (join.output_root); the report states the paths
@@ -181,7 +184,7 @@ def read_run(run: Any) -> RunRecord | None:
         tags=sorted(run.user_tags),
         system_tags=sorted(run.system_tags),
         successful=bool(run.successful),
-        results=[dict(r) for r in (_artifact(join_task, "results") or [])],
+        results=[r if isinstance(r, VariantResult) else dict(r) for r in (_artifact(join_task, "results") or [])],
         run_config=dict(_artifact(join_task, "run_config") or {}),
         train_summaries=summaries,
         output_root=_artifact(join_task, "output_root"),

@@ -1,13 +1,18 @@
-"""Result rows from Metaflow's run records, one per evaluated model: the values the report prints and exports,
-read defensively (a missing or malformed field becomes None, never an error)."""
+"""Result rows from Metaflow's run records, one per evaluated model: the values the report prints and exports.
+
+A run's join ``results`` are typed (``steps.evaluate.results.VariantResult``) since the evaluation results were; an
+older run's are plain dicts, read by one adapter, :func:`legacy_result_row`, defensively (a missing or malformed
+field becomes None, never an error), so reports regenerated from Metaflow's records still show every earlier run."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from steps.evaluate.results import AlpacaEvalResult, PairedVs, VariantResult
 from steps.report.records import RunRecord
 
 LOSS_DISPLAY = {
@@ -69,6 +74,11 @@ class ResultRow:
     eval_dtype: str | None = None  # the dtype the answers were generated in
     weights_changed_share: float | None = None  # share of weight entries that differ from the init in eval_dtype
     weights_unchanged_reason: str | None = None  # where none differs: the scores are the init's, and why
+    # as the run recorded them, not exported: what the model started from (``model_initialization`` names it after
+    # the run's row whose model it is), where the model is, and its training section (the config snapshot's)
+    init_spec: str | None = field(default=None, repr=False)
+    model_path: str | None = field(default=None, repr=False)
+    training_section: Any = field(default=None, repr=False)
 
     @property
     def pathspec(self) -> str:
@@ -126,15 +136,14 @@ def training_config_text(training_config: dict | None) -> str:
     return ", ".join(parts) or MISSING
 
 
-def describe_init(init: str | None, record: RunRecord) -> str:
+def describe_init(init: str | None, rows: list[ResultRow]) -> str:
     """Name where a model started: another model of the same run (``SFT (base)``) or the spec itself."""
     if not init:
         return MISSING
-    for other in record.results:
-        if other.get("model_dir") and other.get("model_dir") == init:
-            parent = loss_display(str(other.get("variant", "")))
-            start = other.get("init")
-            return f"{parent} (from {start})" if start else parent
+    for other in rows:
+        if other.model_path and other.model_path == init:
+            parent = loss_display(other.variant)
+            return f"{parent} (from {other.init_spec})" if other.init_spec else parent
     return init
 
 
@@ -157,91 +166,178 @@ def agreement_text(agreement: dict | None) -> str | None:
     return text
 
 
-def _paired(result: dict) -> dict:
-    paired = result.get("paired_vs") or {}
-    ci = paired.get("paired_ci95")
-    return {
-        "paired_baseline": paired.get("baseline"),
-        "paired_delta_wr": _number(paired.get("paired_delta_wr")),
-        "paired_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
-        "paired_distinguishable": paired.get("distinguishable") if paired else None,
-        "paired_is_baseline": bool(paired.get("is_baseline")),
-    }
-
-
-def _heldout(result: dict) -> dict:
-    heldout = result.get("heldout_preference") or {}
-    return {
-        "heldout_accuracy": _number(heldout.get("preference_accuracy")),
-        "heldout_accuracy_normalized": _number(heldout.get("preference_accuracy_normalized")),
-        "heldout_reward_accuracy": _number(heldout.get("reward_accuracy")),
-        "heldout_reward_margin": _number(heldout.get("reward_margin_mean")),
-    }
-
-
-def _weights(result: dict) -> dict:
+def _weight_cells(dtype: Any, changed: Any, note: Any, share: Any) -> dict:
     """The dtype answers were generated in, the share of weights that differ from the init in it, and (where none
     does) a sentence saying the scores are the init's and why."""
-    change = result.get("weight_change")
-    change = change if isinstance(change, dict) else {}
-    generation = result.get("generation")
-    dtype = change.get("dtype") or (generation.get("dtype") if isinstance(generation, dict) else None)
-    reason = None
-    if change.get("changed") == 0 and change.get("note"):
-        reason = f"the scored model equals its initialization in {dtype}: {change['note']}"
+    reason = f"the scored model equals its initialization in {dtype}: {note}" if changed == 0 and note else None
     return {
         "eval_dtype": dtype if isinstance(dtype, str) else None,
-        "weights_changed_share": _number(change.get("share")),
+        "weights_changed_share": _number(share),
         "weights_unchanged_reason": reason,
     }
 
 
+def _judge_cells(agreement: Any, total_tokens: Any, cost_usd: Any) -> dict:
+    """The judge's measured agreement (a registry entry, see steps.evaluate.agreement), its tokens and cost."""
+    agreement = agreement if isinstance(agreement, dict) else None
+    return {
+        "judge_agreement": _number(agreement.get("agreement")) if agreement else None,
+        "judge_agreement_text": agreement_text(agreement),
+        "judge_tokens": _int(total_tokens),
+        "judge_cost_usd": _number(cost_usd),
+    }
+
+
+def _paired_cells(baseline: Any, is_baseline: bool, delta: Any, ci: Any, distinguishable: Any) -> dict:
+    """The paired difference in WR from the baseline row and its interval (none: n/a)."""
+    return {
+        "paired_baseline": baseline,
+        "paired_delta_wr": _number(delta),
+        "paired_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+        "paired_distinguishable": distinguishable,
+        "paired_is_baseline": is_baseline,
+    }
+
+
+def _typed_paired_cells(paired: PairedVs | None) -> dict:
+    if paired is None:
+        return _paired_cells(None, False, None, None, None)
+    numbers = paired.comparison  # steps.evaluate.paired.paired_comparison's
+    if numbers is None:
+        return _paired_cells(paired.baseline, paired.is_baseline, None, None, None)
+    delta, ci, distinguishable = numbers["paired_delta_wr"], numbers["paired_ci95"], numbers["distinguishable"]
+    return _paired_cells(paired.baseline, paired.is_baseline, delta, ci, distinguishable)
+
+
+def _run_cells(record: RunRecord, variant: str, model_dir: Any, init: Any, training_config: Any) -> dict:
+    """The cells a row takes from its run and its training (``model_initialization`` is named by rows_for_run)."""
+    return {
+        "flow": record.flow,
+        "run_id": record.run_id,
+        "date": record.date,
+        "variant": variant,
+        "loss_function": loss_display(variant),
+        "training_config": training_config_text(training_config),
+        "config_snapshot": f"configs/{snapshot_name(record, variant)}",
+        "model_initialization": MISSING,
+        "model_dir": record.relative_path(model_dir),
+        "tags": list(record.tags),
+        "init_spec": init,
+        "model_path": model_dir,
+        "training_section": training_config,
+    }
+
+
+def _evaluation_cells(evaluated: AlpacaEvalResult | None) -> dict:
+    """The AlpacaEval cells of a typed result (all None where the model was not evaluated)."""
+    if evaluated is None:
+        return {
+            **dict.fromkeys(("lc_winrate", "lc_standard_error", "winrate", "standard_error", "judge", "eval_set")),
+            **dict.fromkeys(("reference", "lc_method", "n", "n_instructions", "avg_length", "lc_unavailable_reason")),
+            **_weight_cells(None, None, None, None),
+            **_judge_cells(None, None, None),
+        }
+    scores, judge, change = evaluated.scores, evaluated.judge, evaluated.weight_change
+    return {
+        "lc_winrate": _number(scores.length_controlled_winrate),
+        "lc_standard_error": _number(scores.lc_standard_error),
+        "winrate": _number(scores.win_rate),
+        "standard_error": _number(scores.standard_error),
+        "judge": judge.label,
+        "eval_set": evaluated.eval_set,
+        "reference": evaluated.reference_generator,
+        "lc_method": scores.lc_method,
+        "n": _int(scores.n_total),
+        "n_instructions": _int(evaluated.n_instructions),
+        "avg_length": _number(scores.avg_length),
+        "lc_unavailable_reason": scores.lc_unavailable_reason,
+        **(
+            _weight_cells(change.dtype, change.changed, change.note, change.share)
+            if change is not None
+            else _weight_cells(evaluated.generation["dtype"], None, None, None)
+        ),
+        **_judge_cells(judge.agreement, judge.tokens["total"], judge.cost_usd),
+    }
+
+
+def typed_result_row(record: RunRecord, result: VariantResult) -> ResultRow:
+    """A row of a run whose join stored typed results (``steps.evaluate.results.VariantResult``)."""
+    trained, heldout, paired = result.evaluation, result.evaluation.heldout, result.paired_vs
+    return ResultRow(
+        **_run_cells(record, trained.variant, trained.model_dir, trained.init, result.training_config),
+        **_evaluation_cells(trained.alpaca_eval),
+        epoch=_int(trained.epoch),
+        evaluated=trained.evaluated,
+        train_steps=_int(result.train_steps),
+        **_typed_paired_cells(paired),
+        heldout_accuracy=_number(heldout.preference_accuracy) if heldout else None,
+        heldout_accuracy_normalized=_number(heldout.preference_accuracy_normalized) if heldout else None,
+        heldout_reward_accuracy=_number(heldout.reward_accuracy) if heldout else None,
+        heldout_reward_margin=_number(heldout.reward_margin_mean) if heldout else None,
+    )
+
+
+def legacy_result_row(record: RunRecord, result: Mapping) -> ResultRow:
+    """The one adapter of an older run's result, a plain dict (``evaluate_variant``'s row flattened with
+    metrics.json, plus the join's training facts and ``paired_vs``), read defensively: what it lacks or holds
+    malformed becomes None."""
+    variant = str(result.get("variant", ""))
+    generation, change = result.get("generation"), result.get("weight_change")
+    change = change if isinstance(change, dict) else {}
+    heldout, paired = result.get("heldout_preference") or {}, result.get("paired_vs") or {}
+    tokens = result.get("judge_tokens")
+    return ResultRow(
+        **_run_cells(record, variant, result.get("model_dir"), result.get("init"), result.get("training_config")),
+        lc_winrate=_number(result.get("length_controlled_winrate")),
+        lc_standard_error=_number(result.get("lc_standard_error")),
+        winrate=_number(result.get("win_rate")),
+        standard_error=_number(result.get("standard_error")),
+        epoch=_int(result.get("epoch")),
+        judge=result.get("judge"),
+        eval_set=result.get("eval_set"),
+        reference=result.get("reference_generator"),
+        lc_method=result.get("lc_method"),
+        n=_int(result.get("n_total")),
+        n_instructions=_int(result.get("n_instructions")),
+        avg_length=_number(result.get("avg_length")),
+        evaluated=bool(result.get("evaluated", "win_rate" in result)),
+        train_steps=_int(result.get("train_steps")),
+        lc_unavailable_reason=result.get("lc_unavailable_reason"),
+        **_paired_cells(
+            paired.get("baseline"),
+            bool(paired.get("is_baseline")),
+            paired.get("paired_delta_wr"),
+            paired.get("paired_ci95"),
+            paired.get("distinguishable"),
+        ),
+        heldout_accuracy=_number(heldout.get("preference_accuracy")),
+        heldout_accuracy_normalized=_number(heldout.get("preference_accuracy_normalized")),
+        heldout_reward_accuracy=_number(heldout.get("reward_accuracy")),
+        heldout_reward_margin=_number(heldout.get("reward_margin_mean")),
+        **_weight_cells(
+            change.get("dtype") or (generation.get("dtype") if isinstance(generation, dict) else None),
+            change.get("changed"),
+            change.get("note"),
+            change.get("share"),
+        ),
+        **_judge_cells(
+            result.get("judge_agreement"),
+            tokens.get("total") if isinstance(tokens, dict) else None,
+            result.get("judge_cost_usd"),
+        ),
+    )
+
+
 def rows_for_run(record: RunRecord) -> list[ResultRow]:
-    """The run's results as rows, SFT first."""
-    rows = []
-    for result in sorted(record.results, key=lambda r: variant_order(str(r.get("variant", "")))):
-        variant = str(result.get("variant", ""))
-        evaluated = bool(result.get("evaluated", "win_rate" in result))
-        agreement, tokens = result.get("judge_agreement"), result.get("judge_tokens")
-        agreement = agreement if isinstance(agreement, dict) else None
-        tokens = tokens if isinstance(tokens, dict) else {}
-        rows.append(
-            ResultRow(
-                flow=record.flow,
-                run_id=record.run_id,
-                date=record.date,
-                variant=variant,
-                loss_function=loss_display(variant),
-                lc_winrate=_number(result.get("length_controlled_winrate")),
-                lc_standard_error=_number(result.get("lc_standard_error")),
-                winrate=_number(result.get("win_rate")),
-                standard_error=_number(result.get("standard_error")),
-                training_config=training_config_text(result.get("training_config")),
-                config_snapshot=f"configs/{snapshot_name(record, variant)}",
-                epoch=_int(result.get("epoch")),
-                model_initialization=describe_init(result.get("init"), record),
-                judge=result.get("judge"),
-                eval_set=result.get("eval_set"),
-                reference=result.get("reference_generator"),
-                lc_method=result.get("lc_method"),
-                n=_int(result.get("n_total")),
-                n_instructions=_int(result.get("n_instructions")),
-                avg_length=_number(result.get("avg_length")),
-                evaluated=evaluated,
-                model_dir=record.relative_path(result.get("model_dir")),
-                train_steps=_int(result.get("train_steps")),
-                tags=list(record.tags),
-                lc_unavailable_reason=result.get("lc_unavailable_reason"),
-                **_paired(result),
-                **_heldout(result),
-                **_weights(result),
-                judge_agreement=_number(agreement.get("agreement")) if agreement else None,
-                judge_agreement_text=agreement_text(agreement),
-                judge_tokens=_int(tokens.get("total")),
-                judge_cost_usd=_number(result.get("judge_cost_usd")),
-            )
-        )
-    return rows
+    """The run's results as rows, SFT first (typed results as they are, an older run's dicts through
+    :func:`legacy_result_row`)."""
+    rows = [
+        typed_result_row(record, r) if isinstance(r, VariantResult) else legacy_result_row(record, r)
+        for r in record.results
+    ]
+    for row in rows:
+        row.model_initialization = describe_init(row.init_spec, rows)
+    return sorted(rows, key=lambda row: variant_order(row.variant))
 
 
 def build_rows(records: list[RunRecord]) -> list[ResultRow]:

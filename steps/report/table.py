@@ -7,9 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steps.report.records import RunRecord, Selection
 from steps.report.rows import (
@@ -21,6 +22,9 @@ from steps.report.rows import (
     safe_name,
     snapshot_name,
 )
+
+if TYPE_CHECKING:
+    from steps.evaluate.results import VariantResult
 
 # rows.py builds the rows; ResultRow, build_rows, safe_name and snapshot_name are still importable from here
 __all__ = [
@@ -183,7 +187,9 @@ def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_results_table(results: list[dict], flow: str, run_id: str, created_at: datetime | None = None) -> str:
+def run_results_table(
+    results: Sequence[VariantResult | Mapping], flow: str, run_id: str, created_at: datetime | None = None
+) -> str:
     """The table (no links) of one run's ``results`` artifact, e.g. in the run's own cards and stdout."""
     record = RunRecord(
         flow=flow,
@@ -192,7 +198,7 @@ def run_results_table(results: list[dict], flow: str, run_id: str, created_at: d
         tags=[],
         system_tags=[],
         successful=False,
-        results=results,
+        results=list(results),
     )
     return markdown_table(rows_for_run(record), links=False)
 

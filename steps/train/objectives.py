@@ -5,6 +5,7 @@ device (0-d tensors): the loop sums them and reads them once per step."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from steps.train import collectives, parallel, reference
 from steps.train.batching import PairExample, SFTExample, TokenBatch, collate_pairs, collate_sft, make_batches
 from steps.train.dealing import deal, deal_marked
 from steps.train.logprobs import sequence_logprobs
+from steps.train.pair_scores import adapters_disabled, score_pairs
 from steps.train.precision import Precision
 from steps.train.reference import ReferenceSource
 
@@ -32,7 +34,8 @@ class _Batched:
         self.train, self.dev, self.pad_id, self.cfg = list(train), list(dev), pad_id, cfg
         self._plans: dict[int, list[list[int]]] = {}
 
-    def _collate(self, examples: Sequence[Any]) -> TokenBatch:
+    def collate_examples(self, examples: Sequence[Any]) -> TokenBatch:
+        """One micro-batch of these examples, as training lays it out."""
         raise NotImplementedError
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
@@ -55,10 +58,10 @@ class _Batched:
         return len(self.epoch_plan(epoch))
 
     def collate_train(self, indices: list[int]) -> TokenBatch:
-        return self._collate([self.train[i] for i in indices])
+        return self.collate_examples([self.train[i] for i in indices])
 
     def collate_dev(self, indices: list[int]) -> TokenBatch:
-        return self._collate([self.dev[i] for i in indices])
+        return self.collate_examples([self.dev[i] for i in indices])
 
     def before_training(self, model: Any, precision: Precision) -> None:
         """Called by the loop on every rank once the model is wrapped, before step 1 and before a checkpoint is
@@ -112,7 +115,7 @@ class SFTObjective(_Batched):
 
     name = "sft"
 
-    def _collate(self, examples: Sequence[SFTExample]) -> TokenBatch:
+    def collate_examples(self, examples: Sequence[SFTExample]) -> TokenBatch:
         return collate_sft(examples, self.pad_id, self.cfg.mask_source_tokens)
 
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
@@ -167,7 +170,7 @@ class PreferenceObjective(_Batched):
         if self.reference_source is not None:
             reference.score_pending(self, model, precision, self.reference_source)
 
-    def _collate(self, examples: Sequence[PairExample]) -> TokenBatch:
+    def collate_examples(self, examples: Sequence[PairExample]) -> TokenBatch:
         return collate_pairs(examples, self.pad_id, self.cfg.mask_source_tokens)
 
     def step_denominator(self, micro_batches: list[TokenBatch]) -> float:
@@ -210,30 +213,55 @@ class PreferenceObjective(_Batched):
         metrics["loss"] = loss.detach()
         return loss, metrics
 
-    def _dev_totals(self, model: Any, batch: TokenBatch) -> dict[str, float]:
-        out, n = self._loss(model, batch)
-        totals = {"loss": float(out.per_pair.sum()), "pairs": float(n)}
-        totals.update({k: float(v) * n for k, v in out.metrics.items() if k != "loss"})
-        return totals
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """The loss's metrics over the whole dev set, means over pairs. The pairs are scored by the shared scorer
+        (``steps.train.pair_scores``: each rank its dealt batches, in lockstep), the sums all-reduced, then the loss
+        is computed once on every dev pair, with reference sums scored alike or taken from the pairs."""
+        if not self.dev:
+            return {}
+        device = parallel.device_of(model)
+        rank, world_size = collectives.world()
+        plan = deal_marked(self.dev_plan(), rank, world_size, lockstep=True)
+        scored = [score_pairs(model, self.dev, plan, self.collate_examples, show_progress=False)]
+        reference_scorer = self._dev_reference_scorer(model)
+        if reference_scorer is not None:
+            with reference_scorer as scorer:
+                scored.append(score_pairs(scorer, self.dev, plan, self.collate_examples, show_progress=False)[:, :2])
+        sums = torch.cat(scored, dim=1)
+        collectives.all_reduce_sum(sums, device, "dev metrics")
+        sums = sums.float()  # the loss gets fp32 sums, as in training
+        ref_c, ref_r = (sums[:, 4], sums[:, 5]) if sums.shape[1] > 4 else self._stored_reference(device)
+        with torch.no_grad():
+            out = self.loss_fn(*sums[:, :4].unbind(1), reference_chosen_logps=ref_c, reference_rejected_logps=ref_r)
+        return {f"dev_{k}": v for k, v in out.metrics.items()} | {"dev_pairs": float(len(self.dev))}
 
-    def _dev_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        pairs = totals.pop("pairs")
-        return {f"dev_{k}": v / pairs for k, v in totals.items()} | {"dev_pairs": pairs}
+    def _dev_reference_scorer(self, model: Any) -> contextlib.AbstractContextManager[Any] | None:
+        """What scores the dev pairs' reference sums: the policy with its adapters off, or the live reference; None
+        where the loss needs none or every dev pair carries its sums (scored before step 1 or given with the data)."""
+        if not self.needs_reference or not reference.has_pending(self.dev):
+            return None
+        if self.reference_from_policy:
+            return adapters_disabled(model)
+        if self.reference_model is not None:
+            return contextlib.nullcontext(self.reference_model)
+        raise RuntimeError(
+            "this loss needs reference log-probs: train() scores them before step 1, or pass a live reference model"
+        )
+
+    def _stored_reference(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The dev pairs' own reference sums in fp32 (None, None: a reference-free loss)."""
+        if not self.needs_reference:
+            return None, None
+        given = torch.tensor([(p.reference_chosen, p.reference_rejected) for p in self.dev], dtype=torch.float64)
+        chosen, rejected = given.to(device).float().unbind(1)
+        return chosen, rejected
 
 
 def adapters_disabled_logprobs(model: Any, batch: TokenBatch) -> torch.Tensor:
     """Per-row log-prob sums of ``model`` (a peft policy, or the training root around one) with its adapters
-    disabled, without autograd: the frozen base's numbers from the weights already in memory, through the same
-    root (and so the same hooks) as the policy's own forward (DDP's module: no reducer for a no-grad pass)."""
-    lm = parallel.unwrap(model)
-    if not hasattr(lm, "disable_adapter"):
-        raise RuntimeError(
-            f"reference_from_policy needs a policy with LoRA adapters (peft); got {type(lm).__name__}: "
-            "enable lora, or give a reference model"
-        )
-    scorer = parallel.root_of(model) or lm
-    with torch.no_grad(), lm.disable_adapter():
-        return sequence_logprobs(scorer, batch)[0]
+    disabled, without autograd (``pair_scores.adapters_disabled``; DDP's module: no reducer for a no-grad pass)."""
+    with torch.no_grad(), adapters_disabled(model) as base:
+        return sequence_logprobs(base, batch)[0]
 
 
 def precompute_reference(
@@ -258,16 +286,13 @@ def precompute_reference(
     batches = make_batches(
         subset, cfg.max_num_tokens, 0, 0, rows_per_example=2, shuffle=False, max_examples=cfg.max_batch_examples
     )
-    scores = torch.zeros((len(subset), 2), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
+    plan = [(b, True) for b in deal(batches, rank, world_size)]
 
-    def collate(indices: list[int]) -> TokenBatch:
-        return collate_pairs([subset[i] for i in indices], pad_id, cfg.mask_source_tokens)
+    def collate(examples: list[PairExample]) -> TokenBatch:
+        return collate_pairs(examples, pad_id, cfg.mask_source_tokens)
 
     with reference.autocast_or_nothing(model, precision):
-        reference.score_batches(model, [(b, True) for b in deal(batches, rank, world_size)], collate, scores, desc)
-    collectives.all_reduce_sum(scores, device, "reference log-probs")
-    for ex, (c, r) in zip(subset, scores.tolist()):
+        scores = score_pairs(model, subset, plan, collate, desc=desc, show_progress=rank == 0)
+    collectives.all_reduce_sum(scores, device, "reference log-probs")  # the whole tensor: a column view is strided
+    for ex, (c, r, _, _) in zip(subset, scores.tolist()):
         ex.reference_chosen, ex.reference_rejected = c, r
-    model.train(was_training)

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from steps.train import collectives, parallel
-from steps.train.batching import PairExample, TokenBatch
+from steps.train.batching import PairExample
 from steps.train.dealing import deal_marked, plan_epoch, rank_share
-from steps.train.logprobs import sequence_logprobs
+from steps.train.pair_scores import score_pairs
 from steps.train.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -103,29 +103,6 @@ def first_epoch_work(objective: Any, rank: int, world_size: int, lockstep: bool)
     return work
 
 
-def score_batches(
-    model: Any,
-    work: Sequence[tuple[list[int], bool]],
-    collate: Callable[[list[int]], TokenBatch],
-    scores: torch.Tensor,
-    desc: str,
-) -> None:
-    """Write the (chosen, rejected) log-prob sums of each counted micro-batch into ``scores`` rows (its indices),
-    without autograd, in the caller's compute context."""
-    from tqdm.auto import tqdm
-
-    device = scores.device
-    with torch.no_grad():
-        for indices, counts in tqdm(work, desc=desc, unit="batch", disable=collectives.world()[0] != 0):
-            batch = collate(indices).to(device)
-            sums, _ = sequence_logprobs(model, batch)
-            if counts:
-                n = len(indices)
-                index = torch.tensor(indices, dtype=torch.long, device=device)
-                scores[index, 0] = sums[:n].double()
-                scores[index, 1] = sums[n:].double()
-
-
 def score_pending(objective: Any, root: Any, precision: Precision, source: ReferenceSource) -> None:
     """Score every pair of ``objective`` (train and dev) whose reference log-probs are missing, with the reference
     ``source`` names, in the training layout of ``root``; every rank ends with every score. Collective."""
@@ -139,18 +116,19 @@ def score_pending(objective: Any, root: Any, precision: Precision, source: Refer
     if scorer is None:
         raise TypeError(f"reference scoring needs the training root, got {type(root).__name__}")
     work = first_epoch_work(objective, rank, world_size, lockstep=parallel.is_sharded(root))
-    scores = torch.zeros((len(pairs), 2), dtype=torch.float64, device=device)
-    offset = {"train": 0, "dev": len(objective.train)}
-    was_training = scorer.training
-    scorer.eval()
     with parallel.compute_context(root, precision):
-        for split in ("train", "dev"):
-            mine = [(indices, counts) for indices, counts, s in work if s == split]
-            view = scores[offset[split] :]
-            collate = objective.collate_train if split == "train" else objective.collate_dev
-            score_batches(scorer, mine, collate, view, f"reference log-probs ({split})")
-    scorer.train(was_training)
+        split_scores = [
+            score_pairs(
+                scorer,
+                split_pairs,
+                [(indices, counts) for indices, counts, s in work if s == split],
+                objective.collate_examples,
+                desc=f"reference log-probs ({split})",
+            )[:, :2]
+            for split, split_pairs in (("train", objective.train), ("dev", objective.dev))
+        ]
     parallel.reshard(scorer)
+    scores = torch.cat(split_scores)
     collectives.all_reduce_sum(scores, device, "reference log-probs")
     for pair, (chosen, rejected) in zip(pairs, scores.tolist()):
         if pair.reference_chosen is None or pair.reference_rejected is None:
