@@ -133,6 +133,8 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     relative = {name: str(Path(r["model_dir"]).relative_to(join.output_root)) for name, r in results.items()}
     assert {row["variant"]: row["model_dir"] for row in report["rows"]} == relative
     assert relative["sft"] == str(Path("sft", "final"))
+    # the report step read the typed training results of this run: its training curves are in the report
+    assert (tmp_path / "reports" / "plots" / f"training-PrefFlow-{run.id}.png").is_file()
 
 
 def test_metrics_reach_the_trackers(finished_run):
