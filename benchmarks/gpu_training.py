@@ -99,7 +99,7 @@ class TorchrunRuns:
         summary = launch_torchrun(cfg, "dpo", str(self.data_dir()), str(out), None, nproc_per_node=1)
         if summary is None:  # launch_torchrun returns rank 0's summary where rank 0 ran (always, on one node)
             raise RuntimeError(f"{name}: launch_torchrun returned no summary from rank 0")
-        return {**summary, "out_dir": str(out)}
+        return {**summary.to_dict(), "out_dir": str(out)}  # plain values: the check's JSON report takes them
 
     def drop_outputs(self, name: str) -> None:
         """Free everything a run wrote once its numbers are read (its summary stays in memory)."""

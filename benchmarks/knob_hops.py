@@ -136,7 +136,7 @@ def _report(title: str, target: Target, also: tuple[str, ...] = ()) -> dict[str,
 
 
 def measure(workdir: Path) -> list[dict[str, Any]]:
-    from steps.pipeline import plan_run, prepare_data, reference_outputs, train_variant
+    from steps.pipeline import plan_run, prepare_data, reference_outputs, step_context, train_variant
 
     text = CONFIG.replace("OUTPUT_DIR", str(workdir / "runs"))
     mapping = json.loads(json.dumps(yaml.safe_load(text)))  # as Metaflow hands a Config value to start
@@ -156,17 +156,17 @@ def measure(workdir: Path) -> list[dict[str, Any]]:
 
     dev = Target("steps.data.splits.dev_tree_count", called("dev_tree_count"))
     with tracing("prepare_data", [dev]):
-        data_dir, _ = prepare_data(plan.config, output_root)
+        data_dir, _ = prepare_data(step_context(plan.config, output_root))
     results.append(_report("dev_fraction: typed config -> use", dev, ("prepare_data",)))
 
     beta = Target("DPOLoss.compute", called("DPOLoss.compute"))
     with tracing("train_variant", [beta]):
-        train_variant(dpo, data_dir, output_root, None)
+        train_variant(step_context(dpo.config, output_root), dpo, data_dir, None)
     results.append(_report("beta: typed config -> use", beta, ("train_variant", "run_preference")))
 
     new_tokens = Target("the decoder reading max_new_tokens", called("ContinuousBatchDecoder.run", "_generate_static"))
     with tracing("reference_outputs", [new_tokens]):
-        reference_outputs(plan.config, output_root)
+        reference_outputs(step_context(plan.config, output_root))
     results.append(_report("max_new_tokens: typed config -> use", new_tokens, ("reference_outputs",)))
     return results
 

@@ -51,23 +51,24 @@ class PrefFlow(FlowSpec):
         # preference -> preference_gang -> preference_nodes -> preference_gang_join -> evaluate; sft and preference
         # then only pass the gang's model on.
         self.layout = "gang" if self.num_nodes > 1 else "one_node"
-        self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name, *_datastore(self))
+        self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name)
         self.next(self.prepare_data)
 
     @step
     def prepare_data(self):
         """OpenAssistant-2 -> SFT examples and ranked preference pairs (chat and fairseq2 forms)."""
-        from steps.pipeline import prepare_data
+        from steps.pipeline import prepare_data, step_context
 
-        self.data_dir, self.data_stats = prepare_data(self.cfg, self.output_root, self.handoff)
+        self.data_dir, self.data_stats = prepare_data(step_context(self.cfg, self.output_root, self.handoff))
         self.next(self.reference_outputs)
 
     @step
     def reference_outputs(self):
         """The eval set and its reference outputs (the eval set's own, or the starting model's)."""
-        from steps.pipeline import reference_outputs
+        from steps.pipeline import reference_outputs, step_context
 
-        self.eval_set_info, self.reference_outputs_path = reference_outputs(self.cfg, self.output_root, self.handoff)
+        ctx = step_context(self.cfg, self.output_root, self.handoff)
+        self.eval_set_info, self.reference_outputs_path = reference_outputs(ctx)
         self.next({"one_node": self.sft, "gang": self.sft_gang}, condition="layout")
 
     @step
@@ -80,15 +81,15 @@ class PrefFlow(FlowSpec):
     @step
     def sft_nodes(self):
         """One node of the SFT gang (torchrun on each; every node resumes from the last checkpoint on retry)."""
-        from steps.pipeline import current_gang, train_sft
+        from steps.pipeline import current_gang, step_context, train_sft
 
         gang = current_gang(self.cfg.resources.master_port)  # this node's place, from current.parallel
-        self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff, gang=gang)
+        self.sft_summary = train_sft(step_context(self.cfg, self.output_root, self.handoff, gang), self.data_dir)
         self.next(self.sft_gang_join)
 
     @step
     def sft_gang_join(self, inputs):
-        """Node 0's summary: the gang's global rank 0 wrote the model and the metrics."""
+        """Node 0's result: the gang's global rank 0 wrote the model and the metrics."""
         from steps.pipeline import gang_summary
 
         self.sft_summary = gang_summary([i.sft_summary for i in inputs], inputs[0].cfg.sft.enabled, "sft")
@@ -101,10 +102,10 @@ class PrefFlow(FlowSpec):
     def sft(self):
         """Supervised fine-tuning (resumes from its last checkpoint on retry); after a gang, its model."""
         from steps.cards import training_card
-        from steps.pipeline import train_sft
+        from steps.pipeline import step_context, train_sft
 
         if self.layout == "one_node":
-            self.sft_summary = train_sft(self.cfg, self.data_dir, self.output_root, self.handoff)
+            self.sft_summary = train_sft(step_context(self.cfg, self.output_root, self.handoff), self.data_dir)
         current.card.extend(training_card(self.sft_summary, "sft"))
         self.next(self.preference, foreach="variants")
 
@@ -114,15 +115,14 @@ class PrefFlow(FlowSpec):
     def preference(self):
         """One preference run per variant (loss or sweep point); the 'sft' variant carries the SFT model."""
         from steps.cards import training_card
-        from steps.pipeline import train_variant
+        from steps.pipeline import step_context, train_variant
 
         self.plan = self.input
         self.variant = self.plan.variant.as_dict()  # plain, for the report
         self.route = "gang" if self.layout == "gang" and self.plan.loss != "sft" else "one_node"
         if self.route == "one_node":
-            self.train_summary = train_variant(
-                self.plan, self.data_dir, self.output_root, self.sft_summary, self.handoff
-            )
+            ctx = step_context(self.plan.config, self.output_root, self.handoff)
+            self.train_summary = train_variant(ctx, self.plan, self.data_dir, self.sft_summary)
             current.card.extend(training_card(self.train_summary, self.plan.name))
         self.next({"one_node": self.evaluate, "gang": self.preference_gang}, condition="route")
 
@@ -136,22 +136,17 @@ class PrefFlow(FlowSpec):
     @step
     def preference_nodes(self):
         """One node of this variant's gang."""
-        from steps.pipeline import current_gang, train_variant
+        from steps.pipeline import current_gang, step_context, train_variant
 
-        self.train_summary = train_variant(
-            self.plan,
-            self.data_dir,
-            self.output_root,
-            self.sft_summary,
-            self.handoff,
-            gang=current_gang(self.plan.config.resources.master_port),
-        )
+        gang = current_gang(self.plan.config.resources.master_port)
+        ctx = step_context(self.plan.config, self.output_root, self.handoff, gang)
+        self.train_summary = train_variant(ctx, self.plan, self.data_dir, self.sft_summary)
         self.next(self.preference_gang_join)
 
     @card(type="blank", id="training")
     @step
     def preference_gang_join(self, inputs):
-        """Node 0's summary (global rank 0 wrote the model)."""
+        """Node 0's result (global rank 0 wrote the model)."""
         from steps.cards import training_card
         from steps.pipeline import gang_summary
 
@@ -166,11 +161,10 @@ class PrefFlow(FlowSpec):
     def evaluate(self):
         """AlpacaEval 2: generate, judge against the reference, LC WR and WR."""
         from steps.cards import evaluation_card
-        from steps.pipeline import evaluate_variant
+        from steps.pipeline import evaluate_variant, step_context
 
-        self.result = evaluate_variant(
-            self.plan, self.train_summary, self.reference_outputs_path, self.output_root, self.data_dir, self.handoff
-        )
+        ctx = step_context(self.plan.config, self.output_root, self.handoff)
+        self.result = evaluate_variant(ctx, self.plan, self.train_summary, self.reference_outputs_path, self.data_dir)
         current.card.extend(evaluation_card(self.result))
         self.next(self.join)
 
@@ -179,7 +173,7 @@ class PrefFlow(FlowSpec):
     def join(self, inputs):
         """Collect every model's result; ``run_config`` is the typed config as plain values (for the report)."""
         from steps.cards import results_card
-        from steps.pipeline import collect_results
+        from steps.pipeline import collect_results, step_context
 
         self.merge_artifacts(
             inputs,
@@ -195,13 +189,8 @@ class PrefFlow(FlowSpec):
             ],
         )
         self.run_config = self.cfg.to_dict()
-        self.results = collect_results(
-            [i.result for i in inputs],
-            [i.train_summary for i in inputs],
-            self.cfg.evaluation,
-            self.handoff,
-            self.output_root,
-        )
+        ctx = step_context(self.cfg, self.output_root, self.handoff)
+        self.results = collect_results(ctx, [i.result for i in inputs], [i.train_summary for i in inputs])
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))
         self.next(self.report)
 
@@ -220,13 +209,6 @@ class PrefFlow(FlowSpec):
         from steps.pipeline import print_results
 
         print_results(self.results, current.flow_name, current.run_id)
-
-
-def _datastore(flow: FlowSpec) -> tuple[str, str]:
-    """The datastore this run keeps its artifacts in (type, root): handed-off files go beside them. Step code sees
-    it only through the task's own datastore object."""
-    task_datastore = flow._datastore
-    return task_datastore.TYPE, task_datastore._storage_impl.datastore_root
 
 
 if __name__ == "__main__":

@@ -11,27 +11,29 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from steps.evaluate import EvalResult, VariantResult
     from steps.report.generate import ReportPaths
+    from steps.results import TrainResult
 
 
-def training_card(summary: dict | None, variant: str) -> list:
+def training_card(summary: TrainResult | None, variant: str) -> list:
     """The run summary, its curves (the report's plotter) and the final dev metrics."""
     from metaflow.cards import Image, Markdown, Table
 
     from steps.report.plots import summaries_png
+    from steps.report.records import curves_of
 
-    if not summary:
+    if summary is None:
         return [Markdown("SFT disabled in this config.")]
     parts: list = [
         Markdown(
-            f"## {variant}: {summary['kind']} training\n\ninit `{summary['init']}`, reference "
-            f"`{summary.get('reference')}`, {summary['steps']} steps in {summary['elapsed_s']:.1f}s "
-            f"({summary['tokens_per_s']:.0f} tokens/s); model at `{summary['model_dir']}`"
+            f"## {variant}: {summary.kind} training\n\ninit `{summary.init}`, reference "
+            f"`{summary.reference}`, {summary.steps} steps in {summary.elapsed_s:.1f}s "
+            f"({summary.tokens_per_s:.0f} tokens/s); model at `{summary.model_dir}`"
         )
     ]
-    png = summaries_png({variant: summary}, f"{variant} training")
+    png = summaries_png({variant: curves_of(summary)}, f"{variant} training")
     if png is not None:
         parts.append(Image(png, label=f"training curves of {variant}"))
-    dev = summary.get("final_dev") or {}
+    dev = summary.final_dev
     if dev:
         parts.append(
             Table(

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from steps.config import PreferenceConfig, config_to_dict
 from steps.io import atomic_write_text
+from steps.results import TrainResult
 
 if TYPE_CHECKING:
     from typing import NotRequired, TypedDict, Unpack
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     class CardInputs(TypedDict):
         """The keywords of :func:`render_model_card`, which :func:`write_model_card` passes through."""
 
-        summary: Mapping[str, Any]
+        summary: TrainResult
         run_config: Mapping[str, Any]
         eval_result: AlpacaEvalResult | None
         pathspec: NotRequired[str | None]
@@ -79,22 +81,21 @@ def _section(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-def _require_summary(summary: Mapping[str, Any]) -> None:
-    missing = [k for k in ("kind", "init_label", "steps", "config") if k not in summary]
-    if missing:
+def _require_summary(summary: object) -> None:
+    if not isinstance(summary, TrainResult):
         raise ModelCardError(
-            f"training summary lacks {', '.join(missing)}; pass the dict steps.train.recipes.RunSummary.as_dict() "
-            f"returns (the step's train_summary artifact)"
+            f"the training summary is a {type(summary).__name__}; pass the steps.results.TrainResult the training "
+            "step returns (its train_summary artifact)"
         )
 
 
 def card_metadata(
-    summary: Mapping[str, Any], run_config: Mapping[str, Any], eval_result: AlpacaEvalResult | None
+    summary: TrainResult, run_config: Mapping[str, Any], eval_result: AlpacaEvalResult | None
 ) -> dict[str, Any]:
     """The YAML front matter: base_model, library_name, tags, datasets, pipeline_tag (and model-index results
     only from a judge that is not marked weak: a smoke-test judge's numbers do not belong in a results table)."""
-    kind = str(summary["kind"])
-    base = str(_section(run_config, "model").get("base", summary.get("init", "")))
+    kind = summary.kind
+    base = str(_section(run_config, "model").get("base", summary.init))
     data = _section(run_config, "data")
     meta: dict[str, Any] = {}
     if (base_id := base_model_id(base)) is not None:
@@ -142,11 +143,10 @@ def _model_index(kind: str, eval_result: AlpacaEvalResult) -> list[dict[str, Any
     ]
 
 
-def _how_it_was_made(summary: Mapping[str, Any], run_config: Mapping[str, Any], pathspec: str | None) -> list[str]:
-    kind, cfg = str(summary["kind"]), dict(summary["config"])
-    base = str(_section(run_config, "model").get("base", summary.get("init", "?")))
+def _how_it_was_made(summary: TrainResult, run_config: Mapping[str, Any], pathspec: str | None) -> list[str]:
+    kind, cfg = summary.kind, summary.config
+    base = str(_section(run_config, "model").get("base", summary.init))
     data = _section(run_config, "data")
-    stats = summary.get("data_stats") or {}
     lines = ["## How it was made", ""]
     lines.append(
         f"- **Pipeline**: PrefFlow (Metaflow), run `{pathspec}`" if pathspec else "- **Pipeline**: PrefFlow (Metaflow)"
@@ -157,18 +157,16 @@ def _how_it_was_made(summary: Mapping[str, Any], run_config: Mapping[str, Any], 
         lines.append(f"- **Stage**: preference optimisation with the `{kind}` loss")
     base_note = EMBEDDED_NOTES.get(base.split(":", 1)[1], "") if base.startswith("embedded:") else ""
     lines.append(f"- **Base model**: `{base}`" + (f" ({base_note})" if base_note else ""))
-    lines.append(f"- **Initialised from**: {summary['init_label']} (`{summary.get('init', '?')}`)")
-    if kind != "sft":
-        reference = summary.get("reference")
-        mode = cfg.get("reference_mode", "precompute")
+    lines.append(f"- **Initialised from**: {summary.init_label} (`{summary.init}`)")
+    if isinstance(cfg, PreferenceConfig):
         lines.append(
-            f"- **Reference model**: `{reference}` ({mode}d log-probs)"
-            if reference
+            f"- **Reference model**: `{summary.reference}` ({cfg.reference_mode}d log-probs)"
+            if summary.reference
             else "- **Reference model**: none (reference-free loss)"
         )
-        loss_settings = {k: v for k, v in dict(cfg.get("criterion_config") or {}).items() if k != "_type_"}
+        loss_settings = config_to_dict(cfg.criterion_config)
         settings = ", ".join(f"{k}={fmt(v)}" for k, v in loss_settings.items()) or "defaults"
-        lines.append(f"- **Loss**: `{cfg.get('criterion', kind)}` with {settings}")
+        lines.append(f"- **Loss**: `{cfg.criterion}` with {settings}")
     source = str(data.get("input", "?"))
     data_note = (
         " (PrefFlow's embedded hand-written OpenAssistant-style sample: not real preference data, a smoke test)"
@@ -179,49 +177,43 @@ def _how_it_was_made(summary: Mapping[str, Any], run_config: Mapping[str, Any], 
         f"- **Data**: `{source}`{data_note}; languages {', '.join(data.get('langs') or []) or 'all'}, "
         f"pairs `{data.get('pair_strategy', '?')}`"
     )
-    for split in ("train", "dev"):
-        split_stats = stats.get(split) or {}
+    for split, split_stats in summary.data_stats.items():
         if split_stats:
             lines.append(
-                f"  - {split}: {split_stats.get('kept', '?')} examples kept ({split_stats.get('tokens', '?')} tokens), "
-                f"{split_stats.get('dropped_overlength', 0)} dropped and {split_stats.get('truncated', 0)} truncated "
-                f"as over-long"
+                f"  - {split}: {split_stats['kept']} examples kept ({split_stats['tokens']} tokens), "
+                f"{split_stats['dropped_overlength']} dropped and {split_stats['truncated']} truncated as over-long"
             )
-    final_lr = cfg.get("final_lr")
+    final_lr = cfg.final_lr
     lines.append(
-        f"- **Optimisation**: AdamW lr {fmt(cfg.get('lr'))} "
-        f"({cfg.get('schedule', '?')} to {fmt(final_lr) if final_lr is not None else '0.1 x lr'}, "
-        f"{cfg.get('warmup_steps', 0)} warmup steps), betas {cfg.get('betas')}, weight decay "
-        f"{fmt(cfg.get('weight_decay'))}, grad-norm clip {fmt(cfg.get('max_grad_norm'))}; "
-        f"{cfg.get('max_num_tokens')} tokens per micro-batch x {cfg.get('grad_accum', 1)} accumulation, "
-        f"max length {cfg.get('max_seq_len')} ({cfg.get('overlength')}), {cfg.get('epochs')} epoch(s)"
-        + (f", stopped at max_steps {cfg['max_steps']}" if cfg.get("max_steps") else "")
-        + f", seed {cfg.get('seed')}, dtype `{_section(run_config, 'model').get('dtype', '?')}`"
+        f"- **Optimisation**: AdamW lr {fmt(cfg.lr)} "
+        f"({cfg.schedule} to {fmt(final_lr) if final_lr is not None else '0.1 x lr'}, "
+        f"{cfg.warmup_steps} warmup steps), betas {list(cfg.betas)}, weight decay "
+        f"{fmt(cfg.weight_decay)}, grad-norm clip {fmt(cfg.max_grad_norm)}; "
+        f"{cfg.max_num_tokens} tokens per micro-batch x {cfg.grad_accum} accumulation, "
+        f"max length {cfg.max_seq_len} ({cfg.overlength}), {cfg.epochs} epoch(s)"
+        + (f", stopped at max_steps {cfg.max_steps}" if cfg.max_steps else "")
+        + f", seed {cfg.seed}, dtype `{_section(run_config, 'model').get('dtype', '?')}`"
     )
-    lora = cfg.get("lora") or {}
-    if lora.get("enabled"):
-        lines.append(
-            f"- **LoRA**: r {lora.get('r')}, alpha {lora.get('alpha')}, on {lora.get('target_modules')} (merged)"
-        )
-    elapsed, speed = summary.get("elapsed_s"), summary.get("tokens_per_s")
-    lines.append(f"- **Run**: {summary['steps']} optimizer steps in {fmt(elapsed)} s ({fmt(speed)} tokens/s)")
-    if summary.get("resumed_from"):
-        lines.append(f"  - resumed from `{summary['resumed_from']}`")
+    lora = cfg.lora
+    if lora.enabled:
+        lines.append(f"- **LoRA**: r {lora.r}, alpha {lora.alpha}, on {lora.target_modules} (merged)")
+    elapsed, speed = summary.elapsed_s, summary.tokens_per_s
+    lines.append(f"- **Run**: {summary.steps} optimizer steps in {fmt(elapsed)} s ({fmt(speed)} tokens/s)")
+    if summary.resumed_from:
+        lines.append(f"  - resumed from `{summary.resumed_from}`")
     return lines
 
 
-def _training_metrics(summary: Mapping[str, Any]) -> list[str]:
-    train = {k: v for k, v in dict(summary.get("final_train") or {}).items() if k not in _BOOKKEEPING}
+def _training_metrics(summary: TrainResult) -> list[str]:
+    train = {k: v for k, v in summary.final_train.items() if k not in _BOOKKEEPING}
     dev = {
-        k.removeprefix("dev_"): v
-        for k, v in dict(summary.get("final_dev") or {}).items()
-        if k not in _BOOKKEEPING and k != "dev_pairs"
+        k.removeprefix("dev_"): v for k, v in summary.final_dev.items() if k not in _BOOKKEEPING and k != "dev_pairs"
     }
     lines = ["## Training metrics", ""]
     if not train and not dev:
         return [*lines, "No training metrics were recorded.", ""]
     lines += [
-        f"Last optimizer step ({summary['steps']}) and the last dev evaluation; every step is in `metrics.jsonl`.",
+        f"Last optimizer step ({summary.steps}) and the last dev evaluation; every step is in `metrics.jsonl`.",
         "",
         "| metric | final train step | final dev |",
         "|---|---|---|",
@@ -268,7 +260,7 @@ def _eval_results(eval_result: AlpacaEvalResult | None) -> list[str]:
     return [*lines, ""]
 
 
-def _limitations(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[str]:
+def _limitations(summary: TrainResult, run_config: Mapping[str, Any]) -> list[str]:
     data_input = str(_section(run_config, "data").get("input", ""))
     lines = [
         "## Limitations",
@@ -305,7 +297,7 @@ def _usage(name: str) -> list[str]:
 
 def render_model_card(
     *,
-    summary: Mapping[str, Any],
+    summary: TrainResult,
     run_config: Mapping[str, Any],
     eval_result: AlpacaEvalResult | None,
     pathspec: str | None = None,
@@ -313,10 +305,10 @@ def render_model_card(
 ) -> str:
     """The card text (front matter + Markdown); ``name`` is what the usage snippet loads (default: the directory)."""
     _require_summary(summary)
-    kind = str(summary["kind"])
+    kind = summary.kind
     front = yaml.safe_dump(card_metadata(summary, run_config, eval_result), sort_keys=False, allow_unicode=True)
     title = "SFT" if kind == "sft" else kind.upper()
-    config_yaml = yaml.safe_dump(dict(summary["config"]), sort_keys=False, allow_unicode=True)
+    config_yaml = yaml.safe_dump(config_to_dict(summary.config), sort_keys=False, allow_unicode=True)
     run_yaml = yaml.safe_dump(dict(run_config), sort_keys=False, allow_unicode=True)
     lines = [
         f"---\n{front}---",
@@ -331,7 +323,7 @@ def render_model_card(
         *_training_metrics(summary),
         *_eval_results(eval_result),
         *_limitations(summary, run_config),
-        *_usage(name or str(summary.get("model_dir") or ".")),
+        *_usage(name or summary.model_dir),
         "## Configuration",
         "",
         "<details><summary>training section</summary>",

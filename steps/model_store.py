@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
 HANDOFF_DIR = "prefflow_handoff"  # under <datastore root>/<flow>/, beside Metaflow's own data/
 CHUNK = 8 << 20
-#: Test and debug switch: each step starts from an empty local output root, as a fresh pod would (datastore mode).
-WIPE_ENV = "PREFFLOW_WIPE_LOCAL_OUTPUT"
 
 
 class HandoffError(RuntimeError):
@@ -221,11 +219,35 @@ def _copy_verified(source: Path, target: Path, entry: dict, where: str) -> None:
         )
 
 
-def handoff_location(handoff_mode: str, output_root: str, flow_name: str, ds_type: str, ds_root: str) -> dict | None:
+def running_task_datastore() -> tuple[str, str]:
+    """The datastore (type, root) of the Metaflow task running this code: Metaflow records both in every task's
+    metadata (``ds-type``, ``ds-root``, what its Client reads logs with), read here through the public Client API.
+
+    One setup hides the task from it: local metadata with ``--datastore-root`` elsewhere than where Metaflow looks
+    for ``.metaflow`` (Metaflow records the task under the one and reads under the other); the error says so."""
+    from metaflow import current
+    from metaflow.exception import MetaflowNotFound
+
+    task = current.task
+    if task is None:
+        raise HandoffError("the datastore handoff is set up inside a running Metaflow step (start)")
+    try:
+        recorded = task.metadata_dict
+    except MetaflowNotFound as exc:
+        raise HandoffError(
+            f"resources.model_store: datastore needs this run's datastore root, from the metadata of task "
+            f"{current.pathspec}, which the Client API cannot find ({exc}); with local metadata, set "
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL instead of passing --datastore-root"
+        ) from exc
+    return recorded["ds-type"], recorded["ds-root"]
+
+
+def handoff_location(handoff_mode: str, output_root: str, flow_name: str) -> dict | None:
     """Where a run hands files between steps: None (``resources.model_store`` resolved to shared), or the run's
-    area in the datastore Metaflow keeps its artifacts in (a plain dict, an artifact of start)."""
+    area in the datastore Metaflow keeps its artifacts in (a plain dict, an artifact of start): call it in a step."""
     if handoff_mode == "shared":
         return None
+    ds_type, ds_root = running_task_datastore()
     prefix = f"{flow_name}/{HANDOFF_DIR}/{Path(output_root).name}"
     logger.info("handoff through the %s datastore at %s/%s", ds_type, ds_root, prefix)
     return StoreLocation(ds_type, ds_root, prefix, output_root).as_dict()
@@ -236,26 +258,3 @@ def node_root(output_root: str | Path, node_index: int) -> Path:
     disk: beside the run's output root, never inside it, so node 0 may reset that root."""
     root = Path(output_root)
     return root.with_name(f".{root.name}.node{node_index}")
-
-
-def open_store(handoff: dict | None, output_root: str, node_index: int = 0) -> ModelStore | None:
-    """A step's store (None: a shared filesystem); under the ``PREFFLOW_WIPE_LOCAL_OUTPUT`` switch this node's
-    local output root is emptied first, as on a fresh pod."""
-    if handoff is None:
-        return None
-    if wipe_requested():
-        reset_local(output_root if node_index == 0 else node_root(output_root, node_index))
-    return ModelStore.from_dict(handoff)
-
-
-def wipe_requested() -> bool:
-    return os.environ.get(WIPE_ENV, "") not in ("", "0")
-
-
-def reset_local(path: Path | str) -> None:
-    """Delete a local output root (the ``PREFFLOW_WIPE_LOCAL_OUTPUT`` switch: everything must come back from the
-    datastore, as on a pod that shares nothing with the last)."""
-    path = Path(path)
-    if path.exists():
-        logger.warning("%s=1: deleting the local output root %s (everything comes from the datastore)", WIPE_ENV, path)
-        shutil.rmtree(path)

@@ -449,7 +449,7 @@ HOP_CONFIG = KNOB_HOPS_CONFIG
 def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monkeypatch):
     """The real path of the flow (Config parser -> start -> preference step), counting every conversion of beta."""
     from steps import losses
-    from steps.pipeline import plan_run, prepare_data, train_variant
+    from steps.pipeline import plan_run, prepare_data, step_context, train_variant
 
     hops: list[str] = []
     stage = ["Metaflow Config parser"]
@@ -477,13 +477,13 @@ def test_beta_travels_from_yaml_to_the_loss_in_at_most_four_hops(tmp_path, monke
     plan, output_root = plan_run(config_value, "dpo", "", "", "PrefFlow", "1")
     (dpo,) = [v for v in plan.variants if v.loss == "dpo"]
     dpo = pickle.loads(pickle.dumps(dpo))  # artifact from start to the preference step
-    data_dir, _ = prepare_data(plan.config, output_root)
+    data_dir, _ = prepare_data(step_context(plan.config, output_root))
     stage[0] = "preference step"
-    summary = train_variant(dpo, data_dir, output_root, None)
+    summary = train_variant(step_context(dpo.config, output_root), dpo, data_dir, None)
 
     assert len(reached) == 1 and reached[0] == dpo.config.preference.criterion_config
     assert reached[0].beta == 0.37  # the YAML's value reached the loss
-    assert summary["steps"] == 1 and summary["config"]["criterion_config"]["beta"] == 0.37
+    assert summary is not None and summary.steps == 1 and summary.config.criterion_config.beta == 0.37
     assert not [h for h in hops if "preference step" in h], hops  # the step trains the planned object as is
     assert len(hops) <= 4, hops
     assert hops == ["YAML text -> mapping", "mapping -> DPOConfig (start)"]  # start without the preflight's plan

@@ -4,6 +4,7 @@ exactly (also in one process); a non-finite loss on one rank stops both with the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from steps.train.objectives import PreferenceObjective
+from tests.faults import stop_after_checkpoint
 from tests.test_train import TOPICS_TRAIN, pair_rows, pairs_from_rows
 
 PER_RANK_ACCUM = 3  # 2 ranks x 3 = 6 micro-batches per step; the 8 of the epoch give steps of 6 and 2 (1 per rank)
@@ -75,7 +77,7 @@ def _run(
     init_file: str,
     out_dir: str,
     parallelism: str = "ddp",
-    stop_after_steps: int | None = None,
+    stop_after_step: int | None = None,
     grad_accum: int = PER_RANK_ACCUM,
     nan_rank: int | None = None,
     local_world_size: int | None = None,
@@ -127,7 +129,8 @@ def _run(
     obj = CountingObjective(pairs, [], tok.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, nan_at=nan_at)
     record: dict = {"reference": [[p.reference_chosen, p.reference_rejected] for p in pairs]}
     try:
-        result = train(model, tok, obj, cfg, out_dir, resume=True, stop_after_steps=stop_after_steps)
+        with stop_after_checkpoint(stop_after_step) if stop_after_step is not None else contextlib.nullcontext():
+            result = train(model, tok, obj, cfg, out_dir, resume=True)
         from torch.distributed.tensor import DTensor
 
         sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
@@ -137,7 +140,7 @@ def _run(
         record["history"] = [
             {k: h[k] for k in ("loss", "reward_accuracy", "tokens", "grad_norm")} for h in result.history
         ]
-    except KeyboardInterrupt:  # stop_after_steps: a simulated kill after a checkpoint
+    except KeyboardInterrupt:  # stop_after_step: a simulated kill after a checkpoint
         pass
     except TrainingDivergedError as exc:
         record["error"] = str(exc)
@@ -154,7 +157,7 @@ def _run(
 
 def _spawn(tmp_path: Path, name: str, **kwargs) -> Path:
     out = tmp_path / name
-    init = tmp_path / f"init-{name}-{kwargs.get('stop_after_steps')}"
+    init = tmp_path / f"init-{name}-{kwargs.get('stop_after_step')}"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_run, args=(r, WORLD, str(init), str(out)), kwargs=kwargs) for r in range(WORLD)]
     for p in procs:
@@ -238,7 +241,7 @@ def test_hsdp_all_reduces_across_replicas_once_per_step_and_matches_one_process(
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_sharded_checkpoints_resume_exactly_also_in_one_process(tmp_path, single, parallelism):
-    out = _spawn(tmp_path, parallelism, parallelism=parallelism, stop_after_steps=1)
+    out = _spawn(tmp_path, parallelism, parallelism=parallelism, stop_after_step=1)
     ckpt = out / "checkpoints" / "step_0000001"
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_0000001"]
     shards = sorted(p.name for p in (ckpt / "state").glob("*.distcp"))
@@ -327,9 +330,9 @@ def test_torchrun_launcher_trains_a_sharded_model_like_one_process(tmp_path, tok
         str(tmp_path / "two"),
         nproc_per_node=WORLD,
     )
-    assert one["steps"] == two["steps"] == 2
-    assert two["final_train"]["loss"] == pytest.approx(one["final_train"]["loss"], abs=1e-5)
-    a, b = (load_file(Path(s["model_dir"]) / "model.safetensors") for s in (one, two))
+    assert one.steps == two.steps == 2
+    assert two.final_train["loss"] == pytest.approx(one.final_train["loss"], abs=1e-5)
+    a, b = (load_file(Path(s.model_dir) / "model.safetensors") for s in (one, two))
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)

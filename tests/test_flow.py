@@ -149,6 +149,8 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     relative = {name: str(Path(r.evaluation.model_dir).relative_to(join.output_root)) for name, r in results.items()}
     assert {row["variant"]: row["model_dir"] for row in report["rows"]} == relative
     assert relative["sft"] == str(Path("sft", "final"))
+    # the report step read the typed training results of this run: its training curves are in the report
+    assert (tmp_path / "reports" / "plots" / f"training-PrefFlow-{run.id}.png").is_file()
 
 
 def test_metrics_reach_the_trackers(finished_run):
@@ -158,10 +160,10 @@ def test_metrics_reach_the_trackers(finished_run):
     run, _, _ = finished_run
     summary = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
     result = next(r.evaluation.metrics() for r in run["join"].task.data.results if r.variant == "dpo")
-    tracking = Path(summary["model_dir"]).parents[1] / "tracking"
+    tracking = Path(summary.model_dir).parents[1] / "tracking"
     events = EventAccumulator(str(next((tracking / "tensorboard").glob("dpo*")))).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
-    assert losses == pytest.approx([h["loss"] for h in summary["history"]], rel=1e-6)
+    assert losses == pytest.approx([h["loss"] for h in summary.history], rel=1e-6)
     assert events.Scalars("eval/win_rate")[0].value == pytest.approx(result["win_rate"], rel=1e-6)
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
@@ -171,7 +173,7 @@ def test_metrics_reach_the_trackers(finished_run):
     dpo = next(r for r in runs if r.info.run_name == f"{run.id}/dpo")  # one MLflow run per variant, named by run
     history = client.get_metric_history(dpo.info.run_id, "train/loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
-        [h["loss"] for h in summary["history"]], rel=1e-6
+        [h["loss"] for h in summary.history], rel=1e-6
     )
     assert dpo.data.metrics["eval/win_rate"] == pytest.approx(result["win_rate"], rel=1e-6)
 
@@ -181,12 +183,36 @@ def test_training_steps_leave_models_and_metrics(finished_run):
     summaries = {t.data.variant["name"]: t.data.train_summary for t in run["preference"].tasks()}
     assert set(summaries) == {"sft", "dpo", "orpo"}
     for summary in summaries.values():
-        assert (Path(summary["model_dir"]) / "model.safetensors").exists()
-        assert summary["steps"] == 2 and len(summary["history"]) == 2
-        lines = Path(summary["metrics_path"]).read_text().splitlines()
+        assert (Path(summary.model_dir) / "model.safetensors").exists()
+        assert summary.steps == 2 and len(summary.history) == 2
+        lines = Path(summary.metrics_path).read_text().splitlines()
         assert json.loads(lines[0])["step"] == 1
-    assert summaries["dpo"]["reference"] == summaries["sft"]["model_dir"]
-    assert summaries["orpo"]["reference"] is None
+    assert summaries["dpo"].reference == summaries["sft"].model_dir
+    assert summaries["orpo"].reference is None
+
+
+def test_training_results_are_typed_artifacts_read_with_the_client_api(finished_run):
+    """sft_summary / train_summary are steps.results.TrainResult objects: attributes, and the typed training section
+    the step trained with (what the join, the model cards and the evaluate step read)."""
+    from metaflow import Run, namespace
+
+    from steps.config import PreferenceConfig, SFTConfig
+    from steps.results import TrainResult
+
+    run, _, _ = finished_run
+    namespace(None)
+    sft = Run(run.pathspec)["sft"].task.data.sft_summary
+    assert isinstance(sft, TrainResult) and isinstance(sft.config, SFTConfig) and sft.kind == "sft"
+    assert Path(sft.model_dir) == Path(run["start"].task.data.output_root) / "sft" / "final"
+    assert (sft.steps, sft.config.max_steps, sft.config.max_seq_len, sft.reference) == (2, 2, 256, None)
+    orpo = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "orpo")
+    assert isinstance(orpo.config, PreferenceConfig) and orpo.config.criterion_config.orpo_lambda == 0.2
+    assert orpo.loss_beta is None and sft.loss_beta is None  # ORPO has no beta
+    dpo = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
+    assert dpo.loss_beta == 0.1 and dpo.init_label == "SFT checkpoint" and dpo.init == sft.model_dir
+    rows = {r["variant"]: r for r in run["join"].task.data.results}
+    assert rows["dpo"]["train_steps"] == dpo.steps and rows["dpo"]["epoch"] == dpo.config.epochs == 1
+    assert rows["dpo"]["training_config"]["criterion_config"]["beta"] == dpo.config.criterion_config.beta
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
@@ -264,7 +290,7 @@ def test_cpu_heavy_steps_take_turns(tmp_path, serialize):
     import torch
 
     from steps.config import config_from_dict
-    from steps.pipeline import cpu_heavy_section
+    from steps.step_context import cpu_heavy_section
 
     if torch.cuda.is_available():
         pytest.skip("GPU machines run heavy steps side by side")

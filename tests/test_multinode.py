@@ -508,7 +508,7 @@ def _hsdp_node(node_index: int, port: int, data_dir: str, root: str, raw: dict) 
         nproc_per_node=2,
         node=NodeRun(gang, coordinator, sync),
     )
-    Path(root, f"summary{node_index}.json").write_text(json.dumps(summary))
+    Path(root, f"summary{node_index}.json").write_text(json.dumps(summary.to_dict() if summary else None))
 
 
 def test_two_nodes_of_two_ranks_train_hsdp_like_one_process(tmp_path, tokenizer):
@@ -519,6 +519,7 @@ def test_two_nodes_of_two_ranks_train_hsdp_like_one_process(tmp_path, tokenizer)
 
     from steps.config import config_from_dict, for_loss
     from steps.io import write_jsonl
+    from steps.results import TrainResult
     from steps.train.launch import launch
     from tests.test_train import TOPICS_TRAIN, pair_rows
 
@@ -547,14 +548,14 @@ def test_two_nodes_of_two_ranks_train_hsdp_like_one_process(tmp_path, tokenizer)
     for p in procs:
         p.join(timeout=400)
     assert [p.exitcode for p in procs] == [0, 0]
-    two = json.loads((tmp_path / "summary0.json").read_text())
+    two = TrainResult.from_dict(json.loads((tmp_path / "summary0.json").read_text()))
     assert json.loads((tmp_path / "summary1.json").read_text()) is None  # rank 0 ran on node 0
-    assert two["layout"] == {"parallelism": "fsdp", "world_size": 4, "nodes": 2, "mesh": [2, 2],
-                             "mesh_dims": ["replicate", "shard"]}  # fmt: skip
-    assert one["steps"] == two["steps"] == 2
-    for a, b in zip(one["history"], two["history"]):
+    assert two.layout == {"parallelism": "fsdp", "world_size": 4, "nodes": 2, "mesh": [2, 2],
+                          "mesh_dims": ["replicate", "shard"]}  # fmt: skip
+    assert one.steps == two.steps == 2
+    for a, b in zip(one.history, two.history):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    x, y = (load_file(Path(s["model_dir"]) / "model.safetensors") for s in (one, two))
+    x, y = (load_file(Path(s.model_dir) / "model.safetensors") for s in (one, two))
     for key in x:
         torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=0, msg=key)
     # the last checkpoint is in the datastore, complete from both nodes: node 0 with DCP's metadata and its ranks'

@@ -20,6 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from steps.results import TrainResult
+from tests.faults import KILL_RANK_ENV, WIPE_ENV, hooks_env
 from tests.test_flow import _env as flow_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +84,7 @@ def one_process(tmp_path_factory, tokenizer):
     os.environ["OMP_NUM_THREADS"] = "1"
     sft = launch(config_from_dict(raw), "sft", str(tmp / "data"), str(tmp / "sft"))
 
-    def dpo(sft_model_dir: str) -> dict:
+    def dpo(sft_model_dir: str) -> TrainResult:
         """DPO in one process from the gang's own SFT model (the same start)."""
         out = tmp / f"dpo-{abs(hash(sft_model_dir))}"
         return launch(
@@ -92,13 +94,13 @@ def one_process(tmp_path_factory, tokenizer):
     return {"sft": sft, "dpo": dpo}
 
 
-def _assert_same_training(gang: dict, one: dict, gang_model_dir: Path | None = None) -> None:
-    assert gang["steps"] == one["steps"] and len(gang["history"]) == gang["steps"]
-    for a, b in zip(gang["history"], one["history"]):
+def _assert_same_training(gang: TrainResult, one: TrainResult, gang_model_dir: Path | None = None) -> None:
+    assert gang.steps == one.steps and len(gang.history) == gang.steps
+    for a, b in zip(gang.history, one.history):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    x = load_file(Path(gang_model_dir or gang["model_dir"]) / "model.safetensors")
-    y = load_file(Path(one["model_dir"]) / "model.safetensors")
+    x = load_file(Path(gang_model_dir or gang.model_dir) / "model.safetensors")
+    y = load_file(Path(one.model_dir) / "model.safetensors")
     assert set(x) == set(y)
     for key in x:
         torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=0, msg=key)
@@ -119,13 +121,13 @@ def test_ddp_gangs_of_two_nodes_train_like_one_process(tmp_path, one_process):
     assert len(sft_tasks) == 2 and sft_tasks[1] == f"{sft_tasks[0]}_node_1"  # control task + 1 worker
     assert len(_gang_tasks(run, "preference_nodes")) == 2  # dpo's gang (the sft variant has nothing to train)
     sft = run["sft"].task.data.sft_summary
-    assert sft["layout"] == {"parallelism": "ddp", "world_size": 2, "nodes": 2}
+    assert sft.layout == {"parallelism": "ddp", "world_size": 2, "nodes": 2}
     _assert_same_training(sft, one_process["sft"])
     dpo = run["preference_gang_join"].task.data.train_summary
-    assert dpo["kind"] == "dpo" and dpo["reference"] == sft["model_dir"]
-    _assert_same_training(dpo, one_process["dpo"](sft["model_dir"]))
+    assert dpo.kind == "dpo" and dpo.reference == sft.model_dir
+    _assert_same_training(dpo, one_process["dpo"](sft.model_dir))
     rows = {r.variant: r for r in run["join"].task.data.results}
-    assert set(rows) == {"sft", "dpo"} and rows["dpo"].evaluation.model_dir == dpo["model_dir"]
+    assert set(rows) == {"sft", "dpo"} and rows["dpo"].evaluation.model_dir == dpo.model_dir
 
 
 def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_process):
@@ -136,7 +138,7 @@ def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_pr
     settings = f"{GANG} sft.parallelism=fsdp preference.parallelism=fsdp resources.model_store=datastore"
     settings += " evaluation.enabled=true evaluation.max_instructions=2 evaluation.max_new_tokens=4"
     settings += " evaluation.judge_model=tiny evaluation.batch_size=2 evaluation.heldout_max_pairs=2"
-    killing = _env(tmp_path, PREFFLOW_WIPE_LOCAL_OUTPUT="1", PREFFLOW_KILL_RANK_AFTER_CHECKPOINT="1")
+    killing = _env(tmp_path, **hooks_env(REPO, **{WIPE_ENV: "1", KILL_RANK_ENV: "1"}))
     status, failed, log = _run(tmp_path, settings, killing)
     assert status == "failed"
     # node 1 is named; node 0 may be too (its rank lost its peer and torchrun exited as well), in either order
@@ -156,23 +158,24 @@ def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_pr
         for node in (0, 1):  # @retry resumed every node from the checkpoint both had uploaded
             assert f"checkpoint sync (node {node}): resuming from {start}," in logged, (attempt, node)
 
-    status, run, log = _run(tmp_path, settings, _env(tmp_path, PREFFLOW_WIPE_LOCAL_OUTPUT="1"), resume=True)
+    wiping = _env(tmp_path, **hooks_env(REPO, **{WIPE_ENV: "1"}))
+    status, run, log = _run(tmp_path, settings, wiping, resume=True)
     assert status == "successful", log[-6000:]
     assert run.id != failed.id and len(_gang_tasks(run, "sft_nodes")) == 2
     sft = run["sft"].task.data.sft_summary
-    assert sft["resumed_from"].endswith("step_0000002")  # so the retry resumed from step 1 and wrote step 2
-    assert sft["layout"] == {"parallelism": "fsdp", "world_size": 2, "nodes": 2, "mesh": [2, 1],
-                             "mesh_dims": ["replicate", "shard"]}  # fmt: skip
-    runs_root = Path(sft["model_dir"]).parents[1]
+    assert sft.resumed_from.endswith("step_0000002")  # so the retry resumed from step 1 and wrote step 2
+    assert sft.layout == {"parallelism": "fsdp", "world_size": 2, "nodes": 2, "mesh": [2, 1],
+                          "mesh_dims": ["replicate", "shard"]}  # fmt: skip
+    runs_root = Path(sft.model_dir).parents[1]
     assert not (runs_root / "sft").exists()  # wiped by the later steps: only the datastore has it
     from steps.model_store import ModelStore
 
     store = ModelStore.from_dict(run["start"].task.data.handoff)
     here = tmp_path / "from_datastore"
-    store.pull(here / "sft", store.key_for(sft["model_dir"]))  # downloaded and verified against its manifest
+    store.pull(here / "sft", store.key_for(sft.model_dir))  # downloaded and verified against its manifest
     _assert_same_training(sft, one_process["sft"], here / "sft")
     dpo = run["preference_gang_join"].task.data.train_summary
-    store.pull(here / "dpo", store.key_for(dpo["model_dir"]))
+    store.pull(here / "dpo", store.key_for(dpo.model_dir))
     _assert_same_training(dpo, one_process["dpo"](str(here / "sft")), here / "dpo")
     rows = {r.variant: r.evaluation.alpaca_eval for r in run["join"].task.data.results}
     assert all(r is not None and r.scores.n_total == 2 for r in rows.values())  # models and eval files came back

@@ -131,7 +131,7 @@ def test_degenerate_model_evaluates_and_reports_honestly(case, specs, tmp_path):
         successful=True,
         results=[row],
         run_config={"name": case},
-        train_summaries={},
+        training_curves={},
     )
     paths = write_report([record], Selection(), tmp_path / "reports")
     texts = {p.name: p.read_text() for p in (paths.results_md, paths.results_csv, paths.results_json, paths.readme)}

@@ -386,11 +386,11 @@ def test_retry_resumes_a_killed_attempt_from_its_checkpoint(concurrent_runs):
     b_root = r["tmp"] / "a" / "runs" / "PrefFlow" / run.id
     sft = run["sft"].task
     assert sft.current_attempt == 1  # the second attempt is the one that finished
-    assert sft.data.sft_summary["resumed_from"].endswith(f"step_{KILL_AT:07d}")
-    assert sft.data.sft_summary["steps"] == STEPS
+    assert sft.data.sft_summary.resumed_from.endswith(f"step_{KILL_AT:07d}")
+    assert sft.data.sft_summary.steps == STEPS
     pref = next(t for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
     assert pref.current_attempt == 1
-    assert pref.data.train_summary["resumed_from"] == str(b_root / "dpo" / "checkpoints" / f"step_{KILL_AT:07d}")
+    assert pref.data.train_summary.resumed_from == str(b_root / "dpo" / "checkpoints" / f"step_{KILL_AT:07d}")
     history = [
         json.loads(line)["step"]
         for line in (b_root / "dpo" / "metrics.jsonl").read_text().splitlines()
@@ -415,7 +415,7 @@ def test_resume_after_kills_in_sft_preference_and_evaluate(resumed_run, concurre
     run = run_of(r["tmp"] / "mf", r["final"])
     assert run["start"].task.data.output_root == str(root)
     after_sft = run_of(r["tmp"] / "mf", next_run[by_step["sft"]["run_id"]])
-    assert after_sft["sft"].task.data.sft_summary["resumed_from"] == str(root / "sft" / "checkpoints" / mid)
+    assert after_sft["sft"].task.data.sft_summary.resumed_from == str(root / "sft" / "checkpoints" / mid)
     # the dpo task finishes in the first later run not killed while it trained (an evaluate kill can land while
     # the dpo step still trains), resumed from the newest checkpoint there was when the run before it was killed
     pref, before = None, None
@@ -426,7 +426,7 @@ def test_resume_after_kills_in_sft_preference_and_evaluate(resumed_run, concurre
             before = stage
             break
     assert pref is not None and before is not None, [(s["step"], s["dpo"]) for s in stages]
-    assert pref.data.train_summary["resumed_from"] == str(root / "dpo" / "checkpoints" / before["dpo"][-1])
+    assert pref.data.train_summary.resumed_from == str(root / "dpo" / "checkpoints" / before["dpo"][-1])
     # finished steps were cloned, not redone: Metaflow says so, and the files they wrote were not touched again
     produced = {"sft": root / "sft" / "final", "preference": root / "dpo" / "final"}
     for stage in stages:

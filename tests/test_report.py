@@ -26,7 +26,7 @@ import yaml
 
 from steps.report import ReportError, RunRecord, Selection, generate_report, render_report, write_report
 from steps.report.plots import training_curves_png, training_panels, win_rate_bars_png
-from steps.report.records import client_scope
+from steps.report.records import TrainingCurves, client_scope
 from steps.report.table import COLUMNS, build_rows, markdown_table, results_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,13 +104,11 @@ def make_record(
         successful=True,
         results=results,
         run_config={"name": "t", "model": {"base": base}},
-        train_summaries={
-            "sft": {"kind": "sft", "history": _history(5, False), "dev_history": [{"step": 5, "dev_loss": 0.5}]},
-            "dpo": {
-                "kind": "dpo",
-                "history": _history(4, True),
-                "dev_history": [{"step": 4, "dev_loss": 0.6, "dev_reward_margin": 0.1, "dev_reward_accuracy": 0.5}],
-            },
+        training_curves={
+            "sft": TrainingCurves(_history(5, False), [{"step": 5, "dev_loss": 0.5}]),
+            "dpo": TrainingCurves(
+                _history(4, True), [{"step": 4, "dev_loss": 0.6, "dev_reward_margin": 0.1, "dev_reward_accuracy": 0.5}]
+            ),
         },
     )
 
@@ -332,7 +330,7 @@ def test_training_plot_panels_and_image():
     ]
     width, height = _png_size(training_curves_png(record))
     assert (width, height) == (4 * 400, 330)  # 4 panels x 4.0 in x 100 dpi, 3.3 in high
-    record.train_summaries = {}
+    record.training_curves = {}
     assert training_curves_png(record) is None
 
 
@@ -381,7 +379,8 @@ from metaflow import FlowSpec, Parameter, card, current, project, step
 
 @project(name="prefflow_report_test")
 class PrefFlow(FlowSpec):
-    """Artifacts shaped like flows/pipeline.py's (no training), ending with the pipeline's report step."""
+    """Artifacts shaped like flows/pipeline.py's (no training), ending with the pipeline's report step; train_summary
+    is the plain dict runs stored before training results were typed (the report reads both)."""
 
     lc = Parameter("lc", type=float, default=40.0)
     fail_at_end = Parameter("fail_at_end", type=bool, default=False)
@@ -532,7 +531,7 @@ def test_report_from_metaflow_runs(metaflow_runs, tmp_path):
     assert all(isinstance(r, dict) for r in record.results) and all(isinstance(r, VariantResult) for r in typed.results)
     assert sorted(e.variant for e in evaluated) == ["dpo", "sft"] and all(isinstance(e, EvalResult) for e in evaluated)
     assert {e.variant: e for e in evaluated} == {r.variant: r.evaluation for r in typed.results}
-    assert set(record.train_summaries) == {"sft", "dpo"}  # curve labels are variant names
+    assert set(record.training_curves) == {"sft", "dpo"}  # curve labels are variant names
     panels = [(title, [label for label, _ in series]) for _, title, series in training_panels(record)]
     assert panels[:2] == [("SFT loss", ["SFT"]), ("preference loss", ["DPO"])]
     assert all(p.is_file() for p in paths.training_pngs.values()) and paths.win_rates_png.is_file()

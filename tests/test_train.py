@@ -13,6 +13,7 @@ from steps.train.batching import PairExample, SFTExample, collate_pairs, collate
 from steps.train.logprobs import sequence_logprobs
 from steps.train.loop import TrainingDivergedError, lr_lambda, make_optimizer, optimizer_step, train
 from steps.train.objectives import PreferenceObjective, SFTObjective, precompute_reference
+from tests.faults import stop_after_checkpoint
 
 TOPICS_TRAIN = [
     "apples",
@@ -198,15 +199,8 @@ def test_resume_mid_epoch_gives_identical_weights(tokenizer, tiny_model_factory,
     train(ref_model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
 
     model = tiny_model_factory(seed=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            model,
-            tokenizer,
-            SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg),
-            cfg,
-            tmp_path / "b",
-            stop_after_steps=steps_per_epoch // 2,
-        )
+    with pytest.raises(KeyboardInterrupt), stop_after_checkpoint(steps_per_epoch // 2):
+        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     fresh = tiny_model_factory(seed=77)  # a new process would start from different memory
     result = train(fresh, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     assert result.resumed_from is not None
@@ -265,15 +259,8 @@ def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, t
     assert trainable and all("lora_" in n for n in trainable)
 
     model = apply_lora(tiny_model_factory(seed=5), cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            model,
-            tokenizer,
-            SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg),
-            cfg,
-            tmp_path / "b",
-            stop_after_steps=2,
-        )
+    with pytest.raises(KeyboardInterrupt), stop_after_checkpoint(2):
+        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     resumed = apply_lora(tiny_model_factory(seed=5), cfg)
     train(resumed, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     a, b = _weights(ref), _weights(resumed)

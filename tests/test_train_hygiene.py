@@ -70,18 +70,20 @@ def test_the_ranks_torchrun_starts_get_the_allocator_settings(tmp_path, monkeypa
     """launch_torchrun's real command and environment, captured where they would start torchrun."""
     from steps.config import config_from_dict, for_loss
     from steps.io import write_json
+    from steps.results import TrainResult
 
     seen = {}
+    cfg = for_loss(config_from_dict({"model": {"base": "tiny"}}), "dpo")
+    rank0 = TrainResult("dpo", "out/final", "tiny", "base: tiny", "tiny", cfg.preference, 0, 0.0, 0.0, {}, {}, {}, "m")
 
-    def fake_run_node(cmd, env, *args, **kwargs):
+    def fake_run_node(cmd, env, *args, **kwargs):  # what rank 0 writes (steps.train.launch.main)
         seen.update(cmd=cmd, env=env)
-        write_json(tmp_path / "out" / launch.SUMMARY_FILE, {"steps": 0})
+        write_json(tmp_path / "out" / launch.SUMMARY_FILE, rank0.to_dict())
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setattr(launch, "run_node", fake_run_node)
-    cfg = for_loss(config_from_dict({"model": {"base": "tiny"}}), "dpo")
-    assert launch.launch_torchrun(cfg, "dpo", str(tmp_path), str(tmp_path / "out"), None, 2) == {"steps": 0}
+    assert launch.launch_torchrun(cfg, "dpo", str(tmp_path), str(tmp_path / "out"), None, 2) == rank0
     assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert "--nproc_per_node=2" in seen["cmd"]
 

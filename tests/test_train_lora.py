@@ -29,6 +29,7 @@ from steps.train.batching import collate_pairs, tokenize_pairs
 from steps.train.logprobs import sequence_logprobs
 from steps.train.loop import train
 from steps.train.objectives import PreferenceObjective
+from tests.faults import stop_after_checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -333,16 +334,16 @@ def test_checkpoints_over_a_base_with_quantization_statistics(tokenizer, tmp_pat
             keep_parameters_only(base)
         return apply_lora(base, cfg)
 
-    def run(out, **kw):
-        return train(policy(), tokenizer, SFTObjective(examples, [], tokenizer.pad_token_id, cfg), cfg, out, **kw)
+    def run(out):
+        return train(policy(), tokenizer, SFTObjective(examples, [], tokenizer.pad_token_id, cfg), cfg, out)
 
     if not prepared:
         with pytest.raises(AttributeError, match="absmax"):
             run(tmp_path / "a")
         return
     whole = run(tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", stop_after_steps=1)
+    with pytest.raises(KeyboardInterrupt), stop_after_checkpoint(1):
+        run(tmp_path / "b")
     resumed = run(tmp_path / "b")
     assert resumed.resumed_from is not None
     latest = latest_checkpoint(tmp_path / "b" / "checkpoints")
@@ -442,7 +443,7 @@ def test_dpo_with_lora_runs_through_the_flow_as_the_readme_shows(tmp_path, token
     assert status == "successful", stderr[-4000:]
     namespace(None)
     summaries = {t.data.variant["name"]: t.data.train_summary for t in run["preference"].tasks()}
-    sft_dir, dpo_dir = Path(summaries["sft"]["model_dir"]), Path(summaries["dpo"]["model_dir"])
+    sft_dir, dpo_dir = Path(summaries["sft"].model_dir), Path(summaries["dpo"].model_dir)
     assert sft_dir.is_relative_to(tmp_path / "runs") and dpo_dir.is_relative_to(tmp_path / "runs")
     assert adapter_base(sft_dir) == "tiny" and adapter_base(dpo_dir) == str(sft_dir.resolve())
     for d in (sft_dir, dpo_dir):
@@ -451,8 +452,8 @@ def test_dpo_with_lora_runs_through_the_flow_as_the_readme_shows(tmp_path, token
     assert "live reference = the policy with its adapters disabled" in dpo_log
     assert dpo_log.count("steps.models.load: loaded ") == 1, dpo_log  # one model in the DPO step: no reference copy
     dpo = summaries["dpo"]
-    assert dpo["reference"] == str(sft_dir) and dpo["steps"] == len(dpo["history"]) >= 2
-    assert dpo["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters-disabled reference
+    assert dpo.reference == str(sft_dir) and dpo.steps == len(dpo.history) >= 2
+    assert dpo.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters-disabled reference
     results = {r.variant: r.evaluation for r in run["join"].task.data.results}
     assert set(results) == {"sft", "dpo"}
     for r in results.values():

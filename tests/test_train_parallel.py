@@ -132,7 +132,7 @@ def test_every_trainer_collective_goes_through_the_checked_module(path):
 )
 def test_gpu_steps_of_a_local_run_take_turns(tmp_path, monkeypatch, resources, locked):
     from steps.config import config_from_dict
-    from steps.pipeline import cpu_heavy_section, device_lock_path
+    from steps.step_context import cpu_heavy_section, device_lock_path
 
     monkeypatch.setenv("PREFFLOW_DEVICE_LOCK", str(tmp_path / "gpu.lock"))
     cfg = config_from_dict({"resources": {"output_dir": str(tmp_path / "runs"), **resources}})

@@ -105,7 +105,7 @@ def test_precision_resolution_and_its_config_rules(caplog):
 
 def test_the_flow_steps_with_bf16_compute_hand_on_a_moved_dpo_model(tmp_path):
     """prepare_data -> sft -> preference[dpo] through steps.pipeline (what the flow's steps call), DPO at lr 1e-8."""
-    from steps.pipeline import plan_run, prepare_data, train_sft, train_variant
+    from steps.pipeline import plan_run, prepare_data, step_context, train_sft, train_variant
 
     raw = {
         "name": "bf16_test",
@@ -125,12 +125,12 @@ def test_the_flow_steps_with_bf16_compute_hand_on_a_moved_dpo_model(tmp_path):
         "resources": {"output_dir": str(tmp_path / "runs")},
     }
     plan, output_root = plan_run(raw, "dpo", "", "", "PrefFlow", "1")
-    data_dir, _ = prepare_data(plan.config, output_root)
-    sft = train_sft(plan.config, data_dir, output_root)
+    data_dir, _ = prepare_data(step_context(plan.config, output_root))
+    sft = train_sft(step_context(plan.config, output_root), data_dir)
     dpo_plan = next(v for v in plan.variants if v.loss == "dpo")
-    dpo = train_variant(dpo_plan, data_dir, output_root, sft)
-    assert sft is not None and dpo is not None and dpo["steps"] == 2
-    sft_weights = load_file(f"{sft['model_dir']}/model.safetensors")
-    dpo_weights = load_file(f"{dpo['model_dir']}/model.safetensors")
+    dpo = train_variant(step_context(dpo_plan.config, output_root), dpo_plan, data_dir, sft)
+    assert sft is not None and dpo is not None and dpo.steps == 2
+    sft_weights = load_file(f"{sft.model_dir}/model.safetensors")
+    dpo_weights = load_file(f"{dpo.model_dir}/model.safetensors")
     assert all(v.dtype == torch.float32 for v in sft_weights.values())  # the fp32 master weights travel on
     assert _moved_fraction(sft_weights, dpo_weights) >= 0.5

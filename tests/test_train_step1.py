@@ -16,6 +16,7 @@ import os
 
 import pytest
 
+from steps.results import TrainResult
 from tests.test_train import TOPICS_TRAIN
 
 DEFAULT = "embedded:smollm2-135m-instruct"
@@ -71,37 +72,37 @@ def data_dir(tmp_path_factory):
     return path
 
 
-def _launch(raw: dict, data_dir, out, nproc: int) -> dict:
+def _launch(raw: dict, data_dir, out, nproc: int) -> TrainResult:
     from steps.config import config_from_dict, for_loss
     from steps.train.launch import launch
 
     os.environ["OMP_NUM_THREADS"] = "1"
     summary = launch(for_loss(config_from_dict(raw), "dpo"), "dpo", str(data_dir), str(out), nproc_per_node=nproc)
-    assert summary is not None and summary["steps"] == 1
+    assert summary is not None and summary.steps == 1
     return summary
 
 
-def _assert_policy_is_its_reference(summary: dict) -> None:
-    first = summary["history"][0]
+def _assert_policy_is_its_reference(summary: TrainResult) -> None:
+    first = summary.history[0]
     assert abs(first["logits"]) <= 1e-3, first  # measured: 0.0 in one process and on 2 FSDP2 ranks
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3), first
-    assert summary["precision"] == "bfloat16 compute, float32 master weights (cpu)"
+    assert summary.precision == "bfloat16 compute, float32 master weights (cpu)"
 
 
 def test_one_process_starts_at_logits_zero_and_loss_ln2(data_dir, tmp_path):
     summary = _launch(dpo_config(DEFAULT, grad_accum=2), data_dir, tmp_path / "one", nproc=1)
     _assert_policy_is_its_reference(summary)
-    assert summary["world_size"] == 1
+    assert summary.world_size == 1
 
 
 def test_two_fsdp2_ranks_start_at_logits_zero_and_loss_ln2_after_loading_once(data_dir, tmp_path):
     summary = _launch(dpo_config(DEFAULT, grad_accum=1), data_dir, tmp_path / "two", nproc=2)
     _assert_policy_is_its_reference(summary)
-    layout = summary["layout"]
-    assert (summary["world_size"], layout["parallelism"], layout["mesh"]) == (2, "fsdp", [2])
+    layout = summary.layout
+    assert (summary.world_size, layout["parallelism"], layout["mesh"]) == (2, "fsdp", [2])
     # rank 0 read the model; rank 1's load cost its own half of the weights plus under half the model's size
     model_mib = 134_515_008 * 4 / 2**20
-    rank1 = summary["load_memory"]["policy"][1]
+    rank1 = summary.load_memory["policy"][1]
     assert rank1["rank"] == 1 and rank1["transient_mib"] < model_mib / 2, rank1
 
 
@@ -111,5 +112,5 @@ def test_a_live_reference_is_sharded_like_the_policy(data_dir, tmp_path):
     raw = dpo_config("tiny", grad_accum=1, reference="tiny:{}", reference_mode="live")
     summary = _launch(raw, data_dir, tmp_path / "live", nproc=2)
     _assert_policy_is_its_reference(summary)
-    assert summary["history"][0]["logits"] == 0.0
-    assert [r["rank"] for r in summary["load_memory"]["reference"]] == [0, 1]
+    assert summary.history[0]["logits"] == 0.0
+    assert [r["rank"] for r in summary.load_memory["reference"]] == [0, 1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from steps.report.records import RunRecord
+from steps.report.records import RunRecord, TrainingCurves
 from steps.report.rows import ResultRow, loss_display, variant_order
 
 #: (history key, panel title) of the preference panels, in order.
@@ -45,27 +45,29 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def summary_panels(summaries: dict[str, dict]) -> list[tuple[str, str, list[tuple[str, dict]]]]:
-    """(history key, title, [(label, summary)]) per panel with data, from {variant: train_summary}:
+def summary_panels(
+    summaries: dict[str, TrainingCurves],
+) -> list[tuple[str, str, list[tuple[str, TrainingCurves]]]]:
+    """(history key, title, [(label, curves)]) per panel with data, from {variant: its training curves}:
     SFT loss, then preference loss, reward margin and reward accuracy."""
     ordered = sorted(summaries.items(), key=lambda kv: variant_order(kv[0]))
-    sft = [(loss_display(v), s) for v, s in ordered if v == "sft" and s.get("history")]
-    pref = [(loss_display(v), s) for v, s in ordered if v != "sft" and s.get("history")]
+    sft = [(loss_display(v), s) for v, s in ordered if v == "sft" and s.history]
+    pref = [(loss_display(v), s) for v, s in ordered if v != "sft" and s.history]
     panels = []
-    if sft and any(_series(s["history"], "loss")[0] for _, s in sft):
+    if sft and any(_series(s.history, "loss")[0] for _, s in sft):
         panels.append(("loss", "SFT loss", sft))
     for key, title in PREFERENCE_PANELS:
-        with_data = [(label, s) for label, s in pref if _series(s["history"], key)[0]]
+        with_data = [(label, s) for label, s in pref if _series(s.history, key)[0]]
         if with_data:
             panels.append((key, title, with_data))
     return panels
 
 
-def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, dict]]]]:
-    return summary_panels(record.train_summaries)
+def training_panels(record: RunRecord) -> list[tuple[str, str, list[tuple[str, TrainingCurves]]]]:
+    return summary_panels(record.training_curves)
 
 
-def summaries_png(summaries: dict[str, dict], title: str) -> bytes | None:
+def summaries_png(summaries: dict[str, TrainingCurves], title: str) -> bytes | None:
     """One row of panels (see ``summary_panels``): lines per optimizer step, circles on the dev set; None if empty."""
     panels = summary_panels(summaries)
     if not panels:
@@ -77,9 +79,9 @@ def summaries_png(summaries: dict[str, dict], title: str) -> bytes | None:
     for ax, (key, panel_title, series) in zip(axes[0], panels):
         for i, (label, summary) in enumerate(series):
             color = f"C{i}"
-            xs, ys = _series(summary["history"], key)
+            xs, ys = _series(summary.history, key)
             ax.plot(xs, ys, color=color, linewidth=1.2, label=f"{label} train")
-            dx, dy = _series(summary.get("dev_history") or [], f"dev_{key}")
+            dx, dy = _series(summary.dev_history, f"dev_{key}")
             if dx:
                 ax.plot(dx, dy, "o--", color=color, markersize=5, linewidth=0.8, label=f"{label} dev")
         if key == "reward_accuracy":
@@ -96,7 +98,7 @@ def summaries_png(summaries: dict[str, dict], title: str) -> bytes | None:
 
 def training_curves_png(record: RunRecord) -> bytes | None:
     """The run's training curves (every variant's summary), titled with the run and its date."""
-    return summaries_png(record.train_summaries, f"{record.pathspec} ({record.date})")
+    return summaries_png(record.training_curves, f"{record.pathspec} ({record.date})")
 
 
 def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from steps.evaluate.results import VariantResult
+from steps.results import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,23 @@ TRAIN_STEP = "preference"
 
 class ReportError(ValueError):
     """The report cannot be generated as asked (unknown flow, bad filter, missing datastore)."""
+
+
+@dataclass(frozen=True)
+class TrainingCurves:
+    """One variant's training records as the report plots them: every optimizer step, every dev evaluation."""
+
+    history: list[dict] = field(default_factory=list)
+    dev_history: list[dict] = field(default_factory=list)
+
+
+def curves_of(summary: TrainResult | Mapping[str, Any]) -> TrainingCurves:
+    """The report's one reader of a training step's artifact: the :class:`steps.results.TrainResult` PrefFlow
+    stores, or the plain dict runs stored before results were typed (``RunSummary.as_dict()``, the same names as
+    keys; the report is regenerated from every earlier run, so those stay readable)."""
+    if isinstance(summary, TrainResult):
+        return TrainingCurves(summary.history, summary.dev_history)
+    return TrainingCurves(list(summary.get("history") or []), list(summary.get("dev_history") or []))
 
 
 @dataclass
@@ -39,7 +57,7 @@ class RunRecord:
     # join: one per model, typed (steps.evaluate.results.VariantResult), or a plain dict in runs made before that
     results: list[Any]
     run_config: dict = field(default_factory=dict)
-    train_summaries: dict[str, dict] = field(default_factory=dict)  # variant -> train_summary
+    training_curves: dict[str, TrainingCurves] = field(default_factory=dict)  # variant -> its train_summary's
     # where the run wrote its files on the machine that ran it (join.output_root); the report states the paths
     # under it relative to it, so that a report made on one machine reads the same anywhere
     output_root: str | None = None
@@ -164,7 +182,7 @@ def read_run(run: Any) -> RunRecord | None:
             JOIN_STEP,
         )
         return None
-    summaries: dict[str, dict] = {}
+    curves: dict[str, TrainingCurves] = {}
     try:
         train_tasks = list(run[TRAIN_STEP])
     except (KeyError, MetaflowNotFound):
@@ -175,7 +193,7 @@ def read_run(run: Any) -> RunRecord | None:
         if isinstance(variant, dict):  # {name, loss, overrides}: a loss or a sweep point
             variant = variant.get("name")
         if variant is not None and summary:
-            summaries[str(variant)] = dict(summary)
+            curves[str(variant)] = curves_of(summary)
     flow_name, run_id = run.pathspec.split("/")
     record = RunRecord(
         flow=flow_name,
@@ -186,10 +204,10 @@ def read_run(run: Any) -> RunRecord | None:
         successful=bool(run.successful),
         results=[r if isinstance(r, VariantResult) else dict(r) for r in (_artifact(join_task, "results") or [])],
         run_config=dict(_artifact(join_task, "run_config") or {}),
-        train_summaries=summaries,
+        training_curves=curves,
         output_root=_artifact(join_task, "output_root"),
     )
-    logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(summaries))
+    logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(curves))
     return record
 
 

@@ -19,7 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from steps.results import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +84,8 @@ def current_gang(master_port: int) -> Gang:
     return Gang(par.num_nodes, par.node_index, par.main_ip, port, control if local and par.control_task_id else None)
 
 
-def gang_summary(summaries: list[dict | None], enabled: bool, what: str) -> dict | None:
-    """The gang's run summary: the one node 0 returned (global rank 0 trained there and wrote the model)."""
+def gang_summary(summaries: list[TrainResult | None], enabled: bool, what: str) -> TrainResult | None:
+    """The gang's training result: the one node 0 returned (global rank 0 trained there and wrote the model)."""
     found = [s for s in summaries if s is not None]
     if enabled and len(found) != 1:
         raise GangFailedError(f"{what}: expected one summary, from node 0, got {len(found)} of {len(summaries)}")

@@ -1,27 +1,32 @@
 """Run a training job on one process, on N processes of this node through torchrun, or on every node of a Metaflow
 @parallel gang (one torchrun per node, one rendezvous). ``python -m steps.train.launch`` is the per-rank entry point;
-the config crosses that boundary as JSON, once."""
+the config crosses that boundary as JSON, once, and global rank 0's :class:`steps.results.TrainResult` comes back
+the same way. From a flow step: ``pipeline.train_sft -> train_on_node -> recipes.run_sft -> loop.train``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import pickle
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steps.config import RunConfig
 from steps.io import atomic_write_bytes, read_json, write_json
-from steps.model_store import ModelStore, node_root
+from steps.model_store import node_root
+from steps.results import TrainResult
 from steps.train.checkpoint_sync import CheckpointSync
 from steps.train.gang import Gang, GangCoordinator, run_node, torchrun_node_args, visible_devices_for
+
+if TYPE_CHECKING:
+    from steps.step_context import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +37,6 @@ SUMMARY_FILE = "launch_summary.json"
 ALLOC_CONF = "expandable_segments:True"
 #: Its environment variable: the newer name (torch >= 2.9, read first), and the one every supported torch reads.
 ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-#: Test and debug switch: this global rank SIGKILLs itself right after the first checkpoint it writes (a node dying
-#: mid-training, for the kill-and-resume tests).
-KILL_ENV = "PREFFLOW_KILL_RANK_AFTER_CHECKPOINT"
 
 
 @dataclass
@@ -51,15 +53,16 @@ class NodeRun:
             self.gang, self.coordinator = None, None
 
 
-def _run_here(cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None) -> dict:
-    from steps.train import parallel
+def recipe(
+    cfg: RunConfig, kind: str, data_dir: str, out_dir: str, sft_model_dir: str | None
+) -> Callable[[], TrainResult]:
+    """The recipe call that trains ``kind`` ("sft" or a loss name) into ``out_dir``, bound and not yet made: each
+    launcher makes it itself, so no frame of this module stands between a flow step and the training loop."""
     from steps.train.recipes import run_preference, run_sft
 
     if kind == "sft":
-        summary = run_sft(cfg, Path(data_dir), Path(out_dir)).as_dict()
-    else:
-        summary = run_preference(cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir).as_dict()
-    return {**summary, "layout": parallel.last_layout(), "load_memory": parallel.last_load_memory()}
+        return functools.partial(run_sft, cfg, Path(data_dir), Path(out_dir))
+    return functools.partial(run_preference, cfg, kind, Path(data_dir), Path(out_dir), sft_model_dir=sft_model_dir)
 
 
 def write_launch_config(cfg: RunConfig, path: Path) -> Path:
@@ -75,30 +78,24 @@ def read_launch_config(path: str | Path) -> RunConfig:
     return cfg
 
 
-def train_node(
-    cfg: RunConfig,
-    kind: str,
-    name: str,
-    data_dir: str,
-    output_root: str,
-    sft_model_dir: str | None,
-    store: ModelStore | None,
-    gang: Gang | None,
-    heavy_turn: Callable[[], contextlib.AbstractContextManager[None]],
-) -> dict | None:
-    """A flow step's training into ``output_root/name``: inputs pulled first when nodes share no disk (``store``),
-    checkpoints synced with the datastore while it trains, the model pushed after. Node 0 (or the only node) takes
-    this machine's ``heavy_turn``, picks the checkpoint to resume from and tells the other nodes, which wait for it."""
-    out_dir = Path(output_root) / name
+def train_on_node(
+    ctx: StepContext, kind: str, name: str, data_dir: str, sft_model_dir: str | None
+) -> TrainResult | None:
+    """A flow step's training of ``kind`` into ``output_root/name``: inputs pulled first when nodes share no disk
+    (``ctx.store``), checkpoints synced with the datastore while it trains, the model pushed after. Node 0 (or the
+    only node) takes this machine's heavy-step turn, picks the checkpoint to resume from and tells the other nodes,
+    which wait for it. Returns global rank 0's result where it ran (this node), else None."""
+    cfg, store, gang = ctx.config, ctx.store, ctx.gang
+    out_dir = Path(ctx.output_root) / name
     on_other_node = gang is not None and not gang.is_main
-    local_out = node_root(output_root, gang.node_index) / name if gang and on_other_node and store else out_dir
+    local_out = node_root(ctx.output_root, ctx.node_index) / name if on_other_node and store else out_dir
     resources = cfg.resources
     coordinator = (
         GangCoordinator(gang, resources.process_group_timeout_s, resources.join_timeout_s(not gang.on_one_machine))
         if gang
         else None
     )
-    with heavy_turn() if not on_other_node else contextlib.nullcontext():
+    with ctx.heavy_turn(name) if not on_other_node else contextlib.nullcontext():
         plan = coordinator.wait_plan() if coordinator is not None and on_other_node else None
         sync = None
         if store is not None:
@@ -107,11 +104,16 @@ def train_node(
             plan = sync.prepare(plan)
         if coordinator is not None and not on_other_node:
             coordinator.publish_plan(plan or {})
-        node = NodeRun(gang, coordinator, sync)
-        summary = launch(cfg, kind, data_dir, str(local_out), sft_model_dir, cfg.resources.nproc_per_node, node)
-    if summary is not None and store is not None:
-        store.push(Path(summary["model_dir"]))
-    return summary
+        result: TrainResult | None
+        if gang is None and resources.nproc_per_node <= 1:
+            with in_process(sync):
+                result = recipe(cfg, kind, data_dir, str(local_out), sft_model_dir)()
+        else:
+            node = NodeRun(gang, coordinator, sync)
+            result = launch_torchrun(cfg, kind, data_dir, str(local_out), sft_model_dir, resources.nproc_per_node, node)
+    if result is not None and store is not None:
+        store.push(Path(result.model_dir))
+    return result
 
 
 def launch(
@@ -122,23 +124,24 @@ def launch(
     sft_model_dir: str | None = None,
     nproc_per_node: int = 1,
     node: NodeRun | None = None,
-) -> dict | None:
-    """Train ``kind`` ("sft" or a loss name); returns the run summary dict (on a gang: node 0's; None elsewhere).
+) -> TrainResult | None:
+    """Train ``kind`` ("sft" or a loss name); returns global rank 0's result (on a gang: node 0's; None elsewhere).
 
     ``cfg``: the RunConfig planned for this variant (preference resolved for ``kind``: steps.config.for_loss).
     ``node``: this node's gang and checkpoint sync (None: one node, local disk).
     """
     node = node or NodeRun()
     if node.gang is None and nproc_per_node <= 1:
-        configure_allocator_here()
-        with _syncing(node.sync):
-            return _run_here(cfg, kind, data_dir, out_dir, sft_model_dir)
+        with in_process(node.sync):
+            return recipe(cfg, kind, data_dir, out_dir, sft_model_dir)()
     return launch_torchrun(cfg, kind, data_dir, out_dir, sft_model_dir, nproc_per_node, node)
 
 
 @contextlib.contextmanager
-def _syncing(sync: CheckpointSync | None, every_s: float = 1.0) -> Iterator[None]:
-    """Checkpoint uploads beside in-process training (a thread; torch releases the GIL in its kernels)."""
+def in_process(sync: CheckpointSync | None, every_s: float = 1.0) -> Iterator[None]:
+    """Around training in this process: the allocator settings (:func:`configure_allocator_here`) and, with a
+    ``sync``, checkpoint uploads beside it (a thread; torch releases the GIL in its kernels)."""
+    configure_allocator_here()
     if sync is None:
         yield
         return
@@ -166,10 +169,10 @@ def launch_torchrun(
     sft_model_dir: str | None,
     nproc_per_node: int,
     node: NodeRun | None = None,
-) -> dict | None:
+) -> TrainResult | None:
     """``nproc_per_node`` ranks of this node under torchrun (one rank too: a real process group of one, so
     DDP/FSDP2 and every collective run, e.g. on NCCL for the GPU check); on a gang this node's share of the job,
-    joined to node 0's rendezvous. Returns rank 0's summary where rank 0 ran (this node), else None."""
+    joined to node 0's rendezvous. Returns rank 0's result where rank 0 ran (this node), else None."""
     node = node or NodeRun()
     gang = node.gang
     out = Path(out_dir)
@@ -215,7 +218,7 @@ def launch_torchrun(
     )
     if gang is not None and not gang.is_main:
         return None  # global rank 0 ran on node 0 (on a shared disk its summary is visible here too)
-    return read_json(out / SUMMARY_FILE)
+    return TrainResult.from_dict(read_json(out / SUMMARY_FILE), str(out / SUMMARY_FILE))
 
 
 def _cuda_device_count() -> int:
@@ -285,34 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_allocator_here()  # ranks started by another launcher than launch_torchrun
     backend = init_process_group(cfg.resources.process_group_timeout_s)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    _arm_kill_switch(dist.get_rank())
     try:
-        summary = _run_here(cfg, args.kind, args.data_dir, args.out_dir, args.sft_model_dir)
+        result = recipe(cfg, args.kind, args.data_dir, args.out_dir, args.sft_model_dir)()
         if dist.get_rank() == 0:
-            write_json(Path(args.out_dir) / SUMMARY_FILE, summary)
+            write_json(Path(args.out_dir) / SUMMARY_FILE, result.to_dict())
     finally:
         dist.destroy_process_group()
-
-
-def _arm_kill_switch(rank: int) -> None:
-    """``PREFFLOW_KILL_RANK_AFTER_CHECKPOINT=<rank>``: that rank dies by SIGKILL once its first checkpoint is
-    complete on every rank (the checkpoint writer's last barrier has passed), as a node lost mid-training would."""
-    target = os.environ.get(KILL_ENV, "")
-    if not target or int(target) != rank:
-        return
-    from steps.train import checkpoints
-
-    save = checkpoints.save_checkpoint
-
-    # the loop calls checkpoints.save_checkpoint through the module, so replacing the attribute reaches it
-    def save_then_die(*args: Any, **kwargs: Any) -> Any:
-        path = save(*args, **kwargs)
-        logger.error("%s=%d: rank %d kills itself (SIGKILL) after writing %s", KILL_ENV, rank, rank, path)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-        return path
-
-    checkpoints.save_checkpoint = save_then_die
 
 
 if __name__ == "__main__":

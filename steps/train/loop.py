@@ -59,7 +59,10 @@ class Objective(Protocol):
 
 
 @dataclass
-class TrainResult:
+class LoopResult:
+    """What :func:`train` returns: the trained root module and the run's records (the recipes turn it into the
+    step's :class:`steps.results.TrainResult`)."""
+
     final_step: int
     history: list[dict]
     dev_history: list[dict]
@@ -190,11 +193,10 @@ def train(
     out_dir: Path,
     *,
     resume: bool = True,
-    stop_after_steps: int | None = None,
     desc: str = "train",
     precision: Precision | None = None,
     tracker: Tracker | None = None,
-) -> TrainResult:
+) -> LoopResult:
     """Train ``model`` (a Hugging Face causal LM) in place on every rank; ``result.model`` is the trained root.
 
     Under torch.distributed the model is wrapped in DDP or FSDP2 (``cfg.parallelism``) even for one rank; each
@@ -324,9 +326,6 @@ def train(
                         {**progress, "history": history, "dev_history": dev_history},
                         cfg.keep_checkpoints,
                     )
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    bar.close()
-                    raise KeyboardInterrupt(f"{desc}: stopped after step {step} (stop_after_steps)")
                 if done:
                     break
     bar.close()
@@ -348,7 +347,7 @@ def train(
         precision.describe(),
         out_dir,
     )
-    return TrainResult(
+    return LoopResult(
         step,
         history,
         dev_history,

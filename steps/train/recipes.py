@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,13 @@ import torch
 from steps.config import LoraConfig, PreferenceConfig, RunConfig, TrainConfig, config_to_dict
 from steps.io import read_jsonl, write_json
 from steps.model_card import write_model_card
+from steps.results import TrainResult
 from steps.tracking import Tracker
 from steps.train import adapters, checkpoints, collectives, parallel, reference, weights
 from steps.train.adapters import apply_lora
 from steps.train.attention import preferred_attn_implementation
 from steps.train.batching import tokenize_pairs, tokenize_sft
-from steps.train.loop import Objective, TrainResult, train
+from steps.train.loop import LoopResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective
 from steps.train.precision import Precision, resolve_precision
 from steps.train.reference import ReferenceSource
@@ -31,31 +32,15 @@ logger = logging.getLogger(__name__)
 AUTO_INIT_FROM_BASE = {"orpo", "cpo"}
 
 
-@dataclass
-class RunSummary:
-    """What a training step hands to the next step (and to Metaflow as artifacts)."""
+@dataclass(frozen=True)
+class StartingPoint:
+    """The models a run starts from: the policy's init spec and its label in the results table ("SFT checkpoint",
+    "base: <spec>"), the reference (None: reference-free) and the base a LoRA adapter is handed on over."""
 
-    kind: str  # "sft" or the loss name
-    model_dir: str
-    init: str  # the model spec training started from
-    init_label: str  # what the results table shows: "SFT checkpoint" or "base: <spec>"
+    init: str
+    init_label: str
     reference: str | None
-    steps: int
-    elapsed_s: float
-    tokens_per_s: float
-    final_train: dict
-    final_dev: dict
-    data_stats: dict
-    metrics_path: str
-    config: dict
-    resumed_from: str | None = None
-    precision: str = ""  # e.g. "bfloat16 compute, float32 master weights (cuda)"
-    world_size: int = 1
-    history: list = field(default_factory=list)
-    dev_history: list = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    adapter_over: str
 
 
 def pick_device() -> torch.device:
@@ -135,56 +120,29 @@ def make_tracker(cfg: RunConfig, out_dir: Path) -> Tracker:
     )
 
 
-def _train_tracked(
-    cfg: RunConfig,
-    model: Any,
-    tokenizer: Any,
-    objective: Objective,
-    section: TrainConfig,
-    out_dir: Path,
-    *,
-    desc: str,
-    precision: Precision,
-) -> TrainResult:
-    """``train`` with the run's experiment tracker open around it."""
-    with make_tracker(cfg, out_dir) as tracker:
-        return train(
-            model,
-            tokenizer,
-            objective,
-            section,
-            out_dir,
-            desc=desc,
-            precision=precision,
-            tracker=tracker,
-        )
-
-
 def _finish(
+    cfg: RunConfig,
     kind: str,
+    start: StartingPoint,
     tokenizer: Any,
-    result: TrainResult,
-    out_dir: Path,
-    init: str,
-    init_label: str,
-    reference: str | None,
+    result: LoopResult,
     data_stats: dict,
-    cfg_section: TrainConfig,
-    run_config: RunConfig,
-    adapter_over: str,
-) -> RunSummary:
-    """Hand the model on (merged, or ``lora.hand_on: adapter``: the adapter over ``adapter_over``) and summarise."""
-    rank, _ = collectives.world()
-    if cfg_section.lora.enabled and cfg_section.lora.hand_on == "adapter":
-        final_dir = adapters.export_adapter(result.model, tokenizer, out_dir / "final", adapter_over)
+    out_dir: Path,
+) -> TrainResult:
+    """Hand the model on (merged, or ``lora.hand_on: adapter``: the adapter over ``start.adapter_over``) and
+    summarise; rank 0 also writes ``summary.json`` and the model card."""
+    section = cfg.sft if kind == "sft" else cfg.preference
+    if section.lora.enabled and section.lora.hand_on == "adapter":
+        final_dir = adapters.export_adapter(result.model, tokenizer, out_dir / "final", start.adapter_over)
     else:
         final_dir = checkpoints.export_model(result.model, tokenizer, out_dir / "final")
-    summary = RunSummary(
+    summary = TrainResult(
         kind=kind,
         model_dir=str(final_dir),
-        init=init,
-        init_label=init_label,
-        reference=reference,
+        init=start.init,
+        init_label=start.init_label,
+        reference=start.reference,
+        config=section,
         steps=result.final_step,
         elapsed_s=result.elapsed_s,
         tokens_per_s=result.tokens_per_s,
@@ -192,22 +150,28 @@ def _finish(
         final_dev=result.dev_history[-1] if result.dev_history else {},
         data_stats=data_stats,
         metrics_path=str(out_dir / "metrics.jsonl"),
-        config=config_to_dict(cfg_section),
         resumed_from=result.resumed_from,
         precision=str(result.extra.get("precision", "")),
         world_size=int(result.extra.get("world_size", 1)),
         history=result.history,
         dev_history=result.dev_history,
+        layout=parallel.last_layout(),
+        load_memory=parallel.last_load_memory(),
     )
-    if rank == 0:
-        write_json(out_dir / "summary.json", {k: v for k, v in summary.as_dict().items() if k not in ("history",)})
+    if collectives.world()[0] == 0:
+        write_json(out_dir / "summary.json", {k: v for k, v in summary.to_dict().items() if k != "history"})
         # every model directory says how it was made; the evaluate step rewrites it with the eval results
-        write_model_card(final_dir, summary=summary.as_dict(), run_config=config_to_dict(run_config), eval_result=None)
+        write_model_card(final_dir, summary=summary, run_config=config_to_dict(cfg), eval_result=None)
     logger.info("%s model written to %s (%s)", kind, final_dir, result.extra.get("precision"))
     return summary
 
 
-def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> RunSummary:
+def init_label(spec: str, base: str) -> str:
+    """How the results table names a starting model other than the SFT checkpoint."""
+    return f"base: {spec}" if spec == base else spec
+
+
+def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> TrainResult:
     """Supervised fine-tuning on ``data_dir/sft.{train,dev}.jsonl``; the model lands in ``out_dir/final``."""
     from steps.models import load_tokenizer
 
@@ -227,10 +191,11 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> RunSummary:
     adapter_over = adapters.hand_on_base(spec, loaded) if s.lora.enabled else spec
     root = parallel.prepare(apply_lora(loaded, s), s.parallelism, precision, pending)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
-    result = _train_tracked(cfg, root, tokenizer, objective, s, out_dir, desc="sft", precision=precision)
+    with make_tracker(cfg, out_dir) as tracker:
+        result = train(root, tokenizer, objective, s, out_dir, desc="sft", precision=precision, tracker=tracker)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
-    label = f"base: {spec}" if s.init == "base" else spec
-    return _finish("sft", tokenizer, result, out_dir, spec, label, None, stats, s, cfg, adapter_over)
+    start = StartingPoint(spec, f"base: {spec}" if s.init == "base" else spec, None, adapter_over)
+    return _finish(cfg, "sft", start, tokenizer, result, stats, out_dir)
 
 
 def resolve_init_and_reference(
@@ -267,7 +232,7 @@ def resolve_init_and_reference(
 
 def run_preference(
     cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *, sft_model_dir: str | None = None
-) -> RunSummary:
+) -> TrainResult:
     """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``.
 
     ``cfg.preference`` is the section resolved for ``loss`` (steps.config.for_loss; the flow plans it in start).
@@ -333,14 +298,12 @@ def run_preference(
         reference_from_policy=from_policy,
         reference_source=source,
     )
-    result = _train_tracked(cfg, root, tokenizer, objective, p, out_dir, desc=loss, precision=precision)
+    with make_tracker(cfg, out_dir) as tracker:
+        result = train(root, tokenizer, objective, p, out_dir, desc=loss, precision=precision, tracker=tracker)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
-    label = (
-        "SFT checkpoint"
-        if init_spec == sft_model_dir
-        else (f"base: {init_spec}" if init_spec == cfg.model.base else init_spec)
-    )
-    return _finish(loss, tokenizer, result, out_dir, init_spec, label, ref_spec, stats, p, cfg, adapter_over)
+    label = "SFT checkpoint" if init_spec == sft_model_dir else init_label(init_spec, cfg.model.base)
+    start = StartingPoint(init_spec, label, ref_spec, adapter_over)
+    return _finish(cfg, loss, start, tokenizer, result, stats, out_dir)
 
 
 def _reference_source(
