@@ -63,6 +63,75 @@ def test_kto_sweep_file_plans_beside_dpo():
     ]
 
 
+# ---------------------------------------------------------------------------------------------- recipe (fast)
+
+
+def test_recipe_reads_what_the_loss_trains_on_and_says_why_when_there_is_nothing(tmp_path, shared_dir, tokenizer):
+    """A pair loss reads the pairs, KTO the kto files; OpenAssistant export trees have no quality labels, so the
+    default rule labels nothing, and the error names the setting that fixes it."""
+    from steps.config import DataConfig, PreferenceConfig
+    from steps.data import prepare_data
+    from steps.data.oasst_feedback import OasstFeedbackRule
+    from steps.train.recipes import read_preference_data
+
+    prepare_data(DataConfig(input=str(shared_dir / SHARED_TREES), max_trees=6), tmp_path / "quality")
+    cfg = PreferenceConfig(max_seq_len=256, overlength="truncate")
+    pairs = read_preference_data(tmp_path / "quality", "dpo", tokenizer, cfg)
+    assert pairs.kind == "pairs" and len(pairs.train) == len(
+        (tmp_path / "quality/preference.train.jsonl").read_text().splitlines()
+    )
+    with pytest.raises(ValueError, match=r"kto.train.jsonl: no training example for kto .*data.oasst_feedback.rule"):
+        read_preference_data(tmp_path / "quality", "kto", tokenizer, cfg)
+    emoji = DataConfig(
+        input=str(shared_dir / SHARED_TREES), max_trees=6, oasst_feedback=OasstFeedbackRule(rule="emoji")
+    )
+    stats = prepare_data(emoji, tmp_path / "emoji").stats["kto"]
+    examples = read_preference_data(tmp_path / "emoji", "kto", tokenizer, cfg)
+    assert (
+        examples.kind == "unpaired"
+        and len(examples.train) + len(examples.dev) == stats["desirable"] + stats["undesirable"]
+    )
+    assert examples.stats["train"]["desirable"] == sum(e.desirable for e in examples.train) > 0
+
+
+def test_reference_sums_are_cached_and_a_resumed_run_scores_nothing_again(tmp_path, tokenizer, tiny_model_factory):
+    """before_training scores the missing sums through the policy (the run's cache written by rank 0); a second
+    objective reads them all from the cache, and its before_training leaves them alone (a changed policy would have
+    given other sums)."""
+    import copy
+
+    from steps.config import PreferenceConfig
+    from steps.losses import build_loss
+    from steps.train.precision import default_precision
+    from steps.train.reference import CACHE_FILE, ReferenceSource
+    from steps.train.unpaired import (
+        UnpairedObjective,
+        read_reference_cache,
+        tokenize_unpaired,
+        unpaired_cache_key,
+    )
+    from tests.test_kto_train import TOPICS_DEV, TOPICS_TRAIN, kto_rows
+
+    train_ex, _ = tokenize_unpaired(kto_rows(TOPICS_TRAIN), tokenizer, 256)
+    dev_ex, _ = tokenize_unpaired(kto_rows(TOPICS_DEV, both=False), tokenizer, 256)
+    cfg, loss = PreferenceConfig(max_num_tokens=400, seed=3), build_loss("kto")
+    source = ReferenceSource("the-init", tmp_path / CACHE_FILE)
+    fresh = (copy.deepcopy(train_ex), copy.deepcopy(dev_ex))
+    model = tiny_model_factory(seed=1)
+    precision = default_precision(model)
+    first = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, reference_source=source)
+    first.before_training(model, precision)
+    sums = [(e.reference, e.reference_kl) for e in first.train + first.dev]
+    assert all(r is not None and k is not None for r, k in sums)
+    again = UnpairedObjective(*fresh, tokenizer.pad_token_id, cfg, loss, reference_source=source)
+    key = unpaired_cache_key("the-init", precision)
+    assert read_reference_cache(tmp_path / CACHE_FILE, key, again.train + again.dev) == len(sums)
+    again.before_training(tiny_model_factory(seed=2), precision)
+    assert [(e.reference, e.reference_kl) for e in again.train + again.dev] == sums
+    other = unpaired_cache_key("another-model", precision)
+    assert read_reference_cache(tmp_path / CACHE_FILE, other, copy.deepcopy(train_ex)) == 0
+
+
 # ---------------------------------------------------------------------------------------------- flow runs (slow)
 
 
