@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,11 +11,12 @@ from typing import Any
 from steps.config.convert import ConfigError, did_you_mean
 from steps.config.loading import config_from_dict
 from steps.config.overrides import blame_overrides, parse_overrides
-from steps.config.schema import RunConfig
+from steps.config.schema import DataConfig, RunConfig
 from steps.config.sweeps import read_sweep
 from steps.config.training import resolve_preference
 
 SFT = "sft"
+DATA_FORMATS: tuple[str, ...] = typing.get_args(typing.get_type_hints(DataConfig)["format"])
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,26 @@ def _per_loss(cfg: RunConfig) -> dict[str, RunConfig]:
     return resolved
 
 
+def check_data_kinds(cfg: RunConfig, plans: list[VariantPlan]) -> None:
+    """Every loss can train on the data's format: a pairwise loss needs pairs, which ``data.format: unpaired``
+    (prompt/completion/label rows) does not have; an unpaired loss (KTO) trains on any format (pairs are split into a
+    desirable and an undesirable example)."""
+    from steps import losses
+
+    if cfg.data.format != "unpaired":
+        return
+    pairwise = sorted({p.loss for p in plans if p.loss != SFT and losses.data_kind(p.loss) == "pairs"})
+    if pairwise:
+        unpaired = [name for name in losses.registered_losses() if losses.data_kind(name) == "unpaired"]
+        raise ConfigError(
+            cfg.source,
+            "data.format",
+            f"is 'unpaired' (single answers labelled desirable/undesirable, no pairs), but {', '.join(pairwise)} "
+            f"trains on preference pairs: train an unpaired loss instead (--loss {','.join(unpaired)}), or set "
+            f"data.format to a pair format ({', '.join(f for f in DATA_FORMATS if f != 'unpaired')})",
+        )
+
+
 def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> RunPlan:
     """The variants a run trains: SFT (when enabled), each ``--loss``, each sweep point; each one resolved."""
     per_loss = _per_loss(cfg)
@@ -115,6 +137,7 @@ def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> R
                 plans.append(VariantPlan(Variant(name, sweep.loss, overrides), for_loss(cfg, sweep.loss, overrides)))
             except ConfigError as exc:
                 raise ConfigError(sweep.source, "grid", f"point {name!r}: {exc.key}: {exc.message}") from None
+    check_data_kinds(cfg, plans)
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ConfigError("--sweep", sweep_path, f"variant names collide: {names}")

@@ -23,6 +23,7 @@ LOSS_DISPLAY = {
     "cpo": "CPO",
     "ipo": "IPO",
     "hinge": "Hinge",
+    "kto": "KTO",
 }
 
 MISSING = "n/a"

@@ -3,6 +3,7 @@ Plain functions (the flow's sft and preference steps call them; so can a noteboo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from steps.train.loop import LoopResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective
 from steps.train.precision import Precision, resolve_precision
 from steps.train.reference import ReferenceSource
+from steps.train.unpaired import UnpairedObjective, read_reference_cache, unpaired_cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +232,68 @@ def resolve_init_and_reference(
     return spec_of(init), spec_of(ref)
 
 
+@dataclass
+class PreferenceData:
+    """A preference run's tokenised examples: pairs (``preference.{train,dev}.jsonl``) for a pairwise loss, or
+    unpaired examples (``kto.{train,dev}.jsonl``) for a loss with ``data_kind = "unpaired"``; their length stats."""
+
+    kind: str
+    train: list[Any]
+    dev: list[Any]
+    stats: dict
+
+
+def read_preference_data(data_dir: Path, loss: str, tokenizer: Any, p: PreferenceConfig) -> PreferenceData:
+    """The examples ``loss`` trains on, as its registered data kind says, tokenised as ``p`` says."""
+    from steps import losses
+    from steps.train.unpaired import read_unpaired
+
+    kind = losses.data_kind(loss)
+    if kind == "unpaired":
+        train_ex, dev_ex, stats = read_unpaired(data_dir, tokenizer, p)
+        if not train_ex:
+            raise ValueError(
+                f"{data_dir / 'kto.train.jsonl'}: no training example for {loss} (see the 'kto' section of "
+                f"{data_dir / 'stats.json'}: how many replies each rule skipped, and why). OpenAssistant export trees "
+                "carry no quality labels: set data.oasst_feedback.rule to emoji (users' votes) or pairs (the ranked "
+                "pairs split); else check max_seq_len/overlength"
+            )
+        for split, examples in (("train", train_ex), ("dev", dev_ex)):
+            desirable = sum(e.desirable for e in examples)
+            stats[split].update(desirable=desirable, undesirable=len(examples) - desirable)
+        return PreferenceData(kind, train_ex, dev_ex, stats)
+    train_path = data_dir / "preference.train.jsonl"
+    if not train_path.exists():
+        raise FileNotFoundError(
+            f"{train_path} does not exist: {loss} trains on preference pairs, and data.format 'unpaired' has none; "
+            "use an unpaired loss (kto) or pair data"
+        )
+    train_rows = _select(read_jsonl(train_path), p.max_examples)
+    dev_path = data_dir / "preference.dev.jsonl"
+    dev_rows = read_jsonl(dev_path) if dev_path.exists() else []
+    logger.info("%s: read %d train / %d dev pairs from %s", loss, len(train_rows), len(dev_rows), data_dir)
+    train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
+    dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
+    return PreferenceData(kind, train_pairs, dev_pairs, {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()})
+
+
+@dataclass
+class References:
+    """How a preference run gets its reference log-probs: none (reference-free), the policy with its adapters off
+    (``from_policy``), a separate ``live`` model scoring every batch, or ``source``: scored before step 1 inside
+    ``train()`` (steps.train.reference), by the wrapped policy itself or a separately loaded reference."""
+
+    spec: str | None
+    from_policy: bool = False
+    live: Any = None
+    source: ReferenceSource | None = None
+
+
 def run_preference(
     cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *, sft_model_dir: str | None = None
 ) -> TrainResult:
-    """Preference optimisation with the registered loss ``loss`` on ``data_dir/preference.{train,dev}.jsonl``.
+    """Preference optimisation with the registered loss ``loss``: a pairwise loss on
+    ``data_dir/preference.{train,dev}.jsonl``, an unpaired one (KTO) on ``data_dir/kto.{train,dev}.jsonl``.
 
     ``cfg.preference`` is the section resolved for ``loss`` (steps.config.for_loss; the flow plans it in start).
     """
@@ -252,20 +312,8 @@ def run_preference(
     adapters.check_four_bit("preference", p.lora, device)
     precision = run_precision(cfg, device)
     tokenizer = load_tokenizer(init_spec)
-    train_rows = _select(read_jsonl(data_dir / "preference.train.jsonl"), p.max_examples)
-    dev_path = data_dir / "preference.dev.jsonl"
-    dev_rows = read_jsonl(dev_path) if dev_path.exists() else []
-    logger.info(
-        "%s: read %d train / %d dev pairs from %s; init=%s reference=%s",
-        loss,
-        len(train_rows),
-        len(dev_rows),
-        data_dir,
-        init_spec,
-        ref_spec,
-    )
-    train_pairs, train_stats = tokenize_pairs(train_rows, tokenizer, p.max_seq_len, p.overlength)
-    dev_pairs, dev_stats = tokenize_pairs(dev_rows, tokenizer, p.max_seq_len, p.overlength)
+    data = read_preference_data(data_dir, loss, tokenizer, p)
+    logger.info("%s: init=%s reference=%s", loss, init_spec, ref_spec)
     loss_fn = losses.build_loss(loss, p.criterion_config)
     loaded, pending = load_for_training(init_spec, cfg, device, precision, p.lora)
     adapter_over = adapters.hand_on_base(init_spec, loaded) if p.lora.enabled else init_spec
@@ -276,34 +324,70 @@ def run_preference(
     )
     root = parallel.prepare(apply_lora(loaded, p), p.parallelism, precision, pending)
     del loaded, pending
-    live_reference, source = None, None
-    if ref_spec is not None and from_policy:  # the policy with its adapters disabled: no second model in memory
-        logger.info("%s: live reference = the policy with its adapters disabled (%s)", loss, ref_spec)
-    elif ref_spec is not None and p.reference_mode == "live":
-        live_reference = load_reference(ref_spec, cfg, device, precision, p)
-    elif ref_spec is not None:
-        source = _reference_source(cfg, p, ref_spec, init_spec, out_dir, device, precision)
-        if reference.has_pending(train_pairs + dev_pairs):  # scores in the data win over a cache
-            reference.read_cache(
-                out_dir / reference.CACHE_FILE, reference.cache_key(ref_spec, precision), train_pairs + dev_pairs
-            )
-    objective = PreferenceObjective(
-        train_pairs,
-        dev_pairs,
-        tokenizer.pad_token_id,
-        p,
-        loss_fn,
-        ref_spec is not None,
-        live_reference,
-        reference_from_policy=from_policy,
-        reference_source=source,
-    )
+    refs = _references(cfg, References(ref_spec, from_policy), init_spec, out_dir, device, precision)
+    objective = _objective(data, tokenizer.pad_token_id, p, loss_fn, refs, out_dir, precision)
     with make_tracker(cfg, out_dir) as tracker:
         result = train(root, tokenizer, objective, p, out_dir, desc=loss, precision=precision, tracker=tracker)
-    stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     label = "SFT checkpoint" if init_spec == sft_model_dir else init_label(init_spec, cfg.model.base)
     start = StartingPoint(init_spec, label, ref_spec, adapter_over)
-    return _finish(cfg, loss, start, tokenizer, result, stats, out_dir)
+    return _finish(cfg, loss, start, tokenizer, result, data.stats, out_dir)
+
+
+def _references(
+    cfg: RunConfig, refs: References, init_spec: str, out_dir: Path, device: torch.device, precision: Precision
+) -> References:
+    """``refs`` (the reference spec, whether it is the policy's own base) completed: the live reference loaded
+    (``preference.reference_mode: live``), or where scores before step 1 come from."""
+    p, ref_spec = cfg.preference, refs.spec
+    if ref_spec is None:
+        return refs
+    if refs.from_policy:  # the policy with its adapters disabled: no second model in memory
+        logger.info("%s: live reference = the policy with its adapters disabled (%s)", p.criterion, ref_spec)
+        return refs
+    if p.reference_mode == "live":
+        return dataclasses.replace(refs, live=load_reference(ref_spec, cfg, device, precision, p))
+    return dataclasses.replace(refs, source=_reference_source(cfg, p, ref_spec, init_spec, out_dir, device, precision))
+
+
+def _objective(
+    data: PreferenceData,
+    pad_id: int,
+    p: PreferenceConfig,
+    loss_fn: Any,
+    refs: References,
+    out_dir: Path,
+    precision: Precision,
+) -> PreferenceObjective | UnpairedObjective:
+    """The objective of the data's kind, with what a cache in ``out_dir`` already holds of the reference scores
+    (scores given in the data win over a cache)."""
+    if data.kind == "unpaired":
+        if refs.source is not None and refs.spec is not None:
+            key = unpaired_cache_key(refs.spec, precision)
+            read_reference_cache(out_dir / reference.CACHE_FILE, key, data.train + data.dev)
+        return UnpairedObjective(
+            data.train,
+            data.dev,
+            pad_id,
+            p,
+            loss_fn,
+            refs.live,
+            reference_from_policy=refs.from_policy,
+            reference_source=refs.source,
+        )
+    pairs = data.train + data.dev
+    if refs.source is not None and refs.spec is not None and reference.has_pending(pairs):
+        reference.read_cache(out_dir / reference.CACHE_FILE, reference.cache_key(refs.spec, precision), pairs)
+    return PreferenceObjective(
+        data.train,
+        data.dev,
+        pad_id,
+        p,
+        loss_fn,
+        refs.spec is not None,
+        refs.live,
+        reference_from_policy=refs.from_policy,
+        reference_source=refs.source,
+    )
 
 
 def _reference_source(

@@ -60,18 +60,25 @@ def cache_key(spec: str, precision: Precision) -> dict[str, str]:
     return {"reference": spec, "precision": precision.describe()}
 
 
-def read_cache(path: Path, key: dict[str, str], pairs: Sequence[PairExample]) -> int:
-    """Fill ``pairs`` from ``path`` when it was written for ``key``; returns how many pairs it filled."""
+def cached_scores(path: Path, key: dict[str, str]) -> dict[str, list]:
+    """The ``scores`` of the cache at ``path`` when it was written for ``key``, else none."""
     from steps.io import read_json
 
     if not Path(path).exists():
-        return 0
+        return {}
     cached = read_json(path)
     stale = {k: cached.get(k) for k in key if cached.get(k) != key[k]}
     if stale:
         logger.info("%s: written for %s, not %s: scoring the reference again", path, stale, key)
+        return {}
+    return cached.get("scores", {})
+
+
+def read_cache(path: Path, key: dict[str, str], pairs: Sequence[PairExample]) -> int:
+    """Fill ``pairs`` from ``path`` when it was written for ``key``; returns how many pairs it filled."""
+    scores = cached_scores(path, key)
+    if not scores:
         return 0
-    scores = cached.get("scores", {})
     filled = 0
     for pair in pairs:
         if pair.id in scores:

@@ -20,9 +20,9 @@ gathers it the same way); dev metrics use each micro-batch's own KL rows.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,12 +34,13 @@ import torch
 from steps.config import TrainConfig
 from steps.losses.kto import kl_from_sums, kl_row_sums
 from steps.losses.unpaired import UnpairedLossOutput, summarise
-from steps.train import collectives, parallel
+from steps.train import collectives, parallel, reference
 from steps.train.batching import LengthStats, TokenBatch, _fit, _tokenize, collate, make_batches
-from steps.train.dealing import deal, deal_marked
+from steps.train.dealing import deal_marked
 from steps.train.logprobs import sequence_logprobs
 from steps.train.objectives import adapters_disabled_logprobs
 from steps.train.precision import Precision
+from steps.train.reference import ReferenceSource
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, mask_sour
     """Completion rows (one per example) with ``labels``, ``num_examples``, the KL rows (``kl_*`` tensors, one row
     per example that has one) and the precomputed reference sums when every example has them."""
     batch = collate([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id, mask_source_tokens)
-    with_kl = [e for e in examples if e.kl_completion_ids is not None and e.kl_prompt_ids is not None]
+    with_kl = [e for e in examples if has_kl_row(e)]
     batch.extra["num_examples"] = len(examples)
     batch.extra["labels"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     batch.extra["num_kl_rows"] = len(with_kl)
@@ -222,7 +223,8 @@ class UnpairedObjective:
     """A registered unpaired loss (``loss_fn.unpaired``) in the loop's Objective protocol (steps.train.loop).
 
     ``reference_model``: a live reference; ``reference_from_policy``: the policy with its LoRA adapters disabled;
-    neither: the reference sums must be precomputed (``precompute_reference``). ``sync_kl``: under
+    neither: missing reference sums are scored before step 1 (:meth:`before_training`) from ``reference_source``
+    (default: the policy before its first update), or precomputed (``precompute_reference``). ``sync_kl``: under
     torch.distributed, estimate each micro-step's KL over every rank's KL rows (as TRL does)."""
 
     def __init__(
@@ -235,6 +237,7 @@ class UnpairedObjective:
         reference_model: Any = None,
         *,
         reference_from_policy: bool = False,
+        reference_source: ReferenceSource | None = None,
         sync_kl: bool = True,
     ):
         if getattr(loss_fn, "data_kind", "pairs") != "unpaired":
@@ -246,6 +249,7 @@ class UnpairedObjective:
             )
         self.train, self.dev, self.pad_id, self.cfg = list(train), list(dev), pad_id, cfg
         self.loss_fn, self.reference_model, self.reference_from_policy = loss_fn, reference_model, reference_from_policy
+        self.reference_source = reference_source
         self.name = getattr(loss_fn, "name", "unpaired")
         self.sync_kl = sync_kl
         self._membership = self._plan(self.train)
@@ -280,6 +284,10 @@ class UnpairedObjective:
     def epoch_batch_count(self, epoch: int) -> int:
         return len(self._membership)
 
+    def dev_plan(self) -> list[list[int]]:
+        """The dev micro-batches (fixed, as the training ones are)."""
+        return [list(b) for b in self._dev_plan]
+
     def collate_train(self, indices: list[int]) -> TokenBatch:
         return collate_unpaired([self.train[i] for i in indices], self.pad_id, self.cfg.mask_source_tokens)
 
@@ -295,7 +303,9 @@ class UnpairedObjective:
         self._step.start(desirable, examples - desirable, len(micro_batches))
         return examples
 
-    def micro_step(self, model: Any, batch: TokenBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_step(
+        self, model: Any, batch: TokenBatch, denominator: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         self._step.first(parallel.device_of(model))
         out = self._loss(model, batch, sync=self.sync_kl and collectives.is_distributed())
         loss = out.per_example.sum() / denominator
@@ -304,7 +314,7 @@ class UnpairedObjective:
         desirable, undesirable = self._step.counts["desirable"], self._step.counts["undesirable"]
         rewards_d = totals["rewards_desirable_sum"] / desirable if desirable else 0.0
         rewards_u = totals["rewards_undesirable_sum"] / undesirable if undesirable else 0.0
-        metrics = {
+        metrics: dict[str, torch.Tensor | float] = {
             "loss": float(loss.detach()),
             "kl": float(out.kl) * n / denominator,
             "kl_rows": float(batch.extra["num_kl_rows"]),
@@ -382,65 +392,106 @@ class UnpairedObjective:
         return self.loss_fn.unpaired(sums, labels, ref, policy_kl, ref_kl, kl=kl)
 
     def before_training(self, model: Any, precision: Precision) -> None:
-        """Called by the loop once the model is wrapped, before step 1 and before a checkpoint is restored: rows
-        still without reference sums (and no live reference) are scored now, from the policy's initial weights."""
-        if self.reference_model is None and not self.reference_from_policy:
-            self.precompute_reference(model, precision)
+        """Called by the loop on every rank once the model is wrapped, before step 1 and before a checkpoint is
+        restored: rows still without reference sums (and no live reference) are scored now, through ``model`` (the
+        wrapped policy, still at its initial weights) or the separate reference ``reference_source`` loads, as DPO's
+        pairs are (``steps.train.reference``); rank 0 caches the sums in the run directory."""
+        if self.reference_model is not None or self.reference_from_policy:
+            return
+        source = self.reference_source or ReferenceSource()
+        if not self._pending_anywhere(parallel.device_of(model)):
+            return
+        scorer = source.load() if source.load is not None else (parallel.root_of(model) or model)
+        started = time.perf_counter()
+        scored = self.precompute_reference(scorer, precision)
+        parallel.reshard(scorer)
+        logger.info(
+            "%s: reference log-probs (%s) of %d rows in %.1f s, in the training micro-batches",
+            self.name,
+            source.spec or "the policy before its first update",
+            scored,
+            time.perf_counter() - started,
+        )
+        if collectives.world()[0] == 0 and source.cache is not None and source.spec is not None:
+            write_reference_cache(source.cache, unpaired_cache_key(source.spec, precision), self.train + self.dev)
+
+    def _pending_anywhere(self, device: torch.device) -> bool:
+        """Whether any rank lacks a reference sum (scoring is collective: then every rank scores)."""
+        pending = any(e.reference is None or _kl_pending(e) for e in self.train + self.dev)
+        flag = torch.tensor([1.0 if pending else 0.0], device=device)
+        collectives.all_reduce_sum(flag, device, "reference pending")
+        return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ reference precompute
 
     def precompute_reference(self, model: Any, precision: Precision | None = None, desc: str = "reference") -> int:
-        """Fill every train and dev example's ``reference`` and ``reference_kl`` in one no-grad pass of ``model``
-        (rows planned alike on every rank, dealt round-robin, one all-reduce: every rank gets every score).
-        Returns the rows scored."""
+        """Fill every train and dev example's missing ``reference`` and ``reference_kl`` in one no-grad pass of
+        ``model`` over the micro-batches training and evaluation use, collated as they collate them (same rows, same
+        padding: a policy that is its own reference gives log-ratios of exactly 0 at step 1). Micro-batches are
+        dealt over the ranks (in lockstep under FSDP2), one all-reduce gives every rank every sum. Returns the sums
+        filled (completion rows plus KL rows)."""
         from tqdm.auto import tqdm
 
-        rows: list[tuple[UnpairedExample, str]] = []
-        for example in self.train + self.dev:
-            if example.reference is None:
-                rows.append((example, "reference"))
-            if example.reference_kl is None and example.kl_completion_ids is not None:
-                rows.append((example, "reference_kl"))
-        if not rows:
-            return 0
+        examples = self.train + self.dev
+        offset = len(self.train)
+        plan = [list(b) for b in self._membership] + [[offset + i for i in b] for b in self._dev_plan]
         device = parallel.device_of(model)
         rank, world_size = collectives.world()
-        sequences = [_Row(*_row_tokens(e, kind)) for e, kind in rows]
-        plan = make_batches(sequences, self.cfg.max_num_tokens, 0, 0, 1, shuffle=False)
-        scores = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        scores = torch.zeros(len(examples), 2, dtype=torch.float64, device=device)
         was_training = model.training
         model.eval()
-        autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            for b in tqdm(deal(plan, rank, world_size), desc=f"{desc} log-probs", unit="batch", disable=rank != 0):
-                part = [sequences[i] for i in b]
-                mb = collate(
-                    [r.prompt for r in part], [r.completion for r in part], self.pad_id, self.cfg.mask_source_tokens
-                )
-                scores[torch.tensor(b, dtype=torch.long, device=device)] = sequence_logprobs(model, mb.to(device))[
-                    0
-                ].double()
+        work = deal_marked(plan, rank, world_size, lockstep=parallel.is_sharded(model))
+        with torch.no_grad(), reference.autocast_or_nothing(model, precision):
+            for b, counts in tqdm(work, desc=f"{desc} log-probs", unit="batch", disable=rank != 0):
+                batch = collate_unpaired([examples[i] for i in b], self.pad_id, self.cfg.mask_source_tokens)
+                sums = sequence_logprobs(model, batch.to(device))[0].double()
+                kl_batch = kl_rows_of(batch)
+                kl_sums = sequence_logprobs(model, kl_batch.to(device))[0].double() if kl_batch is not None else None
+                if not counts:
+                    continue
+                scores[torch.tensor(b, dtype=torch.long, device=device), 0] = sums
+                if kl_sums is not None:
+                    with_kl = [i for i in b if has_kl_row(examples[i])]
+                    scores[torch.tensor(with_kl, dtype=torch.long, device=device), 1] = kl_sums
         collectives.all_reduce_sum(scores, device, "reference log-probs")
-        for (example, kind), value in zip(rows, scores.tolist()):
-            setattr(example, kind, value)
         model.train(was_training)
-        return len(rows)
+        filled = 0
+        for example, (ref, ref_kl) in zip(examples, scores.tolist()):
+            if example.reference is None:
+                example.reference, filled = ref, filled + 1
+            if _kl_pending(example):
+                example.reference_kl, filled = ref_kl, filled + 1
+        return filled
 
 
-@dataclass
-class _Row:
-    prompt: list[int]
-    completion: list[int]
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.completion)
+def has_kl_row(example: UnpairedExample) -> bool:
+    return example.kl_completion_ids is not None and example.kl_prompt_ids is not None
 
 
-def _row_tokens(example: UnpairedExample, kind: str) -> tuple[list[int], list[int]]:
-    if kind == "reference":
-        return example.prompt_ids, example.completion_ids
-    return example.kl_prompt_ids or [], example.kl_completion_ids or []
+def _kl_pending(example: UnpairedExample) -> bool:
+    return example.reference_kl is None and has_kl_row(example)
+
+
+def unpaired_cache_key(spec: str, precision: Precision) -> dict[str, str]:
+    """What a cache of KTO reference sums must match to be reused (the pairs' key, plus what the rows are)."""
+    return {**reference.cache_key(spec, precision), "rows": "unpaired"}
+
+
+def read_reference_cache(path: Path, key: dict[str, str], examples: Sequence[UnpairedExample]) -> int:
+    """Fill reference sums from ``path`` when it was written for ``key``; returns how many examples got both."""
+    scores = reference.cached_scores(path, key)
+    if not scores:
+        return 0
+    complete = apply_reference_cache(examples, scores)
+    logger.info("reference log-probs of %d unpaired examples read from %s", complete, path)
+    return complete
+
+
+def write_reference_cache(path: Path, key: dict[str, str], examples: Sequence[UnpairedExample]) -> None:
+    from steps.io import write_json
+
+    write_json(path, {**key, "scores": reference_cache(examples)}, indent=None)
+    logger.info("reference log-probs of %d unpaired examples written to %s", len(examples), path)
 
 
 def reference_cache(examples: Sequence[UnpairedExample]) -> dict[str, list]:
