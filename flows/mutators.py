@@ -12,11 +12,12 @@ from steps.config import DEFAULT_CONFIG_PATH
 
 #: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for with one node.
 STEP_ROLES = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
+STEP_ROLES["onpolicy_round"] = "train"  # samples, judges, trains and evaluates: the training machine
 #: The @parallel steps: each of their nodes trains. With a gang, sft and preference only pass its model on.
 GANG_STEPS = ("sft_nodes", "preference_nodes")
 #: Steps that read or write resources.output_dir: a persistent_volume_claim is mounted on each.
 OUTPUT_STEPS = {"prepare_data", "reference_outputs", "sft", "sft_nodes", "preference", "preference_nodes"}
-OUTPUT_STEPS |= {"evaluate", "join"}
+OUTPUT_STEPS |= {"evaluate", "join", "onpolicy_round"}
 NODES_LABEL = "prefflow/num-nodes"
 
 

@@ -115,16 +115,42 @@ class PrefFlow(FlowSpec):
     def preference(self):
         """One preference run per variant (loss or sweep point); the 'sft' variant carries the SFT model."""
         from steps.cards import training_card
-        from steps.pipeline import step_context, train_variant
+        from steps.pipeline import step_context, train_variant, variant_route
 
         self.plan = self.input
         self.variant = self.plan.variant.as_dict()  # plain, for the report
-        self.route = "gang" if self.layout == "gang" and self.plan.loss != "sft" else "one_node"
+        self.route = variant_route(self.layout, self.plan)  # one_node, gang, or rounds (on-policy)
         if self.route == "one_node":
             ctx = step_context(self.plan.config, self.output_root, self.handoff)
             self.train_summary = train_variant(ctx, self.plan, self.data_dir, self.sft_summary)
             current.card.extend(training_card(self.train_summary, self.plan.name))
-        self.next({"one_node": self.evaluate, "gang": self.preference_gang}, condition="route")
+        self.round_outcomes = []  # on-policy rounds: one RoundOutcome per round done
+        self.next(
+            {"one_node": self.evaluate, "gang": self.preference_gang, "rounds": self.onpolicy_round}, condition="route"
+        )
+
+    @card(type="blank", id="round")
+    @retry(times=1)
+    @step
+    def onpolicy_round(self):
+        """One on-policy round (a task per round): sample from the current policy, judge, pair, train, evaluate."""
+        from steps.onpolicy.flow_round import round_card, run_round
+        from steps.pipeline import step_context
+
+        ctx = step_context(self.plan.config, self.output_root, self.handoff)
+        done = run_round(
+            ctx, self.plan, self.round_outcomes, self.data_dir, self.sft_summary, self.reference_outputs_path
+        )
+        self.round_outcomes = [*self.round_outcomes, done]
+        current.card.extend(round_card(done))
+        self.round_route = "again" if done.round < self.plan.config.preference.on_policy.rounds else "done"
+        self.next({"again": self.onpolicy_round, "done": self.onpolicy_done}, condition="round_route")
+
+    @step
+    def onpolicy_done(self):
+        """After the last round: its model and result stand for the variant (the join reads every round's)."""
+        self.train_summary, self.result = self.round_outcomes[-1].train, self.round_outcomes[-1].result
+        self.next(self.join)
 
     @step
     def preference_gang(self):
@@ -173,7 +199,7 @@ class PrefFlow(FlowSpec):
     def join(self, inputs):
         """Collect every model's result; ``run_config`` is the typed config as plain values (for the report)."""
         from steps.cards import results_card
-        from steps.pipeline import collect_results, step_context
+        from steps.pipeline import branch_models, collect_results, step_context
 
         self.merge_artifacts(
             inputs,
@@ -190,7 +216,9 @@ class PrefFlow(FlowSpec):
         )
         self.run_config = self.cfg.to_dict()
         ctx = step_context(self.cfg, self.output_root, self.handoff)
-        self.results = collect_results(ctx, [i.result for i in inputs], [i.train_summary for i in inputs])
+        # a variant trained in on-policy rounds gives one row per round
+        models = [m for i in inputs for m in branch_models(i.round_outcomes, i.result, i.train_summary)]
+        self.results = collect_results(ctx, [m[0] for m in models], [m[1] for m in models])
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))
         self.next(self.report)
 

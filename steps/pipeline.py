@@ -24,7 +24,7 @@ from steps.step_context import StepContext, setup_logging, step_context
 from steps.train.gang import current_gang, gang_summary
 
 if TYPE_CHECKING:
-    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, VariantResult
+    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, PairedVs, VariantResult
 
 __all__ = ["current_gang", "gang_summary", "step_context"]  # the flow's steps call them from here
 
@@ -135,6 +135,16 @@ def train_variant(ctx: StepContext, plan: VariantPlan, data_dir: str, sft: Train
     return train_on_node(ctx, plan.loss, plan.name, data_dir, sft.model_dir if sft is not None else None)
 
 
+def variant_route(layout: str, plan: VariantPlan) -> str:
+    """Where a variant goes after ``preference``: ``rounds`` (on-policy rounds, steps.onpolicy.planning), ``gang``
+    (its training gang) or ``one_node`` (trained in ``preference``, then evaluated)."""
+    from steps.onpolicy.planning import runs_rounds
+
+    if runs_rounds(plan):
+        return "rounds"
+    return "gang" if layout == "gang" and plan.loss != "sft" else "one_node"
+
+
 def evaluate_variant(
     ctx: StepContext,
     plan: VariantPlan,
@@ -231,6 +241,14 @@ def publish_variant(plan: VariantPlan, train_summary: TrainResult, result: EvalR
     return dataclasses.replace(result, hub=HubUpload.of(upload))
 
 
+def branch_models(
+    round_outcomes: list, result: EvalResult, train_summary: TrainResult
+) -> list[tuple[EvalResult, TrainResult]]:
+    """The models of one foreach branch at the join: every on-policy round's (``round_outcomes``,
+    steps.onpolicy.flow_round.RoundOutcome), else the branch's one model."""
+    return [(o.result, o.train) for o in round_outcomes] or [(result, train_summary)]
+
+
 def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list[TrainResult]) -> list[VariantResult]:
     """The join: one row per model with its training facts and, where a baseline row exists, the paired
     difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
@@ -250,14 +268,18 @@ def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list
         for res, summ in zip(results, summaries)
     ]
     rows = _add_paired(rows, evaluation)
-    return sorted(rows, key=lambda r: (r.evaluation.loss != SFT, r.variant))
+    if any(r.evaluation.round is not None for r in rows):
+        from steps.onpolicy.round_results import add_previous_round
+
+        rows = add_previous_round(rows, summaries, evaluation)
+    return sorted(
+        rows, key=lambda r: (r.evaluation.loss != SFT, r.evaluation.round_of or r.variant, r.evaluation.round or 0)
+    )
 
 
 def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list[VariantResult]:
     """``rows`` with their paired comparison against ``evaluation.paired_baseline`` (where that row was evaluated)."""
     from steps.evaluate import PairedVs
-    from steps.evaluate.paired import paired_comparison
-    from steps.evaluate.scoring import AnnotationsError
     from steps.io import read_json
 
     name = evaluation.paired_baseline
@@ -267,25 +289,37 @@ def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list
     base_annotations = read_json(base.evaluation.alpaca_eval.files.annotations)  # read once
     out = []
     for row in rows:
-        evaluated = row.evaluation.alpaca_eval
-        if row is base:
-            paired = PairedVs(name, is_baseline=True)
-        elif evaluated is None:
-            paired = None
-        else:
-            try:
-                comparison = paired_comparison(
-                    read_json(evaluated.files.annotations),
-                    base_annotations,
-                    seed=evaluation.paired_seed,
-                    resamples=evaluation.paired_resamples,
-                )
-                paired = PairedVs(name, comparison=comparison)
-            except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
-                logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
-                paired = PairedVs(name, unavailable=str(exc))
+        paired = (
+            PairedVs(name, is_baseline=True) if row is base else paired_against(row, name, base_annotations, evaluation)
+        )
         out.append(dataclasses.replace(row, paired_vs=paired))
     return out
+
+
+def paired_against(
+    row: VariantResult, name: str, base_annotations: list, evaluation: EvaluationConfig
+) -> PairedVs | None:
+    """``row``'s paired comparison with the row ``name`` whose annotations are ``base_annotations`` (None: ``row``
+    was not evaluated; ``unavailable``: no usable preference, the cell shows n/a)."""
+    from steps.evaluate import PairedVs
+    from steps.evaluate.paired import paired_comparison
+    from steps.evaluate.scoring import AnnotationsError
+    from steps.io import read_json
+
+    evaluated = row.evaluation.alpaca_eval
+    if evaluated is None:
+        return None
+    try:
+        comparison = paired_comparison(
+            read_json(evaluated.files.annotations),
+            base_annotations,
+            seed=evaluation.paired_seed,
+            resamples=evaluation.paired_resamples,
+        )
+        return PairedVs(name, comparison=comparison)
+    except AnnotationsError as exc:  # e.g. a judge that gave no usable preference
+        logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
+        return PairedVs(name, unavailable=str(exc))
 
 
 def format_results_table(
