@@ -147,44 +147,37 @@ def test_win_rate_by_round_plot_starts_from_the_init_row():
 
 # -- a real run ----------------------------------------------------------------------------------------------------
 
-ROUNDS_CONFIG = """
-name: onpolicy_test
-data: {input: embedded, max_trees: 14, dev_fraction: 0.2}
-model: {base: tiny, dtype: float32}
-sft: {lr: 1.0e-3, max_num_tokens: 1024, max_seq_len: 256, overlength: truncate, max_steps: 2, warmup_steps: 0}
-preference:
-  criterion: dpo
-  lr: 1.0e-3
-  max_num_tokens: 1024
-  max_seq_len: 256
-  overlength: truncate
-  max_steps: 2
-  on_policy: {enabled: true, rounds: 2, samples_per_prompt: 2, max_prompts: 4, max_new_tokens: 8, temperature: 1.0,
-              judge: local_logprob, judge_model: tiny}
-evaluation:
-  eval_set: embedded
-  max_instructions: 3
-  judge: local_logprob
-  judge_model: tiny
-  max_new_tokens: 6
-  batch_size: 3
-resources: {output_dir: OUTPUT_DIR}
-"""
+#: test_flow's tiny run, DPO only, in 2 on-policy rounds of 4 prompts x 2 samples judged by the tiny local judge
+ROUNDS = {
+    "enabled": True,
+    "rounds": 2,
+    "samples_per_prompt": 2,
+    "max_prompts": 4,
+    "max_new_tokens": 8,
+    "temperature": 1.0,
+    "judge": "local_logprob",
+    "judge_model": "tiny",
+}
+
+
+def rounds_config(output_dir: Path, on_policy: dict | None = None, evaluation: dict | None = None) -> str:
+    """tests/test_flow.py's tiny config with on-policy rounds (``on_policy``, ``evaluation``: entries changed)."""
+    import yaml
+
+    from tests.test_flow import TINY_CONFIG
+
+    doc = yaml.safe_load(TINY_CONFIG.replace("OUTPUT_DIR", str(output_dir)))
+    del doc["tracking"], doc["push_to_hub"], doc["preference"]["per_loss"]
+    doc["preference"]["on_policy"] = {**ROUNDS, **(on_policy or {})}
+    doc["evaluation"].update(evaluation or {})
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def flow_env(tmp_path: Path) -> dict[str, str]:
-    return {
-        "USERNAME": "prefflow-test",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
-        "METAFLOW_CARD_LOCALROOT": str(tmp_path / "mf" / "mf.cards"),
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "PREFFLOW_REPORT_DIR": str(tmp_path / "reports"),
-        "PREFFLOW_MIN_FREE_MB": "1",
-    }
+    from tests.test_flow import _env
+
+    cards = str(tmp_path / "mf" / "mf.cards")  # else cards land in the working directory
+    return {**_env(tmp_path), "METAFLOW_CARD_LOCALROOT": cards, "PREFFLOW_MIN_FREE_MB": "1"}
 
 
 def paired_delta(annotations: str, baseline: str) -> float:
@@ -201,7 +194,7 @@ def rounds_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("onpolicy_flow")
     config = tmp / "config.yaml"
-    config.write_text(ROUNDS_CONFIG.replace("OUTPUT_DIR", str(tmp / "runs")))
+    config.write_text(rounds_config(tmp / "runs"))
     with Runner(
         str(REPO / "flows" / "pipeline.py"),
         show_output=False,

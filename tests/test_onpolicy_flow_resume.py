@@ -11,36 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_onpolicy_flow import rounds_config
 from tests.test_reliability_flow import JUDGE_KEY, KEY_ENV, Flow, JudgeServer, flow_env, run_of, when
 
 ROUND_PROMPTS = 6  # samples_per_prompt 2: one comparison, one request, per prompt and round
-
-CONFIG = """
-name: onpolicy_resume
-data: {{input: embedded, max_trees: 14, dev_fraction: 0.2}}
-model: {{base: tiny, dtype: float32}}
-sft: {{lr: 1.0e-3, max_num_tokens: 1024, max_seq_len: 256, overlength: truncate, max_steps: 2, warmup_steps: 0}}
-preference:
-  criterion: dpo
-  lr: 1.0e-3
-  max_num_tokens: 1024
-  max_seq_len: 256
-  overlength: truncate
-  max_steps: 2
-  on_policy: {{enabled: true, rounds: 2, samples_per_prompt: 2, max_prompts: {prompts}, max_new_tokens: 8,
-              temperature: 1.0, judge: openai_compatible, judge_model: served-tiny}}
-evaluation:
-  eval_set: embedded
-  max_instructions: 3
-  judge: local_logprob
-  judge_model: tiny
-  judge_base_url: {url}
-  judge_api_key_env: {key_env}
-  judge_concurrency: 1
-  max_new_tokens: 6
-  batch_size: 3
-resources: {{output_dir: {out}}}
-"""
 
 
 def _judged(root: Path, number: int) -> int:
@@ -55,8 +29,9 @@ def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onpolicy_resume")
     server = JudgeServer(load_model("tiny", seed=5), load_tokenizer("tiny"), api_key=JUDGE_KEY, delay_s=0.5).start()
     config = tmp / "config.yaml"
-    text = CONFIG.format(prompts=ROUND_PROMPTS, url=server.url, key_env=KEY_ENV, out=tmp / "runs")
-    config.write_text(text)
+    served = {"max_prompts": ROUND_PROMPTS, "judge": "openai_compatible", "judge_model": "served-tiny"}
+    options = {"judge_base_url": server.url, "judge_api_key_env": KEY_ENV, "judge_concurrency": 1}
+    config.write_text(rounds_config(tmp / "runs", served, options))  # the evaluation judge stays local
     env = flow_env(tmp / "mf", tmp / "reports")
     t0 = time.monotonic()
     try:
