@@ -258,4 +258,8 @@ def test_two_on_policy_rounds_of_dpo_run_end_to_end(rounds_run):
         "round 1",
     ]
     assert (report / "plots" / "win_rate_by_round.png").is_file()
+    from steps.report.records import read_run
+
+    curves = read_run(run).training_curves  # each round's training curves, read back by the report
+    assert [len(curves[f"dpo-round-{n}"].history) for n in (1, 2)] == [o.train.steps for o in outcomes]
     assert "win_rate_by_round.png" in (report / "README.md").read_text()
