@@ -24,7 +24,7 @@ from steps.step_context import StepContext, setup_logging, step_context
 from steps.train.gang import current_gang, gang_summary
 
 if TYPE_CHECKING:
-    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, PairedVs, VariantResult
+    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, VariantResult
 
 __all__ = ["current_gang", "gang_summary", "step_context"]  # the flow's steps call them from here
 
@@ -280,6 +280,8 @@ def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list
 def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list[VariantResult]:
     """``rows`` with their paired comparison against ``evaluation.paired_baseline`` (where that row was evaluated)."""
     from steps.evaluate import PairedVs
+    from steps.evaluate.paired import paired_comparison
+    from steps.evaluate.scoring import AnnotationsError
     from steps.io import read_json
 
     name = evaluation.paired_baseline
@@ -289,37 +291,25 @@ def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list
     base_annotations = read_json(base.evaluation.alpaca_eval.files.annotations)  # read once
     out = []
     for row in rows:
-        paired = (
-            PairedVs(name, is_baseline=True) if row is base else paired_against(row, name, base_annotations, evaluation)
-        )
+        evaluated = row.evaluation.alpaca_eval
+        if row is base:
+            paired = PairedVs(name, is_baseline=True)
+        elif evaluated is None:
+            paired = None
+        else:
+            try:
+                comparison = paired_comparison(
+                    read_json(evaluated.files.annotations),
+                    base_annotations,
+                    seed=evaluation.paired_seed,
+                    resamples=evaluation.paired_resamples,
+                )
+                paired = PairedVs(name, comparison=comparison)
+            except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
+                logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
+                paired = PairedVs(name, unavailable=str(exc))
         out.append(dataclasses.replace(row, paired_vs=paired))
     return out
-
-
-def paired_against(
-    row: VariantResult, name: str, base_annotations: list, evaluation: EvaluationConfig
-) -> PairedVs | None:
-    """``row``'s paired comparison with the row ``name`` whose annotations are ``base_annotations`` (None: ``row``
-    was not evaluated; ``unavailable``: no usable preference, the cell shows n/a)."""
-    from steps.evaluate import PairedVs
-    from steps.evaluate.paired import paired_comparison
-    from steps.evaluate.scoring import AnnotationsError
-    from steps.io import read_json
-
-    evaluated = row.evaluation.alpaca_eval
-    if evaluated is None:
-        return None
-    try:
-        comparison = paired_comparison(
-            read_json(evaluated.files.annotations),
-            base_annotations,
-            seed=evaluation.paired_seed,
-            resamples=evaluation.paired_resamples,
-        )
-        return PairedVs(name, comparison=comparison)
-    except AnnotationsError as exc:  # e.g. a judge that gave no usable preference
-        logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
-        return PairedVs(name, unavailable=str(exc))
 
 
 def format_results_table(

@@ -5,6 +5,7 @@ model and the local judge: one task per round, one join row per round, every rou
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -81,17 +82,10 @@ def _round_record() -> RunRecord:
             alpaca_eval_result(win_rate=wr),
             init="SFT checkpoint" if number == 1 else f"round {number - 1}",
         )
-        evaluation = row.evaluation.__class__(**{**row.evaluation.__dict__, "round": number, "round_of": "dpo"})
+        evaluation = dataclasses.replace(row.evaluation, round=number, round_of="dpo")
         comparison = {"paired_delta_wr": delta, "paired_ci95": [delta - 3, delta + 3], "distinguishable": True}
-        rounds.append(
-            row.__class__(
-                **{
-                    **row.__dict__,
-                    "evaluation": evaluation,
-                    "paired_previous": PairedVs(previous, comparison=comparison),
-                }
-            )
-        )
+        paired = PairedVs(previous, comparison=comparison)
+        rounds.append(dataclasses.replace(row, evaluation=evaluation, paired_previous=paired))
     return RunRecord("PrefFlow", "7", _date(), [], [], True, results=[rounds[1], sft, rounds[0]])
 
 
@@ -143,6 +137,35 @@ def test_win_rate_by_round_plot_starts_from_the_init_row():
     }
     assert win_rate_by_round_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
     assert win_rate_by_round_png([r for r in rows if r.round is None]) is None
+
+
+def test_each_round_is_compared_with_the_model_it_started_from(tmp_path):
+    from types import SimpleNamespace
+
+    from steps.config import EvaluationConfig
+    from steps.onpolicy.round_results import add_previous_round
+
+    def judged(name: str, preferences: list[float]) -> str:
+        rows = [
+            {"instruction": f"q{i}", "output_1": f"reference {i}", "output_2": f"{name} {i}", "preference": p}
+            for i, p in enumerate(preferences)
+        ]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rows))
+        return str(path)
+
+    sft = variant_result("sft", alpaca_eval_result(judged("sft", [1.0, 2.0, 1.5, 1.25])), model_dir="/runs/sft")
+    rounds = []
+    for number, preferences in ((1, [2.0, 2.0, 1.0, 1.75]), (2, [1.5, 1.0, 1.0, 2.0])):
+        row = variant_result(f"dpo-round-{number}", alpaca_eval_result(judged(f"r{number}", preferences)))
+        evaluation = dataclasses.replace(row.evaluation, round=number, round_of="dpo")
+        rounds.append(dataclasses.replace(row, evaluation=evaluation))
+    summaries = [SimpleNamespace(init=init) for init in ("base", "/runs/sft", "/runs/dpo-round-1")]
+    out = add_previous_round([sft, *rounds], summaries, EvaluationConfig())  # type: ignore[arg-type]
+    assert out[0].paired_previous is None  # not a round
+    previous = [(r.paired_previous.baseline, r.paired_previous.comparison["paired_delta_wr"]) for r in out[1:]]
+    # wins (preference - 1): sft 0, 1, .5, .25; round 1: 1, 1, 0, .75; round 2: .5, 0, 0, 1
+    assert previous == [("sft", pytest.approx(25.0)), ("dpo-round-1", pytest.approx(-31.25))]
 
 
 # -- a real run ----------------------------------------------------------------------------------------------------

@@ -30,18 +30,18 @@ def add_previous_round(
     rows: list[VariantResult], summaries: list[TrainResult], evaluation: EvaluationConfig
 ) -> list[VariantResult]:
     """``rows`` (in the order of ``summaries``, their training results) with ``paired_previous`` on every round's
-    row whose previous model was evaluated."""
-    from steps.io import read_json
-    from steps.pipeline import paired_against
+    row whose previous model was evaluated: the join's own paired comparison (steps.pipeline._add_paired) with
+    that row as the baseline."""
+    from steps.pipeline import _add_paired
 
     init_of = {row.variant: summary.init for row, summary in zip(rows, summaries)}
     out = []
     for row in rows:
         before = previous_row(row, rows, init_of)
-        evaluated = before.evaluation.alpaca_eval if before is not None else None
-        if before is None or evaluated is None:
+        if before is None or before.evaluation.alpaca_eval is None:
             out.append(row)
             continue
-        paired = paired_against(row, before.variant, read_json(evaluated.files.annotations), evaluation)
-        out.append(dataclasses.replace(row, paired_previous=paired))
+        against = dataclasses.replace(evaluation, paired_baseline=before.variant)
+        compared = _add_paired([before, row], against)[1]
+        out.append(dataclasses.replace(row, paired_previous=compared.paired_vs))
     return out
