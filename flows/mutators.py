@@ -30,8 +30,8 @@ def run_config_option(parser: Callable[[str], Any], help: str) -> Config:
 def step_roles(num_nodes: int) -> dict[str, str]:
     """The steps that get a ``resources`` entry, and which (train or evaluate), for this many nodes."""
     roles = {**STEP_ROLES, **dict.fromkeys(GANG_STEPS, "train")}
-    if num_nodes > 1:
-        del roles["sft"], roles["preference"]
+    if num_nodes > 1:  # (on-policy rounds refuse gangs when the run is planned: the round step never runs)
+        del roles["sft"], roles["preference"], roles["onpolicy_round"]
     return roles
 
 

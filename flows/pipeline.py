@@ -144,13 +144,7 @@ class PrefFlow(FlowSpec):
         self.round_outcomes = [*self.round_outcomes, done]
         current.card.extend(round_card(done))
         self.round_route = "again" if done.round < self.plan.config.preference.on_policy.rounds else "done"
-        self.next({"again": self.onpolicy_round, "done": self.onpolicy_done}, condition="round_route")
-
-    @step
-    def onpolicy_done(self):
-        """After the last round: its model and result stand for the variant (the join reads every round's)."""
-        self.train_summary, self.result = self.round_outcomes[-1].train, self.round_outcomes[-1].result
-        self.next(self.join)
+        self.next({"again": self.onpolicy_round, "done": self.evaluate}, condition="round_route")
 
     @step
     def preference_gang(self):
@@ -185,12 +179,18 @@ class PrefFlow(FlowSpec):
     @retry(times=1)
     @step
     def evaluate(self):
-        """AlpacaEval 2: generate, judge against the reference, LC WR and WR."""
+        """AlpacaEval 2: generate, judge against the reference, LC WR and WR (after on-policy rounds, each round's
+        task evaluated its model: the last round's stands for the variant, the join reads every round's)."""
         from steps.cards import evaluation_card
         from steps.pipeline import evaluate_variant, step_context
 
-        ctx = step_context(self.plan.config, self.output_root, self.handoff)
-        self.result = evaluate_variant(ctx, self.plan, self.train_summary, self.reference_outputs_path, self.data_dir)
+        if self.round_outcomes:
+            self.train_summary, self.result = self.round_outcomes[-1].train, self.round_outcomes[-1].result
+        else:
+            ctx = step_context(self.plan.config, self.output_root, self.handoff)
+            self.result = evaluate_variant(
+                ctx, self.plan, self.train_summary, self.reference_outputs_path, self.data_dir
+            )
         current.card.extend(evaluation_card(self.result))
         self.next(self.join)
 

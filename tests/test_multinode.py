@@ -196,11 +196,9 @@ def test_training_resources_go_to_the_gang_steps_with_a_gang():
         "preference_nodes": "train",
         "onpolicy_round": "train",  # samples, judges, trains and evaluates a round (one node: rounds refuse gangs)
     }
-    assert step_roles(2) == {
-        "reference_outputs": "evaluate",
-        "evaluate": "evaluate",
-        "onpolicy_round": "train",
-    } | dict.fromkeys(GANG_STEPS, "train")
+    assert step_roles(2) == {"reference_outputs": "evaluate", "evaluate": "evaluate"} | dict.fromkeys(
+        GANG_STEPS, "train"
+    )
 
 
 def test_kubernetes_gets_the_volume_on_output_steps_and_the_port_on_gang_steps():

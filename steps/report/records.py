@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 #: Step names of flows/pipeline.py the report reads.
 JOIN_STEP = "join"
 TRAIN_STEP = "preference"
-ROUNDS_STEP = "onpolicy_done"  # its round_outcomes: every on-policy round of a variant
+ROUNDS_STEP = "evaluate"  # its round_outcomes: every on-policy round of a variant (none: [])
 
 
 class ReportError(ValueError):
