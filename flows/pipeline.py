@@ -49,7 +49,8 @@ class PrefFlow(FlowSpec):
         # one_node: reference_outputs -> sft -> preference -> evaluate, as always. gang (num_nodes > 1): @parallel
         # gangs, reference_outputs -> sft_gang -> sft_nodes (N tasks) -> sft_gang_join -> sft, and per variant
         # preference -> preference_gang -> preference_nodes -> preference_gang_join -> evaluate; sft and preference
-        # then only pass the gang's model on.
+        # then only pass the gang's model on. A variant with preference.on_policy (a pair loss): preference ->
+        # onpolicy_round (a task per round, looping) -> evaluate, which passes the last round's result on.
         self.layout = "gang" if self.num_nodes > 1 else "one_node"
         self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name)
         self.next(self.prepare_data)
