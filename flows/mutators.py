@@ -12,11 +12,12 @@ from steps.config import DEFAULT_CONFIG_PATH
 
 #: Which ``resources`` entry (train or evaluate) each heavy step asks the scheduler for with one node.
 STEP_ROLES = {"reference_outputs": "evaluate", "sft": "train", "preference": "train", "evaluate": "evaluate"}
+STEP_ROLES["onpolicy_round"] = "train"  # samples, judges, trains and evaluates: the training machine
 #: The @parallel steps: each of their nodes trains. With a gang, sft and preference only pass its model on.
 GANG_STEPS = ("sft_nodes", "preference_nodes")
 #: Steps that read or write resources.output_dir: a persistent_volume_claim is mounted on each.
 OUTPUT_STEPS = {"prepare_data", "reference_outputs", "sft", "sft_nodes", "preference", "preference_nodes"}
-OUTPUT_STEPS |= {"evaluate", "join"}
+OUTPUT_STEPS |= {"evaluate", "join", "onpolicy_round"}
 NODES_LABEL = "prefflow/num-nodes"
 
 
@@ -29,8 +30,8 @@ def run_config_option(parser: Callable[[str], Any], help: str) -> Config:
 def step_roles(num_nodes: int) -> dict[str, str]:
     """The steps that get a ``resources`` entry, and which (train or evaluate), for this many nodes."""
     roles = {**STEP_ROLES, **dict.fromkeys(GANG_STEPS, "train")}
-    if num_nodes > 1:
-        del roles["sft"], roles["preference"]
+    if num_nodes > 1:  # (on-policy rounds refuse gangs when the run is planned: the round step never runs)
+        del roles["sft"], roles["preference"], roles["onpolicy_round"]
     return roles
 
 

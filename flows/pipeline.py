@@ -49,7 +49,8 @@ class PrefFlow(FlowSpec):
         # one_node: reference_outputs -> sft -> preference -> evaluate, as always. gang (num_nodes > 1): @parallel
         # gangs, reference_outputs -> sft_gang -> sft_nodes (N tasks) -> sft_gang_join -> sft, and per variant
         # preference -> preference_gang -> preference_nodes -> preference_gang_join -> evaluate; sft and preference
-        # then only pass the gang's model on.
+        # then only pass the gang's model on. A variant with preference.on_policy (a pair loss): preference ->
+        # onpolicy_round (a task per round, looping) -> evaluate, which passes the last round's result on.
         self.layout = "gang" if self.num_nodes > 1 else "one_node"
         self.handoff = handoff_location(self.cfg, self.output_root, current.flow_name)
         self.next(self.prepare_data)
@@ -115,16 +116,36 @@ class PrefFlow(FlowSpec):
     def preference(self):
         """One preference run per variant (loss or sweep point); the 'sft' variant carries the SFT model."""
         from steps.cards import training_card
-        from steps.pipeline import step_context, train_variant
+        from steps.pipeline import step_context, train_variant, variant_route
 
         self.plan = self.input
         self.variant = self.plan.variant.as_dict()  # plain, for the report
-        self.route = "gang" if self.layout == "gang" and self.plan.loss != "sft" else "one_node"
+        self.route = variant_route(self.layout, self.plan)  # one_node, gang, or rounds (on-policy)
         if self.route == "one_node":
             ctx = step_context(self.plan.config, self.output_root, self.handoff)
             self.train_summary = train_variant(ctx, self.plan, self.data_dir, self.sft_summary)
             current.card.extend(training_card(self.train_summary, self.plan.name))
-        self.next({"one_node": self.evaluate, "gang": self.preference_gang}, condition="route")
+        self.round_outcomes = []  # on-policy rounds: one RoundOutcome per round done
+        self.next(
+            {"one_node": self.evaluate, "gang": self.preference_gang, "rounds": self.onpolicy_round}, condition="route"
+        )
+
+    @card(type="blank", id="round")
+    @retry(times=1)
+    @step
+    def onpolicy_round(self):
+        """One on-policy round (a task per round): sample from the current policy, judge, pair, train, evaluate."""
+        from steps.onpolicy.flow_round import round_card, run_round
+        from steps.pipeline import step_context
+
+        ctx = step_context(self.plan.config, self.output_root, self.handoff)
+        done = run_round(
+            ctx, self.plan, self.round_outcomes, self.data_dir, self.sft_summary, self.reference_outputs_path
+        )
+        self.round_outcomes = [*self.round_outcomes, done]
+        current.card.extend(round_card(done))
+        self.round_route = "again" if done.round < self.plan.config.preference.on_policy.rounds else "done"
+        self.next({"again": self.onpolicy_round, "done": self.evaluate}, condition="round_route")
 
     @step
     def preference_gang(self):
@@ -159,12 +180,18 @@ class PrefFlow(FlowSpec):
     @retry(times=1)
     @step
     def evaluate(self):
-        """AlpacaEval 2: generate, judge against the reference, LC WR and WR."""
+        """AlpacaEval 2: generate, judge against the reference, LC WR and WR (after on-policy rounds, each round's
+        task evaluated its model: the last round's stands for the variant, the join reads every round's)."""
         from steps.cards import evaluation_card
         from steps.pipeline import evaluate_variant, step_context
 
-        ctx = step_context(self.plan.config, self.output_root, self.handoff)
-        self.result = evaluate_variant(ctx, self.plan, self.train_summary, self.reference_outputs_path, self.data_dir)
+        if self.round_outcomes:
+            self.train_summary, self.result = self.round_outcomes[-1].train, self.round_outcomes[-1].result
+        else:
+            ctx = step_context(self.plan.config, self.output_root, self.handoff)
+            self.result = evaluate_variant(
+                ctx, self.plan, self.train_summary, self.reference_outputs_path, self.data_dir
+            )
         current.card.extend(evaluation_card(self.result))
         self.next(self.join)
 
@@ -173,7 +200,7 @@ class PrefFlow(FlowSpec):
     def join(self, inputs):
         """Collect every model's result; ``run_config`` is the typed config as plain values (for the report)."""
         from steps.cards import results_card
-        from steps.pipeline import collect_results, step_context
+        from steps.pipeline import branch_models, collect_results, step_context
 
         self.merge_artifacts(
             inputs,
@@ -190,7 +217,9 @@ class PrefFlow(FlowSpec):
         )
         self.run_config = self.cfg.to_dict()
         ctx = step_context(self.cfg, self.output_root, self.handoff)
-        self.results = collect_results(ctx, [i.result for i in inputs], [i.train_summary for i in inputs])
+        # a variant trained in on-policy rounds gives one row per round
+        models = [m for i in inputs for m in branch_models(i.round_outcomes, i.result, i.train_summary)]
+        self.results = collect_results(ctx, [m[0] for m in models], [m[1] for m in models])
         current.card.extend(results_card(self.results, current.flow_name, current.run_id))
         self.next(self.report)
 

@@ -135,6 +135,16 @@ def train_variant(ctx: StepContext, plan: VariantPlan, data_dir: str, sft: Train
     return train_on_node(ctx, plan.loss, plan.name, data_dir, sft.model_dir if sft is not None else None)
 
 
+def variant_route(layout: str, plan: VariantPlan) -> str:
+    """Where a variant goes after ``preference``: ``rounds`` (on-policy rounds, steps.onpolicy.planning), ``gang``
+    (its training gang) or ``one_node`` (trained in ``preference``, then evaluated)."""
+    from steps.onpolicy.planning import runs_rounds
+
+    if runs_rounds(plan):
+        return "rounds"
+    return "gang" if layout == "gang" and plan.loss != "sft" else "one_node"
+
+
 def evaluate_variant(
     ctx: StepContext,
     plan: VariantPlan,
@@ -231,6 +241,14 @@ def publish_variant(plan: VariantPlan, train_summary: TrainResult, result: EvalR
     return dataclasses.replace(result, hub=HubUpload.of(upload))
 
 
+def branch_models(
+    round_outcomes: list, result: EvalResult, train_summary: TrainResult
+) -> list[tuple[EvalResult, TrainResult]]:
+    """The models of one foreach branch at the join: every on-policy round's (``round_outcomes``,
+    steps.onpolicy.flow_round.RoundOutcome), else the branch's one model."""
+    return [(o.result, o.train) for o in round_outcomes] or [(result, train_summary)]
+
+
 def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list[TrainResult]) -> list[VariantResult]:
     """The join: one row per model with its training facts and, where a baseline row exists, the paired
     difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
@@ -250,7 +268,13 @@ def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list
         for res, summ in zip(results, summaries)
     ]
     rows = _add_paired(rows, evaluation)
-    return sorted(rows, key=lambda r: (r.evaluation.loss != SFT, r.variant))
+    if any(r.evaluation.round is not None for r in rows):
+        from steps.onpolicy.round_results import add_previous_round
+
+        rows = add_previous_round(rows, summaries, evaluation)
+    return sorted(
+        rows, key=lambda r: (r.evaluation.loss != SFT, r.evaluation.round_of or r.variant, r.evaluation.round or 0)
+    )
 
 
 def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list[VariantResult]:

@@ -32,6 +32,7 @@ PROJECT = "prefflow_deploy_test"
 TRAIN_GPU, EVAL_GPU = 2, 1
 #: Argo template name -> the resources section it must ask for.
 GPU_STEPS = {"sft": TRAIN_GPU, "preference": TRAIN_GPU, "evaluate": EVAL_GPU, "reference-outputs": EVAL_GPU}
+GPU_STEPS["recursive-onpolicy-round"] = TRAIN_GPU  # on-policy rounds: Argo's template of the self-looping step
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -317,7 +318,9 @@ def test_with_a_gang_the_volume_is_on_output_steps_and_gpus_only_on_nodes_and_ev
     with_volume = {
         name for name, c in containers.items() if any(m["name"] == CLAIM for m in c.get("volumeMounts") or [])
     }
-    assert with_volume == {"prepare-data", "reference-outputs", "sft", "preference", "evaluate", "join"}
+    assert with_volume == {"prepare-data", "reference-outputs", "sft", "preference", "evaluate", "join"} | {
+        "recursive-onpolicy-round"  # an output step, though a gang never reaches it
+    }
 
 
 def test_nccl_settings_reach_the_heavy_steps_and_no_other(gang_template):

@@ -194,6 +194,7 @@ def test_training_resources_go_to_the_gang_steps_with_a_gang():
         "preference": "train",
         "sft_nodes": "train",
         "preference_nodes": "train",
+        "onpolicy_round": "train",  # samples, judges, trains and evaluates a round (one node: rounds refuse gangs)
     }
     assert step_roles(2) == {"reference_outputs": "evaluate", "evaluate": "evaluate"} | dict.fromkeys(
         GANG_STEPS, "train"

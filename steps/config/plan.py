@@ -143,6 +143,9 @@ def plan_variants(cfg: RunConfig, loss_arg: str = "", sweep_path: str = "") -> R
         raise ConfigError("--sweep", sweep_path, f"variant names collide: {names}")
     if not plans:
         raise ConfigError("--loss", loss_arg, "nothing to train: SFT is disabled and no preference loss was given")
+    from steps.onpolicy.planning import check_rounds
+
+    check_rounds(cfg, plans)
     return RunPlan(cfg, losses, plans)
 
 

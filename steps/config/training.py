@@ -20,6 +20,7 @@ from steps.config.convert import (
     short,
 )
 from steps.config.convert import require as _require
+from steps.config.onpolicy import OnPolicyConfig
 from steps.config.overrides import set_path
 
 #: How far above lr a final_lr may rise (fairseq2's own examples rise 1.8x): beyond it, surely a typo.
@@ -170,6 +171,8 @@ class PreferenceConfig(TrainConfig):
     # Per-loss overrides for fan-out runs (`--loss dpo,orpo`): {orpo: {lr: 8.0e-6, init: base, criterion_config: {..}}},
     # each resolved once, when the run is planned (steps.config.plan)
     per_loss: dict[str, dict] = field(default_factory=dict)
+    # rounds of sampling from the policy, judging and training on the judged pairs (disabled: the fixed pairs)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def __post_init__(self) -> None:
         cls, raw = loss_class_of(self.criterion), self.criterion_config

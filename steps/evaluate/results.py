@@ -207,6 +207,8 @@ class EvalResult:
     alpaca_eval: AlpacaEvalResult | None = None
     heldout: HeldoutPreference | None = None
     hub: HubUpload | None = None
+    round: int | None = None  # on-policy rounds: the round (1, 2, ...) whose model this is, of variant round_of
+    round_of: str | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -240,6 +242,7 @@ class VariantResult:
     final_dev: dict[str, float]
     training_config: dict[str, Any]
     paired_vs: PairedVs | None = None
+    paired_previous: PairedVs | None = None  # a round's model against the model the round started from
 
     @property
     def variant(self) -> str:

@@ -19,7 +19,7 @@ import yaml
 
 from steps.io import atomic_write_files
 from steps.locks import file_lock
-from steps.report.plots import training_curves_png, win_rate_bars_png
+from steps.report.plots import training_curves_png, win_rate_bars_png, win_rate_by_round_png
 from steps.report.records import RunRecord, Selection, client_scope, select_runs
 from steps.report.table import (
     ResultRow,
@@ -42,6 +42,7 @@ REPORT_DIR_ENV = "PREFFLOW_REPORT_DIR"
 MANAGED_DIRS = {"configs": ".yaml", "plots": ".png"}
 LOCK_NAME = ".report.lock"
 WIN_RATES_PNG = "plots/win_rates.png"
+ROUNDS_PNG = "plots/win_rate_by_round.png"
 
 
 def default_report_dir() -> Path:
@@ -108,6 +109,7 @@ def readme_markdown(
     selection: Selection,
     training: dict[str, str],
     win_rates: str | None,
+    by_round: str | None = None,
 ) -> str:
     parts = [
         "# PrefFlow results report",
@@ -128,6 +130,16 @@ def readme_markdown(
             "error bars one standard error.",
             "",
             f"![LC WR and WR across runs]({win_rates})",
+            "",
+        ]
+    if by_round:
+        parts += [
+            "## Win rate by on-policy round",
+            "",
+            "Each on-policy variant's WR (and LC WR where scored) by round; round 0 is the model round 1 started "
+            "from. Error bars one standard error.",
+            "",
+            f"![win rate by on-policy round]({by_round})",
             "",
         ]
     if training:
@@ -165,11 +177,19 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
     bars = win_rate_bars_png(rows)
     if bars is not None:
         files[WIN_RATES_PNG] = bars
+    by_round = win_rate_by_round_png(rows)
+    if by_round is not None:
+        files[ROUNDS_PNG] = by_round
     files["results.md"] = results_markdown(rows, selection, len(records)).encode("utf-8")
     files["results.csv"] = results_csv(rows).encode("utf-8")
     files["results.json"] = results_json(rows, records, selection).encode("utf-8")
     files["README.md"] = readme_markdown(
-        rows, records, selection, training, WIN_RATES_PNG if bars is not None else None
+        rows,
+        records,
+        selection,
+        training,
+        WIN_RATES_PNG if bars is not None else None,
+        ROUNDS_PNG if by_round is not None else None,
     ).encode("utf-8")
     info = {"rows": rows, "training": training, "win_rates": bars is not None}
     return files, info

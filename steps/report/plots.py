@@ -143,3 +143,52 @@ def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def round_series(rows: list[ResultRow]) -> dict[str, list[ResultRow]]:
+    """The rows of each on-policy variant of each run, ``<run> <variant>`` -> [its round 1's init row if the run
+    has it (round 0), round 1, round 2, ...]."""
+    series: dict[str, list[ResultRow]] = {}
+    for row in sorted((r for r in rows if r.round is not None), key=lambda r: (r.pathspec, r.round_of, r.round)):
+        key = f"{row.run_id} {loss_display(row.round_of or '')}"
+        if key not in series:
+            start = [
+                r for r in rows if r.pathspec == row.pathspec and r.round is None and r.variant == row.paired_previous
+            ]
+            series[key] = start if row.round == 1 else []
+        series[key].append(row)
+    return series
+
+
+def win_rate_by_round_png(rows: list[ResultRow]) -> bytes | None:
+    """WR (and LC WR where scored) of each on-policy variant by round, round 0 its starting model, error bars one
+    standard error; None when no row is a round."""
+    series = round_series(rows)
+    if not series:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for i, (label, members) in enumerate(series.items()):
+        for attr, err, style, name in (
+            ("winrate", "standard_error", "o-", "WR"),
+            ("lc_winrate", "lc_standard_error", "s--", "LC WR"),
+        ):
+            points = [
+                (r.round or 0, getattr(r, attr), getattr(r, err) or 0.0)
+                for r in members
+                if getattr(r, attr) is not None
+            ]
+            if points:
+                xs, ys, es = zip(*points)
+                ax.errorbar(xs, ys, yerr=es, fmt=style, color=f"C{i}", capsize=3, label=f"{label} {name}")
+    ax.axhline(50.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("round (0: the model round 1 started from)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("win rate vs reference (%)")
+    ax.set_title("AlpacaEval 2 win rate by on-policy round (± 1 s.e.)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 #: Step names of flows/pipeline.py the report reads.
 JOIN_STEP = "join"
 TRAIN_STEP = "preference"
+ROUNDS_STEP = "evaluate"  # its round_outcomes: every on-policy round of a variant (none: [])
 
 
 class ReportError(ValueError):
@@ -194,6 +195,7 @@ def read_run(run: Any) -> RunRecord | None:
             variant = variant.get("name")
         if variant is not None and summary:
             curves[str(variant)] = curves_of(summary)
+    curves.update(_round_curves(run))
     flow_name, run_id = run.pathspec.split("/")
     record = RunRecord(
         flow=flow_name,
@@ -209,6 +211,17 @@ def read_run(run: Any) -> RunRecord | None:
     )
     logger.info("read %s: %d results, %d training histories", run.pathspec, len(record.results), len(curves))
     return record
+
+
+def _round_curves(run: Any) -> dict[str, TrainingCurves]:
+    """Each on-policy round's training curves, by its row's variant (none where the run has no rounds)."""
+    from metaflow.exception import MetaflowNotFound
+
+    try:
+        done = list(run[ROUNDS_STEP])
+    except (KeyError, MetaflowNotFound):
+        return {}
+    return {o.result.variant: curves_of(o.train) for task in done for o in _artifact(task, "round_outcomes") or []}
 
 
 def _as_run(spec: Any, flow_name: str) -> Any:

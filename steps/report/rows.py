@@ -6,6 +6,7 @@ field becomes None, never an error), so reports regenerated from Metaflow's reco
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -75,6 +76,14 @@ class ResultRow:
     eval_dtype: str | None = None  # the dtype the answers were generated in
     weights_changed_share: float | None = None  # share of weight entries that differ from the init in eval_dtype
     weights_unchanged_reason: str | None = None  # where none differs: the scores are the init's, and why
+    # on-policy rounds: the round (1, 2, ...) of variant ``round_of`` whose model this is, and the paired difference
+    # from the model the round started from (round r-1; for round 1 its init's row, e.g. SFT)
+    round: int | None = None
+    round_of: str | None = None
+    paired_previous: str | None = None
+    paired_previous_delta_wr: float | None = None
+    paired_previous_ci95: list[float] | None = None
+    paired_previous_distinguishable: bool | None = None
     # as the run recorded them, not exported: what the model started from (``model_initialization`` names it after
     # the run's row whose model it is), where the model is, and its training section (the config snapshot's)
     init_spec: str | None = field(default=None, repr=False)
@@ -210,6 +219,19 @@ def _typed_paired_cells(paired: PairedVs | None) -> dict:
     return _paired_cells(paired.baseline, paired.is_baseline, delta, ci, distinguishable)
 
 
+def _previous_round_cells(evaluation: Any, paired: PairedVs | None) -> dict:
+    """An on-policy round's cells: its round, its variant and its paired difference from the previous model."""
+    cells = _typed_paired_cells(paired)
+    return {
+        "round": evaluation.round,
+        "round_of": evaluation.round_of,
+        "paired_previous": cells["paired_baseline"],
+        "paired_previous_delta_wr": cells["paired_delta_wr"],
+        "paired_previous_ci95": cells["paired_ci95"],
+        "paired_previous_distinguishable": cells["paired_distinguishable"],
+    }
+
+
 def _run_cells(record: RunRecord, variant: str, model_dir: Any, init: Any, training_config: Any) -> dict:
     """The cells a row takes from its run and its training (``model_initialization`` is named by rows_for_run)."""
     return {
@@ -264,7 +286,7 @@ def _evaluation_cells(evaluated: AlpacaEvalResult | None) -> dict:
 def typed_result_row(record: RunRecord, result: VariantResult) -> ResultRow:
     """A row of a run whose join stored typed results (``steps.evaluate.results.VariantResult``)."""
     trained, heldout, paired = result.evaluation, result.evaluation.heldout, result.paired_vs
-    return ResultRow(
+    row = ResultRow(
         **_run_cells(record, trained.variant, trained.model_dir, trained.init, result.training_config),
         **_evaluation_cells(trained.alpaca_eval),
         epoch=_int(trained.epoch),
@@ -276,6 +298,10 @@ def typed_result_row(record: RunRecord, result: VariantResult) -> ResultRow:
         heldout_reward_accuracy=_number(heldout.reward_accuracy) if heldout else None,
         heldout_reward_margin=_number(heldout.reward_margin_mean) if heldout else None,
     )
+    if trained.round is None:
+        return row
+    row.loss_function = loss_display(trained.round_of or "")
+    return dataclasses.replace(row, **_previous_round_cells(trained, result.paired_previous))
 
 
 def legacy_result_row(record: RunRecord, result: Mapping) -> ResultRow:
@@ -338,7 +364,7 @@ def rows_for_run(record: RunRecord) -> list[ResultRow]:
     ]
     for row in rows:
         row.model_initialization = describe_init(row.init_spec, rows)
-    return sorted(rows, key=lambda row: variant_order(row.variant))
+    return sorted(rows, key=lambda row: (variant_order(row.round_of or row.variant), row.round or 0))
 
 
 def build_rows(records: list[RunRecord]) -> list[ResultRow]:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "COLUMNS",
     "EXPORT_FIELDS",
+    "ROUND_COLUMNS",
+    "ROUND_FIELDS",
     "ResultRow",
     "build_rows",
     "cost_text",
@@ -72,6 +74,22 @@ COLUMNS = [
 ]
 
 
+#: Added at the end of the table, and of the CSV/JSON fields, when a row is an on-policy round.
+ROUND_COLUMNS = ["Round", "Δ WR vs Previous Round [95% CI]"]
+ROUND_FIELDS = [
+    "round",
+    "round_of",
+    "paired_previous",
+    "paired_previous_delta_wr",
+    "paired_previous_ci95",
+    "paired_previous_distinguishable",
+]
+
+
+def has_rounds(rows: Sequence[ResultRow]) -> bool:
+    return any(r.round is not None for r in rows)
+
+
 def fmt_number(value: float | None, digits: int = 2) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
@@ -98,6 +116,16 @@ def paired_text(row: ResultRow) -> str:
     baseline = loss_display(row.paired_baseline or "")
     text = f"{row.paired_delta_wr:+.2f} [{low:+.2f}, {high:+.2f}] vs {baseline}"
     return text if row.paired_distinguishable else f"{text}: not distinguishable from {baseline}"
+
+
+def previous_round_text(row: ResultRow) -> str:
+    """``+1.20 [-0.40, +2.80] vs round 1: not distinguishable``; round 1 is compared with its init's row."""
+    if row.round is None or row.paired_previous_delta_wr is None or row.paired_previous_ci95 is None:
+        return MISSING
+    low, high = row.paired_previous_ci95
+    before = f"round {row.round - 1}" if row.round > 1 else loss_display(row.paired_previous or "")
+    text = f"{row.paired_previous_delta_wr:+.2f} [{low:+.2f}, {high:+.2f}] vs {before}"
+    return text if row.paired_previous_distinguishable else f"{text}: not distinguishable"
 
 
 def heldout_text(row: ResultRow) -> str:
@@ -179,8 +207,13 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
     reasons, unchanged = lc_reasons(rows), unchanged_reasons(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_row_cells(row, links, reasons, unchanged)) + " |" for row in rows]
+    rounds = has_rounds(rows)
+    columns = COLUMNS + ROUND_COLUMNS if rounds else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = _row_cells(row, links, reasons, unchanged)
+        cells += [_cell(row.round), _cell(previous_round_text(row))] if rounds else []
+        lines.append("| " + " | ".join(cells) + " |")
     footnotes = [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)]
     footnotes += [f"[{_letter(i)}] LC WR / WR: {reason}" for i, reason in enumerate(unchanged)]
     lines += [""] + footnotes if footnotes else []
@@ -224,6 +257,12 @@ def notes(rows: list[ResultRow]) -> list[str]:
         out.append(
             "Δ WR: the paired difference in win rate from the baseline row on the same instructions, with a "
             "seeded 95 % paired-bootstrap interval; where it contains 0 the two models are not distinguishable."
+        )
+    if has_rounds(rows):
+        out.append(
+            "Round: the model of on-policy round r (trained on pairs its round r-1 model sampled and the judge "
+            "ranked; round 1 starts from its Model Initialization). Δ WR vs Previous Round: paired, on the same "
+            "instructions, against the model the round started from."
         )
     if any(r.heldout_accuracy is not None for r in rows):
         out.append(
@@ -323,17 +362,23 @@ EXPORT_FIELDS = [
 ]
 
 
-def row_dict(row: ResultRow) -> dict:
+def export_fields(rows: Sequence[ResultRow]) -> list[str]:
+    """The CSV/JSON fields of these rows: EXPORT_FIELDS, then ROUND_FIELDS where a row is an on-policy round."""
+    return EXPORT_FIELDS + ROUND_FIELDS if has_rounds(rows) else EXPORT_FIELDS
+
+
+def row_dict(row: ResultRow, fields: Sequence[str] = EXPORT_FIELDS) -> dict:
     data = asdict(row)
-    return {k: data[k] for k in EXPORT_FIELDS}
+    return {k: data[k] for k in fields}
 
 
 def results_csv(rows: list[ResultRow]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    fields = export_fields(rows)
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        data = row_dict(row)
+        data = row_dict(row, fields)
         data["tags"] = " ".join(data["tags"])
         writer.writerow({k: "" if v is None else v for k, v in data.items()})
     return buf.getvalue()
@@ -359,7 +404,7 @@ def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Sel
             }
             for r in records
         ],
-        "columns": COLUMNS,
-        "rows": [row_dict(row) for row in rows],
+        "columns": COLUMNS + ROUND_COLUMNS if has_rounds(rows) else COLUMNS,
+        "rows": [row_dict(row, export_fields(rows)) for row in rows],
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
