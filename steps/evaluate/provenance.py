@@ -123,11 +123,11 @@ class Provenance:
         if data_set != other_set:
             out.append(f"eval set differs ({_eval_set_text(*data_set)} vs {_eval_set_text(*other_set)})")
         for label, mine, theirs in (
-            ("decoding", self.decoding, other.decoding),
-            ("benchmark versions", self.benchmark_versions, other.benchmark_versions),
+            ("decoding differs", self.decoding, other.decoding),
+            ("benchmark versions differ", self.benchmark_versions, other.benchmark_versions),
         ):
             if mine != theirs:
-                out.append(f"{label} differs ({_dict_difference(mine, theirs)})")
+                out.append(f"{label} ({_dict_difference(mine, theirs)})")
         return out
 
 
