@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 from pathlib import Path
 
 from steps.config import EvaluationConfig
@@ -33,7 +34,7 @@ METRICS_JSON_KEYS = [
 ]
 
 
-def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
+def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path, caplog):
     eval_set = load_eval_set("embedded", max_instructions=6)
     policy = tiny_model_factory(seed=1)
     reference_run = ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False)
@@ -55,7 +56,8 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
         run=ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
         cache_dir=tmp_path / "cache",
     )
-    evaluated = evaluate_model("tiny", eval_set, refs, settings, context)
+    with caplog.at_level(logging.INFO, logger="steps.evaluate.evaluation"):
+        evaluated = evaluate_model("tiny", eval_set, refs, settings, context)
     result = evaluated.metrics_json()
 
     files = {
@@ -110,6 +112,9 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     assert provenance["decoding"] == {**expected_settings, "backend": "hf"} and provenance["eval_dtype"] == "float32"
     assert provenance["alpaca_eval_version"] == importlib.metadata.version("alpaca-eval")
     assert evaluated.provenance is not None and evaluated.provenance.as_dict() == provenance
+    logged = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("provenance: "))
+    assert f"alpaca_eval {provenance['alpaca_eval_version']}, judge local:tiny" in logged
+    assert provenance["eval_set_sha256"] in logged and provenance["annotator_prompt_sha256"] in logged
 
     # a retried step reuses the outputs and the judgements: no policy forward pass, no new cache line
     (cache_file,) = (tmp_path / "cache").glob("*.jsonl")
