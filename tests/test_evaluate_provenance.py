@@ -22,7 +22,7 @@ import yaml
 from steps.config import EvaluationConfig
 from steps.evaluate.judges import make_judge
 from steps.evaluate.paired import paired_comparison
-from steps.evaluate.provenance import Provenance, build_provenance, pairing_refusal
+from steps.evaluate.provenance import UNCOMPARED, Provenance, build_provenance, pairing_refusal
 from steps.io import read_json, write_json
 from steps.report import RunRecord, Selection, render_report
 from steps.report.rows import rows_for_run
@@ -105,6 +105,16 @@ def test_each_judge_kind_records_its_endpoint_model_and_prompt_hash():
         != expected_set_sha
     )
     assert Provenance.from_dict(json.loads(json.dumps(local.as_dict()))) == local
+
+
+def test_every_field_but_the_software_versions_stops_pairing():
+    base = provenance()
+    for field in dataclasses.fields(Provenance):
+        value = getattr(base, field.name)
+        changed = {**value, "x": "1"} if isinstance(value, dict) else 25 if isinstance(value, int) else "other"
+        refusal = pairing_refusal(dataclasses.replace(base, **{field.name: changed}), base, "sft")
+        assert (refusal is None) is (field.name in UNCOMPARED), field.name
+    assert UNCOMPARED == ("software_versions",)
 
 
 def test_pairing_refusal_names_what_differs():

@@ -104,41 +104,54 @@ class Provenance:
             return None
 
     def differences(self, other: Provenance) -> list[str]:
-        """What differs from ``other`` in the compared fields, in words, this row's value first."""
-        out = []
-        if self.judge != other.judge:
-            out.append(f"judge differs ({self.judge} vs {other.judge})")
-        elif self.judge_settings != other.judge_settings:
-            out.append(f"judge settings differ ({self.judge_settings} vs {other.judge_settings})")
-        for label, name in (
-            ("alpaca_eval version", "alpaca_eval_version"),
-            ("annotator config", "annotator_config"),
-            ("annotator prompt", "annotator_prompt_sha256"),
-            ("evaluation dtype", "eval_dtype"),
-        ):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                out.append(f"{label} differs ({_short(mine)} vs {_short(theirs)})")
-        data_set, other_set = ((p.eval_set, p.eval_set_size, p.eval_set_sha256) for p in (self, other))
-        if data_set != other_set:
-            out.append(f"eval set differs ({_eval_set_text(*data_set)} vs {_eval_set_text(*other_set)})")
-        for label, mine, theirs in (
-            ("decoding differs", self.decoding, other.decoding),
-            ("benchmark versions differ", self.benchmark_versions, other.benchmark_versions),
-        ):
-            if mine != theirs:
-                out.append(f"{label} ({_dict_difference(mine, theirs)})")
+        """What differs from ``other`` in the compared fields (all but :data:`UNCOMPARED`; a field added later is
+        compared too), in words, this row's value first. Judge settings are named only when the judge is the same."""
+        covered = {name for _, names, _ in _ASPECTS for name in names} | set(UNCOMPARED)
+        rest = [(f"{f.name} differs", (f.name,), _values_text) for f in fields(self) if f.name not in covered]
+        out: list[str] = []
+        for label, names, text in [*_ASPECTS, *rest]:
+            mine, theirs = tuple(getattr(self, n) for n in names), tuple(getattr(other, n) for n in names)
+            if mine == theirs or (names == ("judge_settings",) and self.judge != other.judge):
+                continue
+            out.append(
+                f"{label} ({text(mine)} vs {text(theirs)})"
+                if text
+                else f"{label} ({_dict_difference(mine[0], theirs[0])})"
+            )
         return out
 
 
-def _short(value: Any) -> str:
+def _values_text(values: tuple[Any, ...]) -> str:
+    """One field's value as a reason shows it (a sha256 cut to :data:`SHORT_HASH` digits)."""
+    (value,) = values
     text = str(value)
     is_hash = len(text) == 64 and all(c in "0123456789abcdef" for c in text)
     return text[:SHORT_HASH] if is_hash else text
 
 
-def _eval_set_text(name: str, size: int, digest: str) -> str:
-    return f"{name}, {size} instructions, sha256 {digest[:SHORT_HASH]}"
+def _judge_text(values: tuple[Any, ...]) -> str:
+    endpoint, model = values
+    return f"{endpoint}:{model}"
+
+
+def _eval_set_text(values: tuple[Any, ...]) -> str:
+    name, size, digest = values
+    return f"{name}, {size} instructions, sha256 {str(digest)[:SHORT_HASH]}"
+
+
+#: The compared fields, grouped as a reason names them, in the order it lists them; each with how its values read
+#: (None: a mapping, of which only the keys that differ are named).
+_ASPECTS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
+    ("judge differs", ("judge_endpoint", "judge_model"), _judge_text),
+    ("judge settings differ", ("judge_settings",), _values_text),
+    ("alpaca_eval version differs", ("alpaca_eval_version",), _values_text),
+    ("annotator config differs", ("annotator_config",), _values_text),
+    ("annotator prompt differs", ("annotator_prompt_sha256",), _values_text),
+    ("evaluation dtype differs", ("eval_dtype",), _values_text),
+    ("eval set differs", ("eval_set", "eval_set_size", "eval_set_sha256"), _eval_set_text),
+    ("decoding differs", ("decoding",), None),
+    ("benchmark versions differ", ("benchmark_versions",), None),
+)
 
 
 def _dict_difference(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
