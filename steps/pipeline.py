@@ -24,7 +24,7 @@ from steps.step_context import StepContext, setup_logging, step_context
 from steps.train.gang import current_gang, gang_summary
 
 if TYPE_CHECKING:
-    from steps.evaluate import EvalResult, HeldoutPreference, ModelRun, VariantResult
+    from steps.evaluate import AlpacaEvalResult, EvalResult, HeldoutPreference, ModelRun, PairedVs, VariantResult
 
 __all__ = ["current_gang", "gang_summary", "step_context"]  # the flow's steps call them from here
 
@@ -278,38 +278,61 @@ def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list
 
 
 def _add_paired(rows: list[VariantResult], evaluation: EvaluationConfig) -> list[VariantResult]:
-    """``rows`` with their paired comparison against ``evaluation.paired_baseline`` (where that row was evaluated)."""
+    """``rows`` with their paired comparison against ``evaluation.paired_baseline`` (where that row was evaluated).
+    A row whose provenance differs from the baseline's (another judge, alpaca_eval version, eval set, decoding,
+    dtype, ...: ``steps.evaluate.provenance.pairing_refusal``) is not compared: its cell says why."""
     from steps.evaluate import PairedVs
-    from steps.evaluate.paired import paired_comparison
-    from steps.evaluate.scoring import AnnotationsError
     from steps.io import read_json
 
     name = evaluation.paired_baseline
     base = next((r for r in rows if r.variant == name and r.evaluation.alpaca_eval is not None), None)
     if name is None or base is None or base.evaluation.alpaca_eval is None:
         return rows
-    base_annotations = read_json(base.evaluation.alpaca_eval.files.annotations)  # read once
+    base_result = base.evaluation.alpaca_eval
+    base_annotations = read_json(base_result.files.annotations)  # read once
     out = []
     for row in rows:
         evaluated = row.evaluation.alpaca_eval
         if row is base:
-            paired = PairedVs(name, is_baseline=True)
+            paired: PairedVs | None = PairedVs(name, is_baseline=True)
         elif evaluated is None:
             paired = None
         else:
-            try:
-                comparison = paired_comparison(
-                    read_json(evaluated.files.annotations),
-                    base_annotations,
-                    seed=evaluation.paired_seed,
-                    resamples=evaluation.paired_resamples,
-                )
-                paired = PairedVs(name, comparison=comparison)
-            except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
-                logger.warning("%s: no paired comparison with %s: %s", row.variant, name, exc)
-                paired = PairedVs(name, unavailable=str(exc))
+            paired = _paired_vs(row.variant, evaluated, base_result, base_annotations, evaluation)
         out.append(dataclasses.replace(row, paired_vs=paired))
     return out
+
+
+def _paired_vs(
+    variant: str,
+    evaluated: AlpacaEvalResult,
+    base: AlpacaEvalResult,
+    base_annotations: list[dict],
+    evaluation: EvaluationConfig,
+) -> PairedVs:
+    """One row's paired comparison with the baseline ``evaluation.paired_baseline``, or why there is none."""
+    from steps.evaluate import PairedVs
+    from steps.evaluate.paired import paired_comparison
+    from steps.evaluate.provenance import pairing_refusal
+    from steps.evaluate.scoring import AnnotationsError
+    from steps.io import read_json
+
+    name = str(evaluation.paired_baseline)
+    refusal = pairing_refusal(evaluated.provenance, base.provenance, name)
+    if refusal is not None:
+        logger.warning("%s: %s", variant, refusal)
+        return PairedVs(name, unavailable=refusal)
+    try:
+        comparison = paired_comparison(
+            read_json(evaluated.files.annotations),
+            base_annotations,
+            seed=evaluation.paired_seed,
+            resamples=evaluation.paired_resamples,
+        )
+    except AnnotationsError as exc:  # e.g. a judge that gave no usable preference: the cell shows n/a
+        logger.warning("%s: no paired comparison with %s: %s", variant, name, exc)
+        return PairedVs(name, unavailable=str(exc))
+    return PairedVs(name, comparison=comparison)
 
 
 def format_results_table(

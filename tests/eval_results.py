@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from steps.evaluate.provenance import Provenance
 from steps.evaluate.results import (
     AlpacaEvalResult,
     EvalFiles,
@@ -18,8 +19,34 @@ from steps.evaluate.results import (
 )
 
 
-def alpaca_eval_result(annotations: str = "annotations.json", judge: str = "local_logprob:tiny", **scores: Any):
-    """A hand-made AlpacaEval 2 evaluation of 24 instructions (``scores`` replace WinRates fields)."""
+def provenance(**changes: Any) -> Provenance:
+    """A hand-made provenance of a row judged locally by ``tiny`` on the embedded set (``changes`` replace fields)."""
+    recorded = Provenance(
+        alpaca_eval_version="0.6.6",
+        annotator_config="weighted_alpaca_eval_gpt4_turbo",
+        annotator_prompt_sha256="ab" * 32,
+        judge_endpoint="local",
+        judge_model="tiny",
+        judge_settings="local_logprob:tiny|template=weighted_alpaca_eval_gpt4_turbo|max_output_chars=300",
+        eval_set="prefflow_embedded",
+        eval_set_size=24,
+        eval_set_sha256="cd" * 32,
+        decoding={"max_new_tokens": 64, "temperature": 0.9, "top_p": 1.0, "seed": 1814, "backend": "hf"},
+        eval_dtype="float32",
+        benchmark_versions={"lm_eval": "0.4.13"},
+        software_versions={"prefflow": "0.1.0", "transformers": "5.25.0", "torch": "2.13.0+cpu"},
+    )
+    return dataclasses.replace(recorded, **changes)
+
+
+def alpaca_eval_result(
+    annotations: str = "annotations.json",
+    judge: str = "local_logprob:tiny",
+    provenance: Provenance | None = None,
+    **scores: Any,
+):
+    """A hand-made AlpacaEval 2 evaluation of 24 instructions (``scores`` replace WinRates fields), recorded with
+    ``provenance`` (None: as a row evaluated before provenance was recorded)."""
     rates = WinRates(
         win_rate=45.41,
         standard_error=3.125,
@@ -50,6 +77,7 @@ def alpaca_eval_result(annotations: str = "annotations.json", judge: str = "loca
         reference_generator="reference:tiny",
         generation={"max_new_tokens": 64, "temperature": 0.9, "dtype": "float32"},
         files=EvalFiles("model_outputs.json", annotations, "metrics.json"),
+        provenance=provenance,
     )
 
 

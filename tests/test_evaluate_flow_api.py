@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
+import logging
+from pathlib import Path
 
 from steps.config import EvaluationConfig
 from steps.evaluate import (
@@ -26,11 +30,11 @@ METRICS_JSON_KEYS = [
     *("lc_standard_error", "lc_unavailable_reason", "model", "generator", "judge", "weak_judge"),
     *("annotator_config", "judge_max_chars", "note", "judge_agreement", "judge_tokens", "judge_cost_usd"),
     *("judge_price", "judge_cost_note", "heldout_preference", "weight_change", "eval_set", "eval_set_source"),
-    *("subset", "n_instructions", "reference_generator", "generation", "files"),
+    *("subset", "n_instructions", "reference_generator", "generation", "files", "provenance"),
 ]
 
 
-def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path):
+def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, tmp_path, caplog):
     eval_set = load_eval_set("embedded", max_instructions=6)
     policy = tiny_model_factory(seed=1)
     reference_run = ModelRun(model=tiny_model_factory(seed=0), tokenizer=tokenizer, show_progress=False)
@@ -52,7 +56,8 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
         run=ModelRun(model=policy, tokenizer=tokenizer, show_progress=False),
         cache_dir=tmp_path / "cache",
     )
-    evaluated = evaluate_model("tiny", eval_set, refs, settings, context)
+    with caplog.at_level(logging.INFO, logger="steps.evaluate.evaluation"):
+        evaluated = evaluate_model("tiny", eval_set, refs, settings, context)
     result = evaluated.metrics_json()
 
     files = {
@@ -95,6 +100,21 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     assert {k: result["generation"][k] for k in expected_settings} == expected_settings
     assert {k: files["generation.json"][k] for k in expected_settings} == expected_settings
     assert result["n_total"] == 6
+    # what produced the row: the eval set as used (its instructions with the reference answers), the judge and
+    # its prompt, the decoding settings and dtype, hashed and checked here independently
+    provenance = result["provenance"]
+    used = json.dumps([[r["instruction"], r["output"]] for r in refs], ensure_ascii=False, separators=(",", ":"))
+    assert provenance["eval_set_sha256"] == hashlib.sha256(used.encode("utf-8")).hexdigest()
+    assert (provenance["eval_set"], provenance["eval_set_size"]) == ("prefflow_embedded", 6)
+    template = Path(evaluated_judge_template(settings))
+    assert provenance["annotator_prompt_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest()
+    assert (provenance["judge_endpoint"], provenance["judge_model"]) == ("local", "tiny")
+    assert provenance["decoding"] == {**expected_settings, "backend": "hf"} and provenance["eval_dtype"] == "float32"
+    assert provenance["alpaca_eval_version"] == importlib.metadata.version("alpaca-eval")
+    assert evaluated.provenance is not None and evaluated.provenance.as_dict() == provenance
+    logged = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("provenance: "))
+    assert f"alpaca_eval {provenance['alpaca_eval_version']}, judge local:tiny" in logged
+    assert provenance["eval_set_sha256"] in logged and provenance["annotator_prompt_sha256"] in logged
 
     # a retried step reuses the outputs and the judgements: no policy forward pass, no new cache line
     (cache_file,) = (tmp_path / "cache").glob("*.jsonl")
@@ -108,6 +128,18 @@ def test_evaluate_model_writes_files_and_labels(tiny_model_factory, tokenizer, t
     # other settings are other outputs: the policy answers again
     evaluate_model("tiny", eval_set, refs, dataclasses.replace(settings, max_new_tokens=3), context)
     assert calls["n"] > 0
+
+
+def evaluated_judge_template(settings: EvaluationConfig) -> str:
+    """The prompt template file of the annotator config the local judge imitates (alpaca_eval's own constants)."""
+    import yaml
+    from alpaca_eval import constants
+
+    assert settings.judge.startswith("local_logprob")
+    configs = Path(constants.EVALUATORS_CONFIG_DIR)
+    with open(configs / "weighted_alpaca_eval_gpt4_turbo" / "configs.yaml", encoding="utf-8") as fh:
+        (annotator,) = yaml.safe_load(fh).values()
+    return str(configs / annotator["prompt_template"])
 
 
 def test_reference_outputs_from_the_eval_set(shared_dir):

@@ -150,8 +150,7 @@ def test_the_join_shows_na_when_no_instruction_has_a_judgement_in_both(tmp_path)
     assert "no shared instruction has a judgement in both" in (dpo.paired_vs.unavailable or "")
     assert simpo.paired_vs is not None and simpo.paired_vs.comparison is not None
     assert simpo.paired_vs.comparison["paired_delta_wr"] == pytest.approx(200 / 3)
-    cells = {
-        line.split(" | ")[2]: line.split(" | ")[6]
-        for line in run_results_table([sft, dpo, simpo], "F", "1").splitlines()[2:5]
-    }
-    assert cells["SFT"] == "— (baseline)" and cells["DPO"] == "n/a" and cells["SimPO"].startswith("+66.67 [")
+    table = run_results_table([sft, dpo, simpo], "F", "1")
+    cells = {line.split(" | ")[2]: line.split(" | ")[6] for line in table.splitlines()[2:5]}
+    assert cells["SFT"] == "— (baseline)" and cells["DPO"] == "n/a [p1]" and cells["SimPO"].startswith("+66.67 [")
+    assert f"[p1] Δ WR n/a: {dpo.paired_vs.unavailable}" in table.splitlines()

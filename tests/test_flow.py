@@ -113,6 +113,14 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
         assert held_out is not None and held_out.n_pairs == dev_pairs and 0.0 <= held_out.preference_accuracy <= 1.0
         assert held_out.max_seq_len == r.training_config["max_seq_len"]
         assert json.loads(Path(evaluated.files.metrics).read_text())["heldout_preference"] == held_out.as_dict()
+    # every row records what produced it, the same for all three (so they pair), and it survives the artifact
+    recorded = [r.evaluation.alpaca_eval.provenance for r in results.values() if r.evaluation.alpaca_eval]
+    assert len(recorded) == 3 and recorded[0] is not None and all(p == recorded[0] for p in recorded)
+    assert (recorded[0].judge, recorded[0].eval_set_size, recorded[0].decoding["max_new_tokens"]) == (
+        "local:tiny",
+        3,
+        6,
+    )
     assert results["sft"].paired_vs == PairedVs("sft", is_baseline=True)
     for name in ("dpo", "orpo"):  # both compared with SFT on the same 3 instructions
         paired = results[name].paired_vs

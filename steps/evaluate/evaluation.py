@@ -14,6 +14,7 @@ from steps.evaluate.annotate import AnnotationInputError, annotate
 from steps.evaluate.eval_sets import EvalSet
 from steps.evaluate.generation import ModelRun, answer_eval_set, generation_dtype, resolve_backend
 from steps.evaluate.judges import make_judge
+from steps.evaluate.provenance import Provenance, build_provenance
 from steps.evaluate.results import AlpacaEvalResult, EvalFiles, HeldoutPreference, JudgeRecord
 from steps.evaluate.scoring import score
 from steps.evaluate.settings import GenerationSettings
@@ -122,6 +123,8 @@ def evaluate_model(
         source=files.annotations,
     )
     references = sorted({str(r.get("generator")) for r in reference_outputs})  # alpaca_eval records: may lack it
+    provenance = build_provenance(judge, eval_set.name, eval_set.instructions, reference_outputs, generation)
+    _log_provenance(provenance)
     result = AlpacaEvalResult(
         model=model_spec,
         generator=context.generator,
@@ -135,6 +138,7 @@ def evaluate_model(
         reference_generator=references[0] if len(references) == 1 else references,
         generation=generation,
         files=files,
+        provenance=provenance,
     )
     write_metrics(result)
     _log_result(result)
@@ -180,6 +184,25 @@ def _model_outputs(
     write_json(generation_path, {**generation_record, "info": info})
     logger.info("wrote %s", outputs_path)
     return outputs, {**settings, **info}
+
+
+def _log_provenance(provenance: Provenance) -> None:
+    """Say what the row records of what produced it (metrics.json's ``provenance`` holds the same)."""
+    logger.info(
+        "provenance: alpaca_eval %s, judge %s (%s, prompt sha256 %s), eval set %s (%d, sha256 %s), decoding %s, "
+        "dtype %s, benchmarks %s, software %s",
+        provenance.alpaca_eval_version,
+        provenance.judge,
+        provenance.annotator_config,
+        provenance.annotator_prompt_sha256,
+        provenance.eval_set,
+        provenance.eval_set_size,
+        provenance.eval_set_sha256,
+        provenance.decoding,
+        provenance.eval_dtype,
+        provenance.benchmark_versions or "none installed",
+        provenance.software_versions,
+    )
 
 
 def _log_result(result: AlpacaEvalResult) -> None:

@@ -15,6 +15,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from steps.evaluate.provenance import Provenance
+
 if TYPE_CHECKING:
     from steps.evaluate.judges import Judge
     from steps.evaluate.weight_changes import WeightChange
@@ -137,7 +139,8 @@ class AlpacaEvalResult:
     """One model's AlpacaEval 2 evaluation: generated with ``generator``'s name on the eval set, judged against
     ``reference_generator``'s outputs, scored. ``generation``: the sampling settings and how the answers were made
     (backend, dtype, speed). ``weight_change``: whether the scored model differs from its init in the dtype it
-    generated in (None: not checked)."""
+    generated in (None: not checked). ``provenance``: what produced the row (None: evaluated before it was
+    recorded; such a row is never paired with one that has it)."""
 
     model: str
     generator: str
@@ -151,6 +154,7 @@ class AlpacaEvalResult:
     reference_generator: str | list[str]
     generation: dict[str, Any]
     files: EvalFiles
+    provenance: Provenance | None = None
 
     def metrics_json(self, heldout: HeldoutPreference | None = None) -> dict[str, Any]:
         """metrics.json: alpaca_eval's flat metrics object, then what produced them (plain JSON values)."""
@@ -168,6 +172,7 @@ class AlpacaEvalResult:
             "reference_generator": self.reference_generator,
             "generation": self.generation,
             "files": asdict(self.files),
+            "provenance": self.provenance.as_dict() if self.provenance is not None else None,
         }
         return json.loads(json.dumps(doc, default=str))
 

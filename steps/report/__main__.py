@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="directory holding the local .metaflow datastore (default: Metaflow's configuration)",
     )
+    p.add_argument(
+        "--filter",
+        dest="row_filters",
+        metavar="KEY=VALUE",
+        help="only rows whose KEY has VALUE (repeat: all must hold); KEY is a row field of results.json such as "
+        "loss (loss_function), judge_endpoint, judge_model, alpaca_eval_version, eval_set_sha256, eval_dtype, or "
+        "FIELD.KEY into a mapping (decoding.temperature, benchmark_versions.nvidia-ifbench)",
+        **repeatable,
+    )
+    p.add_argument(
+        "--group-by",
+        default=None,
+        metavar="KEY",
+        help="one table per value of KEY (the same keys as --filter), e.g. --group-by alpaca_eval_version",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 

@@ -34,6 +34,7 @@ from steps.report.table import (
     safe_name,
     table_or_none,
 )
+from steps.report.views import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def readme_markdown(
         "",
         "## Results",
         "",
-        table_or_none(rows),
+        table_or_none(rows, selection.group_by),
     ]
     if win_rates:
         parts += [
@@ -163,7 +164,7 @@ def readme_markdown(
 
 def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[str, bytes], dict]:
     """All report files as {relative path: bytes}, plus what ReportPaths needs. No I/O."""
-    rows = build_rows(records)
+    rows = select_rows(build_rows(records), selection.row_filters, selection.group_by)
     files: dict[str, bytes] = {}
     runs = {record.pathspec: record for record in records}
     for row in rows:
@@ -258,6 +259,8 @@ def generate_report(
     latest: int | None = None,
     include_runs: Sequence | None = None,
     datastore_root: str | Path | None = None,
+    row_filters: Sequence[str] = (),
+    group_by: str | None = None,
 ) -> ReportPaths:
     """Regenerate the results report from Metaflow's records of ``flow_name``.
 
@@ -265,6 +268,8 @@ def generate_report(
     ``latest`` of them (None: all), plus ``include_runs`` (pathspecs or Client Runs, whatever their
     state: the pipeline passes its own unfinished run). ``datastore_root``: the directory holding a
     local ``.metaflow`` (default: Metaflow's own configuration). ``out_dir`` defaults to ``default_report_dir()``.
+    ``row_filters`` (``KEY=VALUE``) and ``group_by`` pick and group the rows shown (steps.report.views); they are
+    checked before any run is read.
     """
     include = list(include_runs or [])
     selection = Selection(
@@ -273,7 +278,10 @@ def generate_report(
         namespace=namespace,
         latest=latest,
         include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include),
+        row_filters=tuple(row_filters),
+        group_by=group_by,
     )
+    select_rows([], selection.row_filters, selection.group_by)  # a bad key fails before Metaflow is read
     with client_scope(namespace, datastore_root):
         records = select_runs(selection, include)
     return write_report(records, selection, default_report_dir() if out_dir is None else out_dir)

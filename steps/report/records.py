@@ -95,6 +95,10 @@ class Selection:
     namespace: str | None = None  # None: the global namespace (every user and deployment)
     latest: int | None = None
     include_runs: tuple[str, ...] = ()
+    # which of the runs' rows are shown (``KEY=VALUE``, all must hold) and what they are grouped by
+    # (steps.report.views): row fields such as loss_function, judge_endpoint or alpaca_eval_version
+    row_filters: tuple[str, ...] = ()
+    group_by: str | None = None
 
     def describe(self) -> str:
         """The filters in words (``include_runs`` left out: the same runs read the same either way)."""
@@ -105,6 +109,10 @@ class Selection:
             parts.append(f"latest {self.latest} successful runs")
         else:
             parts.append("all successful runs")
+        if self.row_filters:
+            parts.append("rows with " + ", ".join(f"`{f}`" for f in self.row_filters))
+        if self.group_by:
+            parts.append(f"grouped by `{self.group_by}`")
         return ", ".join(parts)
 
 

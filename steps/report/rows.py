@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from steps.evaluate.provenance import Provenance
 from steps.evaluate.results import AlpacaEvalResult, PairedVs, VariantResult
 from steps.report.records import RunRecord
 
@@ -84,6 +85,19 @@ class ResultRow:
     paired_previous_delta_wr: float | None = None
     paired_previous_ci95: list[float] | None = None
     paired_previous_distinguishable: bool | None = None
+    paired_unavailable_reason: str | None = None  # why a row has no paired difference (e.g. provenance differs)
+    # what produced the row (steps.evaluate.provenance.Provenance; None: not recorded), in CSV/JSON only
+    alpaca_eval_version: str | None = None
+    annotator_config: str | None = None
+    annotator_prompt_sha256: str | None = None
+    judge_endpoint: str | None = None
+    judge_model: str | None = None
+    judge_settings: str | None = None
+    eval_set_size: int | None = None
+    eval_set_sha256: str | None = None
+    decoding: dict[str, Any] | None = None
+    benchmark_versions: dict[str, Any] | None = None
+    software_versions: dict[str, Any] | None = None
     # as the run recorded them, not exported: what the model started from (``model_initialization`` names it after
     # the run's row whose model it is), where the model is, and its training section (the config snapshot's)
     init_spec: str | None = field(default=None, repr=False)
@@ -198,25 +212,49 @@ def _judge_cells(agreement: Any, total_tokens: Any, cost_usd: Any) -> dict:
     }
 
 
-def _paired_cells(baseline: Any, is_baseline: bool, delta: Any, ci: Any, distinguishable: Any) -> dict:
-    """The paired difference in WR from the baseline row and its interval (none: n/a)."""
+def _paired_cells(baseline: Any, is_baseline: bool, delta: Any, ci: Any, distinguishable: Any, why: Any) -> dict:
+    """The paired difference in WR from the baseline row and its interval (none: n/a, and ``why`` where known)."""
     return {
         "paired_baseline": baseline,
         "paired_delta_wr": _number(delta),
         "paired_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
         "paired_distinguishable": distinguishable,
         "paired_is_baseline": is_baseline,
+        "paired_unavailable_reason": why if isinstance(why, str) and why else None,
     }
 
 
 def _typed_paired_cells(paired: PairedVs | None) -> dict:
     if paired is None:
-        return _paired_cells(None, False, None, None, None)
+        return _paired_cells(None, False, None, None, None, None)
     numbers = paired.comparison  # steps.evaluate.paired.paired_comparison's
     if numbers is None:
-        return _paired_cells(paired.baseline, paired.is_baseline, None, None, None)
+        return _paired_cells(paired.baseline, paired.is_baseline, None, None, None, paired.unavailable)
     delta, ci, distinguishable = numbers["paired_delta_wr"], numbers["paired_ci95"], numbers["distinguishable"]
-    return _paired_cells(paired.baseline, paired.is_baseline, delta, ci, distinguishable)
+    return _paired_cells(paired.baseline, paired.is_baseline, delta, ci, distinguishable, paired.unavailable)
+
+
+#: The row's fields taken from its provenance as they are (``eval_dtype`` comes with the weight cells).
+PROVENANCE_CELLS = (
+    "alpaca_eval_version",
+    "annotator_config",
+    "annotator_prompt_sha256",
+    "judge_endpoint",
+    "judge_model",
+    "judge_settings",
+    "eval_set_size",
+    "eval_set_sha256",
+    "decoding",
+    "benchmark_versions",
+    "software_versions",
+)
+
+
+def _provenance_cells(provenance: Provenance | None) -> dict:
+    """What produced the row (all None where it was not recorded)."""
+    if provenance is None:
+        return dict.fromkeys(PROVENANCE_CELLS)
+    return {name: getattr(provenance, name) for name in PROVENANCE_CELLS}
 
 
 def _previous_round_cells(evaluation: Any, paired: PairedVs | None) -> dict:
@@ -259,6 +297,7 @@ def _evaluation_cells(evaluated: AlpacaEvalResult | None) -> dict:
             **dict.fromkeys(("reference", "lc_method", "n", "n_instructions", "avg_length", "lc_unavailable_reason")),
             **_weight_cells(None, None, None, None),
             **_judge_cells(None, None, None),
+            **_provenance_cells(None),
         }
     scores, judge, change = evaluated.scores, evaluated.judge, evaluated.weight_change
     return {
@@ -280,6 +319,7 @@ def _evaluation_cells(evaluated: AlpacaEvalResult | None) -> dict:
             else _weight_cells(evaluated.generation["dtype"], None, None, None)
         ),
         **_judge_cells(judge.agreement, judge.tokens["total"], judge.cost_usd),
+        **_provenance_cells(evaluated.provenance),
     }
 
 
@@ -336,6 +376,7 @@ def legacy_result_row(record: RunRecord, result: Mapping) -> ResultRow:
             paired.get("paired_delta_wr"),
             paired.get("paired_ci95"),
             paired.get("distinguishable"),
+            paired.get("unavailable"),
         ),
         heldout_accuracy=_number(heldout.get("preference_accuracy")),
         heldout_accuracy_normalized=_number(heldout.get("preference_accuracy_normalized")),
@@ -352,6 +393,7 @@ def legacy_result_row(record: RunRecord, result: Mapping) -> ResultRow:
             tokens.get("total") if isinstance(tokens, dict) else None,
             result.get("judge_cost_usd"),
         ),
+        **_provenance_cells(Provenance.from_dict(result.get("provenance"))),
     )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from steps.report.records import RunRecord, Selection
 from steps.report.rows import (
     MISSING,
+    PROVENANCE_CELLS,
     ResultRow,
     build_rows,
     loss_display,
@@ -22,6 +23,7 @@ from steps.report.rows import (
     safe_name,
     snapshot_name,
 )
+from steps.report.views import group_rows
 
 if TYPE_CHECKING:
     from steps.evaluate.results import VariantResult
@@ -41,6 +43,7 @@ __all__ = [
     "lc_reasons",
     "markdown_table",
     "notes",
+    "paired_reasons",
     "paired_text",
     "results_csv",
     "results_json",
@@ -169,11 +172,19 @@ def unchanged_reasons(rows: list[ResultRow]) -> list[str]:
     return list(dict.fromkeys(r.weights_unchanged_reason for r in rows if r.weights_unchanged_reason))
 
 
+def paired_reasons(rows: list[ResultRow]) -> list[str]:
+    """The distinct reasons a row has no paired difference (e.g. its provenance differs from the baseline's):
+    footnotes [p1], [p2], ..."""
+    return list(
+        dict.fromkeys(r.paired_unavailable_reason for r in rows if r.paired_unavailable_reason and not r.paired_ci95)
+    )
+
+
 def _letter(index: int) -> str:
     return chr(ord("a") + index) if index < 26 else str(index + 1)
 
 
-def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[str]) -> list[str]:
+def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[str], unpaired: list[str]) -> list[str]:
     config = _cell(row.training_config)
     if links:
         config = f"[{config}]({row.config_snapshot})"
@@ -183,6 +194,9 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[
     wr = fmt_with_error(row.winrate, row.standard_error)
     if row.weights_unchanged_reason in unchanged:
         wr += f" [{_letter(unchanged.index(row.weights_unchanged_reason))}]"
+    paired = paired_text(row)
+    if row.paired_unavailable_reason in unpaired and paired == MISSING:
+        paired += f" [p{unpaired.index(row.paired_unavailable_reason) + 1}]"
     return [
         lc,
         wr,
@@ -190,7 +204,7 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[
         config,
         _cell(row.epoch),
         _cell(row.model_initialization),
-        _cell(paired_text(row)),
+        _cell(paired),
         _cell(heldout_text(row)),
         _cell(row.judge),
         _cell(row.judge_agreement_text or ("not measured" if row.evaluated else None)),
@@ -206,16 +220,17 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[
 
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
-    reasons, unchanged = lc_reasons(rows), unchanged_reasons(rows)
+    reasons, unchanged, unpaired = lc_reasons(rows), unchanged_reasons(rows), paired_reasons(rows)
     rounds = has_rounds(rows)
     columns = COLUMNS + ROUND_COLUMNS if rounds else COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = _row_cells(row, links, reasons, unchanged)
+        cells = _row_cells(row, links, reasons, unchanged, unpaired)
         cells += [_cell(row.round), _cell(previous_round_text(row))] if rounds else []
         lines.append("| " + " | ".join(cells) + " |")
     footnotes = [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)]
     footnotes += [f"[{_letter(i)}] LC WR / WR: {reason}" for i, reason in enumerate(unchanged)]
+    footnotes += [f"[p{i}] Δ WR n/a: {_cell(reason)}" for i, reason in enumerate(unpaired, 1)]
     lines += [""] + footnotes if footnotes else []
     return "\n".join(lines) + "\n"
 
@@ -283,9 +298,18 @@ def generated_from(selection: Selection) -> str:
     return f"Generated from Metaflow's records by `python -m steps.report`: {selection.describe()}"
 
 
-def table_or_none(rows: list[ResultRow]) -> str:
-    """The linked table, or a line saying that no run matched."""
-    return markdown_table(rows) if rows else "_No successful runs match this selection._\n"
+def table_or_none(rows: list[ResultRow], group_by: str | None = None) -> str:
+    """The linked table (one per value of ``group_by``, where given), or a line saying that no run matched."""
+    if not rows:
+        return "_No successful runs match this selection._\n"
+    if group_by is None:
+        return markdown_table(rows)
+    sections = [
+        f"### `{group_by}` = {_cell(value)} ({len(group)} model{'s' if len(group) != 1 else ''})\n\n"
+        + markdown_table(group)
+        for value, group in group_rows(rows, group_by)
+    ]
+    return "\n".join(sections)
 
 
 def notes_section(rows: list[ResultRow]) -> list[str]:
@@ -311,7 +335,7 @@ def results_markdown(rows: list[ResultRow], selection: Selection, n_runs: int) -
         "LC WR / WR: AlpacaEval 2 length-controlled and raw win rate (%) against the reference; "
         "Training Config links to the exact config snapshot of the run.",
         "",
-        table_or_none(rows),
+        table_or_none(rows, selection.group_by),
         *notes_section(rows),
     ]
     return markdown_page(parts)
@@ -359,6 +383,8 @@ EXPORT_FIELDS = [
     "eval_dtype",
     "weights_changed_share",
     "weights_unchanged_reason",
+    "paired_unavailable_reason",
+    *PROVENANCE_CELLS,
 ]
 
 
@@ -372,6 +398,13 @@ def row_dict(row: ResultRow, fields: Sequence[str] = EXPORT_FIELDS) -> dict:
     return {k: data[k] for k in fields}
 
 
+def _csv_value(value: Any) -> Any:
+    """A CSV cell: empty for None, JSON for a mapping (decoding settings, package versions), else the value."""
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+
+
 def results_csv(rows: list[ResultRow]) -> str:
     buf = io.StringIO()
     fields = export_fields(rows)
@@ -380,7 +413,7 @@ def results_csv(rows: list[ResultRow]) -> str:
     for row in rows:
         data = row_dict(row, fields)
         data["tags"] = " ".join(data["tags"])
-        writer.writerow({k: "" if v is None else v for k, v in data.items()})
+        writer.writerow({k: _csv_value(v) for k, v in data.items()})
     return buf.getvalue()
 
 
@@ -392,6 +425,8 @@ def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Sel
             "tags": list(selection.tags),
             "latest": selection.latest,
             "include_runs": list(selection.include_runs),
+            "row_filters": list(selection.row_filters),
+            "group_by": selection.group_by,
         },
         "runs": [
             {

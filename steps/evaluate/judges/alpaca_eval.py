@@ -11,8 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from steps.evaluate.judges.annotator_prompt import OFFICIAL_ANNOTATOR, read_annotator_configs, resolve_annotator_config
-from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.annotator_prompt import (
+    OFFICIAL_ANNOTATOR,
+    prompt_template_path,
+    read_annotator_configs,
+    resolve_annotator_config,
+)
+from steps.evaluate.judges.base import ENDPOINT_ALPACA_EVAL, Judge, JudgeError, JudgeProtocol, JudgeSettings
 from steps.evaluate.judges.registry import register_judge
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,17 @@ class AlpacaEvalJudge(Judge):
             if model_name:
                 return str(model_name)
         return None
+
+    def protocol(self) -> JudgeProtocol:
+        """An alpaca_eval annotator: the model of its config's first annotator that names one, and the prompt
+        template of each of its annotators, in the config's order."""
+        configs = read_annotator_configs(self.config_path)
+        models = [(s.get("completions_kwargs") or {}).get("model_name") for s in configs.values()]
+        model = next((str(m) for m in models if m), None)
+        templates = tuple(
+            prompt_template_path(self.config_path, s).read_text(encoding="utf-8") for s in configs.values()
+        )
+        return JudgeProtocol(ENDPOINT_ALPACA_EVAL, model, self.config, templates)
 
     def required_environment(self) -> list[tuple[str, tuple[str, ...], str | None]]:
         """(annotator, env vars of which one must be set, package) per annotator in the config."""

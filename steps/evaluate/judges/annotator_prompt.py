@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from steps.evaluate.judges.base import Judge, JudgeError
+from steps.evaluate.judges.base import Judge, JudgeError, JudgeProtocol
 
 OFFICIAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 #: The seed alpaca_eval's PairwiseAnnotator passes to its output-order switch (its ``seed`` default, 0);
@@ -88,6 +88,18 @@ class AnnotatorTemplate:
     denominator_tokens: tuple[str, ...]
 
 
+def prompt_template_path(config_path: Path, settings: dict[str, Any]) -> Path:
+    """The prompt template file an annotator's settings name (relative to the configs directory, as alpaca_eval
+    resolves it); a clear error when the config names none or the file is missing."""
+    name = settings.get("prompt_template")
+    if not isinstance(name, str) or not name:
+        raise JudgeError(f"{config_path}: an annotator names no prompt_template; add the template file's path")
+    template_path = config_path.parents[1] / name
+    if not template_path.is_file():
+        raise JudgeError(f"{config_path}: prompt template {template_path} not found")
+    return template_path
+
+
 def load_annotator_template(config: str = OFFICIAL_ANNOTATOR) -> AnnotatorTemplate:
     """Read a log-prob annotator's prompt template and identifier tokens from the installed alpaca_eval."""
     config_path = resolve_annotator_config(config)
@@ -106,9 +118,7 @@ def load_annotator_template(config: str = OFFICIAL_ANNOTATOR) -> AnnotatorTempla
             f"{config_path}: is_binarize=true gives 1/2 votes, not weighted preferences; use a "
             f"weighted config such as {OFFICIAL_ANNOTATOR!r}"
         )
-    template_path = config_path.parents[1] / settings["prompt_template"]
-    if not template_path.is_file():
-        raise JudgeError(f"{config_path}: prompt template {template_path} not found")
+    template_path = prompt_template_path(config_path, settings)
     return AnnotatorTemplate(
         config_name=name,
         config_path=config_path,
@@ -185,6 +195,9 @@ class AnnotatorPromptJudge(Judge):
     ``judge_model`` is what judges: a model spec for a local judge, the served model's name for a served one.
     """
 
+    #: The endpoint kind a row's provenance names (``steps.evaluate.judges.base.ENDPOINT_*``); set by each kind.
+    endpoint: str
+
     def __init__(self, judge_model: str, protocol: AnnotatorProtocol) -> None:
         self.judge_model = judge_model
         self.annotator_config = protocol.annotator_config
@@ -215,6 +228,10 @@ class AnnotatorPromptJudge(Judge):
             logprobs, self.template.numerator_token, self.template.denominator_tokens
         )
         return 3.0 - presented if switched else presented
+
+    def protocol(self) -> JudgeProtocol:
+        """The endpoint kind, the judging model, the annotator config and the template text every prompt is made of."""
+        return JudgeProtocol(self.endpoint, self.judge_model, self.annotator_config, (self.template.template,))
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "annotator_config": self.annotator_config}

@@ -39,6 +39,24 @@ class JudgeSettings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Endpoint kinds a row's provenance names (``Provenance.judge_endpoint``).
+ENDPOINT_LOCAL = "local"
+ENDPOINT_SERVED = "served"
+ENDPOINT_ALPACA_EVAL = "alpaca_eval"
+
+
+@dataclass(frozen=True)
+class JudgeProtocol:
+    """Where a judge's preferences come from, as a row's provenance records it: the kind of endpoint (local model,
+    served OpenAI-compatible model, alpaca_eval annotator), the model that judges, the alpaca_eval annotator config
+    (name or path) and the text of each prompt template it sends (hashed into the provenance, never stored)."""
+
+    endpoint: str
+    model: str | None
+    annotator_config: str | None
+    prompt_templates: tuple[str, ...] = ()
+
+
 class Judge(abc.ABC):
     """Judges (instruction, output_1, output_2) pairs; results carry ``preference`` in [1, 2] plus raw fields.
 
@@ -82,6 +100,11 @@ class Judge(abc.ABC):
     @abc.abstractmethod
     def judge_pairs(self, pairs: Sequence[dict[str, str]], on_result: Callable[[int, dict[str, Any]], None]) -> None:
         """Judge each pair, calling ``on_result(index, result)`` as soon as each result exists."""
+
+    def protocol(self) -> JudgeProtocol:
+        """What a row's provenance records of this judge; a judge kind that sends a prompt overrides it to name its
+        endpoint, model and template (this default names the kind alone, with no model and no prompt)."""
+        return JudgeProtocol(endpoint=self.name or type(self).__name__, model=None, annotator_config=None)
 
     def metadata(self) -> dict[str, Any]:
         return {"judge": self.label, "weak_judge": self.weak_judge}

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from steps.chat import render_prompt
 from steps.evaluate.generation import resolve_device
 from steps.evaluate.judges.annotator_prompt import AnnotatorPromptJudge, AnnotatorProtocol
-from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.base import ENDPOINT_LOCAL, Judge, JudgeError, JudgeSettings
 from steps.evaluate.judges.prefix_scoring import PrefixCachedScorer
 from steps.evaluate.judges.registry import register_judge
 from steps.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -39,6 +39,7 @@ class LocalLogprobJudge(AnnotatorPromptJudge):
 
     argument = "model spec"
     usage = ("'local_logprob' (offline)", "'local_logprob:<model spec>'")
+    endpoint = ENDPOINT_LOCAL
     #: The init seed of a randomly initialised judge model (``tiny``); part of such a judge's cache identity.
     seed = 0
 

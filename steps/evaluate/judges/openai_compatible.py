@@ -27,7 +27,7 @@ from steps.evaluate.judges.annotator_prompt import (
     read_annotator_configs,
     resolve_annotator_config,
 )
-from steps.evaluate.judges.base import Judge, JudgeError, JudgeSettings
+from steps.evaluate.judges.base import ENDPOINT_SERVED, Judge, JudgeError, JudgeSettings
 from steps.evaluate.judges.registry import register_judge
 from steps.models import DEFAULT_MODEL
 
@@ -74,6 +74,7 @@ class ServedJudge(AnnotatorPromptJudge):
 
     argument = "served model"
     usage = ("'openai_compatible' (a served model, e.g. vLLM)",)
+    endpoint = ENDPOINT_SERVED
     max_retries: int = DEFAULT_MAX_RETRIES
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
