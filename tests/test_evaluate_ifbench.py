@@ -215,3 +215,54 @@ def test_report_shows_ifbench_delta_and_benchmark_columns(tmp_path):
     for name in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
         bare = dataclasses.replace(bare, **{f"ifbench_{name}": None})
     assert benchmark_bars_png([bare]) is None  # an older run's row: no chart
+
+
+# ------------------------------------------------------------------------------------ evaluation.benchmarks
+
+
+TOY_TASK = """task: toy_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_benchmark_suite_runs_the_configured_lm_eval_tasks_into_a_typed_result(tmp_path):
+    pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness (the dev extra has it)")
+    questions = [("Two plus two is", ["four", "five"], 0), ("The sky is", ["green", "blue"], 1)] * 3
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in questions))
+    (tmp_path / "toy_choice.yaml").write_text(TOY_TASK.format(data=data))
+    settings = EvaluationConfig(
+        ifbench=IFBenchConfig(enabled=False),
+        benchmarks=[{"task": "toy_choice", "task_dir": str(tmp_path), "chat_template": False}],
+        max_new_tokens=4,
+        batch_size=2,
+        dtype="float32",
+    )
+    context = EvalContext(generator="g", out_dir=tmp_path / "eval", run=ModelRun(dtype="float32", show_progress=False))
+    ifbench, harness = evaluate_benchmarks("tiny", settings, context)
+
+    assert ifbench is None and harness is not None
+    assert harness.dtype == "float32" and harness.summary_file == str(
+        tmp_path / "eval" / "benchmarks" / "benchmarks.json"
+    )
+    (score,) = harness.scores
+    assert (score.task, score.metric, score.percent, score.n) == ("toy_choice", "acc,none", True, 6)
+    # lm_eval's per-document scores, averaged here: accuracy and the standard error of a mean, in %
+    samples = read_jsonl(tmp_path / "eval" / "benchmarks" / "lm_eval_samples.jsonl")
+    correct = np.array([s["scores"]["acc"] for s in samples], dtype=float)
+    assert len(correct) == 6 and score.value == pytest.approx(100 * correct.mean())
+    assert score.stderr == pytest.approx(100 * correct.std(ddof=1) / np.sqrt(len(correct)))
