@@ -229,9 +229,9 @@ def test_training_results_are_typed_artifacts_read_with_the_client_api(finished_
     assert orpo.loss_beta is None and sft.loss_beta is None  # ORPO has no beta
     dpo = next(t.data.train_summary for t in run["preference"].tasks() if t.data.variant["name"] == "dpo")
     assert dpo.loss_beta == 0.1 and dpo.init_label == "SFT checkpoint" and dpo.init == sft.model_dir
-    rows = {r["variant"]: r for r in run["join"].task.data.results}
-    assert rows["dpo"]["train_steps"] == dpo.steps and rows["dpo"]["epoch"] == dpo.config.epochs == 1
-    assert rows["dpo"]["training_config"]["criterion_config"]["beta"] == dpo.config.criterion_config.beta
+    rows = {r.variant: r for r in run["join"].task.data.results}  # typed join rows (VariantResult)
+    assert rows["dpo"].train_steps == dpo.steps and rows["dpo"].evaluation.epoch == dpo.config.epochs == 1
+    assert rows["dpo"].training_config["criterion_config"]["beta"] == dpo.config.criterion_config.beta
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
