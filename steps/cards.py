@@ -100,6 +100,8 @@ def report_card(paths: ReportPaths, run_pathspec: str | None = None) -> list:
     ]
     if paths.win_rates_png and Path(paths.win_rates_png).is_file():
         parts.append(Image(Path(paths.win_rates_png).read_bytes(), label="LC WR and WR across runs (± 1 s.e.)"))
+    if paths.benchmarks_png and Path(paths.benchmarks_png).is_file():
+        parts.append(Image(Path(paths.benchmarks_png).read_bytes(), label="Benchmarks across runs (± 1 s.e.)"))
     training = paths.training_pngs.get(run_pathspec) if run_pathspec else None
     if training and Path(training).is_file():
         parts.append(Image(Path(training).read_bytes(), label=f"training curves of {run_pathspec}"))

@@ -152,9 +152,11 @@ def evaluate_variant(
     reference_path: str | None,
     data_dir: str | None = None,
 ) -> EvalResult:
-    """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs: the step's
-    EvalResult (unevaluated where evaluation is off), after its model card is rewritten and any upload done."""
+    """AlpacaEval 2 for one trained model, plus its accuracy on the held-out preference pairs, IFBench and the
+    ``evaluation.benchmarks`` lm-eval tasks: the step's EvalResult (unevaluated where evaluation is off), after its
+    model card is rewritten and any upload done."""
     from steps.evaluate import EvalContext, EvalResult, ModelRun, evaluate_model, load_eval_set, write_metrics
+    from steps.evaluate.benchmark_suite import evaluate_benchmarks
     from steps.io import read_json
 
     store, output_root = ctx.store, ctx.output_root
@@ -186,9 +188,12 @@ def evaluate_variant(
     with ctx.heavy_turn(f"evaluate {plan.name}"):
         evaluation = evaluate_model(trained.model_dir, eval_set, read_json(reference_path), e, context)
         heldout = heldout_metrics(plan, train_summary, data_dir, context.run)
+        ifbench, benchmarks = evaluate_benchmarks(trained.model_dir, e, context)
     if heldout is not None:
         write_metrics(evaluation, heldout)
-    result = dataclasses.replace(trained, alpaca_eval=evaluation, heldout=heldout)
+    result = dataclasses.replace(
+        trained, alpaca_eval=evaluation, heldout=heldout, ifbench=ifbench, benchmarks=benchmarks
+    )
     if store is not None:
         store.push(out_dir)  # the join reads the annotations
     from steps.train.recipes import make_tracker
@@ -251,12 +256,14 @@ def branch_models(
 
 def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list[TrainResult]) -> list[VariantResult]:
     """The join: one row per model with its training facts and, where a baseline row exists, the paired
-    difference in win rate from it on the same instructions (a seeded bootstrap interval)."""
+    differences in win rate and in IFBench accuracy from it on the same instructions (seeded bootstrap intervals)."""
     from steps.evaluate import VariantResult
+    from steps.evaluate.paired_ifbench import add_paired_ifbench
 
     store, evaluation = ctx.store, ctx.config.evaluation
     if store is not None:
         store.ensure_all(*(r.alpaca_eval.files.annotations for r in results if r.alpaca_eval is not None))
+        store.ensure_all(*(r.ifbench.files.results for r in results if r.ifbench is not None))
     rows = [
         VariantResult(
             evaluation=res,
@@ -268,6 +275,7 @@ def collect_results(ctx: StepContext, results: list[EvalResult], summaries: list
         for res, summ in zip(results, summaries)
     ]
     rows = _add_paired(rows, evaluation)
+    rows = add_paired_ifbench(rows, evaluation)
     if any(r.evaluation.round is not None for r in rows):
         from steps.onpolicy.round_results import add_previous_round
 

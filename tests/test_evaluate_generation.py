@@ -187,6 +187,23 @@ def test_cache_outgrowing_its_spare_columns_changes_nothing(greedy_case, monkeyp
     assert ContinuousBatchDecoder(model, settings, stop_ids=stops, pad_id=0).run(prompts)[0] == expected
 
 
+def test_prompts_of_very_different_lengths_are_prefilled_apart_with_the_same_answers(greedy_case, monkeypatch):
+    """With a padding limit of 10 columns the 8 prompts (lengths 1 to 60) admitted together need several prefill
+    calls, each within the limit; every answer is still the prompt's own argmax continuation."""
+    from steps.evaluate import decoding
+
+    model, prompts, stops, expected = greedy_case
+    monkeypatch.setattr(decoding, "PREFILL_PAD_LIMIT", 10)
+    groups = decoding.prefill_groups([(i, len(p)) for i, p in enumerate(prompts)])
+    # lengths 2, 37, 5, 60, 11, 23, 1, 44 in admission order: a new group wherever the spread would exceed 10
+    assert groups == [[0], [1], [2], [3], [4], [5], [6], [7]]
+    by_length = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # 60, 44, 37, 23, 11, 5, 2, 1
+    assert decoding.prefill_groups([(i, len(prompts[i])) for i in by_length]) == [[3], [7, 1], [5], [4, 2, 0, 6]]
+    settings = GenerationSettings(batch_size=8, max_new_tokens=MAX_NEW, temperature=0.0)
+    outputs, stats = ContinuousBatchDecoder(model, settings, stop_ids=stops, pad_id=0).run(prompts, by_length)
+    assert outputs == expected and stats.prefill_calls == 4 and stats.prefill_tokens == sum(PROMPT_LENGTHS)
+
+
 def test_sampling_reproducible_and_per_prompt(greedy_case):
     """Same seed -> same samples; each prompt draws from its own generator, so batch size does not change them."""
     model, prompts, stops, _ = greedy_case

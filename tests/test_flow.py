@@ -32,6 +32,7 @@ evaluation:
   judge_model: tiny
   max_new_tokens: 6
   batch_size: 3
+  ifbench: {limit: 3}
 resources: {output_dir: OUTPUT_DIR}
 tracking: {backends: [tensorboard, mlflow]}
 push_to_hub: {repo_id: "prefflow-test/tiny-{variant}", variants: [dpo], dry_run: true}
@@ -128,6 +129,22 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
         assert paired.comparison["paired_n"] == 3
         low, high = paired.comparison["paired_ci95"]
         assert low <= paired.comparison["paired_delta_wr"] <= high
+    # IFBench on every model (3 type-balanced prompts), and the paired Δ of its prompt-level strict accuracy
+    for name, r in results.items():
+        ifbench = r.evaluation.ifbench
+        assert ifbench is not None and ifbench.n_prompts == 3 and ifbench.provenance["limit"] == 3, name
+        strict = ifbench.prompt_strict
+        assert strict.n_scored + strict.n_unscored == 3 and Path(ifbench.files.results).is_file()
+        assert strict.accuracy is None or 0.0 <= strict.accuracy <= 100.0
+        assert ifbench.generation["max_new_tokens"] == 6  # the AlpacaEval answers' settings
+    assert results["sft"].paired_ifbench == PairedVs("sft", is_baseline=True)
+    for name in ("dpo", "orpo"):
+        paired_ifbench = results[name].paired_ifbench
+        assert paired_ifbench is not None and paired_ifbench.baseline == "sft"
+        assert paired_ifbench.comparison is not None and paired_ifbench.comparison["n"] <= 3
+        low, high = paired_ifbench.comparison["ci95"]
+        assert low <= paired_ifbench.comparison["delta"] <= high
+    assert "| IFBench (strict, prompt) ± s.e. | Δ IFBench vs Baseline [95% CI] |" in stdout
     dpo_heldout = results["dpo"].evaluation.heldout
     assert dpo_heldout is not None and dpo_heldout.reward_accuracy is not None  # DPO has a reference
     assert dpo_heldout.beta == 0.1  # its loss's beta
@@ -156,6 +173,8 @@ def test_flow_runs_prepare_sft_preference_evaluate(finished_run):
     assert [r["output_root"] for r in report["runs"]] == [str(tmp_path / "runs" / "PrefFlow" / run.id)]
     relative = {name: str(Path(r.evaluation.model_dir).relative_to(join.output_root)) for name, r in results.items()}
     assert {row["variant"]: row["model_dir"] for row in report["rows"]} == relative
+    ifbench_cells = {row["variant"]: row["ifbench_n_prompts"] for row in report["rows"]}
+    assert ifbench_cells == {"sft": 3, "dpo": 3, "orpo": 3}
     assert relative["sft"] == str(Path("sft", "final"))
     # the report step read the typed training results of this run: its training curves are in the report
     assert (tmp_path / "reports" / "plots" / f"training-PrefFlow-{run.id}.png").is_file()

@@ -137,6 +137,8 @@ def test_table_has_documented_columns_and_values():
         "n",
         "Date",
         "Run",
+        "IFBench (strict, prompt) ± s.e.",
+        "Δ IFBench vs Baseline [95% CI]",
     ]
     assert len(sep) == 1 and sep[0].count("---") == len(COLUMNS)
     # SFT first; numbers rounded to 2 decimals (33.456 -> 33.46, 30.004 -> 30.00), each with its standard error
@@ -155,7 +157,7 @@ def test_table_has_documented_columns_and_values():
         "805",
         "2025-01-03",
     ]
-    assert dpo[16:] == ["`PrefFlow/1700000000000001`"]
+    assert dpo[16:] == ["`PrefFlow/1700000000000001`", "n/a", "n/a"]  # an older run's row: no IFBench
     assert len(sft) == len(dpo) == len(COLUMNS)
 
 
@@ -831,4 +833,4 @@ def test_the_runs_own_table_is_the_reports_table():
         "SFT checkpoint",
     ]
     assert simpo[COLUMNS.index("Judge")] == "j"
-    assert simpo[-2:] == ["2026-01-02", "`PrefFlow/17`"]
+    assert simpo[-4:] == ["2026-01-02", "`PrefFlow/17`", "n/a", "n/a"]  # no IFBench in these results

@@ -16,6 +16,7 @@ from steps.data.oasst_feedback import OasstFeedbackRule
 from steps.evaluate.benchmark_specs import parse_benchmarks
 from steps.evaluate.judges import DEFAULT_CONCURRENCY, DEFAULT_JUDGE, DEFAULT_JUDGE_MAX_CHARS, DEFAULT_TIMEOUT_S
 from steps.evaluate.settings import JUDGE_OPTIONS, EngineSettings, GenerationSettings
+from steps.evaluate.verifiable.ifbench_prompts import IFBENCH_PROMPTS
 from steps.models import DEFAULT_MODEL
 from steps.train.gang import JOIN_ACROSS_MACHINES_S, JOIN_ON_ONE_MACHINE_S
 
@@ -115,6 +116,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class IFBenchConfig:
+    """IFBench (steps.evaluate.verifiable): verifiable instruction following, judge-free, on every evaluated model,
+    answered with the AlpacaEval generation settings, dtype and backend."""
+
+    enabled: bool = True
+    # the type-balanced first `limit` of the 294 prompts (57: every instruction type once); null: all 294
+    limit: int | None = 57
+
+    def check(self) -> None:
+        if self.limit is not None:
+            _require(
+                1 <= self.limit <= IFBENCH_PROMPTS,
+                "limit",
+                f"got {self.limit!r}; must be between 1 and {IFBENCH_PROMPTS} (IFBench's prompts), or null for all",
+            )
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """AlpacaEval 2 settings; the generation knobs are validated once, as ``generation`` (GenerationSettings)."""
 
@@ -164,6 +183,7 @@ class EvaluationConfig:
     # the generation settings and dtype above: names (ifeval) or mappings {task, num_fewshot, limit, metric,
     # chat_template, generation, task_dir}; checked by steps.evaluate.benchmark_specs.parse_benchmarks
     benchmarks: list[Any] = field(default_factory=list)
+    ifbench: IFBenchConfig = field(default_factory=IFBenchConfig)
     generation: GenerationSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
     engine: EngineSettings = field(init=False, repr=False, compare=False, metadata=INTERNAL)
 

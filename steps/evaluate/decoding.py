@@ -108,6 +108,28 @@ def supports_continuous_batching(model: PreTrainedModel) -> bool:
 #: buffers are reallocated with this many more (one copy per this many decode steps instead of one per step).
 SLACK_COLUMNS = 128
 
+#: Prompts admitted together are prefilled together only while the shortest needs at most this many padding columns
+#: to match the longest; a much longer prompt gets its own prefill. One 2,591-token IFBench prompt admitted beside 15
+#: short ones would otherwise push 16 x 2,591 positions through the model (about 10 x the real prompt tokens).
+PREFILL_PAD_LIMIT = 256
+
+
+def prefill_groups(lengths: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Admitted prompts as ``(prompt index, length)`` in admission order -> prompt indices per prefill call, in
+    that order: a prompt joins the current group while every length in it stays within ``PREFILL_PAD_LIMIT`` of
+    its own, else starts the next group."""
+    groups: list[list[int]] = []
+    low = high = 0
+    for index, length in lengths:
+        if groups and max(high, length) - min(low, length) <= PREFILL_PAD_LIMIT:
+            groups[-1].append(index)
+            low, high = min(low, length), max(high, length)
+        else:
+            groups.append([index])
+            low = high = length
+    return groups
+
+
 #: ``generation_config`` fields that change token choice and that ``model.generate`` would apply but this loop does
 #: not (like vLLM given explicit sampling parameters), with the value that means "off".
 _UNAPPLIED_GENERATION_FIELDS = {
@@ -148,8 +170,9 @@ class ContinuousBatchDecoder:
     tokens end at the last column, shorter rows have zero-filled, masked columns on the left. A decode step feeds
     each row its last token at its own position (``position_ids`` = the row's real length, as if never padded), so
     a row computes what it would compute alone. Finished rows are dropped together with leading columns that are
-    padding for every remaining row; newly admitted prompts are prefilled together (left padded among themselves)
-    and stacked onto the batch. Models whose cache is not plain full-attention ``DynamicLayer`` s are refused
+    padding for every remaining row; newly admitted prompts are prefilled together (left padded among themselves;
+    one far longer than the others in its own call, :func:`prefill_groups`) and stacked onto the batch. Models
+    whose cache is not plain full-attention ``DynamicLayer`` s are refused
     (:func:`supports_continuous_batching`); the caller falls back to ``model.generate``.
 
     Reproducibility contract: greedy output is the argmax continuation of each prompt alone -- token for token the
@@ -208,9 +231,10 @@ class ContinuousBatchDecoder:
                     logger.debug(
                         "step %d: admitting prompts %s next to %d live rows", stats.decode_steps, admitted, len(live)
                     )
-                    newcomers = self._prefill([list(prompts[i]) for i in admitted], admitted, stats, slack)
-                    self._record(newcomers, outputs, stats, on_finished)
-                    live.merge(newcomers)
+                    for group in prefill_groups([(i, len(prompts[i])) for i in admitted]):
+                        newcomers = self._prefill([list(prompts[i]) for i in group], group, stats, slack)
+                        self._record(newcomers, outputs, stats, on_finished)
+                        live.merge(newcomers)
                 else:
                     self._step(live, stats)
                     self._record(live, outputs, stats, on_finished)

@@ -178,6 +178,92 @@ class AlpacaEvalResult:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    """One accuracy of a verifiable benchmark in % with its standard error (None: nothing scored), over
+    ``n_scored`` items; ``n_unscored`` items could not be verified offline and are left out, never guessed."""
+
+    accuracy: float | None
+    standard_error: float | None
+    n_scored: int
+    n_unscored: int
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> Accuracy:
+        """From one level of ``steps.evaluate.verifiable.accuracy.accuracy_summary``."""
+        return cls(stats["accuracy"], stats["standard_error"], int(stats["n_scored"]), int(stats["n_unscored"]))
+
+
+@dataclass(frozen=True)
+class VerifiableFiles:
+    """Where one verifiable-benchmark evaluation wrote the model's responses and the per-prompt results."""
+
+    responses: str
+    results: str
+
+
+@dataclass(frozen=True)
+class VerifiableResult:
+    """One model on a benchmark checked by code, not a judge (IFBench): prompt-level (every instruction of a prompt
+    followed) and instruction-level accuracy, strict and loose; how the answers were made (``generation``: the
+    AlpacaEval settings, backend, dtype, speed), what scored them (``provenance``: package, wheel and prompt-set
+    hashes, subset rule) and where the responses and per-prompt results are."""
+
+    benchmark: str
+    prompt_strict: Accuracy
+    prompt_loose: Accuracy
+    instruction_strict: Accuracy
+    instruction_loose: Accuracy
+    n_prompts: int
+    generation: dict[str, Any]
+    provenance: dict[str, Any]
+    files: VerifiableFiles
+    scoring_seconds: float
+
+
+@dataclass(frozen=True)
+class BenchmarkScore:
+    """One lm-evaluation-harness benchmark's headline metric (``value`` and ``stderr`` in % for rates, else as
+    lm_eval reports them) and what identifies it (task version, n-shot, documents)."""
+
+    task: str
+    metric: str
+    value: float | None
+    stderr: float | None
+    percent: bool
+    n: int
+    num_fewshot: int | None
+    version: Any
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> BenchmarkScore:
+        """From one entry of ``steps.evaluate.harness.run_benchmarks``'s summary (rates scaled to %)."""
+        scale = 100.0 if entry.get("percent") else 1.0
+        value, stderr = entry.get("value"), entry.get("stderr")
+        return cls(
+            task=str(entry["task"]),
+            metric=str(entry["metric"]),
+            value=None if value is None else value * scale,
+            stderr=None if stderr is None else stderr * scale,
+            percent=bool(entry.get("percent")),
+            n=int(entry.get("n", 0)),
+            num_fewshot=entry.get("num_fewshot"),
+            version=entry.get("version"),
+        )
+
+
+@dataclass(frozen=True)
+class HarnessResult:
+    """The ``evaluation.benchmarks`` (lm-evaluation-harness) run on one model: scores in the configured order, the
+    lm_eval version, the dtype and device it ran in, and the summary file (``benchmarks.json``) beside the raw ones."""
+
+    scores: tuple[BenchmarkScore, ...]
+    lm_eval_version: str
+    dtype: str
+    device: str
+    summary_file: str
+
+
+@dataclass(frozen=True)
 class HubUpload:
     """Where ``push_to_hub`` put a model (or, dry run, would have): never the token's value."""
 
@@ -201,8 +287,9 @@ class HubUpload:
 @dataclass(frozen=True)
 class EvalResult:
     """The evaluate step's artifact: one trained model (variant, loss, where it is and what it started from), its
-    AlpacaEval 2 evaluation (None: evaluation disabled), its held-out preference metrics (None: not computed) and
-    its Hub upload (None: not pushed)."""
+    AlpacaEval 2 evaluation (None: evaluation disabled), its held-out preference metrics (None: not computed), its
+    Hub upload (None: not pushed), its IFBench accuracy (None: not scored) and its lm-evaluation-harness scores
+    (None: ``evaluation.benchmarks`` empty)."""
 
     variant: str
     loss: str
@@ -214,6 +301,8 @@ class EvalResult:
     hub: HubUpload | None = None
     round: int | None = None  # on-policy rounds: the round (1, 2, ...) whose model this is, of variant round_of
     round_of: str | None = None
+    ifbench: VerifiableResult | None = None
+    benchmarks: HarnessResult | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -226,9 +315,10 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class PairedVs:
-    """A row's paired difference in win rate from the baseline variant on the same instructions: the baseline row
-    itself (``is_baseline``), the numbers of ``steps.evaluate.paired.paired_comparison`` (``comparison``), or why
-    there are none (``unavailable``, e.g. a judge that gave no usable preference)."""
+    """A row's paired difference from the baseline variant on the same items: the baseline row itself
+    (``is_baseline``), the numbers (``comparison``: ``steps.evaluate.paired.paired_comparison``'s for win rate,
+    ``steps.evaluate.verifiable.accuracy.paired_accuracy_delta``'s for IFBench), or why there are none
+    (``unavailable``, e.g. a judge that gave no usable preference)."""
 
     baseline: str
     is_baseline: bool = False
@@ -248,6 +338,8 @@ class VariantResult:
     training_config: dict[str, Any]
     paired_vs: PairedVs | None = None
     paired_previous: PairedVs | None = None  # a round's model against the model the round started from
+    # the paired difference in IFBench prompt-level strict accuracy from the same baseline, on the same prompts
+    paired_ifbench: PairedVs | None = None
 
     @property
     def variant(self) -> str:

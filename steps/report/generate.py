@@ -19,7 +19,7 @@ import yaml
 
 from steps.io import atomic_write_files
 from steps.locks import file_lock
-from steps.report.plots import training_curves_png, win_rate_bars_png, win_rate_by_round_png
+from steps.report.plots import benchmark_bars_png, training_curves_png, win_rate_bars_png, win_rate_by_round_png
 from steps.report.records import RunRecord, Selection, client_scope, select_runs
 from steps.report.table import (
     ResultRow,
@@ -44,6 +44,7 @@ MANAGED_DIRS = {"configs": ".yaml", "plots": ".png"}
 LOCK_NAME = ".report.lock"
 WIN_RATES_PNG = "plots/win_rates.png"
 ROUNDS_PNG = "plots/win_rate_by_round.png"
+BENCHMARKS_PNG = "plots/benchmarks.png"
 
 
 def default_report_dir() -> Path:
@@ -62,6 +63,7 @@ class ReportPaths:
     results_json: Path
     readme: Path
     win_rates_png: Path | None
+    benchmarks_png: Path | None = None  # IFBench / lm-eval bars, beside the win-rate plot
     training_pngs: dict[str, Path] = field(default_factory=dict)  # run pathspec -> PNG
     config_snapshots: list[Path] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)  # run pathspecs, oldest first
@@ -77,6 +79,7 @@ class ReportPaths:
             "results_json": str(self.results_json),
             "readme": str(self.readme),
             "win_rates_png": str(self.win_rates_png) if self.win_rates_png else None,
+            "benchmarks_png": str(self.benchmarks_png) if self.benchmarks_png else None,
             "training_pngs": {k: str(v) for k, v in self.training_pngs.items()},
             "config_snapshots": [str(p) for p in self.config_snapshots],
             "runs": list(self.runs),
@@ -111,6 +114,7 @@ def readme_markdown(
     training: dict[str, str],
     win_rates: str | None,
     by_round: str | None = None,
+    benchmarks: str | None = None,
 ) -> str:
     parts = [
         "# PrefFlow results report",
@@ -141,6 +145,16 @@ def readme_markdown(
             "from. Error bars one standard error.",
             "",
             f"![win rate by on-policy round]({by_round})",
+            "",
+        ]
+    if benchmarks:
+        parts += [
+            "## Benchmarks across runs",
+            "",
+            "Bars: IFBench prompt- and instruction-level accuracy (strict and loose; verified by code, no judge) and "
+            "the lm-evaluation-harness tasks' rates, error bars one standard error.",
+            "",
+            f"![Benchmarks across runs]({benchmarks})",
             "",
         ]
     if training:
@@ -181,6 +195,9 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
     by_round = win_rate_by_round_png(rows)
     if by_round is not None:
         files[ROUNDS_PNG] = by_round
+    benchmark_bars = benchmark_bars_png(rows)
+    if benchmark_bars is not None:
+        files[BENCHMARKS_PNG] = benchmark_bars
     files["results.md"] = results_markdown(rows, selection, len(records)).encode("utf-8")
     files["results.csv"] = results_csv(rows).encode("utf-8")
     files["results.json"] = results_json(rows, records, selection).encode("utf-8")
@@ -191,8 +208,9 @@ def render_report(records: list[RunRecord], selection: Selection) -> tuple[dict[
         training,
         WIN_RATES_PNG if bars is not None else None,
         ROUNDS_PNG if by_round is not None else None,
+        BENCHMARKS_PNG if benchmark_bars is not None else None,
     ).encode("utf-8")
-    info = {"rows": rows, "training": training, "win_rates": bars is not None}
+    info = {"rows": rows, "training": training, "win_rates": bars is not None, "benchmarks": benchmark_bars is not None}
     return files, info
 
 
@@ -243,6 +261,7 @@ def write_report(records: list[RunRecord], selection: Selection, out_dir: str | 
         results_json=out_dir / "results.json",
         readme=out_dir / "README.md",
         win_rates_png=out_dir / WIN_RATES_PNG if info["win_rates"] else None,
+        benchmarks_png=out_dir / BENCHMARKS_PNG if info["benchmarks"] else None,
         training_pngs={k: out_dir / v for k, v in info["training"].items()},
         config_snapshots=sorted(out_dir / k for k in files if k.startswith("configs/")),
         runs=[r.pathspec for r in records],

@@ -1,4 +1,5 @@
-"""Report plots as PNG bytes: training curves, LC WR / WR bars with standard errors.
+"""Report plots as PNG bytes: training curves, LC WR / WR bars and per-benchmark accuracy bars (IFBench,
+lm-evaluation-harness tasks), all with standard errors.
 
 Agg backend, no timestamp or software tag: the same records give byte-identical files."""
 
@@ -137,9 +138,14 @@ def win_rate_bars_png(rows: list[ResultRow]) -> bytes | None:
         ]
         + [50.0]
     )
+    return _finished_bars(fig, ax, top, "AlpacaEval 2: LC WR and WR (± 1 s.e.)", legend_size=8)
+
+
+def _finished_bars(fig: Any, ax: Any, top: float, title: str, legend_size: int) -> bytes:
+    """A percentage bar chart's y range (to the highest bar plus its error, at most 100), title, legend and grid."""
     ax.set_ylim(0, min(100.0, top * 1.15 + 1.0))
-    ax.set_title("AlpacaEval 2: LC WR and WR (± 1 s.e.)")
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -192,3 +198,50 @@ def win_rate_by_round_png(rows: list[ResultRow]) -> bytes | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+#: IFBench's accuracies in the benchmark chart: (label, ResultRow attribute; its s.e. is ``<attribute>_se``).
+IFBENCH_BARS = [
+    ("IFBench\nprompt strict", "ifbench_prompt_strict"),
+    ("IFBench\nprompt loose", "ifbench_prompt_loose"),
+    ("IFBench\ninstr. strict", "ifbench_instruction_strict"),
+    ("IFBench\ninstr. loose", "ifbench_instruction_loose"),
+]
+
+
+def benchmark_values(row: ResultRow) -> dict[str, tuple[float, float]]:
+    """{benchmark label: (score %, s.e. %)} of one row: IFBench's four accuracies, then its lm-eval tasks whose
+    headline metric is a rate (others have no common scale)."""
+    out: dict[str, tuple[float, float]] = {}
+    for label, attr in IFBENCH_BARS:
+        value = getattr(row, attr)
+        if value is not None:
+            out[label] = (value, getattr(row, f"{attr}_se") or 0.0)
+    for task, score in row.benchmarks.items():
+        if score.get("percent") and score.get("value") is not None:
+            out[task] = (score["value"], score.get("stderr") or 0.0)
+    return out
+
+
+def benchmark_bars_png(rows: list[ResultRow]) -> bytes | None:
+    """Grouped bars per benchmark (IFBench accuracies, lm-eval rates), one bar per model, error bars one standard
+    error. None when no row has a benchmark score."""
+    values = [(r, benchmark_values(r)) for r in rows]
+    values = [(r, v) for r, v in values if v]
+    if not values:
+        return None
+    labels = list(dict.fromkeys(label for _, v in values for label in v))
+    plt = _pyplot()
+    width = 0.8 / len(values)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2.0), 4.2))
+    top = 0.0
+    for i, (row, scores) in enumerate(values):
+        xs = [j + (i - (len(values) - 1) / 2) * width for j, label in enumerate(labels) if label in scores]
+        vals = [scores[label][0] for label in labels if label in scores]
+        errs = [scores[label][1] for label in labels if label in scores]
+        ax.bar(xs, vals, width, yerr=errs, capsize=3, label=f"{row.loss_function} {row.run_id}", color=f"C{i % 10}")
+        top = max([top] + [v + e for v, e in zip(vals, errs)])
+    ax.set_xticks(list(range(len(labels))))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    return _finished_bars(fig, ax, top, "Benchmarks: accuracy (± 1 s.e.)", legend_size=7)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steps.evaluate.provenance import Provenance
-from steps.evaluate.results import AlpacaEvalResult, PairedVs, VariantResult
+from steps.evaluate.results import AlpacaEvalResult, HarnessResult, PairedVs, VariantResult, VerifiableResult
 from steps.report.records import RunRecord
 
 LOSS_DISPLAY = {
@@ -98,6 +98,27 @@ class ResultRow:
     decoding: dict[str, Any] | None = None
     benchmark_versions: dict[str, Any] | None = None
     software_versions: dict[str, Any] | None = None
+    # IFBench (verifiable instruction following, judge-free): accuracies and standard errors in %
+    ifbench_prompt_strict: float | None = None
+    ifbench_prompt_strict_se: float | None = None
+    ifbench_prompt_loose: float | None = None
+    ifbench_prompt_loose_se: float | None = None
+    ifbench_instruction_strict: float | None = None
+    ifbench_instruction_strict_se: float | None = None
+    ifbench_instruction_loose: float | None = None
+    ifbench_instruction_loose_se: float | None = None
+    ifbench_n_prompts: int | None = None
+    ifbench_n_prompts_scored: int | None = None  # prompts whose every instruction could be verified offline
+    ifbench_n_instructions_unscored: int | None = None
+    ifbench_prompt_set: str | None = None  # the first 12 hex digits of the prompt set's sha256
+    paired_ifbench_baseline: str | None = None
+    paired_delta_ifbench: float | None = None  # prompt-level strict accuracy minus the baseline's, same prompts
+    paired_ifbench_ci95: list[float] | None = None
+    paired_ifbench_distinguishable: bool | None = None
+    paired_ifbench_is_baseline: bool = False
+    # lm-evaluation-harness tasks (evaluation.benchmarks): task -> {"metric", "value", "stderr", "percent"}; rates
+    # (percent true) in %
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
     # as the run recorded them, not exported: what the model started from (``model_initialization`` names it after
     # the run's row whose model it is), where the model is, and its training section (the config snapshot's)
     init_spec: str | None = field(default=None, repr=False)
@@ -270,6 +291,43 @@ def _previous_round_cells(evaluation: Any, paired: PairedVs | None) -> dict:
     }
 
 
+def _ifbench_cells(result: VerifiableResult | None, paired: PairedVs | None) -> dict:
+    """IFBench accuracies with standard errors, scored counts, the prompt set, and the paired Δ (prompt-level
+    strict, ``steps.evaluate.verifiable.accuracy.paired_accuracy_delta``'s numbers) from the baseline row."""
+    cells: dict[str, Any] = {}
+    if result is not None:
+        for name in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+            stats = getattr(result, name)
+            cells[f"ifbench_{name}"] = _number(stats.accuracy)
+            cells[f"ifbench_{name}_se"] = _number(stats.standard_error)
+        cells["ifbench_n_prompts"] = result.n_prompts
+        cells["ifbench_n_prompts_scored"] = result.prompt_strict.n_scored
+        cells["ifbench_n_instructions_unscored"] = result.instruction_strict.n_unscored
+        cells["ifbench_prompt_set"] = str(result.provenance.get("prompt_set_sha256", ""))[:12] or None
+    if paired is not None:
+        numbers = paired.comparison or {}
+        ci = numbers.get("ci95")
+        cells.update(
+            paired_ifbench_baseline=paired.baseline,
+            paired_ifbench_is_baseline=paired.is_baseline,
+            paired_delta_ifbench=_number(numbers.get("delta")),
+            paired_ifbench_ci95=[float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+            paired_ifbench_distinguishable=numbers.get("distinguishable"),
+        )
+    return cells
+
+
+def _benchmark_cells(harness: HarnessResult | None) -> dict:
+    """The lm-evaluation-harness scores by task (rates in %)."""
+    if harness is None:
+        return {}
+    scores = {
+        s.task: {"metric": s.metric, "value": _number(s.value), "stderr": _number(s.stderr), "percent": s.percent}
+        for s in harness.scores
+    }
+    return {"benchmarks": scores}
+
+
 def _run_cells(record: RunRecord, variant: str, model_dir: Any, init: Any, training_config: Any) -> dict:
     """The cells a row takes from its run and its training (``model_initialization`` is named by rows_for_run)."""
     return {
@@ -337,6 +395,8 @@ def typed_result_row(record: RunRecord, result: VariantResult) -> ResultRow:
         heldout_accuracy_normalized=_number(heldout.preference_accuracy_normalized) if heldout else None,
         heldout_reward_accuracy=_number(heldout.reward_accuracy) if heldout else None,
         heldout_reward_margin=_number(heldout.reward_margin_mean) if heldout else None,
+        **_ifbench_cells(trained.ifbench, result.paired_ifbench),
+        **_benchmark_cells(trained.benchmarks),
     )
     if trained.round is None:
         return row

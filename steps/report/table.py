@@ -1,6 +1,7 @@
 """The results table, one row per model: ``LC WR | WR | Loss Function | Training Config | Epoch |
 Model Initialization`` (the recipe's columns, with standard errors), then the paired difference from the baseline,
-judge-free held-out accuracy, the judge, its measured agreement and cost. The one formatter of results."""
+judge-free held-out accuracy, the judge, its measured agreement and cost, the run; then IFBench accuracy and its
+paired difference from the baseline, and one column per lm-evaluation-harness task. The one formatter of results."""
 
 from __future__ import annotations
 
@@ -35,14 +36,18 @@ __all__ = [
     "ROUND_COLUMNS",
     "ROUND_FIELDS",
     "ResultRow",
+    "benchmark_tasks",
     "build_rows",
     "cost_text",
+    "export_fields",
     "fmt_number",
     "fmt_with_error",
     "heldout_text",
+    "ifbench_text",
     "lc_reasons",
     "markdown_table",
     "notes",
+    "paired_ifbench_text",
     "paired_reasons",
     "paired_text",
     "results_csv",
@@ -52,6 +57,7 @@ __all__ = [
     "run_results_table",
     "safe_name",
     "snapshot_name",
+    "table_columns",
     "unchanged_reasons",
 ]
 
@@ -74,7 +80,11 @@ COLUMNS = [
     "n",
     "Date",
     "Run",
+    "IFBench (strict, prompt) ± s.e.",
+    "Δ IFBench vs Baseline [95% CI]",
 ]
+#: Header of an lm-evaluation-harness task's column (appended after COLUMNS for the tasks any row has).
+BENCHMARK_COLUMN = "{task} ± s.e."
 
 
 #: Added at the end of the table, and of the CSV/JSON fields, when a row is an on-policy round.
@@ -109,16 +119,61 @@ def _cell(value: Any) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def _paired_delta_text(
+    is_baseline: bool, delta: float | None, ci: list[float] | None, distinguishable: bool | None, baseline: str | None
+) -> str:
+    if is_baseline:
+        return "— (baseline)"
+    if delta is None or ci is None:
+        return MISSING
+    low, high = ci
+    name = loss_display(baseline or "")
+    text = f"{delta:+.2f} [{low:+.2f}, {high:+.2f}] vs {name}"
+    return text if distinguishable else f"{text}: not distinguishable from {name}"
+
+
 def paired_text(row: ResultRow) -> str:
     """``+2.21 [0.97, 3.47] vs SFT``, ``... : not distinguishable from SFT`` when the interval holds 0."""
-    if row.paired_is_baseline:
-        return "— (baseline)"
-    if row.paired_delta_wr is None or row.paired_ci95 is None:
-        return MISSING
-    low, high = row.paired_ci95
-    baseline = loss_display(row.paired_baseline or "")
-    text = f"{row.paired_delta_wr:+.2f} [{low:+.2f}, {high:+.2f}] vs {baseline}"
-    return text if row.paired_distinguishable else f"{text}: not distinguishable from {baseline}"
+    return _paired_delta_text(
+        row.paired_is_baseline, row.paired_delta_wr, row.paired_ci95, row.paired_distinguishable, row.paired_baseline
+    )
+
+
+def paired_ifbench_text(row: ResultRow) -> str:
+    """The paired Δ of IFBench prompt-level strict accuracy from the baseline row, as :func:`paired_text`."""
+    return _paired_delta_text(
+        row.paired_ifbench_is_baseline,
+        row.paired_delta_ifbench,
+        row.paired_ifbench_ci95,
+        row.paired_ifbench_distinguishable,
+        row.paired_ifbench_baseline,
+    )
+
+
+def ifbench_text(row: ResultRow) -> str:
+    """``12.28 ± 4.35``; ``(48/57 scored)`` added where some prompts could not be verified offline."""
+    text = fmt_with_error(row.ifbench_prompt_strict, row.ifbench_prompt_strict_se)
+    scored, total = row.ifbench_n_prompts_scored, row.ifbench_n_prompts
+    if row.ifbench_prompt_strict is not None and scored is not None and total is not None and scored < total:
+        text += f" ({scored}/{total} scored)"
+    return text
+
+
+def benchmark_tasks(rows: Sequence[ResultRow]) -> list[str]:
+    """The lm-evaluation-harness tasks any row has, in order of first appearance: one column each."""
+    return list(dict.fromkeys(task for row in rows for task in row.benchmarks))
+
+
+def table_columns(rows: Sequence[ResultRow]) -> list[str]:
+    """COLUMNS, one column per lm-evaluation-harness task of ``rows``, then the round columns where a row is a round."""
+    tasks = [BENCHMARK_COLUMN.format(task=task) for task in benchmark_tasks(rows)]
+    return COLUMNS + tasks + (ROUND_COLUMNS if has_rounds(rows) else [])
+
+
+def benchmark_text(row: ResultRow, task: str) -> str:
+    """``45.20 ± 0.40`` (rates in %); n/a where the row did not run the task."""
+    score = row.benchmarks.get(task)
+    return MISSING if score is None else fmt_with_error(score.get("value"), score.get("stderr"))
 
 
 def previous_round_text(row: ResultRow) -> str:
@@ -184,7 +239,14 @@ def _letter(index: int) -> str:
     return chr(ord("a") + index) if index < 26 else str(index + 1)
 
 
-def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[str], unpaired: list[str]) -> list[str]:
+def _row_cells(
+    row: ResultRow,
+    links: bool,
+    reasons: list[str],
+    unchanged: list[str],
+    unpaired: list[str],
+    tasks: Sequence[str] = (),
+) -> list[str]:
     config = _cell(row.training_config)
     if links:
         config = f"[{config}]({row.config_snapshot})"
@@ -215,17 +277,20 @@ def _row_cells(row: ResultRow, links: bool, reasons: list[str], unchanged: list[
         n_text(row),
         _cell(row.date),
         f"`{row.pathspec}`",
+        _cell(ifbench_text(row)),
+        _cell(paired_ifbench_text(row)),
+        *(_cell(benchmark_text(row, task)) for task in tasks),
     ]
 
 
 def markdown_table(rows: list[ResultRow], links: bool = True) -> str:
     """The table as GitHub Markdown; Training Config links to the snapshot when ``links``."""
     reasons, unchanged, unpaired = lc_reasons(rows), unchanged_reasons(rows), paired_reasons(rows)
-    rounds = has_rounds(rows)
-    columns = COLUMNS + ROUND_COLUMNS if rounds else COLUMNS
+    tasks, rounds = benchmark_tasks(rows), has_rounds(rows)
+    columns = table_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = _row_cells(row, links, reasons, unchanged, unpaired)
+        cells = _row_cells(row, links, reasons, unchanged, unpaired, tasks)
         cells += [_cell(row.round), _cell(previous_round_text(row))] if rounds else []
         lines.append("| " + " | ".join(cells) + " |")
     footnotes = [f"[{i}] LC WR n/a: {reason}" for i, reason in enumerate(reasons, 1)]
@@ -284,6 +349,20 @@ def notes(rows: list[ResultRow]) -> list[str]:
             "Held-out Pref. Acc.: share of dev preference pairs where the model gives the chosen response a higher "
             "log-probability than the rejected one (summed, and per token), and, where a reference exists, the "
             "implicit reward accuracy and mean margin. No judge involved."
+        )
+    if any(r.ifbench_prompt_strict is not None for r in rows):
+        out.append(
+            "IFBench (strict, prompt): share (%) of IFBench prompts whose every instruction the model followed, "
+            "checked by the package's own verifiers (no judge), ± one standard error; `(k/n scored)`: prompts with "
+            "an instruction that cannot be verified offline (missing NLTK data) are left out, never guessed. "
+            "Answers use the AlpacaEval generation settings (e.g. max_new_tokens), so length instructions can fail "
+            "for that reason. Δ IFBench: the paired difference from the baseline row on the same prompts, with the "
+            "same seeded 95 % paired-bootstrap interval as Δ WR."
+        )
+    if any(r.benchmarks for r in rows):
+        out.append(
+            "`<task> ± s.e.` columns: lm-evaluation-harness tasks (`evaluation.benchmarks`), headline metric in % for "
+            "rates, same generation settings and dtype as the AlpacaEval answers."
         )
     if any(r.evaluated and r.judge_agreement is None for r in rows):
         out.append(
@@ -385,17 +464,45 @@ EXPORT_FIELDS = [
     "weights_unchanged_reason",
     "paired_unavailable_reason",
     *PROVENANCE_CELLS,
+    "ifbench_prompt_strict",
+    "ifbench_prompt_strict_se",
+    "ifbench_prompt_loose",
+    "ifbench_prompt_loose_se",
+    "ifbench_instruction_strict",
+    "ifbench_instruction_strict_se",
+    "ifbench_instruction_loose",
+    "ifbench_instruction_loose_se",
+    "ifbench_n_prompts",
+    "ifbench_n_prompts_scored",
+    "ifbench_n_instructions_unscored",
+    "ifbench_prompt_set",
+    "paired_ifbench_baseline",
+    "paired_delta_ifbench",
+    "paired_ifbench_ci95",
+    "paired_ifbench_distinguishable",
 ]
+#: CSV/JSON fields of an lm-evaluation-harness task (after EXPORT_FIELDS, for the tasks any row has).
+BENCHMARK_FIELDS = ("lm_eval_{task}", "lm_eval_{task}_se")
 
 
 def export_fields(rows: Sequence[ResultRow]) -> list[str]:
-    """The CSV/JSON fields of these rows: EXPORT_FIELDS, then ROUND_FIELDS where a row is an on-policy round."""
+    """The CSV/JSON fields of these rows: EXPORT_FIELDS, ROUND_FIELDS where a row is an on-policy round, then each
+    lm-evaluation-harness task's score and standard error."""
+    return _own_fields(rows) + [f.format(task=task) for task in benchmark_tasks(rows) for f in BENCHMARK_FIELDS]
+
+
+def _own_fields(rows: Sequence[ResultRow]) -> list[str]:
     return EXPORT_FIELDS + ROUND_FIELDS if has_rounds(rows) else EXPORT_FIELDS
 
 
-def row_dict(row: ResultRow, fields: Sequence[str] = EXPORT_FIELDS) -> dict:
+def row_dict(row: ResultRow, fields: Sequence[str] = EXPORT_FIELDS, tasks: Sequence[str] = ()) -> dict:
     data = asdict(row)
-    return {k: data[k] for k in fields}
+    out = {k: data[k] for k in fields}
+    for task in tasks:
+        score = row.benchmarks.get(task) or {}
+        value, stderr = (BENCHMARK_FIELDS[0].format(task=task), BENCHMARK_FIELDS[1].format(task=task))
+        out[value], out[stderr] = score.get("value"), score.get("stderr")
+    return out
 
 
 def _csv_value(value: Any) -> Any:
@@ -407,11 +514,11 @@ def _csv_value(value: Any) -> Any:
 
 def results_csv(rows: list[ResultRow]) -> str:
     buf = io.StringIO()
-    fields = export_fields(rows)
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    tasks = benchmark_tasks(rows)
+    writer = csv.DictWriter(buf, fieldnames=export_fields(rows), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        data = row_dict(row, fields)
+        data = row_dict(row, _own_fields(rows), tasks)
         data["tags"] = " ".join(data["tags"])
         writer.writerow({k: _csv_value(v) for k, v in data.items()})
     return buf.getvalue()
@@ -439,7 +546,7 @@ def results_json(rows: list[ResultRow], records: list[RunRecord], selection: Sel
             }
             for r in records
         ],
-        "columns": COLUMNS + ROUND_COLUMNS if has_rounds(rows) else COLUMNS,
-        "rows": [row_dict(row, export_fields(rows)) for row in rows],
+        "columns": table_columns(rows),
+        "rows": [row_dict(row, _own_fields(rows), benchmark_tasks(rows)) for row in rows],
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"

@@ -13,6 +13,8 @@ from typing import Any
 
 from steps.io import JsonlError, read_jsonl
 
+#: Prompts in the package's IFBench_test.jsonl (26.3).
+IFBENCH_PROMPTS = 294
 SUBSET_RULE = (
     "type-balanced prefix: prompts grouped by their first instruction type, types in name order and prompts by "
     "numeric key within a type, taken round-robin across types (one of each type, then a second of each, ...); "
