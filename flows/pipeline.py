@@ -20,7 +20,7 @@ class PrefFlow(FlowSpec):
         "loss",
         type=str,
         default="",
-        help="preference loss(es), comma-separated (dpo, simpo, orpo, cpo, ipo, hinge), or 'sft'; "
+        help="preference loss(es), comma-separated (dpo, simpo, orpo, cpo, ipo, hinge, kto), or 'sft'; "
         "default: the config's preference.criterion",
     )
     set = Parameter(

@@ -25,7 +25,7 @@ from steps.report import Selection, render_report
 from steps.report.plots import benchmark_bars_png, benchmark_values
 from steps.report.rows import typed_result_row
 from steps.report.table import COLUMNS, markdown_table, results_csv
-from tests.eval_results import alpaca_eval_result, variant_result
+from tests.eval_results import alpaca_eval_result, provenance, variant_result
 
 
 def test_ifbench_on_tiny_equals_the_package_evaluation_of_its_saved_responses(tiny_model_factory, tokenizer, tmp_path):
@@ -147,6 +147,30 @@ def test_join_pairs_ifbench_prompt_strict_accuracy_with_the_baseline(tmp_path):
     low, high = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
     assert numbers["ci95"] == pytest.approx([100 * low, 100 * high], abs=1e-9)
     assert numbers["distinguishable"] is bool(low > 0 or high < 0)
+
+
+def test_join_refuses_an_ifbench_delta_between_answers_made_otherwise_but_not_between_judges(tmp_path):
+    prompts = [_prompt(str(i), [i % 2 == 0]) for i in range(4)]
+
+    def row(variant: str, **changes):
+        made = _row(variant, _ifbench(tmp_path, variant, prompts))
+        scored = alpaca_eval_result(provenance=provenance(**changes))
+        return dataclasses.replace(made, evaluation=dataclasses.replace(made.evaluation, alpaca_eval=scored))
+
+    hotter = dict(provenance().decoding, temperature=0.7)
+    rows = [
+        row("sft"),
+        row("dpo", judge_model="gpt-4o", judge_endpoint="served"),  # another judge: IFBench needs none
+        row("simpo", decoding=hotter),
+        row("orpo", eval_dtype="bfloat16"),
+    ]
+    out = {r.variant: r.paired_ifbench for r in add_paired_ifbench(rows, EvaluationConfig(paired_resamples=100))}
+    assert out["dpo"] is not None and out["dpo"].comparison is not None and out["dpo"].comparison["delta"] == 0.0
+    for variant, what in (("simpo", "temperature"), ("orpo", "bfloat16")):
+        paired = out[variant]
+        assert paired is not None and paired.comparison is None
+        assert paired.unavailable is not None and paired.unavailable.startswith("not paired with sft")
+        assert what in paired.unavailable
 
 
 def test_join_without_a_baseline_ifbench_leaves_rows_alone(tmp_path):

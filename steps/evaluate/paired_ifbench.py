@@ -48,6 +48,9 @@ def add_paired_ifbench(rows: Sequence[VariantResult], evaluation: EvaluationConf
             paired: PairedVs | None = PairedVs(name, is_baseline=True)
         elif scored is None:
             paired = None
+        elif refusal := _refusal(row, base, name):
+            logger.warning("%s: no paired IFBench comparison: %s", row.variant, refusal)
+            paired = PairedVs(name, unavailable=refusal)
         else:
             try:
                 comparison = paired_accuracy_delta(
@@ -65,3 +68,13 @@ def add_paired_ifbench(rows: Sequence[VariantResult], evaluation: EvaluationConf
                 paired = PairedVs(name, unavailable=str(exc))
         out.append(dataclasses.replace(row, paired_ifbench=paired))
     return out
+
+
+def _refusal(row: VariantResult, base: VariantResult, name: str) -> str | None:
+    """Why the row's answers were made otherwise than the baseline's (decoding, dtype, benchmark versions)."""
+    from steps.evaluate.provenance import benchmark_pairing_refusal
+
+    mine, theirs = row.evaluation.alpaca_eval, base.evaluation.alpaca_eval
+    if mine is None or theirs is None:
+        return None
+    return benchmark_pairing_refusal(mine.provenance, theirs.provenance, name)

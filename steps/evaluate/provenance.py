@@ -14,7 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -174,6 +174,29 @@ def pairing_refusal(row: Provenance | None, baseline: Provenance | None, baselin
         return f"not paired with {baseline_name}: {which} has no provenance record (evaluated before it was recorded)"
     differences = row.differences(baseline)
     return f"not paired with {baseline_name}: {'; '.join(differences)}" if differences else None
+
+
+#: What a judge-free benchmark's score does not depend on: the judge and the AlpacaEval eval set.
+JUDGE_FIELDS = (
+    "alpaca_eval_version",
+    "annotator_config",
+    "annotator_prompt_sha256",
+    "judge_endpoint",
+    "judge_model",
+    "judge_settings",
+    "eval_set",
+    "eval_set_size",
+    "eval_set_sha256",
+)
+
+
+def benchmark_pairing_refusal(row: Provenance | None, baseline: Provenance | None, baseline_name: str) -> str | None:
+    """Why a judge-free benchmark score (IFBench: answers checked by code) may not be paired with the baseline's:
+    only how the answers were made counts (decoding, eval dtype, benchmark versions), not the judge or eval set."""
+    if row is None or baseline is None:
+        return pairing_refusal(row, baseline, baseline_name)
+    same_judge = replace(row, **{name: getattr(baseline, name) for name in JUDGE_FIELDS})
+    return pairing_refusal(same_judge, baseline, baseline_name)
 
 
 def build_provenance(
