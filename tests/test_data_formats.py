@@ -282,6 +282,7 @@ def test_errors_name_the_input_and_the_fix(tmp_path):
 
 def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
     from steps.data import prepare_oasst
+    from steps.data.oasst import OasstOptions
 
     section = {
         "format": "oasst",
@@ -295,7 +296,7 @@ def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
         "split": None,
     }
     a = prepare_data(DataConfig(**section), tmp_path / "a")
-    b = prepare_oasst("embedded", tmp_path / "b", pair_strategy="best_vs_worst", dev_fraction=0.2, seed=9)
+    b = prepare_oasst("embedded", tmp_path / "b", OasstOptions(pair_strategy="best_vs_worst", dev_fraction=0.2, seed=9))
     assert a.stats == b.stats
     for name in a.stats["outputs"].values():
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
