@@ -302,6 +302,21 @@ def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_oasst_options_defaults_are_the_data_sections_defaults():
+    """prepare_oasst called without options prepares what a default ``data`` section does (no drift between them)."""
+    from steps.data.oasst import OasstOptions
+    from steps.data.oasst_feedback import OasstFeedbackRule
+
+    options, section = OasstOptions(), DataConfig()
+    same = ("pair_strategy", "sft_rank", "include_synthetic", "include_deleted", "require_review", "dev_fraction")
+    for name in (*same, "seed", "max_trees"):
+        assert getattr(options, name) == getattr(section, name), name
+    assert options.langs is not None and list(options.langs) == section.langs == ["en"]
+    assert options.tree_states is not None and list(options.tree_states) == section.tree_states
+    assert OasstFeedbackRule.of(options.feedback) == section.oasst_feedback == OasstFeedbackRule()
+    assert (options.split, section.split) == ("train", None)  # None: the format's training split, train for oasst
+
+
 def test_trainer_reads_both_pair_layouts_identically(tokenizer):
     from steps.train.batching import tokenize_pairs, tokenize_sft
 
