@@ -105,7 +105,7 @@ def run_training(spec: WorkerSpec) -> SideResult:
     collate_s = time.perf_counter() - t0
     torch.manual_seed(opt.seed)
     with tempfile.TemporaryDirectory(prefix="prefflow-bench-") as out_dir:
-        result = train(model, tokenizer, objective, cfg, Path(out_dir), resume=False, desc=f"bench-{spec.task}")
+        result = train(model, objective, cfg, Path(out_dir), resume=False, desc=f"bench-{spec.task}")
     history = result.history
     if len(history) != total_steps:
         raise RuntimeError(f"expected {total_steps} steps, the loop ran {len(history)}")

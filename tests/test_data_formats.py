@@ -282,6 +282,7 @@ def test_errors_name_the_input_and_the_fix(tmp_path):
 
 def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
     from steps.data import prepare_oasst
+    from steps.data.oasst import OasstOptions
 
     section = {
         "format": "oasst",
@@ -295,10 +296,25 @@ def test_oasst_through_prepare_data_equals_prepare_oasst(tmp_path):
         "split": None,
     }
     a = prepare_data(DataConfig(**section), tmp_path / "a")
-    b = prepare_oasst("embedded", tmp_path / "b", pair_strategy="best_vs_worst", dev_fraction=0.2, seed=9)
+    b = prepare_oasst("embedded", tmp_path / "b", OasstOptions(pair_strategy="best_vs_worst", dev_fraction=0.2, seed=9))
     assert a.stats == b.stats
     for name in a.stats["outputs"].values():
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_oasst_options_defaults_are_the_data_sections_defaults():
+    """prepare_oasst called without options prepares what a default ``data`` section does (no drift between them)."""
+    from steps.data.oasst import OasstOptions
+    from steps.data.oasst_feedback import OasstFeedbackRule
+
+    options, section = OasstOptions(), DataConfig()
+    same = ("pair_strategy", "sft_rank", "include_synthetic", "include_deleted", "require_review", "dev_fraction")
+    for name in (*same, "seed", "max_trees"):
+        assert getattr(options, name) == getattr(section, name), name
+    assert options.langs is not None and list(options.langs) == section.langs == ["en"]
+    assert options.tree_states is not None and list(options.tree_states) == section.tree_states
+    assert OasstFeedbackRule.of(options.feedback) == section.oasst_feedback == OasstFeedbackRule()
+    assert (options.split, section.split) == ("train", None)  # None: the format's training split, train for oasst
 
 
 def test_trainer_reads_both_pair_layouts_identically(tokenizer):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from steps.config import DataConfig
 from steps.data import DataError, OasstDataError, pair_messages, prepare_data, prepare_oasst
+from steps.data.oasst import OasstOptions
 
 CASES = {"oasst_rows": 120, "oasst_trees": 100, "pairs": 60}
 FUZZ = settings(
@@ -154,7 +155,9 @@ def check_oasst(tmp: Path, example) -> None:
     n_objects, n_bad, array_first = write_lines(tmp / "in.jsonl", objects, bad)
     try:
         stats = prepare_oasst(
-            str(tmp / "in.jsonl"), tmp / "out", pair_strategy=strategy, sft_rank=None, require_review=False
+            str(tmp / "in.jsonl"),
+            tmp / "out",
+            OasstOptions(pair_strategy=strategy, sft_rank=None, require_review=False),
         ).stats
     except OasstDataError as exc:
         assert ("JSON array" in str(exc)) if array_first else ("no usable conversation" in str(exc)), exc
@@ -254,10 +257,7 @@ def check_trees(tmp: Path, example) -> None:
         stats = prepare_oasst(
             str(tmp / "in.trees.jsonl"),
             tmp / "out",
-            pair_strategy="all_ordered_pairs",
-            sft_rank=None,
-            tree_states=None,
-            langs=None,
+            OasstOptions(pair_strategy="all_ordered_pairs", sft_rank=None, tree_states=None, langs=None),
         ).stats
     except OasstDataError as exc:
         assert ("JSON array" in str(exc)) if array_first else ("no usable conversation" in str(exc)), exc

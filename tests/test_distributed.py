@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from steps.train.objectives import PreferenceObjective
+from steps.train.reference import References
 from tests.faults import stop_after_checkpoint
 from tests.test_train import TOPICS_TRAIN, pair_rows, pairs_from_rows
 
@@ -130,7 +131,7 @@ def _run(
     record: dict = {"reference": [[p.reference_chosen, p.reference_rejected] for p in pairs]}
     try:
         with stop_after_checkpoint(stop_after_step) if stop_after_step is not None else contextlib.nullcontext():
-            result = train(model, tok, obj, cfg, out_dir, resume=True)
+            result = train(model, obj, cfg, out_dir, resume=True)
         from torch.distributed.tensor import DTensor
 
         sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
@@ -367,7 +368,9 @@ def _dev_metrics_run(rank: int, world_size: int, init_file: str, out_dir: str) -
     live = parallel.prepare_frozen(load_model("tiny", seed=5), "fsdp", precision)
     loss = build_loss("dpo", beta=0.1)
     record = {"plan": len(PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True).dev_plan())}
-    record["live"] = PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True, live).evaluate(policy)
+    record["live"] = PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True, References(live=live)).evaluate(
+        policy
+    )
     precompute_reference(load_model("tiny", seed=5), dev, tok.pad_token_id, cfg)
     record["stored"] = PreferenceObjective([], dev, tok.pad_token_id, cfg, loss, True).evaluate(policy)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

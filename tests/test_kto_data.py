@@ -16,6 +16,7 @@ import pytest
 from steps.config import ConfigError, config_from_dict
 from steps.config.schema import DataConfig
 from steps.data import DataError, prepare_data, prepare_oasst
+from steps.data.oasst import OasstOptions
 from steps.data.oasst_feedback import OasstFeedbackRule, encode_feedback
 from steps.data.records import RecordError, unpaired_messages
 from tests.test_oasst import load_raw_rows, own_drop_reason
@@ -198,7 +199,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def test_fixture_counts_by_the_quality_rule(tmp_path, layout):
     rows = fixture_rows()
     path = write_jsonl(tmp_path / "in.jsonl", rows if layout == "rows" else as_trees(rows))
-    stats = prepare_oasst(str(path), tmp_path / "out", dev_fraction=0.5).stats["kto"]
+    stats = prepare_oasst(str(path), tmp_path / "out", OasstOptions(dev_fraction=0.5)).stats["kto"]
     assert (stats["desirable"], stats["undesirable"]) == (2, 3)
     assert stats["labelled_by"] == {"high_quality": 2, "low_quality": 2, "flagged": 1}
     assert stats["skipped"] == {
@@ -231,7 +232,7 @@ def test_fixture_counts_by_the_quality_rule(tmp_path, layout):
 
 def test_fixture_counts_by_the_emoji_rule(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", fixture_rows())
-    stats = prepare_oasst(str(path), tmp_path / "out", feedback={"rule": "emoji"}).stats["kto"]
+    stats = prepare_oasst(str(path), tmp_path / "out", OasstOptions(feedback={"rule": "emoji"})).stats["kto"]
     assert (stats["desirable"], stats["undesirable"]) == (1, 2)
     assert stats["labelled_by"] == {"net_up_votes": 1, "net_down_votes": 1, "red_flag": 1}
     assert stats["skipped"]["tied_votes"] == 1 and stats["skipped"]["no_votes"] == 5
@@ -240,7 +241,7 @@ def test_fixture_counts_by_the_emoji_rule(tmp_path):
 
 def test_pairs_rule_splits_the_written_pairs(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", fixture_rows())
-    prepared = prepare_oasst(str(path), tmp_path / "out", feedback=OasstFeedbackRule(rule="pairs"))
+    prepared = prepare_oasst(str(path), tmp_path / "out", OasstOptions(feedback=OasstFeedbackRule(rule="pairs")))
     pairs = read_jsonl(tmp_path / "out" / "preference.train.jsonl") + read_jsonl(
         tmp_path / "out" / "preference.dev.jsonl"
     )
@@ -253,7 +254,7 @@ def test_pairs_rule_splits_the_written_pairs(tmp_path):
 def test_thresholds_move_the_counts(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", fixture_rows())
     rule = {"desirable_min_quality": 0.6, "undesirable_below_quality": 0.6, "flags": [], "min_quality_votes": 1}
-    stats = prepare_oasst(str(path), tmp_path / "out", feedback=rule).stats["kto"]
+    stats = prepare_oasst(str(path), tmp_path / "out", OasstOptions(feedback=rule)).stats["kto"]
     # a1 0.9, a3 0.6, a4 0.9 (no flags counted now), a5 0.8 (one vote now enough), a7 0.75 -> desirable;
     # a2 0.3, a8 0.5, b1 0.25 -> undesirable; a6 unrated
     assert (stats["desirable"], stats["undesirable"]) == (5, 3)
@@ -278,7 +279,7 @@ def test_feedback_encoding_reads_both_layouts_and_skips_junk():
 @pytest.mark.parametrize(("rule", "reference"), [("quality", quality_rule), ("emoji", emoji_rule)])
 def test_real_rows_file_matches_the_reference(shared_dir, tmp_path, rule, reference):
     path = shared_dir / "oasst" / "oasst1_en_validation.part1.messages.jsonl"
-    stats = prepare_oasst(str(path), tmp_path / "out", feedback={"rule": rule}).stats["kto"]
+    stats = prepare_oasst(str(path), tmp_path / "out", OasstOptions(feedback={"rule": rule})).stats["kto"]
     counts, labels = reference_kto(load_raw_rows(path), reference)
     written = [r for split in kto_rows(tmp_path / "out").values() for r in split]
     assert {r["id"]: r["label"] for r in written} == labels
@@ -297,7 +298,7 @@ def test_real_trees_file_has_votes_but_no_quality_labels(shared_dir, tmp_path):
     assert quality["desirable"] == quality["undesirable"] == 0
     counts, _ = reference_kto(load_raw_rows(path), quality_rule)
     assert quality["skipped"]["no_quality_label"] == counts["no_quality_label"] == 670
-    emoji = prepare_oasst(str(path), tmp_path / "e", feedback={"rule": "emoji"}).stats["kto"]
+    emoji = prepare_oasst(str(path), tmp_path / "e", OasstOptions(feedback={"rule": "emoji"})).stats["kto"]
     counts, labels = reference_kto(load_raw_rows(path), emoji_rule)
     assert (emoji["desirable"], emoji["undesirable"]) == (sum(labels.values()), len(labels) - sum(labels.values()))
     assert emoji["skipped"]["no_votes"] == counts["no_votes"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from steps.config import DataConfig
 from steps.data import DataError, OasstDataError, prepare_data, prepare_oasst
+from steps.data.oasst import OasstOptions
 from steps.data.records import pair_messages, unpaired_messages
 from tests import test_data_fuzz as fuzz
 from tests.test_data_fuzz import BAD_LINES, JSON_VALUES, TEXTS, VALID, corrupt, oasst_row, rows_of, write_lines
@@ -121,7 +122,9 @@ def check_oasst(tmp: Path, example) -> None:
     write_lines(tmp / "in.jsonl", rows, bad)
     try:
         stats = prepare_oasst(
-            str(tmp / "in.jsonl"), tmp / "out", sft_rank=None, require_review=False, feedback={"rule": rule}
+            str(tmp / "in.jsonl"),
+            tmp / "out",
+            OasstOptions(sft_rank=None, require_review=False, feedback={"rule": rule}),
         ).stats
     except OasstDataError as exc:
         assert "JSON array" in str(exc) or "no usable conversation" in str(exc), exc

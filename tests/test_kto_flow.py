@@ -103,7 +103,7 @@ def test_reference_sums_are_cached_and_a_resumed_run_scores_nothing_again(tmp_pa
     from steps.config import PreferenceConfig
     from steps.losses import build_loss
     from steps.train.precision import default_precision
-    from steps.train.reference import CACHE_FILE, ReferenceSource
+    from steps.train.reference import CACHE_FILE, References, ReferenceSource
     from steps.train.unpaired import (
         UnpairedObjective,
         read_reference_cache,
@@ -119,11 +119,11 @@ def test_reference_sums_are_cached_and_a_resumed_run_scores_nothing_again(tmp_pa
     fresh = (copy.deepcopy(train_ex), copy.deepcopy(dev_ex))
     model = tiny_model_factory(seed=1)
     precision = default_precision(model)
-    first = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, reference_source=source)
+    first = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, References(source=source))
     first.before_training(model, precision)
     sums = [(e.reference, e.reference_kl) for e in first.train + first.dev]
     assert all(r is not None and k is not None for r, k in sums)
-    again = UnpairedObjective(*fresh, tokenizer.pad_token_id, cfg, loss, reference_source=source)
+    again = UnpairedObjective(*fresh, tokenizer.pad_token_id, cfg, loss, References(source=source))
     key = unpaired_cache_key("the-init", precision)
     assert read_reference_cache(tmp_path / CACHE_FILE, key, again.train + again.dev) == len(sums)
     again.before_training(tiny_model_factory(seed=2), precision)

@@ -21,6 +21,7 @@ from steps.losses import build_loss
 from steps.train.batching import collate, make_batches
 from steps.train.logprobs import sequence_logprobs
 from steps.train.loop import train
+from steps.train.reference import References
 from steps.train.unpaired import (
     UnpairedExample,
     UnpairedObjective,
@@ -183,7 +184,7 @@ def test_kto_trains_the_tiny_model(tokenizer, tiny_model_factory, kto_data, tmp_
     # the policy is its own reference: every log-ratio is 0, KL = 0, so every loss is 1 − σ(0) = 0.5
     assert before["dev_loss"] == pytest.approx(0.5, abs=1e-6) and before["dev_kl"] == pytest.approx(0.0, abs=1e-6)
     assert before["dev_examples"] == 6 and before["dev_kl_rows"] == 6
-    result = train(model, tokenizer, obj, cfg, tmp_path, desc="kto-test")
+    result = train(model, obj, cfg, tmp_path, desc="kto-test")
     history = [h["loss"] for h in result.history]
     assert len(history) >= 6 and history[0] == pytest.approx(0.5, abs=1e-6)
     assert all(math.isfinite(v) for h in result.history for v in h.values() if isinstance(v, float))
@@ -209,7 +210,7 @@ def test_prepared_data_to_training(tokenizer, tiny_model_factory, tmp_path):
     model = tiny_model_factory(seed=3)
     obj = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, build_loss("kto"))
     obj.precompute_reference(model)
-    result = train(model, tokenizer, obj, cfg, tmp_path / "run", desc="kto-embedded")
+    result = train(model, obj, cfg, tmp_path / "run", desc="kto-embedded")
     assert result.final_step == 3 and result.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["kl"]) for h in result.history)
     assert result.dev_history[-1]["dev_examples"] == len(dev_ex)
@@ -222,7 +223,9 @@ def test_live_reference_gives_the_precomputed_numbers(tokenizer, tiny_model_fact
     cfg = PreferenceConfig(max_num_tokens=400, seed=3)
     loss = build_loss("kto", beta=0.2)
     reference, policy = tiny_model_factory(seed=1), tiny_model_factory(seed=2)
-    live = UnpairedObjective(copy.deepcopy(train_ex), dev_ex, tokenizer.pad_token_id, cfg, loss, reference)
+    live = UnpairedObjective(
+        copy.deepcopy(train_ex), dev_ex, tokenizer.pad_token_id, cfg, loss, References(live=reference)
+    )
     pre = UnpairedObjective(train_ex, copy.deepcopy(dev_ex), tokenizer.pad_token_id, cfg, loss)
     pre.precompute_reference(reference)
     for obj in (live, pre):
@@ -245,8 +248,8 @@ def test_lora_policy_with_adapters_off_is_the_reference(tokenizer, tiny_model_fa
     )
     loss = build_loss("kto", beta=0.5)
     policy = apply_lora(tiny_model_factory(seed=6), cfg)
-    live = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, reference_from_policy=True)
-    result = train(policy, tokenizer, live, cfg, tmp_path, desc="kto-lora")
+    live = UnpairedObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg, loss, References(from_policy=True))
+    result = train(policy, live, cfg, tmp_path, desc="kto-lora")
     assert result.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # adapters start at zero: policy = base
     pre = UnpairedObjective(copy.deepcopy(train_ex), copy.deepcopy(dev_ex), tokenizer.pad_token_id, cfg, loss)
     pre.precompute_reference(tiny_model_factory(seed=6))  # the untouched base
@@ -305,7 +308,7 @@ def _run(rank: int, world_size: int, init_file: str, out_dir: str, grad_accum: i
     model = load_model("tiny", seed=4)
     obj = UnpairedObjective(examples, [], tok.pad_token_id, cfg, build_loss("kto", beta=0.1), sync_kl=sync_kl)
     obj.precompute_reference(model)
-    result = train(model, tok, obj, cfg, Path(out_dir) / f"rank{rank}", resume=False)
+    result = train(model, obj, cfg, Path(out_dir) / f"rank{rank}", resume=False)
     record = {
         "batches": obj.epoch_batch_count(0),
         "history": [{k: h[k] for k in ("loss", "kl", "rewards_desirable", "grad_norm")} for h in result.history],

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from steps.data import PAIR_STRATEGIES, OasstDataError, OasstInputNotFoundError, prepare_oasst
-from steps.data.oasst import main
+from steps.data.oasst import OasstOptions, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS_FILE = "oasst/oasst1_en_validation.part1.messages.jsonl"
@@ -145,7 +145,9 @@ def test_counts_match_independent_reference(shared_dir, tmp_path, rel_path, requ
     path = shared_dir / rel_path
     expected = reference_counts(load_raw_rows(path), require_review=require_review)
     for strategy in PAIR_STRATEGIES:
-        prepared = prepare_oasst(str(path), tmp_path / strategy, pair_strategy=strategy, require_review=require_review)
+        prepared = prepare_oasst(
+            str(path), tmp_path / strategy, OasstOptions(pair_strategy=strategy, require_review=require_review)
+        )
         stats = prepared.stats
         assert stats["messages_read"] == sum(1 for _ in load_raw_rows(path))
         assert stats["messages_kept"] == expected["kept"]
@@ -183,7 +185,7 @@ def test_real_data_edge_cases_are_counted(shared_dir, tmp_path):
     rows = load_raw_rows(shared_dir / ROWS_FILE)
     ids = {r["message_id"] for r in rows}
     parentless = [r for r in rows if r["parent_id"] is not None and r["parent_id"] not in ids]
-    stats = prepare_oasst(str(shared_dir / ROWS_FILE), tmp_path / "a", require_review=False).stats
+    stats = prepare_oasst(str(shared_dir / ROWS_FILE), tmp_path / "a", OasstOptions(require_review=False)).stats
     assert stats["dropped"]["deleted"] == sum(r["deleted"] for r in rows) == 21
     assert stats["dropped"]["orphan"] == len(parentless) == 2
     stats = prepare_oasst(str(shared_dir / ROWS_FILE), tmp_path / "b").stats
@@ -193,7 +195,9 @@ def test_real_data_edge_cases_are_counted(shared_dir, tmp_path):
     trees_stats = prepare_oasst(str(shared_dir / TREES_FILE), tmp_path / "c").stats
     assert trees_stats["format"] == "trees"
     assert trees_stats["dropped"]["synthetic"] == 22
-    with_synthetic = prepare_oasst(str(shared_dir / TREES_FILE), tmp_path / "d", include_synthetic=True).stats
+    with_synthetic = prepare_oasst(
+        str(shared_dir / TREES_FILE), tmp_path / "d", OasstOptions(include_synthetic=True)
+    ).stats
     assert with_synthetic["dropped"]["synthetic"] == 0
     assert with_synthetic["messages_kept"] == 1167
 
@@ -238,7 +242,7 @@ def test_parquet_and_gzip_inputs_match_jsonl(shared_dir, tmp_path):
 
 def test_max_trees_and_sft_rank_all(shared_dir, tmp_path):
     path = shared_dir / TREES_FILE
-    small = prepare_oasst(str(path), tmp_path / "small", max_trees=10)
+    small = prepare_oasst(str(path), tmp_path / "small", OasstOptions(max_trees=10))
     assert small.stats["trees"]["kept"] == 10
     kept_trees = tree_ids(tmp_path / "small", "train") | tree_ids(tmp_path / "small", "dev")
     assert len(kept_trees) <= 10
@@ -246,7 +250,7 @@ def test_max_trees_and_sft_rank_all(shared_dir, tmp_path):
     assert small.stats["dropped"]["max_trees"] == full.stats["messages_kept"] - small.stats["messages_kept"]
 
     rows = load_raw_rows(path)
-    everything = prepare_oasst(str(path), tmp_path / "all", sft_rank=None).stats
+    everything = prepare_oasst(str(path), tmp_path / "all", OasstOptions(sft_rank=None)).stats
     kept_ids = {r["message_id"] for r in rows if not r.get("synthetic")}
     # every kept assistant reply (ranked or not) is an SFT example unless it duplicates one
     assistants = [r for r in rows if r["message_id"] in kept_ids and r["role"] == "assistant"]
@@ -307,7 +311,7 @@ def test_outputs_match_the_code_before_streaming(request, tmp_path, case):
     source, settings, expected = ORIGINAL_OUTPUT_DIGESTS[case]
     if source != "embedded":
         source = str(request.getfixturevalue("shared_dir") / source)
-    prepare_oasst(source, tmp_path / "out", **settings)
+    prepare_oasst(source, tmp_path / "out", OasstOptions(**settings))
     assert output_digest(tmp_path / "out") == expected
 
 
@@ -370,7 +374,7 @@ def write_rows(path: Path, rows: list, extra_lines: dict[int, str] | None = None
 def test_multi_turn_prompt_and_llama3_rendering(tmp_path):
     rows = conversation("tea") + conversation("coffee")
     out = tmp_path / "out"
-    prepared = prepare_oasst(str(write_rows(tmp_path / "in.jsonl", rows)), out, dev_fraction=0.5)
+    prepared = prepare_oasst(str(write_rows(tmp_path / "in.jsonl", rows)), out, OasstOptions(dev_fraction=0.5))
     assert prepared.stats["sft_examples"] == 4 and prepared.stats["pairs"]["best_vs_rest"] == 4
     sft = read_jsonl(out / "sft.train.jsonl") + read_jsonl(out / "sft.dev.jsonl")
     multi = next(e for e in sft if e["response"] == "Good follow-up answer on tea.")
@@ -497,7 +501,9 @@ def test_missing_keys_and_invalid_fields(tmp_path):
     trees_path.write_text(json.dumps(tree) + "\n" + json.dumps({"message_tree_id": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(OasstDataError, match="0 SFT examples"):  # rank 0 lost: nothing for SFT / best_vs_rest
         prepare_oasst(str(trees_path), tmp_path / "out-trees")
-    stats = prepare_oasst(str(trees_path), tmp_path / "out-trees", pair_strategy="all_ordered_pairs").stats
+    stats = prepare_oasst(
+        str(trees_path), tmp_path / "out-trees", OasstOptions(pair_strategy="all_ordered_pairs")
+    ).stats
     assert stats["dropped"]["missing_key"] == 1 and stats["dropped"]["orphan"] == 1
     assert stats["problem_examples"] == [
         {"reason": "missing_key", "where": "line 1", "message_id": "r0", "detail": "missing text"}
@@ -520,7 +526,7 @@ def test_ranks_with_gaps_ties_and_unranked(tmp_path):
     no_best_replies = [message(f"Other {n}.", "assistant", no_best, r) for n, r in (("x", 1), ("y", 3))]
     rows = [root, *replies, no_best, *no_best_replies]
     stats = prepare_oasst(
-        str(write_rows(tmp_path / "in.jsonl", rows)), tmp_path / "out", pair_strategy="all_ordered_pairs"
+        str(write_rows(tmp_path / "in.jsonl", rows)), tmp_path / "out", OasstOptions(pair_strategy="all_ordered_pairs")
     ).stats
     # a(0) beats b(2) and c(2); b and c are tied (no pair); d is unranked (never paired); x(1) beats y(3)
     assert stats["pairs"] == {"best_vs_rest": 2, "best_vs_worst": 2, "all_ordered_pairs": 3}
@@ -545,8 +551,8 @@ def test_no_usable_conversation_names_file_and_filters(tmp_path):
         prepare_oasst(str(path), tmp_path / "out")
     assert str(path) in str(error.value) and "'lang': 6" in str(error.value) and "langs" in str(error.value)
     assert not (tmp_path / "out").exists()
-    assert prepare_oasst(str(path), tmp_path / "out", langs=["de"]).stats["sft_examples"] == 2
-    assert prepare_oasst(str(path), tmp_path / "out2", langs=None).stats["languages_seen"] == {"de": 6}
+    assert prepare_oasst(str(path), tmp_path / "out", OasstOptions(langs=["de"])).stats["sft_examples"] == 2
+    assert prepare_oasst(str(path), tmp_path / "out2", OasstOptions(langs=None)).stats["languages_seen"] == {"de": 6}
 
 
 def test_bad_arguments_and_missing_inputs(tmp_path):
@@ -557,11 +563,11 @@ def test_bad_arguments_and_missing_inputs(tmp_path):
     with pytest.raises(OasstDataError, match="is a directory"):
         prepare_oasst(str(tmp_path), tmp_path / "out")
     with pytest.raises(OasstDataError, match="pair_strategy"):
-        prepare_oasst("embedded", tmp_path / "out", pair_strategy="random")
+        prepare_oasst("embedded", tmp_path / "out", OasstOptions(pair_strategy="random"))
     with pytest.raises(OasstDataError, match="sft_rank"):
-        prepare_oasst("embedded", tmp_path / "out", sft_rank=-1)
+        prepare_oasst("embedded", tmp_path / "out", OasstOptions(sft_rank=-1))
     with pytest.raises(OasstDataError, match="dev_fraction"):
-        prepare_oasst("embedded", tmp_path / "out", dev_fraction=1.0)
+        prepare_oasst("embedded", tmp_path / "out", OasstOptions(dev_fraction=1.0))
     array_file = tmp_path / "array.json"
     array_file.write_text("[\n" + json.dumps(conversation("tea")[0]) + "\n]\n", encoding="utf-8")
     with pytest.raises(OasstDataError, match="JSON array"):

@@ -52,11 +52,11 @@ STRONG_EVAL = dataclasses.replace(
 def trained(tmp_path_factory):
     """A real DPO run of the tiny model on the embedded data (2 optimizer steps), as the flow's step does it."""
     from steps.config import config_from_dict, for_loss
-    from steps.data.oasst import prepare_oasst
+    from steps.data.oasst import OasstOptions, prepare_oasst
     from steps.train.launch import launch
 
     root = tmp_path_factory.mktemp("publish")
-    prepare_oasst("embedded", root / "data", max_trees=14, dev_fraction=0.2)
+    prepare_oasst("embedded", root / "data", OasstOptions(max_trees=14, dev_fraction=0.2))
     os.environ["OMP_NUM_THREADS"] = "1"
     summary = launch(
         for_loss(config_from_dict(RAW_CONFIG, "card_test"), "dpo"),

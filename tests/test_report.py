@@ -545,25 +545,25 @@ def test_report_filters(metaflow_runs, tmp_path):
     runs, ds = metaflow_runs["runs"], metaflow_runs["ds"]
     metaflow.metadata(f"local@{ds}")  # a caller with a datastore (test_client_scope_... switches between two)
     before = (metaflow.get_metadata(), metaflow.get_namespace())
-    assert generate_report(out_dir=tmp_path / "b", tags=["b"], datastore_root=ds).runs == [runs["B"]]
-    assert generate_report(out_dir=tmp_path / "l1", latest=1, datastore_root=ds).runs == [runs["D"]]
-    assert generate_report(out_dir=tmp_path / "l2", latest=2, datastore_root=ds).runs == [runs["B"], runs["D"]]
-    assert generate_report(out_dir=tmp_path / "ns", namespace="user:prefflow", datastore_root=ds).runs == [
+    assert generate_report(Selection(tags=("b",)), tmp_path / "b", ds).runs == [runs["B"]]
+    assert generate_report(Selection(latest=1), tmp_path / "l1", ds).runs == [runs["D"]]
+    assert generate_report(Selection(latest=2), tmp_path / "l2", ds).runs == [runs["B"], runs["D"]]
+    assert generate_report(Selection(namespace="user:prefflow"), tmp_path / "ns", ds).runs == [
         runs["A"],
         runs["B"],
         runs["D"],
     ]
-    empty = generate_report(out_dir=tmp_path / "none", namespace="user:somebody-else", datastore_root=ds)
+    empty = generate_report(Selection(namespace="user:somebody-else"), tmp_path / "none", ds)
     assert empty.runs == [] and "No successful runs match" in empty.results_md.read_text()
-    branch = generate_report(out_dir=tmp_path / "br", tags=["project_branch:test.sweep"], datastore_root=ds)
+    branch = generate_report(Selection(tags=("project_branch:test.sweep",)), tmp_path / "br", ds)
     assert branch.runs == [runs["D"]]
-    with_failed = generate_report(out_dir=tmp_path / "inc", tags=["b"], include_runs=[runs["C"]], datastore_root=ds)
+    with_failed = generate_report(Selection(tags=("b",)), tmp_path / "inc", ds, [runs["C"]])
     assert with_failed.runs == [runs["B"], runs["C"]]
     assert [r["lc_winrate"] for r in _rows(with_failed)] == [60.0, 62.5, 70.0, 72.5]
     with pytest.raises(ReportError, match="latest"):
-        generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
+        generate_report(Selection(latest=0), tmp_path / "bad", ds)
     with pytest.raises(ReportError, match="NoSuchFlow"):
-        generate_report(flow_name="NoSuchFlow", out_dir=tmp_path / "bad", datastore_root=ds)
+        generate_report(Selection(flow="NoSuchFlow"), tmp_path / "bad", ds)
     with pytest.raises(ReportError, match=r"\.metaflow"):
         generate_report(out_dir=tmp_path / "bad", datastore_root=tmp_path)
     assert (metaflow.get_metadata(), metaflow.get_namespace()) == before  # the caller's Client state is kept
@@ -594,7 +594,7 @@ def test_client_scope_puts_back_the_callers_namespace_and_datastore(metaflow_run
             sft = Run(runs["D"])["join"].task["results"].data[0].evaluation
             assert sft.alpaca_eval.scores.length_controlled_winrate == 50.0
         with pytest.raises(ReportError, match="latest"):  # an error inside the scope restores too
-            generate_report(out_dir=tmp_path / "bad", latest=0, datastore_root=ds)
+            generate_report(Selection(latest=0), tmp_path / "bad", ds)
         assert (metaflow.get_metadata(), metaflow.get_namespace()) == before
         metaflow.namespace(None)
         # the caller's Client reads its own copy again: no D there, A's artifacts load from it

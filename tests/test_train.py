@@ -162,7 +162,7 @@ def test_sft_lowers_dev_loss(tokenizer, tiny_model_factory, tmp_path):
     model = tiny_model_factory(seed=0)
     obj = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, cfg)
     before = _dev_loss(model, obj)
-    result = train(model, tokenizer, obj, cfg, tmp_path, desc="sft-test")
+    result = train(model, obj, cfg, tmp_path, desc="sft-test")
     after = result.dev_history[-1]["dev_loss"]
     assert before > 10.0  # ~ln(49152) for a random model
     assert after < before - 3.0, (before, after)
@@ -177,7 +177,7 @@ def test_dpo_raises_dev_reward_accuracy(tokenizer, tiny_model_factory, tmp_path)
     obj = PreferenceObjective(train_pairs, dev_pairs, tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
     before = obj.evaluate(model)
     assert before["dev_reward_margin"] == pytest.approx(0.0, abs=1e-3)  # the policy is its own reference
-    result = train(model, tokenizer, obj, cfg, tmp_path, desc="dpo-test")
+    result = train(model, obj, cfg, tmp_path, desc="dpo-test")
     after = result.dev_history[-1]
     assert after["dev_reward_accuracy"] >= 0.8, after
     assert after["dev_reward_margin"] > 0.05 and after["dev_loss"] < math.log(2) - 0.02, after
@@ -196,13 +196,13 @@ def test_resume_mid_epoch_gives_identical_weights(tokenizer, tiny_model_factory,
     assert steps_per_epoch >= 3
 
     ref_model = tiny_model_factory(seed=2)
-    train(ref_model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
+    train(ref_model, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
 
     model = tiny_model_factory(seed=2)
     with pytest.raises(KeyboardInterrupt), stop_after_checkpoint(steps_per_epoch // 2):
-        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
+        train(model, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     fresh = tiny_model_factory(seed=77)  # a new process would start from different memory
-    result = train(fresh, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
+    result = train(fresh, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     assert result.resumed_from is not None
     a, b = _weights(ref_model), _weights(fresh)
     for k in a:
@@ -227,7 +227,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tokenizer, ti
     cfg = SFTConfig(lr=1e-3, max_num_tokens=256, epochs=1, checkpoint_every_steps=1, dev_every_epoch=False)
     obj = _NaNAfter(train_ex, [], tokenizer.pad_token_id, cfg, bad_step=3)
     with pytest.raises(TrainingDivergedError) as err:
-        train(tiny_model_factory(), tokenizer, obj, cfg, tmp_path)
+        train(tiny_model_factory(), obj, cfg, tmp_path)
     msg = str(err.value)
     assert "optimizer step 3" in msg and "step_0000002" in msg
     assert (tmp_path / "checkpoints" / "step_0000002" / "COMPLETE").exists()
@@ -254,15 +254,15 @@ def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(tokenizer, t
     base = tiny_model_factory(seed=5)
     base_weights = _weights(base)
     ref = apply_lora(tiny_model_factory(seed=5), cfg)
-    train(ref, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
+    train(ref, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "a")
     trainable = [n for n, p in ref.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
     model = apply_lora(tiny_model_factory(seed=5), cfg)
     with pytest.raises(KeyboardInterrupt), stop_after_checkpoint(2):
-        train(model, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
+        train(model, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     resumed = apply_lora(tiny_model_factory(seed=5), cfg)
-    train(resumed, tokenizer, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
+    train(resumed, SFTObjective(train_ex, [], tokenizer.pad_token_id, cfg), cfg, tmp_path / "b")
     a, b = _weights(ref), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

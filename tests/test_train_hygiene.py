@@ -230,5 +230,5 @@ def test_training_raises_the_collation_error_of_its_step(tokenizer, tiny_model_f
     cfg = SFTConfig(lr=1e-3, max_num_tokens=64, max_batch_examples=1, dev_every_epoch=False, seed=2)
     objective = Broken(examples, [], tokenizer.pad_token_id, cfg)
     with pytest.raises(CollationError, match="example 3 cannot be collated"):
-        train(tiny_model_factory(), tokenizer, objective, cfg, tmp_path)
+        train(tiny_model_factory(), objective, cfg, tmp_path)
     assert not [t for t in threading.enumerate() if t.name == "collate-ahead"]

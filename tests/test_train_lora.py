@@ -29,6 +29,7 @@ from steps.train.batching import collate_pairs, tokenize_pairs
 from steps.train.logprobs import sequence_logprobs
 from steps.train.loop import train
 from steps.train.objectives import PreferenceObjective
+from steps.train.reference import References
 from tests.faults import stop_after_checkpoint
 
 peft = pytest.importorskip("peft")
@@ -125,10 +126,10 @@ def test_adapters_disabled_reference_is_the_frozen_base_exactly(tokenizer, tmp_p
     cfg = PreferenceConfig(lr=2e-2, max_num_tokens=512, max_steps=3, seed=3, lora=LoraConfig(**LORA))
     pairs, _ = tokenize_pairs(pair_rows(TOPICS), tokenizer, 128)
     objective = PreferenceObjective(
-        pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, reference_from_policy=True
+        pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, References(from_policy=True)
     )
     policy = apply_lora(load_model("tiny", seed=7), cfg)
-    result = train(policy, tokenizer, objective, cfg, tmp_path, resume=False)
+    result = train(policy, objective, cfg, tmp_path, resume=False)
     batch = batches(tokenizer, pair_rows(DEV_TOPICS, "d"))[layout]
     n = batch.extra["num_pairs"]
 
@@ -184,9 +185,9 @@ def test_adapter_directory_reloads_to_the_merged_models_logprobs(tokenizer, tmp_
     cfg = PreferenceConfig(lr=2e-2, max_num_tokens=512, max_steps=3, seed=3, lora=LoraConfig(**LORA))
     pairs, _ = tokenize_pairs(pair_rows(TOPICS), tokenizer, 128)
     objective = PreferenceObjective(
-        pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, reference_from_policy=True
+        pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True, References(from_policy=True)
     )
-    result = train(apply_lora(load_model("tiny"), cfg), tokenizer, objective, cfg, tmp_path / "run")
+    result = train(apply_lora(load_model("tiny"), cfg), objective, cfg, tmp_path / "run")
     policy = result.model.lm  # the peft model inside the training root
     batch = batches(tokenizer, pair_rows(DEV_TOPICS, "d"))["separate"]
     in_memory = logprobs(policy, batch)
@@ -335,7 +336,7 @@ def test_checkpoints_over_a_base_with_quantization_statistics(tokenizer, tmp_pat
         return apply_lora(base, cfg)
 
     def run(out):
-        return train(policy(), tokenizer, SFTObjective(examples, [], tokenizer.pad_token_id, cfg), cfg, out)
+        return train(policy(), SFTObjective(examples, [], tokenizer.pad_token_id, cfg), cfg, out)
 
     if not prepared:
         with pytest.raises(AttributeError, match="absmax"):

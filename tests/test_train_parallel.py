@@ -159,7 +159,7 @@ def test_lora_checkpoints_hold_the_adapter_only(tokenizer, tiny_model_factory, t
 
     examples, _ = tokenize_sft(sft_rows(TOPICS_TRAIN[:4]), tokenizer, 256)
     cfg = SFTConfig(lr=1e-3, max_num_tokens=512, max_steps=1, dev_every_epoch=False, lora=LoraConfig(enabled=True))
-    train(apply_lora(tiny_model_factory(), cfg), tokenizer, SFTObjective(examples, [], 0, cfg), cfg, tmp_path)
+    train(apply_lora(tiny_model_factory(), cfg), SFTObjective(examples, [], 0, cfg), cfg, tmp_path)
     state = tmp_path / "checkpoints" / "step_0000001" / "state"
     keys = list(FileSystemReader(str(state)).read_metadata().state_dict_metadata)
     weights = [k for k in keys if k.startswith("model.")]

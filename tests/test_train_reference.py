@@ -185,6 +185,6 @@ def test_pairs_without_scores_are_scored_by_the_policy_when_nothing_else_is_give
     pairs = pairs_from_rows(tokenizer, pair_rows(TOPICS_TRAIN[:6]))
     cfg = PreferenceConfig(lr=1e-3, max_num_tokens=200, max_steps=1, dev_every_epoch=False, seed=3)
     objective = PreferenceObjective(pairs, [], tokenizer.pad_token_id, cfg, build_loss("dpo", beta=0.1), True)
-    result = train(load_model("tiny", seed=5), tokenizer, objective, cfg, tmp_path)
+    result = train(load_model("tiny", seed=5), objective, cfg, tmp_path)
     assert all(p.reference_chosen is not None and p.reference_rejected is not None for p in pairs)
     assert result.history[0]["logits"] == 0.0 and result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)

@@ -12,6 +12,7 @@ _EXPORTS = {
     "PAIR_STRATEGIES",
     "OasstDataError",
     "OasstInputNotFoundError",
+    "OasstOptions",
     "PreparedData",
     "prepare_oasst",
 }

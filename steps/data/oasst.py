@@ -115,23 +115,26 @@ def write_split_files(output_dir: Path, spools: dict[str, RoutedSpool], side_of:
     return paths, sizes
 
 
-def prepare_oasst(
-    input: str,
-    output_dir: str | Path,
-    *,
-    langs: Sequence[str] | None = ("en",),
-    pair_strategy: str = "best_vs_rest",
-    sft_rank: int | None = 0,
-    tree_states: Sequence[str] | None = ("ready_for_export",),
-    include_synthetic: bool = False,
-    include_deleted: bool = False,
-    require_review: bool = True,
-    dev_fraction: float = 0.1,
-    seed: int = 333,
-    max_trees: int | None = None,
-    split: str = "train",
-    feedback: Any = None,
-) -> PreparedData:
+@dataclass(frozen=True)
+class OasstOptions:
+    """What ``prepare_oasst`` keeps of an OpenAssistant export and how it splits it (the ``data`` section's oasst
+    fields, steps.config.schema.DataConfig; ``prepare_data`` builds one from it)."""
+
+    langs: Sequence[str] | None = ("en",)
+    pair_strategy: str = "best_vs_rest"
+    sft_rank: int | None = 0
+    tree_states: Sequence[str] | None = ("ready_for_export",)
+    include_synthetic: bool = False
+    include_deleted: bool = False
+    require_review: bool = True
+    dev_fraction: float = 0.1
+    seed: int = 333
+    max_trees: int | None = None
+    split: str = "train"
+    feedback: Any = None
+
+
+def prepare_oasst(input: str, output_dir: str | Path, options: OasstOptions | None = None) -> PreparedData:
     """Prepare OpenAssistant data for SFT and preference training, writing atomically::
 
         OUTPUT_DIR/sft.{train,dev}.jsonl                 {"id", "tree_id", "prompt": [messages], "response"}
@@ -151,8 +154,11 @@ def prepare_oasst(
     pairs for all of them. ``feedback``: how replies become KTO examples (an ``oasst_feedback.OasstFeedbackRule``,
     a mapping of its fields, or None: quality labels). The train/dev split is by tree (``splits``). Memory holds the
     tree index, not the texts (see ``oasst_index``). Raises ``OasstDataError`` when nothing usable is left, naming
-    the input and the filters.
+    the input and the filters; ``options`` (default ``OasstOptions()``) holds the settings named here.
     """
+    o = options or OasstOptions()
+    langs, pair_strategy, sft_rank, tree_states = o.langs, o.pair_strategy, o.sft_rank, o.tree_states
+    dev_fraction, seed, max_trees, split = o.dev_fraction, o.seed, o.max_trees, o.split
     if pair_strategy not in PAIR_STRATEGIES:
         raise OasstDataError(f"pair_strategy {pair_strategy!r} is unknown; choose one of {PAIR_STRATEGIES}")
     if not 0.0 <= dev_fraction < 1.0:
@@ -164,14 +170,14 @@ def prepare_oasst(
     filters = MessageFilters(
         langs=_normalise_choice(langs),
         tree_states=_normalise_choice(tree_states),
-        include_deleted=include_deleted,
-        require_review=require_review,
-        include_synthetic=include_synthetic,
+        include_deleted=o.include_deleted,
+        require_review=o.require_review,
+        include_synthetic=o.include_synthetic,
     )
     settings = _Settings(pair_strategy, sft_rank, dev_fraction, seed, max_trees, split)
     from steps.data.oasst_feedback import OasstFeedbackRule
 
-    feedback_rule = OasstFeedbackRule.of(feedback)
+    feedback_rule = OasstFeedbackRule.of(o.feedback)
     spools = {"sft": RoutedSpool(), "preference": RoutedSpool()}
     try:
         with read_oasst(input, split=split) as index:
@@ -357,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = _split_list_args(options[key])
         options[key] = default if values is None else values
     try:
-        prepared = prepare_oasst(**options)
+        prepared = prepare_oasst(options.pop("input"), options.pop("output_dir"), OasstOptions(**options))
     except OasstDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

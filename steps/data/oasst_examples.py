@@ -163,14 +163,13 @@ def iter_examples(
             replies = [nodes[c] for c in forest.children(node.index)]
             if node.role == 1:
                 yield from _group_pairs(
-                    node, replies, path, path_alternating, path_hash, tree_id, position, seen_pairs, counts
+                    replies, path, path_alternating, path_hash, tree_id, position, seen_pairs, counts
                 )
             for reply in sorted(replies, key=_Node.order, reverse=True):
                 stack.append((reply, path, path_alternating, path_hash))
 
 
 def _group_pairs(
-    node: _Node,
     replies: list[_Node],
     path: list[ChatMessage],
     alternating: bool,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from steps.config.schema import DataConfig
-from steps.data.oasst import PreparedData, format_summary, prepare_oasst
+from steps.data.oasst import OasstOptions, PreparedData, format_summary, prepare_oasst
 from steps.data.pair_prep import PAIR_FORMATS, prepare_pairs
 from steps.data.records import DataError
 from steps.data.unpaired_prep import kto_from_pair_files, prepare_unpaired, with_kto
@@ -36,9 +36,7 @@ def prepare_data(section: DataConfig, out_dir: str | Path) -> PreparedData:
     if fmt not in FORMATS:
         raise DataError(f"data.format {fmt!r} is unknown; choose one of {FORMATS}")
     if fmt == "oasst":
-        return prepare_oasst(
-            source,
-            out_dir,
+        options = OasstOptions(
             langs=tuple(section.langs) or None,
             pair_strategy=section.pair_strategy,
             sft_rank=section.sft_rank,
@@ -52,6 +50,7 @@ def prepare_data(section: DataConfig, out_dir: str | Path) -> PreparedData:
             split=split or "train",
             feedback=section.oasst_feedback,
         )
+        return prepare_oasst(source, out_dir, options)
     defaults = type(section)()
     for name in section.OASST_ONLY:
         value = getattr(section, name)

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from steps.report.generate import generate_report
-from steps.report.records import ReportError
+from steps.report.records import ReportError, Selection
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every option but ``--quiet`` is stored under the name of the ``generate_report`` keyword it sets."""
+    """Every option but ``--quiet`` is stored under the name of the ``generate_report`` keyword or ``Selection`` field
+    it sets (``--flow``: ``flow_name``)."""
     p = argparse.ArgumentParser(prog="python -m steps.report", description=__doc__)
     repeatable: dict[str, Any] = {"action": "append", "default": []}
     p.add_argument("--flow", dest="flow_name", metavar="FLOW", default="PrefFlow", help="flow name (default: PrefFlow)")
@@ -67,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def selection_of(options: dict[str, Any]) -> Selection:
+    """The runs and rows the parsed options pick (``include_runs`` are pathspecs here)."""
+    return Selection(
+        flow=options["flow_name"],
+        tags=tuple(options["tags"]),
+        namespace=options["namespace"],
+        latest=options["latest"],
+        include_runs=tuple(options["include_runs"]),
+        row_filters=tuple(options["row_filters"]),
+        group_by=options["group_by"],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = vars(build_parser().parse_args(argv))
     quiet = options.pop("quiet")
@@ -76,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        paths = generate_report(**options)
+        paths = generate_report(selection_of(options), options["out_dir"], options["datastore_root"])
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

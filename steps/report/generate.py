@@ -9,6 +9,7 @@ included, then the step's card)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -271,37 +272,29 @@ def write_report(records: list[RunRecord], selection: Selection, out_dir: str | 
 
 
 def generate_report(
-    flow_name: str = "PrefFlow",
+    selection: Selection | None = None,
     out_dir: str | Path | None = None,
-    tags: Sequence[str] | None = None,
-    namespace: str | None = None,
-    latest: int | None = None,
-    include_runs: Sequence | None = None,
     datastore_root: str | Path | None = None,
-    row_filters: Sequence[str] = (),
-    group_by: str | None = None,
+    include_runs: Sequence = (),
 ) -> ReportPaths:
-    """Regenerate the results report from Metaflow's records of ``flow_name``.
+    """Regenerate the results report from Metaflow's records of the runs ``selection`` picks (default: every
+    successful PrefFlow run in the global namespace; steps.report.records.Selection).
 
-    Covers successful runs carrying all ``tags`` in ``namespace`` (None: global), the newest
-    ``latest`` of them (None: all), plus ``include_runs`` (pathspecs or Client Runs, whatever their
-    state: the pipeline passes its own unfinished run). ``datastore_root``: the directory holding a
-    local ``.metaflow`` (default: Metaflow's own configuration). ``out_dir`` defaults to ``default_report_dir()``.
-    ``row_filters`` (``KEY=VALUE``) and ``group_by`` pick and group the rows shown (steps.report.views); they are
-    checked before any run is read.
+    ``include_runs`` (pathspecs or Client Runs, whatever their state: the pipeline passes its own unfinished run)
+    are added to ``selection.include_runs``. ``datastore_root``: the directory holding a local ``.metaflow``
+    (default: Metaflow's own configuration). ``out_dir`` defaults to ``default_report_dir()``. The selection's
+    ``row_filters`` and ``group_by`` (steps.report.views) are checked before any run is read.
     """
-    include = list(include_runs or [])
-    selection = Selection(
-        flow=flow_name,
-        tags=tuple(tags or ()),
-        namespace=namespace,
-        latest=latest,
+    selection = selection or Selection()
+    include = [*selection.include_runs, *include_runs]
+    selection = dataclasses.replace(
+        selection,
+        tags=tuple(selection.tags),
         include_runs=tuple(r if isinstance(r, str) else r.pathspec for r in include),
-        row_filters=tuple(row_filters),
-        group_by=group_by,
+        row_filters=tuple(selection.row_filters),
     )
     select_rows([], selection.row_filters, selection.group_by)  # a bad key fails before Metaflow is read
-    with client_scope(namespace, datastore_root):
+    with client_scope(selection.namespace, datastore_root):
         records = select_runs(selection, include)
     return write_report(records, selection, default_report_dir() if out_dir is None else out_dir)
 
@@ -330,14 +323,8 @@ def report_in_step(
         tags = [f"project:{current.get('project_name')}", f"project_branch:{current.get('branch_name')}"]
     this_run = f"{current.flow_name}/{current.run_id}"
     include = [this_run] if flow_name is None else [triggering_run] if triggering_run else []
-    paths = generate_report(
-        flow_name=flow_name or str(current.flow_name),
-        out_dir=out_dir,
-        tags=tags,
-        namespace=None,
-        latest=latest,
-        include_runs=include,
-    )
+    selection = Selection(flow=flow_name or str(current.flow_name), tags=tuple(tags), namespace=None, latest=latest)
+    paths = generate_report(selection, out_dir, include_runs=include)
     card_run = this_run if flow_name is None else triggering_run or (paths.runs[-1] if paths.runs else None)
     current.card.extend(report_card(paths, card_run))  # type: ignore[attr-defined]  # set by @card at run time
     return paths.to_dict()

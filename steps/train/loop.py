@@ -187,7 +187,6 @@ def plan_total_steps(objective: Objective, cfg: TrainConfig, world_size: int, lo
 
 def train(
     model: Any,
-    tokenizer: Any,
     objective: Objective,
     cfg: TrainConfig,
     out_dir: Path,

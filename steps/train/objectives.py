@@ -19,7 +19,7 @@ from steps.train.dealing import deal, deal_marked
 from steps.train.logprobs import sequence_logprobs
 from steps.train.pair_scores import adapters_disabled, score_pairs
 from steps.train.precision import Precision
-from steps.train.reference import ReferenceSource
+from steps.train.reference import References, ReferenceSource
 
 #: What ``micro_step`` returns besides the loss: metric sums, 0-d tensors on the device (or plain floats).
 Metrics = dict[str, torch.Tensor | float]
@@ -148,20 +148,18 @@ class PreferenceObjective(_Batched):
         cfg: TrainConfig,
         loss_fn: Any,
         needs_reference: bool,
-        reference_model: Any = None,
-        *,
-        reference_from_policy: bool = False,
-        reference_source: ReferenceSource | None = None,
+        refs: References | None = None,
     ):
-        """``reference_model``: a live reference (a root from ``parallel.prepare_frozen``, laid out like the policy);
-        ``reference_from_policy``: the reference is the policy being trained with its LoRA adapters disabled (the
+        """``refs.live``: a live reference (a root from ``parallel.prepare_frozen``, laid out like the policy);
+        ``refs.from_policy``: the reference is the policy being trained with its LoRA adapters disabled (the
         frozen base it started from, no second model). Otherwise pairs without reference scores are scored before
-        step 1 (:meth:`before_training`) from ``reference_source`` (default: the policy before its first update)."""
+        step 1 (:meth:`before_training`) from ``refs.source`` (default: the policy before its first update)."""
         super().__init__(train, dev, pad_id, cfg)
-        self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, reference_model
-        self.reference_from_policy = reference_from_policy
-        live = reference_model is not None or reference_from_policy
-        self.reference_source = None if live or not needs_reference else (reference_source or ReferenceSource())
+        refs = refs or References()
+        self.loss_fn, self.needs_reference, self.reference_model = loss_fn, needs_reference, refs.live
+        self.reference_from_policy = refs.from_policy
+        live = refs.live is not None or refs.from_policy
+        self.reference_source = None if live or not needs_reference else (refs.source or ReferenceSource())
         self.name = getattr(loss_fn, "name", "preference")
 
     def before_training(self, model: Any, precision: Precision) -> None:

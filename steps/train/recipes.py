@@ -24,7 +24,7 @@ from steps.train.batching import tokenize_pairs, tokenize_sft
 from steps.train.loop import LoopResult, train
 from steps.train.objectives import PreferenceObjective, SFTObjective
 from steps.train.precision import Precision, resolve_precision
-from steps.train.reference import ReferenceSource
+from steps.train.reference import References, ReferenceSource
 from steps.train.unpaired import UnpairedObjective, read_reference_cache, unpaired_cache_key
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def run_sft(cfg: RunConfig, data_dir: Path, out_dir: Path) -> TrainResult:
     root = parallel.prepare(apply_lora(loaded, s), s.parallelism, precision, pending)
     objective = SFTObjective(train_ex, dev_ex, tokenizer.pad_token_id, s)
     with make_tracker(cfg, out_dir) as tracker:
-        result = train(root, tokenizer, objective, s, out_dir, desc="sft", precision=precision, tracker=tracker)
+        result = train(root, objective, s, out_dir, desc="sft", precision=precision, tracker=tracker)
     stats = {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()}
     start = StartingPoint(spec, f"base: {spec}" if s.init == "base" else spec, None, adapter_over)
     return _finish(cfg, "sft", start, tokenizer, result, stats, out_dir)
@@ -277,18 +277,6 @@ def read_preference_data(data_dir: Path, loss: str, tokenizer: Any, p: Preferenc
     return PreferenceData(kind, train_pairs, dev_pairs, {"train": train_stats.as_dict(), "dev": dev_stats.as_dict()})
 
 
-@dataclass
-class References:
-    """How a preference run gets its reference log-probs: none (reference-free), the policy with its adapters off
-    (``from_policy``), a separate ``live`` model scoring every batch, or ``source``: scored before step 1 inside
-    ``train()`` (steps.train.reference), by the wrapped policy itself or a separately loaded reference."""
-
-    spec: str | None
-    from_policy: bool = False
-    live: Any = None
-    source: ReferenceSource | None = None
-
-
 def run_preference(
     cfg: RunConfig, loss: str, data_dir: Path, out_dir: Path, *, sft_model_dir: str | None = None
 ) -> TrainResult:
@@ -327,7 +315,7 @@ def run_preference(
     refs = _references(cfg, References(ref_spec, from_policy), init_spec, out_dir, device, precision)
     objective = _objective(data, tokenizer.pad_token_id, p, loss_fn, refs, out_dir, precision)
     with make_tracker(cfg, out_dir) as tracker:
-        result = train(root, tokenizer, objective, p, out_dir, desc=loss, precision=precision, tracker=tracker)
+        result = train(root, objective, p, out_dir, desc=loss, precision=precision, tracker=tracker)
     label = "SFT checkpoint" if init_spec == sft_model_dir else init_label(init_spec, cfg.model.base)
     start = StartingPoint(init_spec, label, ref_spec, adapter_over)
     return _finish(cfg, loss, start, tokenizer, result, data.stats, out_dir)
@@ -370,9 +358,7 @@ def _objective(
             pad_id,
             p,
             loss_fn,
-            refs.live,
-            reference_from_policy=refs.from_policy,
-            reference_source=refs.source,
+            refs,
         )
     pairs = data.train + data.dev
     if refs.source is not None and refs.spec is not None and reference.has_pending(pairs):
@@ -384,9 +370,7 @@ def _objective(
         p,
         loss_fn,
         refs.spec is not None,
-        refs.live,
-        reference_from_policy=refs.from_policy,
-        reference_source=refs.source,
+        refs,
     )
 
 

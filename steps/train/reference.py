@@ -43,6 +43,19 @@ class ReferenceSource:
     load: Callable[[], Any] | None = None
 
 
+@dataclass(frozen=True)
+class References:
+    """How a preference run gets its reference log-probs: none (reference-free), the policy with its adapters off
+    (``from_policy``), a separate ``live`` model scoring every batch, or ``source``: scored before step 1 inside
+    ``train()`` (this module), by the wrapped policy itself or a separately loaded reference. ``spec`` names the
+    reference (None: no named reference)."""
+
+    spec: str | None = None
+    from_policy: bool = False
+    live: Any = None
+    source: ReferenceSource | None = None
+
+
 def has_pending(pairs: Iterable[PairExample]) -> bool:
     return any(p.reference_chosen is None or p.reference_rejected is None for p in pairs)
 

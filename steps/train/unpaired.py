@@ -40,7 +40,7 @@ from steps.train.dealing import deal_marked
 from steps.train.logprobs import sequence_logprobs
 from steps.train.objectives import adapters_disabled_logprobs
 from steps.train.precision import Precision
-from steps.train.reference import ReferenceSource
+from steps.train.reference import References, ReferenceSource
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ class _StepState:
 class UnpairedObjective:
     """A registered unpaired loss (``loss_fn.unpaired``) in the loop's Objective protocol (steps.train.loop).
 
-    ``reference_model``: a live reference; ``reference_from_policy``: the policy with its LoRA adapters disabled;
-    neither: missing reference sums are scored before step 1 (:meth:`before_training`) from ``reference_source``
+    ``refs.live``: a live reference; ``refs.from_policy``: the policy with its LoRA adapters disabled;
+    neither: missing reference sums are scored before step 1 (:meth:`before_training`) from ``refs.source``
     (default: the policy before its first update), or precomputed (``precompute_reference``). ``sync_kl``: under
     torch.distributed, estimate each micro-step's KL over every rank's KL rows (as TRL does)."""
 
@@ -234,10 +234,8 @@ class UnpairedObjective:
         pad_id: int,
         cfg: TrainConfig,
         loss_fn: Any,
-        reference_model: Any = None,
+        refs: References | None = None,
         *,
-        reference_from_policy: bool = False,
-        reference_source: ReferenceSource | None = None,
         sync_kl: bool = True,
     ):
         if getattr(loss_fn, "data_kind", "pairs") != "unpaired":
@@ -248,8 +246,9 @@ class UnpairedObjective:
                 "estimate (TRL refuses a per-device batch of 1 too); use at least 2"
             )
         self.train, self.dev, self.pad_id, self.cfg = list(train), list(dev), pad_id, cfg
-        self.loss_fn, self.reference_model, self.reference_from_policy = loss_fn, reference_model, reference_from_policy
-        self.reference_source = reference_source
+        refs = refs or References()
+        self.loss_fn, self.reference_model, self.reference_from_policy = loss_fn, refs.live, refs.from_policy
+        self.reference_source = refs.source
         self.name = getattr(loss_fn, "name", "unpaired")
         self.sync_kl = sync_kl
         self._membership = self._plan(self.train)
