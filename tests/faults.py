@@ -6,6 +6,7 @@ and flow steps that start on an empty local disk as fresh pods do (in the proces
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -91,14 +92,40 @@ def start_steps_on_empty_disks() -> None:
     def store_on_an_empty_disk(ctx: StepContext) -> Any:
         if ctx.handoff is not None:
             local = Path(ctx.output_root if ctx.node_index == 0 else node_root(ctx.output_root, ctx.node_index))
-            if local.exists():
+            if _alone_on(local) and local.exists():
                 logger.warning("%s=1: deleting the local output root %s (it comes from the datastore)", WIPE_ENV, local)
                 shutil.rmtree(local)
+            _share_after_wipe()
         return open_store(ctx)
 
     store = functools.cached_property(store_on_an_empty_disk)
     store.__set_name__(StepContext, "store")
     StepContext.store = store  # type: ignore[method-assign,assignment]
+
+
+_IN_USE: list[int] = []  # this process's shared locks on the local roots it works in (held until it exits)
+
+
+def _alone_on(local: Path) -> bool:
+    """Whether no other step process works in ``local`` now: a pod's disk is its own, but the foreach tasks of one
+    local run share this machine's, so wiping it under a sibling (e.g. evaluate[sft] while evaluate[dpo] starts)
+    would delete what that sibling already pulled. This process then holds a shared lock on it until it exits."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local.parent / f".{local.name}.in-use", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    if not alone:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    _IN_USE.append(fd)
+    return alone
+
+
+def _share_after_wipe() -> None:
+    for fd in _IN_USE:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an exclusive lock taken to wipe becomes shared once the wipe is done
 
 
 def install_from_environment() -> None:

@@ -138,6 +138,7 @@ def test_hsdp_gang_through_the_datastore_survives_a_killed_rank(tmp_path, one_pr
     settings = f"{GANG} sft.parallelism=fsdp preference.parallelism=fsdp resources.model_store=datastore"
     settings += " evaluation.enabled=true evaluation.max_instructions=2 evaluation.max_new_tokens=4"
     settings += " evaluation.judge_model=tiny evaluation.batch_size=2 evaluation.heldout_max_pairs=2"
+    settings += " evaluation.ifbench.limit=3"
     killing = _env(tmp_path, **hooks_env(REPO, **{WIPE_ENV: "1", KILL_RANK_ENV: "1"}))
     status, failed, log = _run(tmp_path, settings, killing)
     assert status == "failed"

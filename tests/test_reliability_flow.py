@@ -48,6 +48,7 @@ evaluation:
   max_instructions: {n_eval}
   max_new_tokens: 4
   batch_size: 4
+  ifbench: {{limit: 3}}
 {judge}
 resources: {{output_dir: {out}}}
 """
